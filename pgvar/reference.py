@@ -1,0 +1,255 @@
+"""Reference gradients: the exact grad J where the environment allows it, otherwise a
+Monte Carlo average of an unbiased estimator, returned with its standard error.
+
+The Monte Carlo reference streams chunks of episodes. Each chunk is split into
+sub-batches of ``batch_size`` episodes; the estimator applied to one sub-batch is an
+unbiased estimate of grad J, and sub-batches are i.i.d., so the mean of all of them is
+unbiased and its squared standard error is
+
+    se2 = tr Cov(mean) = trCov_subbatch / n_subbatches,
+
+with ``trCov_subbatch`` the unbiased trace of the sub-batch gradients' covariance. A
+running mean and a running sum of squared deviations (Welford/Chan, float64) are all
+that is kept, so memory is that of one chunk whatever the number of episodes.
+
+The reference must be independent of the estimates it is compared with: each chunk's
+seed is derived from ``(seed, chunk index)`` through ``numpy.random.SeedSequence`` with
+a tag of its own, so it does not coincide with the small integer seeds used for
+measurement batches.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from pgvar.envs.base import is_exact
+from pgvar.estimators import ESTIMATORS, EstimatorConfig, estimate_gradients, get_estimator
+from pgvar.rollout import rollout
+
+DEFAULT_MC_EPISODES = 10_000
+DEFAULT_CONFIG = EstimatorConfig()  # frozen, so one shared default is safe
+_SEED_TAG = 0x5EF0_9E3D  # distinguishes reference seeds from measurement seeds
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A reference gradient ``grad`` ``[P]`` (float64, ``policy.parameters()`` order).
+
+    ``se2`` is the trace of the covariance of ``grad`` (its squared standard error; 0 if
+    exact); ``n_episodes``/``n_pairs`` the episodes and state-action pairs it used;
+    ``n_estimates`` the number of i.i.d. sub-batch gradients averaged (0 if exact);
+    ``var`` ``[P]`` the variance of each coordinate of ``grad`` (sums to se2; None if
+    exact), which lets ``pgvar.stats`` bound the reference's noise more tightly.
+    ``objective`` is J (exact), or the mean sampled return sum_t gamma^t r_t over the
+    horizon with ``objective_se`` its standard error (Monte Carlo).
+    """
+
+    grad: torch.Tensor
+    se2: float
+    n_episodes: int
+    n_pairs: int
+    exact: bool
+    method: str
+    n_estimates: int = 0
+    var: torch.Tensor | None = None
+    objective: float = math.nan
+    objective_se: float = 0.0
+    info: dict = field(default_factory=dict)
+
+    @property
+    def se(self) -> float:
+        """sqrt(se2): the expected length of the reference's own error."""
+        return math.sqrt(self.se2)
+
+    @property
+    def norm(self) -> float:
+        return float(self.grad.norm())
+
+    @property
+    def rel_se(self) -> float:
+        """se / ||grad||: the reference's noise relative to its length."""
+        n = self.norm
+        return self.se / n if n > 0 else math.inf
+
+
+# ----------------------------------------------------------------------------- exact
+
+
+def flat_autograd(scalar: torch.Tensor, policy: nn.Module) -> torch.Tensor:
+    """d scalar / d theta, flattened in ``policy.parameters()`` order (unused params: 0)."""
+    params = list(policy.parameters())
+    grads = torch.autograd.grad(scalar, params, allow_unused=True)
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
+                      for g, p in zip(grads, params)]).detach()
+
+
+def exact_reference(env, policy: nn.Module) -> Reference:
+    """grad J = autograd of ``env.exact_objective(policy)``: no sampling, se2 = 0."""
+    if not is_exact(env):
+        raise TypeError(f"environment {getattr(env, 'name', type(env).__name__)!r} has no "
+                        "exact_objective(policy); use monte_carlo_reference")
+    with torch.enable_grad():
+        J = env.exact_objective(policy)
+        g = flat_autograd(J, policy)
+    return Reference(grad=g.to(torch.float64).cpu(), se2=0.0, n_episodes=0, n_pairs=0,
+                     exact=True, method="exact", objective=float(J.detach()))
+
+
+# ----------------------------------------------------------------------------- Monte Carlo
+
+
+@dataclass
+class RunningMoments:
+    """Running mean and summed squared deviation of vectors (Chan et al.'s merge, float64).
+
+    After rows x_1..x_n: ``mean`` = (1/n) sum x_i and ``m2`` = sum_i (x_i - mean)^2 per
+    coordinate, so the coordinates' variances are m2/(n-1) and trCov = sum m2/(n-1).
+    Merging a block of rows (mean_b, m2_b, n_b): delta = mean_b - mean,
+    mean += delta n_b/(n + n_b), m2 += m2_b + delta^2 n n_b / (n + n_b).
+    """
+
+    n: int = 0
+    mean: torch.Tensor | None = None
+    m2: torch.Tensor | None = None
+
+    def update(self, rows: torch.Tensor) -> None:
+        rows = rows.detach().to(torch.float64).cpu()
+        n_b = rows.shape[0]
+        if n_b == 0:
+            return
+        mean_b = rows.mean(0)
+        m2_b = ((rows - mean_b) ** 2).sum(0)
+        if self.n == 0:
+            self.n, self.mean, self.m2 = n_b, mean_b, m2_b
+            return
+        n = self.n + n_b
+        delta = mean_b - self.mean
+        self.m2 = self.m2 + m2_b + delta ** 2 * (self.n * n_b / n)
+        self.mean = self.mean + delta * (n_b / n)
+        self.n = n
+
+    @property
+    def trace_cov(self) -> float:
+        """Unbiased trace of the rows' covariance, sum m2/(n-1)."""
+        return float(self.m2.sum()) / (self.n - 1) if self.n > 1 else math.inf
+
+    @property
+    def se2(self) -> float:
+        """Squared standard error of the mean: trCov / n."""
+        return self.trace_cov / self.n if self.n > 0 else math.inf
+
+    @property
+    def mean_var(self) -> torch.Tensor:
+        """Variance of each coordinate of the mean, m2/((n-1) n); sums to se2."""
+        if self.n < 2:
+            return torch.full_like(self.m2, math.inf)
+        return self.m2 / ((self.n - 1) * self.n)
+
+
+def chunk_seed(seed: int, index: int) -> int:
+    """A 32-bit seed for chunk ``index`` of a reference seeded ``seed`` (independent streams)."""
+    return int(np.random.SeedSequence([_SEED_TAG, int(seed), int(index)]).generate_state(1)[0])
+
+
+def unbiased_estimators() -> list[str]:
+    return sorted(n for n, e in ESTIMATORS.items() if e.claimed_unbiased)
+
+
+def check_unbiased(env, estimator: str, cfg: EstimatorConfig, critic: nn.Module | None) -> None:
+    """Refuse settings under which the Monte Carlo average would not be unbiased for grad J."""
+    est = get_estimator(estimator)
+    if not est.claimed_unbiased:
+        raise ValueError(f"a reference needs an unbiased estimator; {estimator!r} is not "
+                         f"(unbiased ones: {unbiased_estimators()})")
+    if not cfg.discount_weighting and float(env.gamma) < 1.0:
+        raise ValueError("a reference needs cfg.discount_weighting=True: without gamma^t the "
+                         "score sum is biased for J when gamma < 1")
+    if cfg.normalize_advantages:
+        raise ValueError("a reference needs cfg.normalize_advantages=False: per-batch "
+                         "normalisation biases the estimate")
+    if env.objective == "discounted":
+        if cfg.truncation_as_termination:
+            raise ValueError("under objective='discounted' a reference needs "
+                             "cfg.truncation_as_termination=False (the tail must bootstrap)")
+        if critic is None:
+            warnings.warn("objective='discounted' with no critic: the Monte Carlo reference "
+                          "drops the return beyond the horizon, so it is the gradient of the "
+                          "truncated objective", stacklevel=3)
+
+
+def monte_carlo_reference(env, policy: nn.Module, n_episodes: int | None = None,
+                          n_pairs: int | None = None, seed: int = 0,
+                          estimator: str = "reinforce_rtg", critic: nn.Module | None = None,
+                          batch_size: int = 4, chunk_episodes: int = 2048,
+                          target_rel_se: float | None = None, min_estimates: int = 64,
+                          cfg: EstimatorConfig = DEFAULT_CONFIG, chunk: int = 64) -> Reference:
+    """Average of ``estimator`` over sub-batches of ``batch_size`` episodes, with its se2.
+
+    Budget: stop once ``n_episodes`` episodes or ``n_pairs`` state-action pairs are used
+    (whichever comes first; ``DEFAULT_MC_EPISODES`` episodes if neither is given), or
+    earlier once ``se / ||mean|| <= target_rel_se`` with at least ``min_estimates``
+    sub-batches. Chunks of ``chunk_episodes`` episodes (rounded down to whole sub-batches)
+    are rolled out and reduced one at a time, so memory is that of one chunk.
+    """
+    check_unbiased(env, estimator, cfg, critic)
+    batch_size = _positive_int("batch_size", batch_size)
+    per_chunk = max(_positive_int("chunk_episodes", chunk_episodes) // batch_size, 1)
+    chunk_episodes = per_chunk * batch_size
+    if n_episodes is None and n_pairs is None:
+        n_episodes = DEFAULT_MC_EPISODES
+    max_episodes = math.inf if n_episodes is None else _positive_int("n_episodes", n_episodes)
+    max_pairs = math.inf if n_pairs is None else _positive_int("n_pairs", n_pairs)
+    if target_rel_se is not None and not target_rel_se > 0:
+        raise ValueError(f"target_rel_se must be > 0 or None, got {target_rel_se}")
+
+    grads, returns = RunningMoments(), RunningMoments()
+    used_episodes = used_pairs = index = 0
+    stopped_early = False
+    while used_episodes < max_episodes and used_pairs < max_pairs:
+        left = max_episodes - used_episodes
+        n_sub = max(1, int(min(chunk_episodes, left) // batch_size))
+        batch = rollout(env, policy, n_sub * batch_size, chunk_seed(seed, index))
+        grads.update(estimate_gradients(estimator, env, policy, batch, n_sub, critic, cfg, chunk))
+        returns.update(batch.episode_returns(float(env.gamma)).unsqueeze(1))
+        used_episodes += batch.n_episodes
+        used_pairs += batch.n_steps
+        index += 1
+        if target_rel_se is not None and grads.n >= min_estimates:
+            norm = float(grads.mean.norm())
+            if norm > 0 and math.sqrt(grads.se2) <= target_rel_se * norm:
+                stopped_early = True
+                break
+
+    return Reference(grad=grads.mean, se2=grads.se2, n_episodes=used_episodes,
+                     n_pairs=used_pairs, exact=False, method=f"monte_carlo:{estimator}",
+                     n_estimates=grads.n, var=grads.mean_var, objective=float(returns.mean[0]),
+                     objective_se=math.sqrt(returns.se2),
+                     info={"batch_size": batch_size, "n_chunks": index,
+                           "stopped_early": stopped_early})
+
+
+def reference_gradient(env, policy: nn.Module, method: str = "auto", **kw) -> Reference:
+    """The best reference available: ``exact_reference`` where ``is_exact(env)``, else
+    ``monte_carlo_reference(env, policy, **kw)`` (with "auto" on an exact environment the
+    Monte Carlo options are ignored, so one configuration serves every environment).
+    ``method`` may force "exact" or "monte_carlo" (how the tests check one against the
+    other)."""
+    if method not in ("auto", "exact", "monte_carlo"):
+        raise ValueError(f"method must be 'auto', 'exact' or 'monte_carlo', got {method!r}")
+    if method == "exact" and kw:
+        raise ValueError(f"exact_reference takes no options, got {sorted(kw)}")
+    if method == "exact" or (method == "auto" and is_exact(env)):
+        return exact_reference(env, policy)  # "auto": Monte Carlo options are not needed
+    return monte_carlo_reference(env, policy, **kw)
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or int(value) != value or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value}")
+    return int(value)

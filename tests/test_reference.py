@@ -1,0 +1,188 @@
+"""pgvar.reference: exact gradients by autograd, and Monte Carlo gradients that converge
+to them within their own standard errors.
+
+How the tolerance is derived. A Monte Carlo reference averages n i.i.d. sub-batch
+gradients, so by the CLT its error e = mc - grad J is ~ N(0, Sigma_r) with
+tr(Sigma_r) estimated by se2. Then ||e||^2 / se2 ~ sum_k w_k chi2_1 with weights
+w_k >= 0 summing to 1 (the eigenvalues of Sigma_r over its trace): mean 1, variance
+2 sum w_k^2 <= 2. Its upper tail beyond 9 is largest when one weight is 1 (Szekely &
+Bakirov 2003), P(chi2_1 > 9) = 0.27%: so ``ratio < 9`` fails a correct implementation
+with at most that probability, for any covariance. Averaged over R independent
+references the ratio's mean is 1 with standard error <= sqrt(2 / R): that checks se2
+itself (too large an se2 would make the first check vacuous).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pgvar.critics import make_critic
+from pgvar.envs.registry import make_env, make_policy
+from pgvar.estimators import EstimatorConfig
+from pgvar.reference import (
+    Reference,
+    RunningMoments,
+    chunk_seed,
+    exact_reference,
+    monte_carlo_reference,
+    reference_gradient,
+)
+from pgvar.rollout import rollout
+
+ENVS = {
+    "tabular": {"n_states": 5, "n_actions": 3, "horizon": 10},
+    "chain": {"length": 5, "horizon": 10},
+    "lqr": {"state_dim": 2, "action_dim": 1, "horizon": 20},
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def setup(name: str, policy_seed: int = 0):
+    """An environment and a non-trivial policy (random initial parameters)."""
+    env = make_env(name, **ENVS[name])
+    scale = {"init_scale": 0.5} if name != "lqr" else {"init_gain_scale": 0.3}
+    return env, make_policy(env, seed=policy_seed, **scale)
+
+
+def error_ratio(mc: Reference, exact: Reference) -> float:
+    """||mc - exact||^2 / se2: ~1 on average, < 9 but with probability <= 0.27%."""
+    return float(((mc.grad - exact.grad) ** 2).sum()) / mc.se2
+
+
+# ----------------------------------------------------------------------------- exact
+
+
+@pytest.mark.parametrize("name", list(ENVS))
+def test_exact_reference_is_autograd_of_the_exact_objective(name):
+    env, policy = setup(name)
+    ref = exact_reference(env, policy)
+    params = list(policy.parameters())
+    grads = torch.autograd.grad(env.exact_objective(policy), params)
+    flat = torch.cat([g.reshape(-1) for g in grads]).to(torch.float64)
+    assert ref.exact and ref.se2 == 0.0 and ref.se == 0.0 and ref.method == "exact"
+    assert ref.grad.dtype == torch.float64 and ref.grad.shape == (sum(p.numel() for p in params),)
+    torch.testing.assert_close(ref.grad, flat)
+    assert ref.objective == pytest.approx(float(env.exact_objective(policy).detach()))
+
+
+def test_reference_gradient_picks_exact_where_possible():
+    env, policy = setup("lqr")
+    assert reference_gradient(env, policy).exact
+    # "auto" on an exact env ignores Monte Carlo options; "exact" refuses them
+    assert reference_gradient(env, policy, n_episodes=10).exact
+    with pytest.raises(ValueError, match="no options"):
+        reference_gradient(env, policy, method="exact", n_episodes=10)
+    mc = reference_gradient(env, policy, method="monte_carlo", n_episodes=64, seed=0)
+    assert not mc.exact and mc.se2 > 0 and mc.n_episodes == 64
+    with pytest.raises(ValueError, match="method"):
+        reference_gradient(env, policy, method="guess")
+
+
+# ----------------------------------------------------------------------------- Monte Carlo
+
+
+@pytest.mark.parametrize("name", list(ENVS))
+def test_monte_carlo_converges_to_exact_within_its_standard_error(name):
+    env, policy = setup(name)
+    exact = exact_reference(env, policy)
+    mc = monte_carlo_reference(env, policy, n_episodes=16384, seed=0)
+    assert mc.n_episodes == 16384 and mc.n_estimates == 16384 // 4
+    assert mc.var.shape == exact.grad.shape and float(mc.var.sum()) == pytest.approx(mc.se2)
+    assert mc.rel_se < 0.1  # a real test: the error allowed is a small fraction of the gradient
+    assert error_ratio(mc, exact) < 9.0, (error_ratio(mc, exact), mc.rel_se)
+    # the sampled objective converges too: |J_mc - J| < 3 SE fails with probability 0.27%
+    assert abs(mc.objective - exact.objective) < 3 * mc.objective_se
+
+
+def test_standard_error_is_calibrated_over_independent_references():
+    env, policy = setup("lqr")
+    exact = exact_reference(env, policy)
+    R = 60
+    ratios = [error_ratio(monte_carlo_reference(env, policy, n_episodes=1024, seed=s), exact)
+              for s in range(R)]
+    mean = sum(ratios) / R
+    assert abs(mean - 1.0) < 3 * math.sqrt(2.0 / R), mean
+
+
+def test_other_unbiased_estimators_and_tiny_chunks_give_valid_references():
+    # rloo with sub-batches of 2, one sub-batch per chunk: 500 chunks, memory of one
+    env, policy = setup("tabular")
+    exact = exact_reference(env, policy)
+    mc = monte_carlo_reference(env, policy, n_episodes=1000, seed=1, estimator="rloo",
+                               batch_size=2, chunk_episodes=2)
+    assert mc.info["n_chunks"] == 500 and mc.n_estimates == 500 and mc.n_episodes == 1000
+    assert error_ratio(mc, exact) < 9.0
+    # value baseline with a critic fitted on other episodes
+    critic = make_critic(env)
+    critic.fit(rollout(env, policy, 500, seed=99), env.gamma, env.objective)
+    mc = monte_carlo_reference(env, policy, n_episodes=8192, seed=2, estimator="value_baseline",
+                               critic=critic, batch_size=8, chunk_episodes=1000)
+    assert mc.n_episodes == 8192 and mc.info["n_chunks"] == 9  # 8 x 1000 + 192
+    assert error_ratio(mc, exact) < 9.0
+
+
+def test_pair_budget_counts_state_action_pairs():
+    env, policy = setup("chain")  # episodes end early: pairs per episode vary
+    mc = monte_carlo_reference(env, policy, n_pairs=5000, seed=0, chunk_episodes=64)
+    assert mc.n_pairs >= 5000
+    assert mc.n_pairs < 5000 + 64 * env.horizon  # stopped within one chunk of the target
+    batch = rollout(env, policy, 64, chunk_seed(0, 0))
+    assert batch.n_steps < 64 * env.horizon  # chain episodes do end early
+
+
+def test_early_stop_at_target_relative_standard_error():
+    env, policy = setup("lqr")
+    mc = monte_carlo_reference(env, policy, n_episodes=1_000_000, seed=0, chunk_episodes=256,
+                               target_rel_se=0.1)
+    assert mc.info["stopped_early"] and mc.n_episodes < 1_000_000
+    assert mc.rel_se <= 0.1
+    assert error_ratio(mc, exact_reference(env, policy)) < 9.0
+
+
+def test_refuses_biased_settings():
+    env, policy = setup("tabular")
+    for name in ("actor_critic", "mean_baseline", "gae", "ppo"):
+        with pytest.raises(ValueError, match="unbiased"):
+            monte_carlo_reference(env, policy, n_episodes=16, estimator=name)
+    with pytest.raises(ValueError, match="discount_weighting"):
+        monte_carlo_reference(env, policy, n_episodes=16,
+                              cfg=EstimatorConfig(discount_weighting=False))
+    with pytest.raises(ValueError, match="normalize_advantages"):
+        monte_carlo_reference(env, policy, n_episodes=16,
+                              cfg=EstimatorConfig(normalize_advantages=True))
+    with pytest.raises(ValueError, match="n_episodes"):
+        monte_carlo_reference(env, policy, n_episodes=0)
+    with pytest.raises(ValueError, match="target_rel_se"):
+        monte_carlo_reference(env, policy, n_episodes=16, target_rel_se=0.0)
+    with pytest.raises(TypeError, match="exact_objective"):
+        exact_reference(object(), policy)
+
+
+def test_running_moments_merge_equals_one_pass():
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(37, 5, generator=gen, dtype=torch.float64) * 3 + 100.0
+    rm = RunningMoments()
+    for block in (X[:1], X[1:10], X[10:11], X[11:]):
+        rm.update(block)
+    assert rm.n == 37
+    torch.testing.assert_close(rm.mean, X.mean(0))
+    trace_cov = float(((X - X.mean(0)) ** 2).sum()) / 36
+    assert rm.trace_cov == pytest.approx(trace_cov)
+    assert rm.se2 == pytest.approx(trace_cov / 37)
+    torch.testing.assert_close(rm.mean_var, X.var(0) / 37)
+
+
+def test_chunk_seeds_are_distinct_and_not_small_integers():
+    seeds = {chunk_seed(s, i) for s in range(5) for i in range(200)}
+    assert len(seeds) == 1000
+    assert min(seeds) > 10_000  # would collide with measurement seeds 0, 1, 2, ... otherwise
