@@ -1,0 +1,6 @@
+"""``python -m pgvar``: the same app as the ``pgvar-run`` console script."""
+
+from pgvar.run import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,511 @@
+"""Structured configs of ``pgvar-run``: typed dataclasses registered in Hydra's ConfigStore.
+
+The YAML files in ``conf/`` choose values; the dataclasses here fix the schema. Hydra
+checks types and unknown keys when it composes (``training.batch_size=abc`` or
+``env.nope=1`` are refused there). Ranges and names (``env.gamma=1.5``,
+``estimator.lam=-1``, ``training.batch_size=0``, an unknown estimator) are checked by
+``validate_config``, which the console entry point runs on every job of a sweep before
+Hydra starts any of them (see ``pgvar.run.main``). Every field documents itself in the
+comment next to it; ``pgvar-run --cfg job`` prints the composed values.
+
+Layout of the composed config (``conf/config.yaml`` is the primary config)::
+
+    seed, device, lr, threads, rerun_complete, preset_name
+    env:        EnvConfig subclass, chosen by the ``env`` group (tabular, chain, lqr,
+                cartpole, pendulum, gym)
+    estimator:  EstimatorSettings, chosen by the ``estimator`` group (one file per name)
+    policy:     PolicySettings, chosen by the ``policy`` group (default, small, large)
+    training:   TrainingConfig, sized by the ``preset`` group (smoke, quick, full)
+    debug:      DebugConfig, test-only switches
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+OBJECTIVES = ("finite", "discounted")
+POLICY_ACTIVATIONS = ("tanh", "relu")
+CRITIC_KINDS = ("auto", "tabular", "quadratic", "mlp", "exact")
+DEVICE_PATTERN = re.compile(r"^(cpu|cuda(:\d+)?|auto)$")
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the valid values."""
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise ``ConfigError(message)`` unless ``condition`` holds."""
+    if not condition:
+        raise ConfigError(message)
+
+
+def require_positive_int(key: str, value: int, minimum: int = 1) -> None:
+    """``value`` must be an integer >= ``minimum``."""
+    require(isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
+            f"{key} must be an integer >= {minimum}, got {value!r}")
+
+
+def require_in_range(key: str, value: float, low: float, high: float,
+                     low_open: bool = False, high_open: bool = False) -> None:
+    """``value`` must be a finite number in the interval [low, high] (ends as flagged)."""
+    ok = isinstance(value, (int, float)) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low)
+    ok = ok and (value < high if high_open else value <= high)
+    interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    require(ok, f"{key} must lie in {interval}, got {value!r}")
+
+
+def require_choice(key: str, value: Any, choices: tuple[str, ...] | list[str]) -> None:
+    """``value`` must be one of ``choices``."""
+    require(value in choices, f"{key}={value!r} is not valid; valid values: {', '.join(choices)}")
+
+
+# ------------------------------------------------------------------------ environments
+
+
+@dataclass
+class EnvConfig:
+    """Fields every environment shares: the objective J = E[sum_{t<T} gamma^t r_t]."""
+
+    name: str = MISSING  # registry name passed to pgvar.envs.registry.make_env
+    horizon: int | None = None  # T: steps per episode that count in J (gym: None = the env's time limit)
+    gamma: float = 0.99  # discount in [0, 1]
+    objective: str = "finite"  # "finite": horizon is part of J; "discounted": infinite-horizon J (gamma < 1)
+
+    def env_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``make_env``: every field except ``name``."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "name"}
+
+    def check(self) -> None:
+        """Range checks shared by all environments."""
+        if self.horizon is not None:
+            require_positive_int("env.horizon", self.horizon)
+        require_in_range("env.gamma", self.gamma, 0.0, 1.0)
+        require_choice("env.objective", self.objective, OBJECTIVES)
+        require(not (self.objective == "discounted" and self.gamma >= 1.0),
+                "env.objective=discounted needs env.gamma < 1 (the infinite sum diverges)")
+
+
+@dataclass
+class TabularEnvConfig(EnvConfig):
+    """A random tabular MDP (exact gradient by dynamic programming)."""
+
+    name: str = "tabular"
+    horizon: int | None = 10  # T
+    n_states: int = 5  # number of states
+    n_actions: int = 3  # number of actions
+    seed: int = 0  # seed of the random instance (transitions, rewards): the same MDP for every run seed
+
+    def check(self) -> None:
+        super().check()
+        require(self.horizon is not None, "env.horizon must be set for the tabular MDP")
+        require_positive_int("env.n_states", self.n_states)
+        require_positive_int("env.n_actions", self.n_actions)
+
+
+@dataclass
+class ChainEnvConfig(EnvConfig):
+    """The sparse-reward chain: reward only at the far end (exact gradient)."""
+
+    name: str = "chain"
+    horizon: int | None = 16  # T
+    length: int = 8  # number of states in the chain (>= 2)
+    slip: float = 0.0  # probability in [0, 1] that an action has the opposite effect
+
+    def check(self) -> None:
+        super().check()
+        require(self.horizon is not None, "env.horizon must be set for the chain")
+        require_positive_int("env.length", self.length, 2)
+        require_in_range("env.slip", self.slip, 0.0, 1.0)
+
+
+@dataclass
+class LQREnvConfig(EnvConfig):
+    """Linear-quadratic control x' = A x + B u + noise (exact gradient by moments)."""
+
+    name: str = "lqr"
+    horizon: int | None = 20  # T
+    state_dim: int = 2  # dimension of x
+    action_dim: int = 1  # dimension of u
+    spectral_radius: float = 0.9  # spectral radius of the random A
+    control_cost: float = 0.1  # weight of |u|^2 in the cost
+    process_noise: float = 0.1  # std of the additive state noise
+    init_std: float = 0.5  # std of the initial state
+    seed: int = 0  # seed of the random instance (A, B): the same system for every run seed
+
+    def check(self) -> None:
+        super().check()
+        require(self.horizon is not None, "env.horizon must be set for lqr")
+        require_positive_int("env.state_dim", self.state_dim)
+        require_positive_int("env.action_dim", self.action_dim)
+        for key in ("spectral_radius", "control_cost", "process_noise", "init_std"):
+            require_in_range(f"env.{key}", getattr(self, key), 0.0, float("inf"), high_open=True)
+
+
+@dataclass
+class GymEnvConfig(EnvConfig):
+    """A Gymnasium environment through its vector API (Monte Carlo reference gradient)."""
+
+    name: str = "gym"
+    env_id: str = "CartPole-v1"  # Gymnasium id (used by env=gym only)
+    make_kwargs: dict[str, Any] = field(default_factory=dict)  # extra gymnasium.make_vec kwargs
+
+    def env_kwargs(self) -> dict[str, Any]:
+        kwargs = {"env_id": self.env_id, "horizon": self.horizon, "gamma": self.gamma,
+                  "objective": self.objective}
+        kwargs.update(dict(self.make_kwargs))
+        return kwargs
+
+
+@dataclass
+class NamedGymEnvConfig(EnvConfig):
+    """A Gymnasium environment with a pgvar short name (cartpole, pendulum)."""
+
+    make_kwargs: dict[str, Any] = field(default_factory=dict)  # extra gymnasium.make_vec kwargs
+
+    def env_kwargs(self) -> dict[str, Any]:
+        kwargs = {"horizon": self.horizon, "gamma": self.gamma, "objective": self.objective}
+        kwargs.update(dict(self.make_kwargs))
+        return kwargs
+
+
+ENV_SCHEMAS: dict[str, type] = {
+    "tabular": TabularEnvConfig,
+    "chain": ChainEnvConfig,
+    "lqr": LQREnvConfig,
+    "gym": GymEnvConfig,
+    "named_gym": NamedGymEnvConfig,
+}
+
+
+# -------------------------------------------------------------------------- estimators
+
+
+@dataclass
+class EstimatorSettings:
+    """Which gradient estimator a run trains and is measured with, and its options."""
+
+    name: str = MISSING  # registry name (pgvar.estimators.ESTIMATORS)
+    lam: float = 0.95  # GAE lambda in [0, 1] (gae only)
+    discount_weighting: bool = True  # weight the score at step t by gamma^t (unbiased for J); false = the common biased habit
+    normalize_advantages: bool = False  # standardise the weights within each batch (a common, biased, trick)
+    truncation_as_termination: bool = False  # treat time-limit cuts as terminal (value 0) even under objective=discounted
+    ppo_clip: float = 0.2  # PPO clipping epsilon > 0 (ppo only)
+    ppo_epochs: int = 4  # PPO optimisation epochs on one batch (ppo only)
+    ppo_lr: float = 0.05  # PPO inner step size (ppo only)
+
+    def core_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``pgvar.estimators.EstimatorConfig``: every field but ``name``."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "name"}
+
+    def check(self) -> None:
+        require_in_range("estimator.lam", self.lam, 0.0, 1.0)
+        require_in_range("estimator.ppo_clip", self.ppo_clip, 0.0, float("inf"), low_open=True,
+                         high_open=True)
+        require_positive_int("estimator.ppo_epochs", self.ppo_epochs)
+        require_in_range("estimator.ppo_lr", self.ppo_lr, 0.0, float("inf"), low_open=True,
+                         high_open=True)
+
+
+# ---------------------------------------------------------------------------- policies
+
+
+@dataclass
+class PolicySettings:
+    """Options of the environment's natural policy (``pgvar.envs.registry.make_policy``).
+
+    Only the options the policy class accepts are passed on: ``hidden`` and
+    ``activation`` reach MLP policies, ``init_scale`` the tabular softmax,
+    ``init_gain_scale`` the linear-Gaussian one, ``init_log_std`` Gaussian ones.
+    """
+
+    hidden: list[int] = field(default_factory=lambda: [64, 64])  # MLP hidden layer widths
+    activation: str = "tanh"  # MLP activation
+    init_log_std: float | None = None  # Gaussian policies: initial log std (null = the class default)
+    init_scale: float = 0.0  # tabular softmax: std of the initial logits (0 = uniform policy)
+    init_gain_scale: float = 0.0  # linear-Gaussian: std of the initial gain K
+
+    def check(self) -> None:
+        require(len(self.hidden) >= 1 and all(isinstance(h, int) and h >= 1 for h in self.hidden),
+                f"policy.hidden must be a non-empty list of positive integers, got {list(self.hidden)}")
+        require_choice("policy.activation", self.activation, POLICY_ACTIVATIONS)
+        require_in_range("policy.init_scale", self.init_scale, 0.0, float("inf"), high_open=True)
+        require_in_range("policy.init_gain_scale", self.init_gain_scale, 0.0, float("inf"),
+                         high_open=True)
+
+
+# ---------------------------------------------------------------------------- training
+
+
+@dataclass
+class CriticConfig:
+    """The critic of estimators that need one (value_baseline, actor_critic, gae, ppo)."""
+
+    kind: str = "auto"  # auto (tabular / quadratic / mlp by env), tabular, quadratic, mlp, exact (tabular envs: true V)
+    hidden: list[int] = field(default_factory=lambda: [64, 64])  # MLP critic hidden widths
+    fit_steps: int = 50  # regression steps on each training batch, after the policy step
+    lr: float = 0.01  # regression step size
+    perturb_scale: float = 0.0  # kind=exact only: std of fixed noise added to the true V (a deliberately imperfect critic)
+
+    def check(self) -> None:
+        require_choice("training.critic.kind", self.kind, CRITIC_KINDS)
+        require(len(self.hidden) >= 1 and all(isinstance(h, int) and h >= 1 for h in self.hidden),
+                f"training.critic.hidden must be a non-empty list of positive integers, got {list(self.hidden)}")
+        require_positive_int("training.critic.fit_steps", self.fit_steps, 0)
+        require_in_range("training.critic.lr", self.lr, 0.0, float("inf"), low_open=True,
+                         high_open=True)
+        require_in_range("training.critic.perturb_scale", self.perturb_scale, 0.0, float("inf"),
+                         high_open=True)
+
+
+@dataclass
+class ReferenceConfig:
+    """The Monte Carlo reference gradient of environments without an exact one.
+
+    Exact environments (tabular, chain, lqr) ignore this section: their reference is
+    autograd of J. Elsewhere the reference is the mean of ``estimator`` over sub-batches
+    of ``batch_size`` fresh episodes, with its standard error (``pgvar.reference``).
+    """
+
+    n_episodes: int = 2000  # episodes per reference (the cap when target_rel_se is set)
+    target_rel_se: float | None = None  # stop early once SE/|g_ref| <= this (null: use all n_episodes)
+    estimator: str = "reinforce_rtg"  # an unbiased estimator; value_baseline uses the run's critic
+    batch_size: int = 4  # episodes per sub-batch estimate (its spread gives the SE)
+    chunk_episodes: int = 1024  # episodes rolled out at once (bounds memory)
+
+    def check(self) -> None:
+        require_positive_int("training.reference.n_episodes", self.n_episodes, 2)
+        if self.target_rel_se is not None:
+            require_in_range("training.reference.target_rel_se", self.target_rel_se, 0.0,
+                             float("inf"), low_open=True, high_open=True)
+        require_positive_int("training.reference.batch_size", self.batch_size)
+        require_positive_int("training.reference.chunk_episodes", self.chunk_episodes)
+        require(self.n_episodes >= 2 * self.batch_size,
+                f"training.reference.n_episodes ({self.n_episodes}) must be at least twice "
+                f"training.reference.batch_size ({self.batch_size}) for a standard error")
+
+
+@dataclass
+class TrainingConfig:
+    """The training and measurement loop (sizes come from the ``preset`` group)."""
+
+    iterations: int = 50  # N: policy updates; metrics.csv has one row per iteration
+    measure_every: int = 10  # k: measure gradient statistics every k iterations (and at the first and last)
+    n_batches: int = 16  # M: independent batch estimates per measurement (>= 4)
+    batch_size: int = 16  # B: episodes per batch, for training and for each measured estimate
+    log_every: int = 0  # progress line every this many iterations (0: about ten lines per run)
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+
+    def check(self) -> None:
+        require_positive_int("training.iterations", self.iterations)
+        require_positive_int("training.measure_every", self.measure_every)
+        require_positive_int("training.n_batches", self.n_batches, 4)  # the bias CI needs M >= 4
+        require_positive_int("training.batch_size", self.batch_size)
+        require_positive_int("training.log_every", self.log_every, 0)
+        self.critic.check()
+        self.reference.check()
+
+
+@dataclass
+class DebugConfig:
+    """Test-only switches; leave them at their defaults for real experiments."""
+
+    nan_at_step: int = -1  # replace the training gradient at this iteration by NaN (-1: never)
+    raise_at_step: int = -1  # raise a RuntimeError at this iteration (-1: never)
+    sleep_s: float = 0.0  # sleep this long after each iteration (to catch a run mid-way)
+
+    def check(self) -> None:
+        require_in_range("debug.sleep_s", self.sleep_s, 0.0, float("inf"), high_open=True)
+
+
+# ------------------------------------------------------------------------- top level
+
+
+@dataclass
+class RunConfig:
+    """One run: train a policy with one estimator, measuring its gradient as it goes."""
+
+    env: Any = MISSING  # an EnvConfig subclass, from the env group
+    estimator: EstimatorSettings = MISSING  # from the estimator group
+    policy: PolicySettings = MISSING  # from the policy group
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+    seed: int = 0  # run seed: policy init, every sampled batch, the Monte Carlo references
+    device: str = "cpu"  # cpu, cuda, cuda:N, or auto (cuda when present)
+    lr: float = 0.05  # Adam step size of the policy's gradient-ascent updates
+    threads: int = 1  # torch intra-op threads per run (1 suits parallel sweeps; 0: torch's default)
+    rerun_complete: bool = False  # redo a run even when its run.json says complete
+    preset_name: str = "custom"  # which preset sized the run (set by the preset group; informational)
+
+    def check(self) -> None:
+        require(isinstance(self.env, EnvConfig),
+                f"env must be chosen from the env group; got {type(self.env).__name__}")
+        self.env.check()
+        self.estimator.check()
+        self.policy.check()
+        self.training.check()
+        self.debug.check()
+        require(bool(DEVICE_PATTERN.match(self.device)),
+                f"device={self.device!r} is not valid; valid values: cpu, cuda, cuda:N, auto")
+        require_in_range("lr", self.lr, 0.0, float("inf"), low_open=True, high_open=True)
+        require_positive_int("threads", self.threads, 0)
+
+
+def register_configs() -> None:
+    """Put the schemas in Hydra's ConfigStore (idempotent).
+
+    ``base_config`` is the primary schema. Group files pick theirs with a defaults entry
+    such as ``- /schema/env/tabular@_here_``; the schemas live in their own ``schema/``
+    groups so they never show up as choices of ``env``, ``estimator`` or ``policy``.
+    """
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=RunConfig)
+    for name, schema in ENV_SCHEMAS.items():
+        cs.store(group="schema/env", name=name, node=schema)
+    cs.store(group="schema", name="estimator", node=EstimatorSettings)
+    cs.store(group="schema", name="policy", node=PolicySettings)
+
+
+def subdir_name(override_dirname: str) -> str:
+    """Job sub-directory of a sweep: the job's overrides, or ``default`` when it has none."""
+    return override_dirname or "default"
+
+
+def register_resolvers() -> None:
+    """OmegaConf resolvers that ``conf/config.yaml`` uses (idempotent)."""
+    if not OmegaConf.has_resolver("pgvar_subdir"):
+        OmegaConf.register_new_resolver("pgvar_subdir", subdir_name)
+
+
+# --------------------------------------------------------- from config to objects
+
+
+def build_env(env_cfg: EnvConfig, device: Any = "cpu"):
+    """The environment of ``env_cfg`` on ``device`` (Gymnasium envs emit tensors there)."""
+    from pgvar.envs.registry import make_env
+
+    return make_env(env_cfg.name, device=device, **env_cfg.env_kwargs())
+
+
+def policy_kwargs(policy_cls: type, settings: PolicySettings, seed: int) -> dict[str, Any]:
+    """The options of ``settings`` (and ``seed``) that the policy class accepts."""
+    accepted = set(inspect.signature(policy_cls.__init__).parameters)
+    candidates = {"hidden": tuple(settings.hidden), "activation": settings.activation,
+                  "init_log_std": settings.init_log_std, "init_scale": settings.init_scale,
+                  "init_gain_scale": settings.init_gain_scale, "seed": seed}
+    return {k: v for k, v in candidates.items() if k in accepted and v is not None}
+
+
+def build_policy(env: Any, settings: PolicySettings, seed: int):
+    """The environment's natural policy with the configured options, initialised from ``seed``.
+
+    The policy class is whatever ``make_policy`` picks for the env; only the options
+    that class accepts are passed. MLP weights come from torch's global generator,
+    seeded here.
+    """
+    import torch
+
+    from pgvar.envs.registry import make_policy
+
+    policy_cls = type(make_policy(env))
+    torch.manual_seed(seed)
+    return make_policy(env, **policy_kwargs(policy_cls, settings, seed)).to(env.device)
+
+
+def build_critic(env: Any, policy: Any, critic_cfg: CriticConfig, seed: int):
+    """The critic of ``critic_cfg`` for ``env``; an MLP critic is initialised from ``seed``.
+
+    ``auto`` is ``pgvar.critics.make_critic``'s choice (tabular, quadratic for LQR, MLP
+    otherwise); ``hidden`` applies whenever the choice is an MLP.
+    """
+    import torch
+
+    from pgvar.critics import MLPCritic, make_critic
+
+    torch.manual_seed(seed)
+    if critic_cfg.kind == "exact":
+        critic = make_critic(env, "exact", policy=policy, perturb_scale=critic_cfg.perturb_scale,
+                             seed=seed)
+    else:
+        critic = make_critic(env, critic_cfg.kind)
+        if isinstance(critic, MLPCritic):
+            torch.manual_seed(seed)
+            critic = make_critic(env, "mlp", hidden=tuple(critic_cfg.hidden))
+    return critic.to(env.device)
+
+
+# ------------------------------------------------------------------------ validation
+
+
+def to_run_config(cfg: DictConfig) -> RunConfig:
+    """The composed DictConfig as a typed ``RunConfig`` object."""
+    obj = OmegaConf.to_object(cfg)
+    if not isinstance(obj, RunConfig):
+        raise ConfigError("the composed config is not a RunConfig; is conf/config.yaml's "
+                          "defaults list missing 'base_config'?")
+    return obj
+
+
+def validate_config(cfg: DictConfig) -> RunConfig:
+    """Check every value of a composed config; returns it typed, or raises ConfigError.
+
+    Beyond the ranges of each section, names are checked against the registries (the
+    estimator and environment names), and the environment and its policy are built
+    once on the CPU so the core library's own checks (a Gymnasium id, a horizon beyond
+    the env's time limit, ...) fail here rather than inside a job.
+    """
+    run_cfg = to_run_config(cfg)
+    run_cfg.check()
+    check_names_against_registries(run_cfg)
+    check_buildable(run_cfg)
+    return run_cfg
+
+
+# Estimators whose baseline leaves each episode out of a mean over the others: B >= 2.
+LEAVE_ONE_OUT_ESTIMATORS = ("rloo", "optimal_baseline")
+
+
+def check_names_against_registries(run_cfg: RunConfig) -> None:
+    """Estimator and environment names must be registered in the core library."""
+    from pgvar.envs.registry import available_envs
+    from pgvar.estimators import ESTIMATORS
+
+    names = sorted(ESTIMATORS)
+    require_choice("estimator.name", run_cfg.estimator.name, names)
+    require_choice("env.name", run_cfg.env.name, available_envs())
+    require(not (run_cfg.estimator.name in LEAVE_ONE_OUT_ESTIMATORS
+                 and run_cfg.training.batch_size < 2),
+            f"estimator {run_cfg.estimator.name} needs training.batch_size >= 2 "
+            f"(its baseline is a mean over the other episodes), got {run_cfg.training.batch_size}")
+    reference = run_cfg.training.reference
+    unbiased = [n for n in names if ESTIMATORS[n].claimed_unbiased]
+    require_choice("training.reference.estimator", reference.estimator, unbiased)
+    require(not (ESTIMATORS[reference.estimator].needs_critic
+                 and not ESTIMATORS[run_cfg.estimator.name].needs_critic),
+            f"training.reference.estimator={reference.estimator} needs the run's critic, and "
+            f"estimator {run_cfg.estimator.name} trains none; use one of "
+            f"{[n for n in unbiased if not ESTIMATORS[n].needs_critic]}")
+
+
+def check_buildable(run_cfg: RunConfig) -> None:
+    """Build the environment and policy on the CPU; re-raise their errors as ConfigError."""
+    try:
+        env = build_env(run_cfg.env, device="cpu")
+        build_policy(env, run_cfg.policy, seed=run_cfg.seed)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"env={run_cfg.env.name}: {err}") from err
+    finally:
+        close = getattr(locals().get("env"), "close", None)
+        if callable(close):
+            close()

@@ -1,0 +1,509 @@
+"""``pgvar-run``: the Hydra app that trains with one estimator and measures its gradients.
+
+One run (one Hydra job), for iterations i = 0..N-1 at policy parameters theta_i:
+
+1. sample B training episodes (seed derived from the run seed and i);
+2. on measured iterations (i = 0, every k-th, and the last): draw M fresh batches of B
+   episodes, estimate M gradients, compare them with the reference gradient at theta_i
+   (exact where the environment allows it, else Monte Carlo with its standard error);
+3. estimate the training gradient from the step-1 batch, with the critic fitted on
+   EARLIER batches only (so a value baseline stays unbiased), and take an Adam ascent
+   step of size ``lr``;
+4. fit the critic on the step-1 batch (for the next iteration);
+5. append the iteration's row to metrics.csv (``pgvar.runlog`` documents the columns).
+
+NaN or infinite gradients (or returns) end the run with status ``diverged``; any other
+exception ends it with status ``failed``. The job then still returns to Hydra's launcher,
+so the rest of a sweep runs. Exit status of the process: 0 when every job ended
+``complete``, ``diverged`` or was skipped; 1 when any job ``failed`` (its exception is
+re-raised to Hydra after run.json is written, and Hydra reports it once every job of the
+sweep has run); 2 when the command line is refused before any job starts.
+
+Bad overrides are refused before any job starts: ``main`` expands the sweep with
+Hydra's own override parser, composes every job's config with Hydra's compose API and
+validates each (``pgvar.config.validate_config``), and only then hands over to Hydra.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from pgvar import runlog
+from pgvar.config import (
+    ConfigError,
+    RunConfig,
+    build_critic,
+    build_env,
+    build_policy,
+    register_configs,
+    register_resolvers,
+    validate_config,
+)
+
+log = logging.getLogger("pgvar.run")
+
+register_configs()
+register_resolvers()
+
+
+def find_conf_dir() -> Path:
+    """The ``conf/`` folder: ``$PGVAR_CONF_DIR``, else the one next to the package."""
+    env_dir = os.environ.get("PGVAR_CONF_DIR")
+    if env_dir:
+        return Path(env_dir).resolve()
+    return (Path(__file__).resolve().parent.parent / "conf").resolve()
+
+
+CONF_DIR = find_conf_dir()
+CONFIG_NAME = "config"
+
+# Streams of derived seeds: each purpose draws from its own independent sequence.
+SEED_STREAMS = {"torch": 0, "policy": 1, "critic": 2, "train": 3, "measure": 4, "reference": 5}
+
+
+class Diverged(RuntimeError):
+    """A non-finite gradient, return or parameter: the run ends with status diverged."""
+
+
+class RunFailed(RuntimeError):
+    """Re-raised to Hydra after a failed run's run.json is written (exit status 1)."""
+
+
+# ----------------------------------------------------------------------------- seeds
+
+
+def derive_seed(run_seed: int, stream: str, index: int = 0) -> int:
+    """A 32-bit seed for ``(run seed, purpose, index)``, independent across the three."""
+    words = [int(run_seed) % 2**32, SEED_STREAMS[stream], int(index)]
+    return int(np.random.SeedSequence(words).generate_state(1)[0])
+
+
+# ---------------------------------------------------------------------------- device
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks cuda when present; ``cuda`` without a GPU is a configuration error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} but torch sees no CUDA device; valid here: cpu, auto")
+    return torch.device(name)
+
+
+# ---------------------------------------------------------------------- the run loop
+
+
+@dataclass
+class RunState:
+    """Counters and the last measurement, for rows and progress lines."""
+
+    env_steps: int = 0
+    episodes: int = 0
+    steps_completed: int = 0
+    last_measured: dict[str, Any] = field(default_factory=dict)
+    last_measured_step: int | None = None
+
+
+def is_measured_step(step: int, n_iterations: int, every: int) -> bool:
+    """Measure at the first iteration, every ``every``-th one, and the last."""
+    return step % every == 0 or step == n_iterations - 1
+
+
+def progress_interval(log_every: int, n_iterations: int) -> int:
+    """Iterations between progress lines: ``log_every``, or about ten lines per run if 0."""
+    return log_every if log_every > 0 else max(1, n_iterations // 10)
+
+
+def setup_torch(run_cfg: RunConfig) -> None:
+    """Thread count and global generator, for reproducible CPU numbers."""
+    if run_cfg.threads > 0:
+        torch.set_num_threads(run_cfg.threads)
+    torch.manual_seed(derive_seed(run_cfg.seed, "torch"))
+
+
+def learning_curve_row(step: int, batch, gamma: float, state: RunState) -> dict[str, Any]:
+    """The columns every row has: counters and the returns of the training batch."""
+    returns = batch.episode_returns(gamma).double()
+    undiscounted = batch.episode_returns(1.0).double()
+    state.env_steps += batch.n_steps
+    state.episodes += batch.n_episodes
+    check_finite(returns, step, "training returns")
+    return {
+        "step": step,
+        "env_steps": state.env_steps,
+        "episodes": state.episodes,
+        "return_mean": float(returns.mean()),
+        "return_std": float(returns.std()) if returns.numel() > 1 else 0.0,
+        "return_undiscounted_mean": float(undiscounted.mean()),
+        "episode_length_mean": float(batch.lengths.double().mean()),
+    }
+
+
+def check_finite(x: torch.Tensor, step: int, what: str) -> None:
+    """Raise ``Diverged`` when ``x`` holds a NaN or an infinity."""
+    if not bool(torch.isfinite(x).all()):
+        raise Diverged(f"non-finite {what} at step {step}")
+
+
+def reference_options(run_cfg: RunConfig, critic, step: int) -> dict[str, Any]:
+    """Keyword arguments of ``reference_gradient`` (only Monte Carlo envs use them)."""
+    ref = run_cfg.training.reference
+    return {"n_episodes": ref.n_episodes, "target_rel_se": ref.target_rel_se,
+            "estimator": ref.estimator, "batch_size": ref.batch_size,
+            "chunk_episodes": ref.chunk_episodes, "critic": critic,
+            "seed": derive_seed(run_cfg.seed, "reference", step)}
+
+
+def measure_row(run_cfg: RunConfig, env, policy, critic, est_cfg, step: int) -> dict[str, Any]:
+    """Gradient statistics of M fresh batch estimates against the reference at theta_i."""
+    from pgvar.measure import measure
+    from pgvar.reference import reference_gradient
+
+    training = run_cfg.training
+    reference = reference_gradient(env, policy, **reference_options(run_cfg, critic, step))
+    result = measure(env, policy, run_cfg.estimator.name, n_batches=training.n_batches,
+                     batch_size=training.batch_size, seed=derive_seed(run_cfg.seed, "measure", step),
+                     critic=critic, cfg=est_cfg, reference=reference)
+    stats = result.stats.as_dict()
+    for key in ("grad_variance", "grad_mse"):
+        if not math.isfinite(float(stats[key])):
+            raise Diverged(f"non-finite measured {key} at step {step}")
+    row = {key: stats[key] for key in runlog.MEASURED_COLUMNS + runlog.EXTRA_COLUMNS if key in stats}
+    row["ref_exact"] = bool(reference.exact)
+    row["ref_episodes"] = int(reference.n_episodes) if not reference.exact else 0
+    return row
+
+
+def training_gradient(run_cfg: RunConfig, env, policy, critic, est_cfg, batch, step: int) -> torch.Tensor:
+    """The estimator's gradient-ascent direction on the training batch, ``[P]``."""
+    from pgvar.estimators import estimate_gradients
+
+    g = estimate_gradients(run_cfg.estimator.name, env, policy, batch, 1, critic=critic,
+                           cfg=est_cfg)[0]
+    if step == run_cfg.debug.nan_at_step:
+        g = torch.full_like(g, float("nan"))
+    check_finite(g, step, "training gradient")
+    return g
+
+
+def ascent_step(optimizer: torch.optim.Optimizer, policy: torch.nn.Module, g: torch.Tensor) -> None:
+    """Give each parameter its slice of ``g`` and let the (maximising) optimizer step."""
+    i = 0
+    for p in policy.parameters():
+        n = p.numel()
+        p.grad = g[i:i + n].reshape(p.shape).to(dtype=p.dtype, device=p.device).clone()
+        i += n
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def fit_critic(run_cfg: RunConfig, env, critic, est_cfg, batch) -> float | None:
+    """Fit the critic on this batch, after the batch has served its gradient."""
+    if critic is None:
+        return None
+    c = run_cfg.training.critic
+    return float(critic.fit(batch, float(env.gamma), env.objective, steps=c.fit_steps, lr=c.lr,
+                            truncation_as_termination=est_cfg.truncation_as_termination))
+
+
+def progress_line(run_cfg: RunConfig, step: int, row: dict[str, Any], state: RunState,
+                  elapsed: float) -> str:
+    """One line of where the run is: iteration, return, last measured variance and bias."""
+    tag = f"[{run_cfg.env.name} {run_cfg.estimator.name} seed={run_cfg.seed}]"
+    line = (f"{tag} iter {step + 1}/{run_cfg.training.iterations} "
+            f"return {row['return_mean']:.4g} env_steps {state.env_steps}")
+    if state.last_measured_step is not None:
+        m = state.last_measured
+        line += (f" | @{state.last_measured_step}: var {m.get('grad_variance', math.nan):.3g}"
+                 f" bias {m.get('grad_bias', math.nan):.3g}"
+                 f" [{m.get('grad_bias_lo', math.nan):.3g}, {m.get('grad_bias_hi', math.nan):.3g}]"
+                 f" cos {m.get('cos_ref', math.nan):.3f}")
+    return line + f" | {elapsed:.1f}s"
+
+
+def train_and_measure(run_cfg: RunConfig, job_dir: Path, started: float, state: RunState) -> None:
+    """The loop of the module docstring; rows go to ``job_dir/metrics.csv``."""
+    from pgvar.estimators import EstimatorConfig, get_estimator
+    from pgvar.rollout import rollout
+
+    setup_torch(run_cfg)
+    device = resolve_device(run_cfg.device)
+    training = run_cfg.training
+    env = build_env(run_cfg.env, device)
+    try:
+        policy = build_policy(env, run_cfg.policy, derive_seed(run_cfg.seed, "policy"))
+        est_cfg = EstimatorConfig(**run_cfg.estimator.core_kwargs())
+        needs_critic = get_estimator(run_cfg.estimator.name).needs_critic
+        critic = (build_critic(env, policy, training.critic, derive_seed(run_cfg.seed, "critic"))
+                  if needs_critic else None)
+        optimizer = torch.optim.Adam(policy.parameters(), lr=run_cfg.lr, maximize=True)
+        every = progress_interval(training.log_every, training.iterations)
+        with runlog.MetricsWriter(job_dir / runlog.METRICS_FILE) as writer:
+            for step in range(training.iterations):
+                if step == run_cfg.debug.raise_at_step:
+                    raise RuntimeError(f"debug.raise_at_step={step}: a deliberate failure")
+                batch = rollout(env, policy, training.batch_size,
+                                derive_seed(run_cfg.seed, "train", step))
+                row = learning_curve_row(step, batch, float(env.gamma), state)
+                if is_measured_step(step, training.iterations, training.measure_every):
+                    measured = measure_row(run_cfg, env, policy, critic, est_cfg, step)
+                    row.update(measured)
+                    state.last_measured, state.last_measured_step = measured, step
+                g = training_gradient(run_cfg, env, policy, critic, est_cfg, batch, step)
+                ascent_step(optimizer, policy, g)
+                check_finite(torch.cat([p.detach().reshape(-1) for p in policy.parameters()]),
+                             step, "policy parameters after the update")
+                row["grad_norm"] = float(g.double().norm())
+                row["critic_loss"] = fit_critic(run_cfg, env, critic, est_cfg, batch)
+                elapsed = time.perf_counter() - started
+                row["wall_s"] = round(elapsed, 3)
+                writer.write(row)
+                state.steps_completed = step + 1
+                if step % every == 0 or step == training.iterations - 1:
+                    log.info(progress_line(run_cfg, step, row, state, elapsed))
+                if run_cfg.debug.sleep_s > 0:
+                    time.sleep(run_cfg.debug.sleep_s)
+    finally:
+        close = getattr(env, "close", None)
+        if callable(close):
+            close()
+
+
+# --------------------------------------------------------------------- the Hydra job
+
+
+def job_dir_of_current_job() -> Path:
+    """The Hydra job's output directory (run dir, or sweep dir / subdir)."""
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def task_overrides() -> list[str] | None:
+    """The overrides that made this job (for run.json), when Hydra is running it."""
+    try:
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:
+        return None
+
+
+def group_choices() -> dict[str, str] | None:
+    """Which option of each pgvar config group the job used (env, estimator, policy, preset)."""
+    try:
+        choices = HydraConfig.get().runtime.choices
+    except ValueError:
+        return None
+    return {k: str(v) for k, v in choices.items() if not k.startswith("hydra/") and v is not None}
+
+
+def run_job(cfg: DictConfig, job_dir: Path) -> str:
+    """One run in ``job_dir``: skip it if complete, else run it and write run.json.
+
+    Returns the final status. A failed run raises ``RunFailed`` after its run.json is
+    written, so Hydra marks the job failed (and exits 1 once the sweep is done) while
+    the launcher goes on with the other jobs.
+    """
+    config = OmegaConf.to_container(cfg, resolve=True)
+    rerun = bool(cfg.get("rerun_complete", False))
+    decision = runlog.prepare_job_dir(job_dir, config, rerun_complete=rerun)
+    if decision.action == "skip":
+        log.info("skipping %s: %s", job_dir, decision.reason)
+        return "skipped"
+    log.info("running in %s (%s)", job_dir, decision.reason)
+    record = runlog.RunRecord(status=runlog.STATUS_RUNNING, config=config,
+                              seed=int(cfg.get("seed", 0)),
+                              started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                              device=str(cfg.get("device")), job_dir=str(job_dir),
+                              overrides=task_overrides(), choices=group_choices())
+    record.write(job_dir)
+    started = time.perf_counter()
+    state = RunState()
+    try:
+        run_cfg = validate_config(cfg)
+        record.device = str(resolve_device(run_cfg.device))
+        train_and_measure(run_cfg, job_dir, started, state)
+        record.status = runlog.STATUS_COMPLETE
+    except Diverged as err:
+        record.status, record.error = runlog.STATUS_DIVERGED, str(err)
+        record.diverged_at_step = state.steps_completed
+        log.warning("run diverged: %s (%s)", err, job_dir)
+    except Exception as err:  # noqa: BLE001 - every failure is recorded, then re-raised
+        record.status, record.error = runlog.STATUS_FAILED, f"{type(err).__name__}: {err}"
+        record.traceback = traceback.format_exc()
+        log.error("run failed: %s (%s)\n%s", record.error, job_dir, record.traceback)
+    record.elapsed_s = round(time.perf_counter() - started, 3)
+    record.steps_completed = state.steps_completed
+    record.write(job_dir)
+    if record.status == runlog.STATUS_FAILED:
+        raise RunFailed(f"{record.error} (details: {job_dir / runlog.RUN_FILE})")
+    return record.status
+
+
+def task(cfg: DictConfig) -> str:
+    """Hydra's task function: one run in the current job directory."""
+    return run_job(cfg, job_dir_of_current_job())
+
+
+hydra_main = hydra.main(config_path=str(CONF_DIR), config_name=CONFIG_NAME, version_base="1.3")(task)
+
+
+# -------------------------------------------------- command-line validation, then Hydra
+
+
+# Flags with which Hydra runs no job (help, config printing, shell completion).
+NO_JOB_FLAGS = ("help", "hydra_help", "cfg", "info", "shell_completion", "resolve")
+
+
+@dataclass
+class CommandLine:
+    """What ``main`` needs from argv: the overrides and where the configs come from."""
+
+    overrides: list[str]
+    config_name: str = CONFIG_NAME
+    conf_dir: Path = CONF_DIR
+    extra_config_dir: str | None = None
+    runs_jobs: bool = True
+
+
+def resolve_config_path(config_path: str | None) -> Path:
+    """``--config-path`` as Hydra reads it: absolute, or relative to this module's folder."""
+    if not config_path:
+        return CONF_DIR
+    path = Path(config_path)
+    return path if path.is_absolute() else (Path(__file__).resolve().parent / path).resolve()
+
+
+def parse_command_line(argv: list[str]) -> CommandLine:
+    """Parse argv with Hydra's own argument parser."""
+    from hydra._internal.utils import get_args_parser
+
+    args = get_args_parser().parse_args(argv)
+    runs_jobs = not any(bool(getattr(args, flag, None)) for flag in NO_JOB_FLAGS)
+    return CommandLine(overrides=list(args.overrides), config_name=args.config_name or CONFIG_NAME,
+                       conf_dir=resolve_config_path(args.config_path),
+                       extra_config_dir=args.config_dir, runs_jobs=runs_jobs)
+
+
+def expand_sweep(overrides: list[str]) -> list[list[str]]:
+    """Every job's overrides, as Hydra's basic sweeper will launch them."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return BasicSweeper.split_arguments(parsed, None)[0]
+
+
+def split_seed(job: list[str]) -> tuple[tuple[str, ...], str | None]:
+    """A job's overrides without ``seed=...``, and the seed's text (None if not given).
+
+    Any integer is a valid seed, so jobs that differ only in their seed need one
+    composition between them: what makes validating a many-seed sweep cheap.
+    """
+    rest, seed = [], None
+    for override in job:
+        key, _, value = override.partition("=")
+        if key == "seed":
+            seed = value
+        else:
+            rest.append(override)
+    return tuple(rest), seed
+
+
+def check_seed_text(seed: str | None) -> None:
+    """A seed override must be an integer."""
+    if seed is None:
+        return
+    try:
+        int(seed)
+    except ValueError:
+        raise ConfigError(f"seed must be an integer, got {seed!r}") from None
+
+
+def compose_job(config_name: str, overrides: list[str]) -> DictConfig:
+    """Compose one job's config with Hydra's compose API (inside an initialized context)."""
+    from hydra import compose
+
+    return compose(config_name=config_name, overrides=overrides)
+
+
+def describe_error(err: BaseException) -> str:
+    """The error's message with those of its causes (Hydra wraps OmegaConf's), trimmed."""
+    parts: list[str] = []
+    while err is not None and len(parts) < 4:
+        text = str(err).split("Config search path:")[0].strip()
+        if text and text not in parts:
+            parts.append(text)
+        err = err.__cause__
+    return "\n".join(parts)
+
+
+def job_problem(config_name: str, overrides: list[str]) -> str | None:
+    """Why one job's config is refused (composition, types or values), or None if valid."""
+    try:
+        validate_config(compose_job(config_name, overrides))
+    except Exception as err:  # noqa: BLE001 - composition, type and value errors alike
+        return describe_error(err)
+    return None
+
+
+def validate_jobs(cmd: CommandLine) -> list[str]:
+    """Compose and validate every job of the command; one message per distinct error.
+
+    Each distinct job (seeds aside, see ``split_seed``) is composed with Hydra's compose
+    API exactly as Hydra will compose it, then checked by ``validate_config``.
+    """
+    from hydra import initialize_config_dir
+
+    try:
+        jobs = expand_sweep(cmd.overrides)
+    except Exception as err:  # noqa: BLE001 - Hydra's parser errors have several types
+        return [f"cannot parse the overrides {cmd.overrides}:\n{describe_error(err)}"]
+    search = ([f"hydra.searchpath=[file://{Path(cmd.extra_config_dir).resolve()}]"]
+              if cmd.extra_config_dir else [])
+    problems: dict[str, list[str]] = {}
+    verdicts: dict[tuple[str, ...], str | None] = {}
+    with initialize_config_dir(config_dir=str(cmd.conf_dir), version_base="1.3", job_name="pgvar"):
+        for job in jobs:
+            rest, seed = split_seed(list(job))
+            try:
+                check_seed_text(seed)
+            except ConfigError as err:
+                problem: str | None = str(err)
+            else:
+                if rest not in verdicts:
+                    verdicts[rest] = job_problem(cmd.config_name, search + list(job))
+                problem = verdicts[rest]
+            if problem:
+                problems.setdefault(problem, []).append(" ".join(job))
+    return [f"{msg}\n  (in {len(bad)} of {len(jobs)} jobs, e.g. the one with overrides: {bad[0]})"
+            for msg, bad in problems.items()]
+
+
+def main() -> None:
+    """Console entry ``pgvar-run`` (and ``python -m pgvar``): validate every job, then run Hydra."""
+    cmd = parse_command_line(sys.argv[1:])
+    if cmd.runs_jobs:
+        problems = validate_jobs(cmd)
+        if problems:
+            print("pgvar-run: configuration refused; no job was started.", file=sys.stderr)
+            for problem in problems:
+                print(f"\nerror: {problem}", file=sys.stderr)
+            sys.exit(2)
+    hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,281 @@
+"""What a run writes into its Hydra job directory, and how a re-run treats it.
+
+Two files (column meanings: ``COLUMN_DOCS``; the README copies them):
+
+- ``metrics.csv``: one row per training iteration, written and flushed as it goes, so
+  a run killed mid-way leaves every finished iteration on disk.
+- ``run.json``: the run's record. Written atomically (temporary file, fsync, rename)
+  twice: with ``status: "running"`` before the first iteration, and with the final
+  status (``complete``, ``failed`` or ``diverged``) at the end. A run killed mid-way
+  therefore leaves ``status: "running"`` (or, killed before its first write, no
+  run.json at all): only ``status == "complete"`` marks a finished run, and readers
+  must ignore every other run directory.
+
+Re-running a sweep into the same directory: a job whose run.json says ``complete`` for
+the same resolved config is skipped; any other job is redone from scratch, its old
+metrics.csv and run.json deleted first (``prepare_job_dir``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import platform
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.csv"
+RUN_FILE = "run.json"
+
+STATUS_RUNNING = "running"
+STATUS_COMPLETE = "complete"
+STATUS_FAILED = "failed"
+STATUS_DIVERGED = "diverged"
+FINAL_STATUSES = (STATUS_COMPLETE, STATUS_FAILED, STATUS_DIVERGED)
+
+# Config keys that do not change a run's results, so do not stop a complete run being skipped.
+CONFIG_KEYS_IGNORED_FOR_SKIP = ("rerun_complete",)
+
+LEARNING_CURVE_COLUMNS = ("step", "env_steps", "episodes", "return_mean", "return_std", "wall_s")
+MEASURED_COLUMNS = ("grad_variance", "grad_bias", "grad_bias_lo", "grad_bias_hi", "grad_mse",
+                    "cos_ref", "cos_pairwise", "snr", "ref_norm", "ref_se")
+EXTRA_COLUMNS = ("return_undiscounted_mean", "episode_length_mean", "grad_norm", "critic_loss",
+                 "grad_rel_variance", "grad_rel_bias", "grad_bias_sq", "grad_bias_sq_se",
+                 "bias_distinguishable", "n_estimates", "ref_exact", "ref_episodes")
+COLUMNS = LEARNING_CURVE_COLUMNS + MEASURED_COLUMNS + EXTRA_COLUMNS
+
+COLUMN_DOCS: dict[str, str] = {
+    "step": "training iteration i = 0..N-1; the row describes the policy theta_i before its update",
+    "env_steps": "training environment steps so far, this iteration's batch included "
+                 "(measurement and reference episodes not counted)",
+    "episodes": "training episodes so far, this iteration's batch included (i+1)*B",
+    "return_mean": "mean DISCOUNTED return sum_t gamma^t r_t (t < T) of this iteration's B "
+                   "training episodes: a sample of J(theta_i)",
+    "return_std": "sample standard deviation (ddof=1; 0 when B=1) of those B discounted returns",
+    "wall_s": "seconds since the run started, at the end of this iteration: the only "
+              "column that differs between two runs of the same config and seed",
+    "grad_variance": "measured rows: tr Cov of the M batch estimates, 1/(M-1) sum ||g_m - g_bar||^2",
+    "grad_bias": "measured rows: de-noised bias ||E g - g_ref||, sqrt(max(0, grad_bias_sq))",
+    "grad_bias_lo": "measured rows: lower end of the 95% confidence interval of grad_bias",
+    "grad_bias_hi": "measured rows: upper end of the 95% confidence interval of grad_bias",
+    "grad_mse": "measured rows: mean ||g_m - g_ref||^2 over the M estimates",
+    "cos_ref": "measured rows: mean cosine between each g_m and g_ref",
+    "cos_pairwise": "measured rows: mean cosine between pairs of estimates (Ilyas et al. 2020)",
+    "snr": "measured rows: ||g_bar||^2 / grad_variance",
+    "ref_norm": "measured rows: ||g_ref||, the reference gradient at theta_i",
+    "ref_se": "measured rows: standard error of g_ref (root of the summed per-coordinate "
+              "variances; 0 when exact)",
+    "return_undiscounted_mean": "extra: mean undiscounted return sum_t r_t of the B training episodes",
+    "episode_length_mean": "extra: mean length (steps) of the B training episodes",
+    "grad_norm": "extra: norm of the training gradient estimate used for this iteration's step",
+    "critic_loss": "extra: final regression loss of the critic fitted on this batch (empty: no critic)",
+    "grad_rel_variance": "extra, measured rows: grad_variance / ref_norm^2",
+    "grad_rel_bias": "extra, measured rows: grad_bias / ref_norm",
+    "grad_bias_sq": "extra, measured rows: ||g_bar - g_ref||^2 - trCov/M - SE_ref^2 (may be < 0)",
+    "grad_bias_sq_se": "extra, measured rows: standard error of grad_bias_sq",
+    "bias_distinguishable": "extra, measured rows: True when the bias is distinguishable from 0 at 95%",
+    "n_estimates": "extra, measured rows: M, the number of batch estimates measured",
+    "ref_exact": "extra, measured rows: True when g_ref is exact, False when Monte Carlo",
+    "ref_episodes": "extra, measured rows: episodes the Monte Carlo reference used (0 when exact)",
+}
+
+
+# ------------------------------------------------------------------------ metrics.csv
+
+
+def format_cell(value: Any) -> str:
+    """One CSV cell: empty for None, shortest round-trip text for floats, ints as ints."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "True" if value else "False"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else str(value)  # nan, inf, -inf
+    if hasattr(value, "item"):  # a 0-d tensor or numpy scalar
+        return format_cell(value.item())
+    return str(value)
+
+
+class MetricsWriter:
+    """Appends rows to ``metrics.csv`` with a fixed header, flushing after every row."""
+
+    def __init__(self, path: Path, columns: tuple[str, ...] = COLUMNS):
+        self.path = Path(path)
+        self.columns = columns
+        self._file = open(self.path, "w", newline="", encoding="utf-8")  # noqa: SIM115 - closed by close()
+        self._writer = csv.writer(self._file, lineterminator="\n")
+        self._writer.writerow(self.columns)
+        self._file.flush()
+
+    def write(self, row: Mapping[str, Any]) -> None:
+        """Write one row; missing columns are empty, unknown keys are an error."""
+        unknown = sorted(set(row) - set(self.columns))
+        if unknown:
+            raise KeyError(f"metrics row has unknown columns {unknown}; known: {list(self.columns)}")
+        self._writer.writerow([format_cell(row.get(c)) for c in self.columns])
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> MetricsWriter:  # noqa: PYI034 - typing.Self needs Python 3.11
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------- run.json
+
+
+def write_json_atomic(path: Path, payload: Mapping[str, Any]) -> None:
+    """Write JSON so a reader sees the old file or the new one, never a torn one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=2, sort_keys=False, default=str)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_run_record(job_dir: Path) -> dict[str, Any] | None:
+    """The job's run.json as a dict, or None if it is missing or unreadable."""
+    try:
+        with open(Path(job_dir) / RUN_FILE, encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def package_version(name: str) -> str | None:
+    """Installed version of a distribution, or None when it is not installed."""
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def versions() -> dict[str, str | None]:
+    """Versions of the software that produced the numbers."""
+    return {
+        "python": platform.python_version(),
+        "torch": package_version("torch"),
+        "gymnasium": package_version("gymnasium"),
+        "pgvar": package_version("pgvar"),
+        "numpy": package_version("numpy"),
+        "hydra-core": package_version("hydra-core"),
+    }
+
+
+@dataclass
+class RunRecord:
+    """The content of run.json (see the module docstring for the meaning of ``status``)."""
+
+    status: str
+    config: dict[str, Any]
+    seed: int
+    started_at: str
+    elapsed_s: float = 0.0
+    error: str | None = None
+    traceback: str | None = None
+    steps_completed: int = 0
+    diverged_at_step: int | None = None
+    device: str | None = None
+    job_dir: str | None = None
+    overrides: list[str] | None = None
+    choices: dict[str, str] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "error": self.error,
+            "seed": self.seed,
+            "elapsed_s": self.elapsed_s,
+            "started_at": self.started_at,
+            "steps_completed": self.steps_completed,
+            "diverged_at_step": self.diverged_at_step,
+            "device": self.device,
+            "job_dir": self.job_dir,
+            "overrides": self.overrides,
+            "choices": self.choices,
+            "versions": versions(),
+            "host": platform.node(),
+            "argv": list(sys.argv),
+            "config": self.config,
+            "traceback": self.traceback,
+        }
+
+    def write(self, job_dir: Path) -> None:
+        write_json_atomic(Path(job_dir) / RUN_FILE, self.as_dict())
+
+
+# ---------------------------------------------------------------------- skip / redo
+
+
+def comparable_config(config: Mapping[str, Any]) -> Any:
+    """The config as plain JSON data, without keys that do not affect results."""
+    plain = json.loads(json.dumps(dict(config), default=str))
+    for key in CONFIG_KEYS_IGNORED_FOR_SKIP:
+        plain.pop(key, None)
+    return plain
+
+
+def is_complete(record: Mapping[str, Any] | None, config: Mapping[str, Any]) -> bool:
+    """True when ``record`` is a complete run of exactly ``config``."""
+    if not record or record.get("status") != STATUS_COMPLETE:
+        return False
+    stored = record.get("config")
+    return isinstance(stored, dict) and comparable_config(stored) == comparable_config(config)
+
+
+def clear_run_outputs(job_dir: Path) -> None:
+    """Delete what an earlier, unfinished attempt left: metrics.csv, run.json, temp files."""
+    job_dir = Path(job_dir)
+    for name in (METRICS_FILE, RUN_FILE):
+        (job_dir / name).unlink(missing_ok=True)
+    for stale in job_dir.glob(f".{RUN_FILE}.*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
+@dataclass
+class JobDecision:
+    """What a (re-)started job does: ``action`` is ``"skip"`` or ``"run"``; ``reason`` says why."""
+
+    action: str
+    reason: str
+
+
+def prepare_job_dir(job_dir: Path, config: Mapping[str, Any], rerun_complete: bool = False) -> JobDecision:
+    """Decide whether a job runs, and clear what an earlier attempt left if it does.
+
+    A complete run of the same config is skipped unless ``rerun_complete``; anything
+    else (no record; ``running``, i.e. killed; failed; diverged; a complete run of a
+    different config) is redone from scratch.
+    """
+    job_dir = Path(job_dir)
+    job_dir.mkdir(parents=True, exist_ok=True)
+    record = read_run_record(job_dir)
+    if is_complete(record, config):
+        if not rerun_complete:
+            return JobDecision("skip", "run.json says complete for this config")
+        reason = "rerun_complete=true: redoing a complete run"
+    elif record is None:
+        reason = "no earlier run" if not (job_dir / METRICS_FILE).exists() else \
+            "an earlier attempt left metrics.csv but no run.json: redoing it"
+    elif record.get("status") == STATUS_COMPLETE:
+        reason = "the complete run in this directory had a different config: redoing it"
+    else:
+        reason = f"an earlier attempt ended with status {record.get('status')!r}: redoing it"
+    clear_run_outputs(job_dir)
+    return JobDecision("run", reason)
