@@ -47,7 +47,8 @@ MEASURED_COLUMNS = ("grad_variance", "grad_bias", "grad_bias_lo", "grad_bias_hi"
                     "cos_ref", "cos_pairwise", "snr", "ref_norm", "ref_se")
 EXTRA_COLUMNS = ("return_undiscounted_mean", "episode_length_mean", "grad_norm", "critic_loss",
                  "grad_rel_variance", "grad_rel_bias", "grad_bias_sq", "grad_bias_sq_se",
-                 "bias_distinguishable", "n_estimates", "ref_exact", "ref_episodes")
+                 "bias_distinguishable", "n_estimates", "ref_exact", "ref_episodes",
+                 "zero_grad_fraction", "grad_norm_mean")
 COLUMNS = LEARNING_CURVE_COLUMNS + MEASURED_COLUMNS + EXTRA_COLUMNS
 
 COLUMN_DOCS: dict[str, str] = {
@@ -83,6 +84,8 @@ COLUMN_DOCS: dict[str, str] = {
     "n_estimates": "extra, measured rows: M, the number of batch estimates measured",
     "ref_exact": "extra, measured rows: True when g_ref is exact, False when Monte Carlo",
     "ref_episodes": "extra, measured rows: episodes the Monte Carlo reference used (0 when exact)",
+    "zero_grad_fraction": "extra, measured rows: fraction of the M batch estimates that are exactly zero (no signal)",
+    "grad_norm_mean": "extra, measured rows: mean norm of one batch estimate, mean_m ||g_m||",
 }
 
 

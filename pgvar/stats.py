@@ -243,6 +243,18 @@ def snr(G) -> float:
     return safe_ratio(float((G.mean(0) ** 2).sum()), tv)
 
 
+def zero_fraction(G) -> float:
+    """Fraction of estimates that are exactly the zero vector: batches with no gradient
+    signal at all (every weight zero, as when no episode reached a sparse reward)."""
+    G = as_matrix(G)
+    return float((G == 0).all(dim=1).double().mean())
+
+
+def mean_norm(G) -> float:
+    """mean_m ||g_m||: the typical size of one estimate (compare with ||g_ref||)."""
+    return float(as_matrix(G).norm(dim=1).mean())
+
+
 # ----------------------------------------------------------------------------- all together
 
 
@@ -266,6 +278,8 @@ class GradStats:
     ref_norm: float
     ref_se: float  # sqrt(se_ref2)
     n_estimates: int
+    zero_grad_fraction: float  # fraction of the M estimates that are exactly 0
+    grad_norm_mean: float  # mean ||g_m||
 
     def as_dict(self) -> dict[str, float | bool | int]:
         """Flat metric dict for logging, keys as the field names."""
@@ -302,4 +316,6 @@ def gradient_stats(G, g_ref, se_ref2: float = 0.0, ref_var=None) -> GradStats:
         ref_norm=ref_norm,
         ref_se=math.sqrt(float(se_ref2)),
         n_estimates=int(G.shape[0]),
+        zero_grad_fraction=zero_fraction(G),
+        grad_norm_mean=mean_norm(G),
     )

@@ -103,6 +103,13 @@ def test_gradient_stats_by_hand():
     assert gradient_stats(G_HAND, REF_HAND, se_ref2=0.25).ref_se == pytest.approx(0.5)
 
 
+def test_zero_fraction_and_mean_norm_by_hand():
+    G = [[0.0, 0.0], [3.0, 4.0], [0.0, 0.0], [0.0, 1.0]]
+    s = gradient_stats(G, [0.0, 1.0])
+    assert s.zero_grad_fraction == pytest.approx(0.5)  # rows 1 and 3 are exactly zero
+    assert s.grad_norm_mean == pytest.approx((0 + 5 + 0 + 1) / 4)
+
+
 def test_clear_bias_by_hand():
     # estimates (3, 0) and (3, 2) against g_ref = 0, M = 2: d_bar = (3, 1), trCov = 2
     # U = 10 - 2/2 = 9 = <d1, d2>; jackknife impossible with M = 2: SE = inf
@@ -117,7 +124,8 @@ def test_clear_bias_by_hand():
 def test_as_dict_keys_are_exactly_the_logged_metrics():
     keys = {"grad_variance", "grad_rel_variance", "grad_bias", "grad_bias_lo", "grad_bias_hi",
             "grad_bias_sq", "grad_bias_sq_se", "grad_rel_bias", "bias_distinguishable",
-            "grad_mse", "cos_ref", "cos_pairwise", "snr", "ref_norm", "ref_se", "n_estimates"}
+            "grad_mse", "cos_ref", "cos_pairwise", "snr", "ref_norm", "ref_se", "n_estimates",
+            "zero_grad_fraction", "grad_norm_mean"}
     s = gradient_stats(G_HAND, REF_HAND)
     assert isinstance(s, GradStats)
     assert set(s.as_dict()) == keys
