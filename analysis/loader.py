@@ -1,0 +1,304 @@
+"""Load the runs of one or many sweeps into one tidy DataFrame.
+
+A run is a Hydra job directory holding ``run.json`` and ``metrics.csv`` (written by
+``pgvar-run``); it may sit at any depth below a sweep directory. The result has one
+row per run and training iteration: the metrics, the run's identity (``run_dir``,
+``sweep``) and every config value flattened into a column (``env.name``,
+``estimator.lam``, ...), plus short aliases the analysis groups by: ``env``,
+``estimator``, ``lam``, ``seed``, ``preset``.
+
+Runs that cannot be trusted are left out and listed, with the reason, in the
+``LoadReport``: no ``run.json`` (still running, or killed), a status other than
+``complete`` (failed, diverged, running), a ``run.json`` or ``metrics.csv`` that does not
+parse, or metrics without the required columns or rows. Nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.csv"
+CURVE_COLUMNS = ["step", "env_steps", "episodes", "return_mean", "return_std", "wall_s"]
+GRADIENT_COLUMNS = ["grad_variance", "grad_bias", "grad_bias_lo", "grad_bias_hi", "grad_mse",
+                    "cos_ref", "cos_pairwise", "snr", "ref_norm", "ref_se"]
+REQUIRED_COLUMNS = ["step", "return_mean"]
+
+# Config keys that become short alias columns; the first one present wins.
+ALIASES: dict[str, list[str]] = {
+    "env": ["env.name", "env.id", "env"],
+    "estimator": ["estimator.name", "estimator"],
+    "lam": ["estimator.lam", "estimator.lambda_", "estimator.gae_lambda", "estimator.lmbda"],
+    "preset": ["preset_name", "preset.name", "preset"],
+}
+
+
+class LoadError(Exception):
+    """A path that cannot be analysed at all: missing, or holding no runs."""
+
+
+@dataclass(frozen=True)
+class SkippedRun:
+    """A run left out of the analysis, and why."""
+
+    path: Path
+    status: str  # incomplete | failed | diverged | running | unreadable
+    reason: str
+    columns: dict[str, Any] = field(default_factory=dict)  # its config columns, when readable
+
+
+@dataclass
+class LoadReport:
+    """What ``load_runs`` found: the runs it kept and the ones it left out, with reasons."""
+
+    loaded: list[Path] = field(default_factory=list)
+    skipped: list[SkippedRun] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """A human-readable account, one line per skipped run."""
+        lines = [f"loaded {len(self.loaded)} complete run(s); skipped {len(self.skipped)}"]
+        lines += [f"  skipped [{s.status}] {s.path}: {s.reason}" for s in self.skipped]
+        return "\n".join(lines)
+
+
+def load_runs(paths: Path | str | Iterable[Path | str]) -> tuple[pd.DataFrame, LoadReport]:
+    """Load every complete run below ``paths`` into one tidy DataFrame (see module doc).
+
+    Raises ``LoadError`` for a path that does not exist or that holds no run directory;
+    runs that exist but cannot be used are listed in the report, not raised.
+    """
+    roots = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+    if not roots:
+        raise LoadError("no sweep directory given")
+    report = LoadReport()
+    frames, config_keys, seen = [], {}, set()
+    for root in roots:
+        for run_dir in find_run_dirs(root):
+            if run_dir.resolve() in seen:  # the same run reached through two given paths
+                continue
+            seen.add(run_dir.resolve())
+            frame = _load_one(run_dir, root, report)
+            if frame is not None:
+                frames.append(frame)
+                config_keys.update(dict.fromkeys(frame.attrs.get("config_columns", [])))
+    if not frames:
+        return _empty_frame(), report
+    df = _tidy(pd.concat(frames, ignore_index=True, sort=False))
+    df.attrs["config_columns"] = [c for c in config_keys if c in df.columns]
+    return df, report
+
+
+def find_run_dirs(root: Path) -> list[Path]:
+    """Every job directory below ``root`` (itself included), sorted naturally.
+
+    A job directory is one holding ``run.json``, ``metrics.csv`` or Hydra's ``.hydra``
+    folder, so a job killed before writing anything still shows up as incomplete.
+    """
+    if not root.exists():
+        raise LoadError(f"path does not exist: {root}")
+    if not root.is_dir():
+        raise LoadError(f"not a directory: {root}")
+    markers = {RUN_FILE, METRICS_FILE, ".hydra"}
+    found = {p.parent for name in markers for p in root.rglob(name)}
+    found = {d for d in found if ".hydra" not in d.parts}
+    if not found:
+        raise LoadError(f"no runs found in {root}: expected job directories holding "
+                        f"{RUN_FILE} and {METRICS_FILE} (the output of pgvar-run)")
+    return sorted(found, key=_natural_key)
+
+
+def _natural_key(path: Path) -> list[tuple[int, Any]]:
+    """Sort key that puts job 10 (or ``seed=10``) after job 9."""
+    return [(0, int(tok)) if tok.isdigit() else (1, tok)
+            for part in path.parts for tok in re.split(r"(\d+)", part) if tok]
+
+
+def _load_one(run_dir: Path, root: Path, report: LoadReport) -> pd.DataFrame | None:
+    """The metrics of one run with its config columns, or None (and a report entry)."""
+    columns: dict[str, Any] = {}
+
+    def skip(status: str, reason: str) -> None:
+        report.skipped.append(SkippedRun(run_dir, status, reason, columns))
+
+    run_file = run_dir / RUN_FILE
+    if not run_file.exists():
+        skip("incomplete", f"no {RUN_FILE}: the run is still going or was killed")
+        return None
+    try:
+        info = json.loads(run_file.read_text())
+    except (ValueError, OSError) as err:
+        skip("unreadable", f"{RUN_FILE} is not valid JSON ({err})")
+        return None
+    if not isinstance(info, dict):
+        skip("unreadable", f"{RUN_FILE} does not hold a JSON object")
+        return None
+    columns.update(run_columns(info, run_dir, root))
+    status = str(info.get("status", "missing"))
+    if status != "complete":
+        error = info.get("error") or "no error message"
+        skip(status if status in ("failed", "diverged", "running") else "incomplete",
+             f"status '{status}': {error}")
+        return None
+    metrics = _read_metrics(run_dir, skip)
+    if metrics is None:
+        return None
+    metrics = metrics.assign(**{k: [v] * len(metrics) for k, v in columns.items()})
+    config = info.get("config")
+    metrics.attrs["config_columns"] = list(flatten_config(config)) if isinstance(config, Mapping) else []
+    report.loaded.append(run_dir)
+    return metrics
+
+
+def _read_metrics(run_dir: Path, skip) -> pd.DataFrame | None:
+    """metrics.csv as numbers, or None after reporting why it cannot be used."""
+    path = run_dir / METRICS_FILE
+    if not path.exists():
+        skip("unreadable", f"status complete but no {METRICS_FILE}")
+        return None
+    try:
+        metrics = pd.read_csv(path)
+    except (ValueError, OSError, pd.errors.ParserError) as err:
+        skip("unreadable", f"{METRICS_FILE} does not parse ({str(err).strip()})")
+        return None
+    missing = [c for c in REQUIRED_COLUMNS if c not in metrics.columns]
+    if missing:
+        skip("unreadable", f"{METRICS_FILE} lacks column(s) {missing}")
+        return None
+    if metrics.empty:
+        skip("unreadable", f"{METRICS_FILE} has no rows")
+        return None
+    numeric = metrics.apply(_to_number)
+    bad = [c for c in metrics.columns
+           if metrics[c].notna().sum() > numeric[c].notna().sum()]
+    if bad:
+        skip("unreadable", f"{METRICS_FILE} has non-numeric values in {bad}")
+        return None
+    return numeric
+
+
+_BOOLEAN_WORDS = {"true": 1.0, "false": 0.0}
+
+
+def _to_number(column: pd.Series) -> pd.Series:
+    """A metrics column as floats; ``True``/``False`` (a verdict column) become 1/0."""
+    if column.dtype == bool:
+        return column.astype(float)
+    if column.dtype == object or pd.api.types.is_string_dtype(column):
+        words = column.map(lambda v: _BOOLEAN_WORDS.get(v.strip().lower(), v) if isinstance(v, str) else v)
+        return pd.to_numeric(words, errors="coerce")
+    return pd.to_numeric(column, errors="coerce")
+
+
+def run_columns(info: Mapping[str, Any], run_dir: Path, root: Path) -> dict[str, Any]:
+    """Per-run columns: identity, flattened config, aliases, seed and elapsed time."""
+    config = info.get("config") or {}
+    flat = flatten_config(config) if isinstance(config, Mapping) else {}
+    cols: dict[str, Any] = {
+        "run_dir": str(run_dir),
+        "sweep": str(root),
+        "run_id": str(run_dir.relative_to(root)) if run_dir != root else run_dir.name,
+    }
+    cols.update(flat)
+    for alias, keys in ALIASES.items():
+        cols[alias] = next((flat[k] for k in keys if k in flat), cols.get(alias))
+    seed = info.get("seed", flat.get("seed"))
+    cols["seed"] = seed
+    cols["elapsed_s"] = info.get("elapsed_s")
+    return cols
+
+
+def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts to dotted keys: ``{'env': {'name': 'x'}} -> {'env.name': 'x'}``.
+
+    Lists are kept as JSON strings so the column stays one scalar type.
+    """
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_config(value, prefix=name + "."))
+        elif isinstance(value, (list, tuple)):
+            flat[name] = json.dumps(value)
+        else:
+            flat[name] = value
+    return flat
+
+
+def _tidy(df: pd.DataFrame) -> pd.DataFrame:
+    """Column order (identity, config, metrics), stable types, derived bias columns."""
+    df = add_derived_columns(df)
+    df = _unify_object_columns(df)
+    lead = ["sweep", "run_id", "env", "estimator", "lam", "seed", "preset"]
+    metric_cols = [c for c in CURVE_COLUMNS + GRADIENT_COLUMNS if c in df.columns]
+    rest = [c for c in df.columns if c not in lead and c not in metric_cols]
+    order = [c for c in lead if c in df.columns] + metric_cols + rest
+    return df[order].sort_values(["sweep", "run_id", "step"], kind="stable").reset_index(drop=True)
+
+
+def add_derived_columns(df: pd.DataFrame) -> pd.DataFrame:
+    """Add the unbiased squared-bias estimate and relative quantities when not logged.
+
+    With M estimates, ``grad_mse = (M-1)/M trCov_hat + ||g_bar - g_ref||^2`` and
+    ``E||g_bar - g_ref||^2 = ||bias||^2 + trCov/M + SE_ref^2``, so
+    ``grad_mse - grad_variance - ref_se^2`` is an unbiased (possibly negative) estimate
+    of the squared bias, whatever M is. Averaging it across seeds, rather than the
+    clipped norm, keeps an unbiased estimator's average at zero.
+    """
+    df = df.copy()
+    if "grad_bias_sq" not in df.columns and {"grad_mse", "grad_variance"} <= set(df.columns):
+        ref_se = df["ref_se"].fillna(0.0) if "ref_se" in df.columns else 0.0
+        df["grad_bias_sq"] = df["grad_mse"] - df["grad_variance"] - ref_se ** 2
+    if "ref_norm" in df.columns:
+        ref_sq = df["ref_norm"] ** 2
+        ref_sq = ref_sq.where(ref_sq > 0)
+        if "grad_rel_variance" not in df.columns and "grad_variance" in df.columns:
+            df["grad_rel_variance"] = df["grad_variance"] / ref_sq
+        if "grad_rel_bias_sq" not in df.columns and "grad_bias_sq" in df.columns:
+            df["grad_rel_bias_sq"] = df["grad_bias_sq"] / ref_sq
+    return df
+
+
+def _unify_object_columns(df: pd.DataFrame) -> pd.DataFrame:
+    """Config columns with mixed types (e.g. int in one run, str in another) become
+    strings, so the frame can be written to parquet; missing stays missing."""
+    for col in df.columns:
+        if df[col].dtype != object:
+            continue
+        kinds = {type(v) for v in df[col] if not _is_missing(v)}
+        if len(kinds) > 1 and not kinds <= {int, float, bool}:
+            df[col] = df[col].map(lambda v: None if _is_missing(v) else str(v))
+        elif kinds <= {int, float} and kinds:
+            df[col] = pd.to_numeric(df[col])
+    return df
+
+
+def _is_missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _empty_frame() -> pd.DataFrame:
+    return pd.DataFrame(columns=["sweep", "run_id", "env", "estimator", "seed"] + CURVE_COLUMNS)
+
+
+def save_runs(df: pd.DataFrame, out_dir: Path) -> Path:
+    """Write the tidy frame to ``out_dir/runs.parquet`` and return the path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "runs.parquet"
+    df.to_parquet(path, index=False)
+    return path
+
+
+def measured_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows of measured iterations (where the gradient statistics are not empty)."""
+    if "grad_variance" not in df.columns:
+        return df.iloc[0:0]
+    return df[np.isfinite(df["grad_variance"].to_numpy(dtype=float))]

@@ -1,0 +1,317 @@
+"""``pgvar-reproduce NAME [--preset smoke|quick|full] [--out DIR]``: one experiment, end to end.
+
+An experiment is a folder ``experiments/NAME/`` with a ``README.md`` (the claim, the
+command, the last results) and a ``sweep.yaml``::
+
+    description: one line saying what the experiment measures
+    analysis:
+      steps: all            # pgvar-analyze --steps for this experiment
+    presets:
+      quick:                # one entry per preset: smoke, quick, full
+        tabular:            # a named sweep: the overrides of one `pgvar-run -m` call
+          - env=tabular
+          - estimator=reinforce,gae
+          - seed=range(8)
+        cartpole: [...]
+
+Each sweep runs as ``pgvar-run -m <overrides> preset=<preset> hydra/launcher=joblib
+hydra.sweep.dir=OUT/runs/<sweep>`` in a subprocess (its log in ``OUT/logs/<sweep>.log``);
+while it runs, a line is printed each time one of its jobs ends. Then the analysis
+(``analysis.pipeline.analyze``) of ``OUT/runs`` writes the table and figures into
+``OUT``, ``OUT/reproduce.json`` records what ran and how long it took, and the last
+line printed is the path of the table. Re-running into the same OUT skips the runs
+that are already complete (pgvar-run's own rule).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PRESETS = ("smoke", "quick", "full")
+SPEC_FILE = "sweep.yaml"
+POLL_S = 0.5
+FINAL_STATUSES = ("complete", "failed", "diverged")
+
+
+# ----------------------------------------------------------------------------- specs
+
+
+@dataclass
+class ExperimentSpec:
+    """An experiment's sweeps for one preset, and how to analyse them."""
+
+    name: str
+    folder: Path
+    preset: str
+    sweeps: dict[str, list[str]]
+    steps: str = "all"
+    description: str = ""
+
+
+def experiments_dir() -> Path:
+    """``$PGVAR_EXPERIMENTS_DIR``, else ``experiments/`` next to the package (repo root)."""
+    env_dir = os.environ.get("PGVAR_EXPERIMENTS_DIR")
+    if env_dir:
+        return Path(env_dir)
+    return Path(__file__).resolve().parent.parent / "experiments"
+
+
+def available_experiments(root: Path) -> list[str]:
+    """The folder names under ``root`` that hold a sweep.yaml."""
+    return sorted(p.parent.name for p in root.glob(f"*/{SPEC_FILE}")) if root.is_dir() else []
+
+
+def load_spec(name: str, preset: str, root: Path | None = None) -> ExperimentSpec:
+    """Read ``root/name/sweep.yaml`` and pick the preset; clear errors for bad names."""
+    root = root or experiments_dir()
+    path = root / name / SPEC_FILE
+    if not path.exists():
+        known = ", ".join(available_experiments(root)) or "none"
+        raise SystemExit(f"pgvar-reproduce: no experiment {name!r} (no {path}); available: {known}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    presets = raw.get("presets") or {}
+    if preset not in presets:
+        raise SystemExit(f"pgvar-reproduce: experiment {name!r} has no preset {preset!r}; "
+                         f"it has: {', '.join(presets) or 'none'}")
+    sweeps = {str(k): [str(o) for o in v] for k, v in (presets[preset] or {}).items()}
+    if not sweeps:
+        raise SystemExit(f"pgvar-reproduce: preset {preset!r} of {name!r} lists no sweep")
+    analysis = raw.get("analysis") or {}
+    return ExperimentSpec(name=name, folder=path.parent, preset=preset, sweeps=sweeps,
+                          steps=str(analysis.get("steps", "all")),
+                          description=str(raw.get("description", "")))
+
+
+def count_jobs(overrides: list[str]) -> int | None:
+    """How many jobs ``pgvar-run -m`` makes of these overrides (Hydra's own expansion);
+    None when they do not parse here (pgvar-run then reports the error itself)."""
+    try:
+        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        return len(BasicSweeper.split_arguments(parsed, None)[0])
+    except Exception:  # noqa: BLE001 - only a progress denominator
+        return None
+
+
+def sweep_command(overrides: list[str], preset: str, sweep_dir: Path, n_jobs: int) -> list[str]:
+    """The ``pgvar-run -m`` command line of one sweep."""
+    return [*_pgvar_run(), "-m", *overrides, f"preset={preset}", "hydra/launcher=joblib",
+            f"hydra.launcher.n_jobs={n_jobs}", f"hydra.sweep.dir={sweep_dir.resolve()}"]
+
+
+def _pgvar_run() -> list[str]:
+    """``pgvar-run`` next to this Python when installed, else ``python -m pgvar``."""
+    script = Path(sys.executable).with_name("pgvar-run")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "pgvar"]
+
+
+# ----------------------------------------------------------------------------- running
+
+
+@dataclass
+class SweepOutcome:
+    """How one sweep went: exit status, job counts by final status, seconds."""
+
+    name: str
+    returncode: int
+    seconds: float
+    statuses: dict[str, int] = field(default_factory=dict)
+    log: str = ""
+    already_finished: int = 0
+
+
+def finished_jobs(sweep_dir: Path) -> dict[Path, str]:
+    """Job directories under ``sweep_dir`` whose run.json holds a final status."""
+    done = {}
+    for run_file in sweep_dir.rglob("run.json"):
+        try:
+            status = json.loads(run_file.read_text()).get("status")
+        except (ValueError, OSError):
+            continue  # being written (pgvar-run writes atomically, so rarely seen)
+        if status in FINAL_STATUSES:
+            done[run_file.parent] = status
+    return done
+
+
+def run_sweep(name: str, overrides: list[str], spec: ExperimentSpec, out: Path, n_jobs: int,
+              offset: int, total: int | None) -> SweepOutcome:
+    """Run one sweep in a subprocess, printing a line whenever one of its jobs ends."""
+    sweep_dir = out / "runs" / name
+    log_path = out / "logs" / f"{name}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    cmd = sweep_command(overrides, spec.preset, sweep_dir, n_jobs)
+    print(f"[{name}] {' '.join(cmd[1:])}", flush=True)
+    started = time.perf_counter()
+    seen = finished_jobs(sweep_dir)
+    already = len(seen)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        while True:
+            rc = proc.poll()
+            seen = _report_new(sweep_dir, seen, name, offset, total, started)
+            if rc is not None:
+                break
+            time.sleep(POLL_S)
+    seen = _report_new(sweep_dir, seen, name, offset, total, started)
+    statuses: dict[str, int] = {}
+    for status in seen.values():
+        statuses[status] = statuses.get(status, 0) + 1
+    if already:
+        print(f"[{name}] {already} job(s) were already finished in {sweep_dir}", flush=True)
+    return SweepOutcome(name, rc, time.perf_counter() - started, statuses, str(log_path), already)
+
+
+def _report_new(sweep_dir: Path, seen: dict[Path, str], name: str, offset: int,
+                total: int | None, started: float) -> dict[Path, str]:
+    """Print one progress line per job that ended since the last look."""
+    now = finished_jobs(sweep_dir)
+    for job in sorted(set(now) - set(seen), key=str):
+        done = offset + len(seen) + 1
+        seen = {**seen, job: now[job]}
+        of = f"/{total}" if total else ""
+        print(f"  [{done}{of}] {name}/{job.name}: {now[job]} "
+              f"({time.perf_counter() - started:.0f}s into the sweep)", flush=True)
+    return now
+
+
+def tail(path: str, n: int = 30) -> str:
+    """The last ``n`` lines of a log file."""
+    try:
+        return "".join(Path(path).read_text(errors="replace").splitlines(keepends=True)[-n:])
+    except OSError:
+        return ""
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="pgvar-reproduce",
+        description="Run a named experiment from experiments/NAME (its sweeps through "
+                    "pgvar-run with the joblib launcher), then its analysis; prints the "
+                    "path of the table it wrote.")
+    parser.add_argument("name", help="experiment folder under experiments/, e.g. table")
+    parser.add_argument("--preset", choices=PRESETS, default="quick",
+                        help="smoke: seconds, for tests; quick: minutes on 2 cores; "
+                             "full: the published result (default: quick)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output directory (default: results/NAME-PRESET)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="parallel jobs for the joblib launcher (default: all cores)")
+    parser.add_argument("--no-figures", action="store_true", help="skip the figures")
+    parser.add_argument("--publish", action="store_true",
+                        help="also copy the table, figures (PNG) and run record into "
+                             "experiments/NAME/results/PRESET/ (what the README shows)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run every sweep of the experiment's preset, then analyse; see the module doc."""
+    args = parse_args(argv)
+    spec = load_spec(args.name, args.preset)
+    out = args.out or Path("results") / f"{spec.name}-{spec.preset}"
+    out.mkdir(parents=True, exist_ok=True)
+    totals = {name: count_jobs(overrides) for name, overrides in spec.sweeps.items()}
+    total = sum(totals.values()) if None not in totals.values() else None
+    print(f"pgvar-reproduce {spec.name} --preset {spec.preset}: {len(spec.sweeps)} sweep(s), "
+          f"{total if total is not None else '?'} run(s), {args.jobs} parallel job(s), into {out}",
+          flush=True)
+    started = time.perf_counter()
+    outcomes, offset = [], 0
+    for name, overrides in spec.sweeps.items():
+        outcome = run_sweep(name, overrides, spec, out, args.jobs, offset, total)
+        outcomes.append(outcome)
+        offset += sum(outcome.statuses.values())
+        print(f"[{name}] done in {outcome.seconds:.0f}s: {outcome.statuses or 'no run finished'}",
+              flush=True)
+        if outcome.returncode == 2:
+            print(f"pgvar-reproduce: pgvar-run refused sweep {name!r}:\n{tail(outcome.log)}",
+                  file=sys.stderr)
+            return 2
+        if outcome.returncode != 0:
+            print(f"pgvar-reproduce: sweep {name!r} exited {outcome.returncode}; the analysis "
+                  f"reports which runs failed. Log tail ({outcome.log}):\n{tail(outcome.log, 15)}",
+                  file=sys.stderr)
+    sweeps_s = time.perf_counter() - started
+    code = _analyse(spec, out, args.no_figures)
+    _write_record(spec, out, outcomes, sweeps_s, time.perf_counter() - started, argv)
+    if code:
+        return code
+    if args.publish:
+        print(f"published into {publish(out, spec)}")
+    failed = any(o.returncode != 0 for o in outcomes)
+    print(f"total {time.perf_counter() - started:.0f}s (sweeps {sweeps_s:.0f}s)")
+    print(out / "table.md")
+    return 1 if failed else 0
+
+
+def _analyse(spec: ExperimentSpec, out: Path, no_figures: bool) -> int:
+    """Run the analysis of ``out/runs`` into ``out``; 2 when there is nothing to analyse."""
+    from analysis.loader import LoadError
+    from analysis.pipeline import analyze
+
+    print(f"analysing {out / 'runs'} (table steps: {spec.steps})", flush=True)
+    try:
+        result = analyze([out / "runs"], out, steps=spec.steps, figures=not no_figures)
+    except LoadError as err:
+        print(f"pgvar-reproduce: error: {err}", file=sys.stderr)
+        return 2
+    print(result.report.summary())
+    print(f"wrote {len(result.files)} data files and {len(result.figures)} figure files into {out}")
+    return 0
+
+
+PUBLISHED_FILES = ("table.md", "table.csv", "table.tex", "returns_iqm.csv", "reproduce.json",
+                   "skipped_runs.csv")
+
+
+def publish(out: Path, spec: ExperimentSpec) -> Path:
+    """Copy the small result files and the PNG figures into the experiment's folder,
+    ``experiments/NAME/results/PRESET/``, replacing the previous ones."""
+    target = spec.folder / "results" / spec.preset
+    if target.exists():
+        shutil.rmtree(target)
+    (target / "figures").mkdir(parents=True)
+    for name in PUBLISHED_FILES:
+        if (out / name).exists():
+            shutil.copy2(out / name, target / name)
+    for png in sorted((out / "figures").glob("*.png")):
+        shutil.copy2(png, target / "figures" / png.name)
+    return target
+
+
+def _write_record(spec: ExperimentSpec, out: Path, outcomes: list[SweepOutcome],
+                  sweeps_s: float, total_s: float, argv: list[str] | None) -> None:
+    """``OUT/reproduce.json``: what ran, its outcome and timings, on what machine."""
+    record: dict[str, Any] = {
+        "experiment": spec.name, "preset": spec.preset, "steps": spec.steps,
+        "argv": ["pgvar-reproduce", *(argv if argv is not None else sys.argv[1:])],
+        "sweeps": {o.name: {"overrides": spec.sweeps[o.name], "returncode": o.returncode,
+                            "seconds": round(o.seconds, 1), "statuses": o.statuses,
+                            "already_finished_before_this_call": o.already_finished}
+                   for o in outcomes},
+        "sweeps_s": round(sweeps_s, 1), "total_s": round(total_s, 1),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "python": platform.python_version()},
+    }
+    (out / "reproduce.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

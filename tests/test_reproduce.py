@@ -1,0 +1,140 @@
+"""pgvar-reproduce: experiment specs, and the table experiment end to end at the smoke preset."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pgvar import reproduce as rp
+
+REPO = Path(__file__).resolve().parent.parent
+EXPERIMENTS = REPO / "experiments"
+TABLE_ROWS = {"reinforce", "reinforce_rtg", "mean_baseline", "rloo", "value_baseline",
+              "actor_critic", "gae", "ppo"}
+
+
+def _pgvar_reproduce() -> list[str]:
+    script = Path(sys.executable).with_name("pgvar-reproduce")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "pgvar.reproduce"]
+
+
+def _require_pgvar_run() -> None:
+    if shutil.which("pgvar-run") is None and not Path(sys.executable).with_name("pgvar-run").exists():
+        pytest.skip("pgvar-run is not installed")
+
+
+def test_unknown_experiment_and_preset_are_refused(tmp_path):
+    with pytest.raises(SystemExit, match="no experiment 'nope'.*available: .*table"):
+        rp.load_spec("nope", "quick", EXPERIMENTS)
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "sweep.yaml").write_text("presets:\n  quick:\n    a: [env=tabular]\n")
+    with pytest.raises(SystemExit, match="no preset 'full'.*it has: quick"):
+        rp.load_spec("x", "full", tmp_path)
+
+
+def test_count_jobs_expands_like_hydra():
+    assert rp.count_jobs(["estimator=a,b,c", "seed=range(4)", "env=tabular"]) == 12
+    assert rp.count_jobs(["estimator=gae", "estimator.lam=0.5,1.0"]) == 2
+
+
+def test_table_spec_has_every_preset_and_the_eight_rows():
+    for preset in rp.PRESETS:
+        spec = rp.load_spec("table", preset, EXPERIMENTS)
+        assert spec.steps in ("first", "last", "all")
+        estimators = set()
+        for overrides in spec.sweeps.values():
+            assert rp.count_jobs(overrides)
+            for o in overrides:
+                if o.startswith("estimator="):
+                    estimators |= set(o.split("=", 1)[1].split(","))
+        assert TABLE_ROWS <= estimators, (preset, estimators)
+
+
+def _jobs(overrides: list[str]) -> list[list[str]]:
+    """Every job of a sweep, as Hydra's basic sweeper expands it."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(overrides), None)[0]
+
+
+@pytest.mark.parametrize("preset", rp.PRESETS)
+def test_table_sweeps_pass_pgvar_runs_validation(preset):
+    """Every job of every preset (one seed each) composes from conf/ and validates."""
+    config = pytest.importorskip("pgvar.config")
+    from hydra import compose, initialize_config_dir
+
+    config.register_configs()
+    config.register_resolvers()
+    spec = rp.load_spec("table", preset, EXPERIMENTS)
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        for overrides in spec.sweeps.values():
+            one_seed = [o for o in overrides if not o.startswith("seed=")] + ["seed=0"]
+            for job in _jobs([*one_seed, f"preset={preset}"]):
+                config.validate_config(compose(config_name="config", overrides=list(job)))
+
+
+def test_sweep_command_uses_joblib_and_the_sweep_dir(tmp_path):
+    cmd = rp.sweep_command(["env=tabular"], "smoke", tmp_path / "runs" / "a", 2)
+    assert "-m" in cmd and "preset=smoke" in cmd and "hydra/launcher=joblib" in cmd
+    assert f"hydra.sweep.dir={(tmp_path / 'runs' / 'a').resolve()}" in cmd
+
+
+def test_reproduce_table_smoke_end_to_end(tmp_path):
+    """`pgvar-reproduce table --preset smoke` writes the runs, the table, the figures and
+    its record, reports progress, and ends with the table's path."""
+    _require_pgvar_run()
+    out = tmp_path / "out"
+    started = time.perf_counter()
+    proc = subprocess.run([*_pgvar_reproduce(), "table", "--preset", "smoke", "--out", str(out)],
+                          check=False, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    elapsed = time.perf_counter() - started
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-1] == str(out / "table.md")
+    assert any("[16/16]" in line for line in lines)  # one progress line per finished run
+
+    for name in ["runs.parquet", "table.md", "table.csv", "table.tex", "learning_curves.csv",
+                 "gradient_stats_by_step.csv", "returns_iqm.csv", "skipped_runs.csv",
+                 "reproduce.json", "logs/tabular.log"]:
+        assert (out / name).stat().st_size > 0, name
+    for fig in ["learning_curves", "gradient_stats", "bias_variance"]:
+        for ext in ("png", "pdf"):
+            assert (out / "figures" / f"{fig}.{ext}").stat().st_size > 5000, (fig, ext)
+
+    table = pd.read_csv(out / "table.csv")
+    assert set(table["estimator"]) == TABLE_ROWS and (table["n_runs"] == 2).all()
+    assert table["variance"].gt(0).all() and table["agreement"].notna().all()
+    runs = pd.read_parquet(out / "runs.parquet")
+    assert runs["run_dir"].nunique() == 16 and set(runs["env"]) == {"tabular"}
+    assert "Vanilla REINFORCE" in (out / "table.md").read_text()
+    record = json.loads((out / "reproduce.json").read_text())
+    assert record["preset"] == "smoke" and record["sweeps"]["tabular"]["statuses"] == {"complete": 16}
+    assert elapsed < 120, f"smoke preset took {elapsed:.0f}s"
+
+    # a second call finds every run complete and only redoes the analysis
+    again = subprocess.run([*_pgvar_reproduce(), "table", "--preset", "smoke", "--out", str(out),
+                            "--no-figures"], check=False, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "16 job(s) were already finished" in again.stdout
+
+
+def test_a_sweep_that_pgvar_run_refuses_stops_with_its_message(tmp_path):
+    _require_pgvar_run()
+    (tmp_path / "exp" / "bad").mkdir(parents=True)
+    (tmp_path / "exp" / "bad" / "sweep.yaml").write_text(
+        "presets:\n  smoke:\n    only:\n      - env=tabular\n      - estimator=no_such_estimator\n")
+    proc = subprocess.run([*_pgvar_reproduce(), "bad", "--preset", "smoke", "--out", str(tmp_path / "o")],
+                          check=False, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "PGVAR_EXPERIMENTS_DIR": str(tmp_path / "exp")})
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "refused" in proc.stderr and "no_such_estimator" in proc.stderr
+    assert not (tmp_path / "o" / "table.md").exists()
