@@ -250,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
     sweeps_s = time.perf_counter() - started
     code = _analyse(spec, out, args.no_figures)
+    if code == 0:
+        code = run_experiment_analysis(spec, out)
     _write_record(spec, out, outcomes, sweeps_s, time.perf_counter() - started, argv)
     if code:
         return code
@@ -257,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"published into {publish(out, spec)}")
     failed = any(o.returncode != 0 for o in outcomes)
     print(f"total {time.perf_counter() - started:.0f}s (sweeps {sweeps_s:.0f}s)")
+    if (out / "result.md").exists():
+        print(f"experiment result: {out / 'result.md'}")
     print(out / "table.md")
     return 1 if failed else 0
 
@@ -277,8 +281,47 @@ def _analyse(spec: ExperimentSpec, out: Path, no_figures: bool) -> int:
     return 0
 
 
+EXPERIMENT_ANALYSIS = "analyze.py"
+
+
+def load_experiment_analysis(folder: Path):
+    """The ``analyze(frame, out, preset) -> str`` function of ``folder/analyze.py``, or None.
+
+    Experiments whose claim needs more than the comparison table (a fit, a verdict) keep
+    that analysis beside their sweep; it is loaded by file path, so ``experiments/`` need
+    not be a package.
+    """
+    import importlib.util
+
+    path = folder / EXPERIMENT_ANALYSIS
+    if not path.exists():
+        return None
+    module_spec = importlib.util.spec_from_file_location(f"pgvar_experiment_{folder.name}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not callable(getattr(module, "analyze", None)):
+        raise SystemExit(f"pgvar-reproduce: {path} defines no analyze(frame, out, preset)")
+    return module.analyze
+
+
+def run_experiment_analysis(spec: ExperimentSpec, out: Path) -> int:
+    """Run the experiment's own analysis on the complete runs; it writes result.md."""
+    from analysis.loader import load_runs
+
+    analyze_fn = load_experiment_analysis(spec.folder)
+    if analyze_fn is None:
+        return 0
+    frame, _ = load_runs([out / "runs"])
+    print(f"experiment analysis: {spec.folder / EXPERIMENT_ANALYSIS}", flush=True)
+    summary = analyze_fn(frame, out, spec.preset)
+    verdicts = [line for line in str(summary).splitlines() if "Verdict" in line]
+    for line in verdicts:
+        print(line, flush=True)
+    return 0
+
+
 PUBLISHED_FILES = ("table.md", "table.csv", "table.tex", "returns_iqm.csv", "reproduce.json",
-                   "skipped_runs.csv")
+                   "skipped_runs.csv", "result.md", "result.csv")
 
 
 def publish(out: Path, spec: ExperimentSpec) -> Path:
