@@ -267,7 +267,7 @@ def plot_gae_lambda(table: pd.DataFrame, out_dir: Path, estimator: str = "gae") 
         _log_axis(ax_var, "y", scale_values)
     for ax in (ax_bias, ax_var):
         ax.set_xlabel("GAE λ")
-        ax.legend(frameon=False)
+    _legend_below(fig, [ax_bias, ax_var], [*envs, *(f"{e}: vanilla REINFORCE" for e in envs)])
     ax_bias.set_title("GAE bias against λ (95% CI)")
     ax_var.set_title("GAE variance against λ (95% CI)")
     fig.tight_layout()

@@ -118,7 +118,7 @@ def test_reproduce_table_smoke_end_to_end(tmp_path):
     assert "Vanilla REINFORCE" in (out / "table.md").read_text()
     record = json.loads((out / "reproduce.json").read_text())
     assert record["preset"] == "smoke" and record["sweeps"]["tabular"]["statuses"] == {"complete": 16}
-    assert elapsed < 120, f"smoke preset took {elapsed:.0f}s"
+    assert elapsed < 180, f"smoke preset took {elapsed:.0f}s"
 
     # a second call finds every run complete and only redoes the analysis
     again = subprocess.run([*_pgvar_reproduce(), "table", "--preset", "smoke", "--out", str(out),
