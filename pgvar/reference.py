@@ -30,7 +30,7 @@ from torch import nn
 
 from pgvar.envs.base import is_exact
 from pgvar.estimators import ESTIMATORS, EstimatorConfig, estimate_gradients, get_estimator
-from pgvar.rollout import rollout
+from pgvar.rollout import rollout, rollout_chunks
 
 DEFAULT_MC_EPISODES = 10_000
 DEFAULT_CONFIG = EstimatorConfig()  # frozen, so one shared default is safe
@@ -119,12 +119,16 @@ class RunningMoments:
     m2: torch.Tensor | None = None
 
     def update(self, rows: torch.Tensor) -> None:
-        rows = rows.detach().to(torch.float64).cpu()
+        rows = rows.detach()
         n_b = rows.shape[0]
         if n_b == 0:
             return
-        mean_b = rows.mean(0)
-        m2_b = ((rows - mean_b) ** 2).sum(0)
+        # the block's own moments in its dtype and device (two passes, no float64 copy
+        # of the block: a [n_b, P] conversion costs more than computing the gradients);
+        # deviations from the block's own mean keep float32 accurate. Merged in float64.
+        block_mean = rows.mean(0)
+        m2_b = (rows - block_mean).square_().sum(0).to(torch.float64).cpu()
+        mean_b = block_mean.to(torch.float64).cpu()
         if self.n == 0:
             self.n, self.mean, self.m2 = n_b, mean_b, m2_b
             return
@@ -188,7 +192,8 @@ def monte_carlo_reference(env, policy: nn.Module, n_episodes: int | None = None,
                           estimator: str = "reinforce_rtg", critic: nn.Module | None = None,
                           batch_size: int = 4, chunk_episodes: int = 2048,
                           target_rel_se: float | None = None, min_estimates: int = 64,
-                          cfg: EstimatorConfig = DEFAULT_CONFIG, chunk: int = 64) -> Reference:
+                          cfg: EstimatorConfig = DEFAULT_CONFIG, chunk: int = 64,
+                          prefetch: bool = True) -> Reference:
     """Average of ``estimator`` over sub-batches of ``batch_size`` episodes, with its se2.
 
     Budget: stop once ``n_episodes`` episodes or ``n_pairs`` state-action pairs are used
@@ -208,13 +213,19 @@ def monte_carlo_reference(env, policy: nn.Module, n_episodes: int | None = None,
     if target_rel_se is not None and not target_rel_se > 0:
         raise ValueError(f"target_rel_se must be > 0 or None, got {target_rel_se}")
 
+    def schedule():  # (episodes, seed) of chunk 0, 1, ...: whole sub-batches, within budget
+        done, index = 0, 0
+        while done < max_episodes:
+            n_sub = max(1, int(min(chunk_episodes, max_episodes - done) // batch_size))
+            yield n_sub * batch_size, chunk_seed(seed, index)
+            done, index = done + n_sub * batch_size, index + 1
+
     grads, returns = RunningMoments(), RunningMoments()
     used_episodes = used_pairs = index = 0
     stopped_early = False
-    while used_episodes < max_episodes and used_pairs < max_pairs:
-        left = max_episodes - used_episodes
-        n_sub = max(1, int(min(chunk_episodes, left) // batch_size))
-        batch = rollout(env, policy, n_sub * batch_size, chunk_seed(seed, index))
+    # the next chunk is rolled out in a background thread while this one is reduced
+    for batch in rollout_chunks(env, policy, schedule(), prefetch=prefetch, max_pairs=max_pairs):
+        n_sub = batch.n_episodes // batch_size
         grads.update(estimate_gradients(estimator, env, policy, batch, n_sub, critic, cfg, chunk))
         returns.update(batch.episode_returns(float(env.gamma)).unsqueeze(1))
         used_episodes += batch.n_episodes
