@@ -1,0 +1,550 @@
+"""Variance and bias against the batch size B.
+
+``analyze(frame, out, preset)`` is called by ``pgvar-reproduce batch_size`` with the runs
+of ``sweep.yaml``: one measurement per run (M batch estimates of B episodes at a random
+initial policy, exact reference gradient) for ``reinforce_rtg``, ``rloo`` and
+``mean_baseline`` at several B. A *replicate* is one (env, instance = ``env.seed``, run
+seed): the same problem and policy measured at every B.
+
+Variance: per replicate and estimator, ordinary least squares of log tr Cov on log B
+gives an exponent k; the exponents are averaged across replicates with a percentile
+bootstrap interval (``analysis.stats.mean_ci``). For a mean of B i.i.d. episode terms
+(reward-to-go) Var = sigma^2 / B exactly, k = -1. RLOO is a U-statistic of order 2,
+``g = (1/(B(B-1))) sum_{i != j} (G_i - G_j) s_i``, whose variance is
+``(4 (B-2) zeta_1 + 2 zeta_2) / (B (B-1))`` with ``zeta_2 >= 2 zeta_1``: 1/B plus a
+1/B^2 excess at small B, so its k may be slightly below -1. The normalised variance
+``B Var(B) / (B_max Var(B_max))`` (1 everywhere under an exact 1/B law) shows where.
+
+Bias: per (env, estimator, B), the de-noised relative squared bias ``U / ||grad J||^2``
+averaged across replicates with ``analysis.table.squared_bias_interval``. The batch mean
+baseline includes each episode's own return, so ``g_mean = (1 - 1/B) g_rloo`` batch by
+batch and ``E g_mean = (1 - 1/B) grad J``: its relative bias is exactly 1/B, while RLOO's
+is 0. The variance ratio Var(mean)/Var(rloo) must then be exactly (1 - 1/B)^2, a check
+of the harness that the table reports too.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from analysis.figures import PANEL_HEIGHT, PAPER_WIDTH, REL_VAR_LABEL, _log_axis, _save, _theme
+from analysis.loader import measured_rows
+from analysis.stats import N_RESAMPLES, expanded_level, mean_ci
+from analysis.table import per_run_values, squared_bias_interval
+
+RTG, RLOO, MEAN = "reinforce_rtg", "rloo", "mean_baseline"
+ESTIMATORS = (RTG, RLOO, MEAN)
+SLOPE_ESTIMATORS = (RTG, RLOO)  # the i.i.d.-type estimators whose exponent is tested
+LABELS = {RTG: "reward-to-go (reinforce_rtg)", RLOO: "leave-one-out baseline (rloo)",
+          MEAN: "batch-mean baseline (mean_baseline)"}
+SHORT = {RTG: "reward-to-go", RLOO: "leave-one-out (rloo)", MEAN: "batch mean"}
+COLOURS = {RTG: "tab:orange", RLOO: "tab:green", MEAN: "tab:red"}
+REPLICATE = ["env", "instance", "seed"]
+LARGE_B = 8  # the exponent is also fitted on B >= LARGE_B only, where RLOO's 1/B^2 term fades
+MIN_REPLICATES = 3  # fewer: a bootstrap interval means nothing, the checks stay undecided
+CLAIM = ("the variance of a batch estimate falls as 1/B for i.i.d. episodes, and a "
+         "baseline that is the batch mean of the returns is biased by O(1/B) "
+         "(E ĝ = (1 − 1/B) ∇J) where the leave-one-out mean is not (DESIGN.md, "
+         "issue #6; the seed text itself says only “REINFORCE with mean baseline: bias 0”)")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def first_measurements(frame: pd.DataFrame) -> pd.DataFrame:
+    """The first measured step of every run of the three estimators, with columns
+    ``B`` (batch size) and ``instance`` (``env.seed``, -1 where there is none)."""
+    rows = measured_rows(frame)
+    rows = rows[rows["estimator"].isin(ESTIMATORS)]
+    rows = rows[rows["step"] == rows.groupby("run_dir")["step"].transform("min")]
+    instance = rows["env.seed"] if "env.seed" in rows.columns else pd.Series(-1, index=rows.index)
+    return rows.assign(instance=instance.fillna(-1).astype(int),
+                       B=rows["training.batch_size"].astype(int))
+
+
+# ----------------------------------------------------------------------------- variance
+
+
+def loglog_slope(batch_sizes: np.ndarray, variances: np.ndarray) -> float:
+    """OLS slope of log variance on log B (NaN with fewer than two distinct B)."""
+    x, y = np.log(np.asarray(batch_sizes, float)), np.log(np.asarray(variances, float))
+    ok = np.isfinite(x) & np.isfinite(y)
+    if np.unique(x[ok]).size < 2:
+        return math.nan
+    return float(np.polyfit(x[ok], y[ok], 1)[0])
+
+
+def variance_matrix(rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(batch sizes, V [replicates, batch sizes]) of one (env, estimator); replicates
+    missing a batch size are dropped. Each row is divided by its scale mean_B(B V(B)),
+    so every replicate weighs the same whatever its variance."""
+    wide = rows.pivot_table(index=["instance", "seed"], columns="B", values="grad_variance")
+    wide = wide.dropna()
+    bs = wide.columns.to_numpy(float)
+    v = wide.to_numpy(float)
+    return bs, v / (bs * v).mean(axis=1, keepdims=True)
+
+
+def pooled_exponent(bs: np.ndarray, w: np.ndarray, min_b: float = 0) -> float:
+    """Slope of log(mean over replicates of the scaled variance) on log B, for B >= min_b.
+
+    Averaging before the log keeps the estimate unbiased: the log of one noisy variance
+    estimate is biased low by about half its squared relative error (Jensen), an error
+    that is larger at small B when the episode terms are heavy-tailed, which would tilt
+    per-replicate slopes towards 0."""
+    keep = bs >= min_b
+    return loglog_slope(bs[keep], w[:, keep].mean(axis=0))
+
+
+def ustat_excess(bs: np.ndarray, w: np.ndarray) -> float:
+    """r = zeta_2 / (2 zeta_1) of the order-2 U-statistic law
+    ``Var(B) = (4 (B-2) zeta_1 + 2 zeta_2) / (B (B-1))``, fitted (least squares of
+    ``Var(B) B (B-1)`` on ``B - 2``, weights 1/B^2) to the replicate-mean scaled variance; NaN without
+    B >= 2 at two sizes. r = 1 is the exact 1/B law (a mean of i.i.d. terms); the
+    variance at B = 2 is r times what the 1/B law predicts from large B."""
+    keep = bs >= 2
+    if np.unique(bs[keep]).size < 2:
+        return math.nan
+    b = bs[keep]
+    # Var(B) B (B-1) has a noise sd about proportional to B: weighted least squares
+    slope, intercept = np.polyfit(b - 2, w[:, keep].mean(axis=0) * b * (b - 1), 1, w=1 / b)
+    return float(intercept / slope)
+
+
+def ustat_curve(bs: np.ndarray, r: float) -> np.ndarray:
+    """The normalised variance B Var(B) / (B_max Var(B_max)) under the U-statistic law
+    with excess r: ``B Var(B)`` is proportional to ``1 + (r - 1) / (B - 1)``."""
+    m = 1 + (r - 1) / (bs - 1)
+    return m / m[-1]
+
+
+def normalised_curve(bs: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """B mean V(B) / (B_max mean V(B_max)): 1 at every B under an exact 1/B law."""
+    m = bs * w.mean(axis=0)
+    return m / m[-1]
+
+
+def bootstrap_rows(w: np.ndarray, statistic, n_resamples: int = N_RESAMPLES,
+                   seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``statistic(w)`` and its expanded-percentile 95% interval (``expanded_level``,
+    as ``analysis.stats`` uses) from resampling the replicates (rows) of ``w``."""
+    value = np.atleast_1d(np.asarray(statistic(w), float))
+    n = w.shape[0]
+    if n < 2:
+        nan = np.full_like(value, math.nan)
+        return value, nan, nan
+    rng = np.random.default_rng(seed)
+    draws = np.array([np.atleast_1d(statistic(w[rng.integers(0, n, n)]))
+                      for _ in range(n_resamples)], float)
+    q = (1 - expanded_level(n)) / 2
+    lo, hi = np.nanquantile(draws, [q, 1 - q], axis=0)
+    return value, lo, hi
+
+
+def mean_baseline_variance_ratio(rows: pd.DataFrame) -> pd.DataFrame:
+    """Var(mean_baseline) / Var(rloo) per (env, B), geometric mean over replicates with
+    its interval; theory (1 - 1/B)^2 exactly."""
+    wide = rows.pivot_table(index=REPLICATE + ["B"], columns="estimator",
+                            values="grad_variance").reset_index()
+    if not {MEAN, RLOO} <= set(wide.columns):
+        return pd.DataFrame(columns=["env", "B", "var_ratio_mean_rloo"])
+    wide = wide.dropna(subset=[MEAN, RLOO])
+    records = []
+    for (env, b), g in wide.groupby(["env", "B"], sort=True):
+        est = mean_ci(np.log(g[MEAN] / g[RLOO]).to_numpy()).map(math.exp)
+        records.append({"env": env, "B": int(b), "var_ratio_mean_rloo": est.value,
+                        "var_ratio_mean_rloo_lo": est.lo, "var_ratio_mean_rloo_hi": est.hi,
+                        "var_ratio_theory": (1 - 1 / b) ** 2})
+    return pd.DataFrame.from_records(records)
+
+
+# ----------------------------------------------------------------------------- bias
+
+
+def bias_at(rows: pd.DataFrame) -> dict[str, object]:
+    """De-noised relative squared bias of one (env, estimator, B) across replicates, its
+    interval, the relative bias (square root) and whether the bias is distinguishable
+    (absolute and relative squared-bias intervals both above 0)."""
+    values = per_run_values(rows)
+    b2 = squared_bias_interval(values, "grad_bias_sq")
+    rel = squared_bias_interval(values, "grad_rel_bias_sq")
+    root = rel.map(lambda v: math.sqrt(max(v, 0.0)) if math.isfinite(v) else v)
+    distinguishable = (bool(b2.lo > 0 and rel.lo > 0)
+                       if math.isfinite(b2.lo) and math.isfinite(rel.lo) else None)
+    return {"rel_bias_sq": rel.value, "rel_bias_sq_lo": rel.lo, "rel_bias_sq_hi": rel.hi,
+            "rel_bias": root.value, "rel_bias_lo": root.lo, "rel_bias_hi": root.hi,
+            "bias_distinguishable": distinguishable}
+
+
+def per_batch_size(rows: pd.DataFrame) -> pd.DataFrame:
+    """One line per (env, estimator, B): relative variance, normalised variance and bias."""
+    records = []
+    for (env, est), g_est in rows.groupby(["env", "estimator"], sort=True):
+        bs, w = variance_matrix(g_est)
+        norm, norm_lo, norm_hi = bootstrap_rows(w, lambda x: normalised_curve(bs, x))
+        normalised = {int(b): (norm[i], norm_lo[i], norm_hi[i]) for i, b in enumerate(bs)}
+        for b, g in g_est.groupby("B", sort=True):
+            rel_var = mean_ci(g["grad_rel_variance"].to_numpy())
+            nv = normalised.get(int(b), (math.nan,) * 3)
+            record = {"env": env, "estimator": est, "B": int(b), "n_replicates": len(g),
+                      "rel_variance": rel_var.value, "rel_variance_lo": rel_var.lo,
+                      "rel_variance_hi": rel_var.hi, "norm_variance": nv[0],
+                      "norm_variance_lo": nv[1], "norm_variance_hi": nv[2],
+                      "rel_bias_theory": 1 / b if est == MEAN else 0.0}
+            record.update(bias_at(g))
+            records.append(record)
+    return pd.DataFrame.from_records(records)
+
+
+def bias_coefficient(batch_sizes: np.ndarray, rel_bias_sq: np.ndarray,
+                     rel_bias_sq_se: np.ndarray) -> tuple[float, float]:
+    """Least squares through the origin of U_rel(B) = c^2 / B^2 for one replicate: its c^2
+    (a relative bias of c/B; the batch mean has c = 1, an unbiased estimator c = 0) and
+    the standard error of c^2 from the logged standard errors of U. The weights
+    ``(1/B^2) / sum(1/B^4)`` put most of the fit on the smallest B, where a 1/B bias
+    stands out most against the noise."""
+    x = 1.0 / np.asarray(batch_sizes, float) ** 2
+    y, se = np.asarray(rel_bias_sq, float), np.asarray(rel_bias_sq_se, float)
+    ok = np.isfinite(x) & np.isfinite(y)
+    if not ok.any():
+        return math.nan, math.nan
+    w = x[ok] / (x[ok] ** 2).sum()
+    return float((w * y[ok]).sum()), float(math.sqrt(((w * se[ok]) ** 2).sum()))
+
+
+def replicate_fits(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per (env, estimator, instance, seed): the bias coefficient c^2 of
+    U_rel ~ c^2 / B^2 with its standard error ``c2_se``."""
+    records = []
+    rel_se = rows["grad_bias_sq_se"] / rows["ref_norm"].where(rows["ref_norm"] > 0) ** 2
+    rows = rows.assign(rel_se=rel_se)
+    for key, g in rows.groupby(["env", "estimator", "instance", "seed"], sort=False):
+        b = g["B"].to_numpy()
+        c2, c2_se = bias_coefficient(b, g["grad_rel_bias_sq"].to_numpy(), g["rel_se"].to_numpy())
+        records.append(dict(zip(["env", "estimator", "instance", "seed"], key), c2=c2, c2_se=c2_se))
+    return pd.DataFrame.from_records(records)
+
+
+def exponents(rows: pd.DataFrame, fits: pd.DataFrame) -> pd.DataFrame:
+    """Per (env, estimator): the exponent k of Var ~ B^k over all B and over B >= LARGE_B
+    (``pooled_exponent``, bootstrap over replicates), and the bias coefficient c^2 averaged
+    over replicates (``squared_bias_interval``: bootstrap hull pooled-SE interval)."""
+    records = []
+    for (env, est), g in rows.groupby(["env", "estimator"], sort=False):
+        bs, w = variance_matrix(g)
+        k, k_lo, k_hi = bootstrap_rows(w, lambda x: pooled_exponent(bs, x))
+        kl, kl_lo, kl_hi = bootstrap_rows(w, lambda x: pooled_exponent(bs, x, LARGE_B))
+        r, r_lo, r_hi = ((np.array([math.nan]),) * 3 if est == MEAN else
+                         bootstrap_rows(w, lambda x: ustat_excess(bs, x)))
+        c2 = squared_bias_interval(fits[(fits["env"] == env) & (fits["estimator"] == est)], "c2")
+        records.append({"env": env, "estimator": est, "n_replicates": w.shape[0],
+                        "k": k[0], "k_lo": k_lo[0], "k_hi": k_hi[0],
+                        "k_large": kl[0], "k_large_lo": kl_lo[0], "k_large_hi": kl_hi[0],
+                        "ustat_r": r[0], "ustat_r_lo": r_lo[0], "ustat_r_hi": r_hi[0],
+                        "c2": c2.value, "c2_lo": c2.lo, "c2_hi": c2.hi})
+    return pd.DataFrame.from_records(records)
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _contains(lo: float, hi: float, x: float, n: int) -> bool | None:
+    """Whether [lo, hi] holds x; None when the interval is missing or rests on fewer
+    than MIN_REPLICATES replicates."""
+    if n < MIN_REPLICATES or not (math.isfinite(lo) and math.isfinite(hi)):
+        return None
+    return bool(lo <= x <= hi)
+
+
+def _not_above_zero(lo: float, n: int) -> bool | None:
+    """A squared bias is not distinguishable from 0 when its interval reaches 0 or below;
+    None when undecidable (too few replicates, no interval)."""
+    if n < MIN_REPLICATES or not math.isfinite(lo):
+        return None
+    return bool(lo <= 0)
+
+
+def _decided(flag: bool | None, n: int) -> bool | None:
+    """A distinguishability verdict, or None below MIN_REPLICATES replicates."""
+    return None if n < MIN_REPLICATES or flag is None else bool(flag)
+
+
+def checks(exps: pd.DataFrame, by_b: pd.DataFrame) -> pd.DataFrame:
+    """Each testable statement per environment, with pass (True), fail (False) or None
+    (not measurable at these sizes), and the numbers that decided it."""
+    records = []
+    for env in dict.fromkeys(by_b["env"]):
+        for est in SLOPE_ESTIMATORS:
+            e = exps[(exps["env"] == env) & (exps["estimator"] == est)]
+            if e.empty:
+                continue
+            r = e.iloc[0]
+            records.append({"env": env, "check": f"Var({est}) ~ 1/B: k = -1 in the interval",
+                            "passed": _contains(r["k_lo"], r["k_hi"], -1.0, r["n_replicates"]),
+                            "numbers": f"k = {_ci(r['k'], r['k_lo'], r['k_hi'])}"})
+        e = exps[(exps["env"] == env) & (exps["estimator"] == MEAN)]
+        if not e.empty:
+            r = e.iloc[0]
+            records.append({"env": env,
+                            "check": "mean_baseline relative bias = c/B with c² = 1 (fit over all B)",
+                            "passed": _contains(r["c2_lo"], r["c2_hi"], 1.0, r["n_replicates"]),
+                            "numbers": f"c² = {_ci(r['c2'], r['c2_lo'], r['c2_hi'])}"})
+        e = exps[(exps["env"] == env) & (exps["estimator"] == RLOO)]
+        if not e.empty:
+            r = e.iloc[0]
+            records.append({"env": env,
+                            "check": "rloo bias not distinguishable: c² (fit over all B) not above 0",
+                            "passed": _not_above_zero(r["c2_lo"], r["n_replicates"]),
+                            "numbers": f"c² = {_ci(r['c2'], r['c2_lo'], r['c2_hi'])}"})
+        mean = by_b[(by_b["env"] == env) & (by_b["estimator"] == MEAN)].sort_values("B")
+        if not mean.empty:
+            smallest = mean.iloc[0]
+            records.append({"env": env,
+                            "check": f"mean_baseline bias distinguishable at B={int(smallest['B'])}",
+                            "passed": _decided(smallest["bias_distinguishable"],
+                                               smallest["n_replicates"]),
+                            "numbers": f"rel. bias {_ci(smallest['rel_bias'], smallest['rel_bias_lo'], smallest['rel_bias_hi'])}"})
+    return pd.DataFrame.from_records(records)
+
+
+def overall_verdict(chk: pd.DataFrame) -> str:
+    """confirmed (every check passes), refuted (none does), qualified (some do), or
+    inconclusive (a check could not be decided at these sizes)."""
+    if chk.empty or chk["passed"].isna().any():
+        return "inconclusive"
+    passed = chk["passed"].astype(bool)
+    if passed.all():
+        return "confirmed"
+    if not passed.any():
+        return "refuted"
+    return "qualified"
+
+
+# ----------------------------------------------------------------------------- markdown
+
+
+def _ci(value: float, lo: float, hi: float, digits: int = 3) -> str:
+    if not math.isfinite(value):
+        return "n/a"
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return f"{value:.{digits}g}"
+    return f"{value:.{digits}g} [{lo:.{digits}g}, {hi:.{digits}g}]"
+
+
+def _yes_no(flag: object) -> str:
+    return "n/a" if flag is None or (isinstance(flag, float) and math.isnan(flag)) else (
+        "yes" if flag else "no")
+
+
+def verdict_sentence(exps: pd.DataFrame, by_b: pd.DataFrame, chk: pd.DataFrame) -> str:
+    """The exponents, the mean baseline's bias at the smallest B and the failed checks."""
+    if exps.empty:
+        return "no estimator was measured at two batch sizes"
+    parts = []
+    for env, e in exps.groupby("env", sort=False):
+        ks = ", ".join(f"k({r['estimator']}) = {_ci(r['k'], r['k_lo'], r['k_hi'], 3)}"
+                       f" (B ≥ {LARGE_B}: {_ci(r['k_large'], r['k_large_lo'], r['k_large_hi'], 3)};"
+                       f" B=2 excess r = {_ci(r['ustat_r'], r['ustat_r_lo'], r['ustat_r_hi'], 3)})"
+                       for _, r in e.iterrows() if r["estimator"] in SLOPE_ESTIMATORS)
+        mean = by_b[(by_b["env"] == env) & (by_b["estimator"] == MEAN)].sort_values("B")
+        bias = ""
+        if not mean.empty:
+            r = mean.iloc[0]
+            bias = (f", mean_baseline rel. bias at B={int(r['B'])} "
+                    f"{_ci(r['rel_bias'], r['rel_bias_lo'], r['rel_bias_hi'], 3)} (theory {1 / r['B']:.3g})")
+        parts.append(f"{env}: {ks}{bias}")
+    failed = chk[chk["passed"].eq(False)] if not chk.empty else chk
+    tail = ("; failed: " + "; ".join(f"{r['env']}: {r['check']} ({r['numbers']})"
+                                     for _, r in failed.iterrows())) if len(failed) else ""
+    return "; ".join(parts) + tail
+
+
+def markdown(exps: pd.DataFrame, by_b: pd.DataFrame, chk: pd.DataFrame,
+             ratios: pd.DataFrame, preset: str) -> str:
+    """result.md: the claim, the exponents, the per-B bias table, the checks, the verdict."""
+    lines = [f"# Variance and bias against batch size B ({preset} preset)", "",
+             f"Claim: {CLAIM}.", "",
+             "One measurement per run at a random initial policy, exact gradient; a replicate "
+             "is one (env instance, run seed) measured at every B; 95% bootstrap intervals "
+             "across replicates.", "",
+             "## Fits over B = " + ", ".join(str(b) for b in sorted(by_b["B"].unique())), "",
+             "k: OLS slope of log tr Cov on log B (Var ∝ B^k), fitted to the mean over "
+             "replicates of each replicate's variance divided by its scale mean_B(B·Var(B)), "
+             "bootstrap over replicates. c²: least-squares fit through 0 of the relative "
+             "squared bias on 1/B² per replicate (relative bias = c/B), averaged over "
+             "replicates; the fit weighs the smallest B most.", "",
+             "r: the excess at B = 2 over the 1/B law, ζ₂/(2ζ₁) of the U-statistic law "
+             "Var(B) = (4(B−2)ζ₁ + 2ζ₂)/(B(B−1)) fitted to the same curve (r = 1: exactly "
+             "1/B; not defined for the batch mean, whose variance is (1−1/B)² that of RLOO).", "",
+             f"| env | estimator | replicates | k (all B) | k (B ≥ {LARGE_B}) | expected k | "
+             "r = ζ₂/(2ζ₁) | c² | expected c² |",
+             "|" + " --- |" * 9]
+    for _, r in exps.iterrows():
+        expected = "-1" if r["estimator"] != MEAN else "-1 (times (1-1/B)²)"
+        lines.append(f"| {r['env']} | {r['estimator']} | {r['n_replicates']} | "
+                     f"{_ci(r['k'], r['k_lo'], r['k_hi'])} | "
+                     f"{_ci(r['k_large'], r['k_large_lo'], r['k_large_hi'])} | {expected} | "
+                     f"{_ci(r['ustat_r'], r['ustat_r_lo'], r['ustat_r_hi'])} | "
+                     f"{_ci(r['c2'], r['c2_lo'], r['c2_hi'])} | {1 if r['estimator'] == MEAN else 0} |")
+    lines += ["", "## Relative bias ‖E ĝ − ∇J‖ / ‖∇J‖ against B", "",
+              "| env | B | mean_baseline rel. bias | theory 1/B | distinguishable | "
+              "rloo rel. bias | distinguishable | Var(mean)/Var(rloo) | theory (1-1/B)² | "
+              "B·Var(B) / (B_max·Var(B_max)), rloo |",
+              "|" + " --- |" * 10]
+    for (env, b), g in by_b.groupby(["env", "B"], sort=True):
+        m = g[g["estimator"] == MEAN]
+        o = g[g["estimator"] == RLOO]
+        rr = ratios[(ratios["env"] == env) & (ratios["B"] == b)] if not ratios.empty else ratios
+        cell = lambda d, c: _ci(d.iloc[0][c], d.iloc[0][f"{c}_lo"], d.iloc[0][f"{c}_hi"]) if len(d) else "n/a"  # noqa: E731
+        lines.append(
+            f"| {env} | {b} | {cell(m, 'rel_bias')} | {1 / b:.3g} | "
+            f"{_yes_no(m.iloc[0]['bias_distinguishable']) if len(m) else 'n/a'} | "
+            f"{cell(o, 'rel_bias')} | {_yes_no(o.iloc[0]['bias_distinguishable']) if len(o) else 'n/a'} | "
+            f"{cell(rr, 'var_ratio_mean_rloo')} | {(1 - 1 / b) ** 2:.3g} | {cell(o, 'norm_variance')} |")
+    lines += ["", "## Checks", "", "| env | check | passed | numbers |", "| --- | --- | --- | --- |"]
+    for _, r in chk.iterrows():
+        lines.append(f"| {r['env']} | {r['check']} | {_yes_no(r['passed'])} | {r['numbers']} |")
+    lines += ["", f"Verdict: {overall_verdict(chk)} — {verdict_sentence(exps, by_b, chk)}.", ""]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def _band(ax, d: pd.DataFrame, col: str, est: str, **kw) -> None:
+    ax.plot(d["B"], d[col], marker="o", ms=3, lw=1.2, color=COLOURS[est], label=LABELS[est], **kw)
+    ax.fill_between(d["B"], d[f"{col}_lo"], d[f"{col}_hi"], color=COLOURS[est], alpha=0.2, lw=0)
+
+
+def _batch_axis(ax, bs: pd.Series) -> None:
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(bs.unique()), [str(int(b)) for b in sorted(bs.unique())])
+    ax.minorticks_off()
+    ax.set_xlabel("batch size B (episodes)")
+
+
+def plot_variance(by_b: pd.DataFrame, exps: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """Per environment: relative variance against B (log-log, with a 1/B guide) and the
+    normalised variance B Var(B) / (B_max Var(B_max))."""
+    envs = list(dict.fromkeys(by_b["env"]))
+    fig, axes = plt.subplots(len(envs), 2, figsize=(PAPER_WIDTH, (PANEL_HEIGHT + 0.2) * len(envs)),
+                             squeeze=False)
+    for (ax_var, ax_norm), env in zip(axes, envs):
+        d_env = by_b[by_b["env"] == env]
+        for est in ESTIMATORS:
+            d = d_env[d_env["estimator"] == est].sort_values("B")
+            if d.empty:
+                continue
+            _band(ax_var, d, "rel_variance", est)
+            _band(ax_norm, d, "norm_variance", est)
+            fit = exps[(exps["env"] == env) & (exps["estimator"] == est)]
+            if est == RLOO and len(fit) and math.isfinite(fit.iloc[0]["ustat_r"]):
+                grid = np.geomspace(d["B"].min(), d["B"].max(), 50)
+                curve = ustat_curve(np.append(grid, d["B"].max()), fit.iloc[0]["ustat_r"])[:-1]
+                ax_norm.plot(grid, curve, color=COLOURS[est], ls="--", lw=0.9,
+                             label="U-statistic law (4(B−2)ζ₁ + 2ζ₂)/(B(B−1)) fitted to rloo")
+        rtg = d_env[d_env["estimator"] == RTG].sort_values("B")
+        if not rtg.empty:
+            b0, v0 = rtg["B"].iloc[0], rtg["rel_variance"].iloc[0]
+            ax_var.plot(rtg["B"], v0 * b0 / rtg["B"], color="0.4", ls=":", lw=1,
+                        label="1/B through reward-to-go at the smallest B")
+        _log_axis(ax_var, "y", d_env["rel_variance"])
+        _batch_axis(ax_var, d_env["B"])
+        _batch_axis(ax_norm, d_env["B"])
+        ax_norm.axhline(1.0, color="0.4", ls=":", lw=1)
+        ax_var.set_ylabel(REL_VAR_LABEL)
+        ax_norm.set_ylabel("B·Var(B) / (B_max·Var(B_max))")
+        ax_var.set_title(f"{env}: variance against B (95% CI)")
+        ax_norm.set_title(f"{env}: departure from 1/B (1 = exact 1/B)")
+    legend: dict[str, object] = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=2, frameon=False,
+               fontsize=7, bbox_to_anchor=(0.5, -0.1))
+    fig.tight_layout()
+    return _save(fig, out_dir, "batch_size_variance")
+
+
+def plot_bias(by_b: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """Per environment: relative bias of the batch-mean and leave-one-out baselines
+    against B (log-log) with the theory 1/B. A bias distinguishable from 0 (the table's
+    verdict) is a point with its 95% interval; one that is not is drawn as its 95% upper
+    bound (open triangle): the bias lies below it."""
+    envs = list(dict.fromkeys(by_b["env"]))
+    fig, axes = plt.subplots(1, len(envs), figsize=(PAPER_WIDTH, PANEL_HEIGHT + 0.5), squeeze=False)
+    for ax, env in zip(axes.flat, envs):
+        d_env = by_b[by_b["env"] == env]
+        bs = np.array(sorted(d_env["B"].unique()), float)
+        ax.plot(bs, 1 / bs, color="0.3", ls="--", lw=1, label="theory for the batch mean: 1/B")
+        for j, est in enumerate((MEAN, RLOO)):
+            d = d_env[d_env["estimator"] == est].sort_values("B")
+            if d.empty:
+                continue
+            shift = 1.0 + 0.04 * (2 * j - 1)  # side by side on the log axis
+            seen = d["bias_distinguishable"].eq(True)  # the table's verdict
+            hit = d[seen]
+            err = np.vstack([hit["rel_bias"] - hit["rel_bias_lo"], hit["rel_bias_hi"] - hit["rel_bias"]]).clip(0)
+            if len(hit):
+                ax.errorbar(hit["B"] * shift, hit["rel_bias"], yerr=err, fmt="o", ms=4,
+                            capsize=2, lw=1.2, color=COLOURS[est],
+                            label=f"{SHORT[est]}: bias ≠ 0, 95% CI")
+            bound = d[~seen & (d["rel_bias_hi"] > 0)]
+            if len(bound):
+                ax.scatter(bound["B"] * shift, bound["rel_bias_hi"], marker="v", s=22,
+                           facecolors="none", edgecolors=COLOURS[est],
+                           label=f"{SHORT[est]}: not ≠ 0, 95% upper bound")
+        _batch_axis(ax, d_env["B"])
+        ax.set_yscale("log")
+        shown = pd.concat([d_env["rel_bias_hi"], d_env["rel_bias_lo"], pd.Series(1 / bs)])
+        ax.set_ylim(max(shown[shown > 0].min(), 1e-4) / 2, 1.0)
+        ax.set_ylabel("relative bias  ‖E ĝ − ∇J‖ / ‖∇J‖")
+        ax.set_title(f"{env}: bias against B (95% CI)")
+    legend: dict[str, object] = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    order = sorted(legend, key=lambda k: (not k.startswith("theory"), k))
+    fig.legend([legend[k] for k in order], order, loc="lower center", ncol=3, frameon=False,
+               fontsize=7, bbox_to_anchor=(0.5, -0.12))
+    fig.tight_layout()
+    return _save(fig, out_dir, "batch_size_bias")
+
+
+# ----------------------------------------------------------------------------- entry
+
+
+def analyze(frame: pd.DataFrame, out: Path, preset: str) -> str:
+    """Write result.csv, result.md and figures/batch_size_*.png|pdf into ``out``;
+    return the markdown."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = first_measurements(frame)
+    if rows.empty:
+        text = (f"# Variance and bias against batch size B ({preset} preset)\n\n"
+                "Verdict: inconclusive — no run of reinforce_rtg, rloo or mean_baseline.\n")
+        (out / "result.md").write_text(text)
+        pd.DataFrame().to_csv(out / "result.csv", index=False)
+        return text
+    exps = exponents(rows, replicate_fits(rows))
+    by_b = per_batch_size(rows)
+    ratios = mean_baseline_variance_ratio(rows)
+    chk = checks(exps, by_b)
+    result = by_b.merge(exps.drop(columns="n_replicates"), on=["env", "estimator"], how="left")
+    if not ratios.empty:
+        result = result.merge(ratios, on=["env", "B"], how="left")
+    result.to_csv(out / "result.csv", index=False)
+    text = markdown(exps, by_b, chk, ratios, preset)
+    (out / "result.md").write_text(text)
+    _theme()
+    plot_variance(by_b, exps, out / "figures")
+    plot_bias(by_b, out / "figures")
+    return text

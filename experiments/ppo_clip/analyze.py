@@ -1,0 +1,426 @@
+"""PPO's update direction against the exact gradient, by epochs K and clip epsilon.
+
+``analyze(frame, out, preset)`` is called by ``pgvar-reproduce ppo_clip`` with the tidy
+frame of ``analysis.loader.load_runs`` (one row per run and iteration). It uses the
+measured iterations from ``MIN_STEP`` on (the learned critic has been fitted by then),
+reduces each run to one number per statistic (the mean over those iterations), and
+compares the runs across seeds with bootstrap intervals (``analysis.stats``).
+
+Statistics per configuration (env, K, epsilon), all against the exact gradient g = grad J:
+
+- ``cos_ref``: the mean cosine of one batch's direction with g (what one update sees);
+- ``cos_mean``: the cosine of the *expected* direction E d with g (the drift of the
+  direction itself, with the batch noise taken out);
+- ``rel_bias`` = ||E d - g|| / ||g|| and ``rel_variance`` = tr Cov d / ||g||^2;
+- ``reuse_gain`` = K <E d, g> / ||g||^2: the first-order gain in J of PPO's whole update
+  theta_K - theta_0 = ppo_lr K d, in units of one plain gradient step of the same size
+  ppo_lr (1 for an unbiased single step; K if every epoch were as good as a fresh batch);
+- ``displacement`` = ppo_lr K mean ||d||: how far one batch moves the parameters.
+
+``<E d, g>`` and ``||E d||^2`` are recovered from the logged statistics without the noise
+floor: with M estimates, ||d_bar||^2 = snr * trCov and ||d_bar - g||^2 = U + trCov/M +
+SE_ref^2 (U = grad_bias_sq), so <d_bar, g> = (||d_bar||^2 + ||g||^2 - ||d_bar - g||^2)/2
+(unbiased for <E d, g>) and ||d_bar||^2 - trCov/M is unbiased for ||E d||^2.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib import ticker
+
+from analysis.figures import (
+    PANEL_HEIGHT,
+    PAPER_WIDTH,
+    REL_BIAS_LABEL,
+    REL_VAR_LABEL,
+    _log_axis,
+    _save,
+    _theme,
+)
+from analysis.loader import measured_rows
+from analysis.stats import Estimate, mean_ci
+
+NAME = "ppo_clip"
+MIN_STEP = 1  # measured iterations used: from the first one after the critic's first fit
+MIN_SEEDS = 3  # fewer seeds than this: no verdict (inconclusive)
+GAE_LABEL = "GAE"
+CLAIM = ("“The clip operation stops any single update from moving the policy too far, "
+         "while importance sampling allows re-use of old data for a few gradient steps.” "
+         "(seed text, on PPO's clipped surrogate)")
+METRICS = ("cos_ref", "cos_mean", "rel_bias_sq", "rel_variance", "reuse_gain", "displacement")
+
+
+# ----------------------------------------------------------------------------- per run
+
+
+def direction_columns(measured: pd.DataFrame) -> pd.DataFrame:
+    """Add ``rel_proj`` = <d_bar, g>/||g||^2 and ``rel_sq_norm`` = (||d_bar||^2 - trCov/M)/||g||^2
+    (both unbiased; see the module doc) to measured rows."""
+    df = measured.copy()
+    var = df["grad_variance"].astype(float)
+    m = df["n_estimates"].astype(float) if "n_estimates" in df else pd.Series(np.nan, df.index)
+    se2 = df["ref_se"].fillna(0.0).astype(float) ** 2 if "ref_se" in df else 0.0
+    ref2 = df["ref_norm"].astype(float) ** 2
+    mean_sq = df["snr"].astype(float) * var  # ||d_bar||^2
+    dist_sq = df["grad_bias_sq"].astype(float) + var / m + se2  # ||d_bar - g||^2
+    ref2 = ref2.where(ref2 > 0)
+    df["rel_proj"] = (mean_sq + ref2 - dist_sq) / 2.0 / ref2
+    df["rel_sq_norm"] = (mean_sq - var / m) / ref2
+    return df
+
+
+def config_columns(df: pd.DataFrame) -> pd.DataFrame:
+    """``K`` (1 for GAE), ``clip`` (NaN where it cannot act: GAE and K = 1), ``ppo_lr``
+    (NaN for GAE) and a row ``label``."""
+    df = df.copy()
+    is_ppo = df["estimator"] == "ppo"
+    df["K"] = np.where(is_ppo, df.get("estimator.ppo_epochs", 1), 1).astype(int)
+    df["clip"] = np.where(is_ppo & (df["K"] > 1), df.get("estimator.ppo_clip", np.nan), np.nan)
+    df["ppo_lr"] = np.where(is_ppo, df.get("estimator.ppo_lr", np.nan), np.nan)
+    df["label"] = [row_label(e, k, c) for e, k, c in zip(df["estimator"], df["K"], df["clip"])]
+    return df
+
+
+def row_label(estimator: str, K: int, clip: float) -> str:
+    """``GAE``, ``PPO K=1`` or ``PPO K=4, eps=0.2``."""
+    if estimator != "ppo":
+        return GAE_LABEL
+    return f"PPO K={K}" if not np.isfinite(clip) else f"PPO K={K}, eps={clip:g}"
+
+
+def per_run(frame: pd.DataFrame, min_step: int = MIN_STEP) -> pd.DataFrame:
+    """One row per run: the mean of each statistic over its measured iterations >= min_step
+    (all of them when a run has none there, e.g. smoke runs)."""
+    measured = measured_rows(frame)
+    measured = measured[measured["estimator"].isin(["ppo", "gae"])]
+    if measured.empty:
+        return pd.DataFrame()
+    late = measured[measured["step"] >= min_step]
+    if not late.empty:
+        measured = late
+    df = config_columns(direction_columns(measured))
+    keys = ["env", "label", "estimator", "K", "clip", "ppo_lr", "seed", "run_id"]
+    df["rel_variance"] = df["grad_rel_variance"]
+    df["rel_bias_sq"] = df["grad_rel_bias_sq"]
+    agg = (df.groupby(keys, dropna=False)[["cos_ref", "rel_proj", "rel_sq_norm", "rel_variance",
+                                           "rel_bias_sq", "grad_norm_mean"]]
+           .mean().reset_index())
+    # K = 1 runs that differ only in the (then inactive) clip are the same run: keep one
+    agg = agg.drop_duplicates(subset=["env", "label", "seed"], keep="first")
+    agg["cos_mean"] = agg["rel_proj"] / np.sqrt(agg["rel_sq_norm"].where(agg["rel_sq_norm"] > 0))
+    agg["reuse_gain"] = agg["K"] * agg["rel_proj"]
+    agg["displacement"] = agg["ppo_lr"] * agg["K"] * agg["grad_norm_mean"]
+    return agg
+
+
+# ----------------------------------------------------------------------------- across seeds
+
+
+def paired_difference(runs: pd.DataFrame, metric: str, baseline: pd.DataFrame) -> Estimate:
+    """Mean over seeds of metric(run) - metric(baseline run of the same seed), 95% CI."""
+    base = baseline.set_index("seed")[metric]
+    both = runs.set_index("seed")[metric].to_frame("x").join(base.rename("b"), how="inner")
+    return mean_ci((both["x"] - both["b"]).to_numpy())
+
+
+def baseline_runs(runs: pd.DataFrame, env: str) -> pd.DataFrame:
+    """The env's GAE runs, or its PPO K=1 runs (identical by construction) if it has none."""
+    env_runs = runs[runs["env"] == env]
+    gae = env_runs[env_runs["label"] == GAE_LABEL]
+    return gae if not gae.empty else env_runs[env_runs["K"] == 1]
+
+
+def summarise(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per (env, label): each metric's mean across seeds with its 95% interval, and
+    the paired difference of cos_ref and cos_mean from GAE (same seed)."""
+    records = []
+    for (env, label), g in runs.groupby(["env", "label"], sort=False):
+        first = g.iloc[0]
+        rec = {"env": env, "label": label, "K": int(first["K"]), "clip": first["clip"],
+               "ppo_lr": first["ppo_lr"], "n_seeds": int(g["seed"].nunique())}
+        for metric in METRICS:
+            est = mean_ci(g[metric].to_numpy())
+            if metric == "rel_bias_sq":
+                est, metric = est.map(lambda v: math.sqrt(max(v, 0.0))), "rel_bias"
+            rec.update({metric: est.value, f"{metric}_lo": est.lo, f"{metric}_hi": est.hi})
+        base = baseline_runs(runs, env)
+        for metric in ("cos_ref", "cos_mean"):
+            diff = paired_difference(g, metric, base)
+            rec.update({f"d_{metric}": diff.value, f"d_{metric}_lo": diff.lo,
+                        f"d_{metric}_hi": diff.hi})
+        records.append(rec)
+    table = pd.DataFrame.from_records(records)
+    order = table["label"].ne(GAE_LABEL).astype(int)
+    return (table.assign(_o=order, _c=table["clip"].fillna(-1))
+            .sort_values(["env", "_o", "_c", "K"]).drop(columns=["_o", "_c"]).reset_index(drop=True))
+
+
+def k1_matches_gae(runs: pd.DataFrame) -> float:
+    """Largest |cos_ref(PPO K=1) - cos_ref(GAE)| over envs and seeds (0 when they coincide,
+    as they must); NaN when either is missing."""
+    k1 = runs[(runs["estimator"] == "ppo") & (runs["K"] == 1)]
+    gae = runs[runs["label"] == GAE_LABEL]
+    joined = k1.merge(gae, on=["env", "seed"], suffixes=("_k1", "_gae"))
+    if joined.empty:
+        return math.nan
+    return float((joined["cos_ref_k1"] - joined["cos_ref_gae"]).abs().max())
+
+
+# ----------------------------------------------------------------------------- verdict
+
+FEW_EPOCHS = 4  # "a few gradient steps": the claim holds if K up to this keeps the direction
+
+
+def safe_epochs(t: pd.DataFrame) -> int:
+    """The largest K such that no K' <= K (of one clip) has cos_ref or cos_mean
+    significantly below GAE's (paired interval entirely below 0); 1 when K = 2 already
+    drifts."""
+    safe = 1
+    for r in t.sort_values("K").itertuples():
+        if any(np.isfinite(hi) and hi < 0 for hi in (r.d_cos_ref_hi, r.d_cos_mean_hi)):
+            break
+        safe = int(r.K)
+    return safe
+
+
+def env_findings(table: pd.DataFrame, env: str) -> dict[str, object]:
+    """The numbers a verdict rests on, for one env: the best re-use gain over K > 1 (and
+    whether its interval lies above 1), per clip the safe number of epochs and the cos_ref
+    change at the largest K, and how the displacement grows with K per clip."""
+    t = table[(table["env"] == env) & (table["K"] > 1)]
+    if t.empty:
+        return {"env": env, "n": 0}
+    best = t.loc[t["reuse_gain"].idxmax()]
+    per_clip = {clip: {"safe": safe_epochs(g), "last": g.sort_values("K").iloc[-1]}
+                for clip, g in t.groupby("clip")}
+    return {"env": env, "n": int(t["n_seeds"].min()), "best_gain": best,
+            "gain_above_1": bool(np.isfinite(best["reuse_gain_lo"]) and best["reuse_gain_lo"] > 1),
+            "per_clip": per_clip, "saturation": displacement_saturation(t)}
+
+
+def displacement_saturation(t: pd.DataFrame) -> pd.DataFrame:
+    """Per clip: displacement at the largest K over displacement at the smallest K > 1, next
+    to the ratio of those K (what an unclipped, undiminished direction would give)."""
+    rows = []
+    for clip, g in t.groupby("clip"):
+        g = g.sort_values("K")
+        if len(g) < 2:
+            continue
+        lo, hi = g.iloc[0], g.iloc[-1]
+        rows.append({"clip": clip, "K_from": int(lo["K"]), "K_to": int(hi["K"]),
+                     "growth": hi["displacement"] / lo["displacement"],
+                     "free_growth": hi["K"] / lo["K"]})
+    return pd.DataFrame(rows)
+
+
+def _env_sentence(f: dict[str, object]) -> str:
+    b = f["best_gain"]
+    safe = ", ".join(f"{c['safe']} (ε={clip:g})" for clip, c in f["per_clip"].items())
+    last = "; ".join(f"ε={clip:g}: {_delta(c['last'], 'd_cos_ref')} per batch, "
+                     f"{_delta(c['last'], 'd_cos_mean')} expected"
+                     for clip, c in f["per_clip"].items())
+    k_max = int(max(c["last"]["K"] for c in f["per_clip"].values()))
+    return (f"{f['env']}: re-use gain up to {b['reuse_gain']:.2f} [{b['reuse_gain_lo']:.2f}, "
+            f"{b['reuse_gain_hi']:.2f}] plain steps per batch ({b['label']}); cosine with ∇J "
+            f"(per batch and expected) no worse than GAE's up to K = {safe}; at K = {k_max} "
+            f"the cosine minus GAE's is {last}")
+
+
+def _delta(row: pd.Series, col: str) -> str:
+    return f"{row[col]:+.3f} [{row[col + '_lo']:+.3f}, {row[col + '_hi']:+.3f}]"
+
+
+def verdict(table: pd.DataFrame) -> str:
+    """``Verdict: ...`` from the intervals. confirmed: in every env PPO's epochs gain more
+    than one plain step (re-use gain's interval above 1) and, for every clip, FEW_EPOCHS
+    epochs leave cos_ref indistinguishable from GAE's or better; refuted: no env shows a
+    gain above 1; qualified: otherwise."""
+    found = [env_findings(table, e) for e in dict.fromkeys(table["env"])]
+    found = [f for f in found if f.get("n", 0) >= MIN_SEEDS]
+    if not found:
+        return "Verdict: inconclusive — too few seeds or no PPO run with K > 1."
+    gains = [f["gain_above_1"] for f in found]
+    few_ok = [all(c["safe"] >= FEW_EPOCHS for c in f["per_clip"].values()) for f in found]
+    if all(gains) and all(few_ok):
+        word = "confirmed"
+    elif not any(gains):
+        word = "refuted"
+    else:
+        word = "qualified"
+    return f"Verdict: {word} — " + "; ".join(_env_sentence(f) for f in found) + "."
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def _fmt(v: float, lo: float, hi: float, digits: int = 3) -> str:
+    if not np.isfinite(v):
+        return "—"
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return f"{v:.{digits}g}"
+    return f"{v:.{digits}g} [{lo:.{digits}g}, {hi:.{digits}g}]"
+
+
+def markdown_table(table: pd.DataFrame, env: str) -> str:
+    """The rows of one env as a markdown table."""
+    cols = [("cos_ref", "cos(d, ∇J), per batch"), ("d_cos_ref", "Δ vs GAE"),
+            ("cos_mean", "cos(E d, ∇J)"), ("d_cos_mean", "Δ vs GAE"),
+            ("rel_bias", "‖E d − ∇J‖/‖∇J‖"), ("rel_variance", "tr Cov/‖∇J‖²"),
+            ("reuse_gain", "re-use gain K⟨E d,∇J⟩/‖∇J‖²"), ("displacement", "‖θ_K − θ_0‖")]
+    head = "| row | " + " | ".join(h for _, h in cols) + " |"
+    lines = [head, "|" + " --- |" * (len(cols) + 1)]
+    for _, r in table[table["env"] == env].iterrows():
+        cells = [_fmt(r[c], r[f"{c}_lo"], r[f"{c}_hi"], 2 if c.startswith("d_") else 3)
+                 for c, _ in cols]
+        lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def saturation_lines(table: pd.DataFrame) -> list[str]:
+    """One sentence per env on how the clip bounds the displacement."""
+    lines = []
+    for env in dict.fromkeys(table["env"]):
+        sat = displacement_saturation(table[(table["env"] == env) & (table["K"] > 1)])
+        if sat.empty:
+            continue
+        bits = ", ".join(f"×{r.growth:.2f} at ε = {r.clip:g}" for r in sat.itertuples())
+        r0 = next(sat.itertuples())
+        lines.append(f"- {env}: from K = {int(r0.K_from)} to K = {int(r0.K_to)} (×{r0.free_growth:g} "
+                     f"the epochs) the parameter displacement per batch grows {bits}.")
+    return lines
+
+
+def markdown(table: pd.DataFrame, runs: pd.DataFrame, preset: str) -> str:
+    """result.md: the claim, one table per env, the checks and the verdict."""
+    lrs = runs.dropna(subset=["ppo_lr"]).groupby("env")["ppo_lr"].first()
+    n = runs.groupby(["env", "label"])["seed"].nunique()
+    out = [f"# PPO's update direction against the exact gradient ({preset} preset)", "",
+           f"Claim: {CLAIM}", "",
+           ("d = (θ_K − θ_0)/(ppo_lr·K) after K full-batch epochs on the clipped surrogate "
+            "(GAE(λ) advantages); K = 1 is GAE itself. Mean over seeds with 95% bootstrap "
+            "intervals; Δ is the paired difference from GAE (same seed). Measured iterations "
+            f">= {MIN_STEP} of each run (critic fitted). Seeds per row: {n.min()}–{n.max()}."), ""]
+    for env in dict.fromkeys(table["env"]):
+        lr = lrs.get(env, math.nan)
+        out += [f"## {env} (ppo_lr = {lr:g})", "", markdown_table(table, env), ""]
+    gap = k1_matches_gae(runs)
+    if np.isfinite(gap):
+        out += [(f"Check: PPO with K = 1 and GAE give the same cos_ref to within {gap:.1e} "
+                "(same seeds), as they must."), ""]
+    sat = saturation_lines(table)
+    if sat:
+        out += ["How the clip bounds the update:", "", *sat, ""]
+    out += [verdict(table), ""]
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def _k_axis(ax, ks: list[int]) -> None:
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_locator(ticker.FixedLocator(ks))
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda x, _: f"{x:g}"))
+    ax.xaxis.set_minor_locator(ticker.NullLocator())
+    ax.set_xlabel("PPO epochs K per batch")
+
+
+def plot_metric_grid(table: pd.DataFrame, rows: list[tuple[str, str, bool]], name: str,
+                     out_dir: Path) -> list[Path]:
+    """One row of panels per metric (column, y label, log y), one column per env: the metric
+    against K, one line per clip epsilon (K = 1, where the clip is inactive, starts every
+    line), GAE as a dashed line with its band."""
+    _theme()
+    envs = list(dict.fromkeys(table["env"]))
+    fig, axes = plt.subplots(len(rows), len(envs), squeeze=False,
+                             figsize=(PAPER_WIDTH, PANEL_HEIGHT * len(rows)))
+    clips = sorted(c for c in table["clip"].dropna().unique())
+    colours = dict(zip(clips, sns.color_palette("viridis", len(clips))))
+    for j, env in enumerate(envs):
+        t = table[table["env"] == env]
+        k1 = t[(t["K"] == 1) & (t["label"] != GAE_LABEL)]
+        gae = t[t["label"] == GAE_LABEL]
+        ks = sorted(t["K"].unique())
+        for i, (col, ylabel, log) in enumerate(rows):
+            ax = axes[i][j]
+            if not gae.empty and np.isfinite(gae[col].iloc[0]):
+                g = gae.iloc[0]
+                ax.axhline(g[col], color="0.3", ls="--", lw=1, label="GAE (95% CI)")
+                if np.isfinite(g[f"{col}_lo"]):
+                    ax.axhspan(g[f"{col}_lo"], g[f"{col}_hi"], color="0.5", alpha=0.15, lw=0)
+            if col == "reuse_gain":
+                ax.plot(ks, ks, color="0.6", ls=":", lw=1, label="K (K plain steps of ∇J)")
+            for n_clip, clip in enumerate(clips):
+                line = pd.concat([k1, t[t["clip"] == clip]]).sort_values("K")
+                line = line[np.isfinite(line[col])]
+                if line.empty:
+                    continue
+                err = np.vstack([line[col] - line[f"{col}_lo"],
+                                 line[f"{col}_hi"] - line[col]]).clip(0)
+                jitter = 2.0 ** (0.04 * (n_clip - (len(clips) - 1) / 2))  # keep bars apart
+                ax.errorbar(line["K"] * jitter, line[col], yerr=np.nan_to_num(err), marker="o",
+                            ms=3.5, capsize=2, lw=1.2, color=colours[clip],
+                            label=f"PPO, ε = {clip:g}")
+            _k_axis(ax, ks)
+            if log:
+                _log_axis(ax, "y", pd.concat([t[col], t[f"{col}_lo"], t[f"{col}_hi"]]))
+            ax.set_ylabel(ylabel)
+            ax.set_title(env)
+    handles, labels = [], []
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            if label not in labels:
+                handles.append(handle)
+                labels.append(label)
+    ncol = 3 if len(labels) > 5 else len(labels)
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, frameon=False,
+               bbox_to_anchor=(0.5, -0.03 - 0.03 * math.ceil(len(labels) / ncol)))
+    fig.tight_layout()
+    return _save(fig, out_dir, name)
+
+
+def make_figures(table: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """The direction figure (cosines), the bias/variance figure and the re-use figure."""
+    figures = out_dir / "figures"
+    paths = plot_metric_grid(table, [("cos_ref", "cos(d, ∇J): one batch, mean", False),
+                                     ("cos_mean", "cos(E d, ∇J): expected direction", False)],
+                             f"{NAME}_cosine", figures)
+    paths += plot_metric_grid(table, [("rel_bias", REL_BIAS_LABEL, False),
+                                      ("rel_variance", REL_VAR_LABEL, True)],
+                              f"{NAME}_bias_variance", figures)
+    paths += plot_metric_grid(table, [("reuse_gain", "re-use gain  K⟨E d, ∇J⟩ / ‖∇J‖²", True),
+                                      ("displacement", "‖θ_K − θ_0‖ per batch (parameters)",
+                                       True)],
+                              f"{NAME}_reuse", figures)
+    return paths
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def analyze(frame: pd.DataFrame, out: Path, preset: str) -> str:
+    """Write result.csv, result.md and figures/ppo_clip_*.{png,pdf} into ``out``; return
+    the markdown."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = per_run(frame)
+    if runs.empty:
+        text = (f"# PPO's update direction ({preset} preset)\n\nClaim: {CLAIM}\n\n"
+                "Verdict: inconclusive — no measured PPO or GAE run.\n")
+        (out / "result.md").write_text(text)
+        return text
+    table = summarise(runs)
+    table.to_csv(out / "result.csv", index=False)
+    text = markdown(table, runs, preset)
+    (out / "result.md").write_text(text)
+    make_figures(table, out)
+    return text
