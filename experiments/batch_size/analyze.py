@@ -189,7 +189,7 @@ def per_batch_size(rows: pd.DataFrame) -> pd.DataFrame:
     records = []
     for (env, est), g_est in rows.groupby(["env", "estimator"], sort=True):
         bs, w = variance_matrix(g_est)
-        norm, norm_lo, norm_hi = bootstrap_rows(w, lambda x: normalised_curve(bs, x))
+        norm, norm_lo, norm_hi = bootstrap_rows(w, lambda x, bs=bs: normalised_curve(bs, x))
         normalised = {int(b): (norm[i], norm_lo[i], norm_hi[i]) for i, b in enumerate(bs)}
         for b, g in g_est.groupby("B", sort=True):
             rel_var = mean_ci(g["grad_rel_variance"].to_numpy())
@@ -240,10 +240,10 @@ def exponents(rows: pd.DataFrame, fits: pd.DataFrame) -> pd.DataFrame:
     records = []
     for (env, est), g in rows.groupby(["env", "estimator"], sort=False):
         bs, w = variance_matrix(g)
-        k, k_lo, k_hi = bootstrap_rows(w, lambda x: pooled_exponent(bs, x))
-        kl, kl_lo, kl_hi = bootstrap_rows(w, lambda x: pooled_exponent(bs, x, LARGE_B))
+        k, k_lo, k_hi = bootstrap_rows(w, lambda x, bs=bs: pooled_exponent(bs, x))
+        kl, kl_lo, kl_hi = bootstrap_rows(w, lambda x, bs=bs: pooled_exponent(bs, x, LARGE_B))
         r, r_lo, r_hi = ((np.array([math.nan]),) * 3 if est == MEAN else
-                         bootstrap_rows(w, lambda x: ustat_excess(bs, x)))
+                         bootstrap_rows(w, lambda x, bs=bs: ustat_excess(bs, x)))
         c2 = squared_bias_interval(fits[(fits["env"] == env) & (fits["estimator"] == est)], "c2")
         records.append({"env": env, "estimator": est, "n_replicates": w.shape[0],
                         "k": k[0], "k_lo": k_lo[0], "k_hi": k_hi[0],
@@ -339,6 +339,14 @@ def _ci(value: float, lo: float, hi: float, digits: int = 3) -> str:
     return f"{value:.{digits}g} [{lo:.{digits}g}, {hi:.{digits}g}]"
 
 
+def _cell(d: pd.DataFrame, column: str) -> str:
+    """``column`` of the first row of ``d`` with its interval, or n/a when ``d`` is empty."""
+    if d.empty:
+        return "n/a"
+    r = d.iloc[0]
+    return _ci(r[column], r[f"{column}_lo"], r[f"{column}_hi"])
+
+
 def _yes_no(flag: object) -> str:
     return "n/a" if flag is None or (isinstance(flag, float) and math.isnan(flag)) else (
         "yes" if flag else "no")
@@ -372,20 +380,20 @@ def markdown(exps: pd.DataFrame, by_b: pd.DataFrame, chk: pd.DataFrame,
     """result.md: the claim, the exponents, the per-B bias table, the checks, the verdict."""
     lines = [f"# Variance and bias against batch size B ({preset} preset)", "",
              f"Claim: {CLAIM}.", "",
-             "One measurement per run at a random initial policy, exact gradient; a replicate "
-             "is one (env instance, run seed) measured at every B; 95% bootstrap intervals "
-             "across replicates.", "",
+             ("One measurement per run at a random initial policy, exact gradient; a replicate "
+              "is one (env instance, run seed) measured at every B; 95% bootstrap intervals "
+              "across replicates."), "",
              "## Fits over B = " + ", ".join(str(b) for b in sorted(by_b["B"].unique())), "",
-             "k: OLS slope of log tr Cov on log B (Var ∝ B^k), fitted to the mean over "
-             "replicates of each replicate's variance divided by its scale mean_B(B·Var(B)), "
-             "bootstrap over replicates. c²: least-squares fit through 0 of the relative "
-             "squared bias on 1/B² per replicate (relative bias = c/B), averaged over "
-             "replicates; the fit weighs the smallest B most.", "",
-             "r: the excess at B = 2 over the 1/B law, ζ₂/(2ζ₁) of the U-statistic law "
-             "Var(B) = (4(B−2)ζ₁ + 2ζ₂)/(B(B−1)) fitted to the same curve (r = 1: exactly "
-             "1/B; not defined for the batch mean, whose variance is (1−1/B)² that of RLOO).", "",
-             f"| env | estimator | replicates | k (all B) | k (B ≥ {LARGE_B}) | expected k | "
-             "r = ζ₂/(2ζ₁) | c² | expected c² |",
+             ("k: OLS slope of log tr Cov on log B (Var ∝ B^k), fitted to the mean over "
+              "replicates of each replicate's variance divided by its scale mean_B(B·Var(B)), "
+              "bootstrap over replicates. c²: least-squares fit through 0 of the relative "
+              "squared bias on 1/B² per replicate (relative bias = c/B), averaged over "
+              "replicates; the fit weighs the smallest B most."), "",
+             ("r: the excess at B = 2 over the 1/B law, ζ₂/(2ζ₁) of the U-statistic law "
+              "Var(B) = (4(B−2)ζ₁ + 2ζ₂)/(B(B−1)) fitted to the same curve (r = 1: exactly "
+              "1/B; not defined for the batch mean, whose variance is (1−1/B)² that of RLOO)."), "",
+             (f"| env | estimator | replicates | k (all B) | k (B ≥ {LARGE_B}) | expected k | "
+              "r = ζ₂/(2ζ₁) | c² | expected c² |"),
              "|" + " --- |" * 9]
     for _, r in exps.iterrows():
         expected = "-1" if r["estimator"] != MEAN else "-1 (times (1-1/B)²)"
@@ -395,20 +403,19 @@ def markdown(exps: pd.DataFrame, by_b: pd.DataFrame, chk: pd.DataFrame,
                      f"{_ci(r['ustat_r'], r['ustat_r_lo'], r['ustat_r_hi'])} | "
                      f"{_ci(r['c2'], r['c2_lo'], r['c2_hi'])} | {1 if r['estimator'] == MEAN else 0} |")
     lines += ["", "## Relative bias ‖E ĝ − ∇J‖ / ‖∇J‖ against B", "",
-              "| env | B | mean_baseline rel. bias | theory 1/B | distinguishable | "
-              "rloo rel. bias | distinguishable | Var(mean)/Var(rloo) | theory (1-1/B)² | "
-              "B·Var(B) / (B_max·Var(B_max)), rloo |",
+              ("| env | B | mean_baseline rel. bias | theory 1/B | distinguishable | "
+               "rloo rel. bias | distinguishable | Var(mean)/Var(rloo) | theory (1-1/B)² | "
+               "B·Var(B) / (B_max·Var(B_max)), rloo |"),
               "|" + " --- |" * 10]
     for (env, b), g in by_b.groupby(["env", "B"], sort=True):
         m = g[g["estimator"] == MEAN]
         o = g[g["estimator"] == RLOO]
         rr = ratios[(ratios["env"] == env) & (ratios["B"] == b)] if not ratios.empty else ratios
-        cell = lambda d, c: _ci(d.iloc[0][c], d.iloc[0][f"{c}_lo"], d.iloc[0][f"{c}_hi"]) if len(d) else "n/a"  # noqa: E731
         lines.append(
-            f"| {env} | {b} | {cell(m, 'rel_bias')} | {1 / b:.3g} | "
+            f"| {env} | {b} | {_cell(m, 'rel_bias')} | {1 / b:.3g} | "
             f"{_yes_no(m.iloc[0]['bias_distinguishable']) if len(m) else 'n/a'} | "
-            f"{cell(o, 'rel_bias')} | {_yes_no(o.iloc[0]['bias_distinguishable']) if len(o) else 'n/a'} | "
-            f"{cell(rr, 'var_ratio_mean_rloo')} | {(1 - 1 / b) ** 2:.3g} | {cell(o, 'norm_variance')} |")
+            f"{_cell(o, 'rel_bias')} | {_yes_no(o.iloc[0]['bias_distinguishable']) if len(o) else 'n/a'} | "
+            f"{_cell(rr, 'var_ratio_mean_rloo')} | {(1 - 1 / b) ** 2:.3g} | {_cell(o, 'norm_variance')} |")
     lines += ["", "## Checks", "", "| env | check | passed | numbers |", "| --- | --- | --- | --- |"]
     for _, r in chk.iterrows():
         lines.append(f"| {r['env']} | {r['check']} | {_yes_no(r['passed'])} | {r['numbers']} |")

@@ -33,7 +33,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-
 from matplotlib import ticker
 
 from analysis.figures import PANEL_HEIGHT, PAPER_WIDTH, REL_VAR_LABEL, _save, _theme
@@ -228,16 +227,16 @@ def markdown(result: pd.DataFrame, preset: str) -> str:
     """result.md: the claim, the table of numbers, the verdict line."""
     lines = [f"# Reward-to-go against the full return ({preset} preset)", "",
              f"Claim (seed text): {CLAIM}", "",
-             "Paired measurements at random initial policies (one pair = one env instance "
-             "and run seed, both estimators on the same episodes); 95% bootstrap intervals "
-             "across pairs. Relative variance is tr Cov[ĝ] / ‖∇J‖²; relative squared bias "
-             "is the de-noised ‖E ĝ − ∇J‖² / ‖∇J‖² (may be negative); its upper 95% end, "
-             "square-rooted, bounds the relative bias ‖E ĝ − ∇J‖ / ‖∇J‖.", "",
-             "| env | reference | pairs | M x B | rel. variance, full R | rel. variance, "
-             "reward-to-go | Var ratio rtg/full (geo. mean) | ratio of mean variances | "
-             "pairs with rtg lower (largest pair ratio) | rel. squared bias, full R | "
-             "rel. squared bias, rtg | bias distinguishable (full / rtg) | "
-             "rel. bias 95% upper bound (full / rtg) | verdict |",
+             ("Paired measurements at random initial policies (one pair = one env instance "
+              "and run seed, both estimators on the same episodes); 95% bootstrap intervals "
+              "across pairs. Relative variance is tr Cov[ĝ] / ‖∇J‖²; relative squared bias "
+              "is the de-noised ‖E ĝ − ∇J‖² / ‖∇J‖² (may be negative); its upper 95% end, "
+              "square-rooted, bounds the relative bias ‖E ĝ − ∇J‖ / ‖∇J‖."), "",
+             ("| env | reference | pairs | M x B | rel. variance, full R | rel. variance, "
+              "reward-to-go | Var ratio rtg/full (geo. mean) | ratio of mean variances | "
+              "pairs with rtg lower (largest pair ratio) | rel. squared bias, full R | "
+              "rel. squared bias, rtg | bias distinguishable (full / rtg) | "
+              "rel. bias 95% upper bound (full / rtg) | verdict |"),
              "|" + " --- |" * 14]
     for _, r in result.iterrows():
         lines.append(
