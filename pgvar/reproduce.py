@@ -334,9 +334,17 @@ def publish(out: Path, spec: ExperimentSpec) -> Path:
     for name in PUBLISHED_FILES:
         if (out / name).exists():
             shutil.copy2(out / name, target / name)
-    for png in sorted((out / "figures").glob("*.png")):
+    for png in sorted((out / "figures").glob(published_figures_pattern(spec))):
         shutil.copy2(png, target / "figures" / png.name)
     return target
+
+
+def published_figures_pattern(spec: ExperimentSpec) -> str:
+    """An experiment with its own analysis publishes its own figures (``NAME_*.png``);
+    the generic table figures say nothing about runs of one measurement each."""
+    if (spec.folder / EXPERIMENT_ANALYSIS).exists():
+        return f"{spec.name}_*.png"
+    return "*.png"
 
 
 def _write_record(spec: ExperimentSpec, out: Path, outcomes: list[SweepOutcome],
