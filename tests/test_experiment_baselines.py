@@ -97,7 +97,7 @@ def test_smoke_preset_end_to_end(tmp_path):
     script = Path(sys.executable).with_name("pgvar-reproduce")
     cmd = [str(script)] if script.exists() else [sys.executable, "-m", "pgvar.reproduce"]
     proc = subprocess.run([*cmd, "baselines", "--preset", "smoke", "--out", str(out)],
-                          capture_output=True, text=True, cwd=REPO, timeout=600)
+                          capture_output=True, text=True, cwd=REPO, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     if not (out / "result.md").exists():  # the pgvar-reproduce hook not wired yet: call it here
         text = load_module().analyze(load_runs([out / "runs"])[0], out, "smoke")

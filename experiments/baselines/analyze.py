@@ -97,10 +97,10 @@ def usable_measurements(frame: pd.DataFrame, min_step: int = MIN_STEP) -> pd.Dat
     rows = rows[rows["step"] >= min_step].copy()
     if rows.empty:
         return rows.assign(label=pd.Series(dtype=str), batch_size=pd.Series(dtype=float))
-    kind = rows["training.critic.kind"] if "training.critic.kind" in rows else "auto"
+    kind = rows.get("training.critic.kind", "auto")
     rows["label"] = [row_label(e, k) for e, k in zip(rows["estimator"],
                                                     np.broadcast_to(kind, len(rows)))]
-    rows["batch_size"] = rows["training.batch_size"] if "training.batch_size" in rows else np.nan
+    rows["batch_size"] = rows.get("training.batch_size", np.nan)
     first_run = rows.drop_duplicates("run_dir").drop_duplicates(
         ["env", "label", "batch_size", "seed"])["run_dir"]
     return rows[rows["run_dir"].isin(first_run)]
@@ -415,16 +415,16 @@ def write_markdown(table: pd.DataFrame, comp: pd.DataFrame, verdicts: dict[str, 
         "",
         f"**Claim.** {CLAIM}",
         "",
-        f"Measured at a held-fixed random policy per seed ({n_seeds} seeds), paired across "
-        f"rows; relative variance = tr Cov[ĝ] / ‖∇J‖² of one batch estimate; relative bias "
-        f"= √(mean U) / ‖∇J‖ (U the de-noised squared bias); 95% intervals.",
+        (f"Measured at a held-fixed random policy per seed ({n_seeds} seeds), paired across "
+         "rows; relative variance = tr Cov[ĝ] / ‖∇J‖² of one batch estimate; relative bias "
+         "= √(mean U) / ‖∇J‖ (U the de-noised squared bias); 95% intervals."),
         "",
         markdown_table(table),
         "",
         f"Variance ranking (mean relative variance): {variance_ranking(table)}.",
         "",
-        "Paired comparisons (geometric mean over seeds of the per-seed ratio; 'lower' = "
-        "interval below 1):",
+        ("Paired comparisons (geometric mean over seeds of the per-seed ratio; 'lower' = "
+         "interval below 1):"),
         "",
         markdown_comparisons(comp),
         "",

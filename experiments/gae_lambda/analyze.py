@@ -162,6 +162,20 @@ def endpoint_ratio(lams: np.ndarray, values: np.ndarray) -> Estimate:
     return without_interval_below_min_seeds(mean_ci(np.log(hi[ok] / lo[ok])).map(math.exp))
 
 
+def ratio_between(lams: np.ndarray, values: np.ndarray, num: float, den: float) -> Estimate:
+    """Value at lambda ``num`` over value at lambda ``den``, as ``endpoint_ratio`` (geometric
+    mean over seeds of the per-seed ratio). Used from lambda=0 to the variance-minimising
+    lambda and on to lambda=1: that lambda is picked from the same data, so these
+    intervals describe the curve's shape, not a test."""
+    if values.shape[0] < 1 or not (math.isfinite(num) and math.isfinite(den)):
+        return Estimate(math.nan, math.nan, math.nan, 0)
+    a, b = values[:, int(np.argmin(np.abs(lams - num)))], values[:, int(np.argmin(np.abs(lams - den)))]
+    ok = (a > 0) & (b > 0)
+    if not ok.any():
+        return Estimate(math.nan, math.nan, math.nan, 0)
+    return without_interval_below_min_seeds(mean_ci(np.log(a[ok] / b[ok])).map(math.exp))
+
+
 def endpoint_difference(lams: np.ndarray, values: np.ndarray) -> Estimate:
     """mean at the smallest lambda minus mean at the largest, paired bootstrap over seeds
     (for the squared bias, which may be negative or 0, where a ratio is meaningless)."""
@@ -199,6 +213,8 @@ def trends(runs: pd.DataFrame) -> pd.DataFrame:
         lams, var = seed_matrix(sel, "grad_rel_variance")
         put(rec, "variance_ratio_1_over_0", endpoint_ratio(lams, var))
         rec["variance_argmin"] = float(lams[int(np.argmin(var.mean(0)))]) if var.size else math.nan
+        put(rec, "variance_ratio_min_over_0", ratio_between(lams, var, rec["variance_argmin"], lams.min()))
+        put(rec, "variance_ratio_1_over_min", ratio_between(lams, var, lams.max(), rec["variance_argmin"]))
         lams, b2 = seed_matrix(sel, "grad_rel_bias_sq")
         put(rec, "bias_sq_drop_0_minus_1", endpoint_difference(lams, b2))
         lams, mse = seed_matrix(sel, "grad_rel_mse")
@@ -259,6 +275,8 @@ def env_verdict(t: pd.Series) -> tuple[str, str, str]:
     var_falls = var_rank == "down" or var_end == "down"
     bias_dir = "falls" if bias_falls else "rises" if bias_rises else "unclear"
     var_dir = "rises" if var_rises else "falls" if var_falls else "unclear"
+    if var_dir == "unclear" and is_u_shaped(t):
+        var_dir = f"falls to λ={t['variance_argmin']:g}, then rises"
     if bias_falls and var_rises:
         return "confirmed", bias_dir, var_dir
     if bias_rises or var_falls:
@@ -266,6 +284,15 @@ def env_verdict(t: pd.Series) -> tuple[str, str, str]:
     if bias_falls or var_rises:
         return "qualified", bias_dir, var_dir
     return "inconclusive", bias_dir, var_dir
+
+
+def is_u_shaped(t: pd.Series) -> bool:
+    """The variance falls from lambda=0 to an inner minimum and rises from it to lambda=1,
+    both intervals excluding 1."""
+    lo_side, hi_side = t.get("variance_ratio_min_over_0_hi"), t.get("variance_ratio_1_over_min_lo")
+    return bool(0.0 < t.get("variance_argmin", math.nan) < 1.0 and lo_side is not None
+                and math.isfinite(lo_side) and math.isfinite(hi_side)
+                and lo_side < 1.0 < hi_side)
 
 
 def overall_verdict(words: list[str]) -> str:
@@ -303,8 +330,9 @@ def markdown_lambda_table(table: pd.DataFrame) -> str:
 
 
 def markdown_trends(tr: pd.DataFrame) -> str:
-    lines = ["| env | seeds | Spearman(λ, bias²) | Spearman(λ, variance) | variance λ=1 / λ=0 (geo. mean) "
-             "| bias²(λ=0) − bias²(λ=1), relative | MSE-optimal λ [95% CI] | bootstrap share of each λ |",
+    lines = [("| env | seeds | Spearman(λ, bias²) | Spearman(λ, variance) | variance λ=1 / λ=0 "
+              "(geo. mean) | bias²(λ=0) − bias²(λ=1), relative | MSE-optimal λ [95% CI] "
+              "| bootstrap share of each λ |"),
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for _, t in tr.iterrows():
         lines.append(
@@ -329,6 +357,15 @@ def markdown_other_batch_sizes(tr: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def shape_text(t: pd.Series) -> str:
+    """', ×a from λ=0 to it, ×b from it to λ=1' when the variance minimum is inside."""
+    if not (0.0 < t["variance_argmin"] < 1.0) or not math.isfinite(t["variance_ratio_min_over_0"]):
+        return ""
+    return (f": ×{fmt(t['variance_ratio_min_over_0'], t['variance_ratio_min_over_0_lo'], t['variance_ratio_min_over_0_hi'], 2)}"
+            f" from λ=0 to it, ×{fmt(t['variance_ratio_1_over_min'], t['variance_ratio_1_over_min_lo'], t['variance_ratio_1_over_min_hi'], 2)}"
+            f" from it to λ=1")
+
+
 def verdict_sentence(table: pd.DataFrame, tr: pd.DataFrame) -> str:
     parts = []
     for _, t in tr.iterrows():
@@ -340,7 +377,7 @@ def verdict_sentence(table: pd.DataFrame, tr: pd.DataFrame) -> str:
             f"{hi_row['rel_bias']:.2g} at λ={hi_row['lam']:g} (bias {t['bias_direction']}), "
             f"variance ×{fmt(t['variance_ratio_1_over_0'], t['variance_ratio_1_over_0_lo'], t['variance_ratio_1_over_0_hi'], 2)} "
             f"from λ={lo_row['lam']:g} to {hi_row['lam']:g} (variance {t['variance_direction']}; "
-            f"lowest at λ={t['variance_argmin']:g}), "
+            f"lowest at λ={t['variance_argmin']:g}{shape_text(t)}), "
             f"MSE-optimal λ = {fmt(t['mse_argmin'], t['mse_argmin_lo'], t['mse_argmin_hi'])}"
             f" at B = {int(lo_row['batch_size']) if math.isfinite(lo_row['batch_size']) else '?'}")
     return "; ".join(parts)
@@ -353,9 +390,9 @@ def write_markdown(table: pd.DataFrame, tr: pd.DataFrame, preset: str) -> str:
         "",
         f"**Claim.** {CLAIM}",
         "",
-        "Relative bias √(mean U)/‖∇J‖, relative variance tr Cov[ĝ]/‖∇J‖² and relative MSE "
-        "of one batch estimate, each λ at the same held-fixed policy, critic and episodes "
-        "per seed (paired); 95% intervals.",
+        ("Relative bias √(mean U)/‖∇J‖, relative variance tr Cov[ĝ]/‖∇J‖² and relative MSE "
+         "of one batch estimate, each λ at the same held-fixed policy, critic and episodes "
+         "per seed (paired); 95% intervals."),
         "",
         markdown_lambda_table(table),
         "",
@@ -363,8 +400,9 @@ def write_markdown(table: pd.DataFrame, tr: pd.DataFrame, preset: str) -> str:
         "",
         markdown_trends(tr),
         "",
-        "MSE-optimal λ had each batch held B' episodes (bias² + variance · B/B', from the "
-        "measured per-seed bias² and variance; 95% bootstrap CI over seeds):",
+        ("MSE-optimal λ had each batch held B' episodes (bias² + variance · B/B', from the "
+         "measured per-seed bias² and variance, the critic unchanged; 95% bootstrap CI over "
+         "seeds):"),
         "",
         markdown_other_batch_sizes(tr),
         "",
