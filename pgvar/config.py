@@ -21,6 +21,7 @@ Layout of the composed config (``conf/config.yaml`` is the primary config)::
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import math
 import re
@@ -377,9 +378,22 @@ def register_configs() -> None:
     cs.store(group="schema", name="policy", node=PolicySettings)
 
 
+MAX_SUBDIR_BYTES = 200  # file systems refuse names over 255 bytes; leave room for a hash
+
+
 def subdir_name(override_dirname: str) -> str:
-    """Job sub-directory of a sweep: the job's overrides, or ``default`` when it has none."""
-    return override_dirname or "default"
+    """Job sub-directory of a sweep: the job's overrides, or ``default`` when it has none.
+
+    A name too long for the file system keeps a readable prefix and ends with a hash of
+    the whole override string, so it stays unique and the same on every re-run (which
+    is what skipping complete runs relies on).
+    """
+    name = override_dirname or "default"
+    if len(name.encode()) <= MAX_SUBDIR_BYTES:
+        return name
+    digest = hashlib.sha1(name.encode()).hexdigest()[:12]
+    prefix = name.encode()[:MAX_SUBDIR_BYTES - 14].decode(errors="ignore")
+    return f"{prefix}~{digest}"
 
 
 def register_resolvers() -> None:

@@ -126,3 +126,16 @@ def test_prepare_job_dir_creates_the_directory(tmp_path):
     job = tmp_path / "a" / "b"
     assert runlog.prepare_job_dir(job, CONFIG).action == "run"
     assert job.is_dir()
+
+
+def test_long_override_sets_get_a_short_stable_unique_job_dir_name():
+    from pgvar.config import MAX_SUBDIR_BYTES, subdir_name
+
+    long_a = ",".join(f"training.option_{i}={i}" for i in range(40))
+    long_b = long_a + ",seed=1"
+    assert subdir_name("env=tabular,seed=0") == "env=tabular,seed=0"
+    assert subdir_name("") == "default"
+    name_a, name_b = subdir_name(long_a), subdir_name(long_b)
+    assert len(name_a.encode()) <= MAX_SUBDIR_BYTES and len(name_b.encode()) <= MAX_SUBDIR_BYTES
+    assert name_a != name_b and name_a == subdir_name(long_a)
+    assert name_a.startswith("training.option_0=0")
