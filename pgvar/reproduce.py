@@ -298,6 +298,8 @@ def load_experiment_analysis(folder: Path):
         return None
     module_spec = importlib.util.spec_from_file_location(f"pgvar_experiment_{folder.name}", path)
     module = importlib.util.module_from_spec(module_spec)
+    # registered first: dataclasses (and pickling) look their module up by name
+    sys.modules[module_spec.name] = module
     module_spec.loader.exec_module(module)
     if not callable(getattr(module, "analyze", None)):
         raise SystemExit(f"pgvar-reproduce: {path} defines no analyze(frame, out, preset)")

@@ -339,16 +339,16 @@ def markdown(fits: list[PowerFit], runs: pd.DataFrame, cells: pd.DataFrame, pres
     lines = [
         "# Gradient variance against horizon and action dimension (LQR)", "",
         f"**Claim.** {CLAIM}", "",
-        f"**Measured** (preset `{preset}`): linear-quadratic control, state dimension "
-        f"{_ints(runs['state_dim'])}, at the initial policy (K = 0, k = 0, "
-        f"log σ = -0.5), horizons T ∈ {_ints(runs['T'])}, action dimensions "
-        f"d ∈ {_ints(runs['d'])}, gamma ∈ {_ints(runs['gamma'])}; "
-        f"M = {M} batches of B = {int(runs['B'].median())} episodes per cell, "
-        f"{runs['seed'].nunique()} random systems (seeds). Exact gradient by autograd of J. "
-        "Fit `log y = c + a log T + b log d` over all cells and seeds; 95% intervals "
-        "from a bootstrap over systems. The product law is a = b = 1.", "",
-        "| gamma | estimator | quantity | a (T exponent) | b (d exponent) | "
-        "log T·log d term | R² | a = b = 1? |",
+        (f"**Measured** (preset `{preset}`): linear-quadratic control, state dimension "
+         f"{_ints(runs['state_dim'])}, at the initial policy (K = 0, k = 0, "
+         f"log σ = -0.5), horizons T ∈ {_ints(runs['T'])}, action dimensions "
+         f"d ∈ {_ints(runs['d'])}, gamma ∈ {_ints(runs['gamma'])}; "
+         f"M = {M} batches of B = {int(runs['B'].median())} episodes per cell, "
+         f"{runs['seed'].nunique()} random systems (seeds). Exact gradient by autograd of J. "
+         "Fit `log y = c + a log T + b log d` over all cells and seeds; 95% intervals "
+         "from a bootstrap over systems. The product law is a = b = 1."), "",
+        ("| gamma | estimator | quantity | a (T exponent) | b (d exponent) | "
+         "log T·log d term | R² | a = b = 1? |"),
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for f in fits:
@@ -368,8 +368,8 @@ def cell_table(cells: pd.DataFrame) -> str:
     out = []
     for est, g in cells[cells["gamma"] == gamma].groupby("estimator"):
         pivot = g.pivot(index="T", columns="d", values="grad_rel_variance")
-        out += [f"Relative variance tr Cov / ‖∇J‖², {ESTIMATOR_NAMES.get(est, est)}, "
-                f"gamma = {gamma:g} (geometric mean over systems):", "",
+        out += [(f"Relative variance tr Cov / ‖∇J‖², {ESTIMATOR_NAMES.get(est, est)}, "
+                 f"gamma = {gamma:g} (geometric mean over systems):"), "",
                 "| T \\ d | " + " | ".join(str(d) for d in pivot.columns) + " |",
                 "| --- |" + " --- |" * len(pivot.columns)]
         for T, row in pivot.iterrows():

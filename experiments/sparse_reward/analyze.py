@@ -118,7 +118,8 @@ def cell_summary(cell: pd.DataFrame) -> dict:
         "ref_norm": float(cell["ref_norm"].mean()),
         "grad_norm_mean": norm.value, "grad_norm_mean_lo": norm.lo, "grad_norm_mean_hi": norm.hi,
         "snr": snr.value, "snr_lo": snr.lo, "snr_hi": snr.hi,
-        "exact_snr": exact_snr.value if exact_snr else (0.0 if first["ref_norm"] == 0 else math.inf),
+        # every batch exactly zero: no spread to measure, so no SNR either (NaN)
+        "exact_snr": exact_snr.value if exact_snr else math.nan,
         "exact_snr_lo": exact_snr.lo if exact_snr else math.nan,
         "exact_snr_hi": exact_snr.hi if exact_snr else math.nan,
     }
@@ -169,7 +170,13 @@ def verdict(cells: pd.DataFrame) -> str:
         return (f"Verdict: inconclusive — {law}; the farthest cell's interval does not "
                 f"clear {VANISHED} or there are too few seeds.")
     peak = reachable.loc[reachable["ref_norm"].idxmax()]
-    snr_peak = reachable.loc[reachable["exact_snr"].replace(math.inf, np.nan).idxmax()]
+    measurable = reachable[np.isfinite(reachable["exact_snr"])]
+    snr_peak = measurable.loc[measurable["exact_snr"].idxmax()]
+    snr_far = measurable.iloc[-1]
+    unmeasured = reachable[~np.isfinite(reachable["exact_snr"])]
+    all_zero = (f" (beyond it every batch was exactly zero, distance "
+                f"{int(unmeasured['distance'].min())}+)" if len(unmeasured)
+                and unmeasured["distance"].min() > snr_far["distance"] else "")
     cancel = (f"; {len(above)} cell(s) have more zero batches than predicted: batches that "
               f"reach the goal but whose scores cancel exactly"
               if len(above) else "")
@@ -179,8 +186,9 @@ def verdict(cells: pd.DataFrame) -> str:
                 f"{int(far['distance'])}, {peak['ref_norm'] / far['ref_norm']:.0f}x below its peak "
                 f"{peak['ref_norm']:.2f} at distance {int(peak['distance'])}, and the per-batch "
                 f"SNR ||∇J||²/trCov falls from {snr_peak['exact_snr']:.1f} (distance "
-                f"{int(snr_peak['distance'])}) to {far['exact_snr']:.1e}: the signal is rare, "
-                f"not absent, and comes back once B·p_reach ≳ 1.")
+                f"{int(snr_peak['distance'])}) to {snr_far['exact_snr']:.1e} (distance "
+                f"{int(snr_far['distance'])}){all_zero}: the signal is rare, not absent, and "
+                f"comes back once B·p_reach ≳ 1.")
     return f"Verdict: confirmed — {law}{cancel}."
 
 
@@ -194,15 +202,15 @@ def markdown(cells: pd.DataFrame, preset: str) -> str:
     lines = [
         "# Sparse rewards: gradient signal against the distance to the reward (chain)", "",
         f"**Claim.** {CLAIM}", "",
-        f"**Measured** (preset `{preset}`): the sparse chain, uniform initial policy, gamma = 1, "
-        f"horizons T ∈ {{{', '.join(str(t) for t in sorted(cells['T'].unique()))}}}, goal 1 to "
-        f"{int(cells['distance'].max())} steps away, M batches of B = {int(cells['B'].max())} "
-        f"episodes per run, {int(cells['seeds'].max())} seeds pooled. Prediction of the "
-        "zero-gradient fraction: (1 - p_reach)^B with p_reach exact (DP). Intervals: "
-        "Clopper-Pearson for fractions, bootstrap over seeds otherwise.", "",
+        (f"**Measured** (preset `{preset}`): the sparse chain, uniform initial policy, gamma = 1, "
+         f"horizons T ∈ {{{', '.join(str(t) for t in sorted(cells['T'].unique()))}}}, goal 1 to "
+         f"{int(cells['distance'].max())} steps away, M batches of B = {int(cells['B'].max())} "
+         f"episodes per run, {int(cells['seeds'].max())} seeds pooled. Prediction of the "
+         "zero-gradient fraction: (1 - p_reach)^B with p_reach exact (DP). Intervals: "
+         "Clopper-Pearson for fractions, bootstrap over seeds otherwise."), "",
         f"Fixed horizon T = {T}:", "",
-        "| estimator | distance | p_reach | zero-grad fraction [95% CI] | predicted | ‖∇J‖ | "
-        "mean ‖ĝ‖ | SNR ‖ĝ̄‖²/trCov | SNR ‖∇J‖²/trCov |",
+        ("| estimator | distance | p_reach | zero-grad fraction [95% CI] | predicted | ‖∇J‖ | "
+         "mean ‖ĝ‖ | SNR ‖ĝ̄‖²/trCov | SNR ‖∇J‖²/trCov |"),
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for _, c in main.iterrows():
@@ -210,11 +218,16 @@ def markdown(cells: pd.DataFrame, preset: str) -> str:
             f"| {c['estimator']} | {c['distance']} | {c['p_reach']:.2e} | "
             f"{c['zero_fraction']:.3f} [{c['zero_fraction_lo']:.3f}, {c['zero_fraction_hi']:.3f}] | "
             f"{c['predicted_zero_fraction']:.3f} | {c['ref_norm']:.2e} | {c['grad_norm_mean']:.2e} | "
-            f"{c['snr']:.2g} | {c['exact_snr']:.2g} |")
-    lines += ["", f"All {len(cells)} cells (every horizon) are in `result.csv`; cells whose "
-              f"zero fraction lies above its prediction: {int(cells['above_prediction'].sum())}, "
-              f"below: {int(cells['below_prediction'].sum())}.", "", verdict(cells), ""]
+            f"{_snr(c['snr'])} | {_snr(c['exact_snr'])} |")
+    lines += ["", (f"All {len(cells)} cells (every horizon) are in `result.csv`; cells whose "
+                   f"zero fraction lies above its prediction: {int(cells['above_prediction'].sum())}, "
+                   f"below: {int(cells['below_prediction'].sum())}."), "", verdict(cells), ""]
     return "\n".join(lines)
+
+
+def _snr(value: float) -> str:
+    """An SNR for the table; NaN when every batch was zero (nothing to measure)."""
+    return f"{value:.2g}" if np.isfinite(value) else "– (all ĝ = 0)"
 
 
 def _series_style(cells: pd.DataFrame) -> dict[tuple[int, str], dict]:
@@ -235,7 +248,8 @@ def plot_signal(cells: pd.DataFrame, out_dir: Path) -> list[Path]:
     fig, axes = plt.subplots(2, 2, figsize=(PAPER_WIDTH, 5.6))
     ax_zero, ax_pred, ax_norm, ax_snr = axes.flat
     handles: list[Line2D] = []
-    for (T, est), kw in style.items():
+    # REINFORCE last, so its filled markers sit on top of the baselines' open ones
+    for (T, est), kw in sorted(style.items(), key=lambda item: (item[0][1] == "reinforce", item[0])):
         c = cells[(cells["T"] == T) & (cells["estimator"] == est)].sort_values("distance")
         label = f"T = {T}, {est}"
         err = np.vstack([c["zero_fraction"] - c["zero_fraction_lo"],
@@ -277,6 +291,7 @@ def plot_signal(cells: pd.DataFrame, out_dir: Path) -> list[Path]:
         _log_axis(ax_snr, "y", finite_snr)
     for ax in (ax_zero, ax_norm, ax_snr):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    handles.sort(key=lambda h: (int(h.get_label().split(",")[0].removeprefix("T = ")), h.get_label()))
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 4), frameon=False,
                bbox_to_anchor=(0.5, -0.05))
     fig.tight_layout()
