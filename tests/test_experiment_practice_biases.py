@@ -152,3 +152,11 @@ def test_smoke_preset_end_to_end(tmp_path: Path) -> None:
     if not result.exists():  # reproduce's analysis hook not wired yet: call it here
         load_analysis().analyze(load_runs([out / "runs"])[0], out, "smoke")
     assert "Verdict" in result.read_text()
+
+
+def test_a_configuration_run_twice_counts_once() -> None:
+    mod = load_analysis()
+    frame, _ = synthetic_frame(seeds=3)
+    twice = pd.concat([frame, frame.assign(run_id=frame["run_id"] + "-again")])
+    once, dup = mod.per_run(frame), mod.per_run(twice)
+    assert len(dup) == len(once)

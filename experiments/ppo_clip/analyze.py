@@ -10,7 +10,9 @@ Statistics per configuration (env, K, epsilon), all against the exact gradient g
 
 - ``cos_ref``: the mean cosine of one batch's direction with g (what one update sees);
 - ``cos_mean``: the cosine of the *expected* direction E d with g (the drift of the
-  direction itself, with the batch noise taken out);
+  direction itself, with the batch noise taken out): p / sqrt(p^2 + q) from the means over
+  seeds of the parallel part p = <E d, g>/||g||^2 and the squared perpendicular part
+  q = ||E d||^2/||g||^2 - p^2;
 - ``rel_bias`` = ||E d - g|| / ||g|| and ``rel_variance`` = tr Cov d / ||g||^2;
 - ``reuse_gain`` = K <E d, g> / ||g||^2: the first-order gain in J of PPO's whole update
   theta_K - theta_0 = ppo_lr K d, in units of one plain gradient step of the same size
@@ -47,7 +49,7 @@ from analysis.figures import (
     _theme,
 )
 from analysis.loader import measured_rows
-from analysis.stats import Estimate, mean_ci
+from analysis.stats import Estimate, _bootstrap_interval, mean_ci
 
 NAME = "ppo_clip"
 MIN_STEP = 1  # measured iterations used: from the first one after the critic's first fit
@@ -56,7 +58,7 @@ GAE_LABEL = "GAE"
 CLAIM = ("“The clip operation stops any single update from moving the policy too far, "
          "while importance sampling allows re-use of old data for a few gradient steps.” "
          "(seed text, on PPO's clipped surrogate)")
-METRICS = ("cos_ref", "cos_mean", "rel_bias_sq", "rel_variance", "reuse_gain", "displacement")
+METRICS = ("cos_ref", "rel_bias_sq", "rel_variance", "reuse_gain", "displacement")
 
 
 # ----------------------------------------------------------------------------- per run
@@ -75,6 +77,7 @@ def direction_columns(measured: pd.DataFrame) -> pd.DataFrame:
     ref2 = ref2.where(ref2 > 0)
     df["rel_proj"] = (mean_sq + ref2 - dist_sq) / 2.0 / ref2
     df["rel_sq_norm"] = (mean_sq - var / m) / ref2
+    df["rel_perp_sq"] = df["rel_sq_norm"] - df["rel_proj"] ** 2  # ||E d - proj g||^2/||g||^2
     return df
 
 
@@ -111,12 +114,12 @@ def per_run(frame: pd.DataFrame, min_step: int = MIN_STEP) -> pd.DataFrame:
     keys = ["env", "label", "estimator", "K", "clip", "ppo_lr", "seed", "run_id"]
     df["rel_variance"] = df["grad_rel_variance"]
     df["rel_bias_sq"] = df["grad_rel_bias_sq"]
-    agg = (df.groupby(keys, dropna=False)[["cos_ref", "rel_proj", "rel_sq_norm", "rel_variance",
+    agg = (df.groupby(keys, dropna=False)[["cos_ref", "rel_proj", "rel_perp_sq", "rel_variance",
                                            "rel_bias_sq", "grad_norm_mean"]]
            .mean().reset_index())
-    # K = 1 runs that differ only in the (then inactive) clip are the same run: keep one
+    # K = 1 runs that differ only in the (then inactive) clip are the same run, and so is a
+    # configuration run twice (a sweep re-run into new job folders): keep one
     agg = agg.drop_duplicates(subset=["env", "label", "seed"], keep="first")
-    agg["cos_mean"] = agg["rel_proj"] / np.sqrt(agg["rel_sq_norm"].where(agg["rel_sq_norm"] > 0))
     agg["reuse_gain"] = agg["K"] * agg["rel_proj"]
     agg["displacement"] = agg["ppo_lr"] * agg["K"] * agg["grad_norm_mean"]
     return agg
@@ -130,6 +133,43 @@ def paired_difference(runs: pd.DataFrame, metric: str, baseline: pd.DataFrame) -
     base = baseline.set_index("seed")[metric]
     both = runs.set_index("seed")[metric].to_frame("x").join(base.rename("b"), how="inner")
     return mean_ci((both["x"] - both["b"]).to_numpy())
+
+
+def _cosine_of_means(proj: np.ndarray, perp_sq: np.ndarray, axis: int = -1) -> np.ndarray:
+    """p / sqrt(p^2 + q) with p the mean of <E d, g>/||g||^2 and q the mean of
+    ||E d - p g||^2/||g||^2 over seeds: both means are of unbiased per-seed estimates."""
+    p = np.mean(proj, axis=axis)
+    return p / np.sqrt(p ** 2 + np.clip(np.mean(perp_sq, axis=axis), 0.0, None))
+
+
+def pooled_cosine(g: pd.DataFrame) -> Estimate:
+    """cos(E d, g) from the mean parallel and squared perpendicular parts over seeds (the
+    per-seed ratio of two noisy estimates would be biased upwards where ||E d||^2 is poorly
+    determined), with a paired bootstrap interval over seeds."""
+    proj, sq = g["rel_proj"].to_numpy(float), g["rel_perp_sq"].to_numpy(float)
+    ok = np.isfinite(proj) & np.isfinite(sq)
+    proj, sq = proj[ok], sq[ok]
+    if proj.size < 2:
+        return Estimate(float(_cosine_of_means(proj, sq)) if proj.size else math.nan,
+                        math.nan, math.nan, int(proj.size))
+    lo, hi = _bootstrap_interval((proj, sq), _cosine_of_means, paired=True, seed=0)
+    return Estimate(float(_cosine_of_means(proj, sq)), lo, hi, int(proj.size))
+
+
+def pooled_cosine_difference(g: pd.DataFrame, base: pd.DataFrame) -> Estimate:
+    """pooled_cosine(g) - pooled_cosine(base) over the seeds both have, paired bootstrap."""
+    cols = ["rel_proj", "rel_perp_sq"]
+    j = g[["seed", *cols]].merge(base[["seed", *cols]], on="seed", suffixes=("", "_b")).dropna()
+    arrays = tuple(j[c].to_numpy(float) for c in ("rel_proj", "rel_perp_sq", "rel_proj_b",
+                                                   "rel_perp_sq_b"))
+
+    def diff(a, b, c, d, axis=-1):
+        return _cosine_of_means(a, b, axis) - _cosine_of_means(c, d, axis)
+
+    if len(j) < 2:
+        return Estimate(float(diff(*arrays)) if len(j) else math.nan, math.nan, math.nan, len(j))
+    lo, hi = _bootstrap_interval(arrays, diff, paired=True, seed=0)
+    return Estimate(float(diff(*arrays)), lo, hi, len(j))
 
 
 def baseline_runs(runs: pd.DataFrame, env: str) -> pd.DataFrame:
@@ -153,10 +193,10 @@ def summarise(runs: pd.DataFrame) -> pd.DataFrame:
                 est, metric = est.map(lambda v: math.sqrt(max(v, 0.0))), "rel_bias"
             rec.update({metric: est.value, f"{metric}_lo": est.lo, f"{metric}_hi": est.hi})
         base = baseline_runs(runs, env)
-        for metric in ("cos_ref", "cos_mean"):
-            diff = paired_difference(g, metric, base)
-            rec.update({f"d_{metric}": diff.value, f"d_{metric}_lo": diff.lo,
-                        f"d_{metric}_hi": diff.hi})
+        diffs = {"cos_ref": paired_difference(g, "cos_ref", base),
+                 "cos_mean": pooled_cosine_difference(g, base)}
+        for metric, est in (("cos_mean", pooled_cosine(g)), *((f"d_{m}", d) for m, d in diffs.items())):
+            rec.update({metric: est.value, f"{metric}_lo": est.lo, f"{metric}_hi": est.hi})
         records.append(rec)
     table = pd.DataFrame.from_records(records)
     order = table["label"].ne(GAE_LABEL).astype(int)

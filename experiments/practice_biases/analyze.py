@@ -14,11 +14,13 @@ The habits (an estimator option each, see ``pgvar.estimators.EstimatorConfig``):
   ``discounted`` objective; under ``finite`` it changes nothing).
 
 Per run, against the exact gradient g = grad J: the relative squared bias U/||g||^2
-(unbiased, may be < 0), the mean per-batch cosine ``cos_ref``, the cosine of the expected
-estimate ``cos_mean`` (batch noise removed, as in ``experiments/ppo_clip/analyze.py``),
-``scale`` = <E g_hat, g>/||g||^2 (1 when unbiased) and the relative variance. Across seeds:
-means with 95% bootstrap intervals (``analysis.stats.mean_ci``) and paired habit - control
-differences.
+(unbiased, may be < 0), the mean per-batch cosine ``cos_ref``, ``scale`` =
+<E g_hat, g>/||g||^2 (1 when unbiased), the squared part across g ``rel_perp_sq`` =
+||E g_hat - scale g||^2/||g||^2 (both from the logged statistics without the noise floor,
+as in ``experiments/ppo_clip/analyze.py``) and the relative variance. Across seeds: means
+with 95% bootstrap intervals (``analysis.stats.mean_ci``), the cosine of the expected
+estimate ``cos_mean`` = p/sqrt(p^2 + q) from the means p of ``scale`` and q of
+``rel_perp_sq``, and paired habit - control differences.
 
 Where the expectation is computable by dynamic programming (tabular environments,
 estimators whose per-step weight has a known conditional mean given (s_t, a_t) with the
@@ -43,7 +45,7 @@ import torch
 
 from analysis.figures import PANEL_HEIGHT, PAPER_WIDTH, _save, _theme
 from analysis.loader import measured_rows
-from analysis.stats import Estimate, mean_ci
+from analysis.stats import Estimate, _bootstrap_interval, mean_ci
 
 NAME = "practice_biases"
 FLAGS = {  # habit -> (config column, value that switches the habit on)
@@ -63,6 +65,7 @@ CLAIMS = {
 }
 SMALL_REL_BIAS = 0.05  # a habit whose added relative bias stays below this is 'small'
 MIN_SEEDS = 3  # fewer seeds than this: no verdict (inconclusive)
+DIRECTION_TOL = 0.01  # |change of cos(E g_hat, grad J)| below this counts as 'same direction'
 
 
 # ----------------------------------------------------------------------------- per run
@@ -80,6 +83,7 @@ def direction_columns(df: pd.DataFrame) -> pd.DataFrame:
     dist_sq = df["grad_bias_sq"].astype(float) + var / m + se2
     df["scale"] = (mean_sq + ref2 - dist_sq) / 2.0 / ref2
     df["rel_sq_norm"] = (mean_sq - var / m) / ref2
+    df["rel_perp_sq"] = df["rel_sq_norm"] - df["scale"] ** 2  # ||E g_hat - scale g||^2/||g||^2
     return df
 
 
@@ -124,9 +128,10 @@ def per_run(frame: pd.DataFrame) -> pd.DataFrame:
     keys = [k for k in CELL_KEYS if k in df.columns]
     df["cell"] = [cell_label(r) for _, r in df.iterrows()]
     df["cell_key"] = df[keys].astype(str).agg("|".join, axis=1)
+    # the same configuration twice (a sweep re-run into new job folders) counts once
+    df = df.drop_duplicates(subset=["cell_key", "habit", "seed"], keep="first")
     df["rel_bias_sq"] = df["grad_rel_bias_sq"]
     df["rel_variance"] = df["grad_rel_variance"]
-    df["cos_mean"] = df["scale"] / np.sqrt(df["rel_sq_norm"].where(df["rel_sq_norm"] > 0))
     return df[df["habit"] != "mixed"]
 
 
@@ -280,6 +285,43 @@ def paired(a: pd.DataFrame, b: pd.DataFrame, metric: str) -> Estimate:
     return mean_ci((j["a"] - j["b"]).to_numpy())
 
 
+def _cosine_of_means(scale: np.ndarray, perp_sq: np.ndarray, axis: int = -1) -> np.ndarray:
+    """p / sqrt(p^2 + q) with p the mean scale <E g_hat, g>/||g||^2 and q the mean squared
+    perpendicular part ||E g_hat - p g||^2/||g||^2 over seeds (means of unbiased estimates)."""
+    p = np.mean(scale, axis=axis)
+    return p / np.sqrt(p ** 2 + np.clip(np.mean(perp_sq, axis=axis), 0.0, None))
+
+
+def pooled_cosine(g: pd.DataFrame) -> Estimate:
+    """cos(E g_hat, g) from the mean scale and mean squared perpendicular part over seeds
+    (the per-seed ratio of two noisy estimates would be biased upwards where ||E g_hat||^2
+    is poorly determined), with a paired bootstrap interval over seeds."""
+    a, b = g["scale"].to_numpy(float), g["rel_perp_sq"].to_numpy(float)
+    ok = np.isfinite(a) & np.isfinite(b)
+    a, b = a[ok], b[ok]
+    if a.size < 2:
+        return Estimate(float(_cosine_of_means(a, b)) if a.size else math.nan, math.nan,
+                        math.nan, int(a.size))
+    lo, hi = _bootstrap_interval((a, b), _cosine_of_means, paired=True, seed=0)
+    return Estimate(float(_cosine_of_means(a, b)), lo, hi, int(a.size))
+
+
+def pooled_cosine_difference(h: pd.DataFrame, c: pd.DataFrame) -> Estimate:
+    """pooled_cosine(h) - pooled_cosine(c) over the seeds both have, paired bootstrap."""
+    cols = ["scale", "rel_perp_sq"]
+    j = h[["seed", *cols]].merge(c[["seed", *cols]], on="seed", suffixes=("", "_c")).dropna()
+    arrays = tuple(j[col].to_numpy(float) for col in ("scale", "rel_perp_sq", "scale_c",
+                                                       "rel_perp_sq_c"))
+
+    def diff(a, b, x, y, axis=-1):
+        return _cosine_of_means(a, b, axis) - _cosine_of_means(x, y, axis)
+
+    if len(j) < 2:
+        return Estimate(float(diff(*arrays)) if len(j) else math.nan, math.nan, math.nan, len(j))
+    lo, hi = _bootstrap_interval(arrays, diff, paired=True, seed=0)
+    return Estimate(float(diff(*arrays)), lo, hi, len(j))
+
+
 def summarise(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per (habit, cell, arm) with arm in {habit, control}: means and intervals of
     relative bias, scale, cosines and variance; habit rows add the paired differences from
@@ -299,14 +341,17 @@ def summarise(runs: pd.DataFrame) -> pd.DataFrame:
             b2 = mean_ci(g["rel_bias_sq"].to_numpy())
             rec.update(_columns("rel_bias", _root(b2)))
             rec["bias_distinguishable"] = bool(np.isfinite(b2.lo) and b2.lo > 0)
-            for metric in ("scale", "cos_mean", "cos_ref", "rel_variance"):
+            for metric in ("scale", "cos_ref", "rel_variance"):
                 rec.update(_columns(metric, mean_ci(g[metric].to_numpy())))
+            rec.update(_columns("cos_mean", pooled_cosine(g)))
+            rec.update(_columns("dir_bias", _root(mean_ci(g["rel_perp_sq"].to_numpy()))))
             rec["pred_rel_bias"] = _mean_root(g["pred_rel_bias_sq"])
             if arm == "habit":
                 rec["pred_added_bias"] = _mean_root(g["pred_added_sq"])
                 if not control.empty:
-                    for metric in ("rel_bias_sq", "cos_mean", "cos_ref"):
+                    for metric in ("rel_bias_sq", "cos_ref"):
                         rec.update(_columns(f"d_{metric}", paired(h, control, metric)))
+                    rec.update(_columns("d_cos_mean", pooled_cosine_difference(h, control)))
             records.append(rec)
     return pd.DataFrame.from_records(records)
 
@@ -356,7 +401,22 @@ def habit_verdict(table: pd.DataFrame, habit: str) -> str:
         word = "confirmed"
     else:
         word = "qualified"
-    return f"Verdict ({habit}): {word} — " + "; ".join(parts) + "."
+    return f"Verdict ({habit}): {word} — " + "; ".join(parts) + "." + scale_clause(hab)
+
+
+def scale_clause(hab: pd.DataFrame) -> str:
+    """' Mostly a change of scale ...' when, in every cell, the habit's expected estimate
+    points where the control's does (|Δ cos(E ĝ, ∇J)| < DIRECTION_TOL at both ends of its
+    interval, or the interval contains 0) while its scale along ∇J differs."""
+    d_lo, d_hi = hab["d_cos_mean_lo"].to_numpy(float), hab["d_cos_mean_hi"].to_numpy(float)
+    same_direction = np.all(((d_lo <= 0) & (d_hi >= 0))
+                            | ((np.abs(d_lo) < DIRECTION_TOL) & (np.abs(d_hi) < DIRECTION_TOL)))
+    if not same_direction or not np.all(np.isfinite(d_lo)):
+        return ""
+    worst = float(np.nanmax(np.abs(np.concatenate([d_lo, d_hi]))))
+    return (f" In every cell the bias is a change of scale (×{hab['scale'].min():.2f} to "
+            f"×{hab['scale'].max():.2f} along ∇J) with the direction of E ĝ unchanged "
+            f"(|Δ cos(E ĝ, ∇J)| ≤ {worst:.3f} at 95%).")
 
 
 def overall_verdict(lines: list[str]) -> str:
@@ -386,7 +446,8 @@ def _fmt(v: float, lo: float = math.nan, hi: float = math.nan, digits: int = 3) 
 
 def markdown_table(t: pd.DataFrame) -> str:
     cols = [("rel_bias", "‖E ĝ − ∇J‖/‖∇J‖"), ("pred_rel_bias", "exact"),
-            ("scale", "⟨E ĝ,∇J⟩/‖∇J‖²"), ("cos_mean", "cos(E ĝ, ∇J)"),
+            ("scale", "scale s = ⟨E ĝ,∇J⟩/‖∇J‖²"), ("dir_bias", "‖E ĝ − s∇J‖/‖∇J‖"),
+            ("cos_mean", "cos(E ĝ, ∇J)"),
             ("cos_ref", "cos(ĝ, ∇J) per batch"), ("rel_variance", "tr Cov/‖∇J‖²"),
             ("d_rel_bias_sq", "Δ rel. bias² vs control"), ("pred_added_bias", "exact added bias")]
     lines = ["| cell | arm | " + " | ".join(h for _, h in cols) + " |",
@@ -406,7 +467,10 @@ def markdown(table: pd.DataFrame, preset: str) -> str:
             f"bootstrap intervals; {n.min()}–{n.max()} seeds per row. 'exact' columns: the "
             "expectation by dynamic programming at the same policies (tabular envs, exact "
             "critic, no normalisation); 'exact added bias' = ‖E ĝ_habit − E ĝ_control‖/‖∇J‖. "
-            "cos(E ĝ, ∇J) is a ratio of unbiased estimates and may exceed 1 by noise."),
+            "The relative bias splits into a part along ∇J (scale s, 1 when unbiased) and a "
+            "part across it (‖E ĝ − s∇J‖/‖∇J‖, the bias left after the best rescaling): "
+            "‖E ĝ − ∇J‖² = (s − 1)²‖∇J‖² + ‖E ĝ − s∇J‖²; cos(E ĝ, ∇J) is computed from the "
+            "two means over seeds."),
            ""]
     lines = []
     for habit in FLAGS:
@@ -428,11 +492,15 @@ PLOT_ROWS = (("rel_bias", "relative bias\n‖E ĝ − ∇J‖ / ‖∇J‖"),
              ("cos_mean", "direction\ncos(E ĝ, ∇J)"))
 
 
+SHORT_ENV = {"tabular": "MDP", "lqr": "LQR"}
+
+
 def tick_label(cell: str) -> str:
-    """``env`` over a short estimator name, for the x axis."""
+    """A short env name over a short estimator name, for the x axis."""
     env_part, _, est = cell.partition(" / ")
-    est = SHORT_ESTIMATOR.get(est, est.replace("gae", "GAE"))
-    return f"{env_part.split()[0]}\n{est}"
+    est = SHORT_ESTIMATOR.get(est, "GAE" if est.startswith("gae") else est)
+    env = env_part.split()[0]
+    return f"{SHORT_ENV.get(env, env)}\n{est}"
 
 
 def plot(table: pd.DataFrame, out_dir: Path) -> list[Path]:
