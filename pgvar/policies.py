@@ -12,6 +12,7 @@ Every policy is an ``nn.Module`` with three methods:
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -26,7 +27,7 @@ def mlp(in_dim: int, out_dim: int, hidden: tuple[int, ...], activation: str = "t
     act = {"tanh": nn.Tanh, "relu": nn.ReLU}[activation]
     layers: list[nn.Module] = []
     dims = (in_dim, *hidden)
-    for a, b in zip(dims[:-1], dims[1:]):
+    for a, b in itertools.pairwise(dims):
         layers += [nn.Linear(a, b), act()]
     last = nn.Linear(dims[-1], out_dim)
     nn.init.normal_(last.weight, std=0.01)

@@ -30,7 +30,7 @@ from torch import nn
 
 from pgvar.envs.base import is_exact
 from pgvar.estimators import ESTIMATORS, EstimatorConfig, estimate_gradients, get_estimator
-from pgvar.rollout import rollout, rollout_chunks
+from pgvar.rollout import rollout_chunks
 
 DEFAULT_MC_EPISODES = 10_000
 DEFAULT_CONFIG = EstimatorConfig()  # frozen, so one shared default is safe

@@ -4,15 +4,13 @@ bias from synthetic measurements, and the smoke preset runs end to end."""
 from __future__ import annotations
 
 import importlib.util
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.loader import add_derived_columns, load_runs
+from analysis.loader import add_derived_columns
 from analysis.synthetic import gradient_statistics
 
 REPO = Path(__file__).resolve().parent.parent
@@ -102,19 +100,3 @@ def test_the_u_statistic_excess_is_recovered():
 def test_two_replicates_are_inconclusive(tmp_path):
     m = load_module(figures=False)
     assert "\nVerdict: inconclusive" in m.analyze(synthetic_frame(replicates=2), tmp_path, "synthetic")
-
-
-@pytest.mark.slow
-def test_smoke_preset_end_to_end(tmp_path):
-    out = tmp_path / "smoke"
-    script = Path(sys.executable).with_name("pgvar-reproduce")
-    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "pgvar.reproduce"]
-    proc = subprocess.run([*cmd, "batch_size", "--preset", "smoke", "--out", str(out)],
-                          check=False, capture_output=True, text=True, cwd=REPO, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    if not (out / "result.md").exists():  # the pgvar-reproduce hook not wired yet: call it here
-        text = load_module().analyze(load_runs([out / "runs"])[0], out, "smoke")
-    else:
-        text = (out / "result.md").read_text()
-    assert "\nVerdict: " in text
-    assert (out / "figures" / "batch_size_variance.png").exists()

@@ -4,8 +4,6 @@ MSE-optimal lambda from synthetic runs, and the smoke preset runs end to end."""
 from __future__ import annotations
 
 import importlib.util
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -78,18 +76,3 @@ def test_variance_falling_with_lambda_is_refuted(tmp_path):
     backwards = {"lqr": lambda lam: (lam, 0.02 + 2.0 * (1 - lam) ** 2)}
     text = m.analyze(synthetic_frame(tmp_path / "runs", backwards, seeds=6), tmp_path / "out", "s")
     assert "Verdict: refuted" in text
-
-
-@pytest.mark.slow
-def test_smoke_preset_end_to_end(tmp_path):
-    out = tmp_path / "smoke"
-    script = Path(sys.executable).with_name("pgvar-reproduce")
-    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "pgvar.reproduce"]
-    proc = subprocess.run([*cmd, "gae_lambda", "--preset", "smoke", "--out", str(out)],
-                          capture_output=True, text=True, cwd=REPO, timeout=600, check=False)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    if not (out / "result.md").exists():  # the pgvar-reproduce hook not wired yet: call it here
-        text = load_module().analyze(load_runs([out / "runs"])[0], out, "smoke")
-    else:
-        text = (out / "result.md").read_text()
-    assert "\nVerdict: " in text

@@ -2,8 +2,6 @@
 runs end to end."""
 
 import importlib.util
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -107,22 +105,3 @@ def test_every_preset_composes_and_validates():
                 for job in (jobs[0], jobs[-1]):
                     cfg = config.validate_config(compose(config_name="config", overrides=list(job)))
                     assert cfg.env.seed == 3 and cfg.training.iterations == 1
-
-
-@pytest.mark.slow
-def test_smoke_preset_end_to_end(analysis, tmp_path):
-    """`pgvar-reproduce horizon_action_dim --preset smoke` runs every job; its analysis
-    writes result.md with a verdict (called here if pgvar-reproduce has no hook yet)."""
-    out = tmp_path / "out"
-    script = Path(sys.executable).with_name("pgvar-reproduce")
-    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "pgvar.reproduce"]
-    proc = subprocess.run([*cmd, "horizon_action_dim", "--preset", "smoke", "--out", str(out),
-                           "--no-figures"], check=False, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    if not (out / "result.md").exists():
-        from analysis.loader import load_runs
-
-        analysis.analyze(load_runs([out / "runs"])[0], out, "smoke")
-    text = (out / "result.md").read_text()
-    assert "\nVerdict: " in text
-    assert len(pd.read_csv(out / "result.csv")) == len(analysis.QUANTITIES)
