@@ -34,7 +34,7 @@ REL_VAR_LABEL = "relative variance  tr Cov[ĝ] / ‖∇J‖²"
 REL_BIAS_LABEL = "relative bias  ‖E ĝ − ∇J‖ / ‖∇J‖"
 
 
-def _theme() -> None:
+def apply_theme() -> None:
     sns.set_theme(context="paper", style="whitegrid", font_scale=0.95,
                   rc={"axes.titlesize": 9, "legend.fontsize": 7, "savefig.bbox": "tight"})
 
@@ -75,7 +75,7 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def _log_axis(ax, which: str, values) -> None:
+def log_axis(ax, which: str, values) -> None:
     """Log scale with plain-number ticks at 1, 2, 5 x 10^k, limits from the point values
     (so a confidence band reaching towards 0 does not squash the plot)."""
     v = np.asarray(values, dtype=float)
@@ -102,7 +102,7 @@ def _panels(n: int, height: float = PANEL_HEIGHT) -> tuple[plt.Figure, np.ndarra
     return fig, list(axes.flat)
 
 
-def _save(fig: plt.Figure, out_dir: Path, name: str) -> list[Path]:
+def save_figure(fig: plt.Figure, out_dir: Path, name: str) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"{name}.png", out_dir / f"{name}.pdf"]
     fig.savefig(paths[0], dpi=200)
@@ -111,7 +111,7 @@ def _save(fig: plt.Figure, out_dir: Path, name: str) -> list[Path]:
     return paths
 
 
-def _spans_decades(values: pd.Series | np.ndarray, decades: float = 1.5) -> bool:
+def spans_decades(values: pd.Series | np.ndarray, decades: float = 1.5) -> bool:
     """True when the positive values span more than ``decades`` powers of ten."""
     v = np.asarray(values, dtype=float)
     v = v[np.isfinite(v) & (v > 0)]
@@ -154,7 +154,7 @@ def plot_learning_curves(curves: pd.DataFrame, labels: list[str], envs: list[str
         ax.set_ylabel("discounted return (IQM, 95% CI)")
     _legend_below(fig, axes, labels)
     fig.tight_layout()
-    return _save(fig, out_dir, "learning_curves")
+    return save_figure(fig, out_dir, "learning_curves")
 
 
 def gradient_stats_by_step(measured: pd.DataFrame) -> pd.DataFrame:
@@ -189,8 +189,8 @@ def plot_gradient_stats(by_step: pd.DataFrame, labels: list[str], envs: list[str
                 ax.plot(c["step"], c[col], color=colour[label], label=label, lw=1.2, marker=".")
                 ax.fill_between(c["step"], c[f"{col}_lo"], c[f"{col}_hi"],
                                 color=colour[label], alpha=0.2, lw=0)
-        if _spans_decades(data["rel_variance"]):
-            _log_axis(ax_var, "y", data["rel_variance"])
+        if spans_decades(data["rel_variance"]):
+            log_axis(ax_var, "y", data["rel_variance"])
         ax_var.set_ylabel(REL_VAR_LABEL)
         ax_bias.set_ylabel(REL_BIAS_LABEL)
         for ax in (ax_var, ax_bias):
@@ -198,7 +198,7 @@ def plot_gradient_stats(by_step: pd.DataFrame, labels: list[str], envs: list[str
             ax.set_title(env)
     _legend_below(fig, axes.flat, labels)
     fig.tight_layout()
-    return _save(fig, out_dir, "gradient_stats")
+    return save_figure(fig, out_dir, "gradient_stats")
 
 
 # ----------------------------------------------------------------------------- table plots
@@ -228,15 +228,15 @@ def plot_bias_variance(table: pd.DataFrame, labels: list[str], out_dir: Path) ->
         for _, row in rows.iterrows():
             if np.isfinite(row["rel_variance"]):
                 _errorbar_point(ax, row, "rel_variance", "rel_bias", colour[row["label"]], row["label"])
-        if _spans_decades(rows["rel_variance"], decades=0.7):
-            _log_axis(ax, "x", pd.concat([rows["rel_variance"], rows["rel_variance_lo"],
+        if spans_decades(rows["rel_variance"], decades=0.7):
+            log_axis(ax, "x", pd.concat([rows["rel_variance"], rows["rel_variance_lo"],
                                           rows["rel_variance_hi"]]))
         ax.set_xlabel(REL_VAR_LABEL)
         ax.set_ylabel(REL_BIAS_LABEL)
         ax.set_title(f"{env}: bias against variance (95% CI)")
     _legend_below(fig, axes, labels)
     fig.tight_layout()
-    return _save(fig, out_dir, "bias_variance")
+    return save_figure(fig, out_dir, "bias_variance")
 
 
 def plot_gae_lambda(table: pd.DataFrame, out_dir: Path, estimator: str = "gae") -> list[Path]:
@@ -263,21 +263,21 @@ def plot_gae_lambda(table: pd.DataFrame, out_dir: Path, estimator: str = "gae") 
     ax_bias.set_ylabel(REL_BIAS_LABEL)
     ax_var.set_ylabel(REL_VAR_LABEL)
     scale_values = pd.concat([gae["rel_variance"], table.loc[table["estimator"] == "reinforce", "rel_variance"]])
-    if _spans_decades(scale_values, decades=1.0):
-        _log_axis(ax_var, "y", scale_values)
+    if spans_decades(scale_values, decades=1.0):
+        log_axis(ax_var, "y", scale_values)
     for ax in (ax_bias, ax_var):
         ax.set_xlabel("GAE λ")
     _legend_below(fig, [ax_bias, ax_var], [*envs, *(f"{e}: vanilla REINFORCE" for e in envs)])
     ax_bias.set_title("GAE bias against λ (95% CI)")
     ax_var.set_title("GAE variance against λ (95% CI)")
     fig.tight_layout()
-    return _save(fig, out_dir, "gae_lambda")
+    return save_figure(fig, out_dir, "gae_lambda")
 
 
 def make_figures(table: pd.DataFrame, measured: pd.DataFrame, curves: pd.DataFrame,
                  out_dir: Path) -> list[Path]:
     """Every figure above into ``out_dir``; returns the files written."""
-    _theme()
+    apply_theme()
     labels = sorted(dict.fromkeys(table["label"]), key=_label_order)
     envs = list(dict.fromkeys(table["env"]))
     paths: list[Path] = []

@@ -72,7 +72,7 @@ def expanded_level(n: int, confidence: float = CONFIDENCE) -> float:
     return float(1.0 - 2.0 * stats.norm.cdf(-math.sqrt(n / (n - 1)) * t))
 
 
-def _bootstrap_interval(data: tuple[np.ndarray, ...], statistic: Callable, paired: bool,
+def bootstrap_interval(data: tuple[np.ndarray, ...], statistic: Callable, paired: bool,
                         seed: int) -> tuple[float, float]:
     """Expanded percentile bootstrap interval (``expanded_level``) of ``statistic`` over
     the runs in ``data``, with ``scipy.stats.bootstrap``.
@@ -103,7 +103,7 @@ def mean_ci(values: Sequence[float] | np.ndarray, seed: int = 0) -> Estimate:
         return NAN_ESTIMATE
     if x.size == 1:
         return Estimate(float(x[0]), math.nan, math.nan, 1)
-    lo, hi = _bootstrap_interval((x,), _mean, paired=False, seed=seed)
+    lo, hi = bootstrap_interval((x,), _mean, paired=False, seed=seed)
     return Estimate(float(x.mean()), lo, hi, int(x.size))
 
 
@@ -129,7 +129,7 @@ def ratio_ci(numerator: Mapping[object, float], denominator: Mapping[object, flo
     if set(num) == set(den):
         keys = sorted(num, key=str)
         a, b = np.array([num[k] for k in keys]), np.array([den[k] for k in keys])
-        lo, hi = _bootstrap_interval((a, b), _ratio_of_means, paired=True, seed=seed)
+        lo, hi = bootstrap_interval((a, b), _ratio_of_means, paired=True, seed=seed)
     else:
         lo, hi = _independent_ratio_interval(a, b, seed)
     return Estimate(value, lo, hi, min(len(a), len(b)))

@@ -42,7 +42,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from analysis.figures import PAPER_WIDTH, _log_axis, _save, _theme
+from analysis.figures import PAPER_WIDTH, apply_theme, log_axis, save_figure
 from analysis.loader import measured_rows
 from analysis.stats import NAN_ESTIMATE, Estimate, mean_ci
 from analysis.table import per_run_values, squared_bias_interval
@@ -441,7 +441,7 @@ def write_markdown(table: pd.DataFrame, comp: pd.DataFrame, verdicts: dict[str, 
 def plot_rows(table: pd.DataFrame, out_dir: Path) -> list[Path]:
     """Per environment (columns): each row's variance relative to reward-to-go (paired,
     log scale) and its relative bias, 95% CIs; rows at the same height in every panel."""
-    _theme()
+    apply_theme()
     envs = list(dict.fromkeys(table["env"]))
     labels = [r for r in ROW_ORDER if r in set(table["label"])]
     ypos = {label: len(labels) - 1 - i for i, label in enumerate(labels)}
@@ -460,7 +460,7 @@ def plot_rows(table: pd.DataFrame, out_dir: Path) -> list[Path]:
         axes[0, j].axvline(1.0, color="0.4", lw=0.8, ls="--")
         axes[1, j].scatter(t["expected_rel_bias"], y, marker="|", s=120, color="k", zorder=4,
                            label="theory: 0, or 1/B for the batch means")
-        _log_axis(axes[0, j], "x", pd.concat([t["var_ratio"], t["var_ratio_lo"], t["var_ratio_hi"]]))
+        log_axis(axes[0, j], "x", pd.concat([t["var_ratio"], t["var_ratio_lo"], t["var_ratio_hi"]]))
         b = int(t["batch_size"].iloc[0]) if np.isfinite(t["batch_size"].iloc[0]) else "?"
         axes[0, j].set_xlabel("variance / variance of reward-to-go\n(paired, geometric mean over seeds)")
         axes[1, j].set_xlabel("relative bias  ‖E ĝ − ∇J‖ / ‖∇J‖")
@@ -473,7 +473,7 @@ def plot_rows(table: pd.DataFrame, out_dir: Path) -> list[Path]:
     fig.legend(handles, names, loc="lower center", frameon=False, fontsize=7,
                bbox_to_anchor=(0.5, -0.03))
     fig.tight_layout()
-    return _save(fig, out_dir, "baselines_bias_variance")
+    return save_figure(fig, out_dir, "baselines_bias_variance")
 
 
 # ----------------------------------------------------------------------------- entry

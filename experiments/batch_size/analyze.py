@@ -35,7 +35,14 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from analysis.figures import PANEL_HEIGHT, PAPER_WIDTH, REL_VAR_LABEL, _log_axis, _save, _theme
+from analysis.figures import (
+    PANEL_HEIGHT,
+    PAPER_WIDTH,
+    REL_VAR_LABEL,
+    apply_theme,
+    log_axis,
+    save_figure,
+)
 from analysis.loader import measured_rows
 from analysis.stats import N_RESAMPLES, expanded_level, mean_ci
 from analysis.table import per_run_values, squared_bias_interval
@@ -463,7 +470,7 @@ def plot_variance(by_b: pd.DataFrame, exps: pd.DataFrame, out_dir: Path) -> list
             b0, v0 = rtg["B"].iloc[0], rtg["rel_variance"].iloc[0]
             ax_var.plot(rtg["B"], v0 * b0 / rtg["B"], color="0.4", ls=":", lw=1,
                         label="1/B through reward-to-go at the smallest B")
-        _log_axis(ax_var, "y", d_env["rel_variance"])
+        log_axis(ax_var, "y", d_env["rel_variance"])
         _batch_axis(ax_var, d_env["B"])
         _batch_axis(ax_norm, d_env["B"])
         ax_norm.axhline(1.0, color="0.4", ls=":", lw=1)
@@ -478,7 +485,7 @@ def plot_variance(by_b: pd.DataFrame, exps: pd.DataFrame, out_dir: Path) -> list
     fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=2, frameon=False,
                fontsize=7, bbox_to_anchor=(0.5, -0.1))
     fig.tight_layout()
-    return _save(fig, out_dir, "batch_size_variance")
+    return save_figure(fig, out_dir, "batch_size_variance")
 
 
 def plot_bias(by_b: pd.DataFrame, out_dir: Path) -> list[Path]:
@@ -523,7 +530,7 @@ def plot_bias(by_b: pd.DataFrame, out_dir: Path) -> list[Path]:
     fig.legend([legend[k] for k in order], order, loc="lower center", ncol=3, frameon=False,
                fontsize=7, bbox_to_anchor=(0.5, -0.12))
     fig.tight_layout()
-    return _save(fig, out_dir, "batch_size_bias")
+    return save_figure(fig, out_dir, "batch_size_bias")
 
 
 # ----------------------------------------------------------------------------- entry
@@ -551,7 +558,7 @@ def analyze(frame: pd.DataFrame, out: Path, preset: str) -> str:
     result.to_csv(out / "result.csv", index=False)
     text = markdown(exps, by_b, chk, ratios, preset)
     (out / "result.md").write_text(text)
-    _theme()
+    apply_theme()
     plot_variance(by_b, exps, out / "figures")
     plot_bias(by_b, out / "figures")
     return text

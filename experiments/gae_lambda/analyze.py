@@ -42,7 +42,14 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from analysis.figures import PANEL_HEIGHT, PAPER_WIDTH, _log_axis, _save, _spans_decades, _theme
+from analysis.figures import (
+    PANEL_HEIGHT,
+    PAPER_WIDTH,
+    apply_theme,
+    log_axis,
+    save_figure,
+    spans_decades,
+)
 from analysis.loader import measured_rows
 from analysis.stats import CONFIDENCE, N_RESAMPLES, Estimate, expanded_level, mean_ci
 from analysis.table import per_run_values, squared_bias_interval
@@ -424,7 +431,7 @@ def plot_lambda(table: pd.DataFrame, tr: pd.DataFrame, runs: pd.DataFrame,
     lambda (evenly spaced positions): mean over seeds with its 95% CI, each seed's own
     curve in grey behind it (the seeds are paired across lambda); the MSE-optimal lambda
     marked."""
-    _theme()
+    apply_theme()
     envs = list(dict.fromkeys(table["env"]))
     fig, axes = plt.subplots(len(envs), 3, figsize=(PAPER_WIDTH, PANEL_HEIGHT * len(envs)),
                              squeeze=False)
@@ -450,8 +457,8 @@ def plot_lambda(table: pd.DataFrame, tr: pd.DataFrame, runs: pd.DataFrame,
             ax.set_xlabel("GAE λ (evenly spaced)")
             ax.set_ylabel(ylabel, fontsize=7)
             ax.set_title(f"{env}: {TRENDS[col if col != 'rel_bias' else 'rel_bias_sq']}")
-            if col != "rel_bias" and _spans_decades(t[col], decades=1.0):
-                _log_axis(ax, "y", t[col])
+            if col != "rel_bias" and spans_decades(t[col], decades=1.0):
+                log_axis(ax, "y", t[col])
         best = tr[tr["env"] == env]
         if not best.empty and math.isfinite(best["mse_argmin"].iloc[0]):
             i = int(np.argmin(np.abs(t["lam"].to_numpy() - best["mse_argmin"].iloc[0])))
@@ -462,7 +469,7 @@ def plot_lambda(table: pd.DataFrame, tr: pd.DataFrame, runs: pd.DataFrame,
     fig.tight_layout()
     fig.text(0.5, -0.01, "coloured: mean over seeds with 95% CI; grey: each seed (paired "
              "across λ: same policy, critic and episodes)", ha="center", va="top", fontsize=7)
-    return _save(fig, out_dir, "gae_lambda_bias_variance")
+    return save_figure(fig, out_dir, "gae_lambda_bias_variance")
 
 
 # ----------------------------------------------------------------------------- entry

@@ -34,7 +34,7 @@ import seaborn as sns
 import torch
 from scipy import stats
 
-from analysis.figures import PAPER_WIDTH, _log_axis, _save, _theme
+from analysis.figures import PAPER_WIDTH, apply_theme, log_axis, save_figure
 from analysis.stats import N_RESAMPLES, expanded_level
 
 QUANTITIES = {"grad_variance": "variance", "grad_rel_variance": "relative variance",
@@ -404,9 +404,9 @@ def plot_grid(runs: pd.DataFrame, cells: pd.DataFrame, fits: list[PowerFit], gam
                     T = np.geomspace(c["T"].min(), c["T"].max(), 20)
                     ax.plot(T, np.exp(fit.c + fit.a * np.log(T) + fit.b * np.log(d)), ls="--",
                             lw=0.8, color=colours[d])
-            _log_axis(ax, "x", sub_cells["T"])
+            log_axis(ax, "x", sub_cells["T"])
             ax.set_xlim(sub_cells["T"].min() / 1.3, sub_cells["T"].max() * 1.3)
-            _log_axis(ax, "y", sub_runs.loc[sub_runs["estimator"] == est, quantity])
+            log_axis(ax, "y", sub_runs.loc[sub_runs["estimator"] == est, quantity])
             ax.set_xlabel("horizon T (steps)")
             ax.set_ylabel(AXIS_LABELS[quantity])
             title = ESTIMATOR_NAMES.get(est, est)
@@ -418,7 +418,7 @@ def plot_grid(runs: pd.DataFrame, cells: pd.DataFrame, fits: list[PowerFit], gam
                bbox_to_anchor=(0.5, -0.04), title=f"action dimension (gamma = {gamma:g}; "
                                                   "dashed: fit c + a log T + b log d)")
     fig.tight_layout()
-    return _save(fig, out_dir, f"horizon_action_dim_grid_gamma{gamma:g}")
+    return save_figure(fig, out_dir, f"horizon_action_dim_grid_gamma{gamma:g}")
 
 
 SHORT_QUANTITY = {"grad_variance": "variance", "grad_rel_variance": "relative variance",
@@ -455,7 +455,7 @@ def plot_exponents(fits: list[PowerFit], out_dir: Path) -> list[Path]:
     handles, names = axes[0].get_legend_handles_labels()
     fig.legend(handles, names, loc="lower center", ncol=len(names), frameon=False,
                bbox_to_anchor=(0.55, -0.08))
-    return _save(fig, out_dir, "horizon_action_dim_exponents")
+    return save_figure(fig, out_dir, "horizon_action_dim_exponents")
 
 
 def analyze(frame: pd.DataFrame, out: Path, preset: str) -> str:
@@ -469,7 +469,7 @@ def analyze(frame: pd.DataFrame, out: Path, preset: str) -> str:
     cells.to_csv(out / "cells.csv", index=False)
     slopes = pd.concat([local_exponents(cells, q) for q in QUANTITIES], ignore_index=True)
     slopes.to_csv(out / "local_exponents.csv", index=False)
-    _theme()
+    apply_theme()
     figures = out / "figures"
     for gamma in sorted(runs["gamma"].unique(), reverse=True):
         plot_grid(runs, cells, fits, gamma, figures)

@@ -44,12 +44,12 @@ from analysis.figures import (
     PAPER_WIDTH,
     REL_BIAS_LABEL,
     REL_VAR_LABEL,
-    _log_axis,
-    _save,
-    _theme,
+    apply_theme,
+    log_axis,
+    save_figure,
 )
 from analysis.loader import measured_rows
-from analysis.stats import Estimate, _bootstrap_interval, mean_ci
+from analysis.stats import Estimate, bootstrap_interval, mean_ci
 
 NAME = "ppo_clip"
 MIN_STEP = 1  # measured iterations used: from the first one after the critic's first fit
@@ -152,7 +152,7 @@ def pooled_cosine(g: pd.DataFrame) -> Estimate:
     if proj.size < 2:
         return Estimate(float(_cosine_of_means(proj, sq)) if proj.size else math.nan,
                         math.nan, math.nan, int(proj.size))
-    lo, hi = _bootstrap_interval((proj, sq), _cosine_of_means, paired=True, seed=0)
+    lo, hi = bootstrap_interval((proj, sq), _cosine_of_means, paired=True, seed=0)
     return Estimate(float(_cosine_of_means(proj, sq)), lo, hi, int(proj.size))
 
 
@@ -168,7 +168,7 @@ def pooled_cosine_difference(g: pd.DataFrame, base: pd.DataFrame) -> Estimate:
 
     if len(j) < 2:
         return Estimate(float(diff(*arrays)) if len(j) else math.nan, math.nan, math.nan, len(j))
-    lo, hi = _bootstrap_interval(arrays, diff, paired=True, seed=0)
+    lo, hi = bootstrap_interval(arrays, diff, paired=True, seed=0)
     return Estimate(float(diff(*arrays)), lo, hi, len(j))
 
 
@@ -379,7 +379,7 @@ def plot_metric_grid(table: pd.DataFrame, rows: list[tuple[str, str, bool]], nam
     """One row of panels per metric (column, y label, log y), one column per env: the metric
     against K, one line per clip epsilon (K = 1, where the clip is inactive, starts every
     line), GAE as a dashed line with its band."""
-    _theme()
+    apply_theme()
     envs = list(dict.fromkeys(table["env"]))
     fig, axes = plt.subplots(len(rows), len(envs), squeeze=False,
                              figsize=(PAPER_WIDTH, PANEL_HEIGHT * len(rows)))
@@ -412,7 +412,7 @@ def plot_metric_grid(table: pd.DataFrame, rows: list[tuple[str, str, bool]], nam
                             label=f"PPO, ε = {clip:g}")
             _k_axis(ax, ks)
             if log:
-                _log_axis(ax, "y", pd.concat([t[col], t[f"{col}_lo"], t[f"{col}_hi"]]))
+                log_axis(ax, "y", pd.concat([t[col], t[f"{col}_lo"], t[f"{col}_hi"]]))
             ax.set_ylabel(ylabel)
             ax.set_title(env)
     handles, labels = [], []
@@ -425,7 +425,7 @@ def plot_metric_grid(table: pd.DataFrame, rows: list[tuple[str, str, bool]], nam
     fig.legend(handles, labels, loc="lower center", ncol=ncol, frameon=False,
                bbox_to_anchor=(0.5, -0.03 - 0.03 * math.ceil(len(labels) / ncol)))
     fig.tight_layout()
-    return _save(fig, out_dir, name)
+    return save_figure(fig, out_dir, name)
 
 
 def make_figures(table: pd.DataFrame, out_dir: Path) -> list[Path]:

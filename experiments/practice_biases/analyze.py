@@ -43,9 +43,9 @@ import pandas as pd
 import seaborn as sns
 import torch
 
-from analysis.figures import PANEL_HEIGHT, PAPER_WIDTH, _save, _theme
+from analysis.figures import PANEL_HEIGHT, PAPER_WIDTH, apply_theme, save_figure
 from analysis.loader import measured_rows
-from analysis.stats import Estimate, _bootstrap_interval, mean_ci
+from analysis.stats import Estimate, bootstrap_interval, mean_ci
 
 NAME = "practice_biases"
 FLAGS = {  # habit -> (config column, value that switches the habit on)
@@ -302,7 +302,7 @@ def pooled_cosine(g: pd.DataFrame) -> Estimate:
     if a.size < 2:
         return Estimate(float(_cosine_of_means(a, b)) if a.size else math.nan, math.nan,
                         math.nan, int(a.size))
-    lo, hi = _bootstrap_interval((a, b), _cosine_of_means, paired=True, seed=0)
+    lo, hi = bootstrap_interval((a, b), _cosine_of_means, paired=True, seed=0)
     return Estimate(float(_cosine_of_means(a, b)), lo, hi, int(a.size))
 
 
@@ -318,7 +318,7 @@ def pooled_cosine_difference(h: pd.DataFrame, c: pd.DataFrame) -> Estimate:
 
     if len(j) < 2:
         return Estimate(float(diff(*arrays)) if len(j) else math.nan, math.nan, math.nan, len(j))
-    lo, hi = _bootstrap_interval(arrays, diff, paired=True, seed=0)
+    lo, hi = bootstrap_interval(arrays, diff, paired=True, seed=0)
     return Estimate(float(diff(*arrays)), lo, hi, len(j))
 
 
@@ -507,7 +507,7 @@ def plot(table: pd.DataFrame, out_dir: Path) -> list[Path]:
     """Rows: relative bias, scale along grad J, cosine of the expected estimate; one column
     per habit; control and habit side by side per cell with 95% intervals, the exact
     expectation as a cross where it is known."""
-    _theme()
+    apply_theme()
     habits = [h for h in FLAGS if h in set(table["habit"])]
     widths = [max(2, table.loc[table["habit"] == h, "cell"].nunique()) for h in habits]
     fig, axes = plt.subplots(len(PLOT_ROWS), len(habits), squeeze=False, sharex="col",
@@ -552,7 +552,7 @@ def plot(table: pd.DataFrame, out_dir: Path) -> list[Path]:
     fig.legend(handles, labels, loc="lower center", ncol=3, frameon=False,
                bbox_to_anchor=(0.5, -0.03))
     fig.tight_layout()
-    return _save(fig, out_dir, f"{NAME}_bias")
+    return save_figure(fig, out_dir, f"{NAME}_bias")
 
 
 def analyze(frame: pd.DataFrame, out: Path, preset: str) -> str:

@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 from matplotlib import ticker
 
-from analysis.figures import PANEL_HEIGHT, PAPER_WIDTH, REL_VAR_LABEL, _save, _theme
+from analysis.figures import PANEL_HEIGHT, PAPER_WIDTH, REL_VAR_LABEL, apply_theme, save_figure
 from analysis.loader import measured_rows
 from analysis.stats import Estimate, mean_ci, ratio_ci
 from analysis.table import per_run_values, squared_bias_interval
@@ -303,7 +303,7 @@ def plot_variance_pairs(pairs: pd.DataFrame, result: pd.DataFrame, out_dir: Path
     fig.suptitle(f"Paired gradient variance at the same policy and episodes ({REL_VAR_LABEL})",
                  fontsize=9)
     fig.tight_layout()
-    return _save(fig, out_dir, "reward_to_go_variance")
+    return save_figure(fig, out_dir, "reward_to_go_variance")
 
 
 def plot_bias(result: pd.DataFrame, out_dir: Path) -> list[Path]:
@@ -327,7 +327,7 @@ def plot_bias(result: pd.DataFrame, out_dir: Path) -> list[Path]:
     fig.suptitle("Bias against the reference gradient: 0 = unbiased (de-noised estimate, "
                  "may be negative)", fontsize=9)
     fig.tight_layout()
-    return _save(fig, out_dir, "reward_to_go_bias")
+    return save_figure(fig, out_dir, "reward_to_go_bias")
 
 
 # ----------------------------------------------------------------------------- entry
@@ -343,7 +343,7 @@ def analyze(frame: pd.DataFrame, out: Path, preset: str) -> str:
     text = markdown(result, preset)
     (out / "result.md").write_text(text)
     if not result.empty:
-        _theme()
+        apply_theme()
         plot_variance_pairs(pairs, result, out / "figures")
         plot_bias(result, out / "figures")
     return text

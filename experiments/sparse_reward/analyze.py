@@ -36,7 +36,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 from scipy.stats import binomtest
 
-from analysis.figures import PAPER_WIDTH, _log_axis, _save, _theme
+from analysis.figures import PAPER_WIDTH, apply_theme, log_axis, save_figure
 from analysis.stats import mean_ci, ratio_ci
 
 CLAIM = ("\"Sparse rewards. If reward appears only at episode termination (e.g., winning a "
@@ -285,17 +285,17 @@ def plot_signal(cells: pd.DataFrame, out_dir: Path) -> list[Path]:
     positive = pd.concat([cells.loc[cells["ref_norm"] > 0, "ref_norm"],
                           cells.loc[cells["ref_norm"] > 0, "grad_norm_mean"]])
     if positive.size:
-        _log_axis(ax_norm, "y", positive)
+        log_axis(ax_norm, "y", positive)
     finite_snr = cells["exact_snr"][np.isfinite(cells["exact_snr"]) & (cells["exact_snr"] > 0)]
     if finite_snr.size:
-        _log_axis(ax_snr, "y", finite_snr)
+        log_axis(ax_snr, "y", finite_snr)
     for ax in (ax_zero, ax_norm, ax_snr):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     handles.sort(key=lambda h: (int(h.get_label().split(",")[0].removeprefix("T = ")), h.get_label()))
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 4), frameon=False,
                bbox_to_anchor=(0.5, -0.05))
     fig.tight_layout()
-    return _save(fig, out_dir, "sparse_reward_signal")
+    return save_figure(fig, out_dir, "sparse_reward_signal")
 
 
 def analyze(frame: pd.DataFrame, out: Path, preset: str) -> str:
@@ -305,7 +305,7 @@ def analyze(frame: pd.DataFrame, out: Path, preset: str) -> str:
     out.mkdir(parents=True, exist_ok=True)
     cells = summarise(per_run_values(frame))
     cells.to_csv(out / "result.csv", index=False)
-    _theme()
+    apply_theme()
     if not cells.empty:
         plot_signal(cells, out / "figures")
     text = markdown(cells, preset)
