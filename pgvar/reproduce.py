@@ -284,23 +284,29 @@ def _analyse(spec: ExperimentSpec, out: Path, no_figures: bool) -> int:
 EXPERIMENT_ANALYSIS = "analyze.py"
 
 
+def load_experiment_module(folder: Path):
+    """``folder/analyze.py`` imported by file path (``experiments/`` is not a package),
+    registered in ``sys.modules`` first: dataclasses and pickling look it up by name."""
+    import importlib.util
+
+    path = folder / EXPERIMENT_ANALYSIS
+    module_spec = importlib.util.spec_from_file_location(f"pgvar_experiment_{folder.name}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_spec.name] = module
+    module_spec.loader.exec_module(module)
+    return module
+
+
 def load_experiment_analysis(folder: Path):
     """The ``analyze(frame, out, preset) -> str`` function of ``folder/analyze.py``, or None.
 
     Experiments whose claim needs more than the comparison table (a fit, a verdict) keep
-    that analysis beside their sweep; it is loaded by file path, so ``experiments/`` need
-    not be a package.
+    that analysis beside their sweep.
     """
-    import importlib.util
-
     path = folder / EXPERIMENT_ANALYSIS
     if not path.exists():
         return None
-    module_spec = importlib.util.spec_from_file_location(f"pgvar_experiment_{folder.name}", path)
-    module = importlib.util.module_from_spec(module_spec)
-    # registered first: dataclasses (and pickling) look their module up by name
-    sys.modules[module_spec.name] = module
-    module_spec.loader.exec_module(module)
+    module = load_experiment_module(folder)
     if not callable(getattr(module, "analyze", None)):
         raise SystemExit(f"pgvar-reproduce: {path} defines no analyze(frame, out, preset)")
     return module.analyze

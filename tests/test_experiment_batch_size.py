@@ -3,7 +3,6 @@ bias from synthetic measurements, and the smoke preset runs end to end."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ import pytest
 
 from analysis.loader import add_derived_columns
 from analysis.synthetic import gradient_statistics
+from pgvar.reproduce import load_experiment_module
 
 REPO = Path(__file__).resolve().parent.parent
 FOLDER = REPO / "experiments" / "batch_size"
@@ -21,9 +21,7 @@ BATCH_SIZES = (2, 4, 8, 16, 32, 64)
 def load_module(figures: bool = True):
     """experiments/batch_size/analyze.py as a module; without its figures (which take
     most of the time) when ``figures`` is False."""
-    spec = importlib.util.spec_from_file_location("batch_size_analyze", FOLDER / "analyze.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_experiment_module(FOLDER)
     if not figures:
         module.plot_variance = module.plot_bias = lambda *args, **kwargs: []
     return module

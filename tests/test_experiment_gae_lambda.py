@@ -3,7 +3,6 @@ MSE-optimal lambda from synthetic runs, and the smoke preset runs end to end."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pandas as pd
@@ -11,6 +10,7 @@ import pytest
 
 from analysis.loader import load_runs
 from analysis.synthetic import TrueEstimator, synthetic_metrics, write_run
+from pgvar.reproduce import load_experiment_module
 
 REPO = Path(__file__).resolve().parent.parent
 FOLDER = REPO / "experiments" / "gae_lambda"
@@ -28,9 +28,7 @@ def flat(lam: float) -> tuple[float, float]:
 
 
 def load_module():
-    spec = importlib.util.spec_from_file_location("gae_lambda_analyze", FOLDER / "analyze.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_experiment_module(FOLDER)
     return module
 
 

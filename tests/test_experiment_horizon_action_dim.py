@@ -1,12 +1,13 @@
 """experiments/horizon_action_dim: the exponent fits recover known laws; the smoke preset
 runs end to end."""
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+
+from pgvar.reproduce import load_experiment_module
 
 REPO = Path(__file__).resolve().parent.parent
 EXPERIMENT = REPO / "experiments" / "horizon_action_dim"
@@ -14,10 +15,7 @@ EXPERIMENT = REPO / "experiments" / "horizon_action_dim"
 
 def load_analysis():
     """experiments/horizon_action_dim/analyze.py as a module (it is not a package)."""
-    spec = importlib.util.spec_from_file_location("horizon_action_dim_analyze",
-                                                  EXPERIMENT / "analyze.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_experiment_module(EXPERIMENT)
     return module
 
 

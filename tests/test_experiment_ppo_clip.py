@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from pgvar.reproduce import load_experiment_module
+
 ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENT = ROOT / "experiments" / "ppo_clip"
 
 
 def load_analysis():
-    spec = importlib.util.spec_from_file_location("ppo_clip_analyze", EXPERIMENT / "analyze.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_experiment_module(EXPERIMENT)
     return module
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 
@@ -11,15 +10,14 @@ import pandas as pd
 import pytest
 import torch
 
+from pgvar.reproduce import load_experiment_module
+
 ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENT = ROOT / "experiments" / "practice_biases"
 
 
 def load_analysis():
-    spec = importlib.util.spec_from_file_location("practice_biases_analyze",
-                                                  EXPERIMENT / "analyze.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_experiment_module(EXPERIMENT)
     return module
 
 

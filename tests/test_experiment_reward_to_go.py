@@ -3,7 +3,6 @@ verdicts from synthetic runs, and the smoke preset runs end to end."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pandas as pd
@@ -11,6 +10,7 @@ import pytest
 
 from analysis.loader import load_runs
 from analysis.synthetic import TrueEstimator, synthetic_metrics, write_run
+from pgvar.reproduce import load_experiment_module
 
 REPO = Path(__file__).resolve().parent.parent
 FOLDER = REPO / "experiments" / "reward_to_go"
@@ -19,9 +19,7 @@ FOLDER = REPO / "experiments" / "reward_to_go"
 def load_module(figures: bool = True):
     """experiments/reward_to_go/analyze.py as a module; without its figures (which take
     most of the time) when ``figures`` is False."""
-    spec = importlib.util.spec_from_file_location("reward_to_go_analyze", FOLDER / "analyze.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_experiment_module(FOLDER)
     if not figures:
         module.plot_variance_pairs = module.plot_bias = lambda *args, **kwargs: []
     return module

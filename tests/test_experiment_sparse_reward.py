@@ -1,12 +1,13 @@
 """experiments/sparse_reward: exact reach probabilities, the zero-gradient prediction
 recovered on synthetic counts, the verdict from the numbers, and the smoke preset."""
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+
+from pgvar.reproduce import load_experiment_module
 
 REPO = Path(__file__).resolve().parent.parent
 EXPERIMENT = REPO / "experiments" / "sparse_reward"
@@ -14,9 +15,7 @@ EXPERIMENT = REPO / "experiments" / "sparse_reward"
 
 def load_analysis():
     """experiments/sparse_reward/analyze.py as a module (it is not a package)."""
-    spec = importlib.util.spec_from_file_location("sparse_reward_analyze", EXPERIMENT / "analyze.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_experiment_module(EXPERIMENT)
     return module
 
 

@@ -42,6 +42,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from analysis.experiment import write_inconclusive, write_sections_csv
 from analysis.figures import PAPER_WIDTH, apply_theme, log_axis, save_figure
 from analysis.loader import measured_rows
 from analysis.stats import NAN_ESTIMATE, Estimate, mean_ci
@@ -479,16 +480,6 @@ def plot_rows(table: pd.DataFrame, out_dir: Path) -> list[Path]:
 # ----------------------------------------------------------------------------- entry
 
 
-def write_csv(table: pd.DataFrame, comp: pd.DataFrame, path: Path) -> Path:
-    """One csv with both parts: ``section`` = 'rows' (one line per env and baseline) or
-    'comparisons' (the paired ratios behind the claims)."""
-    both = pd.concat([table.assign(section="rows"), comp.assign(section="comparisons")],
-                     ignore_index=True)
-    both[["section"] + [c for c in both.columns if c != "section"]].to_csv(path, index=False)
-    return path
-
-
-
 def analyze(frame: pd.DataFrame, out: Path, preset: str) -> str:
     """Write result.csv, result.md and figures/baselines_*.png|pdf into ``out``; return the
     markdown."""
@@ -496,17 +487,15 @@ def analyze(frame: pd.DataFrame, out: Path, preset: str) -> str:
     out.mkdir(parents=True, exist_ok=True)
     rows = usable_measurements(frame)
     if rows.empty:
-        text = (f"# Baselines ({preset})\n\nNo measured step >= {MIN_STEP} in the runs.\n\n"
-                "Verdict: inconclusive — no usable measurement.\n")
-        (out / "result.md").write_text(text)
-        pd.DataFrame().to_csv(out / "result.csv", index=False)
-        return text
+        return write_inconclusive(out, f"Baselines ({preset})",
+                                  f"no measured step >= {MIN_STEP} in the runs")
     runs = per_run(rows)
     table = estimator_table(runs)
     comp = comparisons(runs)
     verdicts = claim_verdicts(table, comp)
     text = write_markdown(table, comp, verdicts, preset, int(runs["seed"].nunique()))
-    write_csv(table, comp, out / "result.csv")
+    # section 'rows': one line per env and baseline; 'comparisons': the paired ratios
+    write_sections_csv(out / "result.csv", rows=table, comparisons=comp)
     (out / "result.md").write_text(text)
     plot_rows(table, out / "figures")
     return text

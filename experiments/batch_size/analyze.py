@@ -35,6 +35,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from analysis.experiment import format_ci, write_inconclusive
 from analysis.figures import (
     PANEL_HEIGHT,
     PAPER_WIDTH,
@@ -296,21 +297,21 @@ def checks(exps: pd.DataFrame, by_b: pd.DataFrame) -> pd.DataFrame:
             r = e.iloc[0]
             records.append({"env": env, "check": f"Var({est}) ~ 1/B: k = -1 in the interval",
                             "passed": _contains(r["k_lo"], r["k_hi"], -1.0, r["n_replicates"]),
-                            "numbers": f"k = {_ci(r['k'], r['k_lo'], r['k_hi'])}"})
+                            "numbers": f"k = {format_ci(r['k'], r['k_lo'], r['k_hi'])}"})
         e = exps[(exps["env"] == env) & (exps["estimator"] == MEAN)]
         if not e.empty:
             r = e.iloc[0]
             records.append({"env": env,
                             "check": "mean_baseline relative bias = c/B with c² = 1 (fit over all B)",
                             "passed": _contains(r["c2_lo"], r["c2_hi"], 1.0, r["n_replicates"]),
-                            "numbers": f"c² = {_ci(r['c2'], r['c2_lo'], r['c2_hi'])}"})
+                            "numbers": f"c² = {format_ci(r['c2'], r['c2_lo'], r['c2_hi'])}"})
         e = exps[(exps["env"] == env) & (exps["estimator"] == RLOO)]
         if not e.empty:
             r = e.iloc[0]
             records.append({"env": env,
                             "check": "rloo bias not distinguishable: c² (fit over all B) not above 0",
                             "passed": _not_above_zero(r["c2_lo"], r["n_replicates"]),
-                            "numbers": f"c² = {_ci(r['c2'], r['c2_lo'], r['c2_hi'])}"})
+                            "numbers": f"c² = {format_ci(r['c2'], r['c2_lo'], r['c2_hi'])}"})
         mean = by_b[(by_b["env"] == env) & (by_b["estimator"] == MEAN)].sort_values("B")
         if not mean.empty:
             smallest = mean.iloc[0]
@@ -318,7 +319,7 @@ def checks(exps: pd.DataFrame, by_b: pd.DataFrame) -> pd.DataFrame:
                             "check": f"mean_baseline bias distinguishable at B={int(smallest['B'])}",
                             "passed": _decided(smallest["bias_distinguishable"],
                                                smallest["n_replicates"]),
-                            "numbers": f"rel. bias {_ci(smallest['rel_bias'], smallest['rel_bias_lo'], smallest['rel_bias_hi'])}"})
+                            "numbers": f"rel. bias {format_ci(smallest['rel_bias'], smallest['rel_bias_lo'], smallest['rel_bias_hi'])}"})
     return pd.DataFrame.from_records(records)
 
 
@@ -338,20 +339,13 @@ def overall_verdict(chk: pd.DataFrame) -> str:
 # ----------------------------------------------------------------------------- markdown
 
 
-def _ci(value: float, lo: float, hi: float, digits: int = 3) -> str:
-    if not math.isfinite(value):
-        return "n/a"
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        return f"{value:.{digits}g}"
-    return f"{value:.{digits}g} [{lo:.{digits}g}, {hi:.{digits}g}]"
-
 
 def _cell(d: pd.DataFrame, column: str) -> str:
     """``column`` of the first row of ``d`` with its interval, or n/a when ``d`` is empty."""
     if d.empty:
         return "n/a"
     r = d.iloc[0]
-    return _ci(r[column], r[f"{column}_lo"], r[f"{column}_hi"])
+    return format_ci(r[column], r[f"{column}_lo"], r[f"{column}_hi"])
 
 
 def _yes_no(flag: object) -> str:
@@ -365,16 +359,16 @@ def verdict_sentence(exps: pd.DataFrame, by_b: pd.DataFrame, chk: pd.DataFrame) 
         return "no estimator was measured at two batch sizes"
     parts = []
     for env, e in exps.groupby("env", sort=False):
-        ks = ", ".join(f"k({r['estimator']}) = {_ci(r['k'], r['k_lo'], r['k_hi'], 3)}"
-                       f" (B ≥ {LARGE_B}: {_ci(r['k_large'], r['k_large_lo'], r['k_large_hi'], 3)};"
-                       f" B=2 excess r = {_ci(r['ustat_r'], r['ustat_r_lo'], r['ustat_r_hi'], 3)})"
+        ks = ", ".join(f"k({r['estimator']}) = {format_ci(r['k'], r['k_lo'], r['k_hi'], 3)}"
+                       f" (B ≥ {LARGE_B}: {format_ci(r['k_large'], r['k_large_lo'], r['k_large_hi'], 3)};"
+                       f" B=2 excess r = {format_ci(r['ustat_r'], r['ustat_r_lo'], r['ustat_r_hi'], 3)})"
                        for _, r in e.iterrows() if r["estimator"] in SLOPE_ESTIMATORS)
         mean = by_b[(by_b["env"] == env) & (by_b["estimator"] == MEAN)].sort_values("B")
         bias = ""
         if not mean.empty:
             r = mean.iloc[0]
             bias = (f", mean_baseline rel. bias at B={int(r['B'])} "
-                    f"{_ci(r['rel_bias'], r['rel_bias_lo'], r['rel_bias_hi'], 3)} (theory {1 / r['B']:.3g})")
+                    f"{format_ci(r['rel_bias'], r['rel_bias_lo'], r['rel_bias_hi'], 3)} (theory {1 / r['B']:.3g})")
         parts.append(f"{env}: {ks}{bias}")
     failed = chk[chk["passed"].eq(False)] if not chk.empty else chk
     tail = ("; failed: " + "; ".join(f"{r['env']}: {r['check']} ({r['numbers']})"
@@ -405,10 +399,10 @@ def markdown(exps: pd.DataFrame, by_b: pd.DataFrame, chk: pd.DataFrame,
     for _, r in exps.iterrows():
         expected = "-1" if r["estimator"] != MEAN else "-1 (times (1-1/B)²)"
         lines.append(f"| {r['env']} | {r['estimator']} | {r['n_replicates']} | "
-                     f"{_ci(r['k'], r['k_lo'], r['k_hi'])} | "
-                     f"{_ci(r['k_large'], r['k_large_lo'], r['k_large_hi'])} | {expected} | "
-                     f"{_ci(r['ustat_r'], r['ustat_r_lo'], r['ustat_r_hi'])} | "
-                     f"{_ci(r['c2'], r['c2_lo'], r['c2_hi'])} | {1 if r['estimator'] == MEAN else 0} |")
+                     f"{format_ci(r['k'], r['k_lo'], r['k_hi'])} | "
+                     f"{format_ci(r['k_large'], r['k_large_lo'], r['k_large_hi'])} | {expected} | "
+                     f"{format_ci(r['ustat_r'], r['ustat_r_lo'], r['ustat_r_hi'])} | "
+                     f"{format_ci(r['c2'], r['c2_lo'], r['c2_hi'])} | {1 if r['estimator'] == MEAN else 0} |")
     lines += ["", "## Relative bias ‖E ĝ − ∇J‖ / ‖∇J‖ against B", "",
               ("| env | B | mean_baseline rel. bias | theory 1/B | distinguishable | "
                "rloo rel. bias | distinguishable | Var(mean)/Var(rloo) | theory (1-1/B)² | "
@@ -543,11 +537,8 @@ def analyze(frame: pd.DataFrame, out: Path, preset: str) -> str:
     out.mkdir(parents=True, exist_ok=True)
     rows = first_measurements(frame)
     if rows.empty:
-        text = (f"# Variance and bias against batch size B ({preset} preset)\n\n"
-                "Verdict: inconclusive — no run of reinforce_rtg, rloo or mean_baseline.\n")
-        (out / "result.md").write_text(text)
-        pd.DataFrame().to_csv(out / "result.csv", index=False)
-        return text
+        return write_inconclusive(out, f"Variance and bias against batch size B ({preset} preset)",
+                                  "no run of reinforce_rtg, rloo or mean_baseline")
     exps = exponents(rows, replicate_fits(rows))
     by_b = per_batch_size(rows)
     ratios = mean_baseline_variance_ratio(rows)

@@ -42,6 +42,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from analysis.experiment import write_inconclusive, write_sections_csv
 from analysis.figures import (
     PANEL_HEIGHT,
     PAPER_WIDTH,
@@ -475,16 +476,6 @@ def plot_lambda(table: pd.DataFrame, tr: pd.DataFrame, runs: pd.DataFrame,
 # ----------------------------------------------------------------------------- entry
 
 
-def write_csv(table: pd.DataFrame, tr: pd.DataFrame, path: Path) -> Path:
-    """One csv with both parts: ``section`` = 'lambda' (one line per env and lambda) or
-    'trend' (one line per env: trends, endpoint comparisons, MSE-optimal lambda, verdict)."""
-    both = pd.concat([table.assign(section="lambda"), tr.assign(section="trend")],
-                     ignore_index=True)
-    both[["section"] + [c for c in both.columns if c != "section"]].to_csv(path, index=False)
-    return path
-
-
-
 def analyze(frame: pd.DataFrame, out: Path, preset: str) -> str:
     """Write result.csv, result.md and figures/gae_lambda_*.png|pdf into ``out``; return
     the markdown."""
@@ -492,11 +483,8 @@ def analyze(frame: pd.DataFrame, out: Path, preset: str) -> str:
     out.mkdir(parents=True, exist_ok=True)
     rows = usable_measurements(frame)
     if rows.empty:
-        text = (f"# GAE λ ({preset})\n\nNo GAE measurement at step >= {MIN_STEP}.\n\n"
-                "Verdict: inconclusive — no usable measurement.\n")
-        (out / "result.md").write_text(text)
-        pd.DataFrame().to_csv(out / "result.csv", index=False)
-        return text
+        return write_inconclusive(out, f"GAE λ ({preset})",
+                                  f"no GAE measurement at step >= {MIN_STEP}")
     runs = per_run(rows)
     table = lambda_table(runs)
     tr = trends(runs)
@@ -505,7 +493,8 @@ def analyze(frame: pd.DataFrame, out: Path, preset: str) -> str:
     tr["bias_direction"] = [j[1] for j in judged]
     tr["variance_direction"] = [j[2] for j in judged]
     text = write_markdown(table, tr, preset)
-    write_csv(table, tr, out / "result.csv")
+    # section 'lambda': one line per env and lambda; 'trend': one line per env
+    write_sections_csv(out / "result.csv", **{"lambda": table, "trend": tr})
     (out / "result.md").write_text(text)
     plot_lambda(table, tr, runs, out / "figures")
     return text

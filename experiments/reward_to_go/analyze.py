@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 from matplotlib import ticker
 
+from analysis.experiment import format_ci
 from analysis.figures import PANEL_HEIGHT, PAPER_WIDTH, REL_VAR_LABEL, apply_theme, save_figure
 from analysis.loader import measured_rows
 from analysis.stats import Estimate, mean_ci, ratio_ci
@@ -196,13 +197,6 @@ def overall_verdict(result: pd.DataFrame) -> str:
     return "qualified"
 
 
-def _ci(value: float, lo: float, hi: float, digits: int = 3) -> str:
-    if not math.isfinite(value):
-        return "n/a"
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        return f"{value:.{digits}g}"
-    return f"{value:.{digits}g} [{lo:.{digits}g}, {hi:.{digits}g}]"
-
 
 def _yes_no(flag: object) -> str:
     return "n/a" if flag is None or (isinstance(flag, float) and math.isnan(flag)) else (
@@ -216,7 +210,7 @@ def verdict_sentence(result: pd.DataFrame) -> str:
     parts = []
     for _, r in result.iterrows():
         parts.append(
-            f"{r['env']}: Var(rtg)/Var(full) = {_ci(r['ratio_geo'], r['ratio_geo_lo'], r['ratio_geo_hi'], 2)}"
+            f"{r['env']}: Var(rtg)/Var(full) = {format_ci(r['ratio_geo'], r['ratio_geo_lo'], r['ratio_geo_hi'], 2)}"
             f" over {r['n_pairs']} pairs, bias distinguishable from 0: full "
             f"{_yes_no(r[f'distinguishable_{FULL}'])}, rtg {_yes_no(r[f'distinguishable_{RTG}'])}"
             f" ({r['verdict']})")
@@ -241,13 +235,13 @@ def markdown(result: pd.DataFrame, preset: str) -> str:
     for _, r in result.iterrows():
         lines.append(
             f"| {r['env']} | {r['reference']} | {r['n_pairs']} | {r['n_batches']} x {r['batch_size']} | "
-            f"{_ci(r[f'rel_var_{FULL}'], r[f'rel_var_{FULL}_lo'], r[f'rel_var_{FULL}_hi'])} | "
-            f"{_ci(r[f'rel_var_{RTG}'], r[f'rel_var_{RTG}_lo'], r[f'rel_var_{RTG}_hi'])} | "
-            f"{_ci(r['ratio_geo'], r['ratio_geo_lo'], r['ratio_geo_hi'])} | "
-            f"{_ci(r['ratio_means'], r['ratio_means_lo'], r['ratio_means_hi'])} | "
+            f"{format_ci(r[f'rel_var_{FULL}'], r[f'rel_var_{FULL}_lo'], r[f'rel_var_{FULL}_hi'])} | "
+            f"{format_ci(r[f'rel_var_{RTG}'], r[f'rel_var_{RTG}_lo'], r[f'rel_var_{RTG}_hi'])} | "
+            f"{format_ci(r['ratio_geo'], r['ratio_geo_lo'], r['ratio_geo_hi'])} | "
+            f"{format_ci(r['ratio_means'], r['ratio_means_lo'], r['ratio_means_hi'])} | "
             f"{r['frac_pairs_rtg_lower']:.0%} ({r['max_pair_ratio']:.2f}) | "
-            f"{_ci(r[f'rel_bias_sq_{FULL}'], r[f'rel_bias_sq_{FULL}_lo'], r[f'rel_bias_sq_{FULL}_hi'], 2)} | "
-            f"{_ci(r[f'rel_bias_sq_{RTG}'], r[f'rel_bias_sq_{RTG}_lo'], r[f'rel_bias_sq_{RTG}_hi'], 2)} | "
+            f"{format_ci(r[f'rel_bias_sq_{FULL}'], r[f'rel_bias_sq_{FULL}_lo'], r[f'rel_bias_sq_{FULL}_hi'], 2)} | "
+            f"{format_ci(r[f'rel_bias_sq_{RTG}'], r[f'rel_bias_sq_{RTG}_lo'], r[f'rel_bias_sq_{RTG}_hi'], 2)} | "
             f"{_yes_no(r[f'distinguishable_{FULL}'])} / {_yes_no(r[f'distinguishable_{RTG}'])} | "
             f"{r[f'rel_bias_upper_{FULL}']:.2g} / {r[f'rel_bias_upper_{RTG}']:.2g} | "
             f"{r['verdict']} |")
