@@ -31,7 +31,7 @@ critic then drop the future beyond the cut, as do all sampled scores beyond it).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -39,7 +39,13 @@ import torch
 from torch import nn
 from torch.func import grad, vmap
 
-from pgvar.gradients import flatten, functional_log_prob, policy_params, score_gradients
+from pgvar.gradients import (
+    flatten,
+    functional_log_prob,
+    policy_params,
+    score_gradient_blocks,
+    score_gradients,
+)
 from pgvar.returns import bootstrap_values, discount_weights, gae, reward_to_go, td_errors
 from pgvar.rollout import Batch
 
@@ -117,7 +123,8 @@ class EstimatorInputs:
     @cached_property
     def reward_to_go(self) -> torch.Tensor:
         """``G_t`` ``[N, T]``, with the bootstrap tail where one applies."""
-        return reward_to_go(self.batch.rewards, self.batch.mask, self.gamma, self.bootstrap)
+        tail = None if self.values is None else self.bootstrap  # no critic: no tail
+        return reward_to_go(self.batch.rewards, self.batch.mask, self.gamma, tail)
 
     @cached_property
     def episode_return(self) -> torch.Tensor:
@@ -416,3 +423,26 @@ def estimate_gradients(name: str, env, policy: nn.Module, batch: Batch, n_batche
     w = est.weights(x)
     g = batch.groups(n_batches)
     return score_gradients(policy, g.obs, g.actions, x.grouped(w), g.mask, chunk)
+
+
+def estimate_gradient_blocks(name: str, env, policy: nn.Module, batch: Batch, n_batches: int,
+                             critic: nn.Module | None = None,
+                             cfg: EstimatorConfig = EstimatorConfig(), chunk: int = 64
+                             ) -> Iterator[torch.Tensor]:
+    """The rows of ``estimate_gradients`` in blocks ``[k, P]``, in no particular order.
+
+    For consumers that reduce the rows (a running mean and variance) without holding
+    all ``[n_batches, P]`` of them; estimators with a direction of their own (PPO, the
+    optimal baseline) give one block.
+    """
+    est = get_estimator(name)
+    cfg.validate()
+    _check_critic(est, critic)
+    x = prepare_inputs(env, batch, n_batches, critic, cfg)
+    if est.direction is not None:
+        yield est.direction(x, policy, chunk)
+        return
+    w = est.weights(x)
+    g = batch.groups(n_batches)
+    for _, rows in score_gradient_blocks(policy, g.obs, g.actions, x.grouped(w), g.mask, chunk):
+        yield rows

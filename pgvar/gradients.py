@@ -21,6 +21,7 @@ the fast path equal to (to float rounding).
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -171,30 +172,38 @@ def mlp_spec(policy: nn.Module) -> MLPSpec | None:
 class FoldedMLP:
     """The MLP with tanh's affine maps folded in (see the comment above ``MLPLayer``).
 
-    ``weights_t[i]`` and ``biases[i]`` give layer i's computed pre-activation
+    ``weights[i]`` ``[out, in]`` and ``biases[i]`` give layer i's computed pre-activation
     ``r_in W'^T + b'``; ``alphas[i], betas[i]`` say how its input r_in relates to the
     true input h_in = alpha r_in + beta; ``back[i]`` is the matrix that takes dz_i to
     the gradient of the previous layer's (sigmoid or relu) pre-activation.
+
+    Layouts are chosen by measurement on CPU (float32, one thread): a ``[R, 64]`` by
+    ``[64, 2]`` matmul costs 4x more with a contiguous right factor than with the
+    transposed view of a ``[2, 64]`` weight, and a layer's weight gradient is cheapest
+    as ``r^T dz`` when it has fewer inputs than outputs (the 4-input first layer: 7x).
+    With two actions only the logit difference matters: ``p_1 = sigmoid(u)``,
+    ``u = r (W_1 - W_0)^T + b_1 - b_0``, one matrix-vector product (``diff``).
     """
 
     spec: MLPSpec
-    weights_t: list[torch.Tensor]
+    weights: list[torch.Tensor]
     biases: list[torch.Tensor]
     alphas: list[float]
     betas: list[float]
     back: list[torch.Tensor]
     log_std: torch.Tensor | None
+    diff: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (w, b, back) of u
 
     @staticmethod
     def build(spec: MLPSpec, params: Params) -> FoldedMLP:
-        wts, bs, alphas, betas, back = [], [], [], [], []
+        ws, bs, alphas, betas, back = [], [], [], [], []
         alpha, beta = 1.0, 0.0  # the raw observation: h_in = x
         for i, layer in enumerate(spec.layers):
             W, b = params[layer.weight], params[layer.bias]
             gamma = 2.0 if layer.activation == "tanh" else 1.0
             Wf = (gamma * alpha) * W
             bf = gamma * (b + beta * W.sum(1)) if beta else gamma * b
-            wts.append(Wf.t().contiguous())
+            ws.append(Wf.contiguous())
             bs.append(bf.contiguous())
             alphas.append(alpha)
             betas.append(beta)
@@ -202,21 +211,39 @@ class FoldedMLP:
             back.append((4.0 * W if prev == "tanh" else W).contiguous())
             alpha, beta = (2.0, -1.0) if layer.activation == "tanh" else (1.0, 0.0)
         log_std = params[spec.log_std] if spec.log_std else None
-        return FoldedMLP(spec, wts, bs, alphas, betas, back, log_std)
+        diff = None
+        if spec.kind == "categorical" and ws[-1].shape[0] == 2:
+            diff = ((ws[-1][1] - ws[-1][0]).contiguous(), bs[-1][1] - bs[-1][0],
+                    (back[-1][1] - back[-1][0]).contiguous())
+        return FoldedMLP(spec, ws, bs, alphas, betas, back, log_std, diff)
 
-    def forward(self, x: torch.Tensor, keep: bool = False):
-        """Output (logits or mean) for rows ``x [R, in]``; with ``keep`` the list of every
-        layer's input representation r_in too (what the backward needs)."""
+    def hidden(self, x: torch.Tensor, keep: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The last layer's input r for rows ``x [R, in]``; with ``keep`` also every
+        layer's input representation (what the backward needs), else an empty list."""
         r, inputs = x, []
-        for wt, b, layer in zip(self.weights_t, self.biases, self.spec.layers):
+        for w, b, layer in zip(self.weights[:-1], self.biases[:-1], self.spec.layers[:-1]):
             if keep:
                 inputs.append(r)
-            r = torch.addmm(b, r, wt)
+            r = torch.addmm(b, r, w.t())
             if layer.activation == "tanh":
                 r = r.sigmoid_()
             elif layer.activation == "relu":
                 r = r.relu_()
-        return (r, inputs) if keep else r
+        if keep:
+            inputs.append(r)
+        return r, inputs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Output (logits or mean) for rows ``x [R, in]``."""
+        r, _ = self.hidden(x)
+        return torch.addmm(self.biases[-1], r, self.weights[-1].t())
+
+    def logit_difference(self, x: torch.Tensor) -> torch.Tensor:
+        """``u = z_1 - z_0`` ``[R]`` of a two-action policy: p(a=1) = sigmoid(u)."""
+        if self.diff is None:
+            raise ValueError("logit_difference needs a categorical policy with two actions")
+        r, _ = self.hidden(x)
+        return torch.addmv(self.diff[1], r, self.diff[0])
 
     def group_grads(self, obs: torch.Tensor, actions: torch.Tensor, weights: torch.Tensor
                     ) -> Params:
@@ -224,42 +251,81 @@ class FoldedMLP:
         for each of the k groups of rows (inputs ``[k, L, ...]``)."""
         k, L = weights.shape
         R = k * L
-        x = obs.reshape(R, -1)
-        out, inputs = self.forward(x, keep=True)
+        r, inputs = self.hidden(obs.reshape(R, -1), keep=True)
         w = weights.reshape(R, 1)
         grads: Params = {}
-        if self.spec.kind == "categorical" and out.shape[1] == 2:
-            # two actions: p_1 = sigmoid(z_1 - z_0), dz_1 = w (a - p_1) = -dz_0
-            p1 = torch.sigmoid(out[:, 1:] - out[:, :1])
-            g = (actions.reshape(R, 1).to(p1.dtype) - p1).mul_(w)
-            dz = torch.cat([-g, g], dim=1)
-        elif self.spec.kind == "categorical":
-            dz = torch.softmax(out, dim=-1).mul_(-w)
-            dz.scatter_add_(1, actions.reshape(R, 1).long(), w)
+        last = len(self.spec.layers) - 1
+        if self.diff is not None:  # two actions: dz_1 = w (a - sigmoid(u)) = -dz_0
+            g = torch.addmv(self.diff[1], r, self.diff[0]).sigmoid_()
+            g = torch.sub(actions.reshape(R).to(g.dtype), g).mul_(weights.reshape(R))
+            self._two_action_last_layer(g.view(k, L), r.view(k, L, -1), grads)
+            if last == 0:
+                return grads
+            dz = self._activation_backward(torch.outer(g, self.diff[2]), inputs[last], last)
+            first = last - 1
         else:
-            inv_std = torch.exp(-self.log_std)
-            z = (actions.reshape(R, -1) - out).mul_(inv_std)
-            dz = z * inv_std * w
-            grads[self.spec.log_std] = (z.square_().sub_(1.0).mul_(w)).reshape(k, L, -1).sum(1)
-        for i in reversed(range(len(self.spec.layers))):
-            layer, r_in = self.spec.layers[i], inputs[i]
-            dz3 = dz.view(k, L, -1)
-            db = dz3.sum(1)
-            if self.betas[i] != 0.0:  # dW = alpha dz^T r + beta db 1^T, in one call
-                dW = torch.baddbmm(db.unsqueeze(2), dz3.transpose(1, 2), r_in.view(k, L, -1),
-                                   beta=self.betas[i], alpha=self.alphas[i])
-            else:
-                dW = torch.bmm(dz3.transpose(1, 2), r_in.view(k, L, -1))
-                if self.alphas[i] != 1.0:
-                    dW.mul_(self.alphas[i])
-            grads[layer.weight], grads[layer.bias] = dW, db
+            out = torch.addmm(self.biases[-1], r, self.weights[-1].t())
+            dz = self._output_grad(out, actions, w, k, L, grads)
+            first = last
+        for i in range(first, -1, -1):
+            grads[self.spec.layers[i].weight], grads[self.spec.layers[i].bias] = \
+                self._layer_grads(dz.view(k, L, -1), inputs[i].view(k, L, -1), i)
             if i:
-                dz = torch.mm(dz, self.back[i])
-                if self.spec.layers[i - 1].activation == "tanh":
-                    dz.mul_(torch.addcmul(r_in, r_in, r_in, value=-1.0))  # 4 r (1 - r), 4 in back
-                else:
-                    dz.mul_(r_in > 0)
+                dz = self._activation_backward(torch.mm(dz, self.back[i]), inputs[i], i)
         return grads
+
+    def _output_grad(self, out: torch.Tensor, actions: torch.Tensor, w: torch.Tensor, k: int,
+                     L: int, grads: Params) -> torch.Tensor:
+        """d(w log pi)/d(output) for categorical (any number of actions) and Gaussian heads;
+        the Gaussian's log_std gradient goes into ``grads``."""
+        R = k * L
+        if self.spec.kind == "categorical":
+            dz = torch.softmax(out, dim=-1).mul_(-w)
+            return dz.scatter_add_(1, actions.reshape(R, 1).long(), w)
+        inv_std = torch.exp(-self.log_std)
+        z = (actions.reshape(R, -1) - out).mul_(inv_std)
+        dz = z * inv_std * w
+        grads[self.spec.log_std] = (z.square_().sub_(1.0).mul_(w)).reshape(k, L, -1).sum(1)
+        return dz
+
+    def _two_action_last_layer(self, g: torch.Tensor, r: torch.Tensor, grads: Params) -> None:
+        """Last-layer gradients of a two-action head from g = dz_1 ``[k, L]`` (dz_0 = -g)."""
+        i = len(self.spec.layers) - 1
+        layer = self.spec.layers[i]
+        sg = g.sum(1)  # [k]
+        s = torch.bmm(g.unsqueeze(1), r).squeeze(1)  # [k, in]: sum_l g r
+        s = s.mul_(self.alphas[i])
+        if self.betas[i] != 0.0:
+            s.add_(sg.unsqueeze(1), alpha=self.betas[i])
+        grads[layer.weight] = torch.stack([-s, s], dim=1)
+        grads[layer.bias] = torch.stack([-sg, sg], dim=1)
+
+    def _layer_grads(self, dz: torch.Tensor, r: torch.Tensor, i: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i's per-group ``(dW [k, out, in], db [k, out])`` from ``dz [k, L, out]`` and
+        its input representation ``r [k, L, in]``: dW = alpha dz^T r + beta db 1^T."""
+        db = dz.sum(1)
+        alpha, beta = self.alphas[i], self.betas[i]
+        transposed = r.shape[2] < dz.shape[2]  # fewer inputs than outputs: (r^T dz)^T
+        if transposed:
+            a, b, bias = r.transpose(1, 2), dz, db.unsqueeze(1)
+        else:
+            a, b, bias = dz.transpose(1, 2), r, db.unsqueeze(2)
+        if beta != 0.0:
+            dW = torch.baddbmm(bias, a, b, beta=beta, alpha=alpha)
+        else:
+            dW = torch.bmm(a, b)
+            if alpha != 1.0:
+                dW.mul_(alpha)
+        return (dW.transpose(1, 2) if transposed else dW), db
+
+    def _activation_backward(self, dz: torch.Tensor, r: torch.Tensor, i: int) -> torch.Tensor:
+        """dz (already multiplied by ``back[i]``) times the derivative of layer i-1's
+        activation at its output r, in place: 4 r (1 - r) for tanh (the 4 is in ``back``),
+        the step function for relu."""
+        if self.spec.layers[i - 1].activation == "tanh":
+            return dz.mul_(torch.addcmul(r, r, r, value=-1.0))
+        return dz.mul_(r > 0)
 
 
 # ---------------------------------------------------------------------------- packing
@@ -356,16 +422,14 @@ def pack_pairs(obs: torch.Tensor, actions: torch.Tensor, weights: torch.Tensor, 
 # ----------------------------------------------------------------------- score gradients
 
 
-def score_gradients(policy: nn.Module, obs: torch.Tensor, actions: torch.Tensor,
-                    weights: torch.Tensor, mask: torch.Tensor, chunk: int = 64) -> torch.Tensor:
-    """Gradients of G batches at once: inputs are ``[G, B, T, ...]``, output ``[G, P]``.
+def score_gradient_blocks(policy: nn.Module, obs: torch.Tensor, actions: torch.Tensor,
+                          weights: torch.Tensor, mask: torch.Tensor, chunk: int = 64
+                          ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The rows of ``score_gradients`` as blocks ``(groups [k], rows [k, P])``: every group
+    g in ``range(G)`` is in exactly one block, whole (groups without a pair get zero rows).
 
-    Row g is the gradient of ``(1/B) sum_{i,t} w_{g,i,t} m_{g,i,t} log pi(a|s)``. Only
-    pairs with a non-zero ``w m`` are computed (``pack_pairs``), in buckets of groups of
-    similar size of at most ``PAIR_BUDGET`` rows and ``chunk`` groups, so peak memory is
-    bounded whatever G is (and never above that of ``chunk`` padded batches). MLP
-    policies take the hand-written path (``FoldedMLP``); any other policy
-    ``vmap(grad(...))`` over the groups of a bucket.
+    A consumer that only needs statistics of the rows (``pgvar.reference``'s running
+    moments) reduces block after block and never holds the ``[G, P]`` matrix.
     """
     if isinstance(chunk, bool) or int(chunk) != chunk or chunk < 1:
         raise ValueError(f"chunk must be a positive integer, got {chunk}")
@@ -380,36 +444,62 @@ def score_gradients(policy: nn.Module, obs: torch.Tensor, actions: torch.Tensor,
     with torch.no_grad():
         packed = pack_pairs(obs, actions, weights, mask, max_pairs, int(chunk),
                             call_rows=CALL_ROWS_MLP if fast_ok else CALL_ROWS_VMAP)
-    owners = torch.cat([owner for _, owner in packed.buckets]) if packed.buckets else None
-    # each group in exactly one bucket: rows are copied in; else (empty or split groups) added
-    once = owners is not None and owners.numel() == G and bool(torch.bincount(owners, minlength=G).eq(1).all())
-    out = (torch.empty if once else torch.zeros)(G, P, dtype=ref.dtype, device=ref.device)
+    owners = [owner for _, owner in packed.buckets]
+    counts = torch.bincount(torch.cat(owners), minlength=G) if owners else \
+        torch.zeros(G, dtype=torch.long, device=ref.device)
+    if bool((counts == 0).any()):  # groups without a pair: their gradient is 0
+        empty = (counts == 0).nonzero().squeeze(1)
+        yield empty, torch.zeros(int(empty.numel()), P, dtype=ref.dtype, device=ref.device)
     if not packed.buckets:
-        return out
-    fast = None
+        return
     if fast_ok:
         fast = FoldedMLP.build(spec, params)
+
+        def bucket_grads(o, a, w):
+            with torch.no_grad():
+                return fast.group_grads(o, a, w)
     else:
         def one(o, a, w):
             return grad(lambda p: (w * functional_log_prob(policy, p, o, a)).sum())(params)
-        batched = vmap(one)
-    # each parameter's gradient goes straight into its columns of the output rows (no
-    # cat, no second [G, P] buffer: first-touching a large fresh buffer is what costs)
-    offsets = np.cumsum([0] + [v.numel() for v in params.values()])
+        bucket_grads = vmap(one)
+    split = counts > 1  # groups cut into pieces across buckets: summed, handed out last
+    pieces = torch.zeros(G, P, dtype=ref.dtype, device=ref.device) if bool(split.any()) else None
     for index, owner in packed.buckets:
-        o, a, w = packed.obs[index], packed.actions[index], packed.weights[index]
-        if fast is not None:
-            with torch.no_grad():
-                tree = fast.group_grads(o, a, w)
-        else:
-            tree = batched(o, a, w)
+        tree = bucket_grads(packed.obs[index], packed.actions[index], packed.weights[index])
         k = owner.numel()
-        for (name, _), lo, hi in zip(params.items(), offsets[:-1], offsets[1:]):
-            part = tree[name].reshape(k, -1).to(out.dtype)
-            if once:
-                out[:, lo:hi].index_copy_(0, owner, part)
-            else:
-                out[:, lo:hi].index_add_(0, owner, part)
+        rows = torch.cat([tree[name].reshape(k, -1).to(ref.dtype) for name in params], dim=1)
+        if pieces is None:
+            yield owner, rows
+            continue
+        whole = ~split[owner]
+        if bool(whole.all()):
+            yield owner, rows
+            continue
+        pieces.index_add_(0, owner[~whole], rows[~whole])
+        if bool(whole.any()):
+            yield owner[whole], rows[whole]
+    if pieces is not None:
+        groups = split.nonzero().squeeze(1)
+        yield groups, pieces.index_select(0, groups)
+
+
+def score_gradients(policy: nn.Module, obs: torch.Tensor, actions: torch.Tensor,
+                    weights: torch.Tensor, mask: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    """Gradients of G batches at once: inputs are ``[G, B, T, ...]``, output ``[G, P]``.
+
+    Row g is the gradient of ``(1/B) sum_{i,t} w_{g,i,t} m_{g,i,t} log pi(a|s)``. Only
+    pairs with a non-zero ``w m`` are computed (``pack_pairs``), in buckets of groups of
+    similar size of at most ``PAIR_BUDGET`` rows and ``chunk`` groups, so peak memory is
+    bounded whatever G is (and never above that of ``chunk`` padded batches). MLP
+    policies take the hand-written path (``FoldedMLP``); any other policy
+    ``vmap(grad(...))`` over the groups of a bucket. See ``score_gradient_blocks``.
+    """
+    params = policy_params(policy)
+    ref = next(iter(params.values()))
+    P = sum(v.numel() for v in params.values())
+    out = torch.empty(weights.shape[0], P, dtype=ref.dtype, device=ref.device)
+    for groups, rows in score_gradient_blocks(policy, obs, actions, weights, mask, chunk):
+        out.index_copy_(0, groups, rows)
     return out
 
 

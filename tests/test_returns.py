@@ -163,3 +163,20 @@ def test_length_one_episode_by_hand():
         assert float(reward_to_go(b.rewards, b.mask, 0.5, nxt)) == 2.0 + 0.5 * expect_tail
         A = gae(b.rewards, torch.tensor([[1.0]], dtype=torch.float64), nxt, b.mask, 0.5, 0.3)
         assert float(A) == 2.0 + 0.5 * expect_tail - 1.0
+
+
+def test_discounted_cumsum_reverse_recursion_for_many_sequences_equals_the_scan():
+    """Many sequences take the reverse recursion, few the log-depth scan: same sums."""
+    from pgvar.returns import SCAN_ROWS
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(SCAN_ROWS + 3, 37, generator=g, dtype=torch.float64)
+    x[:, 30:] = 0.0  # padding
+    many = discounted_cumsum(x, 0.9)
+    few = torch.cat([discounted_cumsum(x[i:i + 97], 0.9) for i in range(0, x.shape[0], 97)])
+    torch.testing.assert_close(many, few)
+    loop = torch.zeros_like(x)
+    running = torch.zeros(x.shape[0], dtype=x.dtype)
+    for t in reversed(range(x.shape[1])):
+        running = x[:, t] + 0.9 * running
+        loop[:, t] = running
+    torch.testing.assert_close(many, loop)

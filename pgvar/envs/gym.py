@@ -129,6 +129,7 @@ class GymVectorEnv:
         self._vec: VectorEnv | None = None
         self._n = 0
         self._ended: np.ndarray | None = None  # lanes whose first episode has ended
+        self._refill: VectorEnv | None = None  # lanes that autoreset (pgvar.refill)
         self._build(1)  # reads the spaces and checks make_kwargs early
         self.obs_space = self._vec.single_observation_space
         self.act_space = self._vec.single_action_space
@@ -170,11 +171,54 @@ class GymVectorEnv:
         return StepResult(obs=self._to_device(obs), reward=self._to_device(reward),
                           terminated=self._to_device(terminated), truncated=self._to_device(truncated))
 
+    # -- lane refill (pgvar.refill) ----------------------------------------------------
+
+    def supports_refill(self) -> bool:
+        """Lanes can run episodes back to back: the vector env autoresets on the next step."""
+        return self._autoreset_next_step(self._vec)
+
+    def refill_reset(self, n: int, seed: int) -> torch.Tensor:
+        """Start ``n`` lanes that autoreset (Gymnasium's next-step mode), with the
+        objective's horizon as the env's own time limit, so every episode ends by T."""
+        if int(n) < 1:
+            raise ValueError(f"n must be at least 1, got {n}")
+        if int(seed) < 0:
+            raise ValueError(f"seed must be a non-negative integer (Gymnasium seeds numpy), got {seed}")
+        if self._refill is None or self._refill.num_envs != int(n):
+            if self._refill is not None:
+                self._refill.close()
+            kwargs = {**self.make_kwargs, "max_episode_steps": self.horizon}
+            self._refill = gymnasium.make_vec(self.spec.id, num_envs=int(n),
+                                              vectorization_mode=self.vectorization_mode, **kwargs)
+            if not self._autoreset_next_step(self._refill):
+                raise TypeError(f"{self.name} does not autoreset on the next step; lanes cannot refill")
+        obs, _ = self._refill.reset(seed=int(seed))
+        return self._obs_to_torch(obs)
+
+    def refill_step(self, actions: torch.Tensor) -> StepResult:
+        """Step every refill lane; a lane that ended at the previous call comes back with its
+        next episode's first observation (Gymnasium ignores its action, reward 0, no flags)."""
+        if self._refill is None:
+            raise RuntimeError("call refill_reset(n, seed) before refill_step()")
+        vec = self._refill
+        obs, reward, terminated, truncated, _ = vec.step(self._actions_to_env(actions, vec.num_envs))
+        return StepResult(obs=self._obs_to_torch(obs),
+                          reward=self._to_device(np.asarray(reward, dtype=np.float32)),
+                          terminated=self._to_device(np.asarray(terminated, dtype=bool)),
+                          truncated=self._to_device(np.asarray(truncated, dtype=bool)))
+
+    @staticmethod
+    def _autoreset_next_step(vec: VectorEnv) -> bool:
+        if AutoresetMode is None:  # gymnasium 1.0: always the next step
+            return True
+        return vec.metadata.get("autoreset_mode", AutoresetMode.NEXT_STEP) == AutoresetMode.NEXT_STEP
+
     def close(self) -> None:
-        """Release the cached vector env."""
-        if self._vec is not None:
-            self._vec.close()
-        self._vec, self._n, self._ended = None, 0, None
+        """Release the cached vector envs."""
+        for vec in (self._vec, self._refill):
+            if vec is not None:
+                vec.close()
+        self._vec, self._n, self._ended, self._refill = None, 0, None, None
 
     # -- helpers ----------------------------------------------------------------------
 
@@ -213,15 +257,16 @@ class GymVectorEnv:
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array).to(self.device)
 
-    def _actions_to_env(self, actions: torch.Tensor) -> np.ndarray:
+    def _actions_to_env(self, actions: torch.Tensor, n: int | None = None) -> np.ndarray:
         """Torch actions as the vector env wants them: ints, or floats clipped to the Box."""
+        n = self._n if n is None else n
         a = actions.detach().cpu().numpy()
-        if a.shape[0] != self._n:
-            raise ValueError(f"expected actions for {self._n} lanes, got shape {tuple(a.shape)}")
+        if a.shape[0] != n:
+            raise ValueError(f"expected actions for {n} lanes, got shape {tuple(a.shape)}")
         space = self.act_space
         if isinstance(space, spaces.Discrete):
-            return a.astype(np.int64).reshape(self._n) + int(space.start)
-        a = a.astype(space.dtype).reshape(self._n, *space.shape)
+            return a.astype(np.int64).reshape(n) + int(space.start)
+        a = a.astype(space.dtype).reshape(n, *space.shape)
         return np.clip(a, space.low, space.high)
 
 
