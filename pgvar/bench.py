@@ -249,18 +249,10 @@ def _cpu_copy(policy: nn.Module) -> nn.Module:
 # -------------------------------------------------------------------- (b) measurement
 
 
-def reward_to_go_weights(batch, gamma: float) -> torch.Tensor:
-    """gamma^t G_t on the padded batch (fallback when pgvar.estimators is missing)."""
-    r = batch.rewards * batch.mask
-    T = r.shape[1]
-    disc = gamma ** torch.arange(T, device=r.device, dtype=r.dtype)
-    tail = torch.flip(torch.cumsum(torch.flip(r * disc, [1]), 1), [1])  # sum_{t'>=t} g^t' r_t'
-    return tail * batch.mask  # gamma^t G_t = sum_{t'>=t} gamma^t' r_t'
-
-
 def pgvar_measurement(env, policy: nn.Module, n_batches: int, batch_size: int, seed: int):
     """One measurement step's estimates ``[M, P]``; returns (estimates, batch, seconds of
     the rollout, seconds of the gradients)."""
+    from pgvar.estimators import estimate_gradients
     from pgvar.rollout import rollout
 
     device = env.device
@@ -268,15 +260,7 @@ def pgvar_measurement(env, policy: nn.Module, n_batches: int, batch_size: int, s
     batch = rollout(env, policy, n_batches * batch_size, seed)
     _sync(device)
     t1 = time.perf_counter()
-    try:
-        from pgvar.estimators import estimate_gradients
-    except ImportError:  # pragma: no cover - only before pgvar.estimators exists
-        from pgvar.gradients import score_gradients
-        g = batch.groups(n_batches)
-        w = reward_to_go_weights(batch, float(env.gamma)).reshape(g.mask.shape)
-        est = score_gradients(policy, g.obs, g.actions, w, g.mask)
-    else:
-        est = estimate_gradients("reinforce_rtg", env, policy, batch, n_batches)
+    est = estimate_gradients("reinforce_rtg", env, policy, batch, n_batches)
     _sync(device)
     return est, batch, t1 - t0, time.perf_counter() - t1
 
@@ -305,71 +289,31 @@ def bench_measurement(env, policy: nn.Module, repeats: int) -> Rate:
 # ---------------------------------------------------------------------- (c) reference
 
 
-def streaming_reference(env, policy: nn.Module, n_pairs: int, seed: int,
-                        batch_size: int = 4, chunk_episodes: int = 8192):
-    """Fallback when ``pgvar.reference`` is missing: chunks of rollout + score gradients,
-    a running mean and sum of squared deviations. Returns (mean, se2, pairs, episodes)."""
-    from pgvar.gradients import score_gradients
-    from pgvar.rollout import rollout
-
-    n = 0
-    mean = m2 = None
-    used_pairs = used_eps = index = 0
-    while used_pairs < n_pairs:
-        batch = rollout(env, policy, chunk_episodes, seed * 1_000_003 + index)
-        g = batch.groups(chunk_episodes // batch_size)
-        w = reward_to_go_weights(batch, float(env.gamma)).reshape(g.mask.shape)
-        rows = score_gradients(policy, g.obs, g.actions, w, g.mask).double()
-        rm, k = rows.mean(0), rows.shape[0]
-        rm2 = ((rows - rm) ** 2).sum(0)
-        if n == 0:
-            mean, m2 = rm, rm2
-        else:
-            delta = rm - mean
-            m2 = m2 + rm2 + delta**2 * (n * k / (n + k))
-            mean = mean + delta * (k / (n + k))
-        n += k
-        used_pairs += batch.n_steps
-        used_eps += batch.n_episodes
-        index += 1
-    return mean, float(m2.sum()) / (n - 1) / n, used_pairs, used_eps
-
-
-def bench_reference(env, policy: nn.Module, n_pairs: int, repeats: int,
-                    chunk_episodes: int, batch_size: int | None = None) -> Rate:
+def bench_reference(env, policy: nn.Module, n_pairs: int, repeats: int, chunk_episodes: int,
+                    batch_size: int | None = None, lanes: int | None = None) -> Rate:
     """(c): a Monte Carlo reference of ``n_pairs`` pairs, ``repeats`` times (distinct seeds)."""
-    try:
-        from pgvar.reference import monte_carlo_reference
-    except ImportError:  # pragma: no cover - only before pgvar.reference exists
-        monte_carlo_reference = None
+    from pgvar.reference import DEFAULT_LANES, monte_carlo_reference
+
+    lanes = DEFAULT_LANES if lanes is None else lanes
+    kw = {} if batch_size is None else {"batch_size": batch_size}
     times, pairs, eps, rel, cpu = [], [], [], [], []
     with PeakMemory(env.device) as mem:
         for k in range(repeats):
             t, c = time.perf_counter(), time.process_time()
-            if monte_carlo_reference is not None:
-                kw = {} if batch_size is None else {"batch_size": batch_size}
-                ref = monte_carlo_reference(env, policy, n_pairs=n_pairs, seed=100 + k,
-                                            chunk_episodes=chunk_episodes, **kw)
-                p, e, r = ref.n_pairs, ref.n_episodes, ref.rel_se
-                used_b = ref.info.get("batch_size", batch_size)
-            else:
-                used_b = batch_size or 4
-                mean, se2, p, e = streaming_reference(env, policy, n_pairs, 100 + k, used_b,
-                                                      chunk_episodes=chunk_episodes)
-                r = se2**0.5 / float(mean.norm())
+            ref = monte_carlo_reference(env, policy, n_pairs=n_pairs, seed=100 + k,
+                                        chunk_episodes=chunk_episodes, lanes=lanes or None, **kw)
             _sync(env.device)
             times.append(time.perf_counter() - t)
             cpu.append(time.process_time() - c)
-            pairs.append(p)
-            eps.append(e)
-            rel.append(r)
-    s = statistics.median(times)
-    how = "pgvar.reference.monte_carlo_reference" if monte_carlo_reference else \
-        "bench.streaming_reference (pgvar.reference missing)"
+            pairs.append(ref.n_pairs)
+            eps.append(ref.n_episodes)
+            rel.append(ref.rel_se)
     extra = (f" rel_se={statistics.median(rel):.4f} chunk_episodes={chunk_episodes}"
-             f" batch_size={used_b} via={how}")
+             f" batch_size={ref.info['batch_size']} lanes={lanes or 'off'}"
+             " via=pgvar.reference.monte_carlo_reference")
     return Rate(f"reference(n_pairs={n_pairs:.0e})", int(statistics.median(eps)),
-                statistics.median(pairs), s, repeats, mem, extra, statistics.median(cpu))
+                statistics.median(pairs), statistics.median(times), repeats, mem, extra,
+                statistics.median(cpu))
 
 
 # ------------------------------------------------------------------------------- main
@@ -393,6 +337,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="episodes per sub-batch of the reference (default: "
                              "monte_carlo_reference's own); fewer, larger sub-batches mean "
                              "fewer [P]-vectors to write and reduce per pair")
+    parser.add_argument("--lanes", type=int, default=None,
+                        help="reference lanes that refill as episodes end (default: "
+                             "pgvar.reference.DEFAULT_LANES; 0: one episode per lane, as "
+                             "pgvar.rollout.rollout samples)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -431,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     b = bench_measurement(env, policy, repeats)
     print(b.line())
     c = bench_reference(env, policy, n_ref_pairs, ref_repeats, args.chunk_episodes,
-                        args.ref_batch_size)
+                        args.ref_batch_size, args.lanes)
     print(c.line())
 
     def frac(rate: Rate) -> float:

@@ -283,6 +283,7 @@ class ReferenceConfig:
     estimator: str = "reinforce_rtg"  # an unbiased estimator; value_baseline uses the run's critic
     batch_size: int = 4  # episodes per sub-batch estimate (its spread gives the SE)
     chunk_episodes: int = 1024  # episodes rolled out at once (bounds memory)
+    lanes: int = 512  # Gymnasium envs: lanes that start a new episode when one ends (0: one episode per lane)
 
     def check(self) -> None:
         require_positive_int("training.reference.n_episodes", self.n_episodes, 2)
@@ -291,6 +292,8 @@ class ReferenceConfig:
                              float("inf"), low_open=True, high_open=True)
         require_positive_int("training.reference.batch_size", self.batch_size)
         require_positive_int("training.reference.chunk_episodes", self.chunk_episodes)
+        require(isinstance(self.lanes, int) and not isinstance(self.lanes, bool) and self.lanes >= 0,
+                f"training.reference.lanes must be a non-negative integer (0: no refill), got {self.lanes!r}")
         require(self.n_episodes >= 2 * self.batch_size,
                 f"training.reference.n_episodes ({self.n_episodes}) must be at least twice "
                 f"training.reference.batch_size ({self.batch_size}) for a standard error")

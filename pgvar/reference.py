@@ -203,7 +203,15 @@ def monte_carlo_reference(env, policy: nn.Module, n_episodes: int | None = None,
     earlier once ``se / ||mean|| <= target_rel_se`` with at least ``min_estimates``
     sub-batches. Chunks of ``chunk_episodes`` episodes (rounded down to whole sub-batches)
     are rolled out and reduced one at a time, so memory is that of one chunk.
+
+    Where the environment can refill lanes (``pgvar.refill``: Gymnasium envs), episodes
+    run on ``lanes`` lanes that start a new episode as soon as one ends, instead of one
+    episode per lane stepped until the longest ends; ``lanes=None`` (or 0) turns this
+    off. Either way the next chunk is sampled in a background thread while this one is
+    reduced, and the gradients of each chunk are reduced block by block
+    (``estimate_gradient_blocks``), never held as one ``[n_sub, P]`` matrix.
     """
+    lanes = None if lanes is None or lanes == 0 else _positive_int("lanes", lanes)
     check_unbiased(env, estimator, cfg, critic)
     batch_size = _positive_int("batch_size", batch_size)
     per_chunk = max(_positive_int("chunk_episodes", chunk_episodes) // batch_size, 1)

@@ -165,7 +165,7 @@ def reference_options(run_cfg: RunConfig, critic, step: int) -> dict[str, Any]:
     ref = run_cfg.training.reference
     return {"n_episodes": ref.n_episodes, "target_rel_se": ref.target_rel_se,
             "estimator": ref.estimator, "batch_size": ref.batch_size,
-            "chunk_episodes": ref.chunk_episodes, "critic": critic,
+            "chunk_episodes": ref.chunk_episodes, "lanes": ref.lanes or None, "critic": critic,
             "seed": derive_seed(run_cfg.seed, "reference", step)}
 
 
