@@ -151,11 +151,20 @@ def _load_one(run_dir: Path, root: Path, report: LoadReport) -> pd.DataFrame | N
     metrics = _read_metrics(run_dir, skip)
     if metrics is None:
         return None
-    metrics = metrics.assign(**{k: [v] * len(metrics) for k, v in columns.items()})
+    metrics = with_constant_columns(metrics, columns)
     config = info.get("config")
     metrics.attrs["config_columns"] = list(flatten_config(config)) if isinstance(config, Mapping) else []
     report.loaded.append(run_dir)
     return metrics
+
+
+def with_constant_columns(frame: pd.DataFrame, columns: Mapping[str, Any]) -> pd.DataFrame:
+    """``frame`` with one more column per entry of ``columns`` (replacing a column of the
+    same name), the value repeated on every row. One concat: assigning ~50 columns one
+    by one took most of the loading time of a 190-run sweep."""
+    extra = pd.DataFrame({k: [v] * len(frame) for k, v in columns.items()}, index=frame.index)
+    kept = frame.drop(columns=[c for c in columns if c in frame.columns])
+    return pd.concat([kept, extra], axis=1)
 
 
 def _read_metrics(run_dir: Path, skip) -> pd.DataFrame | None:
