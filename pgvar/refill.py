@@ -110,9 +110,10 @@ class StepLog:
     """Every lane's step, valid or not, as recorded; cut into chunks as they complete.
 
     Recording whole ``[lanes]`` columns keeps the per-step work free of index
-    operations. Steps are joined into segments (one per handed-out chunk); a chunk
-    gathers its rows from the segments, and a segment is dropped once every episode
-    in it has been handed out, so each row is copied once whatever the lanes run ahead.
+    operations. The steps since the last cut are joined into a segment of valid rows; a
+    chunk gathers its rows from the segments, and a segment is dropped once every
+    episode in it has been handed out. Rows of later chunks stay where they are, so the
+    work per chunk does not grow with how far the lanes have run ahead.
     """
 
     def __init__(self):

@@ -157,6 +157,21 @@ def test_sweep_validation_checks_every_job_and_knows_the_launcher_plugins():
                for p in problems)
 
 
+def test_multiruns_use_the_pgvar_sweeper_which_hydra_can_find():
+    """The sweeper that skips Hydra's second composition of every job is installed as a
+    Hydra plugin and selected by conf/config.yaml (its speed-up is in the README)."""
+    from hydra.core.plugins import Plugins
+    from hydra.plugins.sweeper import Sweeper
+
+    from hydra_plugins.pgvar_sweeper import PgvarSweeper
+
+    assert PgvarSweeper in Plugins.instance().discover(Sweeper)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", return_hydra_config=True)
+    assert cfg.hydra.sweeper._target_ == "hydra_plugins.pgvar_sweeper.PgvarSweeper"
+    assert PgvarSweeper.validate_batch_is_legal(None, [["seed=x"]]) is None
+
+
 # ------------------------------------------------------------------- sweeps, via CLI
 
 
