@@ -23,4 +23,4 @@ class PgvarSweeper(BasicSweeper):
 
     def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
         """Nothing to do: pgvar-run has composed and validated these jobs already."""
-        return None
+        return
