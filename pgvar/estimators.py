@@ -414,15 +414,27 @@ def estimate_gradients(name: str, env, policy: nn.Module, batch: Batch, n_batche
     Each row estimates the ascent direction grad J, in ``policy.parameters()`` order.
     gamma and the objective come from ``env``.
     """
+    est, x = checked_inputs(name, env, batch, n_batches, critic, cfg)
+    if est.direction is not None:
+        return est.direction(x, policy, chunk)
+    return score_gradients(policy, *score_inputs(est, x), chunk)
+
+
+def checked_inputs(name: str, env, batch: Batch, n_batches: int, critic: nn.Module | None,
+                   cfg: EstimatorConfig) -> tuple[Estimator, EstimatorInputs]:
+    """The estimator ``name`` and its inputs, after checking the config and the critic."""
     est = get_estimator(name)
     cfg.validate()
     _check_critic(est, critic)
-    x = prepare_inputs(env, batch, n_batches, critic, cfg)
-    if est.direction is not None:
-        return est.direction(x, policy, chunk)
-    w = est.weights(x)
-    g = batch.groups(n_batches)
-    return score_gradients(policy, g.obs, g.actions, x.grouped(w), g.mask, chunk)
+    return est, prepare_inputs(env, batch, n_batches, critic, cfg)
+
+
+def score_inputs(est: Estimator, x: EstimatorInputs
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(obs, actions, weights, mask)`` grouped ``[n_batches, B, T, ...]`` for
+    ``pgvar.gradients``: the score sum of a weighted-score estimator."""
+    g = x.batch.groups(x.n_batches)
+    return g.obs, g.actions, x.grouped(est.weights(x)), g.mask
 
 
 def estimate_gradient_blocks(name: str, env, policy: nn.Module, batch: Batch, n_batches: int,
@@ -435,14 +447,9 @@ def estimate_gradient_blocks(name: str, env, policy: nn.Module, batch: Batch, n_
     all ``[n_batches, P]`` of them; estimators with a direction of their own (PPO, the
     optimal baseline) give one block.
     """
-    est = get_estimator(name)
-    cfg.validate()
-    _check_critic(est, critic)
-    x = prepare_inputs(env, batch, n_batches, critic, cfg)
+    est, x = checked_inputs(name, env, batch, n_batches, critic, cfg)
     if est.direction is not None:
         yield est.direction(x, policy, chunk)
         return
-    w = est.weights(x)
-    g = batch.groups(n_batches)
-    for _, rows in score_gradient_blocks(policy, g.obs, g.actions, x.grouped(w), g.mask, chunk):
+    for _, rows in score_gradient_blocks(policy, *score_inputs(est, x), chunk):
         yield rows

@@ -463,7 +463,12 @@ def score_gradient_blocks(policy: nn.Module, obs: torch.Tensor, actions: torch.T
             return grad(lambda p: (w * functional_log_prob(policy, p, o, a)).sum())(params)
         bucket_grads = vmap(one)
     split = counts > 1  # groups cut into pieces across buckets: summed, handed out last
-    pieces = torch.zeros(G, P, dtype=ref.dtype, device=ref.device) if bool(split.any()) else None
+    pieces = None
+    if bool(split.any()):
+        split_groups = split.nonzero().squeeze(1)
+        slot = torch.full((G,), -1, dtype=torch.long, device=ref.device)
+        slot[split_groups] = torch.arange(split_groups.numel(), device=ref.device)
+        pieces = torch.zeros(split_groups.numel(), P, dtype=ref.dtype, device=ref.device)
     for index, owner in packed.buckets:
         tree = bucket_grads(packed.obs[index], packed.actions[index], packed.weights[index])
         k = owner.numel()
@@ -475,12 +480,11 @@ def score_gradient_blocks(policy: nn.Module, obs: torch.Tensor, actions: torch.T
         if bool(whole.all()):
             yield owner, rows
             continue
-        pieces.index_add_(0, owner[~whole], rows[~whole])
+        pieces.index_add_(0, slot[owner[~whole]], rows[~whole])
         if bool(whole.any()):
             yield owner[whole], rows[whole]
     if pieces is not None:
-        groups = split.nonzero().squeeze(1)
-        yield groups, pieces.index_select(0, groups)
+        yield split_groups, pieces
 
 
 def score_gradients(policy: nn.Module, obs: torch.Tensor, actions: torch.Tensor,

@@ -24,17 +24,14 @@ call, whose action it ignores) and the objective's horizon as its own time limit
 from __future__ import annotations
 
 import math
-import queue
-import sys
-import threading
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from pgvar.envs.base import StepResult
+from pgvar.prefetch import background
 from pgvar.rollout import Batch, Sampler, make_sampler, pad_steps, rollout_generator
 
 FIELDS = ("obs", "actions", "rewards", "next_obs", "terminated", "truncated", "logp", "episode", "t")
@@ -258,87 +255,6 @@ def rollout_stream(env: RefillEnv, policy: nn.Module, chunk_sizes: Iterable[int]
     if book.next_chunk + 1 < len(book.bounds) and book.bounds[book.next_chunk] < next_episode:
         raise RuntimeError("refill stream ended with unfinished episodes; the environment did "
                            "not end an episode at the objective's horizon")
-
-
-GIL_SWITCH_S = 2e-4  # while a producer thread runs (CPython's default is 5e-3)
-_switch_lock = threading.Lock()
-_switch_users = 0
-_switch_saved = 0.0
-
-
-@contextmanager
-def short_gil_switch(interval: float = GIL_SWITCH_S) -> Iterator[None]:
-    """Let threads take turns on the GIL every ``interval`` seconds inside the block.
-
-    With a Python-heavy producer (the environment's numpy step) beside a consumer whose
-    torch kernels release the GIL, the consumer otherwise waits up to CPython's 5 ms
-    switch interval after every kernel before it can launch the next: on 2 cores the
-    Monte Carlo reference ran about 20% faster with 0.2 ms. Nested and concurrent uses
-    restore the caller's interval when the last one leaves.
-    """
-    global _switch_users, _switch_saved
-    with _switch_lock:
-        if _switch_users == 0:
-            _switch_saved = sys.getswitchinterval()
-            sys.setswitchinterval(min(interval, _switch_saved))
-        _switch_users += 1
-    try:
-        yield
-    finally:
-        with _switch_lock:
-            _switch_users -= 1
-            if _switch_users == 0:
-                sys.setswitchinterval(_switch_saved)
-
-
-def background(iterator: Iterator, depth: int = 1) -> Iterator:
-    """Iterate ``iterator`` in a background thread, ``depth`` items ahead of the caller.
-
-    Used to sample the next chunk while the caller computes gradients on this one (the
-    environment is mostly numpy and Python, gradients mostly torch kernels that release
-    the GIL). Exceptions reach the caller; closing early stops the thread after at most
-    ``depth`` + 1 more items.
-    """
-    items: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    end = object()
-
-    def produce() -> None:
-        try:
-            for item in iterator:
-                while not stop.is_set():
-                    try:
-                        items.put((item, None), timeout=0.05)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            items.put((end, None))
-        except BaseException as err:  # noqa: BLE001 - handed to the consumer
-            items.put((end, err))
-
-    thread = threading.Thread(target=produce, name="pgvar-refill", daemon=True)
-    switch = short_gil_switch()
-    switch.__enter__()
-    thread.start()
-    try:
-        while True:
-            item, err = items.get()
-            if err is not None:
-                raise err
-            if item is end:
-                return
-            yield item
-    finally:
-        stop.set()
-        while thread.is_alive():
-            try:
-                items.get(timeout=0.05)
-            except queue.Empty:
-                pass
-        thread.join()
-        switch.__exit__(None, None, None)
 
 
 def reference_chunks(env, policy: nn.Module, chunk_sizes: Iterable[int], seed: int,

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 
 import torch
@@ -29,6 +28,7 @@ from torch import nn
 from pgvar.envs.base import BatchedEnv
 from pgvar.gradients import FoldedMLP, mlp_spec
 from pgvar.policies import LOG_2PI, CategoricalPolicy, GaussianPolicy
+from pgvar.prefetch import background
 
 
 @dataclass
@@ -331,38 +331,17 @@ def rollout_chunks(env: BatchedEnv, policy: torch.nn.Module, chunks: Iterable[tu
     stopping before a chunk once those before it hold ``max_pairs`` state-action pairs.
 
     With ``prefetch`` the next chunk is rolled out in a background thread while the
-    caller works on the current one (the environment's step is mostly numpy and Python,
-    the caller's gradients mostly torch kernels that release the GIL, so the two overlap
-    on two cores). The batches are identical to those without prefetch. The policy's
-    parameters must not change while iterating; a caller that stops early discards at
-    most one prefetched chunk.
+    caller works on the current one (``pgvar.prefetch``). The batches are identical to
+    those without prefetch. The policy's parameters must not change while iterating; a
+    caller that stops early discards at most two prefetched chunks.
     """
-    it = iter(chunks)
-    pairs = 0
-
-    def next_chunk():
-        return next(it, None) if pairs < max_pairs else None
-
-    if not prefetch:
-        while (nxt := next_chunk()) is not None:
-            batch = rollout(env, policy, *nxt)
+    def sampled() -> Iterator[Batch]:
+        pairs = 0
+        for n, seed in chunks:
+            if pairs >= max_pairs:
+                return
+            batch = rollout(env, policy, n, seed)
             pairs += batch.n_steps
             yield batch
-        return
-    from pgvar.refill import short_gil_switch  # the refill stream's module imports this one
 
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pgvar-rollout")
-    switch = short_gil_switch()
-    switch.__enter__()
-    try:
-        nxt = next_chunk()
-        pending = pool.submit(rollout, env, policy, *nxt) if nxt is not None else None
-        while pending is not None:
-            batch = pending.result()
-            pairs += batch.n_steps
-            nxt = next_chunk()
-            pending = pool.submit(rollout, env, policy, *nxt) if nxt is not None else None
-            yield batch
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        switch.__exit__(None, None, None)
+    return background(sampled()) if prefetch else sampled()

@@ -373,6 +373,10 @@ POLICIES = {
     "categorical_mlp": (lambda: MLPCategoricalPolicy(4, 3), categorical_inputs(4, 3)),
     "categorical_mlp_relu": (lambda: MLPCategoricalPolicy(4, 2, (16, 8), "relu"),
                              categorical_inputs(4, 2)),
+    # two actions take the logit-difference head; tanh layers its folded affine maps
+    "two_action_mlp_tanh": (lambda: MLPCategoricalPolicy(4, 2, (8, 6)), categorical_inputs(4, 2)),
+    "two_action_linear": (lambda: MLPCategoricalPolicy(4, 2, ()), categorical_inputs(4, 2)),
+    "categorical_linear": (lambda: MLPCategoricalPolicy(4, 3, ()), categorical_inputs(4, 3)),
     "gaussian_mlp": (lambda: MLPGaussianPolicy(3, 2, init_log_std=-0.3), gaussian_inputs(3, 2)),
     "tabular": (lambda: TabularSoftmaxPolicy(6, 3), tabular_inputs(6, 3)),
     "linear_gaussian": (lambda: LinearGaussianPolicy(3, 2, init_gain_scale=0.5),

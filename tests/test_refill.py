@@ -27,8 +27,9 @@ import torch
 from pgvar.envs.gym import GymVectorEnv
 from pgvar.envs.registry import make_env, make_policy
 from pgvar.policies import MLPCategoricalPolicy
+from pgvar.prefetch import background
 from pgvar.reference import exact_reference, flat_autograd, monte_carlo_reference
-from pgvar.refill import background, reference_chunks, rollout_stream, supports_refill
+from pgvar.refill import reference_chunks, rollout_stream, supports_refill
 from pgvar.rollout import rollout
 
 
