@@ -138,6 +138,7 @@ def test_per_env_settings_apply_and_the_command_line_wins():
     ("estimator.name=nope", "valid values: actor_critic"),
     ("training.reference.estimator=gae", "valid values:"),
     ("device=tpu", "valid values: cpu, cuda"),
+    ("training.reference.lanes=-1", "training.reference.lanes must be a non-negative integer"),
 ])
 def test_validation_names_the_valid_values(override, message):
     with pytest.raises(ConfigError) as err:

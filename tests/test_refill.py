@@ -26,7 +26,7 @@ import torch
 
 from pgvar.envs.gym import GymVectorEnv
 from pgvar.envs.registry import make_env, make_policy
-from pgvar.policies import MLPCategoricalPolicy
+from pgvar.policies import MLPCategoricalPolicy, MLPGaussianPolicy
 from pgvar.prefetch import background
 from pgvar.reference import exact_reference, flat_autograd, monte_carlo_reference
 from pgvar.refill import reference_chunks, rollout_stream, supports_refill
@@ -120,6 +120,18 @@ def test_a_shorter_horizon_cuts_and_restarts_lanes():
     got = chunks(env, policy, [400], lanes=50)
     assert_valid_chunk(got[0], policy, 8)
     assert int((got[0].lengths == 8).sum()) > 0 and got[0].horizon == 8
+
+
+def test_continuous_actions_on_a_sync_vector_env():
+    """Pendulum (N copies in a SyncVectorEnv, fixed-length episodes, Gaussian policy)."""
+    torch.manual_seed(1)
+    env = GymVectorEnv("Pendulum-v1", horizon=7)
+    policy = MLPGaussianPolicy(3, 1)
+    got = chunks(env, policy, [9, 5], lanes=4)
+    assert [b.n_episodes for b in got] == [9, 5]
+    for b in got:
+        assert_valid_chunk(b, policy, 7)
+        assert bool((b.lengths == 7).all()) and bool(b.truncated[:, -1].all())
 
 
 def test_infinite_sizes_with_a_pair_budget_stop_after_it():
