@@ -32,13 +32,7 @@ from pgvar.reference import exact_reference, flat_autograd, monte_carlo_referenc
 from pgvar.refill import reference_chunks, rollout_stream, supports_refill
 from pgvar.rollout import rollout
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def cartpole(horizon: int | None = None):

@@ -33,13 +33,7 @@ from pgvar.stats import (
 Z = 1.959963984540054
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Thousands of tiny calls: one thread avoids contention overhead; restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # thousands of tiny calls (tests/conftest.py)
 
 
 # ----------------------------------------------------------------------------- by hand
