@@ -180,7 +180,37 @@ class NamedGymEnvConfig(EnvConfig):
         return kwargs
 
 
+@dataclass
+class SequenceEnvConfig(EnvConfig):
+    """Prompts and completions with a verifiable 0/1 reward (pgvar.envs.sequence): exact
+    J, grad J, success rates, expected length and KL by enumerating every completion."""
+
+    name: str = "sequence"
+    horizon: int | None = 5  # L: maximum completion length in tokens (end token included)
+    gamma: float = 1.0  # must be 1: one reward per completion
+    n_prompts: int = 6  # Q prompts, drawn uniformly
+    vocab: int = 4  # V tokens; token 0 ends a completion
+    max_answer_len: int = 3  # answer lengths cycle 1..max_answer_len over the prompts (<= L-1)
+    seed: int = 0  # seed of the instance (accepted answer tokens): the same task for every run seed
+    policy: str = "table"  # table (a softmax per prompt and prefix) or transformer (shared parameters)
+    d_model: int = 32  # transformer width
+    n_layers: int = 2  # transformer blocks
+    n_heads: int = 2  # attention heads (divide d_model)
+
+    def check(self) -> None:
+        super().check()
+        require(self.horizon is not None, "env.horizon (the maximum length L) must be set for sequence")
+        require(self.gamma == 1.0, f"env.gamma must be 1 for sequence (one reward per completion), got {self.gamma}")
+        require_positive_int("env.n_prompts", self.n_prompts)
+        require_positive_int("env.vocab", self.vocab, 2)
+        require_positive_int("env.max_answer_len", self.max_answer_len)
+        require_choice("env.policy", self.policy, ("table", "transformer"))
+        for key in ("d_model", "n_layers", "n_heads"):
+            require_positive_int(f"env.{key}", getattr(self, key))
+
+
 ENV_SCHEMAS: dict[str, type] = {
+    "sequence": SequenceEnvConfig,
     "tabular": TabularEnvConfig,
     "chain": ChainEnvConfig,
     "lqr": LQREnvConfig,
@@ -203,11 +233,22 @@ class EstimatorSettings:
     truncation_as_termination: bool = False  # treat time-limit cuts as terminal (value 0) even under objective=discounted
     ppo_clip: float = 0.2  # PPO clipping epsilon > 0 (ppo only)
     ppo_epochs: int = 4  # PPO optimisation epochs on one batch (ppo only)
-    ppo_lr: float = 0.05  # PPO inner step size (ppo only)
+    ppo_lr: float = 0.05  # PPO inner step size (ppo; sequence estimators with epochs > 1)
+    group_size: int = 4  # sequence estimators: G completions per prompt (training.batch_size / G prompts per batch)
+    kl_beta: float = 0.0  # sequence estimators: weight beta of KL(pi || pi_ref), pi_ref = the initial policy
+    kl_mode: str = "k3_loss"  # sequence estimators: k1_reward (log-ratio in the reward) or k3_loss (GRPO's)
+    epochs: int = 1  # sequence estimators: PPO-style clipped epochs on one batch (1: the plain estimator)
 
     def core_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``pgvar.estimators.EstimatorConfig``: every field but ``name``."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "name"}
+        """Keyword arguments for ``pgvar.estimators.EstimatorConfig``: every field but
+        ``name`` and the sequence estimators' own."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name != "name" and f.name not in SEQUENCE_ESTIMATOR_FIELDS}
+
+    def sequence_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``pgvar.sequence_estimators.SequenceEstimatorConfig``."""
+        return {"group_size": self.group_size, "kl_beta": self.kl_beta, "kl_mode": self.kl_mode,
+                "epochs": self.epochs, "clip": self.ppo_clip, "lr": self.ppo_lr}
 
     def check(self) -> None:
         require_in_range("estimator.lam", self.lam, 0.0, 1.0)
@@ -216,6 +257,13 @@ class EstimatorSettings:
         require_positive_int("estimator.ppo_epochs", self.ppo_epochs)
         require_in_range("estimator.ppo_lr", self.ppo_lr, 0.0, float("inf"), low_open=True,
                          high_open=True)
+        require_positive_int("estimator.group_size", self.group_size)
+        require_in_range("estimator.kl_beta", self.kl_beta, 0.0, float("inf"), high_open=True)
+        require_choice("estimator.kl_mode", self.kl_mode, ("k1_reward", "k3_loss"))
+        require_positive_int("estimator.epochs", self.epochs)
+
+
+SEQUENCE_ESTIMATOR_FIELDS = ("group_size", "kl_beta", "kl_mode", "epochs")
 
 
 # ---------------------------------------------------------------------------- policies
@@ -500,7 +548,12 @@ def check_names_against_registries(run_cfg: RunConfig) -> None:
     from pgvar.envs.registry import available_envs
     from pgvar.estimators import ESTIMATORS
 
+    if run_cfg.env.name == "sequence":
+        check_sequence_estimator(run_cfg)
+        return
     names = sorted(ESTIMATORS)
+    require(run_cfg.estimator.name in names or not is_sequence_estimator(run_cfg.estimator.name),
+            f"estimator {run_cfg.estimator.name} is a sequence estimator: it needs env=sequence")
     require_choice("estimator.name", run_cfg.estimator.name, names)
     require_choice("env.name", run_cfg.env.name, available_envs())
     require(not (run_cfg.estimator.name in LEAVE_ONE_OUT_ESTIMATORS
@@ -515,6 +568,27 @@ def check_names_against_registries(run_cfg: RunConfig) -> None:
             f"training.reference.estimator={reference.estimator} needs the run's critic, and "
             f"estimator {run_cfg.estimator.name} trains none; use one of "
             f"{[n for n in unbiased if not ESTIMATORS[n].needs_critic]}")
+
+
+def is_sequence_estimator(name: str) -> bool:
+    """Whether ``name`` is registered among the sequence estimators."""
+    from pgvar.sequence_estimators import SEQUENCE_ESTIMATORS
+
+    return name in SEQUENCE_ESTIMATORS
+
+
+def check_sequence_estimator(run_cfg: RunConfig) -> None:
+    """env=sequence takes the sequence estimators, whose groups must fill the batch."""
+    from pgvar.sequence_estimators import SEQUENCE_ESTIMATORS
+
+    est = run_cfg.estimator
+    require_choice("estimator.name (with env=sequence)", est.name, sorted(SEQUENCE_ESTIMATORS))
+    minimum = SEQUENCE_ESTIMATORS[est.name].min_group
+    require(est.group_size >= minimum,
+            f"estimator {est.name} needs estimator.group_size >= {minimum}, got {est.group_size}")
+    require(run_cfg.training.batch_size % est.group_size == 0,
+            f"training.batch_size ({run_cfg.training.batch_size}) must be a multiple of "
+            f"estimator.group_size ({est.group_size}): batches hold whole prompt groups")
 
 
 def check_buildable(run_cfg: RunConfig) -> None:

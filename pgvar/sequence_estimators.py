@@ -69,7 +69,7 @@ from torch.func import functional_call, grad, vmap
 
 from pgvar.envs.sequence import SequenceTask
 from pgvar.gradients import flatten, policy_params
-from pgvar.sequence_policies import SequencePolicy
+from pgvar.sequence_policies import SequencePolicy, flat_grad
 
 KL_MODES = ("k1_reward", "k3_loss")
 STD_EPS = 1e-4  # TRL's: advantages / (std + 1e-4)
@@ -445,14 +445,6 @@ def exact_mean(name: str, task: SequenceTask, policy: SequencePolicy,
                prompts: list[int] | None = None) -> torch.Tensor:
     """``[P]`` E g of estimator ``name`` (the part from ``prompts``), by enumeration."""
     return flat_grad(exact_mean_surrogate(name, task, policy, cfg, reference, prompts), policy)
-
-
-def flat_grad(value: torch.Tensor, module: nn.Module) -> torch.Tensor:
-    """Gradient of a scalar as one flat vector in ``module.parameters()`` order."""
-    params = list(module.parameters())
-    grads = torch.autograd.grad(value, params, allow_unused=True)
-    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
-                      for g, p in zip(grads, params)]).detach()
 
 
 def grpo_weight_prediction(p: torch.Tensor, G: int) -> torch.Tensor:

@@ -33,6 +33,15 @@ def token_log_probs_from_logits(logits: torch.Tensor, tokens: torch.Tensor,
     return picked * mask.to(picked.dtype)
 
 
+def flat_grad(value: torch.Tensor, module: nn.Module, retain_graph: bool = False) -> torch.Tensor:
+    """Gradient of a scalar as one flat vector in ``module.parameters()`` order (zeros
+    for parameters it does not depend on)."""
+    params = list(module.parameters())
+    grads = torch.autograd.grad(value, params, allow_unused=True, retain_graph=retain_graph)
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
+                      for g, p in zip(grads, params)]).detach()
+
+
 class SequencePolicy(nn.Module):
     """Base: subclasses give ``token_logits``; sizes are ``n_prompts``, ``vocab``, ``max_len``."""
 

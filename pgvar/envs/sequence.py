@@ -33,6 +33,7 @@ from pgvar.sequence_policies import (
     SequencePolicy,
     TablePolicy,
     TransformerPolicy,
+    flat_grad,
 )
 
 EXACT_CHUNK = 8192  # completions scored per policy call when enumerating
@@ -189,12 +190,7 @@ class SequenceTask:
                        beta: float = 0.0, what: str = "objective") -> torch.Tensor:
         """``[P]`` gradient of one exact quantity (``objective``, ``J``, ``mean_length``,
         ``mean_kl``) in ``policy.parameters()`` order."""
-        ex = self.exact(policy, reference, beta)
-        value = getattr(ex, what)
-        params = list(policy.parameters())
-        grads = torch.autograd.grad(value, params, allow_unused=True)
-        return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
-                          for g, p in zip(grads, params)]).detach()
+        return flat_grad(getattr(self.exact(policy, reference, beta), what), policy)
 
     # ------------------------------------------------------------------ sampling
 
