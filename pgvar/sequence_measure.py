@@ -13,6 +13,7 @@ Beyond ``pgvar.stats.gradient_stats`` of the M batch estimates (``stats``), ``ex
   completion length along the unit mean estimate and along the unit true gradient,
   ``<grad E|y|, v> / ||v||``; ``length_bias`` is their difference (tokens per unit step);
 - where ``exact_mean`` applies: ``exact_mean_cos`` (cos(E g, grad J_beta) by enumeration),
+  ``exact_rel_bias`` (||E g - grad J_beta|| / ||grad J_beta||),
   ``exact_len_slope``, ``exact_length_bias`` and ``prompt_weight_q`` for every prompt q,
   the implied weight ``<E g_q, grad J_q> / ||grad J_q||^2`` of prompt q (E g_q: the part of
   E g from q's groups, times Q; REINFORCE gives 1 for every prompt).
@@ -99,6 +100,7 @@ def measure_sequence(task: SequenceTask, policy: SequencePolicy, estimator: str,
     if has_exact_mean(estimator, cfg):
         mean = exact_mean(estimator, task, policy, cfg, reference)
         extras["exact_mean_cos"] = cosine(mean, ref)
+        extras["exact_rel_bias"] = float((mean.double() - ref.double()).norm() / ref.double().norm())
         extras["exact_len_slope"] = length_slope(dlen, mean)
         extras["exact_length_bias"] = extras["exact_len_slope"] - extras["len_slope_ref"]
         if with_weights:

@@ -49,7 +49,8 @@ log = logging.getLogger("pgvar.run")
 
 EXACT_COLUMNS = ("exact_J", "exact_objective", "exact_length", "exact_kl")
 MEASURED_SEQUENCE_COLUMNS = ("mean_cos_ref", "len_slope_est", "len_slope_ref", "length_bias",
-                             "exact_mean_cos", "exact_len_slope", "exact_length_bias")
+                             "exact_mean_cos", "exact_rel_bias", "exact_len_slope",
+                             "exact_length_bias")
 SEQUENCE_COLUMNS = EXACT_COLUMNS + MEASURED_SEQUENCE_COLUMNS
 
 
