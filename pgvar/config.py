@@ -238,6 +238,7 @@ class EstimatorSettings:
     kl_beta: float = 0.0  # sequence estimators: weight beta of KL(pi || pi_ref), pi_ref = the initial policy
     kl_mode: str = "k3_loss"  # sequence estimators: k1_reward (log-ratio in the reward) or k3_loss (GRPO's)
     epochs: int = 1  # sequence estimators: PPO-style clipped epochs on one batch (1: the plain estimator)
+    scale_rewards: str = "default"  # sequence estimators, TRL's: group (divide by the group std), none, default (group for grpo/dapo/bnpo)
 
     def core_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``pgvar.estimators.EstimatorConfig``: every field but
@@ -248,7 +249,8 @@ class EstimatorSettings:
     def sequence_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``pgvar.sequence_estimators.SequenceEstimatorConfig``."""
         return {"group_size": self.group_size, "kl_beta": self.kl_beta, "kl_mode": self.kl_mode,
-                "epochs": self.epochs, "clip": self.ppo_clip, "lr": self.ppo_lr}
+                "epochs": self.epochs, "clip": self.ppo_clip, "lr": self.ppo_lr,
+                "scale_rewards": self.scale_rewards}
 
     def check(self) -> None:
         require_in_range("estimator.lam", self.lam, 0.0, 1.0)
@@ -261,9 +263,10 @@ class EstimatorSettings:
         require_in_range("estimator.kl_beta", self.kl_beta, 0.0, float("inf"), high_open=True)
         require_choice("estimator.kl_mode", self.kl_mode, ("k1_reward", "k3_loss"))
         require_positive_int("estimator.epochs", self.epochs)
+        require_choice("estimator.scale_rewards", self.scale_rewards, ("default", "group", "none"))
 
 
-SEQUENCE_ESTIMATOR_FIELDS = ("group_size", "kl_beta", "kl_mode", "epochs")
+SEQUENCE_ESTIMATOR_FIELDS = ("group_size", "kl_beta", "kl_mode", "epochs", "scale_rewards")
 
 
 # ---------------------------------------------------------------------------- policies

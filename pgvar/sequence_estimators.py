@@ -72,6 +72,7 @@ from pgvar.gradients import flatten, policy_params
 from pgvar.sequence_policies import SequencePolicy, flat_grad
 
 KL_MODES = ("k1_reward", "k3_loss")
+SCALE_REWARDS = ("default", "group", "none")
 STD_EPS = 1e-4  # TRL's: advantages / (std + 1e-4)
 
 
@@ -85,6 +86,8 @@ class SequenceEstimatorConfig:
     epochs: int = 1              # K: PPO-style epochs on one batch (1: the plain estimator)
     clip: float = 0.2            # PPO ratio clip epsilon (epochs > 1)
     lr: float = 0.05             # inner step size (epochs > 1)
+    scale_rewards: str = "default"  # TRL's: group (divide by group std), none, or the
+                                    # estimator's default (group for grpo/dapo/bnpo)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -99,6 +102,8 @@ class SequenceEstimatorConfig:
             raise ValueError(f"kl_beta must be >= 0, got {self.kl_beta}")
         if self.kl_mode not in KL_MODES:
             raise ValueError(f"kl_mode must be one of {KL_MODES}, got {self.kl_mode!r}")
+        if self.scale_rewards not in SCALE_REWARDS:
+            raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS}, got {self.scale_rewards!r}")
         if not (float(self.clip) > 0 and float(self.lr) > 0):
             raise ValueError(f"clip and lr must be > 0, got {self.clip}, {self.lr}")
 
@@ -177,6 +182,18 @@ def standardised_advantage(R: torch.Tensor) -> torch.Tensor:
     return centred_advantage(R) / (group_std(R) + STD_EPS)
 
 
+def is_scaled(est: SequenceEstimator, cfg: SequenceEstimatorConfig) -> bool:
+    """Whether the advantages are divided by the group std (``cfg.scale_rewards``)."""
+    return est.scaled if cfg.scale_rewards == "default" else cfg.scale_rewards == "group"
+
+
+def advantages(est: SequenceEstimator, R: torch.Tensor, scaled: bool) -> torch.Tensor:
+    """The estimator's advantage of rewards ``R`` ``[..., G]``, divided by (group std +
+    1e-4) when ``scaled``."""
+    A = est.advantage(R)
+    return A / (group_std(R) + STD_EPS) if scaled else A
+
+
 # ----------------------------------------------------------------------------- normalisers
 # Each returns c [M, N] from the lengths [M, P, G] and the maximum length L.
 
@@ -224,7 +241,8 @@ class SequenceEstimator:
     ``length_weight``: h(|y|, L) of the module docstring for estimators whose normaliser
     depends only on the own length (None: coupled through the batch; no exact mean);
     ``scale``: E g = scale(G, L) * grad J for the unbiased-up-to-scale ones (None: not a
-    multiple of grad J).
+    multiple of grad J), without reward scaling; ``scaled``: whether the advantage is
+    divided by the group std by default (TRL's ``scale_rewards="group"``).
     """
 
     name: str
@@ -235,7 +253,7 @@ class SequenceEstimator:
     min_group: int = 1
     length_weight: Callable[[torch.Tensor, int], torch.Tensor] | None = None
     scale: Callable[[int, int], float] | None = None
-    linear_in_reward: bool = True  # advantage linear in the rewards (k1 keeps an exact mean)
+    scaled: bool = False
 
 
 def _ones(lengths: torch.Tensor, L: int) -> torch.Tensor:
@@ -251,8 +269,8 @@ SEQUENCE_ESTIMATORS: dict[str, SequenceEstimator] = {e.name: e for e in [
                       per_completion_mean, 2, _ones, lambda G, L: 1.0),
     SequenceEstimator("grpo", "GRPO (Shao et al. 2024): standardised advantage, tokens averaged "
                       "over each completion's length", "no multiple of grad J: prompts weighted "
-                      "~1/std, completions by 1/|y|", standardised_advantage, own_length_mean, 2,
-                      lambda n, L: 1.0 / n.to(torch.float64), None, linear_in_reward=False),
+                      "~1/std, completions by 1/|y|", centred_advantage, own_length_mean, 2,
+                      lambda n, L: 1.0 / n.to(torch.float64), None, scaled=True),
     SequenceEstimator("dr_grpo", "Dr. GRPO (Liu et al. 2025): centred advantage, constant "
                       "normaliser N L", "(1 - 1/G)/L grad J (a scaled grad J)", centred_advantage,
                       constant_length_mean, 2, lambda n, L: torch.full_like(n, 1.0 / L,
@@ -260,10 +278,10 @@ SEQUENCE_ESTIMATORS: dict[str, SequenceEstimator] = {e.name: e for e in [
                       lambda G, L: (1.0 - 1.0 / G) / L),
     SequenceEstimator("dapo", "DAPO (Yu et al. 2025): standardised advantage, mean over every "
                       "token of the batch", "no multiple of grad J (normaliser couples the batch)",
-                      standardised_advantage, batch_token_mean, 2, linear_in_reward=False),
+                      centred_advantage, batch_token_mean, 2, scaled=True),
     SequenceEstimator("bnpo", "BNPO (TRL): standardised advantage, token mean per prompt group "
                       "(micro-batch), mean over groups", "no multiple of grad J",
-                      standardised_advantage, group_token_mean, 2, linear_in_reward=False),
+                      centred_advantage, group_token_mean, 2, scaled=True),
 ]}
 
 
@@ -326,7 +344,8 @@ def estimate_directions(name: str, task: SequenceTask, policy: SequencePolicy,
         raise ValueError("kl_beta > 0 needs a reference policy (reference=...)")
     logp_old = batch_log_probs(policy, batch)
     logp_ref = batch_log_probs(reference, batch) if reference is not None else torch.zeros_like(logp_old)
-    A = batch.flat(est.advantage(shaped_rewards(batch, cfg, logp_old, logp_ref)))
+    A = batch.flat(advantages(est, shaped_rewards(batch, cfg, logp_old, logp_ref),
+                              is_scaled(est, cfg)))
     c = est.normaliser(batch.lengths.reshape(M, P_, G), task.max_len).to(logp_old.dtype)
     beta_k3 = float(cfg.kl_beta) if cfg.kl_mode == "k3_loss" else 0.0
     return surrogate_directions(policy, batch.flat(batch.prompts), batch.tokens, batch.mask,
@@ -381,7 +400,8 @@ def binomial_pmf(n: int, p: torch.Tensor) -> torch.Tensor:
     return torch.exp(log_c) * p ** k * (1 - p) ** (n - k)
 
 
-def mean_advantage(est: SequenceEstimator, p: torch.Tensor, G: int) -> torch.Tensor:
+def mean_advantage(est: SequenceEstimator, p: torch.Tensor, G: int,
+                   scaled: bool | None = None) -> torch.Tensor:
     """``[Q, 2]``: abar_q(r) = E[A_i | r_i = r], over k ~ Binomial(G-1, p_q) successes of
     the other G-1 completions, computed with the estimator's own advantage function."""
     k = torch.arange(G, dtype=torch.float64, device=p.device)
@@ -390,7 +410,8 @@ def mean_advantage(est: SequenceEstimator, p: torch.Tensor, G: int) -> torch.Ten
         R = (torch.arange(G, dtype=torch.float64, device=p.device)[None, :] < k[:, None])
         R = torch.cat([torch.full((G, 1), r, dtype=torch.float64, device=p.device),
                        R[:, :G - 1].to(torch.float64)], dim=1)  # row k: own r, then k ones
-        out.append(est.advantage(R)[:, 0])                      # [G] A_own for k = 0..G-1
+        scale = est.scaled if scaled is None else scaled
+        out.append(advantages(est, R, scale)[:, 0])             # [G] A_own for k = 0..G-1
     A = torch.stack(out, dim=1)                                 # [G, 2]
     return binomial_pmf(G - 1, p) @ A                           # [Q, 2]
 
@@ -400,7 +421,7 @@ def has_exact_mean(name: str, cfg: SequenceEstimatorConfig) -> bool:
     est = get_sequence_estimator(name)
     if est.length_weight is None or int(cfg.epochs) != 1:
         return False
-    return not (cfg.kl_beta > 0 and cfg.kl_mode == "k1_reward" and not est.linear_in_reward)
+    return not (cfg.kl_beta > 0 and cfg.kl_mode == "k1_reward" and is_scaled(est, cfg))
 
 
 def exact_mean_surrogate(name: str, task: SequenceTask, policy: SequencePolicy,
@@ -411,7 +432,7 @@ def exact_mean_surrogate(name: str, task: SequenceTask, policy: SequencePolicy,
     est = get_sequence_estimator(name)
     if not has_exact_mean(name, cfg):
         raise ValueError(f"no exact mean for {name!r} with {cfg}: its normaliser couples the "
-                         "batch, or epochs > 1, or k1_reward with a non-linear advantage")
+                         "batch, or epochs > 1, or k1_reward with std-scaled rewards")
     G, L = int(cfg.group_size), task.max_len
     check_group_size(est, G)
     tok = task.completion_token_log_probs(policy)                       # [Q, C, L]
@@ -427,10 +448,13 @@ def exact_mean_surrogate(name: str, task: SequenceTask, policy: SequencePolicy,
             tok_ref = task.completion_token_log_probs(reference)
     if beta > 0 and cfg.kl_mode == "k1_reward":
         shaped = task.rewards.to(torch.float64) - beta * (logp - tok_ref.sum(-1)).detach().to(torch.float64)
-        weight = p * shaped * est.scale(G, L)
+        own = torch.zeros(1, G, dtype=torch.float64)
+        own[0, 0] = 1.0
+        coefficient = float(est.advantage(own)[0, 0])  # A_i = coefficient r_i + (others' part)
+        weight = p * shaped * coefficient
     else:
         success = (p * task.rewards).sum(1)
-        abar = mean_advantage(est, success, G)                          # [Q, 2]
+        abar = mean_advantage(est, success, G, is_scaled(est, cfg))     # [Q, 2]
         weight = p * torch.where(task.rewards > 0.5, abar[:, 1:2], abar[:, 0:1])
     surrogate = (weight * h).to(logp.dtype) * logp                     # [Q, C]
     if beta > 0 and cfg.kl_mode == "k3_loss":

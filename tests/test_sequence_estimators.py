@@ -15,6 +15,7 @@ from pgvar.envs.sequence import SequenceTask
 from pgvar.sequence_estimators import (
     SEQUENCE_ESTIMATORS,
     SequenceEstimatorConfig,
+    advantages,
     estimate_directions,
     exact_mean,
     has_exact_mean,
@@ -117,7 +118,8 @@ def test_mean_advantage_equals_enumeration_of_the_other_rewards(name):
         total = 0.0
         for others in itertools.product((0.0, 1.0), repeat=G - 1):
             prob = math.prod(0.3 if o else 0.7 for o in others)
-            A = est.advantage(torch.tensor([[float(r), *others]], dtype=torch.float64))[0, 0]
+            R = torch.tensor([[float(r), *others]], dtype=torch.float64)
+            A = advantages(est, R, est.scaled)[0, 0]
             total += prob * float(A)
         assert float(abar[r]) == pytest.approx(total, abs=1e-12)
 
@@ -274,3 +276,19 @@ def test_transformer_grpo_and_k3_are_biased():
     target = task.exact_gradient(policy, reference, beta=0.5).double()
     k1 = SequenceEstimatorConfig(group_size=4, kl_beta=0.5, kl_mode="k1_reward")
     assert abs(z_score(mc(task, policy, "reinforce", k1, reference, n_batches=4000), target)) < UNBIASED_Z
+
+
+def test_std_scaling_alone_weighs_prompts_by_the_exact_advantage_gap():
+    """dr_grpo's constant normaliser with TRL's scale_rewards=group: no length effect, so
+    the implied weight of prompt q is (abar_q(1) - abar_q(0)) / L exactly, and the Monte
+    Carlo mean agrees with the exact one."""
+    task, policy, _ = setting()
+    cfg = SequenceEstimatorConfig(group_size=4, scale_rewards="group")
+    m = measure_sequence(task, policy, "dr_grpo", 8, 2, 0, cfg)
+    p = task.exact(policy).success.detach().double()
+    gap = mean_advantage(SEQUENCE_ESTIMATORS["dr_grpo"], p, 4, scaled=True)
+    for q in range(task.n_prompts):
+        expected = float(gap[q, 1] - gap[q, 0]) / task.max_len
+        assert m.extras[f"prompt_weight_{q}"] == pytest.approx(expected, rel=1e-4)
+    D = mc(task, policy, "dr_grpo", cfg)
+    assert abs(z_score(D, exact_mean("dr_grpo", task, policy, cfg))) < UNBIASED_Z
