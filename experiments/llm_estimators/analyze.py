@@ -65,6 +65,16 @@ def denoised_cosine(rows: pd.DataFrame) -> pd.Series:
     return (inner / np.sqrt(mean2.where(mean2 > 0) * r2)).clip(-1, 1)
 
 
+def denoised_length_bias(rows: pd.DataFrame) -> pd.Series:
+    """<grad E|y|, E g>/||E g|| - <grad E|y|, g_ref>/||g_ref||: the logged slope along
+    g_bar rescaled from ||g_bar|| to the de-noised ||E g|| (noise inflates ||g_bar|| and
+    would pull the slope towards 0)."""
+    tv, M = rows["grad_variance"], rows["n_estimates"]
+    gbar2 = rows["snr"] * tv
+    mean2 = gbar2 - tv / M
+    return rows["len_slope_est"] * np.sqrt(gbar2 / mean2.where(mean2 > 0)) - rows["len_slope_ref"]
+
+
 def scale_free_mse(rows: pd.DataFrame) -> pd.Series:
     """E||g/c - g_ref||^2 / ||g_ref||^2 at the best scale c = <g_bar, g_ref>/||g_ref||^2:
     E||g||^2 ||g_ref||^2 / <g_bar, g_ref>^2 - 1 (direction error and noise, not scale)."""
@@ -104,12 +114,13 @@ def direction_table(frame: pd.DataFrame) -> pd.DataFrame:
     """Per policy and estimator: exact cos(E g, grad J), de-noised Monte Carlo cosine, the
     exact relative bias, the Monte Carlo length bias and relative variance."""
     rows = first_rows(frame, "at_init")
-    rows = rows.assign(policy=policy_kind(rows), mc_cos=denoised_cosine(rows))
+    rows = rows.assign(policy=policy_kind(rows), mc_cos=denoised_cosine(rows),
+                       mc_length_bias=denoised_length_bias(rows))
     out = []
     for (policy, est), g in rows.groupby(["policy", "estimator"]):
         rec = {"policy": policy, "estimator": est, "runs": len(g)}
         for col in ("exact_mean_cos", "mc_cos", "exact_rel_bias", "exact_length_bias",
-                    "length_bias", "grad_rel_variance", "len_slope_ref"):
+                    "mc_length_bias", "grad_rel_variance", "len_slope_ref"):
             v = g[col] if col in g.columns else pd.Series(dtype=float)
             rec[col], rec[f"{col}_lo"], rec[f"{col}_hi"] = ci_of(v)
         rec["bias_distinguishable_frac"] = float(g["bias_distinguishable"].mean())
@@ -138,54 +149,70 @@ def claim_direction(table: pd.DataFrame) -> tuple[str, str]:
     return ("confirmed" if ok else "refuted"), "; ".join(parts)
 
 
-def weights_table(frame: pd.DataFrame, G: int = 4) -> pd.DataFrame:
+def weights_table(frame: pd.DataFrame, sweep_prefix: str) -> pd.DataFrame:
     """One line per (run, prompt) of the table policy at initialisation: success rate p,
-    implied weight of each estimator with an exact mean, and GRPO's predictions
-    1/sqrt(p(1-p)) and abar(1) - abar(0) (no length normalisation)."""
-    from pgvar.sequence_estimators import SEQUENCE_ESTIMATORS, mean_advantage
+    the implied weight of the run's estimator (exact), 1/sqrt(p(1-p)) and the exact
+    std-scaled group-advantage gap abar(1) - abar(0) at the run's G."""
     import torch
 
-    rows = first_rows(frame, "at_init_table")
+    from pgvar.sequence_estimators import SEQUENCE_ESTIMATORS, mean_advantage
+
+    rows = first_rows(frame, sweep_prefix)
     weights, success = prompt_columns(rows, "prompt_weight_"), prompt_columns(rows, "success_")
     out = []
     for _, r in rows.iterrows():
+        G = int(r["estimator.group_size"])
         for q, (wc, sc) in enumerate(zip(weights, success)):
             if not math.isfinite(r[wc]):
                 continue
             p = float(r[sc])
-            gap = mean_advantage(SEQUENCE_ESTIMATORS["grpo"], torch.tensor([p], dtype=torch.float64), G)[0]
-            out.append({"estimator": r["estimator"], "seed": r["seed"], "prompt": q, "success": p,
-                        "weight": float(r[wc]), "inv_std": 1 / math.sqrt(max(p * (1 - p), 1e-12)),
-                        "grpo_gap": float(gap[1] - gap[0])})
+            gap = mean_advantage(SEQUENCE_ESTIMATORS["dr_grpo"],
+                                 torch.tensor([p], dtype=torch.float64), G, scaled=True)[0]
+            out.append({"estimator": r["estimator"], "G": G, "seed": r["seed"], "prompt": q,
+                        "success": p, "weight": float(r[wc]),
+                        "inv_std": 1 / math.sqrt(max(p * (1 - p), 1e-12)),
+                        "std_gap": float(gap[1] - gap[0])})
     return pd.DataFrame(out)
 
 
-def claim_prompt_weights(weights: pd.DataFrame) -> tuple[pd.DataFrame, str, str]:
-    """(2) GRPO reweights prompts by ~1/std: slope of log weight on log(1/std)."""
-    if weights.empty or "grpo" not in set(weights["estimator"]):
-        return pd.DataFrame(), "inconclusive", "no GRPO weights measured"
+def weight_slopes(weights: pd.DataFrame, label: str) -> pd.DataFrame:
+    """Per estimator and G: the range of the implied weights, the slope of log weight on
+    log(1/std) with a bootstrap interval, and the correlation with the exact gap."""
     out = []
-    for est, g in weights.groupby("estimator"):
+    if weights.empty:
+        return pd.DataFrame()
+    for (est, G), g in weights.groupby(["estimator", "G"]):
         x, y = np.log(g["inv_std"].to_numpy()), np.log(g["weight"].clip(lower=1e-12).to_numpy())
-        slope = float(np.polyfit(x, y, 1)[0]) if np.ptp(x) > 0 else math.nan
-        boot = bootstrap_slopes(x, y)
-        out.append({"estimator": est, "points": len(g), "weight_min": g["weight"].min(),
-                    "weight_max": g["weight"].max(), "slope_log_w_on_log_inv_std": slope,
-                    "slope_lo": boot[0], "slope_hi": boot[1],
-                    "corr_with_gap": float(np.corrcoef(g["weight"], g["grpo_gap"])[0, 1])
-                    if est == "grpo" else math.nan})
-    table = pd.DataFrame(out)
-    grpo = table[table["estimator"] == "grpo"].iloc[0]
-    flat = table[table["estimator"].isin(["rloo", "reinforce"])]
-    flat_ok = bool(((flat["weight_max"] - flat["weight_min"]) < 1e-3).all()) if len(flat) else True
-    reweights = excludes(grpo["slope_lo"], grpo["slope_hi"], 0.0) and grpo["slope_lo"] > 0
-    verdict = "confirmed" if reweights and flat_ok else ("qualified" if reweights else "refuted")
-    sentence = (f"GRPO's implied prompt weights range {grpo['weight_min']:.2f}-{grpo['weight_max']:.2f} "
-                f"(REINFORCE/RLOO: 1); log-log slope on 1/std = "
-                f"{format_ci(grpo['slope_log_w_on_log_inv_std'], grpo['slope_lo'], grpo['slope_hi'])} "
-                f"(1/std exactly would be 1); correlation with the exact group-advantage gap "
-                f"abar(1)-abar(0): {grpo['corr_with_gap']:.2f}")
-    return table, verdict, sentence
+        lo, hi = bootstrap_slopes(x, y)
+        out.append({"setting": label, "estimator": est, "G": int(G), "points": len(g),
+                    "weight_min": g["weight"].min(), "weight_max": g["weight"].max(),
+                    "slope": float(np.polyfit(x, y, 1)[0]) if np.ptp(x) > 0 else math.nan,
+                    "slope_lo": lo, "slope_hi": hi,
+                    "corr_with_gap": float(np.corrcoef(g["weight"], g["std_gap"])[0, 1])
+                    if g["weight"].std() > 0 else math.nan})
+    return pd.DataFrame(out)
+
+
+def claim_prompt_weights(std_only: pd.DataFrame, as_used: pd.DataFrame
+                         ) -> tuple[pd.DataFrame, str, str]:
+    """(2) GRPO's std normalisation reweights prompts by ~1/std: measured with the std
+    alone (dr_grpo, scale_rewards=group), and as GRPO uses it (with 1/|y|)."""
+    table = pd.concat([weight_slopes(std_only, "std scaling only (dr_grpo, scale_rewards=group)"),
+                       weight_slopes(as_used, "as used (G = 4)")], ignore_index=True)
+    if std_only.empty or table.empty:
+        return table, "inconclusive", "no std-scaling runs"
+    rows = table[table["setting"].str.startswith("std")].sort_values("G")
+    reweights = bool((rows["slope_lo"] > 0).all())
+    near_one = bool(((rows["slope_lo"] <= 1) & (rows["slope_hi"] >= 1)).any())
+    parts = [f"G = {int(r['G'])}: weights {r['weight_min']:.3g}-{r['weight_max']:.3g}, slope of log "
+             f"weight on log(1/std) {format_ci(r['slope'], r['slope_lo'], r['slope_hi'])}, "
+             f"correlation with the exact gap {r['corr_with_gap']:.3f}" for _, r in rows.iterrows()]
+    grpo = table[(table["estimator"] == "grpo")]
+    if len(grpo):
+        g = grpo.iloc[0]
+        parts.append(f"GRPO as used (1/|y| too): slope {format_ci(g['slope'], g['slope_lo'], g['slope_hi'])}")
+    verdict = "confirmed" if reweights and near_one else ("qualified" if reweights else "refuted")
+    return table, verdict, "; ".join(parts)
 
 
 def bootstrap_slopes(x: np.ndarray, y: np.ndarray, n: int = 2000, seed: int = 0) -> tuple[float, float]:
@@ -211,7 +238,7 @@ def claim_length(table: pd.DataFrame) -> tuple[str, str]:
     biased = excludes(g["exact_length_bias_lo"], g["exact_length_bias_hi"], 0.0)
     parts = [f"{e}: {format_ci(by.loc[e, 'exact_length_bias'], by.loc[e, 'exact_length_bias_lo'], by.loc[e, 'exact_length_bias_hi'])} (exact)"
              for e in ("grpo", "rloo", "dr_grpo") if e in by.index]
-    parts += [f"{e}: {format_ci(by.loc[e, 'length_bias'], by.loc[e, 'length_bias_lo'], by.loc[e, 'length_bias_hi'])} (MC)"
+    parts += [f"{e}: {format_ci(by.loc[e, 'mc_length_bias'], by.loc[e, 'mc_length_bias_lo'], by.loc[e, 'mc_length_bias_hi'])} (MC, de-noised)"
               for e in ("dapo", "bnpo") if e in by.index]
     sentence = ("length bias, d E|y| along the unit mean estimate minus along the unit grad J "
                 f"(true: {format_ci(g['len_slope_ref'], g['len_slope_ref_lo'], g['len_slope_ref_hi'])}): "
@@ -332,7 +359,7 @@ def plot_direction(table: pd.DataFrame, out_dir: Path) -> list[Path]:
         row[0].bar(x + 0.2, mc, 0.4, label="Monte Carlo (de-noised)")
         row[0].set_ylim(min(0.5, np.nanmin(np.r_[exact, mc]) - 0.05), 1.01)
         row[0].set_ylabel(f"{policy}: cos(E ĝ, ∇J)")
-        lb = np.where(np.isfinite(t["exact_length_bias"]), t["exact_length_bias"], t["length_bias"])
+        lb = np.where(np.isfinite(t["exact_length_bias"]), t["exact_length_bias"], t["mc_length_bias"])
         row[1].bar(x, lb, color="tab:green")
         row[1].axhline(0, color="0.3", lw=0.8)
         row[1].set_ylabel("length bias (tokens / unit step)")
@@ -347,12 +374,15 @@ def plot_direction(table: pd.DataFrame, out_dir: Path) -> list[Path]:
 def plot_prompt_weights(weights: pd.DataFrame, out_dir: Path) -> list[Path]:
     """Implied per-prompt weight against 1/std of the prompt's reward, per estimator."""
     fig, ax = plt.subplots(figsize=(PAPER_WIDTH / 2, PANEL_HEIGHT + 0.4))
-    for est, g in weights.groupby("estimator"):
-        ax.scatter(g["inv_std"], g["weight"], s=8, alpha=0.6, label=est)
+    for G, g in weights.groupby("G"):
+        ax.scatter(g["inv_std"], g["weight"] / g["weight"].median(), s=8, alpha=0.6, label=f"G = {G}")
+    x = np.geomspace(weights["inv_std"].min(), weights["inv_std"].max(), 20)
+    ax.plot(x, x / weights["inv_std"].median(), color="0.3", ls="--", lw=0.8, label="∝ 1/std")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("1 / sqrt(p (1 - p)) of the prompt")
-    ax.set_ylabel("implied weight ⟨E ĝ_q, ∇J_q⟩ / ‖∇J_q‖²")
+    ax.set_ylabel("implied weight / its median")
+    ax.set_title("std scaling alone (dr_grpo, scale_rewards=group)", fontsize=8)
     ax.legend(fontsize=7)
     fig.tight_layout()
     return save_figure(fig, out_dir, f"{NAME}_prompt_weights")
@@ -406,7 +436,7 @@ def plot_training(curves: pd.DataFrame, kl: pd.DataFrame, out_dir: Path) -> list
 def direction_markdown(table: pd.DataFrame) -> list[str]:
     """The per-estimator block (the comparison table of these estimators)."""
     lines = ["| policy | estimator | runs | cos(E ĝ, ∇J) exact | cos, Monte Carlo (de-noised) | "
-             "rel. bias exact ‖E ĝ − ∇J‖/‖∇J‖ | length bias exact | length bias MC | "
+             "rel. bias exact ‖E ĝ − ∇J‖/‖∇J‖ | length bias exact | length bias MC (de-noised) | "
              "rel. variance | bias distinguishable (share of runs) |",
              "|" + " --- |" * 10]
     for _, r in table.iterrows():
@@ -415,7 +445,7 @@ def direction_markdown(table: pd.DataFrame) -> list[str]:
             f"{r['exact_mean_cos']:.6g} | {format_ci(r['mc_cos'], r['mc_cos_lo'], r['mc_cos_hi'])} | "
             f"{format_ci(r['exact_rel_bias'], r['exact_rel_bias_lo'], r['exact_rel_bias_hi'])} | "
             f"{format_ci(r['exact_length_bias'], r['exact_length_bias_lo'], r['exact_length_bias_hi'])} | "
-            f"{format_ci(r['length_bias'], r['length_bias_lo'], r['length_bias_hi'])} | "
+            f"{format_ci(r['mc_length_bias'], r['mc_length_bias_lo'], r['mc_length_bias_hi'])} | "
             f"{format_ci(r['grad_rel_variance'], r['grad_rel_variance_lo'], r['grad_rel_variance_hi'])} | "
             f"{r['bias_distinguishable_frac']:.0%} |")
     return lines
@@ -440,8 +470,8 @@ def analyze(frame: pd.DataFrame, out: Path, preset: str) -> str:
         return write_inconclusive(out, TITLE, "no sequence runs to analyse")
     frame = with_sweep(frame)
     direction = direction_table(frame)
-    weights = weights_table(frame)
-    weight_summary, v2, s2 = claim_prompt_weights(weights)
+    weights = weights_table(frame, "std_weights")
+    weight_summary, v2, s2 = claim_prompt_weights(weights, weights_table(frame, "at_init_table"))
     group = group_size_table(frame)
     kl = kl_table(frame)
     curves = training_curves(frame)
@@ -459,8 +489,9 @@ def analyze(frame: pd.DataFrame, out: Path, preset: str) -> str:
     lines = [f"# {TITLE} ({preset} preset)", "",
              "## Per estimator at random initial policies (G = 4, 16 completions per batch)", "",
              *direction_markdown(direction), "", "## Prompt weights (table policy)", "",
-             *frame_markdown(weight_summary, ["estimator", "points", "weight_min", "weight_max",
-                                              "slope_log_w_on_log_inv_std", "slope_lo", "slope_hi"]),
+             *frame_markdown(weight_summary, ["setting", "estimator", "G", "points", "weight_min",
+                                              "weight_max", "slope", "slope_lo", "slope_hi",
+                                              "corr_with_gap"]),
              "", "## Group size at 16 completions per batch", "",
              *frame_markdown(group, ["estimator", "G", "prompts_per_batch", "runs",
                                      "grad_rel_variance", "rel_mse", "sf_mse"]),
