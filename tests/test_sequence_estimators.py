@@ -292,3 +292,14 @@ def test_std_scaling_alone_weighs_prompts_by_the_exact_advantage_gap():
         assert m.extras[f"prompt_weight_{q}"] == pytest.approx(expected, rel=1e-4)
     D = mc(task, policy, "dr_grpo", cfg)
     assert abs(z_score(D, exact_mean("dr_grpo", task, policy, cfg))) < UNBIASED_Z
+
+
+def test_dr_grpo_is_rloo_times_a_constant_on_every_batch():
+    """r_i - mean = (G-1)/G (r_i - mean of the others), and dr_grpo's normaliser is 1/(N L):
+    the two estimators differ by the factor (G-1)/(G L) batch by batch, not only in mean."""
+    task, policy, _ = setting()
+    cfg = SequenceEstimatorConfig(group_size=4)
+    batch = sample_batches(task, policy, 6, 2, 4, seed=3)
+    dr = estimate_directions("dr_grpo", task, policy, batch, cfg)
+    rloo = estimate_directions("rloo", task, policy, batch, cfg)
+    assert torch.allclose(dr, rloo * 3 / (4 * task.max_len), atol=1e-7)
