@@ -42,6 +42,7 @@ from torch.func import grad, vmap
 from pgvar.gradients import (
     flatten,
     functional_log_prob,
+    mean_ascent_gradient,
     policy_params,
     score_gradient_blocks,
     score_gradients,
@@ -318,13 +319,8 @@ def ppo_directions(policy: nn.Module, obs: torch.Tensor, actions: torch.Tensor,
         return (torch.minimum(ratio * adv, clipped * adv) * mf).sum() / adv.shape[0]
 
     def one(o, a, lo, adv, m, mf):
-        p = params0
-        total = {k: torch.zeros_like(v) for k, v in params0.items()}
-        for _ in range(epochs):
-            step = grad(surrogate)(p, o, a, lo, adv, m, mf)
-            total = {k: total[k] + step[k] for k in total}
-            p = {k: params0[k] + lr * total[k] for k in total}
-        return {k: v / epochs for k, v in total.items()}
+        return mean_ascent_gradient(lambda p: grad(surrogate)(p, o, a, lo, adv, m, mf),
+                                    params0, epochs, lr)
 
     batched = vmap(one)
     rows = []

@@ -68,7 +68,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from pgvar.envs.sequence import SequenceTask
-from pgvar.gradients import flatten, policy_params
+from pgvar.gradients import flatten, mean_ascent_gradient, policy_params
 from pgvar.sequence_policies import SequencePolicy, flat_grad
 
 KL_MODES = ("k1_reward", "k3_loss")
@@ -371,13 +371,8 @@ def surrogate_directions(policy: SequencePolicy, prompts: torch.Tensor, tokens: 
         return (term * mf * cc[:, None]).sum()
 
     def one(q, y, m, lo, lref, a, cc):
-        p = params0
-        total = {k: torch.zeros_like(v) for k, v in params0.items()}
-        for _ in range(K):
-            step = grad(surrogate)(p, q, y, m, lo, lref, a, cc)
-            total = {k: total[k] + step[k] for k in total}
-            p = {k: params0[k] + lr * total[k] for k in total}
-        return {k: v / K for k, v in total.items()}
+        return mean_ascent_gradient(lambda p: grad(surrogate)(p, q, y, m, lo, lref, a, cc),
+                                    params0, K, lr)
 
     batched = vmap(one)
     rows = []

@@ -103,6 +103,20 @@ def ci_of(values) -> tuple[float, float, float]:
     return est.value, est.lo, est.hi
 
 
+def summarise(rows: pd.DataFrame, keys: list[str], columns: tuple[str, ...]) -> pd.DataFrame:
+    """Per group of ``keys``: the number of runs and, for every column, its mean over the
+    group with a 95% bootstrap interval (``COL``, ``COL_lo``, ``COL_hi``)."""
+    out = []
+    for key, g in rows.groupby(keys):
+        rec = dict(zip(keys, key if isinstance(key, tuple) else (key,)))
+        rec["runs"] = len(g)
+        for col in columns:
+            v = g[col] if col in g.columns else pd.Series(dtype=float)
+            rec[col], rec[f"{col}_lo"], rec[f"{col}_hi"] = ci_of(v)
+        out.append(rec)
+    return pd.DataFrame(out)
+
+
 def excludes(lo: float, hi: float, x: float) -> bool:
     return math.isfinite(lo) and math.isfinite(hi) and not lo <= x <= hi
 
@@ -116,16 +130,10 @@ def direction_table(frame: pd.DataFrame) -> pd.DataFrame:
     rows = first_rows(frame, "at_init")
     rows = rows.assign(policy=policy_kind(rows), mc_cos=denoised_cosine(rows),
                        mc_length_bias=denoised_length_bias(rows))
-    out = []
-    for (policy, est), g in rows.groupby(["policy", "estimator"]):
-        rec = {"policy": policy, "estimator": est, "runs": len(g)}
-        for col in ("exact_mean_cos", "mc_cos", "exact_rel_bias", "exact_length_bias",
-                    "mc_length_bias", "grad_rel_variance", "len_slope_ref"):
-            v = g[col] if col in g.columns else pd.Series(dtype=float)
-            rec[col], rec[f"{col}_lo"], rec[f"{col}_hi"] = ci_of(v)
-        rec["bias_distinguishable_frac"] = float(g["bias_distinguishable"].mean())
-        out.append(rec)
-    table = pd.DataFrame(out)
+    table = summarise(rows, ["policy", "estimator"],
+                      ("exact_mean_cos", "mc_cos", "exact_rel_bias", "exact_length_bias",
+                       "mc_length_bias", "grad_rel_variance", "len_slope_ref",
+                       "bias_distinguishable"))
     if not table.empty:
         table["order"] = table["estimator"].map({e: i for i, e in enumerate(ORDER)})
         table = table.sort_values(["policy", "order"]).drop(columns="order")
@@ -254,14 +262,8 @@ def group_size_table(frame: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame()
     rows = rows.assign(G=rows["estimator.group_size"].astype(int), sf_mse=scale_free_mse(rows),
                        rel_mse=rows["grad_mse"] / rows["ref_norm"] ** 2)
-    out = []
-    for (est, G), g in rows.groupby(["estimator", "G"]):
-        rec = {"estimator": est, "G": G, "prompts_per_batch": int(g["training.batch_size"].iloc[0]) // G,
-               "runs": len(g)}
-        for col in ("grad_rel_variance", "rel_mse", "sf_mse"):
-            rec[col], rec[f"{col}_lo"], rec[f"{col}_hi"] = ci_of(g[col])
-        out.append(rec)
-    return pd.DataFrame(out)
+    table = summarise(rows, ["estimator", "G"], ("grad_rel_variance", "rel_mse", "sf_mse"))
+    return table.assign(prompts_per_batch=int(rows["training.batch_size"].iloc[0]) // table["G"])
 
 
 def claim_group_size(table: pd.DataFrame) -> tuple[str, str]:
@@ -285,14 +287,9 @@ def kl_table(frame: pd.DataFrame) -> pd.DataFrame:
     rows = rows[(rows["sweep_name"] == "kl") & (rows["step"] > 0)]
     if rows.empty:
         return pd.DataFrame()
-    out = []
-    for (mode, step), g in rows.groupby(["estimator.kl_mode", "step"]):
-        rec = {"kl_mode": mode, "step": int(step), "runs": len(g),
-               "bias_distinguishable_frac": float(g["bias_distinguishable"].mean())}
-        for col in ("exact_rel_bias", "grad_rel_bias", "exact_mean_cos", "exact_kl"):
-            rec[col], rec[f"{col}_lo"], rec[f"{col}_hi"] = ci_of(g[col])
-        out.append(rec)
-    return pd.DataFrame(out)
+    rows = rows.rename(columns={"estimator.kl_mode": "kl_mode"})
+    return summarise(rows, ["kl_mode", "step"], ("exact_rel_bias", "grad_rel_bias",
+                                                 "exact_mean_cos", "exact_kl", "bias_distinguishable"))
 
 
 def claim_kl(table: pd.DataFrame) -> tuple[str, str]:
@@ -309,7 +306,7 @@ def claim_kl(table: pd.DataFrame) -> tuple[str, str]:
                 f"bias of the mean, k3 in the loss "
                 f"{format_ci(last3['exact_rel_bias'], last3['exact_rel_bias_lo'], last3['exact_rel_bias_hi'])}, "
                 f"k1 in the reward {last1['exact_rel_bias']:.1g}; Monte Carlo bias distinguishable "
-                f"in {last3['bias_distinguishable_frac']:.0%} (k3) and {last1['bias_distinguishable_frac']:.0%} "
+                f"in {last3['bias_distinguishable']:.0%} (k3) and {last1['bias_distinguishable']:.0%} "
                 f"(k1) of the runs")
     return ("confirmed" if k1_unbiased and k3_biased else "qualified"), sentence
 
@@ -317,13 +314,7 @@ def claim_kl(table: pd.DataFrame) -> tuple[str, str]:
 def training_curves(frame: pd.DataFrame) -> pd.DataFrame:
     """Mean exact J and expected length per estimator and step, with intervals over seeds."""
     rows = frame[frame["sweep_name"] == "training"]
-    out = []
-    for (est, step), g in rows.groupby(["estimator", "step"]):
-        rec = {"estimator": est, "step": int(step), "runs": len(g)}
-        for col in ("exact_J", "exact_length"):
-            rec[col], rec[f"{col}_lo"], rec[f"{col}_hi"] = ci_of(g[col])
-        out.append(rec)
-    return pd.DataFrame(out)
+    return summarise(rows, ["estimator", "step"], ("exact_J", "exact_length"))
 
 
 def claim_training(curves: pd.DataFrame) -> tuple[pd.DataFrame, str, str]:
@@ -447,7 +438,7 @@ def direction_markdown(table: pd.DataFrame) -> list[str]:
             f"{format_ci(r['exact_length_bias'], r['exact_length_bias_lo'], r['exact_length_bias_hi'])} | "
             f"{format_ci(r['mc_length_bias'], r['mc_length_bias_lo'], r['mc_length_bias_hi'])} | "
             f"{format_ci(r['grad_rel_variance'], r['grad_rel_variance_lo'], r['grad_rel_variance_hi'])} | "
-            f"{r['bias_distinguishable_frac']:.0%} |")
+            f"{r['bias_distinguishable']:.0%} |")
     return lines
 
 
@@ -497,7 +488,7 @@ def analyze(frame: pd.DataFrame, out: Path, preset: str) -> str:
                                      "grad_rel_variance", "rel_mse", "sf_mse"]),
              "", "## KL penalty (beta = 0.2): bias against ∇(J − βKL)", "",
              *frame_markdown(kl, ["kl_mode", "step", "runs", "exact_kl", "exact_rel_bias",
-                                  "grad_rel_bias", "bias_distinguishable_frac"]),
+                                  "grad_rel_bias", "bias_distinguishable"]),
              "", "## Training (final update)", "",
              *frame_markdown(final, ["estimator", "step", "runs", "exact_J", "exact_length"]),
              "", "## Verdicts", ""]
