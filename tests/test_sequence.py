@@ -75,7 +75,7 @@ def test_exact_quantities_match_brute_force(kind):
                                                     abs=1e-10)
         assert float(ex.kl[q]) == pytest.approx(sum(pi * (a - b) for pi, a, b in zip(p, logp, logr)),
                                                 abs=1e-10)
-    assert float(task.exact(policy, policy).mean_kl) == pytest.approx(0.0, abs=1e-12)
+    assert float(task.exact(policy, policy).mean_kl.detach()) == pytest.approx(0.0, abs=1e-12)
 
 
 @pytest.mark.parametrize("kind", ["table", "transformer"])
@@ -186,7 +186,7 @@ def test_a_sequence_run_logs_exact_length_and_direction_statistics(tmp_path):
     from pgvar.run import RunState, train_and_measure
 
     cfg = compose_and_validate(["env=sequence", "estimator=grpo", "preset=smoke",
-                                "estimator.kl_beta=0.1"])
+                                "estimator.kl_beta=0.1", "env.n_prompts=3", "env.horizon=4"])
     train_and_measure(cfg, tmp_path, 0.0, RunState())
     rows = pd.read_csv(tmp_path / "metrics.csv")
     assert list(rows["step"]) == [0, 1, 2, 3]

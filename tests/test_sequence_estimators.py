@@ -303,3 +303,23 @@ def test_dr_grpo_is_rloo_times_a_constant_on_every_batch():
     dr = estimate_directions("dr_grpo", task, policy, batch, cfg)
     rloo = estimate_directions("rloo", task, policy, batch, cfg)
     assert torch.allclose(dr, rloo * 3 / (4 * task.max_len), atol=1e-7)
+
+
+def test_k3_in_the_loss_follows_the_gradient_of_the_reverse_kl_per_prefix():
+    """The docstring's statement: with k3 in the loss, E g = grad J - beta grad sum_prefix
+    d_pi(prefix) KL(pi_ref || pi)(prefix), the prefix distribution held fixed."""
+    task, policy, reference = setting()
+    beta = 0.5
+    cfg = SequenceEstimatorConfig(group_size=1, kl_beta=beta, kl_mode="k3_loss")
+    c = task.completions
+    Q, C = task.n_prompts, task.n_completions
+    prompts = torch.arange(Q).repeat_interleave(C)
+    tokens, mask = c.tokens.repeat(Q, 1), c.mask.repeat(Q, 1)
+    logp = torch.log_softmax(policy.token_logits(prompts, tokens), -1)       # [QC, L, V]
+    with torch.no_grad():
+        logr = torch.log_softmax(reference.token_logits(prompts, tokens), -1)
+        seq_p = task.completion_log_probs(policy).exp().reshape(-1)          # [QC]
+    reverse_kl = (logr.exp() * (logr - logp)).sum(-1) * mask                 # [QC, L]
+    penalty = (seq_p[:, None] * reverse_kl).sum() / Q
+    expected = task.exact_gradient(policy, what="J") - beta * flat_grad(penalty, policy)
+    assert torch.allclose(exact_mean("reinforce", task, policy, cfg, reference), expected, atol=1e-6)
