@@ -97,7 +97,7 @@ def synthetic_metrics(truth: TrueEstimator, seed: int, n_iters: int = 6, measure
             b = rng.normal(size=P)
             b *= truth.bias / np.linalg.norm(b)
             noise = rng.normal(size=(M, P)) * math.sqrt(truth.variance / P)
-            g_ref = g_true + rng.normal(size=P) * ref_se / math.sqrt(P)
+            g_ref = g_true + rng.normal(size=P) * ref_se / math.sqrt(P) if ref_se > 0 else g_true
             row.update(gradient_statistics(g_true + b + noise, g_ref, ref_se))
             row["ref_exact"] = ref_exact and ref_se == 0
         rows.append(row)
