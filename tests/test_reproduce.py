@@ -115,7 +115,9 @@ def test_reproduce_table_smoke_end_to_end(tmp_path):
     assert table["variance"].gt(0).all() and table["agreement"].notna().all()
     runs = pd.read_parquet(out / "runs.parquet")
     assert runs["run_dir"].nunique() == 16 and set(runs["env"]) == {"tabular"}
-    assert "Vanilla REINFORCE" in (out / "table.md").read_text()
+    assert "Vanilla REINFORCE" in (out / "table_full.md").read_text()
+    # 2 seeds, 4 estimates per measurement: no claim can be agreed or disagreed with
+    assert set(table["agreement"]) <= {"inconclusive", "no claim"}, table["agreement_detail"]
     record = json.loads((out / "reproduce.json").read_text())
     assert record["preset"] == "smoke" and record["sweeps"]["tabular"]["statuses"] == {"complete": 16}
     assert elapsed < 180, f"smoke preset took {elapsed:.0f}s"
