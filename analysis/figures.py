@@ -300,7 +300,10 @@ def _inset_where_piled(ax, rows: pd.DataFrame, colour: dict, marker: dict, log_x
     main_span = np.subtract(*ax.get_ylim()[::-1])
     x, y = crowd["rel_variance"], crowd["rel_bias"]
     pad_y = max(np.ptp(y) * 0.15, 0.03 * main_span)
-    lo_x, hi_x = (x.min() / 1.08, x.max() * 1.08) if log_x else (x.min() - 0.05 * np.ptp(x), x.max() + 0.05 * np.ptp(x))
+    if log_x:
+        lo_x, hi_x = x.min() / 1.08, x.max() * 1.08
+    else:
+        lo_x, hi_x = x.min() - 0.05 * np.ptp(x), x.max() + 0.05 * np.ptp(x)
     crowd = rows[rows["rel_variance"].between(lo_x, hi_x)
                  & rows["rel_bias"].between(y.min() - pad_y, y.max() + pad_y)]
     inset = ax.inset_axes(_emptiest_corner(ax, rows, log_x))
@@ -328,7 +331,9 @@ def _emptiest_corner(ax, rows: pd.DataFrame, log_x: bool) -> list[float]:
                (0.04, 0.06): (0, 0, 0.5, 0.5), (0.52, 0.06): (0.5, 0, 1, 0.5)}
     def crowding(box: tuple) -> int:
         x0, y0, x1, y1 = box
-        return int(((pts[:, 0] >= x0) & (pts[:, 0] <= x1) & (pts[:, 1] >= y0) & (pts[:, 1] <= y1)).sum())
+        inside = ((pts[:, 0] >= x0) & (pts[:, 0] <= x1)
+                  & (pts[:, 1] >= y0) & (pts[:, 1] <= y1))
+        return int(inside.sum())
     (cx, cy), _ = min(corners.items(), key=lambda kv: crowding(kv[1]))
     return [cx, cy, 0.44, 0.4]
 
@@ -359,7 +364,8 @@ def plot_table_rows(table: pd.DataFrame, labels: list[str], out_dir: Path) -> li
         ax_bias.set_xlabel(REL_BIAS_LABEL + "  (hollow: not distinguishable from 0)", fontsize=7)
         ax_var.set_xlabel("variance / vanilla REINFORCE (paired by seed)", fontsize=7)
         if spans_decades(rows["var_ratio"], decades=1.0):
-            log_axis(ax_var, "x", pd.concat([rows["var_ratio"], rows["var_ratio_lo"], rows["var_ratio_hi"]]))
+            log_axis(ax_var, "x", pd.concat([rows["var_ratio"], rows["var_ratio_lo"],
+                                              rows["var_ratio_hi"]]))
         ax_var.axvline(1.0, color="0.5", lw=0.6, ls="--")
         ax_var.tick_params(axis="x", labelsize=6)
         reference = rows["reference"].iloc[0] if "reference" in rows.columns else ""

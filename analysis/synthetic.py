@@ -105,7 +105,8 @@ def synthetic_metrics(truth: TrueEstimator, seed: int, n_iters: int = 6, measure
 
 
 def heavy_tailed_measurements(rng: np.random.Generator, n_runs: int, n_steps: int, M: int,
-                              P: int, rel_bias: float, heavy: bool = True) -> tuple[pd.DataFrame, float]:
+                              P: int, rel_bias: float,
+                              heavy: bool = True) -> tuple[pd.DataFrame, float]:
     """Measurement rows (``run_dir``, ``seed``, ``grad_bias_sq``, ``grad_bias_sq_se``,
     ``ref_norm``, ``ref_se``) of ``n_runs`` runs with ``n_steps`` measurements each,
     computed by ``pgvar.stats.gradient_stats`` from M draws per measurement, and the true

@@ -80,12 +80,13 @@ _NOT_A_ROW_KEY = re.compile(r"(^|\.)(seed|.*dir|.*path|output.*|device|hydra|log
                             r"n_jobs|num_workers|threads?|versions?)(\.|$)")
 RUN_STATS = ["grad_bias_sq", "grad_rel_bias_sq", "grad_variance", "grad_rel_variance",
              "grad_mse", "cos_ref", "cos_pairwise", "snr", "ref_norm"]
-FINAL_FRACTION = 0.1
+FINAL_FRACTION = 0.1  # the learning curve's last 10% of iterations give the final return
 # The bias verdict rests on the per-measurement standard errors, whose calibration is
 # targeted (and measured, experiments/calibration) for M >= 16 estimates per measurement.
 MIN_ESTIMATES = 16
-NUMBER_COLUMNS = ["bias_sq", "rel_bias_sq", "bias", "rel_bias", "variance", "rel_variance", "mse", "cos_ref",
-                  "cos_pairwise", "snr", "ref_norm", "var_ratio", "return_iqm"]  # the learning curve's last 10% of iterations give the final return
+# The numeric columns that carry _lo and _hi interval ends.
+NUMBER_COLUMNS = ["bias_sq", "rel_bias_sq", "bias", "rel_bias", "variance", "rel_variance",
+                  "mse", "cos_ref", "cos_pairwise", "snr", "ref_norm", "var_ratio", "return_iqm"]
 
 
 # ----------------------------------------------------------------------------- rows
@@ -479,7 +480,8 @@ def _add_judgements(table: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
         dist = row["bias_distinguishable"]
         bias = cl.judge_bias(claim.bias, None if _isna(dist) else bool(dist), rel_bias,
                              _tunable(table, row) if claim.bias == "tunable" else None,
-                             note=row["bias_test_note"], note_short=_short_note(row["bias_test_note"]))
+                             note=row["bias_test_note"],
+                             note_short=_short_note(row["bias_test_note"]))
         overall = cl.combine(bias, variance)
         if row["n_runs"] == 0:
             overall = cl.Judgement("no data", f"no complete run ({row['left_out']})")
@@ -492,7 +494,8 @@ def _add_judgements(table: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
                             if math.isfinite(row["var_ratio"]) else "-")
     table["seed_bias"], table["seed_variance"] = seed_bias, seed_var
     table["measured_variance_word"] = measured_var
-    table["agreement"], table["agreement_short"], table["agreement_detail"] = verdicts, shorts, details
+    table["agreement"], table["agreement_short"] = verdicts, shorts
+    table["agreement_detail"] = details
     return table
 
 
@@ -533,8 +536,10 @@ def _tunable(table: pd.DataFrame, row: pd.Series) -> cl.Judgement:
         if _isna(end["bias_distinguishable"]):
             note = end["bias_test_note"]
             return cl.inconclusive(words, f"lambda={end[lam_col]:g}: {note}", _short_note(note))
-    col = "rel_bias_sq" if math.isfinite(lo_row["rel_bias_sq"]) and math.isfinite(hi_row["rel_bias_sq"]) else "bias_sq"
-    apart = (lo_row[f"{col}_lo"] > hi_row[f"{col}_hi"]) or (hi_row[f"{col}_lo"] > lo_row[f"{col}_hi"])
+    relative = all(math.isfinite(r["rel_bias_sq"]) for r in (lo_row, hi_row))
+    col = "rel_bias_sq" if relative else "bias_sq"
+    apart = (lo_row[f"{col}_lo"] > hi_row[f"{col}_hi"]
+             or hi_row[f"{col}_lo"] > lo_row[f"{col}_hi"])
     if apart:
         return cl.Judgement("agrees", words)
     return cl.inconclusive(words, "the intervals at the two lambdas overlap", "CIs overlap")
