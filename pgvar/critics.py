@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from pgvar.returns import bootstrap_values, reward_to_go
-from pgvar.rollout import Batch
+from pgvar.batch import Batch
 
 __all__ = [
     "CRITIC_KINDS",

@@ -47,7 +47,7 @@ from pgvar.gradients import (
     score_gradients,
 )
 from pgvar.returns import bootstrap_values, discount_weights, gae, reward_to_go, td_errors
-from pgvar.rollout import Batch
+from pgvar.batch import Batch
 
 __all__ = [
     "ESTIMATORS",

@@ -23,7 +23,8 @@ from torch import nn
 
 from pgvar.estimators import EstimatorConfig, estimate_gradients, get_estimator
 from pgvar.reference import Reference, reference_gradient
-from pgvar.rollout import Batch, rollout
+from pgvar.batch import Batch
+from pgvar.rollout import rollout
 from pgvar.stats import GradStats, gradient_stats
 
 DEFAULT_CONFIG = EstimatorConfig()  # frozen, so one shared default is safe

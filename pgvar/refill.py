@@ -32,7 +32,8 @@ from torch import nn
 
 from pgvar.envs.base import StepResult
 from pgvar.prefetch import background
-from pgvar.rollout import Batch, Sampler, make_sampler, pad_steps, rollout_generator
+from pgvar.batch import Batch
+from pgvar.rollout import Sampler, make_sampler, pad_steps, rollout_generator
 
 FIELDS = ("obs", "actions", "rewards", "next_obs", "terminated", "truncated", "logp", "episode", "t")
 

@@ -1,6 +1,6 @@
 """Returns, TD errors and GAE on padded ``[N, T]`` batches, with per-episode loop twins.
 
-Conventions (those of ``pgvar.rollout.Batch``): episode i occupies steps ``0..L_i-1``
+Conventions (those of ``pgvar.batch.Batch``): episode i occupies steps ``0..L_i-1``
 (``mask`` is a prefix of ones); padded entries hold zeros. The value *after* step t is
 the "bootstrap" ``b_t``:
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from pgvar.envs.base import OBJECTIVES
-from pgvar.rollout import Batch
+from pgvar.batch import Batch
 
 __all__ = [
     "bootstrap_values",

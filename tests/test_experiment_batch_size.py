@@ -11,7 +11,7 @@ import pytest
 
 from analysis.loader import add_derived_columns
 from analysis.synthetic import gradient_statistics
-from pgvar.reproduce import load_experiment_module
+from analysis.reproduce import load_experiment_module
 
 REPO = Path(__file__).resolve().parent.parent
 FOLDER = REPO / "experiments" / "batch_size"

@@ -1,5 +1,5 @@
 """Every experiment under experiments/ runs end to end at its smoke preset, through the
-real ``pgvar-reproduce`` command, and its own analysis writes a verdict and its figures.
+``pgvar-reproduce`` command (``python -m analysis.reproduce``), and its own analysis writes a verdict and its figures.
 
 One parametrised test instead of one per experiment: each case takes 15-30 s on 2 cores.
 """
@@ -17,9 +17,8 @@ EXPERIMENTS = sorted(p.parent.name for p in (REPO / "experiments").glob("*/analy
 
 
 def reproduce_command() -> list[str]:
-    """``pgvar-reproduce`` beside this Python, else the module."""
-    script = Path(sys.executable).with_name("pgvar-reproduce")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "pgvar.reproduce"]
+    """``pgvar-reproduce`` as this Python runs it (the console script calls the same ``main``)."""
+    return [sys.executable, "-m", "analysis.reproduce"]
 
 
 def test_every_claim_of_issue_6_has_an_experiment():

@@ -23,9 +23,8 @@ from pgvar import gradients
 from pgvar.envs.gym import GymVectorEnv
 from pgvar.envs.lqr import LinearQuadratic
 from pgvar.envs.tabular import RandomTabularMDP, SparseChain
+from pgvar.folded import FoldedMLP, mlp_spec
 from pgvar.gradients import (
-    FoldedMLP,
-    mlp_spec,
     plan_buckets,
     policy_params,
     score_gradients,

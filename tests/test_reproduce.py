@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pgvar import reproduce as rp
+from analysis import reproduce as rp
 
 REPO = Path(__file__).resolve().parent.parent
 EXPERIMENTS = REPO / "experiments"
@@ -22,8 +22,9 @@ TABLE_ROWS = {"reinforce", "reinforce_rtg", "mean_baseline", "rloo", "value_base
 
 
 def _pgvar_reproduce() -> list[str]:
-    script = Path(sys.executable).with_name("pgvar-reproduce")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "pgvar.reproduce"]
+    """``pgvar-reproduce`` as this Python runs it (``test_console_scripts_resolve`` holds
+    the installed script to the same function; an older install's script may be stale)."""
+    return [sys.executable, "-m", "analysis.reproduce"]
 
 
 def _require_pgvar_run() -> None:
@@ -138,3 +139,17 @@ def test_a_sweep_that_pgvar_run_refuses_stops_with_its_message(tmp_path):
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "refused" in proc.stderr and "no_such_estimator" in proc.stderr
     assert not (tmp_path / "o" / "table.md").exists()
+
+
+def test_console_scripts_resolve():
+    """Every console script of pyproject.toml names an importable function (a moved module
+    must take its script along)."""
+    import importlib
+    import tomllib
+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert set(scripts) == {"pgvar-run", "pgvar-analyze", "pgvar-reproduce"}
+    for name, target in scripts.items():
+        module, _, function = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), function)), name
+    assert scripts["pgvar-reproduce"] == "analysis.reproduce:main"
