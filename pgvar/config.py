@@ -6,7 +6,8 @@ checks types and unknown keys when it composes (``training.batch_size=abc`` or
 ``estimator.lam=-1``, ``training.batch_size=0``, an unknown estimator) are checked by
 ``validate_config``, which the console entry point runs on every job of a sweep before
 Hydra starts any of them (see ``pgvar.run.main``). Every field documents itself in the
-comment next to it; ``pgvar-run --cfg job`` prints the composed values.
+comment next to it (the estimator's knobs in ``pgvar.estimators.EstimatorConfig``,
+declared there once); ``pgvar-run --cfg job`` prints the composed values.
 
 Layout of the composed config (``conf/config.yaml`` is the primary config)::
 
@@ -23,17 +24,21 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import math
 import re
-from dataclasses import dataclass, field, fields
+import typing
+from dataclasses import dataclass, field, fields, make_dataclass
+from functools import partial
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-OBJECTIVES = ("finite", "discounted")
+from pgvar import checks
+from pgvar.critics import CRITIC_KINDS
+from pgvar.envs.base import OBJECTIVES
+from pgvar.estimators import EstimatorConfig, check_estimator_knobs
+
 POLICY_ACTIVATIONS = ("tanh", "relu")
-CRITIC_KINDS = ("auto", "tabular", "quadratic", "mlp", "exact")
 DEVICE_PATTERN = re.compile(r"^(cpu|cuda(:\d+)?|auto)$")
 
 
@@ -42,33 +47,12 @@ class ConfigError(ValueError):
 
 
 # ----------------------------------------------------------------------------- checks
+# pgvar.checks' rules, raising ConfigError (a configuration value, named by its key).
 
-
-def require(condition: bool, message: str) -> None:
-    """Raise ``ConfigError(message)`` unless ``condition`` holds."""
-    if not condition:
-        raise ConfigError(message)
-
-
-def require_positive_int(key: str, value: int, minimum: int = 1) -> None:
-    """``value`` must be an integer >= ``minimum``."""
-    require(isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
-            f"{key} must be an integer >= {minimum}, got {value!r}")
-
-
-def require_in_range(key: str, value: float, low: float, high: float,
-                     low_open: bool = False, high_open: bool = False) -> None:
-    """``value`` must be a finite number in the interval [low, high] (ends as flagged)."""
-    ok = isinstance(value, (int, float)) and math.isfinite(value)
-    ok = ok and (value > low if low_open else value >= low)
-    ok = ok and (value < high if high_open else value <= high)
-    interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-    require(ok, f"{key} must lie in {interval}, got {value!r}")
-
-
-def require_choice(key: str, value: Any, choices: tuple[str, ...] | list[str]) -> None:
-    """``value`` must be one of ``choices``."""
-    require(value in choices, f"{key}={value!r} is not valid; valid values: {', '.join(choices)}")
+require = partial(checks.require, error=ConfigError)
+require_positive_int = partial(checks.require_int, error=ConfigError)
+require_in_range = partial(checks.require_in_range, error=ConfigError)
+require_choice = partial(checks.require_choice, error=ConfigError)
 
 
 # ------------------------------------------------------------------------ environments
@@ -192,30 +176,31 @@ ENV_SCHEMAS: dict[str, type] = {
 # -------------------------------------------------------------------------- estimators
 
 
-@dataclass
-class EstimatorSettings:
-    """Which gradient estimator a run trains and is measured with, and its options."""
+def _estimator_core_kwargs(self) -> dict[str, Any]:
+    """Keyword arguments for ``pgvar.estimators.EstimatorConfig``: every field but ``name``."""
+    return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "name"}
 
-    name: str = MISSING  # registry name (pgvar.estimators.ESTIMATORS)
-    lam: float = 0.95  # GAE lambda in [0, 1] (gae only)
-    discount_weighting: bool = True  # weight the score at step t by gamma^t (unbiased for J); false = the common biased habit
-    normalize_advantages: bool = False  # standardise the weights within each batch (a common, biased, trick)
-    truncation_as_termination: bool = False  # treat time-limit cuts as terminal (value 0) even under objective=discounted
-    ppo_clip: float = 0.2  # PPO clipping epsilon > 0 (ppo only)
-    ppo_epochs: int = 4  # PPO optimisation epochs on one batch (ppo only)
-    ppo_lr: float = 0.05  # PPO inner step size (ppo only)
 
-    def core_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``pgvar.estimators.EstimatorConfig``: every field but ``name``."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "name"}
+def _check_estimator(self) -> None:
+    """``EstimatorConfig``'s own range rules, with the keys named ``estimator.*``."""
+    check_estimator_knobs(self, prefix="estimator", error=ConfigError)
 
-    def check(self) -> None:
-        require_in_range("estimator.lam", self.lam, 0.0, 1.0)
-        require_in_range("estimator.ppo_clip", self.ppo_clip, 0.0, float("inf"), low_open=True,
-                         high_open=True)
-        require_positive_int("estimator.ppo_epochs", self.ppo_epochs)
-        require_in_range("estimator.ppo_lr", self.ppo_lr, 0.0, float("inf"), low_open=True,
-                         high_open=True)
+
+def _estimator_fields() -> list[tuple[str, Any, Any]]:
+    """``name`` (the registry name, from the ``estimator`` group) and then every knob of
+    ``pgvar.estimators.EstimatorConfig`` with its type and default: declared there once."""
+    hints = typing.get_type_hints(EstimatorConfig)
+    knobs = [(f.name, hints[f.name], field(default=f.default)) for f in fields(EstimatorConfig)]
+    return [("name", str, field(default=MISSING)), *knobs]
+
+
+EstimatorSettings = make_dataclass(
+    "EstimatorSettings", _estimator_fields(),
+    namespace={"__module__": __name__, "core_kwargs": _estimator_core_kwargs,
+               "check": _check_estimator,
+               "__doc__": "Which gradient estimator a run trains and is measured with: "
+                          "``name`` (pgvar.estimators.ESTIMATORS) and the fields of "
+                          "``pgvar.estimators.EstimatorConfig``."})
 
 
 # ---------------------------------------------------------------------------- policies

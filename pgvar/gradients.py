@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from pgvar.checks import require_int
 from pgvar.folded import FoldedMLP, Params, mlp_spec
 
 
@@ -187,8 +188,7 @@ def score_gradient_blocks(policy: nn.Module, obs: torch.Tensor, actions: torch.T
     A consumer that only needs statistics of the rows (``pgvar.reference``'s running
     moments) reduces block after block and never holds the ``[G, P]`` matrix.
     """
-    if isinstance(chunk, bool) or int(chunk) != chunk or chunk < 1:
-        raise ValueError(f"chunk must be a positive integer, got {chunk}")
+    require_int("chunk", chunk)
     params = policy_params(policy)
     G = weights.shape[0]
     per_batch = int(np.prod(weights.shape[1:]))

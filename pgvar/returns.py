@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import torch
 
-from pgvar.envs.base import OBJECTIVES
 from pgvar.batch import Batch
+from pgvar.checks import require_choice
+from pgvar.envs.base import OBJECTIVES
 
 __all__ = [
     "bootstrap_values",
@@ -99,8 +100,7 @@ def last_step_mask(mask: torch.Tensor) -> torch.Tensor:
 
 
 def _check_objective(objective: str) -> None:
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    require_choice("objective", objective, OBJECTIVES)
 
 
 def bootstrap_values(batch: Batch, v_next: torch.Tensor, objective: str,

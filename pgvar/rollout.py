@@ -25,11 +25,11 @@ import torch
 from torch import nn
 
 from pgvar.batch import Batch
+from pgvar.checks import require_int
 from pgvar.envs.base import BatchedEnv
 from pgvar.folded import FoldedMLP, mlp_spec
 from pgvar.policies import LOG_2PI, CategoricalPolicy, GaussianPolicy
 from pgvar.prefetch import background
-
 
 # ----------------------------------------------------------------------------- sampling
 
@@ -157,9 +157,7 @@ def rollout(env: BatchedEnv, policy: torch.nn.Module, n_episodes: int, seed: int
     first column after an episode's end holds its last ``next_obs`` (the observation
     the environment reported there).
     """
-    if isinstance(n_episodes, bool) or int(n_episodes) != n_episodes or n_episodes < 1:
-        raise ValueError(f"n_episodes must be at least 1, got {n_episodes}")
-    N = int(n_episodes)
+    N = require_int("n_episodes", n_episodes)
     obs_live = env.reset(N, seed)
     device = obs_live.device
     gen = rollout_generator(seed, device)
