@@ -172,7 +172,7 @@ def measure_row(run_cfg: RunConfig, env, policy, critic, est_cfg, step: int) -> 
     for key in ("grad_variance", "grad_mse"):
         if not math.isfinite(float(stats[key])):
             raise Diverged(f"non-finite measured {key} at step {step}")
-    row = {key: stats[key] for key in runlog.MEASURED_COLUMNS + runlog.EXTRA_COLUMNS if key in stats}
+    row = runlog.measured_cells(stats)
     row["ref_exact"] = bool(reference.exact)
     row["ref_episodes"] = int(reference.n_episodes) if not reference.exact else 0
     return row
