@@ -31,6 +31,7 @@ from torch.func import functional_call, grad, vmap
 
 from pgvar.checks import require_int
 from pgvar.folded import FoldedMLP, Params, mlp_spec
+from pgvar.policies import flat_autograd
 
 
 def policy_params(policy: nn.Module) -> Params:
@@ -271,7 +272,5 @@ def score_gradients_loop(policy: nn.Module, obs: torch.Tensor, actions: torch.Te
         policy.zero_grad(set_to_none=True)
         logp = policy.log_prob(obs[g], actions[g])
         surrogate = (weights[g].detach() * mask[g] * logp).sum() / weights.shape[1]
-        grads = torch.autograd.grad(surrogate, list(policy.parameters()), allow_unused=True)
-        rows.append(torch.cat([(gr if gr is not None else torch.zeros_like(p)).reshape(-1)
-                               for gr, p in zip(grads, policy.parameters())]))
+        rows.append(flat_autograd(surrogate, policy))
     return torch.stack(rows)

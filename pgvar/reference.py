@@ -37,6 +37,7 @@ from pgvar.estimators import (
     estimate_gradient_blocks,
     get_estimator,
 )
+from pgvar.policies import flat_autograd
 from pgvar.refill import reference_chunks, supports_refill
 from pgvar.rollout import rollout_chunks
 
@@ -87,14 +88,6 @@ class Reference:
 
 
 # ----------------------------------------------------------------------------- exact
-
-
-def flat_autograd(scalar: torch.Tensor, policy: nn.Module) -> torch.Tensor:
-    """d scalar / d theta, flattened in ``policy.parameters()`` order (unused params: 0)."""
-    params = list(policy.parameters())
-    grads = torch.autograd.grad(scalar, params, allow_unused=True)
-    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
-                      for g, p in zip(grads, params)]).detach()
 
 
 def exact_reference(env, policy: nn.Module) -> Reference:

@@ -53,6 +53,7 @@ from pgvar.config import (
     register_resolvers,
     validate_config,
 )
+from pgvar.policies import flatten_params
 from pgvar.seeding import derive_seed
 from pgvar.sweep import expand_sweep, hydra_args_parser
 
@@ -255,8 +256,7 @@ def train_and_measure(run_cfg: RunConfig, job_dir: Path, started: float, state: 
                     state.last_measured, state.last_measured_step = measured, step
                 g = training_gradient(run_cfg, env, policy, critic, est_cfg, batch, step)
                 ascent_step(optimizer, policy, g)
-                check_finite(torch.cat([p.detach().reshape(-1) for p in policy.parameters()]),
-                             step, "policy parameters after the update")
+                check_finite(flatten_params(policy), step, "policy parameters after the update")
                 row["grad_norm"] = float(g.double().norm())
                 row["critic_loss"] = fit_critic(run_cfg, env, critic, est_cfg, batch)
                 elapsed = time.perf_counter() - started
