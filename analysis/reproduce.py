@@ -200,12 +200,14 @@ def tail(path: str, n: int = 30) -> str:
 # ----------------------------------------------------------------------------- main
 
 
+DESCRIPTION = ("Run a named experiment from experiments/NAME (its sweeps through pgvar-run "
+               "with the joblib launcher), then its analysis; prints the path of the table "
+               "it wrote.")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="pgvar-reproduce",
-        description="Run a named experiment from experiments/NAME (its sweeps through "
-                    "pgvar-run with the joblib launcher), then its analysis; prints the "
-                    "path of the table it wrote.")
+    """The command line of ``pgvar-reproduce`` (``--help`` lists it)."""
+    parser = argparse.ArgumentParser(prog="pgvar-reproduce", description=DESCRIPTION)
     parser.add_argument("name", help="experiment folder under experiments/, e.g. table")
     parser.add_argument("--preset", choices=PRESETS, default="quick",
                         help="smoke: seconds, for tests; quick: minutes on 2 cores; "

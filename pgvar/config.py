@@ -28,7 +28,7 @@ import re
 import typing
 from dataclasses import dataclass, field, fields, make_dataclass
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -55,6 +55,12 @@ require_in_range = partial(checks.require_in_range, error=ConfigError)
 require_choice = partial(checks.require_choice, error=ConfigError)
 
 
+def require_widths(key: str, hidden: list[int]) -> None:
+    """Hidden layer widths: a non-empty list of positive integers."""
+    require(len(hidden) >= 1 and all(isinstance(h, int) and h >= 1 for h in hidden),
+            f"{key} must be a non-empty list of positive integers, got {list(hidden)}")
+
+
 # ------------------------------------------------------------------------ environments
 
 
@@ -67,12 +73,17 @@ class EnvConfig:
     gamma: float = 0.99  # discount in [0, 1]
     objective: str = "finite"  # "finite": horizon is part of J; "discounted": infinite-horizon J (gamma < 1)
 
+    # Environments with an exact objective have no time limit of their own: T must be set.
+    needs_horizon: ClassVar[bool] = False
+
     def env_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``make_env``: every field except ``name``."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "name"}
 
     def check(self) -> None:
         """Range checks shared by all environments."""
+        require(self.horizon is not None or not self.needs_horizon,
+                f"env.horizon must be set for env={self.name}")
         if self.horizon is not None:
             require_positive_int("env.horizon", self.horizon)
         require_in_range("env.gamma", self.gamma, 0.0, 1.0)
@@ -83,8 +94,10 @@ class EnvConfig:
 
 @dataclass
 class TabularEnvConfig(EnvConfig):
-    """A random tabular MDP (exact gradient by dynamic programming)."""
+    """A random tabular MDP (exact gradient by dynamic programming): transitions and
+    rewards drawn once from the instance seed."""
 
+    needs_horizon: ClassVar[bool] = True
     name: str = "tabular"
     horizon: int | None = 10  # T
     n_states: int = 5  # number of states
@@ -93,7 +106,6 @@ class TabularEnvConfig(EnvConfig):
 
     def check(self) -> None:
         super().check()
-        require(self.horizon is not None, "env.horizon must be set for the tabular MDP")
         require_positive_int("env.n_states", self.n_states)
         require_positive_int("env.n_actions", self.n_actions)
 
@@ -102,6 +114,7 @@ class TabularEnvConfig(EnvConfig):
 class ChainEnvConfig(EnvConfig):
     """The sparse-reward chain: reward only at the far end (exact gradient)."""
 
+    needs_horizon: ClassVar[bool] = True
     name: str = "chain"
     horizon: int | None = 16  # T
     length: int = 8  # number of states in the chain (>= 2)
@@ -109,7 +122,6 @@ class ChainEnvConfig(EnvConfig):
 
     def check(self) -> None:
         super().check()
-        require(self.horizon is not None, "env.horizon must be set for the chain")
         require_positive_int("env.length", self.length, 2)
         require_in_range("env.slip", self.slip, 0.0, 1.0)
 
@@ -118,6 +130,7 @@ class ChainEnvConfig(EnvConfig):
 class LQREnvConfig(EnvConfig):
     """Linear-quadratic control x' = A x + B u + noise (exact gradient by moments)."""
 
+    needs_horizon: ClassVar[bool] = True
     name: str = "lqr"
     horizon: int | None = 20  # T
     state_dim: int = 2  # dimension of x
@@ -130,7 +143,6 @@ class LQREnvConfig(EnvConfig):
 
     def check(self) -> None:
         super().check()
-        require(self.horizon is not None, "env.horizon must be set for lqr")
         require_positive_int("env.state_dim", self.state_dim)
         require_positive_int("env.action_dim", self.action_dim)
         for key in ("spectral_radius", "control_cost", "process_noise", "init_std"):
@@ -222,8 +234,7 @@ class PolicySettings:
     init_gain_scale: float = 0.0  # linear-Gaussian: std of the initial gain K
 
     def check(self) -> None:
-        require(len(self.hidden) >= 1 and all(isinstance(h, int) and h >= 1 for h in self.hidden),
-                f"policy.hidden must be a non-empty list of positive integers, got {list(self.hidden)}")
+        require_widths("policy.hidden", self.hidden)
         require_choice("policy.activation", self.activation, POLICY_ACTIVATIONS)
         require_in_range("policy.init_scale", self.init_scale, 0.0, float("inf"), high_open=True)
         require_in_range("policy.init_gain_scale", self.init_gain_scale, 0.0, float("inf"),
@@ -245,8 +256,7 @@ class CriticConfig:
 
     def check(self) -> None:
         require_choice("training.critic.kind", self.kind, CRITIC_KINDS)
-        require(len(self.hidden) >= 1 and all(isinstance(h, int) and h >= 1 for h in self.hidden),
-                f"training.critic.hidden must be a non-empty list of positive integers, got {list(self.hidden)}")
+        require_widths("training.critic.hidden", self.hidden)
         require_positive_int("training.critic.fit_steps", self.fit_steps, 0)
         require_in_range("training.critic.lr", self.lr, 0.0, float("inf"), low_open=True,
                          high_open=True)
