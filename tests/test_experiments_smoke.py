@@ -1,7 +1,10 @@
 """Every experiment under experiments/ runs end to end at its smoke preset, through the
-``pgvar-reproduce`` command (``python -m analysis.reproduce``), and its own analysis writes a verdict and its figures.
+``pgvar-reproduce`` command (``python -m analysis.reproduce``), and its own analysis
+writes a verdict and its figures.
 
-One parametrised test instead of one per experiment: each case takes 15-30 s on 2 cores.
+One parametrised test instead of one per experiment, in the slow run (``make test-slow``):
+each case takes 15-30 s on 2 cores. The default run covers each analysis in process on
+synthetic runs (tests/test_experiment_*.py).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ def test_every_claim_of_issue_6_has_an_experiment():
                                 "sparse_reward", "batch_size", "ppo_clip", "practice_biases"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_smoke_preset_writes_a_verdict_and_figures(name: str, tmp_path: Path) -> None:
     out = tmp_path / name
