@@ -52,10 +52,12 @@ from pgvar.gradients import (
 from pgvar.returns import bootstrap_values, discount_weights, gae, reward_to_go, td_errors
 
 __all__ = [
+    "DEFAULT_CONFIG",
     "ESTIMATORS",
     "Estimator",
     "EstimatorConfig",
     "EstimatorInputs",
+    "check_estimator_knobs",
     "estimate_gradients",
     "estimator_weights",
     "get_estimator",
