@@ -31,4 +31,4 @@ reproduce: setup
 	$(BIN)/pgvar-reproduce table --preset quick --out results/table-quick
 
 lint: setup
-	$(BIN)/ruff check pgvar analysis tests
+	$(BIN)/ruff check pgvar analysis hydra_plugins tests
