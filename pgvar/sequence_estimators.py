@@ -108,6 +108,15 @@ class SequenceEstimatorConfig:
             raise ValueError(f"clip and lr must be > 0, got {self.clip}, {self.lr}")
 
 
+def sequence_config(knobs) -> SequenceEstimatorConfig:
+    """The sequence estimators' config from ``pgvar.estimators.EstimatorConfig``'s knobs
+    (or ``pgvar.config``'s estimator settings): clip and inner step are PPO's."""
+    return SequenceEstimatorConfig(group_size=knobs.group_size, kl_beta=knobs.kl_beta,
+                                   kl_mode=knobs.kl_mode, epochs=knobs.epochs,
+                                   clip=knobs.ppo_clip, lr=knobs.ppo_lr,
+                                   scale_rewards=knobs.scale_rewards)
+
+
 # ----------------------------------------------------------------------------- batches
 
 

@@ -42,7 +42,7 @@ from pgvar.run import (
     progress_interval,
     progress_line,
 )
-from pgvar.sequence_estimators import SequenceEstimatorConfig, estimate_directions, sample_batches
+from pgvar.sequence_estimators import estimate_directions, sample_batches, sequence_config
 from pgvar.sequence_measure import measure_sequence
 
 log = logging.getLogger("pgvar.run")
@@ -111,7 +111,7 @@ def train_and_measure_sequence(run_cfg: RunConfig, task: SequenceTask, job_dir: 
                                started: float, state: RunState) -> None:
     """The loop of the module docstring; rows go to ``job_dir/metrics.csv``."""
     training = run_cfg.training
-    cfg = SequenceEstimatorConfig(**run_cfg.estimator.sequence_kwargs())
+    cfg = sequence_config(run_cfg.estimator)
     prompts_per_batch = training.batch_size // cfg.group_size
     policy = build_policy(task, run_cfg.policy, derive_seed(run_cfg.seed, "policy"))
     reference = frozen_copy(policy) if cfg.kl_beta > 0 else None
