@@ -64,7 +64,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from pgvar.envs.sequence import SequenceTask
@@ -115,6 +114,9 @@ def sequence_config(knobs) -> SequenceEstimatorConfig:
                                    kl_mode=knobs.kl_mode, epochs=knobs.epochs,
                                    clip=knobs.ppo_clip, lr=knobs.ppo_lr,
                                    scale_rewards=knobs.scale_rewards)
+
+
+DEFAULT_SEQUENCE_CONFIG = SequenceEstimatorConfig()  # frozen, so one shared default is safe
 
 
 # ----------------------------------------------------------------------------- batches
@@ -339,7 +341,7 @@ def shaped_rewards(batch: SequenceBatch, cfg: SequenceEstimatorConfig, logp_old:
 
 
 def estimate_directions(name: str, task: SequenceTask, policy: SequencePolicy,
-                        batch: SequenceBatch, cfg: SequenceEstimatorConfig = SequenceEstimatorConfig(),
+                        batch: SequenceBatch, cfg: SequenceEstimatorConfig = DEFAULT_SEQUENCE_CONFIG,
                         reference: SequencePolicy | None = None, chunk: int = 256) -> torch.Tensor:
     """``[M, P]``: estimator ``name`` on each of the M batches (ascent directions).
 

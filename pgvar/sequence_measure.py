@@ -28,6 +28,7 @@ import torch
 
 from pgvar.envs.sequence import SequenceTask
 from pgvar.sequence_estimators import (
+    DEFAULT_SEQUENCE_CONFIG,
     SequenceEstimatorConfig,
     cosine,
     estimate_directions,
@@ -81,7 +82,7 @@ def prompt_weights(name: str, task: SequenceTask, policy: SequencePolicy,
 
 def measure_sequence(task: SequenceTask, policy: SequencePolicy, estimator: str, n_batches: int,
                      prompts_per_batch: int, seed: int,
-                     cfg: SequenceEstimatorConfig = SequenceEstimatorConfig(),
+                     cfg: SequenceEstimatorConfig = DEFAULT_SEQUENCE_CONFIG,
                      reference: SequencePolicy | None = None, with_weights: bool = True,
                      keep_estimates: bool = False) -> SequenceMeasurement:
     """M = ``n_batches`` estimates of ``prompts_per_batch`` x G completions, scored against

@@ -53,7 +53,7 @@ def test_reward_follows_the_answer_rule():
             ok = ended and len(content) >= n and all(content[k] in task.allowed[q][k] for k in range(n))
             assert float(task.rewards[q, i]) == float(ok)
     success_uniform = task.exact(task.default_policy()).success.detach()
-    assert len(set(round(float(s), 6) for s in success_uniform)) > 1  # prompts differ
+    assert len({round(float(s), 6) for s in success_uniform}) > 1  # prompts differ
 
 
 @pytest.mark.parametrize("kind", ["table", "transformer"])

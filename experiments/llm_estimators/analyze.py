@@ -426,9 +426,9 @@ def plot_training(curves: pd.DataFrame, kl: pd.DataFrame, out_dir: Path) -> list
 
 def direction_markdown(table: pd.DataFrame) -> list[str]:
     """The per-estimator block (the comparison table of these estimators)."""
-    lines = ["| policy | estimator | runs | cos(E ĝ, ∇J) exact | cos, Monte Carlo (de-noised) | "
-             "rel. bias exact ‖E ĝ − ∇J‖/‖∇J‖ | length bias exact | length bias MC (de-noised) | "
-             "rel. variance | bias distinguishable (share of runs) |",
+    lines = [("| policy | estimator | runs | cos(E ĝ, ∇J) exact | cos, Monte Carlo (de-noised) | "
+              "rel. bias exact ‖E ĝ − ∇J‖/‖∇J‖ | length bias exact | length bias MC (de-noised) | "
+              "rel. variance | bias distinguishable (share of runs) |"),
              "|" + " --- |" * 10]
     for _, r in table.iterrows():
         lines.append(
