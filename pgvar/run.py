@@ -184,9 +184,20 @@ def measure_row(run_cfg: RunConfig, env, policy, critic, est_cfg, step: int) -> 
         if not math.isfinite(float(stats[key])):
             raise Diverged(f"non-finite measured {key} at step {step}")
     row = {key: stats[key] for key in runlog.MEASURED_COLUMNS + runlog.EXTRA_COLUMNS if key in stats}
+    warn_if_unreliable(stats, step)
     row["ref_exact"] = bool(reference.exact)
     row["ref_episodes"] = int(reference.n_episodes) if not reference.exact else 0
     return row
+
+
+def warn_if_unreliable(stats: dict[str, Any], step: int) -> None:
+    """A log warning when a measurement's intervals cannot be trusted (``ci_reliable``
+    False: M < 16 or heavy tails); metrics.csv keeps the flag in its own column."""
+    if not stats.get("ci_reliable", True):
+        log.warning("step %d: per-measurement intervals flagged unreliable (M=%d, tail_index="
+                    "%.2f; they under-cover with M < 16 or tail_index > 3): raise "
+                    "training.n_batches, and read bias verdicts from the pooled table",
+                    step, stats["n_estimates"], stats["tail_index"])
 
 
 def training_gradient(run_cfg: RunConfig, env, policy, critic, est_cfg, batch, step: int) -> torch.Tensor:
