@@ -111,27 +111,34 @@ def leave_one_out_trace_variance(G) -> torch.Tensor:
     return (sq.sum() - sq - (rest ** 2).sum(1) / (M - 1)) / (M - 2)
 
 
+def variance_interval(G, level: float = 0.95) -> tuple[float, float]:
+    """Interval for trCov, after Bonett (2006, for the variance of non-normal data):
+    log(c trCov) -/+ z c sqrt((kappa - (M-3)/M) / (M-1)), c = M / (M - z), with
+    kappa = ``tail_index`` (the kurtosis of the estimates' squared distances from their
+    mean). The log scale takes the right skew of a variance; c undoes the downward bias of
+    log trCov; kappa widens it for heavy tails. (nan, nan) with M < 4 or zero spread.
+
+    Measured (experiments/calibration): 93-97% on the tabular MDP at M = 16..128, where a
+    log-scale jackknife gave 92-94%; heavy tails (LQR) still under-cover and are flagged.
+    """
+    from scipy.stats import norm
+
+    G = as_matrix(G)
+    M = G.shape[0]
+    tv = trace_variance(G)
+    if M < 4 or not tv > 0:
+        return math.nan, math.nan
+    z = float(norm.ppf(0.5 + level / 2))
+    c = M / (M - z)
+    se = c * math.sqrt(max(tail_index(G) - (M - 3) / M, _EPS) / (M - 1))
+    centre = math.log(c * tv)
+    return math.exp(centre - z * se), math.exp(centre + z * se)
+
+
 def _log_jackknife_se(log_loo: torch.Tensor) -> float:
     """Delete-one jackknife standard error of a statistic from its leave-one-out values."""
     M = log_loo.shape[0]
     return math.sqrt(float((M - 1) / M * ((log_loo - log_loo.mean()) ** 2).sum()))
-
-
-def variance_interval(G, level: float = 0.95) -> tuple[float, float]:
-    """Interval for trCov: jackknife on the log scale with Student-t quantiles.
-
-    trCov is a positive, right-skewed mean of squared deviations: on the log scale its
-    sampling distribution is nearly symmetric, so ``exp(log trCov -/+ t se_log)``.
-    (nan, nan) with M < 3 or a zero spread.
-    """
-    G = as_matrix(G)
-    M = G.shape[0]
-    tv = trace_variance(G)
-    if M < 3 or not tv > 0:
-        return math.nan, math.nan
-    loo = leave_one_out_trace_variance(G).clamp_min(_EPS)
-    half = _t_quantile(M, level) * _log_jackknife_se(loo.log())
-    return tv * math.exp(-half), tv * math.exp(half)
 
 
 def variance_ratio_interval(G_a, G_b, level: float = 0.95) -> tuple[float, float, float]:
@@ -341,15 +348,15 @@ class BiasModel:
 def skewed_quantile(sd: float, skew: float, prob: float) -> float:
     """Quantile ``prob`` of a zero-mean distribution with standard deviation ``sd`` and
     skewness ``skew``: a shifted gamma (shape 4/skew^2), the normal below skew 1e-3."""
-    from scipy.stats import gamma, norm
+    from scipy.special import gammaincinv, ndtri  # ufuncs: ~100x faster than scipy.stats
 
     if abs(skew) < 1e-3:
-        return sd * float(norm.ppf(prob))
+        return sd * float(ndtri(prob))
     shape = 4.0 / skew ** 2
     scale = sd / math.sqrt(shape)
     if skew > 0:
-        return scale * (float(gamma.ppf(prob, shape)) - shape)
-    return -scale * (float(gamma.ppf(1.0 - prob, shape)) - shape)
+        return scale * (float(gammaincinv(shape, prob)) - shape)
+    return -scale * (float(gammaincinv(shape, 1.0 - prob)) - shape)
 
 
 def linear_part_coefficient(d: torch.Tensor, u: float) -> float:
@@ -448,18 +455,33 @@ def _root(fn, centre: float, span: float) -> float:
 
 def squared_bias_interval(G, g_ref, se_ref2: float = 0.0, ref_var=None,
                           level: float = 0.95) -> tuple[float, float]:
-    """The 95% interval of the squared bias on its own scale (it may extend below 0):
-    the score interval where the estimates' tails are light (``tail_index`` <= 3), the
-    wider corrected-jackknife Wald interval U -/+ z SE where they are heavy (there the
-    calibration experiment measured it under-covering less; both are flagged)."""
-    G = as_matrix(G)
-    if G.shape[0] >= 4 and tail_index(G) <= HEAVY_TAIL_INDEX:
-        return score_interval(bias_model(G, g_ref, se_ref2, ref_var), level)
-    se = math.sqrt(squared_bias_variance(G, g_ref, se_ref2, ref_var))
+    """The 95% interval of the squared bias on its own scale (it may extend below 0).
+
+    Light tails (``tail_index`` <= 3, M >= 4): the upper end and whether 0 belongs to it
+    come from the score test (``score_interval``: calibrated under no bias); a positive
+    lower end is the lower of the score one and the corrected-jackknife Wald one
+    U - z SE, whose spread, taken at U, does not shrink with a high U the way the score
+    model's does (the score lower end alone missed a large bias from above in ~6% of
+    measurements; see experiments/calibration). When the score test rejects 0 but the Wald
+    end is below it, the lower end is the smallest positive number: distinguishable, yet
+    possibly tiny. Heavy tails: the Wald interval alone (both under-cover there;
+    ``ci_reliable`` says so).
+    """
     from scipy.stats import norm
 
-    return bias_confidence_interval(squared_bias_estimate(G, g_ref, se_ref2), se,
-                                    float(norm.ppf(0.5 + level / 2)))
+    G = as_matrix(G)
+    u = squared_bias_estimate(G, g_ref, se_ref2)
+    se = math.sqrt(squared_bias_variance(G, g_ref, se_ref2, ref_var))
+    wald_lo, wald_hi = bias_confidence_interval(u, se, float(norm.ppf(0.5 + level / 2)))
+    if G.shape[0] < 4 or tail_index(G) > HEAVY_TAIL_INDEX:
+        return wald_lo, wald_hi
+    score_lo, score_hi = score_interval(bias_model(G, g_ref, se_ref2, ref_var), level)
+    if score_lo <= 0:
+        return score_lo, score_hi
+    return max(min(score_lo, wald_lo), _SMALLEST_POSITIVE), score_hi
+
+
+_SMALLEST_POSITIVE = 5e-324
 
 
 def sqrt_clipped(x: float) -> float:
