@@ -15,6 +15,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import matplotlib.ticker
 import numpy as np
 import pandas as pd
 
@@ -126,14 +127,17 @@ def plot_coverage(table: pd.DataFrame, fig_dir: Path) -> list[Path]:
     """Coverage against M, one panel per (interval, reference kind), a line per case:
     markers and line styles tell the bias sizes apart, the grey band is the target."""
     apply_theme()
-    envs = list(dict.fromkeys(table["case"].str.split(" ").str[:2].str.join(" ")))
+    table = table.assign(panel=table["env"] + np.where(table["reference"] == "exact",
+                                                       " (exact ∇J)", " (Monte Carlo ∇J)"))
+    envs = list(dict.fromkeys(table["panel"]))
     fig, axes = plt.subplots(len(INTERVALS), len(envs), sharex=True, sharey=True,
                              figsize=(PAPER_WIDTH * 1.4, PANEL_HEIGHT * len(INTERVALS)),
                              squeeze=False)
     markers = {"zero": "o", "small": "s", "large": "^"}
     styles = {"zero": "-", "small": "--", "large": ":"}
+    colours = {"zero": "C0", "small": "C1", "large": "C2"}
     for j, env in enumerate(envs):
-        sub = table[table["case"].str.startswith(env)]
+        sub = table[table["panel"] == env]
         for i, (name, title) in enumerate(INTERVALS.items()):
             ax = axes[i, j]
             ax.axhspan(NOMINAL - TOLERANCE, NOMINAL + TOLERANCE, color="0.85", zorder=0,
@@ -145,17 +149,20 @@ def plot_coverage(table: pd.DataFrame, fig_dir: Path) -> list[Path]:
                 y = rows[f"{name}_coverage"].to_numpy()
                 err = np.vstack([y - rows[f"{name}_coverage_lo"], rows[f"{name}_coverage_hi"] - y])
                 ax.errorbar(rows["M"], y, yerr=err, marker=markers[bias], ls=styles[bias],
-                            capsize=2, label=f"bias {bias}")
+                            color=colours[bias], capsize=2, label=f"bias {bias}")
             ax.set_xscale("log", base=2)
+            ax.set_xticks(sorted(table["M"].unique()))
+            ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+            ax.minorticks_off()
             ax.set_ylim(0.6, 1.005)
             if i == 0:
                 ax.set_title(env, fontsize=9)
             if j == 0:
                 ax.set_ylabel(f"coverage:\n{title}", fontsize=8)
-            if i == len(INTERVALS) - 1:
-                ax.set_xlabel("M (batch estimates per measurement)")
+
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.supxlabel("M, batch estimates per measurement", fontsize=9, y=0.06)
     fig.suptitle("Coverage of pgvar's 95% intervals (error bars: Wilson 95% over repeats)",
                  fontsize=10)
     fig.tight_layout(rect=(0, 0.05, 1, 0.97))
