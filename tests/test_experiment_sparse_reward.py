@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pgvar.reproduce import load_experiment_module
+from analysis.reproduce import load_experiment_module
 
 REPO = Path(__file__).resolve().parent.parent
 EXPERIMENT = REPO / "experiments" / "sparse_reward"
