@@ -397,7 +397,8 @@ def _write_record(spec: ExperimentSpec, out: Path, outcomes: list[SweepOutcome],
                             "already_finished_before_this_call": o.already_finished}
                    for o in outcomes},
         "sweeps_s": round(sweeps_s, 1), "total_s": round(total_s, 1),
-        "machine": {"cpus": os.cpu_count(), "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
+        "machine": {"cpus": os.cpu_count(),
+                    "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
                     "platform": platform.platform(),
                     "python": platform.python_version()},
     }

@@ -127,7 +127,7 @@ def test_wilson_interval_by_hand():
 def _synthetic_records(n: int, cover_rate: float, bias: str = "large") -> pd.DataFrame:
     """n measurements whose intervals all hold their truth (1.0) in a ``cover_rate`` share
     of them and lie above it in the rest."""
-    k = int(round(cover_rate * n))
+    k = round(cover_rate * n)
     lo = np.where(np.arange(n) < k, 0.5, 1.5)
     return pd.DataFrame({
         "case": "synthetic", "env": "tabular", "estimator": "x", "batch_size": 2, "bias": bias,

@@ -97,13 +97,13 @@ def render(table: pd.DataFrame, preset: str) -> str:
     """result.md: the verdict, the coverage table, how to read it."""
     lines = [f"# Calibration of the per-measurement intervals ({preset} preset)", "",
              f"Verdict: {overall_verdict(table)}.", "",
-             f"Target: coverage {100 * NOMINAL:.0f}% ± {100 * TOLERANCE:.0f} points for every "
+             (f"Target: coverage {100 * NOMINAL:.0f}% ± {100 * TOLERANCE:.0f} points for every "
              f"interval; false positives of the bias verdict {100 * FP_TARGET[0]:.1f}-"
              f"{100 * FP_TARGET[1]:.1f}% where the bias is 0. Brackets: Wilson 95% "
-             "binomial intervals over the repeats.", "",
-             "| case | M | repeats | squared bias | truth below / above | false positives | "
+             "binomial intervals over the repeats."), "",
+             ("| case | M | repeats | squared bias | truth below / above | false positives | "
              "variance | variance ratio | flagged | squared bias, unflagged | pooled over 10 | "
-             "tail index | verdict |",
+             "tail index | verdict |"),
              "| --- | ---: | ---: | --- | --- | ---: | --- | --- | ---: | ---: | ---: | ---: | --- |"]
     for _, r in table.iterrows():
         lines.append(
@@ -112,11 +112,11 @@ def render(table: pd.DataFrame, preset: str) -> str:
             f"{coverage_cell(r, 'variance')} | {coverage_cell(r, 'ratio')} | {pct(r['flagged'])} | "
             f"{pct(r['bias_sq_coverage_unflagged'])} | {pct(r['bias_sq_coverage_pooled'])} | "
             f"{r['tail_index_median']:.2f} | {r['verdict']} |")
-    lines += ["", "Columns: *truth below / above*: how often the true squared bias lay under the "
+    lines += ["", ("Columns: *truth below / above*: how often the true squared bias lay under the "
               "interval (the verdict's false alarms, when it is 0) or over it; *flagged*: "
               "measurements whose `ci_reliable` is False (M < 16 or tail index > 3); *pooled "
               "over 10*: a Student-t interval over 10 measurements' U, as pooling steps and "
-              "seeds does; *tail index*: median of M Σ‖r‖⁴ / (Σ‖r‖²)².", ""]
+              "seeds does; *tail index*: median of M Σ‖r‖⁴ / (Σ‖r‖²)²."), ""]
     return "\n".join(lines)
 
 
