@@ -32,6 +32,7 @@ import pandas as pd
 import torch
 from scipy import stats as sst
 
+from analysis.stats import mean_with_known_se
 from pgvar import make_env, make_policy
 from pgvar.estimators import estimate_gradients
 from pgvar.reference import reference_gradient
@@ -159,7 +160,8 @@ def measure_pool(case: Case, pool: Pool, Ms: Sequence[int], repeats: int,
                 "batch_size": case.batch_size, "bias": case.bias, "reference": case.reference,
                 "M": M, "repeat": r, "truth_bias_sq": truth_b2,
                 "truth_rel_bias_sq": truth_b2 / float((pool.grad_true ** 2).sum()),
-                "bias_sq": s.grad_bias_sq, "bias_sq_lo": s.grad_bias_sq_lo,
+                "bias_sq": s.grad_bias_sq, "bias_sq_se": s.grad_bias_sq_se,
+                "bias_sq_lo": s.grad_bias_sq_lo,
                 "bias_sq_hi": s.grad_bias_sq_hi, "distinguishable": s.bias_distinguishable,
                 "truth_variance": pool.trcov_true, "variance": s.grad_variance,
                 "variance_lo": s.grad_variance_lo, "variance_hi": s.grad_variance_hi,
@@ -211,19 +213,26 @@ def _covers(lo: pd.Series, hi: pd.Series, truth: pd.Series) -> pd.Series:
     return (lo <= truth) & (truth <= hi)
 
 
-def pooled_coverage(group: pd.DataFrame, k: int = POOLED_K) -> float:
-    """Coverage of the mean squared bias over ``k`` measurements by a Student-t interval
-    across them: what pooling measurements (as the comparison table pools steps and
-    seeds) achieves where single measurements cannot."""
-    values = group.sort_values("repeat")["bias_sq"].to_numpy()
+def pooled_coverage(group: pd.DataFrame, k: int = POOLED_K) -> tuple[float, float]:
+    """Coverage of the mean squared bias over blocks of ``k`` measurements, as the
+    comparison table pools steps and seeds: (its own interval, ``mean_with_known_se`` on
+    the logged standard errors; a Student-t interval across the k values)."""
+    ordered = group.sort_values("repeat")
+    values, ses = ordered["bias_sq"].to_numpy(), ordered["bias_sq_se"].to_numpy()
     truth = float(group["truth_bias_sq"].iloc[0])
     n = values.size // k
     if n == 0:
-        return math.nan
-    blocks = values[: n * k].reshape(n, k)
+        return math.nan, math.nan
+    blocks, se_blocks = values[: n * k].reshape(n, k), ses[: n * k].reshape(n, k)
+    table_hits = [_holds(mean_with_known_se(b, s), truth) for b, s in zip(blocks, se_blocks)]
     mean = blocks.mean(1)
     half = sst.t.ppf(0.975, k - 1) * blocks.std(1, ddof=1) / math.sqrt(k)
-    return float(np.mean((mean - half <= truth) & (truth <= mean + half)))
+    t_hits = (mean - half <= truth) & (truth <= mean + half)
+    return float(np.mean(table_hits)), float(np.mean(t_hits))
+
+
+def _holds(est, truth: float) -> bool:
+    return bool(est.lo <= truth <= est.hi)
 
 
 def coverage_table(records: pd.DataFrame) -> pd.DataFrame:
@@ -255,7 +264,7 @@ def coverage_table(records: pd.DataFrame) -> pd.DataFrame:
         row["bias_sq_coverage_unflagged"] = (
             float(_covers(kept["bias_sq_lo"], kept["bias_sq_hi"], kept["truth_bias_sq"]).mean())
             if len(kept) else math.nan)
-        row["bias_sq_coverage_pooled"] = pooled_coverage(g)
+        row["bias_sq_coverage_pooled"], row["bias_sq_coverage_pooled_t"] = pooled_coverage(g)
         row["tail_index_median"] = float(g["tail_index"].median())
         row["ref_rel_se"] = float(g["ref_rel_se"].median())
         row["truth_rel_bias_sq"] = float(g["truth_rel_bias_sq"].iloc[0])

@@ -132,7 +132,8 @@ def _synthetic_records(n: int, cover_rate: float, bias: str = "large") -> pd.Dat
     return pd.DataFrame({
         "case": "synthetic", "env": "tabular", "estimator": "x", "batch_size": 2, "bias": bias,
         "reference": "exact", "M": 32, "repeat": np.arange(n), "truth_bias_sq": 1.0,
-        "truth_rel_bias_sq": 0.25, "bias_sq": lo + 0.5, "bias_sq_lo": lo, "bias_sq_hi": lo + 1.0,
+        "truth_rel_bias_sq": 0.25, "bias_sq": lo + 0.5, "bias_sq_se": 0.25, "bias_sq_lo": lo,
+        "bias_sq_hi": lo + 1.0,
         "distinguishable": lo > 0, "truth_variance": 1.0, "variance": lo + 0.5,
         "variance_lo": lo, "variance_hi": lo + 1.0, "truth_ratio": 1.0, "ratio": lo + 0.5,
         "ratio_lo": lo, "ratio_hi": lo + 1.0,

@@ -102,7 +102,7 @@ def render(table: pd.DataFrame, preset: str) -> str:
              f"{100 * FP_TARGET[1]:.1f}% where the bias is 0. Brackets: Wilson 95% "
              "binomial intervals over the repeats."), "",
              ("| case | M | repeats | squared bias | truth below / above | false positives | "
-             "variance | variance ratio | flagged | squared bias, unflagged | pooled over 10 | "
+             "variance | variance ratio | flagged | squared bias, unflagged | pooled over 10: table / t | "
              "tail index | verdict |"),
              "| --- | ---: | ---: | --- | --- | ---: | --- | --- | ---: | ---: | ---: | ---: | --- |"]
     for _, r in table.iterrows():
@@ -110,13 +110,15 @@ def render(table: pd.DataFrame, preset: str) -> str:
             f"| {r['case']} | {r['M']} | {r['repeats']} | {coverage_cell(r, 'bias_sq')} | "
             f"{pct(r['bias_sq_below'])} / {pct(r['bias_sq_above'])} | {pct(r['false_positive'])} | "
             f"{coverage_cell(r, 'variance')} | {coverage_cell(r, 'ratio')} | {pct(r['flagged'])} | "
-            f"{pct(r['bias_sq_coverage_unflagged'])} | {pct(r['bias_sq_coverage_pooled'])} | "
+            f"{pct(r['bias_sq_coverage_unflagged'])} | {pct(r['bias_sq_coverage_pooled'])} / "
+            f"{pct(r['bias_sq_coverage_pooled_t'])} | "
             f"{r['tail_index_median']:.2f} | {r['verdict']} |")
     lines += ["", ("Columns: *truth below / above*: how often the true squared bias lay under the "
               "interval (the verdict's false alarms, when it is 0) or over it; *flagged*: "
               "measurements whose `ci_reliable` is False (M < 16 or tail index > 3); *pooled "
-              "over 10*: a Student-t interval over 10 measurements' U, as pooling steps and "
-              "seeds does; *tail index*: median of M Σ‖r‖⁴ / (Σ‖r‖²)²."), ""]
+              "over 10*: the mean U of 10 measurements with the comparison table's interval "
+              "(mean ± 1.96 √Σse² / 10, `analysis.stats.mean_with_known_se`) / with a "
+              "Student-t interval across the 10 values; *tail index*: median of M Σ‖r‖⁴ / (Σ‖r‖²)²."), ""]
     return "\n".join(lines)
 
 
