@@ -44,6 +44,7 @@ import pandas as pd
 
 from analysis import claims as cl
 from analysis.loader import ALIASES, SkippedRun, measured_rows
+from analysis.render import format_ci
 from analysis.stats import NAN_ESTIMATE, Estimate, mean_ci, ratio_ci, stratified_bootstrap_iqm
 
 STEP_CHOICES = ("first", "last", "all")
@@ -428,19 +429,10 @@ def _tunable(table: pd.DataFrame, row: pd.Series) -> cl.Judgement:
 # ----------------------------------------------------------------------------- writing
 
 
-def fmt_ci(value: float, lo: float, hi: float) -> str:
-    """``1.23e-02 [1.10e-02, 1.40e-02]`` (3 significant digits), or ``-`` when missing."""
-    if not math.isfinite(value):
-        return "-"
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        return f"{value:.3g}"
-    return f"{value:.3g} [{lo:.3g}, {hi:.3g}]"
-
-
 def display_table(table: pd.DataFrame) -> pd.DataFrame:
     """The human-facing columns, numbers formatted with their intervals."""
     def ci(name: str) -> pd.Series:
-        return table.apply(lambda r: fmt_ci(r[name], r[f"{name}_lo"], r[f"{name}_hi"]), axis=1)
+        return table.apply(lambda r: format_ci(r[name], r[f"{name}_lo"], r[f"{name}_hi"], missing="-"), axis=1)
 
     several_envs = table["env"].nunique() > 1
     out = pd.DataFrame()
@@ -456,8 +448,8 @@ def display_table(table: pd.DataFrame) -> pd.DataFrame:
     out["variance tr Cov"] = ci("variance")
     out["relative variance"] = ci("rel_variance")
     out["variance / vanilla"] = ci("var_ratio")
-    out["MSE"] = table.apply(lambda r: fmt_ci(r["mse"], math.nan, math.nan), axis=1)
-    out["cos(ĝ, ∇J)"] = table.apply(lambda r: fmt_ci(r["cos_ref"], math.nan, math.nan), axis=1)
+    out["MSE"] = table.apply(lambda r: format_ci(r["mse"], math.nan, math.nan, missing="-"), axis=1)
+    out["cos(ĝ, ∇J)"] = table.apply(lambda r: format_ci(r["cos_ref"], math.nan, math.nan, missing="-"), axis=1)
     out["final return (IQM)"] = ci("return_iqm")
     out["runs"] = [f"{n} (+{words})" if words else str(n)
                    for n, words in zip(table["n_runs"], table["left_out"])]
