@@ -62,6 +62,7 @@ seed; a run's initial environment and policy come from ``initial_env_and_policy`
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -215,6 +216,8 @@ def config_of(row: pd.Series) -> dict:
             continue
         if isinstance(value, (float, np.floating)) and float(value).is_integer():
             value = int(value)
+        if isinstance(value, str) and value.startswith("["):  # a list, flattened to text
+            value = json.loads(value)
         *path, key = column.split(".")
         node = config
         for part in path:

@@ -7,14 +7,15 @@ import math
 from collections.abc import Iterable, Sequence
 
 
-def format_ci(value: float, lo: float, hi: float, digits: int = 3, missing: str = "n/a") -> str:
-    """``value [lo, hi]`` to ``digits`` significant digits; ``value`` alone when an end is
-    missing; ``missing`` when the value is."""
+def format_ci(value: float, lo: float, hi: float, digits: int = 3, missing: str = "n/a",
+              style: str = "g") -> str:
+    """``value [lo, hi]`` to ``digits`` significant digits (``style="f"``: decimals);
+    ``value`` alone when an end is missing; ``missing`` when the value is."""
     if not math.isfinite(value):
         return missing
     if not (math.isfinite(lo) and math.isfinite(hi)):
-        return f"{value:.{digits}g}"
-    return f"{value:.{digits}g} [{lo:.{digits}g}, {hi:.{digits}g}]"
+        return f"{value:.{digits}{style}}"
+    return f"{value:.{digits}{style}} [{lo:.{digits}{style}}, {hi:.{digits}{style}}]"
 
 
 def format_columns(record, name: str, digits: int = 3, missing: str = "n/a") -> str:

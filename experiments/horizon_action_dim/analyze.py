@@ -18,15 +18,13 @@ excludes 1, supports it when both contain 1 and are narrower than ``MAX_CI_WIDTH
 ``cells.csv`` (every cell's mean) and ``figures/horizon_action_dim_*.png|pdf``.
 """
 
+from __future__ import annotations
 
 import math
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -34,8 +32,11 @@ import seaborn as sns
 import torch
 from scipy import stats
 
+from analysis.experiment import Verdict, config_of, inconclusive
 from analysis.figures import PAPER_WIDTH, apply_theme, log_axis, save_figure
+from analysis.render import format_ci, markdown_table
 from analysis.stats import N_RESAMPLES, expanded_level
+from pgvar.run import initial_env_and_policy
 
 QUANTITIES = {"grad_variance": "variance", "grad_rel_variance": "relative variance",
               "grad_variance_per_J2": "variance / J²"}
@@ -76,24 +77,11 @@ def per_run_values(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def exact_objective(row: pd.Series) -> float:
-    """J at the run's initial policy, exactly (the env's moment propagation), rebuilt from
-    the run's config: the return scale that variance / J^2 divides out."""
-    from pgvar.envs.registry import make_env, make_policy
-
-    keys = ("horizon", "gamma", "objective", "state_dim", "action_dim", "spectral_radius",
-            "control_cost", "process_noise", "init_std", "seed")
-    kwargs = {k: row[f"env.{k}"] for k in keys if f"env.{k}" in row and pd.notna(row[f"env.{k}"])}
-    for k in ("horizon", "state_dim", "action_dim", "seed"):
-        if k in kwargs:
-            kwargs[k] = int(kwargs[k])
-    env = make_env("lqr", **kwargs)
-    options = {"seed": int(row["seed"])}
-    for key in ("init_log_std", "init_gain_scale"):
-        value = row.get(f"policy.{key}")
-        if value is not None and pd.notna(value):
-            options[key] = float(value)
+    """J at the run's initial policy, exactly (the env's moment propagation), the policy
+    rebuilt as pgvar-run built it: the return scale that variance / J^2 divides out."""
+    env, policy = initial_env_and_policy(config_of(row))
     with torch.no_grad():
-        return float(env.exact_objective(make_policy(env, **options)))
+        return float(env.exact_objective(policy))
 
 
 def cell_means(runs: pd.DataFrame) -> pd.DataFrame:
@@ -276,10 +264,10 @@ def local_exponents(cells: pd.DataFrame, quantity: str) -> pd.DataFrame:
 
 
 def _ci(value: float, lo: float, hi: float) -> str:
-    return f"{value:.2f} [{lo:.2f}, {hi:.2f}]"
+    return format_ci(value, lo, hi, 2, style="f")
 
 
-def verdict(fits: list[PowerFit]) -> str:
+def verdict(fits: list[PowerFit]) -> Verdict:
     """The verdict line, from the gamma = 1 fits (else the largest gamma present).
 
     The claim is about the variance itself: ``confirmed`` when its fits hold a = b = 1,
@@ -287,7 +275,7 @@ def verdict(fits: list[PowerFit]) -> str:
     d (both intervals above 0), ``refuted`` when it does not grow with one of them,
     ``inconclusive`` when the intervals cannot tell."""
     if not fits:
-        return "Verdict: inconclusive — no fit: the runs do not vary both T and d."
+        return inconclusive("no fit: the runs do not vary both T and d")
     gamma = max(f.gamma for f in fits)
     main = [f for f in fits if f.gamma == gamma]
     variance = [f for f in main if f.quantity == "grad_variance"]
@@ -296,18 +284,16 @@ def verdict(fits: list[PowerFit]) -> str:
     where = f"(gamma = {gamma:g}, 95% bootstrap over {main[0].n_seeds} systems)"
     statuses = [f.status for f in variance]
     if min(f.n_seeds for f in main) < MIN_SEEDS or all(s == "unclear" for s in statuses):
-        return (f"Verdict: inconclusive — the intervals cannot tell whether a = b = 1 {where}: "
-                f"{summary}.")
+        return inconclusive(f"the intervals cannot tell whether a = b = 1 {where}: {summary}")
     if all(s == "holds" for s in statuses):
-        return f"Verdict: confirmed — the variance scales as T·d {where}: {summary}."
+        return Verdict("confirmed", f"the variance scales as T·d {where}: {summary}")
     grows = all(f.a_lo > 0 and f.b_lo > 0 for f in variance)
     if grows:
         kept = [_fit_name(f) for f in main if f.status == "holds"]
         also = f"; a = b = 1 fits only {', '.join(kept)}" if kept else "; no quantity fits a = b = 1"
-        return (f"Verdict: qualified — the variance grows with both T and d, but not as T·d"
-                f"{also} {where}: {summary}.")
-    return (f"Verdict: refuted — the variance does not grow with both T and d {where}: "
-            f"{summary}.")
+        return Verdict("qualified", f"the variance grows with both T and d, but not as T·d"
+                                    f"{also} {where}: {summary}")
+    return Verdict("refuted", f"the variance does not grow with both T and d {where}: {summary}")
 
 
 def _fit_name(fit: PowerFit) -> str:
@@ -347,17 +333,15 @@ def markdown(fits: list[PowerFit], runs: pd.DataFrame, cells: pd.DataFrame, pres
          f"{runs['seed'].nunique()} random systems (seeds). Exact gradient by autograd of J. "
          "Fit `log y = c + a log T + b log d` over all cells and seeds; 95% intervals "
          "from a bootstrap over systems. The product law is a = b = 1."), "",
-        ("| gamma | estimator | quantity | a (T exponent) | b (d exponent) | "
-         "log T·log d term | R² | a = b = 1? |"),
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        *markdown_table(
+            ["gamma", "estimator", "quantity", "a (T exponent)", "b (d exponent)",
+             "log T·log d term", "R²", "a = b = 1?"],
+            [[f"{f.gamma:g}", ESTIMATOR_NAMES.get(f.estimator, f.estimator),
+              QUANTITIES[f.quantity], _ci(f.a, f.a_lo, f.a_hi), _ci(f.b, f.b_lo, f.b_hi),
+              _ci(f.interaction, f.interaction_lo, f.interaction_hi), f"{f.r2:.3f}",
+              {"holds": "yes", "rejected": "no"}.get(f.status, "unclear")] for f in fits]),
     ]
-    for f in fits:
-        lines.append(
-            f"| {f.gamma:g} | {ESTIMATOR_NAMES.get(f.estimator, f.estimator)} | "
-            f"{QUANTITIES[f.quantity]} | {_ci(f.a, f.a_lo, f.a_hi)} | {_ci(f.b, f.b_lo, f.b_hi)} | "
-            f"{_ci(f.interaction, f.interaction_lo, f.interaction_hi)} | {f.r2:.3f} | "
-            f"{ {'holds': 'yes', 'rejected': 'no'}.get(f.status, 'unclear')} |")
-    lines += ["", cell_table(cells), "", verdict(fits), ""]
+    lines += ["", cell_table(cells), "", verdict(fits).line(), ""]
     return "\n".join(lines)
 
 
@@ -370,11 +354,9 @@ def cell_table(cells: pd.DataFrame) -> str:
         pivot = g.pivot(index="T", columns="d", values="grad_rel_variance")
         out += [(f"Relative variance tr Cov / ‖∇J‖², {ESTIMATOR_NAMES.get(est, est)}, "
                  f"gamma = {gamma:g} (geometric mean over systems):"), "",
-                "| T \\ d | " + " | ".join(str(d) for d in pivot.columns) + " |",
-                "| --- |" + " --- |" * len(pivot.columns)]
-        for T, row in pivot.iterrows():
-            out.append(f"| {T} | " + " | ".join(f"{v:.3g}" for v in row.to_numpy()) + " |")
-        out.append("")
+                *markdown_table(["T \\ d", *(str(d) for d in pivot.columns)],
+                                [[T, *(f"{v:.3g}" for v in row.to_numpy())]
+                                 for T, row in pivot.iterrows()]), ""]
     return "\n".join(out)
 
 
