@@ -22,8 +22,15 @@ import numpy as np
 import pandas as pd
 from matplotlib import ticker
 
-from analysis.experiment import (Experiment, Verdict, combined_word, estimate_columns,
-                                 first_measurements, inconclusive, instance_column)
+from analysis.experiment import (
+    Experiment,
+    Verdict,
+    combined_word,
+    estimate_columns,
+    first_measurements,
+    inconclusive,
+    instance_column,
+)
 from analysis.figures import PANEL_HEIGHT, PAPER_WIDTH, REL_VAR_LABEL, save_figure
 from analysis.render import format_ci, format_columns, markdown_table, yes_no
 from analysis.stats import Estimate, mean_ci, ratio_ci

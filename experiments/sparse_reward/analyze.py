@@ -23,7 +23,6 @@ Writes ``result.csv``, ``result.md`` and ``figures/sparse_reward_*.png|pdf``.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -35,8 +34,13 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 from scipy.stats import binomtest
 
-from analysis.experiment import (Experiment, Verdict, estimate_columns, first_measurements,
-                                 inconclusive)
+from analysis.experiment import (
+    Experiment,
+    Verdict,
+    estimate_columns,
+    first_measurements,
+    inconclusive,
+)
 from analysis.figures import PAPER_WIDTH, log_axis, save_figure
 from analysis.render import markdown_table
 from analysis.stats import NAN_ESTIMATE, mean_ci, ratio_ci
