@@ -35,16 +35,19 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from analysis.experiment import write_inconclusive, write_sections_csv
+from analysis.experiment import (
+    estimate_columns,
+    sqrt_estimate,
+    write_inconclusive,
+    write_sections_csv,
+)
 from analysis.figures import PAPER_WIDTH, apply_theme, log_axis, save_figure
 from analysis.loader import measured_rows
+from analysis.render import format_ci
 from analysis.stats import NAN_ESTIMATE, Estimate, mean_ci
 from analysis.table import per_run_values, squared_bias_interval
 
@@ -141,12 +144,6 @@ def by_seed(runs: pd.DataFrame, label: str, column: str) -> dict[object, float]:
 # ----------------------------------------------------------------------------- statistics
 
 
-def sqrt_estimate(est: Estimate) -> Estimate:
-    """A norm from a squared estimate: sqrt(max(., 0)) at the value and both ends."""
-    def root(x: float) -> float:
-        return math.sqrt(max(x, 0.0)) if math.isfinite(x) else x
-    return Estimate(root(est.value), root(est.lo), root(est.hi), est.n)
-
 
 def expected_rel_bias(label: str, batch_size: float) -> float:
     """Theory: 1/B for the batch-mean baselines (own episode in the mean), else 0."""
@@ -181,23 +178,20 @@ def row_numbers(group: pd.DataFrame, label: str) -> dict:
     sel = group[group["label"] == label]
     out: dict[str, object] = {"label": label, "row": ROW_TEXT.get(label, label),
                               "n_runs": len(sel)}
-    put(out, "rel_variance", mean_ci(sel["grad_rel_variance"].to_numpy()))
-    put(out, "var_ratio", paired_ratio(group, label, NO_BASELINE))
+    out.update(estimate_columns("rel_variance", mean_ci(sel["grad_rel_variance"].to_numpy())))
+    out.update(estimate_columns("var_ratio", paired_ratio(group, label, NO_BASELINE)))
     rel_b2 = squared_bias_interval(sel, "grad_rel_bias_sq")
     if len(sel) < MIN_SEEDS:
         rel_b2 = Estimate(rel_b2.value, math.nan, math.nan, rel_b2.n)
-    put(out, "rel_bias_sq", rel_b2)
-    put(out, "rel_bias", sqrt_estimate(rel_b2))
+    out.update(estimate_columns("rel_bias_sq", rel_b2))
+    out.update(estimate_columns("rel_bias", sqrt_estimate(rel_b2)))
     batch = float(sel["batch_size"].iloc[0]) if sel["batch_size"].notna().any() else math.nan
     out["expected_rel_bias"] = expected_rel_bias(label, batch)
     out["bias_verdict"] = bias_verdict(rel_b2, out["expected_rel_bias"])
-    put(out, "rel_mse", mean_ci(sel["grad_rel_mse"].to_numpy()))
-    put(out, "cos_ref", mean_ci(sel["cos_ref"].to_numpy()))
+    out.update(estimate_columns("rel_mse", mean_ci(sel["grad_rel_mse"].to_numpy())))
+    out.update(estimate_columns("cos_ref", mean_ci(sel["cos_ref"].to_numpy())))
     return out
 
-
-def put(out: dict, name: str, est: Estimate) -> None:
-    out[name], out[f"{name}_lo"], out[f"{name}_hi"] = est.value, est.lo, est.hi
 
 
 def paired_ratio(group: pd.DataFrame, num: str, den: str, column: str = "grad_variance") -> Estimate:
@@ -335,14 +329,6 @@ def overall_verdict(verdicts: dict[str, str]) -> str:
 # ----------------------------------------------------------------------------- report
 
 
-def fmt(v: float, lo: float, hi: float, digits: int = 3) -> str:
-    """``v [lo, hi]`` with ``digits`` significant digits; ends omitted when undefined."""
-    if not math.isfinite(v):
-        return "n/a"
-    if math.isfinite(lo) and math.isfinite(hi):
-        return f"{v:.{digits}g} [{lo:.{digits}g}, {hi:.{digits}g}]"
-    return f"{v:.{digits}g}"
-
 
 def markdown_table(table: pd.DataFrame) -> str:
     head = ("| env | B | baseline | rel. variance | variance / reward-to-go | rel. bias "
@@ -351,11 +337,11 @@ def markdown_table(table: pd.DataFrame) -> str:
     for _, r in table.iterrows():
         lines.append(
             f"| {r['env']} | {int(r['batch_size']) if math.isfinite(r['batch_size']) else '?'} "
-            f"| {r['row']} | {fmt(r['rel_variance'], r['rel_variance_lo'], r['rel_variance_hi'])} "
-            f"| {fmt(r['var_ratio'], r['var_ratio_lo'], r['var_ratio_hi'])} "
-            f"| {fmt(r['rel_bias'], r['rel_bias_lo'], r['rel_bias_hi'], 2)} "
+            f"| {r['row']} | {format_ci(r['rel_variance'], r['rel_variance_lo'], r['rel_variance_hi'])} "
+            f"| {format_ci(r['var_ratio'], r['var_ratio_lo'], r['var_ratio_hi'])} "
+            f"| {format_ci(r['rel_bias'], r['rel_bias_lo'], r['rel_bias_hi'], 2)} "
             f"| {r['expected_rel_bias']:.3g} | {r['bias_verdict']} "
-            f"| {fmt(r['rel_mse'], r['rel_mse_lo'], r['rel_mse_hi'])} |")
+            f"| {format_ci(r['rel_mse'], r['rel_mse_lo'], r['rel_mse_hi'])} |")
     return "\n".join(lines)
 
 
@@ -389,12 +375,12 @@ def verdict_sentence(table: pd.DataFrame, comp: pd.DataFrame, verdicts: dict[str
             + (f" ({n_open} inconclusive)" if n_open else "")]
     for env, t in table.groupby("env", sort=False):
         c = comp[comp["env"] == env]
-        pieces = [f"{label} {fmt(r['var_ratio'], r['var_ratio_lo'], r['var_ratio_hi'])}"
+        pieces = [f"{label} {format_ci(r['var_ratio'], r['var_ratio_lo'], r['var_ratio_hi'])}"
                   for label in ("mean_baseline", "rloo", LEARNED_V, EXACT_V)
                   for _, r in t[t["label"] == label].iterrows()]
         text = f"{env}: variance / reward-to-go: " + ", ".join(pieces)
         for _, r in t[t["label"] == "mean_baseline"].iterrows():
-            text += (f"; batch-mean bias {fmt(r['rel_bias'], r['rel_bias_lo'], r['rel_bias_hi'], 2)}"
+            text += (f"; batch-mean bias {format_ci(r['rel_bias'], r['rel_bias_lo'], r['rel_bias_hi'], 2)}"
                      f" (1/B = {r['expected_rel_bias']:.3g})")
         for num, den, stat, name in (("optimal_baseline", LOO_R, "variance", "b* / leave-one-out mean of R"),
                                      ("optimal_baseline", EXACT_V, "variance", "b* / exact V"),
@@ -403,7 +389,7 @@ def verdict_sentence(table: pd.DataFrame, comp: pd.DataFrame, verdicts: dict[str
             r = c[(c["numerator"] == num) & (c["denominator"] == den) & (c["statistic"] == stat)]
             if not r.empty:
                 r = r.iloc[0]
-                text += f"; {name} {fmt(r['ratio'], r['ratio_lo'], r['ratio_hi'])}"
+                text += f"; {name} {format_ci(r['ratio'], r['ratio_lo'], r['ratio_hi'])}"
         bits.append(text)
     return "; ".join(bits[:1]) + " — " + " | ".join(bits[1:])
 

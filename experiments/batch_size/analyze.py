@@ -28,14 +28,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from analysis.experiment import format_ci, write_inconclusive
+from analysis.experiment import write_inconclusive
 from analysis.figures import (
     PANEL_HEIGHT,
     PAPER_WIDTH,
@@ -45,6 +42,7 @@ from analysis.figures import (
     save_figure,
 )
 from analysis.loader import measured_rows
+from analysis.render import format_ci, yes_no
 from analysis.stats import N_RESAMPLES, expanded_level, mean_ci
 from analysis.table import per_run_values, squared_bias_interval
 
@@ -348,10 +346,6 @@ def _cell(d: pd.DataFrame, column: str) -> str:
     return format_ci(r[column], r[f"{column}_lo"], r[f"{column}_hi"])
 
 
-def _yes_no(flag: object) -> str:
-    return "n/a" if flag is None or (isinstance(flag, float) and math.isnan(flag)) else (
-        "yes" if flag else "no")
-
 
 def verdict_sentence(exps: pd.DataFrame, by_b: pd.DataFrame, chk: pd.DataFrame) -> str:
     """The exponents, the mean baseline's bias at the smallest B and the failed checks."""
@@ -414,12 +408,12 @@ def markdown(exps: pd.DataFrame, by_b: pd.DataFrame, chk: pd.DataFrame,
         rr = ratios[(ratios["env"] == env) & (ratios["B"] == b)] if not ratios.empty else ratios
         lines.append(
             f"| {env} | {b} | {_cell(m, 'rel_bias')} | {1 / b:.3g} | "
-            f"{_yes_no(m.iloc[0]['bias_distinguishable']) if len(m) else 'n/a'} | "
-            f"{_cell(o, 'rel_bias')} | {_yes_no(o.iloc[0]['bias_distinguishable']) if len(o) else 'n/a'} | "
+            f"{yes_no(m.iloc[0]['bias_distinguishable']) if len(m) else 'n/a'} | "
+            f"{_cell(o, 'rel_bias')} | {yes_no(o.iloc[0]['bias_distinguishable']) if len(o) else 'n/a'} | "
             f"{_cell(rr, 'var_ratio_mean_rloo')} | {(1 - 1 / b) ** 2:.3g} | {_cell(o, 'norm_variance')} |")
     lines += ["", "## Checks", "", "| env | check | passed | numbers |", "| --- | --- | --- | --- |"]
     for _, r in chk.iterrows():
-        lines.append(f"| {r['env']} | {r['check']} | {_yes_no(r['passed'])} | {r['numbers']} |")
+        lines.append(f"| {r['env']} | {r['check']} | {yes_no(r['passed'])} | {r['numbers']} |")
     lines += ["", f"Verdict: {overall_verdict(chk)} — {verdict_sentence(exps, by_b, chk)}.", ""]
     return "\n".join(lines)
 

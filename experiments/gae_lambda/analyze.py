@@ -34,15 +34,17 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from scipy import stats
 
-from analysis.experiment import write_inconclusive, write_sections_csv
+from analysis.experiment import (
+    estimate_columns,
+    sqrt_estimate,
+    write_inconclusive,
+    write_sections_csv,
+)
 from analysis.figures import (
     PANEL_HEIGHT,
     PAPER_WIDTH,
@@ -52,6 +54,7 @@ from analysis.figures import (
     spans_decades,
 )
 from analysis.loader import measured_rows
+from analysis.render import format_ci
 from analysis.stats import CONFIDENCE, N_RESAMPLES, Estimate, expanded_level, mean_ci
 from analysis.table import per_run_values, squared_bias_interval
 
@@ -97,11 +100,6 @@ def seed_matrix(runs: pd.DataFrame, column: str) -> tuple[np.ndarray, np.ndarray
 # ----------------------------------------------------------------------------- statistics
 
 
-def sqrt_estimate(est: Estimate) -> Estimate:
-    def root(x: float) -> float:
-        return math.sqrt(max(x, 0.0)) if math.isfinite(x) else x
-    return Estimate(root(est.value), root(est.lo), root(est.hi), est.n)
-
 
 def lambda_table(runs: pd.DataFrame) -> pd.DataFrame:
     """One line per (env, lambda): relative bias, variance and MSE with 95% intervals."""
@@ -110,18 +108,15 @@ def lambda_table(runs: pd.DataFrame) -> pd.DataFrame:
         rec: dict[str, object] = {"env": env, "lam": lam, "n_runs": len(sel),
                                   "batch_size": sel["batch_size"].iloc[0]}
         b2 = without_interval_below_min_seeds(squared_bias_interval(sel, "grad_rel_bias_sq"))
-        put(rec, "rel_bias_sq", b2)
-        put(rec, "rel_bias", sqrt_estimate(b2))
+        rec.update(estimate_columns("rel_bias_sq", b2))
+        rec.update(estimate_columns("rel_bias", sqrt_estimate(b2)))
         rec["bias_distinguishable"] = bool(math.isfinite(b2.lo) and b2.lo > 0)
-        put(rec, "rel_variance", mean_ci(sel["grad_rel_variance"].to_numpy()))
-        put(rec, "rel_mse", mean_ci(sel["grad_rel_mse"].to_numpy()))
-        put(rec, "cos_ref", mean_ci(sel["cos_ref"].to_numpy()))
+        rec.update(estimate_columns("rel_variance", mean_ci(sel["grad_rel_variance"].to_numpy())))
+        rec.update(estimate_columns("rel_mse", mean_ci(sel["grad_rel_mse"].to_numpy())))
+        rec.update(estimate_columns("cos_ref", mean_ci(sel["cos_ref"].to_numpy())))
         records.append(rec)
     return pd.DataFrame.from_records(records)
 
-
-def put(out: dict, name: str, est: Estimate) -> None:
-    out[name], out[f"{name}_lo"], out[f"{name}_hi"] = est.value, est.lo, est.hi
 
 
 def bootstrap_indices(n_seeds: int, seed: int = 0, n: int = N_RESAMPLES) -> np.ndarray:
@@ -217,14 +212,14 @@ def trends(runs: pd.DataFrame) -> pd.DataFrame:
         for name, column in columns.items():
             lams, values = seed_matrix(sel, column)
             rec["n_paired_seeds"] = values.shape[0]
-            put(rec, f"spearman_{name}", spearman_trend(lams, values))
+            rec.update(estimate_columns(f"spearman_{name}", spearman_trend(lams, values)))
         lams, var = seed_matrix(sel, "grad_rel_variance")
-        put(rec, "variance_ratio_1_over_0", endpoint_ratio(lams, var))
+        rec.update(estimate_columns("variance_ratio_1_over_0", endpoint_ratio(lams, var)))
         rec["variance_argmin"] = float(lams[int(np.argmin(var.mean(0)))]) if var.size else math.nan
-        put(rec, "variance_ratio_min_over_0", ratio_between(lams, var, rec["variance_argmin"], lams.min()))
-        put(rec, "variance_ratio_1_over_min", ratio_between(lams, var, lams.max(), rec["variance_argmin"]))
+        rec.update(estimate_columns("variance_ratio_min_over_0", ratio_between(lams, var, rec["variance_argmin"], lams.min())))
+        rec.update(estimate_columns("variance_ratio_1_over_min", ratio_between(lams, var, lams.max(), rec["variance_argmin"])))
         lams, b2 = seed_matrix(sel, "grad_rel_bias_sq")
-        put(rec, "bias_sq_drop_0_minus_1", endpoint_difference(lams, b2))
+        rec.update(estimate_columns("bias_sq_drop_0_minus_1", endpoint_difference(lams, b2)))
         lams, mse = seed_matrix(sel, "grad_rel_mse")
         best = argmin_lambda(lams, mse)
         rec.update(mse_argmin=best["argmin"], mse_argmin_lo=best["lo"], mse_argmin_hi=best["hi"],
@@ -316,24 +311,17 @@ def overall_verdict(words: list[str]) -> str:
 # ----------------------------------------------------------------------------- report
 
 
-def fmt(v: float, lo: float, hi: float, digits: int = 3) -> str:
-    if not math.isfinite(v):
-        return "n/a"
-    if math.isfinite(lo) and math.isfinite(hi):
-        return f"{v:.{digits}g} [{lo:.{digits}g}, {hi:.{digits}g}]"
-    return f"{v:.{digits}g}"
-
 
 def markdown_lambda_table(table: pd.DataFrame) -> str:
     lines = ["| env | λ | rel. bias ‖E ĝ − ∇J‖/‖∇J‖ | bias ≠ 0? | rel. variance | rel. MSE | cos(ĝ, ∇J) |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for _, r in table.iterrows():
         lines.append(f"| {r['env']} | {r['lam']:g} "
-                     f"| {fmt(r['rel_bias'], r['rel_bias_lo'], r['rel_bias_hi'], 2)} "
+                     f"| {format_ci(r['rel_bias'], r['rel_bias_lo'], r['rel_bias_hi'], 2)} "
                      f"| {'yes' if r['bias_distinguishable'] else 'no'} "
-                     f"| {fmt(r['rel_variance'], r['rel_variance_lo'], r['rel_variance_hi'])} "
-                     f"| {fmt(r['rel_mse'], r['rel_mse_lo'], r['rel_mse_hi'])} "
-                     f"| {fmt(r['cos_ref'], r['cos_ref_lo'], r['cos_ref_hi'], 2)} |")
+                     f"| {format_ci(r['rel_variance'], r['rel_variance_lo'], r['rel_variance_hi'])} "
+                     f"| {format_ci(r['rel_mse'], r['rel_mse_lo'], r['rel_mse_hi'])} "
+                     f"| {format_ci(r['cos_ref'], r['cos_ref_lo'], r['cos_ref_hi'], 2)} |")
     return "\n".join(lines)
 
 
@@ -345,11 +333,11 @@ def markdown_trends(tr: pd.DataFrame) -> str:
     for _, t in tr.iterrows():
         lines.append(
             f"| {t['env']} | {t['n_paired_seeds']} "
-            f"| {fmt(t['spearman_rel_bias_sq'], t['spearman_rel_bias_sq_lo'], t['spearman_rel_bias_sq_hi'], 2)} "
-            f"| {fmt(t['spearman_rel_variance'], t['spearman_rel_variance_lo'], t['spearman_rel_variance_hi'], 2)} "
-            f"| {fmt(t['variance_ratio_1_over_0'], t['variance_ratio_1_over_0_lo'], t['variance_ratio_1_over_0_hi'])} "
-            f"| {fmt(t['bias_sq_drop_0_minus_1'], t['bias_sq_drop_0_minus_1_lo'], t['bias_sq_drop_0_minus_1_hi'])} "
-            f"| {fmt(t['mse_argmin'], t['mse_argmin_lo'], t['mse_argmin_hi'])} "
+            f"| {format_ci(t['spearman_rel_bias_sq'], t['spearman_rel_bias_sq_lo'], t['spearman_rel_bias_sq_hi'], 2)} "
+            f"| {format_ci(t['spearman_rel_variance'], t['spearman_rel_variance_lo'], t['spearman_rel_variance_hi'], 2)} "
+            f"| {format_ci(t['variance_ratio_1_over_0'], t['variance_ratio_1_over_0_lo'], t['variance_ratio_1_over_0_hi'])} "
+            f"| {format_ci(t['bias_sq_drop_0_minus_1'], t['bias_sq_drop_0_minus_1_lo'], t['bias_sq_drop_0_minus_1_hi'])} "
+            f"| {format_ci(t['mse_argmin'], t['mse_argmin_lo'], t['mse_argmin_hi'])} "
             f"| {t['mse_argmin_shares']} |")
     return "\n".join(lines)
 
@@ -359,7 +347,7 @@ def markdown_other_batch_sizes(tr: pd.DataFrame) -> str:
     lines = ["| env | " + " | ".join(f"B' = {b}" for b in sizes) + " |",
              "| --- | " + " | ".join("---" for _ in sizes) + " |"]
     for _, t in tr.iterrows():
-        cells = [fmt(t[f"mse_argmin_B{b}"], t[f"mse_argmin_B{b}_lo"], t[f"mse_argmin_B{b}_hi"])
+        cells = [format_ci(t[f"mse_argmin_B{b}"], t[f"mse_argmin_B{b}_lo"], t[f"mse_argmin_B{b}_hi"])
                  for b in sizes]
         lines.append(f"| {t['env']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -369,8 +357,8 @@ def shape_text(t: pd.Series) -> str:
     """', ×a from λ=0 to it, ×b from it to λ=1' when the variance minimum is inside."""
     if not (0.0 < t["variance_argmin"] < 1.0) or not math.isfinite(t["variance_ratio_min_over_0"]):
         return ""
-    return (f": ×{fmt(t['variance_ratio_min_over_0'], t['variance_ratio_min_over_0_lo'], t['variance_ratio_min_over_0_hi'], 2)}"
-            f" from λ=0 to it, ×{fmt(t['variance_ratio_1_over_min'], t['variance_ratio_1_over_min_lo'], t['variance_ratio_1_over_min_hi'], 2)}"
+    return (f": ×{format_ci(t['variance_ratio_min_over_0'], t['variance_ratio_min_over_0_lo'], t['variance_ratio_min_over_0_hi'], 2)}"
+            f" from λ=0 to it, ×{format_ci(t['variance_ratio_1_over_min'], t['variance_ratio_1_over_min_lo'], t['variance_ratio_1_over_min_hi'], 2)}"
             f" from it to λ=1")
 
 
@@ -383,10 +371,10 @@ def verdict_sentence(table: pd.DataFrame, tr: pd.DataFrame) -> str:
         parts.append(
             f"{env}: relative bias {lo_row['rel_bias']:.2g} at λ={lo_row['lam']:g} vs "
             f"{hi_row['rel_bias']:.2g} at λ={hi_row['lam']:g} (bias {t['bias_direction']}), "
-            f"variance ×{fmt(t['variance_ratio_1_over_0'], t['variance_ratio_1_over_0_lo'], t['variance_ratio_1_over_0_hi'], 2)} "
+            f"variance ×{format_ci(t['variance_ratio_1_over_0'], t['variance_ratio_1_over_0_lo'], t['variance_ratio_1_over_0_hi'], 2)} "
             f"from λ={lo_row['lam']:g} to {hi_row['lam']:g} (variance {t['variance_direction']}; "
             f"lowest at λ={t['variance_argmin']:g}{shape_text(t)}), "
-            f"MSE-optimal λ = {fmt(t['mse_argmin'], t['mse_argmin_lo'], t['mse_argmin_hi'])}"
+            f"MSE-optimal λ = {format_ci(t['mse_argmin'], t['mse_argmin_lo'], t['mse_argmin_hi'])}"
             f" at B = {int(lo_row['batch_size']) if math.isfinite(lo_row['batch_size']) else '?'}")
     return "; ".join(parts)
 

@@ -39,6 +39,13 @@ import pandas as pd
 import seaborn as sns
 from matplotlib import ticker
 
+from analysis.experiment import (
+    direction_columns,
+    paired_difference,
+    pooled_cosine,
+    pooled_cosine_difference,
+    sqrt_estimate,
+)
 from analysis.figures import (
     PANEL_HEIGHT,
     PAPER_WIDTH,
@@ -49,7 +56,9 @@ from analysis.figures import (
     save_figure,
 )
 from analysis.loader import measured_rows
-from analysis.stats import Estimate, bootstrap_interval, mean_ci
+from analysis.render import format_ci
+from analysis.render import markdown_table as render_table
+from analysis.stats import mean_ci
 
 NAME = "ppo_clip"
 MIN_STEP = 1  # measured iterations used: from the first one after the critic's first fit
@@ -62,23 +71,6 @@ METRICS = ("cos_ref", "rel_bias_sq", "rel_variance", "reuse_gain", "displacement
 
 
 # ----------------------------------------------------------------------------- per run
-
-
-def direction_columns(measured: pd.DataFrame) -> pd.DataFrame:
-    """Add ``rel_proj`` = <d_bar, g>/||g||^2 and ``rel_sq_norm`` = (||d_bar||^2 - trCov/M)/||g||^2
-    (both unbiased; see the module doc) to measured rows."""
-    df = measured.copy()
-    var = df["grad_variance"].astype(float)
-    m = df["n_estimates"].astype(float) if "n_estimates" in df else pd.Series(np.nan, df.index)
-    se2 = df["ref_se"].fillna(0.0).astype(float) ** 2 if "ref_se" in df else 0.0
-    ref2 = df["ref_norm"].astype(float) ** 2
-    mean_sq = df["snr"].astype(float) * var  # ||d_bar||^2
-    dist_sq = df["grad_bias_sq"].astype(float) + var / m + se2  # ||d_bar - g||^2
-    ref2 = ref2.where(ref2 > 0)
-    df["rel_proj"] = (mean_sq + ref2 - dist_sq) / 2.0 / ref2
-    df["rel_sq_norm"] = (mean_sq - var / m) / ref2
-    df["rel_perp_sq"] = df["rel_sq_norm"] - df["rel_proj"] ** 2  # ||E d - proj g||^2/||g||^2
-    return df
 
 
 def config_columns(df: pd.DataFrame) -> pd.DataFrame:
@@ -128,50 +120,6 @@ def per_run(frame: pd.DataFrame, min_step: int = MIN_STEP) -> pd.DataFrame:
 # ----------------------------------------------------------------------------- across seeds
 
 
-def paired_difference(runs: pd.DataFrame, metric: str, baseline: pd.DataFrame) -> Estimate:
-    """Mean over seeds of metric(run) - metric(baseline run of the same seed), 95% CI."""
-    base = baseline.set_index("seed")[metric]
-    both = runs.set_index("seed")[metric].to_frame("x").join(base.rename("b"), how="inner")
-    return mean_ci((both["x"] - both["b"]).to_numpy())
-
-
-def _cosine_of_means(proj: np.ndarray, perp_sq: np.ndarray, axis: int = -1) -> np.ndarray:
-    """p / sqrt(p^2 + q) with p the mean of <E d, g>/||g||^2 and q the mean of
-    ||E d - p g||^2/||g||^2 over seeds: both means are of unbiased per-seed estimates."""
-    p = np.mean(proj, axis=axis)
-    return p / np.sqrt(p ** 2 + np.clip(np.mean(perp_sq, axis=axis), 0.0, None))
-
-
-def pooled_cosine(g: pd.DataFrame) -> Estimate:
-    """cos(E d, g) from the mean parallel and squared perpendicular parts over seeds (the
-    per-seed ratio of two noisy estimates would be biased upwards where ||E d||^2 is poorly
-    determined), with a paired bootstrap interval over seeds."""
-    proj, sq = g["rel_proj"].to_numpy(float), g["rel_perp_sq"].to_numpy(float)
-    ok = np.isfinite(proj) & np.isfinite(sq)
-    proj, sq = proj[ok], sq[ok]
-    if proj.size < 2:
-        return Estimate(float(_cosine_of_means(proj, sq)) if proj.size else math.nan,
-                        math.nan, math.nan, int(proj.size))
-    lo, hi = bootstrap_interval((proj, sq), _cosine_of_means, paired=True, seed=0)
-    return Estimate(float(_cosine_of_means(proj, sq)), lo, hi, int(proj.size))
-
-
-def pooled_cosine_difference(g: pd.DataFrame, base: pd.DataFrame) -> Estimate:
-    """pooled_cosine(g) - pooled_cosine(base) over the seeds both have, paired bootstrap."""
-    cols = ["rel_proj", "rel_perp_sq"]
-    j = g[["seed", *cols]].merge(base[["seed", *cols]], on="seed", suffixes=("", "_b")).dropna()
-    arrays = tuple(j[c].to_numpy(float) for c in ("rel_proj", "rel_perp_sq", "rel_proj_b",
-                                                   "rel_perp_sq_b"))
-
-    def diff(a, b, c, d, axis=-1):
-        return _cosine_of_means(a, b, axis) - _cosine_of_means(c, d, axis)
-
-    if len(j) < 2:
-        return Estimate(float(diff(*arrays)) if len(j) else math.nan, math.nan, math.nan, len(j))
-    lo, hi = bootstrap_interval(arrays, diff, paired=True, seed=0)
-    return Estimate(float(diff(*arrays)), lo, hi, len(j))
-
-
 def baseline_runs(runs: pd.DataFrame, env: str) -> pd.DataFrame:
     """The env's GAE runs, or its PPO K=1 runs (identical by construction) if it has none."""
     env_runs = runs[runs["env"] == env]
@@ -190,10 +138,10 @@ def summarise(runs: pd.DataFrame) -> pd.DataFrame:
         for metric in METRICS:
             est = mean_ci(g[metric].to_numpy())
             if metric == "rel_bias_sq":
-                est, metric = est.map(lambda v: math.sqrt(max(v, 0.0))), "rel_bias"
+                est, metric = sqrt_estimate(est), "rel_bias"
             rec.update({metric: est.value, f"{metric}_lo": est.lo, f"{metric}_hi": est.hi})
         base = baseline_runs(runs, env)
-        diffs = {"cos_ref": paired_difference(g, "cos_ref", base),
+        diffs = {"cos_ref": paired_difference(g, base, "cos_ref"),
                  "cos_mean": pooled_cosine_difference(g, base)}
         for metric, est in (("cos_mean", pooled_cosine(g)), *((f"d_{m}", d) for m, d in diffs.items())):
             rec.update({metric: est.value, f"{metric}_lo": est.lo, f"{metric}_hi": est.hi})
@@ -302,27 +250,16 @@ def verdict(table: pd.DataFrame) -> str:
 # ----------------------------------------------------------------------------- outputs
 
 
-def _fmt(v: float, lo: float, hi: float, digits: int = 3) -> str:
-    if not np.isfinite(v):
-        return "—"
-    if not (np.isfinite(lo) and np.isfinite(hi)):
-        return f"{v:.{digits}g}"
-    return f"{v:.{digits}g} [{lo:.{digits}g}, {hi:.{digits}g}]"
-
-
 def markdown_table(table: pd.DataFrame, env: str) -> str:
     """The rows of one env as a markdown table."""
     cols = [("cos_ref", "cos(d, ∇J), per batch"), ("d_cos_ref", "Δ vs GAE"),
             ("cos_mean", "cos(E d, ∇J)"), ("d_cos_mean", "Δ vs GAE"),
             ("rel_bias", "‖E d − ∇J‖/‖∇J‖"), ("rel_variance", "tr Cov/‖∇J‖²"),
             ("reuse_gain", "re-use gain K⟨E d,∇J⟩/‖∇J‖²"), ("displacement", "‖θ_K − θ_0‖")]
-    head = "| row | " + " | ".join(h for _, h in cols) + " |"
-    lines = [head, "|" + " --- |" * (len(cols) + 1)]
-    for _, r in table[table["env"] == env].iterrows():
-        cells = [_fmt(r[c], r[f"{c}_lo"], r[f"{c}_hi"], 2 if c.startswith("d_") else 3)
-                 for c, _ in cols]
-        lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    rows = [[r["label"], *(format_ci(r[c], r[f"{c}_lo"], r[f"{c}_hi"], 2 if c.startswith("d_") else 3,
+                                     missing="—") for c, _ in cols)]
+            for _, r in table[table["env"] == env].iterrows()]
+    return "\n".join(render_table(["row", *(h for _, h in cols)], rows))
 
 
 def saturation_lines(table: pd.DataFrame) -> list[str]:
