@@ -81,9 +81,6 @@ CLAIM = ("“Subtracting a baseline that depends only on the state leaves the es
          "constant baseline (Greensmith et al. 2004) is close to V.")
 
 
-# ----------------------------------------------------------------------------- data
-
-
 def row_label(estimator: str, critic_kind: object) -> str:
     """The row of a run: the estimator, with value_baseline split by its critic."""
     if estimator != "value_baseline":
@@ -141,10 +138,6 @@ def by_seed(runs: pd.DataFrame, label: str, column: str) -> dict[object, float]:
     return dict(zip(sel["seed"], sel[column]))
 
 
-# ----------------------------------------------------------------------------- statistics
-
-
-
 def expected_rel_bias(label: str, batch_size: float) -> float:
     """Theory: 1/B for the batch-mean baselines (own episode in the mean), else 0."""
     return 1.0 / batch_size if label in BATCH_MEAN_ROWS and batch_size > 0 else 0.0
@@ -191,7 +184,6 @@ def row_numbers(group: pd.DataFrame, label: str) -> dict:
     out.update(estimate_columns("rel_mse", mean_ci(sel["grad_rel_mse"].to_numpy())))
     out.update(estimate_columns("cos_ref", mean_ci(sel["cos_ref"].to_numpy())))
     return out
-
 
 
 def paired_ratio(group: pd.DataFrame, num: str, den: str, column: str = "grad_variance") -> Estimate:
@@ -255,9 +247,6 @@ def comparisons(runs: pd.DataFrame) -> pd.DataFrame:
                             "ratio": r.value, "ratio_lo": r.lo, "ratio_hi": r.hi,
                             "word": ratio_word(r, close)})
     return pd.DataFrame.from_records(records)
-
-
-# ----------------------------------------------------------------------------- verdicts
 
 
 def claim_verdicts(table: pd.DataFrame, comp: pd.DataFrame) -> dict[str, str]:
@@ -324,10 +313,6 @@ def overall_verdict(verdicts: dict[str, str]) -> str:
     if verdicts["unbiased"] == "refuted":
         return "refuted"
     return "confirmed" if all(v == "confirmed" for v in values) else "qualified"
-
-
-# ----------------------------------------------------------------------------- report
-
 
 
 def markdown_table(table: pd.DataFrame) -> str:
@@ -422,9 +407,6 @@ def write_markdown(table: pd.DataFrame, comp: pd.DataFrame, verdicts: dict[str, 
     ])
 
 
-# ----------------------------------------------------------------------------- figure
-
-
 def plot_rows(table: pd.DataFrame, out_dir: Path) -> list[Path]:
     """Per environment (columns): each row's variance relative to reward-to-go (paired,
     log scale) and its relative bias, 95% CIs; rows at the same height in every panel."""
@@ -461,9 +443,6 @@ def plot_rows(table: pd.DataFrame, out_dir: Path) -> list[Path]:
                bbox_to_anchor=(0.5, -0.03))
     fig.tight_layout()
     return save_figure(fig, out_dir, "baselines_bias_variance")
-
-
-# ----------------------------------------------------------------------------- entry
 
 
 def analyze(frame: pd.DataFrame, out: Path, preset: str) -> str:

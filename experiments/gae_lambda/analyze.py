@@ -67,9 +67,6 @@ MIN_SEEDS = 3  # fewer paired seeds: no interval, so no verdict
 TRENDS = {"rel_bias_sq": "bias", "rel_variance": "variance", "rel_mse": "MSE"}
 
 
-# ----------------------------------------------------------------------------- data
-
-
 def usable_measurements(frame: pd.DataFrame, min_step: int = MIN_STEP) -> pd.DataFrame:
     """GAE's measured rows at steps >= ``min_step`` with a known lambda."""
     rows = measured_rows(frame)
@@ -97,10 +94,6 @@ def seed_matrix(runs: pd.DataFrame, column: str) -> tuple[np.ndarray, np.ndarray
     return wide.columns.to_numpy(float), wide.to_numpy(float)
 
 
-# ----------------------------------------------------------------------------- statistics
-
-
-
 def lambda_table(runs: pd.DataFrame) -> pd.DataFrame:
     """One line per (env, lambda): relative bias, variance and MSE with 95% intervals."""
     records = []
@@ -116,7 +109,6 @@ def lambda_table(runs: pd.DataFrame) -> pd.DataFrame:
         rec.update(estimate_columns("cos_ref", mean_ci(sel["cos_ref"].to_numpy())))
         records.append(rec)
     return pd.DataFrame.from_records(records)
-
 
 
 def bootstrap_indices(n_seeds: int, seed: int = 0, n: int = N_RESAMPLES) -> np.ndarray:
@@ -252,9 +244,6 @@ def argmin_at_other_batch_sizes(runs: pd.DataFrame) -> dict[str, float]:
     return out
 
 
-# ----------------------------------------------------------------------------- verdicts
-
-
 def direction(est_lo: float, est_hi: float, zero: float = 0.0) -> str:
     """'up' / 'down' / 'flat?' from an interval against ``zero``."""
     if not (math.isfinite(est_lo) and math.isfinite(est_hi)):
@@ -306,10 +295,6 @@ def overall_verdict(words: list[str]) -> str:
     if all(w == "refuted" for w in words):
         return "refuted"
     return "qualified"
-
-
-# ----------------------------------------------------------------------------- report
-
 
 
 def markdown_lambda_table(table: pd.DataFrame) -> str:
@@ -411,9 +396,6 @@ def write_markdown(table: pd.DataFrame, tr: pd.DataFrame, preset: str) -> str:
     ])
 
 
-# ----------------------------------------------------------------------------- figure
-
-
 def plot_lambda(table: pd.DataFrame, tr: pd.DataFrame, runs: pd.DataFrame,
                 out_dir: Path) -> list[Path]:
     """Per environment (rows): relative bias, relative variance and relative MSE against
@@ -459,9 +441,6 @@ def plot_lambda(table: pd.DataFrame, tr: pd.DataFrame, runs: pd.DataFrame,
     fig.text(0.5, -0.01, "coloured: mean over seeds with 95% CI; grey: each seed (paired "
              "across λ: same policy, critic and episodes)", ha="center", va="top", fontsize=7)
     return save_figure(fig, out_dir, "gae_lambda_bias_variance")
-
-
-# ----------------------------------------------------------------------------- entry
 
 
 def analyze(frame: pd.DataFrame, out: Path, preset: str) -> str:

@@ -51,9 +51,6 @@ MIN_SEEDS = 3  # fewer systems than this: the bootstrap over seeds says nothing
 MAX_CI_WIDTH = 1.0  # an exponent interval wider than this cannot tell 1 from 2
 
 
-# ----------------------------------------------------------------------------- data
-
-
 def per_run_values(frame: pd.DataFrame) -> pd.DataFrame:
     """One row per run: its first measured step, with T, d, gamma, seed and the statistics."""
     measured = frame[np.isfinite(frame["grad_variance"].to_numpy(dtype=float))]
@@ -93,9 +90,6 @@ def cell_means(runs: pd.DataFrame) -> pd.DataFrame:
     for q in QUANTITIES:
         cells[q] = np.exp(cells[q])
     return cells
-
-
-# ----------------------------------------------------------------------------- fits
 
 
 @dataclass
@@ -260,9 +254,6 @@ def local_exponents(cells: pd.DataFrame, quantity: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-# ----------------------------------------------------------------------------- verdict
-
-
 def _ci(value: float, lo: float, hi: float) -> str:
     return format_ci(value, lo, hi, 2, style="f")
 
@@ -298,9 +289,6 @@ def verdict(fits: list[PowerFit]) -> Verdict:
 
 def _fit_name(fit: PowerFit) -> str:
     return f"{ESTIMATOR_NAMES.get(fit.estimator, fit.estimator)} {QUANTITIES[fit.quantity]}"
-
-
-# ----------------------------------------------------------------------------- outputs
 
 
 def fits_table(fits: list[PowerFit]) -> pd.DataFrame:

@@ -70,9 +70,6 @@ CLAIM = ("“The clip operation stops any single update from moving the policy t
 METRICS = ("cos_ref", "rel_bias_sq", "rel_variance", "reuse_gain", "displacement")
 
 
-# ----------------------------------------------------------------------------- per run
-
-
 def config_columns(df: pd.DataFrame) -> pd.DataFrame:
     """``K`` (1 for GAE), ``clip`` (NaN where it cannot act: GAE and K = 1), ``ppo_lr``
     (NaN for GAE) and a row ``label``."""
@@ -117,9 +114,6 @@ def per_run(frame: pd.DataFrame, min_step: int = MIN_STEP) -> pd.DataFrame:
     return agg
 
 
-# ----------------------------------------------------------------------------- across seeds
-
-
 def baseline_runs(runs: pd.DataFrame, env: str) -> pd.DataFrame:
     """The env's GAE runs, or its PPO K=1 runs (identical by construction) if it has none."""
     env_runs = runs[runs["env"] == env]
@@ -162,8 +156,6 @@ def k1_matches_gae(runs: pd.DataFrame) -> float:
         return math.nan
     return float((joined["cos_ref_k1"] - joined["cos_ref_gae"]).abs().max())
 
-
-# ----------------------------------------------------------------------------- verdict
 
 FEW_EPOCHS = 4  # "a few gradient steps": the claim holds if K up to this keeps the direction
 
@@ -247,9 +239,6 @@ def verdict(table: pd.DataFrame) -> str:
     return f"Verdict: {word} — " + "; ".join(_env_sentence(f) for f in found) + "."
 
 
-# ----------------------------------------------------------------------------- outputs
-
-
 def markdown_table(table: pd.DataFrame, env: str) -> str:
     """The rows of one env as a markdown table."""
     cols = [("cos_ref", "cos(d, ∇J), per batch"), ("d_cos_ref", "Δ vs GAE"),
@@ -298,9 +287,6 @@ def markdown(table: pd.DataFrame, runs: pd.DataFrame, preset: str) -> str:
         out += ["How the clip bounds the update:", "", *sat, ""]
     out += [verdict(table), ""]
     return "\n".join(out)
-
-
-# ----------------------------------------------------------------------------- figures
 
 
 def _k_axis(ax, ks: list[int]) -> None:
@@ -379,9 +365,6 @@ def make_figures(table: pd.DataFrame, out_dir: Path) -> list[Path]:
                                        True)],
                               f"{NAME}_reuse", figures)
     return paths
-
-
-# ----------------------------------------------------------------------------- entry point
 
 
 def analyze(frame: pd.DataFrame, out: Path, preset: str) -> str:

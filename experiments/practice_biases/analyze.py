@@ -76,9 +76,6 @@ MIN_SEEDS = 3  # fewer seeds than this: no verdict (inconclusive)
 DIRECTION_TOL = 0.01  # |change of cos(E g_hat, grad J)| below this counts as 'same direction'
 
 
-# ----------------------------------------------------------------------------- per run
-
-
 def habit_of(row: pd.Series) -> str:
     """The habit a run has switched on, ``control`` for none, ``mixed`` for several."""
     on = [h for h, (col, value) in FLAGS.items() if col in row and _as_bool(row[col]) == value]
@@ -125,9 +122,6 @@ def per_run(frame: pd.DataFrame) -> pd.DataFrame:
     df["rel_bias_sq"] = df["grad_rel_bias_sq"]
     df["rel_variance"] = df["grad_rel_variance"]
     return df[df["habit"] != "mixed"]
-
-
-# ----------------------------------------------------------------------------- exact expectations
 
 
 def rebuild_initial(row: pd.Series):
@@ -177,9 +171,6 @@ def predictions(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out, columns=["run_id", "pred_rel_bias_sq", "pred_added_sq"])
 
 
-# ----------------------------------------------------------------------------- across seeds
-
-
 def summarise(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per (habit, cell, arm) with arm in {habit, control}: means and intervals of
     relative bias, scale, cosines and variance; habit rows add the paired differences from
@@ -217,9 +208,6 @@ def summarise(runs: pd.DataFrame) -> pd.DataFrame:
 def _mean_root(x: pd.Series) -> float:
     x = x.dropna()
     return sqrt_clipped(float(x.mean())) if len(x) else math.nan
-
-
-# ----------------------------------------------------------------------------- verdicts
 
 
 def habit_verdict(table: pd.DataFrame, habit: str) -> str:
@@ -283,9 +271,6 @@ def overall_verdict(lines: list[str]) -> str:
     summary = ", ".join(f"{h}: {w}" for h, w in zip(
         [line.split("(")[1].split(")")[0] for line in lines if "inconclusive" not in line], words))
     return f"Verdict: {word} — per habit ({summary}); numbers in the lines above."
-
-
-# ----------------------------------------------------------------------------- outputs
 
 
 def _fmt(v: float, lo: float = math.nan, hi: float = math.nan, digits: int = 3) -> str:

@@ -53,9 +53,6 @@ ALPHA = 0.05
 VANISHED = 0.9  # a zero-gradient fraction above this: the signal has all but vanished
 
 
-# ----------------------------------------------------------------------------- exact
-
-
 def reach_probability(length: int, horizon: int, slip: float = 0.0) -> float:
     """P(an episode of the uniform policy enters the goal within ``horizon`` steps), exactly:
     J with gamma = 1 on the chain, by the environment's dynamic programming."""
@@ -69,9 +66,6 @@ def reach_probability(length: int, horizon: int, slip: float = 0.0) -> float:
 def predicted_zero_fraction(p_reach: float, batch_size: int) -> float:
     """P(no episode of a batch reaches the goal) = (1 - p_reach)^B."""
     return float((1.0 - p_reach) ** batch_size)
-
-
-# ----------------------------------------------------------------------------- data
 
 
 def per_run_values(frame: pd.DataFrame) -> pd.DataFrame:
@@ -133,9 +127,6 @@ def summarise(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-# ----------------------------------------------------------------------------- verdict
-
-
 def main_horizon(cells: pd.DataFrame) -> int:
     """The horizon with the most distances (the fixed-horizon sweep)."""
     return int(cells.groupby("T")["L"].nunique().idxmax())
@@ -192,9 +183,6 @@ def verdict(cells: pd.DataFrame) -> Verdict:
                 f"{int(snr_far['distance'])}){all_zero}: the signal is rare, not absent, and "
                 f"comes back once B·p_reach ≳ 1.")
     return Verdict("confirmed", f"{law}{cancel}")
-
-
-# ----------------------------------------------------------------------------- outputs
 
 
 def markdown(cells: pd.DataFrame, verdict: Verdict, preset: str) -> str:
