@@ -169,12 +169,12 @@ def write_inconclusive(out: Path, title: str, reason: str) -> str:
     return text
 
 
-def write_sections_csv(path: Path, **sections: pd.DataFrame) -> Path:
-    """One csv holding several tables, told apart by a leading ``section`` column."""
+def sections_frame(**sections: pd.DataFrame) -> pd.DataFrame:
+    """Several tables in one, told apart by a leading ``section`` column (result.csv of
+    an experiment with more than one table)."""
     both = pd.concat([frame.assign(section=name) for name, frame in sections.items()],
                      ignore_index=True)
-    both[["section"] + [c for c in both.columns if c != "section"]].to_csv(path, index=False)
-    return path
+    return both[["section"] + [c for c in both.columns if c != "section"]]
 
 
 # ----------------------------------------------------------------------------- selecting runs

@@ -1,33 +1,15 @@
 """Baselines: bias and variance of REINFORCE with each baseline, paired at the same policy.
 
-``analyze(frame, out, preset)`` is called by ``pgvar-reproduce baselines`` with the runs
-of ``sweep.yaml``. The policy of every run is held fixed (``lr=1e-12``) while the learned
-critic is fitted on the training batches, so the runs of one seed are measured at the
-same policy on the same measurement episodes: they are *paired*, and the seeds (each
-with its own random initial policy) are the replicates. Only measured steps
-``>= MIN_STEP`` are used, where the learned critic has been fitted at least once.
-
-Rows (``label``): ``reinforce`` (full return, no baseline), ``reinforce_rtg`` (no
-baseline, reward-to-go: the variance reference), ``mean_baseline`` (batch mean of G_t),
-``mean_baseline_episode`` (batch mean of R), ``rloo`` (leave-one-out mean),
-``optimal_baseline`` (Greensmith et al. 2004, constant per coordinate, full return),
-``learned V`` and ``exact V`` (``value_baseline`` with ``training.critic.kind`` auto or
-exact).
-
-Per environment and row: relative variance ``tr Cov / ||grad J||^2`` (mean over seeds,
-bootstrap CI), the paired variance ratio to reward-to-go (geometric mean over seeds of the per-seed
-ratios, ``paired_ratio``), the
-relative bias ``sqrt(mean U) / ||grad J||`` with the conservative interval of
-``analysis.table.squared_bias_interval`` and its verdict against what theory expects
-(0, or ``1/B`` for the batch-mean baselines), and the relative MSE.
-
-Claims checked, each with paired ratios (geometric means over seeds, bootstrap CIs):
-
-1. unbiased: every row but the batch means has a bias not distinguishable from 0; the
-   batch means' relative bias is consistent with 1/B;
-2. variance ordered as the text's table: no baseline > batch mean > V (learned, exact);
-3. the variance-optimal constant baseline is "close to V" (within a factor CLOSE);
-4. V is the MSE-optimal baseline: no row has an MSE significantly below the exact V's.
+The policy is held fixed (``lr=1e-12``) while the learned critic is fitted, so the runs of
+one seed are measured at the same policy on the same episodes: *paired*, seeds being the
+replicates; measured steps >= ``MIN_STEP`` only. Rows: ``reinforce``, ``reinforce_rtg``
+(the variance reference), ``mean_baseline`` (batch mean of G_t), ``mean_baseline_episode``
+(of R), ``rloo``, ``optimal_baseline`` (Greensmith et al. 2004), ``learned V`` and
+``exact V``. Per row: relative variance, paired variance ratio to reward-to-go
+(``paired_ratio``), relative bias (root of ``squared_bias_interval``) against theory (0,
+or 1/B for the batch means), relative MSE. Claims: 1. unbiased (batch means: 1/B); 2.
+variance ordered no baseline > batch mean > V; 3. the optimal constant baseline is within
+a factor CLOSE of V; 4. V is MSE-optimal (no row's MSE significantly below the exact V's).
 """
 
 from __future__ import annotations
@@ -40,14 +22,16 @@ import numpy as np
 import pandas as pd
 
 from analysis.experiment import (
+    Experiment,
+    Verdict,
     estimate_columns,
+    inconclusive,
+    sections_frame,
     sqrt_estimate,
-    write_inconclusive,
-    write_sections_csv,
 )
 from analysis.figures import PAPER_WIDTH, apply_theme, log_axis, save_figure
 from analysis.loader import measured_rows
-from analysis.render import format_ci
+from analysis.render import format_columns, markdown_table
 from analysis.stats import NAN_ESTIMATE, Estimate, mean_ci
 from analysis.table import per_run_values, squared_bias_interval
 
@@ -304,41 +288,35 @@ def combine_words(words: list[str], good: str, bad: str) -> str:
     return "qualified" if bad in decided else "inconclusive"
 
 
-def overall_verdict(verdicts: dict[str, str]) -> str:
+def verdict(summary: tuple) -> Verdict:
     """confirmed when every claim is; inconclusive when none is decided; else qualified,
     or refuted when unbiasedness itself fails."""
-    values = list(verdicts.values())
+    table, comp, verdicts, _ = summary
+    values, reason = list(verdicts.values()), verdict_sentence(table, comp, verdicts)
     if all(v == "inconclusive" for v in values):
-        return "inconclusive"
+        return inconclusive(reason)
     if verdicts["unbiased"] == "refuted":
-        return "refuted"
-    return "confirmed" if all(v == "confirmed" for v in values) else "qualified"
+        return Verdict("refuted", reason)
+    return Verdict("confirmed" if all(v == "confirmed" for v in values) else "qualified", reason)
 
 
-def markdown_table(table: pd.DataFrame) -> str:
-    head = ("| env | B | baseline | rel. variance | variance / reward-to-go | rel. bias "
-            "| expected | bias verdict | rel. MSE |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    lines = [head]
-    for _, r in table.iterrows():
-        lines.append(
-            f"| {r['env']} | {int(r['batch_size']) if math.isfinite(r['batch_size']) else '?'} "
-            f"| {r['row']} | {format_ci(r['rel_variance'], r['rel_variance_lo'], r['rel_variance_hi'])} "
-            f"| {format_ci(r['var_ratio'], r['var_ratio_lo'], r['var_ratio_hi'])} "
-            f"| {format_ci(r['rel_bias'], r['rel_bias_lo'], r['rel_bias_hi'], 2)} "
-            f"| {r['expected_rel_bias']:.3g} | {r['bias_verdict']} "
-            f"| {format_ci(r['rel_mse'], r['rel_mse_lo'], r['rel_mse_hi'])} |")
-    return "\n".join(lines)
+def rows_table(table: pd.DataFrame) -> list[str]:
+    return markdown_table(
+        ["env", "B", "baseline", "rel. variance", "variance / reward-to-go", "rel. bias",
+         "expected", "bias verdict", "rel. MSE"],
+        [[r["env"], int(r["batch_size"]) if math.isfinite(r["batch_size"]) else "?", r["row"],
+          format_columns(r, "rel_variance"), format_columns(r, "var_ratio"),
+          format_columns(r, "rel_bias", 2), f"{r['expected_rel_bias']:.3g}", r["bias_verdict"],
+          format_columns(r, "rel_mse")] for _, r in table.iterrows()])
 
 
-def markdown_comparisons(comp: pd.DataFrame) -> str:
-    lines = ["| env | claim | ratio (geometric mean over seeds) | 95% CI | reading |",
-             "| --- | --- | --- | --- | --- |"]
-    for _, r in comp.iterrows():
-        name = f"{r['statistic']}: {r['numerator']} / {r['denominator']}"
-        ci = (f"[{r['ratio_lo']:.3g}, {r['ratio_hi']:.3g}]"
-              if math.isfinite(r["ratio_lo"]) else "n/a")
-        lines.append(f"| {r['env']} | {r['claim']} | {name} = {r['ratio']:.3g} | {ci} | {r['word']} |")
-    return "\n".join(lines)
+def comparisons_table(comp: pd.DataFrame) -> list[str]:
+    return markdown_table(
+        ["env", "claim", "ratio (geometric mean over seeds)", "95% CI", "reading"],
+        [[r["env"], r["claim"],
+          f"{r['statistic']}: {r['numerator']} / {r['denominator']} = {r['ratio']:.3g}",
+          f"[{r['ratio_lo']:.3g}, {r['ratio_hi']:.3g}]" if math.isfinite(r["ratio_lo"]) else "n/a",
+          r["word"]] for _, r in comp.iterrows()])
 
 
 def variance_ranking(table: pd.DataFrame) -> str:
@@ -360,12 +338,12 @@ def verdict_sentence(table: pd.DataFrame, comp: pd.DataFrame, verdicts: dict[str
             + (f" ({n_open} inconclusive)" if n_open else "")]
     for env, t in table.groupby("env", sort=False):
         c = comp[comp["env"] == env]
-        pieces = [f"{label} {format_ci(r['var_ratio'], r['var_ratio_lo'], r['var_ratio_hi'])}"
+        pieces = [f"{label} {format_columns(r, 'var_ratio')}"
                   for label in ("mean_baseline", "rloo", LEARNED_V, EXACT_V)
                   for _, r in t[t["label"] == label].iterrows()]
         text = f"{env}: variance / reward-to-go: " + ", ".join(pieces)
         for _, r in t[t["label"] == "mean_baseline"].iterrows():
-            text += (f"; batch-mean bias {format_ci(r['rel_bias'], r['rel_bias_lo'], r['rel_bias_hi'], 2)}"
+            text += (f"; batch-mean bias {format_columns(r, 'rel_bias', 2)}"
                      f" (1/B = {r['expected_rel_bias']:.3g})")
         for num, den, stat, name in (("optimal_baseline", LOO_R, "variance", "b* / leave-one-out mean of R"),
                                      ("optimal_baseline", EXACT_V, "variance", "b* / exact V"),
@@ -374,37 +352,26 @@ def verdict_sentence(table: pd.DataFrame, comp: pd.DataFrame, verdicts: dict[str
             r = c[(c["numerator"] == num) & (c["denominator"] == den) & (c["statistic"] == stat)]
             if not r.empty:
                 r = r.iloc[0]
-                text += f"; {name} {format_ci(r['ratio'], r['ratio_lo'], r['ratio_hi'])}"
+                text += f"; {name} {format_columns(r, 'ratio')}"
         bits.append(text)
     return "; ".join(bits[:1]) + " — " + " | ".join(bits[1:])
 
 
-def write_markdown(table: pd.DataFrame, comp: pd.DataFrame, verdicts: dict[str, str],
-                   preset: str, n_seeds: int) -> str:
-    overall = overall_verdict(verdicts)
+def write_markdown(summary: tuple, verdict: Verdict, preset: str) -> str:
+    table, comp, verdicts, n_seeds = summary
     return "\n".join([
-        f"# Baselines: bias and variance at the same policy ({preset} preset)",
-        "",
-        f"**Claim.** {CLAIM}",
-        "",
+        f"# Baselines: bias and variance at the same policy ({preset} preset)", "",
+        f"**Claim.** {CLAIM}", "",
         (f"Measured at a held-fixed random policy per seed ({n_seeds} seeds), paired across "
          "rows; relative variance = tr Cov[ĝ] / ‖∇J‖² of one batch estimate; relative bias "
-         "= √(mean U) / ‖∇J‖ (U the de-noised squared bias); 95% intervals."),
-        "",
-        markdown_table(table),
-        "",
-        f"Variance ranking (mean relative variance): {variance_ranking(table)}.",
-        "",
+         "= √(mean U) / ‖∇J‖ (U the de-noised squared bias); 95% intervals."), "",
+        *rows_table(table), "",
+        f"Variance ranking (mean relative variance): {variance_ranking(table)}.", "",
         ("Paired comparisons (geometric mean over seeds of the per-seed ratio; 'lower' = "
-         "interval below 1):"),
-        "",
-        markdown_comparisons(comp),
-        "",
-        "Claims: " + "; ".join(f"**{k}**: {v}" for k, v in verdicts.items()) + ".",
-        "",
-        f"Verdict: {overall} — {verdict_sentence(table, comp, verdicts)}.",
-        "",
-    ])
+         "interval below 1):"), "",
+        *comparisons_table(comp), "",
+        "Claims: " + "; ".join(f"**{k}**: {v}" for k, v in verdicts.items()) + ".", "",
+        verdict.line(), ""])
 
 
 def plot_rows(table: pd.DataFrame, out_dir: Path) -> list[Path]:
@@ -445,22 +412,15 @@ def plot_rows(table: pd.DataFrame, out_dir: Path) -> list[Path]:
     return save_figure(fig, out_dir, "baselines_bias_variance")
 
 
-def analyze(frame: pd.DataFrame, out: Path, preset: str) -> str:
-    """Write result.csv, result.md and figures/baselines_*.png|pdf into ``out``; return the
-    markdown."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = usable_measurements(frame)
-    if rows.empty:
-        return write_inconclusive(out, f"Baselines ({preset})",
-                                  f"no measured step >= {MIN_STEP} in the runs")
-    runs = per_run(rows)
-    table = estimator_table(runs)
-    comp = comparisons(runs)
-    verdicts = claim_verdicts(table, comp)
-    text = write_markdown(table, comp, verdicts, preset, int(runs["seed"].nunique()))
-    # section 'rows': one line per env and baseline; 'comparisons': the paired ratios
-    write_sections_csv(out / "result.csv", rows=table, comparisons=comp)
-    (out / "result.md").write_text(text)
-    plot_rows(table, out / "figures")
-    return text
+def summarise(runs: pd.DataFrame) -> tuple:
+    """(one line per env and row, the paired comparisons, the four claims' words, seeds)."""
+    table, comp = estimator_table(runs), comparisons(runs)
+    return table, comp, claim_verdicts(table, comp), int(runs["seed"].nunique())
+
+
+EXPERIMENT = Experiment(
+    "Baselines", summarise, verdict, write_markdown, select=usable_measurements, per_run=per_run,
+    result_frame=lambda summary: sections_frame(rows=summary[0], comparisons=summary[1]),
+    figures=lambda summary, runs, out_dir: plot_rows(summary[0], out_dir),
+    empty_reason=f"no measured step >= {MIN_STEP} in the runs")
+analyze = EXPERIMENT.analyze
