@@ -143,7 +143,8 @@ class Experiment:
 
     def analyze(self, frame: pd.DataFrame, out: Path, preset: str) -> str:
         """Run the five steps on ``frame`` and write the results into ``out``; returns the
-        markdown. Runs with nothing to measure give an ``inconclusive`` result."""
+        markdown. Runs with nothing to measure (no rows, or an empty summary table) give an
+        ``inconclusive`` result with ``empty_reason``."""
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         rows = self.select(frame)
@@ -151,6 +152,8 @@ class Experiment:
         if runs.empty:
             return write_inconclusive(out, self.title, self.empty_reason)
         summary = self.summarise(runs)
+        if isinstance(summary, pd.DataFrame) and summary.empty:
+            return write_inconclusive(out, self.title, self.empty_reason)
         verdict = self.verdict(summary)
         self.result_frame(summary).to_csv(out / "result.csv", index=False)
         apply_theme()

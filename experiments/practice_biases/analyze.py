@@ -1,32 +1,15 @@
 """The bias of three habits of common policy-gradient code, against the exact gradient.
 
-``analyze(frame, out, preset)`` is called by ``pgvar-reproduce practice_biases`` with the
-tidy frame of ``analysis.loader.load_runs``. Each run measured once, at its initial
-policy. Runs are grouped into *cells* (same env settings, estimator, critic and policy
-init) and, within a cell, into the habit runs and the control runs (no habit), paired by
-seed: the same seed means the same policy and the same measured episodes.
-
-The habits (an estimator option each, see ``pgvar.estimators.EstimatorConfig``):
-
-- ``drop gamma^t``: ``discount_weighting=false``;
-- ``normalise advantages``: ``normalize_advantages=true``;
-- ``truncation as termination``: ``truncation_as_termination=true`` (under the
-  ``discounted`` objective; under ``finite`` it changes nothing).
-
-Per run, against the exact gradient g = grad J: the relative squared bias U/||g||^2
-(unbiased, may be < 0), the mean per-batch cosine ``cos_ref``, ``scale`` =
-<E g_hat, g>/||g||^2 (1 when unbiased), the squared part across g ``rel_perp_sq`` =
-||E g_hat - scale g||^2/||g||^2 (both from the logged statistics without the noise floor:
-``analysis.experiment.direction_columns``) and the relative variance. Across seeds: means
-with 95% bootstrap intervals (``analysis.stats.mean_ci``), the cosine of the expected
-estimate ``cos_mean`` = p/sqrt(p^2 + q) from the means p of ``scale`` and q of
-``rel_perp_sq``, and paired habit - control differences.
-
-Where the expectation is computable by dynamic programming (tabular environments,
-estimators whose per-step weight has a known conditional mean given (s_t, a_t) with the
-exact critic, no normalisation) the analysis also predicts the relative bias exactly at
-each run's initial policy (``pgvar.exact_mean``), and the bias the habit adds to the
-control, ||E g_habit - E g_control|| / ||g||, which the logged statistics cannot give.
+Each run measured once, at its initial policy. Runs are grouped into *cells* (env
+settings, estimator, critic, policy init) and within a cell into habit and control runs,
+paired by seed (same policy, same episodes). Habits: ``discount_weighting=false`` (drop
+gamma^t), ``normalize_advantages=true``, ``truncation_as_termination=true`` (under the
+discounted objective). Per run: relative squared bias, ``cos_ref``, ``scale`` =
+<E g_hat, g>/||g||^2 and ``rel_perp_sq`` (``analysis.experiment.direction_columns``),
+relative variance; across seeds: means with 95% intervals, ``cos_mean`` = cos(E g_hat, g)
+(``pooled_cosine``) and paired habit - control differences. On tabular envs the exact
+mean (``pgvar.exact_mean``) at each run's initial policy gives the exact relative bias
+and the bias the habit adds to the control, ||E g_habit - E g_control|| / ||g||.
 """
 
 from __future__ import annotations
@@ -40,16 +23,21 @@ import pandas as pd
 import seaborn as sns
 
 from analysis.experiment import (
+    Experiment,
+    Verdict,
+    combined_word,
     config_of,
     direction_columns,
     estimate_columns,
+    inconclusive,
     paired_difference,
     pooled_cosine,
     pooled_cosine_difference,
     sqrt_estimate,
 )
-from analysis.figures import PANEL_HEIGHT, PAPER_WIDTH, apply_theme, save_figure
+from analysis.figures import PANEL_HEIGHT, PAPER_WIDTH, legend_below, save_figure
 from analysis.loader import measured_rows
+from analysis.render import format_ci, markdown_table
 from analysis.stats import mean_ci
 from pgvar.exact_mean import exact_gradient, expected_gradient
 from pgvar.run import initial_env_and_policy
@@ -210,8 +198,8 @@ def _mean_root(x: pd.Series) -> float:
     return sqrt_clipped(float(x.mean())) if len(x) else math.nan
 
 
-def habit_verdict(table: pd.DataFrame, habit: str) -> str:
-    """One verdict line for a habit, from its cells.
+def habit_verdict(table: pd.DataFrame, habit: str) -> Verdict:
+    """The verdict on one habit, from its cells.
 
     A cell shows the habit's bias when the paired difference of the relative squared bias
     from the control excludes 0. confirmed (the habit is a bias source of its own): every
@@ -221,7 +209,7 @@ def habit_verdict(table: pd.DataFrame, habit: str) -> str:
     t = table[(table["habit"] == habit)]
     hab, ctl = t[t["arm"] == "habit"], t[t["arm"] == "control"]
     if hab.empty or hab["n_seeds"].min() < MIN_SEEDS or "d_rel_bias_sq_lo" not in hab:
-        return f"Verdict ({habit}): inconclusive — too few seeds or no control."
+        return inconclusive("too few seeds or no control")
     shows = [bool(np.isfinite(r.d_rel_bias_sq_lo) and (r.d_rel_bias_sq_lo > 0 or r.d_rel_bias_sq_hi < 0))
              for r in hab.itertuples()]
     parts = []
@@ -243,7 +231,7 @@ def habit_verdict(table: pd.DataFrame, habit: str) -> str:
         word = "confirmed"
     else:
         word = "qualified"
-    return f"Verdict ({habit}): {word} — " + "; ".join(parts) + "." + scale_clause(hab)
+    return Verdict(word, "; ".join(parts) + "." + scale_clause(hab))
 
 
 def scale_clause(hab: pd.DataFrame) -> str:
@@ -261,44 +249,36 @@ def scale_clause(hab: pd.DataFrame) -> str:
             f"(|Δ cos(E ĝ, ∇J)| ≤ {worst:.3f} at 95%).")
 
 
-def overall_verdict(lines: list[str]) -> str:
-    """confirmed when every habit is, refuted when every habit is, else qualified."""
-    words = [line.split(":")[1].split("—")[0].strip() for line in lines]
-    words = [w for w in words if w != "inconclusive"]
-    if not words:
-        return "Verdict: inconclusive — no habit could be judged."
-    word = words[0] if len(set(words)) == 1 else "qualified"
-    summary = ", ".join(f"{h}: {w}" for h, w in zip(
-        [line.split("(")[1].split(")")[0] for line in lines if "inconclusive" not in line], words))
-    return f"Verdict: {word} — per habit ({summary}); numbers in the lines above."
+def verdict(table: pd.DataFrame) -> Verdict:
+    """confirmed when every judged habit is, refuted when every one is, else qualified."""
+    judged = {h: habit_verdict(table, h).word for h in FLAGS if h in set(table["habit"])}
+    judged = {h: w for h, w in judged.items() if w != "inconclusive"}
+    if not judged:
+        return inconclusive("no habit could be judged")
+    summary = ", ".join(f"{h}: {w}" for h, w in judged.items())
+    return Verdict(combined_word(list(judged.values())),
+                   f"per habit ({summary}); numbers in the lines above")
 
 
-def _fmt(v: float, lo: float = math.nan, hi: float = math.nan, digits: int = 3) -> str:
-    if not np.isfinite(v):
-        return "—"
-    if abs(v) < 1e-9 and not np.isfinite(lo):  # an exact zero up to rounding
-        return "0"
-    if not (np.isfinite(lo) and np.isfinite(hi)):
-        return f"{v:.{digits}g}"
-    return f"{v:.{digits}g} [{lo:.{digits}g}, {hi:.{digits}g}]"
+def _cell(r: pd.Series, c: str) -> str:
+    """A table cell: ``format_ci``, with ``0`` for an exact zero without interval."""
+    v, lo, hi = r.get(c, np.nan), r.get(f"{c}_lo", np.nan), r.get(f"{c}_hi", np.nan)
+    return "0" if np.isfinite(v) and abs(v) < 1e-9 and not np.isfinite(lo) else format_ci(
+        v, lo, hi, missing="—")
 
 
-def markdown_table(t: pd.DataFrame) -> str:
+def habit_table(t: pd.DataFrame) -> list[str]:
     cols = [("rel_bias", "‖E ĝ − ∇J‖/‖∇J‖"), ("pred_rel_bias", "exact"),
             ("scale", "scale s = ⟨E ĝ,∇J⟩/‖∇J‖²"), ("dir_bias", "‖E ĝ − s∇J‖/‖∇J‖"),
             ("cos_mean", "cos(E ĝ, ∇J)"),
             ("cos_ref", "cos(ĝ, ∇J) per batch"), ("rel_variance", "tr Cov/‖∇J‖²"),
             ("d_rel_bias_sq", "Δ rel. bias² vs control"), ("pred_added_bias", "exact added bias")]
-    lines = ["| cell | arm | " + " | ".join(h for _, h in cols) + " |",
-             "|" + " --- |" * (len(cols) + 2)]
-    for _, r in t.iterrows():
-        cells = [_fmt(r.get(c, np.nan), r.get(f"{c}_lo", np.nan), r.get(f"{c}_hi", np.nan))
-                 for c, _ in cols]
-        lines.append(f"| {r['cell']} | {r['arm']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return markdown_table(["cell", "arm", *(h for _, h in cols)],
+                          [[r["cell"], r["arm"], *(_cell(r, c) for c, _ in cols)]
+                           for _, r in t.iterrows()])
 
 
-def markdown(table: pd.DataFrame, preset: str) -> str:
+def markdown(table: pd.DataFrame, verdict: Verdict, preset: str) -> str:
     n = table["n_seeds"]
     out = [f"# Biases of common-code habits against the exact gradient ({preset} preset)", "",
            ("Each habit next to the same estimator without it (control), same seeds: same "
@@ -311,16 +291,13 @@ def markdown(table: pd.DataFrame, preset: str) -> str:
             "‖E ĝ − ∇J‖² = (s − 1)²‖∇J‖² + ‖E ĝ − s∇J‖²; cos(E ĝ, ∇J) is computed from the "
             "two means over seeds."),
            ""]
-    lines = []
     for habit in FLAGS:
         t = table[table["habit"] == habit]
         if t.empty:
             continue
-        out += [f"## {habit}", "", f"Claim: {CLAIMS[habit]}", "", markdown_table(t), ""]
-        line = habit_verdict(table, habit)
-        lines.append(line)
-        out += [line, ""]
-    out += [overall_verdict(lines), ""]
+        out += [f"## {habit}", "", f"Claim: {CLAIMS[habit]}", "", *habit_table(t), "",
+                habit_verdict(table, habit).line(habit), ""]
+    out += [verdict.line(), ""]
     return "\n".join(out)
 
 
@@ -346,7 +323,6 @@ def plot(table: pd.DataFrame, out_dir: Path) -> list[Path]:
     """Rows: relative bias, scale along grad J, cosine of the expected estimate; one column
     per habit; control and habit side by side per cell with 95% intervals, the exact
     expectation as a cross where it is known."""
-    apply_theme()
     habits = [h for h in FLAGS if h in set(table["habit"])]
     widths = [max(2, table.loc[table["habit"] == h, "cell"].nunique()) for h in habits]
     fig, axes = plt.subplots(len(PLOT_ROWS), len(habits), squeeze=False, sharex="col",
@@ -382,31 +358,12 @@ def plot(table: pd.DataFrame, out_dir: Path) -> list[Path]:
                 ax.set_ylabel(ylabel)
             if i == 0:
                 ax.set_title(habit)
-    handles, labels = [], []
-    for ax in axes.flat:
-        for hd, lb in zip(*ax.get_legend_handles_labels()):
-            if lb not in labels:
-                handles.append(hd)
-                labels.append(lb)
-    fig.legend(handles, labels, loc="lower center", ncol=3, frameon=False,
-               bbox_to_anchor=(0.5, -0.03))
+    legend_below(fig, axes.flat, ncol=3)
     fig.tight_layout()
     return save_figure(fig, out_dir, f"{NAME}_bias")
 
 
-def analyze(frame: pd.DataFrame, out: Path, preset: str) -> str:
-    """Write result.csv, result.md and figures/practice_biases_bias.{png,pdf}; return the md."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    runs = per_run(frame)
-    table = summarise(runs) if not runs.empty else pd.DataFrame()
-    if table.empty:
-        text = (f"# Biases of common-code habits ({preset} preset)\n\n"
-                "Verdict: inconclusive — no run with a habit and its control.\n")
-        (out / "result.md").write_text(text)
-        return text
-    table.to_csv(out / "result.csv", index=False)
-    text = markdown(table, preset)
-    (out / "result.md").write_text(text)
-    plot(table, out / "figures")
-    return text
+EXPERIMENT = Experiment("Biases of common-code habits", summarise, verdict, markdown,
+                        select=per_run, figures=lambda table, runs, out_dir: plot(table, out_dir),
+                        empty_reason="no run with a habit and its control")
+analyze = EXPERIMENT.analyze
