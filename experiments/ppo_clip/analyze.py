@@ -1,28 +1,12 @@
 """PPO's update direction against the exact gradient, by epochs K and clip epsilon.
 
-``analyze(frame, out, preset)`` is called by ``pgvar-reproduce ppo_clip`` with the tidy
-frame of ``analysis.loader.load_runs`` (one row per run and iteration). It uses the
-measured iterations from ``MIN_STEP`` on (the learned critic has been fitted by then),
-reduces each run to one number per statistic (the mean over those iterations), and
-compares the runs across seeds with bootstrap intervals (``analysis.stats``).
-
-Statistics per configuration (env, K, epsilon), all against the exact gradient g = grad J:
-
-- ``cos_ref``: the mean cosine of one batch's direction with g (what one update sees);
-- ``cos_mean``: the cosine of the *expected* direction E d with g (the drift of the
-  direction itself, with the batch noise taken out): p / sqrt(p^2 + q) from the means over
-  seeds of the parallel part p = <E d, g>/||g||^2 and the squared perpendicular part
-  q = ||E d||^2/||g||^2 - p^2;
-- ``rel_bias`` = ||E d - g|| / ||g|| and ``rel_variance`` = tr Cov d / ||g||^2;
-- ``reuse_gain`` = K <E d, g> / ||g||^2: the first-order gain in J of PPO's whole update
-  theta_K - theta_0 = ppo_lr K d, in units of one plain gradient step of the same size
-  ppo_lr (1 for an unbiased single step; K if every epoch were as good as a fresh batch);
-- ``displacement`` = ppo_lr K mean ||d||: how far one batch moves the parameters.
-
-``<E d, g>`` and ``||E d||^2`` are recovered from the logged statistics without the noise
-floor: with M estimates, ||d_bar||^2 = snr * trCov and ||d_bar - g||^2 = U + trCov/M +
-SE_ref^2 (U = grad_bias_sq), so <d_bar, g> = (||d_bar||^2 + ||g||^2 - ||d_bar - g||^2)/2
-(unbiased for <E d, g>) and ||d_bar||^2 - trCov/M is unbiased for ||E d||^2.
+Measured iterations from ``MIN_STEP`` on (critic fitted), one number per run and statistic
+(the mean over them), bootstrap intervals across seeds. Per (env, K, epsilon), against
+g = grad J: ``cos_ref`` (one batch's direction), ``cos_mean`` = cos(E d, g) (the expected
+direction, from the logged statistics by ``analysis.experiment.direction_columns`` and
+``pooled_cosine``), ``rel_bias``, ``rel_variance``, ``reuse_gain`` = K <E d, g>/||g||^2
+(the first-order gain of PPO's whole update in units of one plain step of size ppo_lr)
+and ``displacement`` = ppo_lr K mean ||d||; paired differences from GAE (same seed).
 """
 
 from __future__ import annotations
@@ -40,7 +24,10 @@ import seaborn as sns
 from matplotlib import ticker
 
 from analysis.experiment import (
+    Experiment,
+    Verdict,
     direction_columns,
+    inconclusive,
     paired_difference,
     pooled_cosine,
     pooled_cosine_difference,
@@ -51,13 +38,12 @@ from analysis.figures import (
     PAPER_WIDTH,
     REL_BIAS_LABEL,
     REL_VAR_LABEL,
-    apply_theme,
+    legend_below,
     log_axis,
     save_figure,
 )
 from analysis.loader import measured_rows
-from analysis.render import format_ci
-from analysis.render import markdown_table as render_table
+from analysis.render import format_ci, markdown_table
 from analysis.stats import mean_ci
 
 NAME = "ppo_clip"
@@ -219,15 +205,16 @@ def _delta(row: pd.Series, col: str) -> str:
     return f"{row[col]:+.3f} [{row[col + '_lo']:+.3f}, {row[col + '_hi']:+.3f}]"
 
 
-def verdict(table: pd.DataFrame) -> str:
-    """``Verdict: ...`` from the intervals. confirmed: in every env PPO's epochs gain more
+def verdict(summary: tuple) -> Verdict:
+    """The verdict from the intervals. confirmed: in every env PPO's epochs gain more
     than one plain step (re-use gain's interval above 1) and, for every clip, FEW_EPOCHS
     epochs leave cos_ref indistinguishable from GAE's or better; refuted: no env shows a
     gain above 1; qualified: otherwise."""
+    table = summary[0]
     found = [env_findings(table, e) for e in dict.fromkeys(table["env"])]
     found = [f for f in found if f.get("n", 0) >= MIN_SEEDS]
     if not found:
-        return "Verdict: inconclusive — too few seeds or no PPO run with K > 1."
+        return inconclusive("too few seeds or no PPO run with K > 1")
     gains = [f["gain_above_1"] for f in found]
     few_ok = [all(c["safe"] >= FEW_EPOCHS for c in f["per_clip"].values()) for f in found]
     if all(gains) and all(few_ok):
@@ -236,10 +223,10 @@ def verdict(table: pd.DataFrame) -> str:
         word = "refuted"
     else:
         word = "qualified"
-    return f"Verdict: {word} — " + "; ".join(_env_sentence(f) for f in found) + "."
+    return Verdict(word, "; ".join(_env_sentence(f) for f in found))
 
 
-def markdown_table(table: pd.DataFrame, env: str) -> str:
+def env_table(table: pd.DataFrame, env: str) -> str:
     """The rows of one env as a markdown table."""
     cols = [("cos_ref", "cos(d, ∇J), per batch"), ("d_cos_ref", "Δ vs GAE"),
             ("cos_mean", "cos(E d, ∇J)"), ("d_cos_mean", "Δ vs GAE"),
@@ -248,7 +235,7 @@ def markdown_table(table: pd.DataFrame, env: str) -> str:
     rows = [[r["label"], *(format_ci(r[c], r[f"{c}_lo"], r[f"{c}_hi"], 2 if c.startswith("d_") else 3,
                                      missing="—") for c, _ in cols)]
             for _, r in table[table["env"] == env].iterrows()]
-    return "\n".join(render_table(["row", *(h for _, h in cols)], rows))
+    return "\n".join(markdown_table(["row", *(h for _, h in cols)], rows))
 
 
 def saturation_lines(table: pd.DataFrame) -> list[str]:
@@ -265,8 +252,9 @@ def saturation_lines(table: pd.DataFrame) -> list[str]:
     return lines
 
 
-def markdown(table: pd.DataFrame, runs: pd.DataFrame, preset: str) -> str:
+def markdown(summary: tuple, verdict: Verdict, preset: str) -> str:
     """result.md: the claim, one table per env, the checks and the verdict."""
+    table, runs = summary
     lrs = runs.dropna(subset=["ppo_lr"]).groupby("env")["ppo_lr"].first()
     n = runs.groupby(["env", "label"])["seed"].nunique()
     out = [f"# PPO's update direction against the exact gradient ({preset} preset)", "",
@@ -277,7 +265,7 @@ def markdown(table: pd.DataFrame, runs: pd.DataFrame, preset: str) -> str:
             f">= {MIN_STEP} of each run (critic fitted). Seeds per row: {n.min()}–{n.max()}."), ""]
     for env in dict.fromkeys(table["env"]):
         lr = lrs.get(env, math.nan)
-        out += [f"## {env} (ppo_lr = {lr:g})", "", markdown_table(table, env), ""]
+        out += [f"## {env} (ppo_lr = {lr:g})", "", env_table(table, env), ""]
     gap = k1_matches_gae(runs)
     if np.isfinite(gap):
         out += [(f"Check: PPO with K = 1 and GAE give the same cos_ref to within {gap:.1e} "
@@ -285,7 +273,7 @@ def markdown(table: pd.DataFrame, runs: pd.DataFrame, preset: str) -> str:
     sat = saturation_lines(table)
     if sat:
         out += ["How the clip bounds the update:", "", *sat, ""]
-    out += [verdict(table), ""]
+    out += [verdict.line(), ""]
     return "\n".join(out)
 
 
@@ -302,7 +290,6 @@ def plot_metric_grid(table: pd.DataFrame, rows: list[tuple[str, str, bool]], nam
     """One row of panels per metric (column, y label, log y), one column per env: the metric
     against K, one line per clip epsilon (K = 1, where the clip is inactive, starts every
     line), GAE as a dashed line with its band."""
-    apply_theme()
     envs = list(dict.fromkeys(table["env"]))
     fig, axes = plt.subplots(len(rows), len(envs), squeeze=False,
                              figsize=(PAPER_WIDTH, PANEL_HEIGHT * len(rows)))
@@ -338,22 +325,14 @@ def plot_metric_grid(table: pd.DataFrame, rows: list[tuple[str, str, bool]], nam
                 log_axis(ax, "y", pd.concat([t[col], t[f"{col}_lo"], t[f"{col}_hi"]]))
             ax.set_ylabel(ylabel)
             ax.set_title(env)
-    handles, labels = [], []
-    for ax in axes.flat:
-        for handle, label in zip(*ax.get_legend_handles_labels()):
-            if label not in labels:
-                handles.append(handle)
-                labels.append(label)
-    ncol = 3 if len(labels) > 5 else len(labels)
-    fig.legend(handles, labels, loc="lower center", ncol=ncol, frameon=False,
-               bbox_to_anchor=(0.5, -0.03 - 0.03 * math.ceil(len(labels) / ncol)))
+    legend_below(fig, axes.flat, ncol=3)
     fig.tight_layout()
     return save_figure(fig, out_dir, name)
 
 
 def make_figures(table: pd.DataFrame, out_dir: Path) -> list[Path]:
     """The direction figure (cosines), the bias/variance figure and the re-use figure."""
-    figures = out_dir / "figures"
+    figures = out_dir
     paths = plot_metric_grid(table, [("cos_ref", "cos(d, ∇J): one batch, mean", False),
                                      ("cos_mean", "cos(E d, ∇J): expected direction", False)],
                              f"{NAME}_cosine", figures)
@@ -367,20 +346,9 @@ def make_figures(table: pd.DataFrame, out_dir: Path) -> list[Path]:
     return paths
 
 
-def analyze(frame: pd.DataFrame, out: Path, preset: str) -> str:
-    """Write result.csv, result.md and figures/ppo_clip_*.{png,pdf} into ``out``; return
-    the markdown."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    runs = per_run(frame)
-    if runs.empty:
-        text = (f"# PPO's update direction ({preset} preset)\n\nClaim: {CLAIM}\n\n"
-                "Verdict: inconclusive — no measured PPO or GAE run.\n")
-        (out / "result.md").write_text(text)
-        return text
-    table = summarise(runs)
-    table.to_csv(out / "result.csv", index=False)
-    text = markdown(table, runs, preset)
-    (out / "result.md").write_text(text)
-    make_figures(table, out)
-    return text
+EXPERIMENT = Experiment(
+    "PPO's update direction", lambda runs: (summarise(runs), runs), verdict, markdown,
+    select=per_run, result_frame=lambda summary: summary[0],
+    figures=lambda summary, runs, out_dir: make_figures(summary[0], out_dir),
+    empty_reason="no measured PPO or GAE run")
+analyze = EXPERIMENT.analyze
