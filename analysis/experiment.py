@@ -139,6 +139,7 @@ class Experiment:
     per_run: Callable[[pd.DataFrame], pd.DataFrame] = _same  # rows -> one row per run
     figures: Callable[[Any, pd.DataFrame, Path], list[Path]] = _no_figures
     result_frame: Callable[[Any], pd.DataFrame] = _same  # summary -> result.csv's table
+    more_tables: Callable[[Any], dict[str, pd.DataFrame]] = lambda summary: {}  # name.csv
     empty_reason: str = "the runs hold no measurement this experiment can use"
 
     def analyze(self, frame: pd.DataFrame, out: Path, preset: str) -> str:
@@ -156,6 +157,8 @@ class Experiment:
             return write_inconclusive(out, self.title, self.empty_reason)
         verdict = self.verdict(summary)
         self.result_frame(summary).to_csv(out / "result.csv", index=False)
+        for name, table in self.more_tables(summary).items():
+            table.to_csv(out / f"{name}.csv", index=False)
         apply_theme()
         self.figures(summary, runs, out / "figures")
         text = self.render(summary, verdict, preset)

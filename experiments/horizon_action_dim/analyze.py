@@ -1,21 +1,13 @@
-"""Analysis of ``horizon_action_dim``: does gradient variance scale as horizon x action dim?
+"""Does gradient variance scale as horizon x action dimension (LQR)?
 
-Each run is one measurement at the initial policy of linear-quadratic control, for one
-(gamma, estimator, horizon T, action dimension d, seed); each seed is its own random
-system. For each (gamma, estimator) and each of two quantities,
-
-- variance          tr Cov[g_hat]                  (what the seed text talks about),
-- relative variance tr Cov[g_hat] / ||grad J||^2   (noise against signal: free of the
-                                                    scale of J, which itself grows with T and d),
-- variance / J^2    tr Cov[g_hat] / J^2             (the reward scale divided out: J is
-                                                    computed exactly here for each cell),
-
-it fits ``log y = c + a log T + b log d`` by least squares over every (T, d, seed) and
-gives a 95% interval for a and b from a bootstrap over seeds (whole systems resampled,
-expanded percentiles as in ``analysis.stats``), next to the ordinary regression interval.
-The product law of the text is ``a = b = 1``: a fit rejects it when either interval
-excludes 1, supports it when both contain 1 and are narrower than ``MAX_CI_WIDTH``. Writes ``result.csv``, ``result.md``,
-``cells.csv`` (every cell's mean) and ``figures/horizon_action_dim_*.png|pdf``.
+Each run is one measurement at the initial policy for one (gamma, estimator, horizon T,
+action dimension d, seed), each seed its own random system. For the variance tr Cov, the
+relative variance tr Cov / ||grad J||^2 and the variance per squared return tr Cov / J^2
+(J exact at the run's initial policy), it fits ``log y = c + a log T + b log d`` over every
+(T, d, seed), with 95% intervals for a and b from a bootstrap over seeds (whole systems)
+next to the regression's own. The product law is ``a = b = 1``: rejected when an interval
+excludes 1, held when both contain 1 and are narrower than ``MAX_CI_WIDTH``. Also writes
+``cells.csv`` (every cell's geometric mean) and ``local_exponents.csv``.
 """
 
 from __future__ import annotations
@@ -32,8 +24,8 @@ import seaborn as sns
 import torch
 from scipy import stats
 
-from analysis.experiment import Verdict, config_of, inconclusive
-from analysis.figures import PAPER_WIDTH, apply_theme, log_axis, save_figure
+from analysis.experiment import Experiment, Verdict, config_of, inconclusive
+from analysis.figures import PAPER_WIDTH, log_axis, save_figure
 from analysis.render import format_ci, markdown_table
 from analysis.stats import N_RESAMPLES, expanded_level
 from pgvar.run import initial_env_and_policy
@@ -307,8 +299,9 @@ def _ints(values: pd.Series) -> str:
     return "{" + ", ".join(f"{v:g}" for v in sorted(values.unique())) + "}"
 
 
-def markdown(fits: list[PowerFit], runs: pd.DataFrame, cells: pd.DataFrame, preset: str) -> str:
+def markdown(summary: tuple, verdict: Verdict, preset: str) -> str:
     """result.md: the claim, the setup, the exponents table, a cell table and the verdict."""
+    fits, cells, runs = summary
     M = int(runs["M"].median()) if runs["M"].notna().any() else "?"
     lines = [
         "# Gradient variance against horizon and action dimension (LQR)", "",
@@ -329,7 +322,7 @@ def markdown(fits: list[PowerFit], runs: pd.DataFrame, cells: pd.DataFrame, pres
               _ci(f.interaction, f.interaction_lo, f.interaction_hi), f"{f.r2:.3f}",
               {"holds": "yes", "rejected": "no"}.get(f.status, "unclear")] for f in fits]),
     ]
-    lines += ["", cell_table(cells), "", verdict(fits).line(), ""]
+    lines += ["", cell_table(cells), "", verdict.line(), ""]
     return "\n".join(lines)
 
 
@@ -428,23 +421,19 @@ def plot_exponents(fits: list[PowerFit], out_dir: Path) -> list[Path]:
     return save_figure(fig, out_dir, "horizon_action_dim_exponents")
 
 
-def analyze(frame: pd.DataFrame, out: Path, preset: str) -> str:
-    """Fit the exponents, write result.csv / result.md / figures into ``out``; return the markdown."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    runs = per_run_values(frame)
-    cells = cell_means(runs)
-    fits = all_fits(runs)
-    fits_table(fits).to_csv(out / "result.csv", index=False)
-    cells.to_csv(out / "cells.csv", index=False)
-    slopes = pd.concat([local_exponents(cells, q) for q in QUANTITIES], ignore_index=True)
-    slopes.to_csv(out / "local_exponents.csv", index=False)
-    apply_theme()
-    figures = out / "figures"
-    for gamma in sorted(runs["gamma"].unique(), reverse=True):
-        plot_grid(runs, cells, fits, gamma, figures)
-    if fits:
-        plot_exponents(fits, figures)
-    text = markdown(fits, runs, cells, preset)
-    (out / "result.md").write_text(text)
-    return text
+def figures(summary: tuple, runs: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """The (T, d) grid per gamma and the fitted exponents."""
+    fits, cells, runs = summary
+    paths = [p for gamma in sorted(runs["gamma"].unique(), reverse=True)
+             for p in plot_grid(runs, cells, fits, gamma, out_dir)]
+    return paths + (plot_exponents(fits, out_dir) if fits else [])
+
+
+EXPERIMENT = Experiment(
+    "Gradient variance against horizon and action dimension (LQR)",
+    lambda runs: (all_fits(runs), cell_means(runs), runs), lambda summary: verdict(summary[0]),
+    markdown, per_run=per_run_values, figures=figures,
+    result_frame=lambda summary: fits_table(summary[0]),
+    more_tables=lambda summary: {"cells": summary[1], "local_exponents": pd.concat(
+        [local_exponents(summary[1], q) for q in QUANTITIES], ignore_index=True)})
+analyze = EXPERIMENT.analyze
