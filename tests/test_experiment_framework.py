@@ -4,27 +4,17 @@ its shared per-run quantities, and the one interval formatter and table renderer
 from __future__ import annotations
 
 import math
+import textwrap
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.experiment import (
-    Experiment,
-    Verdict,
-    combined_word,
-    config_of,
-    direction_columns,
-    estimate_columns,
-    first_measurements,
-    inconclusive,
-    pooled_cosine,
-    pooled_cosine_difference,
-    sqrt_estimate,
-)
+from analysis import experiment as ex
+from analysis.experiment import Experiment, Verdict, combined_word, config_of, inconclusive
 from analysis.loader import flatten_config
 from analysis.render import format_ci, format_columns, markdown_table, yes_no
-from analysis.stats import Estimate, mean_ci
+from analysis.stats import Estimate
 from pgvar.run import run_config_from
 
 # ----------------------------------------------------------------------------- verdicts
@@ -67,9 +57,9 @@ def test_markdown_table_and_yes_no():
 
 
 def test_sqrt_estimate_clips_below_zero_and_keeps_nan():
-    root = sqrt_estimate(Estimate(0.04, -0.01, 0.09, 5))
+    root = ex.sqrt_estimate(Estimate(0.04, -0.01, 0.09, 5))
     assert (root.value, root.lo, root.hi, root.n) == (pytest.approx(0.2), 0.0, pytest.approx(0.3), 5)
-    assert math.isnan(sqrt_estimate(Estimate(0.04, math.nan, math.nan, 1)).lo)
+    assert math.isnan(ex.sqrt_estimate(Estimate(0.04, math.nan, math.nan, 1)).lo)
 
 
 # ----------------------------------------------------------------------------- per-run quantities
@@ -85,17 +75,17 @@ def logged_rows(mean: np.ndarray, seeds: int = 4, var: float = 0.3, M: int = 32)
 
 
 def test_direction_columns_recover_the_parts_along_and_across_the_gradient():
-    rows = direction_columns(logged_rows(np.array([0.6, 0.8])))
+    rows = ex.direction_columns(logged_rows(np.array([0.6, 0.8])))
     assert rows["rel_proj"].to_numpy() == pytest.approx(0.6)
     assert rows["rel_perp_sq"].to_numpy() == pytest.approx(0.64)
-    cos = pooled_cosine(rows)
+    cos = ex.pooled_cosine(rows)
     assert cos.value == pytest.approx(0.6) and cos.n == 4
 
 
 def test_pooled_cosine_difference_pairs_by_seed():
-    turned = direction_columns(logged_rows(np.array([0.6, 0.8])))
-    straight = direction_columns(logged_rows(np.array([2.0, 0.0])))
-    assert pooled_cosine_difference(turned, straight).value == pytest.approx(-0.4)
+    turned = ex.direction_columns(logged_rows(np.array([0.6, 0.8])))
+    straight = ex.direction_columns(logged_rows(np.array([2.0, 0.0])))
+    assert ex.pooled_cosine_difference(turned, straight).value == pytest.approx(-0.4)
 
 
 def test_config_of_rebuilds_a_flattened_config():
@@ -114,27 +104,15 @@ def test_config_of_rebuilds_a_flattened_config():
 
 
 def small_variance_experiment() -> Experiment:
-    """The minimal experiment of analysis.experiment's module docstring, verbatim."""
-    def summarise(runs):
-        return pd.DataFrame([{"env": env, "n": g["seed"].nunique(),
-                              **estimate_columns("var", mean_ci(g["grad_rel_variance"]))}
-                             for env, g in runs.groupby("env")])
+    """The minimal experiment of analysis.experiment's module docstring, run as written."""
+    import analysis.experiment
 
-    def verdict(summary):
-        if summary["n"].min() < 3:
-            return inconclusive("fewer than 3 seeds in some environment")
-        below = bool((summary["var_hi"] < 1).all())
-        return Verdict("confirmed" if below else "refuted",
-                       f"upper 95% ends {list(summary['var_hi'].round(2))}")
-
-    def render(summary, verdict, preset):
-        rows = [[r["env"], format_columns(r, "var")] for _, r in summary.iterrows()]
-        return "\n".join([f"# Variance below one ({preset})", "",
-                          *markdown_table(["env", "rel. variance"], rows), "",
-                          verdict.line(), ""])
-
-    return Experiment("Variance below one", summarise, verdict, render,
-                      select=lambda frame: first_measurements(frame, ["reinforce"]))
+    doc = analysis.experiment.__doc__
+    example = doc[doc.index("A minimal experiment::") + len("A minimal experiment::"):
+                  doc.index("A test feeds")]
+    namespace: dict = {}
+    exec(textwrap.dedent(example), namespace)  # noqa: S102 - the project's own docstring
+    return namespace["EXPERIMENT"]
 
 
 def frame_with(rel_variance: float, seeds: int) -> pd.DataFrame:
