@@ -212,10 +212,18 @@ def _errorbar_point(ax, row: pd.Series, x: str, y: str, colour, label: str) -> N
 
 
 def _asym_err(row: pd.Series, name: str) -> np.ndarray | None:
-    lo, hi, v = row.get(f"{name}_lo"), row.get(f"{name}_hi"), row[name]
+    lo, hi = row.get(f"{name}_lo"), row.get(f"{name}_hi")
     if lo is None or not (np.isfinite(lo) and np.isfinite(hi)):
         return None
-    return np.array([[max(v - lo, 0.0)], [max(hi - v, 0.0)]])
+    return error_bars(row, name).reshape(2, 1)
+
+
+def error_bars(table, name: str) -> np.ndarray:
+    """matplotlib's [2, n] ``yerr``/``xerr`` of ``name`` from its ``name_lo``/``name_hi``
+    columns (a row or a table): the distances to the interval ends, never negative."""
+    value = np.asarray(table[name], float)
+    return np.vstack([value - np.asarray(table[f"{name}_lo"], float),
+                      np.asarray(table[f"{name}_hi"], float) - value]).clip(0)
 
 
 def plot_bias_variance(table: pd.DataFrame, labels: list[str], out_dir: Path) -> list[Path]:

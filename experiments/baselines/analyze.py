@@ -29,7 +29,7 @@ from analysis.experiment import (
     sections_frame,
     sqrt_estimate,
 )
-from analysis.figures import PAPER_WIDTH, apply_theme, log_axis, save_figure
+from analysis.figures import PAPER_WIDTH, apply_theme, error_bars, log_axis, save_figure
 from analysis.loader import measured_rows
 from analysis.render import format_columns, markdown_table
 from analysis.stats import NAN_ESTIMATE, Estimate, mean_ci
@@ -388,9 +388,7 @@ def plot_rows(table: pd.DataFrame, out_dir: Path) -> list[Path]:
         y = t["label"].map(ypos).to_numpy()
         colours = [ROW_COLOUR.get(label, "tab:blue") for label in t["label"]]
         for ax, col in ((axes[0, j], "var_ratio"), (axes[1, j], "rel_bias")):
-            err = np.array([np.clip(t[col] - t[f"{col}_lo"], 0, None),
-                            np.clip(t[f"{col}_hi"] - t[col], 0, None)])
-            ax.errorbar(t[col], y, xerr=np.nan_to_num(err), fmt="none", ecolor="0.3",
+            ax.errorbar(t[col], y, xerr=np.nan_to_num(error_bars(t, col)), fmt="none", ecolor="0.3",
                         capsize=2, lw=1)
             ax.scatter(t[col], y, c=colours, s=18, zorder=3)
         axes[0, j].axvline(1.0, color="0.4", lw=0.8, ls="--")

@@ -33,6 +33,7 @@ from analysis.figures import (
     PANEL_HEIGHT,
     PAPER_WIDTH,
     REL_VAR_LABEL,
+    error_bars,
     legend_below,
     log_axis,
     save_figure,
@@ -449,9 +450,8 @@ def plot_bias(by_b: pd.DataFrame, out_dir: Path) -> list[Path]:
             shift = 1.0 + 0.04 * (2 * j - 1)  # side by side on the log axis
             seen = d["bias_distinguishable"].eq(True)  # the table's verdict
             hit = d[seen]
-            err = np.vstack([hit["rel_bias"] - hit["rel_bias_lo"], hit["rel_bias_hi"] - hit["rel_bias"]]).clip(0)
             if len(hit):
-                ax.errorbar(hit["B"] * shift, hit["rel_bias"], yerr=err, fmt="o", ms=4,
+                ax.errorbar(hit["B"] * shift, hit["rel_bias"], yerr=error_bars(hit, "rel_bias"), fmt="o", ms=4,
                             capsize=2, lw=1.2, color=COLOURS[est],
                             label=f"{SHORT[est]}: bias ≠ 0, 95% CI")
             bound = d[~seen & (d["rel_bias_hi"] > 0)]

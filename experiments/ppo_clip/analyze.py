@@ -38,6 +38,7 @@ from analysis.figures import (
     PAPER_WIDTH,
     REL_BIAS_LABEL,
     REL_VAR_LABEL,
+    error_bars,
     legend_below,
     log_axis,
     save_figure,
@@ -314,8 +315,7 @@ def plot_metric_grid(table: pd.DataFrame, rows: list[tuple[str, str, bool]], nam
                 line = line[np.isfinite(line[col])]
                 if line.empty:
                     continue
-                err = np.vstack([line[col] - line[f"{col}_lo"],
-                                 line[f"{col}_hi"] - line[col]]).clip(0)
+                err = error_bars(line, col)
                 jitter = 2.0 ** (0.04 * (n_clip - (len(clips) - 1) / 2))  # keep bars apart
                 ax.errorbar(line["K"] * jitter, line[col], yerr=np.nan_to_num(err), marker="o",
                             ms=3.5, capsize=2, lw=1.2, color=colours[clip],

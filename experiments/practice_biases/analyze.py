@@ -35,7 +35,7 @@ from analysis.experiment import (
     pooled_cosine_difference,
     sqrt_estimate,
 )
-from analysis.figures import PANEL_HEIGHT, PAPER_WIDTH, legend_below, save_figure
+from analysis.figures import PANEL_HEIGHT, PAPER_WIDTH, error_bars, legend_below, save_figure
 from analysis.loader import measured_rows
 from analysis.render import format_ci, markdown_table
 from analysis.stats import mean_ci
@@ -337,8 +337,7 @@ def plot(table: pd.DataFrame, out_dir: Path) -> list[Path]:
             for k, arm in enumerate(("control", "habit")):
                 rows = t[t["arm"] == arm].set_index("cell").reindex(cells)
                 x = np.arange(len(cells)) + (k - 0.5) * 0.3
-                err = np.vstack([rows[col] - rows[f"{col}_lo"], rows[f"{col}_hi"] - rows[col]])
-                ax.errorbar(x, rows[col], yerr=np.nan_to_num(err.clip(0)), fmt="o", ms=4,
+                ax.errorbar(x, rows[col], yerr=np.nan_to_num(error_bars(rows, col)), fmt="o", ms=4,
                             capsize=2, color=colours[arm],
                             label="control (no habit)" if arm == "control" else "with the habit")
                 if col == "rel_bias":

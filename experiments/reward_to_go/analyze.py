@@ -30,7 +30,7 @@ from analysis.experiment import (
     first_measurements,
     instance_column,
 )
-from analysis.figures import PANEL_HEIGHT, PAPER_WIDTH, REL_VAR_LABEL, save_figure
+from analysis.figures import PANEL_HEIGHT, PAPER_WIDTH, REL_VAR_LABEL, error_bars, save_figure
 from analysis.render import format_ci, format_columns, markdown_table, yes_no
 from analysis.stats import Estimate, mean_ci, ratio_ci
 from analysis.table import per_run_values, squared_bias_interval
@@ -248,9 +248,7 @@ def plot_bias(result: pd.DataFrame, out_dir: Path) -> list[Path]:
     fig, axes = plt.subplots(1, len(result), figsize=(PAPER_WIDTH, PANEL_HEIGHT), squeeze=False)
     for ax, (_, r) in zip(axes.flat, result.iterrows()):
         for j, est in enumerate(ESTIMATORS):
-            v = r[f"rel_bias_sq_{est}"]
-            err = [[max(v - r[f"rel_bias_sq_{est}_lo"], 0)], [max(r[f"rel_bias_sq_{est}_hi"] - v, 0)]]
-            ax.errorbar(j, v, yerr=err, fmt="o", ms=4, capsize=3, color=colours[est],
+            ax.errorbar(j, r[f"rel_bias_sq_{est}"], yerr=error_bars(r, f"rel_bias_sq_{est}"), fmt="o", ms=4, capsize=3, color=colours[est],
                         label=LABELS[est])
         ax.axhline(0, color="0.3", lw=0.8)
         ax.set_xticks([0, 1], ["full R", "reward-to-go"])

@@ -41,7 +41,7 @@ from analysis.experiment import (
     first_measurements,
     inconclusive,
 )
-from analysis.figures import PAPER_WIDTH, log_axis, save_figure
+from analysis.figures import PAPER_WIDTH, error_bars, log_axis, save_figure
 from analysis.render import markdown_table
 from analysis.stats import NAN_ESTIMATE, mean_ci, ratio_ci
 
@@ -238,8 +238,7 @@ def plot_signal(cells: pd.DataFrame, out_dir: Path) -> list[Path]:
     for (T, est), kw in sorted(style.items(), key=lambda item: (item[0][1] == "reinforce", item[0])):
         c = cells[(cells["T"] == T) & (cells["estimator"] == est)].sort_values("distance")
         label = f"T = {T}, {est}"
-        err = np.vstack([c["zero_fraction"] - c["zero_fraction_lo"],
-                         c["zero_fraction_hi"] - c["zero_fraction"]]).clip(0)
+        err = error_bars(c, "zero_fraction")
         ax_zero.errorbar(c["distance"], c["zero_fraction"], yerr=err, fmt=kw["marker"], ms=3,
                          capsize=2, color=kw["color"], mfc="none" if est != "reinforce" else None)
         ax_zero.plot(c["distance"], c["predicted_zero_fraction"], color=kw["color"], ls=kw["ls"], lw=1)
