@@ -74,7 +74,7 @@ import pandas as pd
 
 from analysis.figures import apply_theme
 from analysis.loader import measured_rows
-from analysis.stats import Estimate, bootstrap_interval, mean_ci
+from analysis.stats import N_RESAMPLES, Estimate, bootstrap_interval, expanded_level, mean_ci
 from pgvar.stats import sqrt_clipped
 
 VERDICTS = ("confirmed", "qualified", "refuted", "inconclusive")
@@ -308,3 +308,21 @@ def pooled_cosine_difference(runs: pd.DataFrame, baseline: pd.DataFrame,
                                     suffixes=("", "_b")).dropna()
     arrays = tuple(j[c].to_numpy(float) for c in (*cols, *(f"{c}_b" for c in cols)))
     return _paired_estimate(arrays, _cosine_difference)
+
+
+def replicate_resamples(n: int, seed: int = 0, n_resamples: int = N_RESAMPLES) -> np.ndarray:
+    """[n_resamples, n] indices of whole replicates (seeds, systems) drawn with replacement.
+
+    ``analysis.stats.bootstrap_interval`` resamples for one scalar statistic at a time; a
+    curve or a fit needs the same draws for everything it reports (a trend across points,
+    an argmin and the share of resamples choosing each point, coefficients solved at
+    once), so those resample with these indices and ``percentile_ends``."""
+    return np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))
+
+
+def percentile_ends(draws: np.ndarray, n: int, axis: int = 0) -> tuple:
+    """The expanded percentile interval (``analysis.stats.expanded_level`` at ``n``
+    replicates) of bootstrap draws along ``axis``, NaN draws left out."""
+    q = (1 - expanded_level(n)) / 2
+    lo, hi = np.nanquantile(draws, [q, 1 - q], axis=axis)
+    return lo, hi

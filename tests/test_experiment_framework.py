@@ -135,3 +135,15 @@ def test_runs_without_measurements_are_inconclusive_with_the_reason(tmp_path):
     frame = frame_with(0.5, 3).assign(estimator="ppo")
     text = small_variance_experiment().analyze(frame, tmp_path, "test")
     assert "Verdict: inconclusive — the runs hold no measurement" in text
+
+
+def test_replicate_resamples_share_draws_and_percentile_ends_skip_nan():
+    idx = ex.replicate_resamples(5, seed=3, n_resamples=400)
+    assert idx.shape == (400, 5) and idx.min() == 0 and idx.max() == 4
+    assert (ex.replicate_resamples(5, seed=3, n_resamples=400) == idx).all()
+    values = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
+    means = values[idx].mean(axis=1)
+    lo, hi = ex.percentile_ends(np.append(means, np.nan), n=5)
+    assert lo < 3.0 < hi and 1.0 < lo and hi < 5.0
+    # wider than the plain 95% percentiles: the ends are expanded for 5 replicates
+    assert hi - lo > np.diff(np.percentile(means, [2.5, 97.5]))[0]

@@ -27,6 +27,8 @@ from analysis.experiment import (
     first_measurements,
     inconclusive,
     instance_column,
+    percentile_ends,
+    replicate_resamples,
     sqrt_estimate,
 )
 from analysis.figures import (
@@ -39,7 +41,7 @@ from analysis.figures import (
     save_figure,
 )
 from analysis.render import format_ci, format_columns, markdown_table, yes_no
-from analysis.stats import N_RESAMPLES, expanded_level, mean_ci
+from analysis.stats import N_RESAMPLES, mean_ci
 from analysis.table import per_run_values, squared_bias_interval
 
 RTG, RLOO, MEAN = "reinforce_rtg", "rloo", "mean_baseline"
@@ -132,12 +134,9 @@ def bootstrap_rows(w: np.ndarray, statistic, n_resamples: int = N_RESAMPLES,
     if n < 2:
         nan = np.full_like(value, math.nan)
         return value, nan, nan
-    rng = np.random.default_rng(seed)
-    draws = np.array([np.atleast_1d(statistic(w[rng.integers(0, n, n)]))
-                      for _ in range(n_resamples)], float)
-    q = (1 - expanded_level(n)) / 2
-    lo, hi = np.nanquantile(draws, [q, 1 - q], axis=0)
-    return value, lo, hi
+    draws = np.array([np.atleast_1d(statistic(w[idx]))
+                      for idx in replicate_resamples(n, seed, n_resamples)], float)
+    return (value, *percentile_ends(draws, n))
 
 
 def mean_baseline_variance_ratio(rows: pd.DataFrame) -> pd.DataFrame:

@@ -27,6 +27,8 @@ from analysis.experiment import (
     Verdict,
     combined_word,
     estimate_columns,
+    percentile_ends,
+    replicate_resamples,
     sections_frame,
     sqrt_estimate,
 )
@@ -40,7 +42,7 @@ from analysis.figures import (
 )
 from analysis.loader import measured_rows
 from analysis.render import format_columns, markdown_table
-from analysis.stats import CONFIDENCE, N_RESAMPLES, Estimate, expanded_level, mean_ci
+from analysis.stats import Estimate, mean_ci
 from analysis.table import per_run_values, squared_bias_interval
 
 MIN_STEP = 1
@@ -96,19 +98,6 @@ def lambda_table(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame.from_records(records)
 
 
-def bootstrap_indices(n_seeds: int, seed: int = 0, n: int = N_RESAMPLES) -> np.ndarray:
-    """[n, n_seeds] seed indices drawn with replacement (the same draws for every curve)."""
-    return np.random.default_rng(seed).integers(0, n_seeds, size=(n, n_seeds))
-
-
-def percentile_interval(samples: np.ndarray, n_seeds: int) -> tuple[float, float]:
-    """Expanded percentile interval (``analysis.stats.expanded_level``) of bootstrap samples."""
-    level = expanded_level(n_seeds, CONFIDENCE)
-    q = (1 - level) / 2
-    lo, hi = np.nanquantile(samples, [q, 1 - q])
-    return float(lo), float(hi)
-
-
 def without_interval_below_min_seeds(est: Estimate) -> Estimate:
     """The estimate, without its interval when it rests on fewer than MIN_SEEDS seeds."""
     return est if est.n >= MIN_SEEDS else Estimate(est.value, math.nan, math.nan, est.n)
@@ -121,11 +110,11 @@ def spearman_trend(lams: np.ndarray, values: np.ndarray) -> Estimate:
     point = float(stats.spearmanr(lams, values.mean(0)).statistic)
     if values.shape[0] < MIN_SEEDS:
         return Estimate(point, math.nan, math.nan, values.shape[0])
-    curves = values[bootstrap_indices(values.shape[0])].mean(1)     # [n, L]
+    curves = values[replicate_resamples(values.shape[0])].mean(1)     # [n, L]
     ranks = stats.rankdata(curves, axis=1)
     lam_ranks = stats.rankdata(lams)
     rho = np.array([np.corrcoef(lam_ranks, r)[0, 1] if np.ptp(r) > 0 else 0.0 for r in ranks])
-    lo, hi = percentile_interval(rho, values.shape[0])
+    lo, hi = map(float, percentile_ends(rho, values.shape[0]))
     return Estimate(point, lo, hi, values.shape[0])
 
 
@@ -172,8 +161,8 @@ def argmin_lambda(lams: np.ndarray, mse: np.ndarray) -> dict[str, object]:
     best = float(lams[int(np.argmin(mse.mean(0)))])
     if mse.shape[0] < MIN_SEEDS:
         return {"argmin": best, "lo": math.nan, "hi": math.nan, "shares": {}}
-    picks = lams[np.argmin(mse[bootstrap_indices(mse.shape[0], seed=1)].mean(1), axis=1)]
-    lo, hi = percentile_interval(picks, mse.shape[0])
+    picks = lams[np.argmin(mse[replicate_resamples(mse.shape[0], seed=1)].mean(1), axis=1)]
+    lo, hi = map(float, percentile_ends(picks, mse.shape[0]))
     shares = {float(l): float(np.mean(picks == l)) for l in lams if np.any(picks == l)}
     return {"argmin": best, "lo": lo, "hi": hi, "shares": shares}
 

@@ -24,10 +24,17 @@ import seaborn as sns
 import torch
 from scipy import stats
 
-from analysis.experiment import Experiment, Verdict, config_of, inconclusive
+from analysis.experiment import (
+    Experiment,
+    Verdict,
+    config_of,
+    inconclusive,
+    percentile_ends,
+    replicate_resamples,
+)
 from analysis.figures import PAPER_WIDTH, log_axis, save_figure
 from analysis.render import format_ci, markdown_table
-from analysis.stats import N_RESAMPLES, expanded_level
+from analysis.stats import N_RESAMPLES
 from pgvar.run import initial_env_and_policy
 
 QUANTITIES = {"grad_variance": "variance", "grad_rel_variance": "relative variance",
@@ -186,8 +193,7 @@ def bootstrap_over_seeds(group: pd.DataFrame, quantity: str, interaction: bool =
         X = design(g["T"].to_numpy(), g["d"].to_numpy(), interaction)
         xtx.append(X.T @ X)
         xty.append(X.T @ np.log(g[quantity].to_numpy()))
-    rng = np.random.default_rng(rng_seed)
-    picks = rng.integers(0, len(seeds), size=(n_resamples, len(seeds)))
+    picks = replicate_resamples(len(seeds), rng_seed, n_resamples)
     counts = np.stack([np.bincount(p, minlength=len(seeds)) for p in picks]).astype(float)
     A = np.einsum("rs,sij->rij", counts, np.array(xtx))
     b = counts @ np.array(xty)
@@ -195,8 +201,7 @@ def bootstrap_over_seeds(group: pd.DataFrame, quantity: str, interaction: bool =
     if not ok.any():
         return nan, nan
     draws = np.linalg.solve(A[ok], b[ok][..., None])[..., 0]
-    tail = 100 * (1 - expanded_level(len(seeds))) / 2
-    return np.percentile(draws, tail, axis=0), np.percentile(draws, 100 - tail, axis=0)
+    return percentile_ends(draws, len(seeds))
 
 
 def fit_power_law(group: pd.DataFrame, quantity: str) -> PowerFit | None:
