@@ -8,19 +8,21 @@ from collections.abc import Iterable, Sequence
 
 
 def format_ci(value: float, lo: float, hi: float, digits: int = 3, missing: str = "n/a",
-              style: str = "g") -> str:
-    """``value [lo, hi]`` to ``digits`` significant digits (``style="f"``: decimals);
-    ``value`` alone when an end is missing; ``missing`` when the value is."""
+              style: str = "g", sign: bool = False) -> str:
+    """``value [lo, hi]`` to ``digits`` significant digits (``style="f"``: decimals; ``sign``:
+    always a sign); ``value`` alone when an end is missing; ``missing`` when the value is."""
+    spec = f"{'+' if sign else ''}.{digits}{style}"
     if not math.isfinite(value):
         return missing
     if not (math.isfinite(lo) and math.isfinite(hi)):
-        return f"{value:.{digits}{style}}"
-    return f"{value:.{digits}{style}} [{lo:.{digits}{style}}, {hi:.{digits}{style}}]"
+        return f"{value:{spec}}"
+    return f"{value:{spec}} [{lo:{spec}}, {hi:{spec}}]"
 
 
-def format_columns(record, name: str, digits: int = 3, missing: str = "n/a") -> str:
+def format_columns(record, name: str, digits: int = 3, missing: str = "n/a", **style) -> str:
     """``format_ci`` of a record's ``name``, ``name_lo`` and ``name_hi`` entries."""
-    return format_ci(record[name], record[f"{name}_lo"], record[f"{name}_hi"], digits, missing)
+    return format_ci(record[name], record[f"{name}_lo"], record[f"{name}_hi"], digits, missing,
+                     **style)
 
 
 def yes_no(flag: object) -> str:

@@ -44,7 +44,7 @@ from analysis.figures import (
     save_figure,
 )
 from analysis.loader import measured_rows
-from analysis.render import format_ci, markdown_table
+from analysis.render import format_ci, format_columns, markdown_table
 from analysis.stats import mean_ci
 
 NAME = "ppo_clip"
@@ -196,14 +196,14 @@ def _env_sentence(f: dict[str, object]) -> str:
                      f"{_delta(c['last'], 'd_cos_mean')} expected"
                      for clip, c in f["per_clip"].items())
     k_max = int(max(c["last"]["K"] for c in f["per_clip"].values()))
-    return (f"{f['env']}: re-use gain up to {b['reuse_gain']:.2f} [{b['reuse_gain_lo']:.2f}, "
-            f"{b['reuse_gain_hi']:.2f}] plain steps per batch ({b['label']}); cosine with ∇J "
+    return (f"{f['env']}: re-use gain up to {format_columns(b, 'reuse_gain', 2, style='f')} "
+            f"plain steps per batch ({b['label']}); cosine with ∇J "
             f"(per batch and expected) no worse than GAE's up to K = {safe}; at K = {k_max} "
             f"the cosine minus GAE's is {last}")
 
 
 def _delta(row: pd.Series, col: str) -> str:
-    return f"{row[col]:+.3f} [{row[col + '_lo']:+.3f}, {row[col + '_hi']:+.3f}]"
+    return format_columns(row, col, 3, style="f", sign=True)
 
 
 def verdict(summary: tuple) -> Verdict:

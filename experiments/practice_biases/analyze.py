@@ -37,7 +37,7 @@ from analysis.experiment import (
 )
 from analysis.figures import PANEL_HEIGHT, PAPER_WIDTH, error_bars, legend_below, save_figure
 from analysis.loader import measured_rows
-from analysis.render import format_ci, markdown_table
+from analysis.render import format_ci, format_columns, markdown_table
 from analysis.stats import mean_ci
 from pgvar.exact_mean import exact_gradient, expected_gradient
 from pgvar.run import initial_env_and_policy
@@ -215,14 +215,14 @@ def habit_verdict(table: pd.DataFrame, habit: str) -> Verdict:
     parts = []
     for r in hab.itertuples():
         c = ctl[ctl["cell"] == r.cell]
-        ctl_txt = (f"control {c.rel_bias.iloc[0]:.3f} [{c.rel_bias_lo.iloc[0]:.3f}, "
-                   f"{c.rel_bias_hi.iloc[0]:.3f}]") if not c.empty else "no control"
+        ctl_txt = (f"control {format_columns(c.iloc[0], 'rel_bias', style='f')}"
+                   if not c.empty else "no control")
         added = (f", exact added bias {r.pred_added_bias:.3f}"
                  if np.isfinite(getattr(r, "pred_added_bias", np.nan)) else "")
-        parts.append(f"{r.cell}: relative bias {r.rel_bias:.3f} [{r.rel_bias_lo:.3f}, "
-                     f"{r.rel_bias_hi:.3f}] vs {ctl_txt}{added}; scale along ∇J {r.scale:.2f} "
-                     f"[{r.scale_lo:.2f}, {r.scale_hi:.2f}], cos(E ĝ, ∇J) {r.cos_mean:.3f} "
-                     f"[{r.cos_mean_lo:.3f}, {r.cos_mean_hi:.3f}]")
+        row = r._asdict()
+        parts.append(f"{r.cell}: relative bias {format_columns(row, 'rel_bias', style='f')} vs "
+                     f"{ctl_txt}{added}; scale along ∇J {format_columns(row, 'scale', 2, style='f')}"
+                     f", cos(E ĝ, ∇J) {format_columns(row, 'cos_mean', style='f')}")
     control_clean = all(not b for b in ctl["bias_distinguishable"]) if not ctl.empty else False
     big_added = [np.isfinite(a) and a >= SMALL_REL_BIAS for a in hab.get("pred_added_bias", [])]
     if not any(shows):

@@ -42,7 +42,7 @@ from analysis.experiment import (
     inconclusive,
 )
 from analysis.figures import PAPER_WIDTH, error_bars, log_axis, save_figure
-from analysis.render import markdown_table
+from analysis.render import format_columns, markdown_table
 from analysis.stats import NAN_ESTIMATE, mean_ci, ratio_ci
 
 CLAIM = ("\"Sparse rewards. If reward appears only at episode termination (e.g., winning a "
@@ -150,8 +150,8 @@ def verdict(cells: pd.DataFrame) -> Verdict:
     law = (f"the fraction of batches (B = {int(far['B'])}) with an exactly zero {est} gradient "
            f"matches (1 - p_reach)^B (prediction inside the 95% interval in {inside} of "
            f"{len(cells)} cells, the observed fraction never below it), rising from {low['zero_fraction']:.3f} at "
-           f"distance {int(low['distance'])} to {far['zero_fraction']:.3f} "
-           f"[{far['zero_fraction_lo']:.3f}, {far['zero_fraction_hi']:.3f}] at distance "
+           f"distance {int(low['distance'])} to {format_columns(far, 'zero_fraction', style='f')} "
+           f"at distance "
            f"{int(far['distance'])} (predicted {far['predicted_zero_fraction']:.3f}, "
            f"p_reach = {far['p_reach']:.1e}, T = {T})")
     if not below.empty:
@@ -192,7 +192,7 @@ def markdown(cells: pd.DataFrame, verdict: Verdict, preset: str) -> str:
     header = ["estimator", "distance", "p_reach", "zero-grad fraction [95% CI]", "predicted",
               "‖∇J‖", "mean ‖ĝ‖", "SNR ‖ĝ̄‖²/trCov", "SNR ‖∇J‖²/trCov"]
     rows = [[c["estimator"], c["distance"], f"{c['p_reach']:.2e}",
-             f"{c['zero_fraction']:.3f} [{c['zero_fraction_lo']:.3f}, {c['zero_fraction_hi']:.3f}]",
+             format_columns(c, "zero_fraction", style="f"),
              f"{c['predicted_zero_fraction']:.3f}", f"{c['ref_norm']:.2e}",
              f"{c['grad_norm_mean']:.2e}", _snr(c["snr"]), _snr(c["exact_snr"])]
             for _, c in main.iterrows()]
