@@ -1,24 +1,12 @@
-"""Analysis of ``sparse_reward``: how much gradient signal is left when the reward is far?
+"""How much gradient signal is left when a sparse reward is far (chain, uniform policy)?
 
-Each run is one measurement at the uniform policy of the sparse chain (length L, goal
-L-1 steps away, horizon T, reward 1 on entering the goal) for one estimator and seed.
-Per (T, L, estimator) cell, pooling the seeds:
-
-- the fraction of the batches whose gradient estimate is exactly zero, with a
-  Clopper-Pearson interval, against its prediction ``(1 - p_reach)^B``: a batch of B
-  episodes carries no signal when none of them reaches the goal (every return is 0).
-  ``p_reach``, the probability that one episode of the uniform policy reaches the goal
-  within T steps, is computed exactly here: it is J with gamma = 1 on the same chain,
-  by the environment's own dynamic programming. The prediction is a lower bound: with
-  gamma = 1 the scores of the episodes that do reach the goal can also cancel exactly
-  (an episode whose left and right moves balance state by state), so the analysis also
-  reports the excess and where it is significant;
-- the mean norm of one estimate and the exact gradient norm ``||grad J||``;
-- two signal-to-noise ratios: the harness' ``||g_bar||^2 / tr Cov`` (floored near 1/M by
-  the noise in g_bar) and the exact per-batch one ``||grad J||^2 / tr Cov``, the ratio of
-  means over seeds with a bootstrap interval.
-
-Writes ``result.csv``, ``result.md`` and ``figures/sparse_reward_*.png|pdf``.
+Each run measures once, for one (T, L, estimator, seed). Per (T, L, estimator) cell, seeds
+pooled: the fraction of batches with an exactly zero estimate (Clopper-Pearson interval)
+against ``(1 - p_reach)^B``, p_reach exact (J with gamma = 1, by the chain's dynamic
+programming). The prediction is a lower bound: with gamma = 1 the scores of episodes that
+reach the goal can also cancel exactly, so the excess is reported too. Also the mean norm
+of one estimate, ||grad J||, and two SNRs: the harness' ``||g_bar||^2 / tr Cov`` (floored
+near 1/M) and the exact per-batch ``||grad J||^2 / tr Cov`` (ratio of means over seeds).
 """
 
 from __future__ import annotations
