@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("sampling & gradients", ("pgvar/rollout.py", "pgvar/refill.py", "pgvar/prefetch.py",
                               "pgvar/gradients.py")),
     ("estimators, critics, reference, stats", ("pgvar/estimators.py", "pgvar/critics.py",
-                                               "pgvar/reference.py", "pgvar/stats.py",
+                                               "pgvar/reference.py", "pgvar/stats.py", "pgvar/exact_mean.py",
                                                "pgvar/measure.py", "pgvar/__init__.py",
                                                "pgvar/sequence_estimators.py",
                                                "pgvar/sequence_measure.py")),
