@@ -10,7 +10,11 @@ names the setting to change:
 - memory: each job's peak is estimated from its sizes (below) and compared with the
   memory this machine has available now; a job that cannot fit is refused, naming the
   size that makes it too large, instead of failing in an allocator (or swapping) later;
-- the sweep (or run) folder must be writable.
+- the sweep (or run) folder must be writable;
+- a sweep (``seed=0,1``) needs ``-m``; Hydra's own refusal is a paragraph and exit 1.
+
+``count_argument`` gives the other console entries (``pgvar-reproduce --jobs``, the
+benchmark's sizes) argparse's one-line refusal (exit 2) of a count below its minimum.
 
 The memory estimate is an upper-side, order-of-magnitude model of what a run holds at
 once, in bytes: the environment's model (the tabular MDP's and the chain's ``[S, A, S]``
@@ -27,11 +31,13 @@ once compactly and once padded (``STEP_COPIES``).
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import errno
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -64,7 +70,7 @@ def unknown_keys(node: Any, schema: type | None = None, prefix: str = "") -> lis
         return []
     declared = {f.name for f in fields(schema)}
     found = []
-    for key in node.keys():
+    for key in node:
         name = f"{prefix}{key}"
         if key not in declared:
             found.append(name)
@@ -281,3 +287,36 @@ def output_dir_problem(folder: Path, key: str) -> str | None:
         return (f"cannot write to {key}={folder} ({err.strerror or err}: {probe_in}); "
                 f"choose a folder you can write to with {key}=DIR")
     return None
+
+
+# ----------------------------------------------------------------- command-line shapes
+
+
+def sweep_without_multirun(overrides: list[str]) -> str | None:
+    """A sweep override (``seed=0,1``, ``range(5)``) in a command without ``-m``."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception:  # noqa: BLE001 - parse errors are reported by the job validation
+        return None
+    sweeps = [o.input_line for o in parsed if o.is_sweep_override()]
+    if not sweeps:
+        return None
+    return (f"{sweeps[0]} lists several values but -m (--multirun) is not given: add -m to run "
+            f"one job per value (or quote the value, key='a,b', for one string)")
+
+
+def count_argument(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type`` accepting integers >= ``minimum`` (argparse then refuses
+    anything else with one line and exit 2)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        return value
+    parse.__name__ = f"integer >= {minimum}"
+    return parse

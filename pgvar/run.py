@@ -544,7 +544,8 @@ def main() -> None:
     """Console entry ``pgvar-run`` (and ``python -m pgvar``): validate every job, then run Hydra."""
     cmd = parse_command_line(sys.argv[1:])
     if cmd.runs_jobs:
-        problems = validate_jobs(cmd) or output_dir_problems(cmd)
+        single = None if cmd.multirun else preflight.sweep_without_multirun(cmd.overrides)
+        problems = [single] if single else (validate_jobs(cmd) or output_dir_problems(cmd))
         if problems:
             print("pgvar-run: configuration refused; no job was started.", file=sys.stderr)
             for problem in problems:
