@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -378,18 +379,42 @@ KILL_SWEEP = ["-m", "preset=smoke", "env=tabular", "estimator=reinforce,gae", "s
 N_KILLS = int(os.environ.get("PGVAR_TEST_KILLS", "6"))
 
 
-def kill_at(args: list[str], cwd: Path, after_s: float) -> int:
-    """Start ``pgvar-run ARGS`` and SIGKILL its whole process group ``after_s`` later;
-    returns its exit status (None-safe: a sweep that ended first returns its own)."""
+def some_job_has_rows(sweep: Path) -> bool:
+    """True once a job folder of ``sweep`` holds a metrics.csv with a data row."""
+    return any(len(p.read_text().splitlines()) >= 2 for p in sweep.glob("*/metrics.csv"))
+
+
+def kill_when(args: list[str], cwd: Path, ready, timeout_s: float = 120) -> int:
+    """Start ``pgvar-run ARGS``, SIGKILL its whole process group as soon as ``ready()``
+    (or after ``timeout_s``); returns its exit status (its own, if it ended first)."""
     with open(cwd / "killed.log", "a") as log:
         proc = subprocess.Popen([PGVAR_RUN, *args], cwd=cwd, stdout=log, stderr=log,
                                 start_new_session=True)
-        try:
-            proc.wait(timeout=after_s)
-        except subprocess.TimeoutExpired:
+        deadline = time.monotonic() + timeout_s
+        while proc.poll() is None and not ready() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+        proc.wait(timeout=30)
     return proc.returncode
+
+
+def random_moment(sweep: Path, since: float, delay_s: float):
+    """A ``ready`` for ``kill_when``: ``delay_s`` after this attempt's first job started
+    (wrote its run.json), so the kill lands among the jobs, not in Hydra's start-up."""
+    at: list[float] = []
+
+    def ready() -> bool:
+        if not at and any(p.stat().st_mtime >= since for p in sweep.glob("*/run.json")):
+            at.append(time.monotonic() + delay_s)
+        return bool(at) and time.monotonic() >= at[0]
+    return ready
+
+
+def killed_mid_run(sweep: Path, since: float) -> int:
+    """Runs the last kill interrupted: run.json says running, written after ``since``."""
+    return sum(record(p.parent)["status"] == "running" and p.stat().st_mtime >= since
+               for p in sweep.glob("*/run.json"))
 
 
 @pytest.mark.slow
@@ -403,9 +428,17 @@ def test_sweep_killed_again_and_again_then_rerun_equals_an_uninterrupted_one(tmp
     proc = run_cli([*KILL_SWEEP, *launcher, f"hydra.sweep.dir={reference}"], cwd=tmp_path)
     assert proc.returncode == 0, output_of(proc)
     rng = random.Random(15)
-    codes = [kill_at([*KILL_SWEEP, *launcher, f"hydra.sweep.dir={sweep}"], tmp_path,
-                     rng.uniform(0.5, 6.0)) for _ in range(N_KILLS)]
-    assert -signal.SIGKILL in codes  # at least one kill landed mid-sweep
+    args = [*KILL_SWEEP, *launcher, f"hydra.sweep.dir={sweep}"]
+    started = time.time()
+    codes = [kill_when(args, tmp_path, lambda: some_job_has_rows(sweep))]  # surely mid-run
+    interrupted = killed_mid_run(sweep, started)
+    for _ in range(N_KILLS - 1):  # then at random moments of the jobs, same folder
+        started = time.time()
+        codes.append(kill_when(args, tmp_path, random_moment(sweep, started, rng.uniform(0, 3))))
+        interrupted += killed_mid_run(sweep, started)
+    assert codes[0] == -signal.SIGKILL and interrupted >= 1
+    print(f"{codes.count(-signal.SIGKILL)} of {len(codes)} attempts killed the sweep mid-way, "
+          f"{interrupted} of them inside a run")
     for job in sweep.iterdir():  # a killed job never looks complete
         if (job / "run.json").exists() and record(job)["status"] == "complete":
             assert len(rows_without_wall_clock(job)) == 5
