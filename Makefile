@@ -18,14 +18,17 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# Both print progress by file and the ten slowest tests (pyproject.toml's addopts).
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest
 
+# The long end-to-end tests: every experiment's smoke preset, the table end to end,
+# the command-line sweeps with each launcher.
 test-slow: setup
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -m slow
 
 reproduce: setup
 	$(BIN)/pgvar-reproduce table --preset quick --out results/table-quick
 
 lint: setup
-	$(BIN)/ruff check pgvar analysis tests
+	$(BIN)/ruff check pgvar analysis hydra_plugins tests

@@ -29,11 +29,17 @@ import pandas as pd
 
 from analysis.validate import DamagedRun, validated_rows
 
-RUN_FILE = "run.json"
-METRICS_FILE = "metrics.csv"
-CURVE_COLUMNS = ["step", "env_steps", "episodes", "return_mean", "return_std", "wall_s"]
-GRADIENT_COLUMNS = ["grad_variance", "grad_bias", "grad_bias_lo", "grad_bias_hi", "grad_mse",
-                    "cos_ref", "cos_pairwise", "snr", "ref_norm", "ref_se"]
+# The log schema is pgvar-run's (pgvar.runlog owns the file names, statuses and columns).
+from pgvar.runlog import (
+    LEARNING_CURVE_COLUMNS,
+    MEASURED_COLUMNS,
+    METRICS_FILE,
+    RUN_FILE,
+    STATUS_COMPLETE,
+    STATUS_DIVERGED,
+    STATUS_FAILED,
+    STATUS_RUNNING,
+)
 
 # Config keys that become short alias columns; the first one present wins.
 ALIASES: dict[str, list[str]] = {
@@ -145,9 +151,9 @@ def _load_one(run_dir: Path, root: Path, report: LoadReport) -> pd.DataFrame | N
         return None
     columns.update(run_columns(info, run_dir, root))
     status = str(info.get("status", "missing"))
-    if status != "complete":
+    if status != STATUS_COMPLETE:
         error = info.get("error") or "no error message"
-        skip(status if status in ("failed", "diverged", "running") else "incomplete",
+        skip(status if status in (STATUS_FAILED, STATUS_DIVERGED, STATUS_RUNNING) else "incomplete",
              f"status '{status}': {error}")
         return None
     metrics = _read_metrics(run_dir, info, skip)
@@ -248,7 +254,7 @@ def _tidy(df: pd.DataFrame) -> pd.DataFrame:
     df = add_derived_columns(df)
     df = _unify_object_columns(df)
     lead = ["sweep", "run_id", "env", "estimator", "lam", "seed", "preset"]
-    metric_cols = [c for c in CURVE_COLUMNS + GRADIENT_COLUMNS if c in df.columns]
+    metric_cols = [c for c in LEARNING_CURVE_COLUMNS + MEASURED_COLUMNS if c in df.columns]
     rest = [c for c in df.columns if c not in lead and c not in metric_cols]
     order = [c for c in lead if c in df.columns] + metric_cols + rest
     return df[order].sort_values(["sweep", "run_id", "step"], kind="stable").reset_index(drop=True)
@@ -296,7 +302,8 @@ def _is_missing(value: Any) -> bool:
 
 
 def _empty_frame() -> pd.DataFrame:
-    return pd.DataFrame(columns=["sweep", "run_id", "env", "estimator", "seed"] + CURVE_COLUMNS)
+    return pd.DataFrame(columns=["sweep", "run_id", "env", "estimator", "seed",
+                                 *LEARNING_CURVE_COLUMNS])
 
 
 def save_runs(df: pd.DataFrame, out_dir: Path) -> Path:

@@ -4,7 +4,7 @@ Used by the tests (the table must recover the true numbers within its intervals)
 handy for trying the analysis without training anything. At every measured step of a
 run, M estimates ``g_m = g_ref + b + noise`` are drawn in P dimensions with
 ``||b|| = bias`` and ``E||noise||^2 = variance``, and the statistics are computed from
-them as ``pgvar.stats`` defines them.
+them by ``pgvar.stats.gradient_stats``, as ``pgvar-run`` does.
 """
 
 from __future__ import annotations
@@ -18,6 +18,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pgvar.runlog import METRICS_FILE, RUN_FILE, STATUS_COMPLETE, measured_cells
+from pgvar.stats import gradient_stats
+
 
 @dataclass(frozen=True)
 class TrueEstimator:
@@ -30,45 +33,20 @@ class TrueEstimator:
 
 
 def gradient_statistics(G: np.ndarray, g_ref: np.ndarray) -> dict[str, float]:
-    """The per-step statistics of M estimates ``G [M, P]`` against an exact ``g_ref``."""
-    M = G.shape[0]
-    g_bar = G.mean(0)
-    variance = float(((G - g_bar) ** 2).sum() / (M - 1))
-    mse = float(((G - g_ref) ** 2).sum(1).mean())
-    bias_sq = float(((g_bar - g_ref) ** 2).sum()) - variance / M
-    ref_norm = float(np.linalg.norm(g_ref))
-    cos = (G @ g_ref) / (np.linalg.norm(G, axis=1) * ref_norm)
-    unit = G / np.linalg.norm(G, axis=1, keepdims=True)
-    pair = unit @ unit.T
-    cos_pairwise = float((pair.sum() - M) / (M * (M - 1)))
-    se = math.sqrt(2 * variance ** 2 / (M * (M - 1)) / G.shape[1] + 4 * max(bias_sq, 0) * variance / M / G.shape[1])
-    return {
-        "grad_variance": variance,
-        "grad_bias": math.sqrt(max(bias_sq, 0.0)),
-        "grad_bias_lo": math.sqrt(max(bias_sq - 1.96 * se, 0.0)),
-        "grad_bias_hi": math.sqrt(max(bias_sq + 1.96 * se, 0.0)),
-        "grad_mse": mse,
-        "cos_ref": float(cos.mean()),
-        "cos_pairwise": cos_pairwise,
-        "snr": float((g_bar ** 2).sum() / variance),
-        "ref_norm": ref_norm,
-        "ref_se": 0.0,
-        "grad_rel_variance": variance / ref_norm ** 2,
-        "grad_bias_sq": bias_sq,
-        "grad_bias_sq_se": se,
-        "bias_distinguishable": bias_sq - 1.96 * se > 0,
-    }
+    """The logged statistics of M estimates ``G [M, P]`` against an exact ``g_ref``:
+    ``pgvar.stats.gradient_stats``, in the columns ``pgvar-run`` writes them to."""
+    return measured_cells(gradient_stats(G, g_ref).as_dict())
 
 
-def write_run(job_dir: Path, config: dict, metrics: pd.DataFrame, status: str = "complete",
+def write_run(job_dir: Path, config: dict, metrics: pd.DataFrame, status: str = STATUS_COMPLETE,
               error: str | None = None) -> None:
     """One Hydra-style job directory: ``.hydra/``, ``metrics.csv`` and ``run.json``."""
     (job_dir / ".hydra").mkdir(parents=True, exist_ok=True)
-    metrics.to_csv(job_dir / "metrics.csv", index=False)
+    metrics.to_csv(job_dir / METRICS_FILE, index=False)
     info = {"status": status, "error": error, "config": config, "seed": config.get("seed"),
             "versions": {"python": "synthetic"}, "elapsed_s": 1.0,
             "steps_completed": len(metrics)}
-    (job_dir / "run.json").write_text(json.dumps(info))
+    (job_dir / RUN_FILE).write_text(json.dumps(info))
 
 
 def synthetic_metrics(truth: TrueEstimator, seed: int, n_iters: int = 6, measure_every: int = 2,

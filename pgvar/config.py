@@ -6,7 +6,8 @@ checks types and unknown keys when it composes (``training.batch_size=abc`` or
 ``estimator.lam=-1``, ``training.batch_size=0``, an unknown estimator) are checked by
 ``validate_config``, which the console entry point runs on every job of a sweep before
 Hydra starts any of them (see ``pgvar.run.main``). Every field documents itself in the
-comment next to it; ``pgvar-run --cfg job`` prints the composed values.
+comment next to it (the estimator's knobs in ``pgvar.estimators.EstimatorConfig``,
+declared there once); ``pgvar-run --cfg job`` prints the composed values.
 
 Layout of the composed config (``conf/config.yaml`` is the primary config)::
 
@@ -23,17 +24,21 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import math
 import re
-from dataclasses import dataclass, field, fields
-from typing import Any
+import typing
+from dataclasses import dataclass, field, fields, make_dataclass
+from functools import partial
+from typing import Any, ClassVar
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-OBJECTIVES = ("finite", "discounted")
+from pgvar import checks
+from pgvar.critics import CRITIC_KINDS
+from pgvar.envs.base import OBJECTIVES
+from pgvar.estimators import EstimatorConfig, check_estimator_knobs
+
 POLICY_ACTIVATIONS = ("tanh", "relu")
-CRITIC_KINDS = ("auto", "tabular", "quadratic", "mlp", "exact")
 DEVICE_PATTERN = re.compile(r"^(cpu|cuda(:\d+)?|auto)$")
 
 
@@ -42,33 +47,18 @@ class ConfigError(ValueError):
 
 
 # ----------------------------------------------------------------------------- checks
+# pgvar.checks' rules, raising ConfigError (a configuration value, named by its key).
+
+require = partial(checks.require, error=ConfigError)
+require_positive_int = partial(checks.require_int, error=ConfigError)
+require_in_range = partial(checks.require_in_range, error=ConfigError)
+require_choice = partial(checks.require_choice, error=ConfigError)
 
 
-def require(condition: bool, message: str) -> None:
-    """Raise ``ConfigError(message)`` unless ``condition`` holds."""
-    if not condition:
-        raise ConfigError(message)
-
-
-def require_positive_int(key: str, value: int, minimum: int = 1) -> None:
-    """``value`` must be an integer >= ``minimum``."""
-    require(isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
-            f"{key} must be an integer >= {minimum}, got {value!r}")
-
-
-def require_in_range(key: str, value: float, low: float, high: float,
-                     low_open: bool = False, high_open: bool = False) -> None:
-    """``value`` must be a finite number in the interval [low, high] (ends as flagged)."""
-    ok = isinstance(value, (int, float)) and math.isfinite(value)
-    ok = ok and (value > low if low_open else value >= low)
-    ok = ok and (value < high if high_open else value <= high)
-    interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-    require(ok, f"{key} must lie in {interval}, got {value!r}")
-
-
-def require_choice(key: str, value: Any, choices: tuple[str, ...] | list[str]) -> None:
-    """``value`` must be one of ``choices``."""
-    require(value in choices, f"{key}={value!r} is not valid; valid values: {', '.join(choices)}")
+def require_widths(key: str, hidden: list[int]) -> None:
+    """Hidden layer widths: a non-empty list of positive integers."""
+    require(len(hidden) >= 1 and all(isinstance(h, int) and h >= 1 for h in hidden),
+            f"{key} must be a non-empty list of positive integers, got {list(hidden)}")
 
 
 # ------------------------------------------------------------------------ environments
@@ -83,12 +73,17 @@ class EnvConfig:
     gamma: float = 0.99  # discount in [0, 1]
     objective: str = "finite"  # "finite": horizon is part of J; "discounted": infinite-horizon J (gamma < 1)
 
+    # Environments with an exact objective have no time limit of their own: T must be set.
+    needs_horizon: ClassVar[bool] = False
+
     def env_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``make_env``: every field except ``name``."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "name"}
 
     def check(self) -> None:
         """Range checks shared by all environments."""
+        require(self.horizon is not None or not self.needs_horizon,
+                f"env.horizon must be set for env={self.name}")
         if self.horizon is not None:
             require_positive_int("env.horizon", self.horizon)
         require_in_range("env.gamma", self.gamma, 0.0, 1.0)
@@ -99,8 +94,10 @@ class EnvConfig:
 
 @dataclass
 class TabularEnvConfig(EnvConfig):
-    """A random tabular MDP (exact gradient by dynamic programming)."""
+    """A random tabular MDP (exact gradient by dynamic programming): transitions and
+    rewards drawn once from the instance seed."""
 
+    needs_horizon: ClassVar[bool] = True
     name: str = "tabular"
     horizon: int | None = 10  # T
     n_states: int = 5  # number of states
@@ -109,7 +106,6 @@ class TabularEnvConfig(EnvConfig):
 
     def check(self) -> None:
         super().check()
-        require(self.horizon is not None, "env.horizon must be set for the tabular MDP")
         require_positive_int("env.n_states", self.n_states)
         require_positive_int("env.n_actions", self.n_actions)
 
@@ -118,6 +114,7 @@ class TabularEnvConfig(EnvConfig):
 class ChainEnvConfig(EnvConfig):
     """The sparse-reward chain: reward only at the far end (exact gradient)."""
 
+    needs_horizon: ClassVar[bool] = True
     name: str = "chain"
     horizon: int | None = 16  # T
     length: int = 8  # number of states in the chain (>= 2)
@@ -125,7 +122,6 @@ class ChainEnvConfig(EnvConfig):
 
     def check(self) -> None:
         super().check()
-        require(self.horizon is not None, "env.horizon must be set for the chain")
         require_positive_int("env.length", self.length, 2)
         require_in_range("env.slip", self.slip, 0.0, 1.0)
 
@@ -134,6 +130,7 @@ class ChainEnvConfig(EnvConfig):
 class LQREnvConfig(EnvConfig):
     """Linear-quadratic control x' = A x + B u + noise (exact gradient by moments)."""
 
+    needs_horizon: ClassVar[bool] = True
     name: str = "lqr"
     horizon: int | None = 20  # T
     state_dim: int = 2  # dimension of x
@@ -146,7 +143,6 @@ class LQREnvConfig(EnvConfig):
 
     def check(self) -> None:
         super().check()
-        require(self.horizon is not None, "env.horizon must be set for lqr")
         require_positive_int("env.state_dim", self.state_dim)
         require_positive_int("env.action_dim", self.action_dim)
         for key in ("spectral_radius", "control_cost", "process_noise", "init_std"):
@@ -192,30 +188,31 @@ ENV_SCHEMAS: dict[str, type] = {
 # -------------------------------------------------------------------------- estimators
 
 
-@dataclass
-class EstimatorSettings:
-    """Which gradient estimator a run trains and is measured with, and its options."""
+def _estimator_core_kwargs(self) -> dict[str, Any]:
+    """Keyword arguments for ``pgvar.estimators.EstimatorConfig``: every field but ``name``."""
+    return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "name"}
 
-    name: str = MISSING  # registry name (pgvar.estimators.ESTIMATORS)
-    lam: float = 0.95  # GAE lambda in [0, 1] (gae only)
-    discount_weighting: bool = True  # weight the score at step t by gamma^t (unbiased for J); false = the common biased habit
-    normalize_advantages: bool = False  # standardise the weights within each batch (a common, biased, trick)
-    truncation_as_termination: bool = False  # treat time-limit cuts as terminal (value 0) even under objective=discounted
-    ppo_clip: float = 0.2  # PPO clipping epsilon > 0 (ppo only)
-    ppo_epochs: int = 4  # PPO optimisation epochs on one batch (ppo only)
-    ppo_lr: float = 0.05  # PPO inner step size (ppo only)
 
-    def core_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``pgvar.estimators.EstimatorConfig``: every field but ``name``."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "name"}
+def _check_estimator(self) -> None:
+    """``EstimatorConfig``'s own range rules, with the keys named ``estimator.*``."""
+    check_estimator_knobs(self, prefix="estimator", error=ConfigError)
 
-    def check(self) -> None:
-        require_in_range("estimator.lam", self.lam, 0.0, 1.0)
-        require_in_range("estimator.ppo_clip", self.ppo_clip, 0.0, float("inf"), low_open=True,
-                         high_open=True)
-        require_positive_int("estimator.ppo_epochs", self.ppo_epochs)
-        require_in_range("estimator.ppo_lr", self.ppo_lr, 0.0, float("inf"), low_open=True,
-                         high_open=True)
+
+def _estimator_fields() -> list[tuple[str, Any, Any]]:
+    """``name`` (the registry name, from the ``estimator`` group) and then every knob of
+    ``pgvar.estimators.EstimatorConfig`` with its type and default: declared there once."""
+    hints = typing.get_type_hints(EstimatorConfig)
+    knobs = [(f.name, hints[f.name], field(default=f.default)) for f in fields(EstimatorConfig)]
+    return [("name", str, field(default=MISSING)), *knobs]
+
+
+EstimatorSettings = make_dataclass(
+    "EstimatorSettings", _estimator_fields(),
+    namespace={"__module__": __name__, "core_kwargs": _estimator_core_kwargs,
+               "check": _check_estimator,
+               "__doc__": "Which gradient estimator a run trains and is measured with: "
+                          "``name`` (pgvar.estimators.ESTIMATORS) and the fields of "
+                          "``pgvar.estimators.EstimatorConfig``."})
 
 
 # ---------------------------------------------------------------------------- policies
@@ -237,8 +234,7 @@ class PolicySettings:
     init_gain_scale: float = 0.0  # linear-Gaussian: std of the initial gain K
 
     def check(self) -> None:
-        require(len(self.hidden) >= 1 and all(isinstance(h, int) and h >= 1 for h in self.hidden),
-                f"policy.hidden must be a non-empty list of positive integers, got {list(self.hidden)}")
+        require_widths("policy.hidden", self.hidden)
         require_choice("policy.activation", self.activation, POLICY_ACTIVATIONS)
         require_in_range("policy.init_scale", self.init_scale, 0.0, float("inf"), high_open=True)
         require_in_range("policy.init_gain_scale", self.init_gain_scale, 0.0, float("inf"),
@@ -260,8 +256,7 @@ class CriticConfig:
 
     def check(self) -> None:
         require_choice("training.critic.kind", self.kind, CRITIC_KINDS)
-        require(len(self.hidden) >= 1 and all(isinstance(h, int) and h >= 1 for h in self.hidden),
-                f"training.critic.hidden must be a non-empty list of positive integers, got {list(self.hidden)}")
+        require_widths("training.critic.hidden", self.hidden)
         require_positive_int("training.critic.fit_steps", self.fit_steps, 0)
         require_in_range("training.critic.lr", self.lr, 0.0, float("inf"), low_open=True,
                          high_open=True)

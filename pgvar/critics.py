@@ -28,8 +28,9 @@ import math
 import torch
 from torch import nn
 
+from pgvar.batch import Batch
+from pgvar.checks import require_choice, require_int
 from pgvar.returns import bootstrap_values, reward_to_go
-from pgvar.rollout import Batch
 
 __all__ = [
     "CRITIC_KINDS",
@@ -67,9 +68,7 @@ class Critic(nn.Module):
 
     def __init__(self, horizon: int, time_aware: bool = True):
         super().__init__()
-        if int(horizon) < 1:
-            raise ValueError(f"horizon must be a positive integer, got {horizon}")
-        self.horizon = int(horizon)
+        self.horizon = require_int("horizon", horizon)
         self.time_aware = bool(time_aware)
 
     def value(self, obs: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -356,8 +355,7 @@ def make_critic(env, kind: str = "auto", **kw) -> Critic:
     Time-aware under ``env.objective == "finite"`` (override with ``time_aware=``).
     Other keywords go to the critic's constructor.
     """
-    if kind not in CRITIC_KINDS:
-        raise ValueError(f"unknown critic kind {kind!r}; valid kinds: {CRITIC_KINDS}")
+    require_choice("critic kind", kind, CRITIC_KINDS)
     if kind == "auto":
         kind = ("tabular" if _is_tabular(env)
                 else "quadratic" if _is_linear_quadratic(env) else "mlp")

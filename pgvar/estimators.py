@@ -31,6 +31,7 @@ critic then drop the future beyond the cut, as do all sampled scores beyond it).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -39,6 +40,8 @@ import torch
 from torch import nn
 from torch.func import grad, vmap
 
+from pgvar.batch import Batch
+from pgvar.checks import require_in_range, require_int
 from pgvar.gradients import (
     flatten,
     functional_log_prob,
@@ -47,13 +50,14 @@ from pgvar.gradients import (
     score_gradients,
 )
 from pgvar.returns import bootstrap_values, discount_weights, gae, reward_to_go, td_errors
-from pgvar.rollout import Batch
 
 __all__ = [
+    "DEFAULT_CONFIG",
     "ESTIMATORS",
     "Estimator",
     "EstimatorConfig",
     "EstimatorInputs",
+    "check_estimator_knobs",
     "estimate_gradients",
     "estimator_weights",
     "get_estimator",
@@ -64,33 +68,45 @@ __all__ = [
 
 # ------------------------------------------------------------------------------ config
 
+def check_estimator_knobs(knobs, prefix: str = "EstimatorConfig",
+                          error: type[Exception] = ValueError) -> None:
+    """The ranges of ``EstimatorConfig``'s fields, checked on ``knobs`` (an
+    ``EstimatorConfig`` or ``pgvar.config``'s settings with the same fields); messages
+    name each field as ``prefix.field``."""
+    require_in_range(f"{prefix}.lam", knobs.lam, 0.0, 1.0, error=error)
+    require_in_range(f"{prefix}.ppo_clip", knobs.ppo_clip, 0.0, math.inf, low_open=True,
+                     high_open=True, error=error)
+    require_int(f"{prefix}.ppo_epochs", knobs.ppo_epochs, 1, error=error)
+    require_in_range(f"{prefix}.ppo_lr", knobs.ppo_lr, 0.0, math.inf, low_open=True,
+                     high_open=True, error=error)
+
+
 @dataclass(frozen=True)
 class EstimatorConfig:
-    """Knobs shared by the estimators. Validated on construction."""
+    """Knobs shared by the estimators. Validated on construction.
 
-    lam: float = 0.95                   # GAE lambda in [0, 1]
+    Declared once: ``pgvar.config``'s ``estimator`` section has these fields (plus the
+    estimator's name) and these range rules (``check_estimator_knobs``).
+    """
+
+    lam: float = 0.95                   # GAE lambda in [0, 1] (gae only)
     discount_weighting: bool = True     # gamma^t on the score at t (unbiased for J);
                                         # False = the common-code habit
-    normalize_advantages: bool = False  # per-batch advantage normalisation (common habit)
+    normalize_advantages: bool = False  # per-batch advantage normalisation (a common, biased, trick)
     truncation_as_termination: bool = False  # value 0 after a time-limit cut even if "discounted"
-    ppo_clip: float = 0.2               # PPO ratio clip epsilon, > 0
-    ppo_epochs: int = 4                 # PPO full-batch ascent steps, >= 1
-    ppo_lr: float = 0.05                # inner SGD step size of PPO, > 0
+    ppo_clip: float = 0.2               # PPO ratio clip epsilon, > 0 (ppo only)
+    ppo_epochs: int = 4                 # PPO full-batch ascent steps on one batch, >= 1 (ppo only)
+    ppo_lr: float = 0.05                # inner SGD step size of PPO, > 0 (ppo only)
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
         """Raise ValueError naming the field and its valid range."""
-        if not 0.0 <= float(self.lam) <= 1.0:
-            raise ValueError(f"EstimatorConfig.lam must lie in [0, 1], got {self.lam}")
-        if not float(self.ppo_clip) > 0.0:
-            raise ValueError(f"EstimatorConfig.ppo_clip must be > 0, got {self.ppo_clip}")
-        epochs = self.ppo_epochs
-        if isinstance(epochs, bool) or int(epochs) != epochs or epochs < 1:
-            raise ValueError(f"EstimatorConfig.ppo_epochs must be an integer >= 1, got {epochs}")
-        if not float(self.ppo_lr) > 0.0:
-            raise ValueError(f"EstimatorConfig.ppo_lr must be > 0, got {self.ppo_lr}")
+        check_estimator_knobs(self)
+
+
+DEFAULT_CONFIG = EstimatorConfig()  # frozen, so one shared default is safe
 
 
 # ------------------------------------------------------------------------------ inputs
@@ -144,10 +160,9 @@ class EstimatorInputs:
 
 
 def prepare_inputs(env, batch: Batch, n_batches: int, critic: nn.Module | None = None,
-                   cfg: EstimatorConfig = EstimatorConfig()) -> EstimatorInputs:
+                   cfg: EstimatorConfig = DEFAULT_CONFIG) -> EstimatorInputs:
     """Critic values and bootstrap tails for ``batch``; gamma and objective from ``env``."""
-    if isinstance(n_batches, bool) or int(n_batches) != n_batches or n_batches < 1:
-        raise ValueError(f"n_batches must be a positive integer, got {n_batches}")
+    require_int("n_batches", n_batches)
     if batch.n_episodes % n_batches:
         raise ValueError(f"{batch.n_episodes} episodes do not split into {n_batches} equal batches")
     gamma, objective = float(env.gamma), env.objective
@@ -399,7 +414,7 @@ def _check_critic(est: Estimator, critic: nn.Module | None) -> None:
 
 
 def estimator_weights(name: str, env, batch: Batch, n_batches: int, critic: nn.Module | None = None,
-                      cfg: EstimatorConfig = EstimatorConfig()) -> torch.Tensor:
+                      cfg: EstimatorConfig = DEFAULT_CONFIG) -> torch.Tensor:
     """The ``[N, T]`` score weights ``w_{i,t}`` of a weighted-score estimator."""
     est = get_estimator(name)
     _check_critic(est, critic)
@@ -407,7 +422,7 @@ def estimator_weights(name: str, env, batch: Batch, n_batches: int, critic: nn.M
 
 
 def estimate_gradients(name: str, env, policy: nn.Module, batch: Batch, n_batches: int,
-                       critic: nn.Module | None = None, cfg: EstimatorConfig = EstimatorConfig(),
+                       critic: nn.Module | None = None, cfg: EstimatorConfig = DEFAULT_CONFIG,
                        chunk: int = 64) -> torch.Tensor:
     """``[n_batches, P]``: row m is estimator ``name`` on episodes ``[m B, (m+1) B)``.
 
@@ -439,7 +454,7 @@ def score_inputs(est: Estimator, x: EstimatorInputs
 
 def estimate_gradient_blocks(name: str, env, policy: nn.Module, batch: Batch, n_batches: int,
                              critic: nn.Module | None = None,
-                             cfg: EstimatorConfig = EstimatorConfig(), chunk: int = 64
+                             cfg: EstimatorConfig = DEFAULT_CONFIG, chunk: int = 64
                              ) -> Iterator[torch.Tensor]:
     """The rows of ``estimate_gradients`` in blocks ``[k, P]``, in no particular order.
 

@@ -21,12 +21,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pgvar.estimators import EstimatorConfig, estimate_gradients, get_estimator
+from pgvar.batch import Batch
+from pgvar.checks import require_int
+from pgvar.estimators import (
+    DEFAULT_CONFIG,
+    EstimatorConfig,
+    estimate_gradients,
+    get_estimator,
+)
 from pgvar.reference import Reference, reference_gradient
-from pgvar.rollout import Batch, rollout
+from pgvar.rollout import rollout
 from pgvar.stats import GradStats, gradient_stats
-
-DEFAULT_CONFIG = EstimatorConfig()  # frozen, so one shared default is safe
 
 
 @dataclass
@@ -63,11 +68,8 @@ class Measurement:
 
 def check_sizes(n_batches: int, batch_size: int) -> None:
     """M >= 2 batches (a spread needs two) and B >= 1 episodes each, as integers."""
-    if isinstance(n_batches, bool) or int(n_batches) != n_batches or n_batches < 2:
-        raise ValueError(f"n_batches must be an integer >= 2 (variance needs two estimates), "
-                         f"got {n_batches}")
-    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size}")
+    require_int("n_batches (variance needs two estimates)", n_batches, 2)
+    require_int("batch_size", batch_size)
 
 
 def _for(name: str, value, kind):

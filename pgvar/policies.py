@@ -18,6 +18,7 @@ import math
 import torch
 from torch import nn
 from torch.distributions import Categorical, Independent, Normal
+from torch.nn.utils import parameters_to_vector
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -140,6 +141,20 @@ def flat_grad_dim(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+# Flat parameter vectors: pgvar's one convention, ``parameters()`` order, as
+# ``torch.nn.utils.parameters_to_vector`` lays them out (``pgvar.gradients.flatten`` does
+# the same for dicts of batched per-parameter tensors).
+
+
 def flatten_params(module: nn.Module) -> torch.Tensor:
     """All parameters as one detached vector, in ``named_parameters`` order."""
-    return torch.cat([p.detach().reshape(-1) for p in module.parameters()])
+    return parameters_to_vector(module.parameters()).detach()
+
+
+def flat_autograd(scalar: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """d scalar / d theta as one detached vector in ``parameters()`` order (unused
+    parameters: 0), laid out as ``flatten_params``."""
+    params = list(module.parameters())
+    grads = torch.autograd.grad(scalar, params, allow_unused=True)
+    return parameters_to_vector([g if g is not None else torch.zeros_like(p)
+                                 for g, p in zip(grads, params)]).detach()

@@ -28,14 +28,21 @@ import numpy as np
 import torch
 from torch import nn
 
+from pgvar.checks import require_int
 from pgvar.envs.base import is_exact
-from pgvar.estimators import ESTIMATORS, EstimatorConfig, estimate_gradient_blocks, get_estimator
+from pgvar.estimators import (
+    DEFAULT_CONFIG,
+    ESTIMATORS,
+    EstimatorConfig,
+    estimate_gradient_blocks,
+    get_estimator,
+)
+from pgvar.policies import flat_autograd
 from pgvar.refill import reference_chunks, supports_refill
 from pgvar.rollout import rollout_chunks
 
 DEFAULT_MC_EPISODES = 10_000
 DEFAULT_LANES = 4096  # refill lanes (pgvar.refill) where the environment can refill them
-DEFAULT_CONFIG = EstimatorConfig()  # frozen, so one shared default is safe
 _SEED_TAG = 0x5EF0_9E3D  # distinguishes reference seeds from measurement seeds
 
 
@@ -81,14 +88,6 @@ class Reference:
 
 
 # ----------------------------------------------------------------------------- exact
-
-
-def flat_autograd(scalar: torch.Tensor, policy: nn.Module) -> torch.Tensor:
-    """d scalar / d theta, flattened in ``policy.parameters()`` order (unused params: 0)."""
-    params = list(policy.parameters())
-    grads = torch.autograd.grad(scalar, params, allow_unused=True)
-    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
-                      for g, p in zip(grads, params)]).detach()
 
 
 def exact_reference(env, policy: nn.Module) -> Reference:
@@ -211,15 +210,15 @@ def monte_carlo_reference(env, policy: nn.Module, n_episodes: int | None = None,
     reduced, and the gradients of each chunk are reduced block by block
     (``estimate_gradient_blocks``), never held as one ``[n_sub, P]`` matrix.
     """
-    lanes = None if lanes is None or lanes == 0 else _positive_int("lanes", lanes)
+    lanes = None if lanes is None or lanes == 0 else require_int("lanes", lanes)
     check_unbiased(env, estimator, cfg, critic)
-    batch_size = _positive_int("batch_size", batch_size)
-    per_chunk = max(_positive_int("chunk_episodes", chunk_episodes) // batch_size, 1)
+    batch_size = require_int("batch_size", batch_size)
+    per_chunk = max(require_int("chunk_episodes", chunk_episodes) // batch_size, 1)
     chunk_episodes = per_chunk * batch_size
     if n_episodes is None and n_pairs is None:
         n_episodes = DEFAULT_MC_EPISODES
-    max_episodes = math.inf if n_episodes is None else _positive_int("n_episodes", n_episodes)
-    max_pairs = math.inf if n_pairs is None else _positive_int("n_pairs", n_pairs)
+    max_episodes = math.inf if n_episodes is None else require_int("n_episodes", n_episodes)
+    max_pairs = math.inf if n_pairs is None else require_int("n_pairs", n_pairs)
     if target_rel_se is not None and not target_rel_se > 0:
         raise ValueError(f"target_rel_se must be > 0 or None, got {target_rel_se}")
 
@@ -275,9 +274,3 @@ def reference_gradient(env, policy: nn.Module, method: str = "auto", **kw) -> Re
     if method == "exact" or (method == "auto" and is_exact(env)):
         return exact_reference(env, policy)  # "auto": Monte Carlo options are not needed
     return monte_carlo_reference(env, policy, **kw)
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or int(value) != value or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value}")
-    return int(value)

@@ -30,9 +30,11 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from pgvar.batch import Batch
+from pgvar.checks import require_int
 from pgvar.envs.base import StepResult
 from pgvar.prefetch import background
-from pgvar.rollout import Batch, Sampler, make_sampler, pad_steps, rollout_generator
+from pgvar.rollout import Sampler, make_sampler, pad_steps, rollout_generator
 
 FIELDS = ("obs", "actions", "rewards", "next_obs", "terminated", "truncated", "logp", "episode", "t")
 
@@ -82,9 +84,7 @@ class ChunkBook:
             if size is None:
                 self.exhausted = True
                 break
-            if isinstance(size, bool) or int(size) != size or size < 1:
-                raise ValueError(f"chunk sizes must be positive integers, got {size!r}")
-            self.bounds.append(self.bounds[-1] + int(size))
+            self.bounds.append(self.bounds[-1] + require_int("chunk sizes", size))
         return self.bounds[-1]
 
     def has_started_next_chunk(self, next_episode: int) -> bool:
@@ -206,8 +206,7 @@ def rollout_stream(env: RefillEnv, policy: nn.Module, chunk_sizes: Iterable[int]
     if not supports_refill(env):
         raise TypeError(f"{getattr(env, 'name', type(env).__name__)} cannot refill lanes; "
                         "use pgvar.rollout.rollout_chunks")
-    if isinstance(lanes, bool) or int(lanes) != lanes or lanes < 1:
-        raise ValueError(f"lanes must be a positive integer, got {lanes}")
+    require_int("lanes", lanes)
     book, log = ChunkBook(chunk_sizes), StepLog()
     n_lanes = min(int(lanes), book.capacity(int(lanes)))
     if n_lanes == 0:

@@ -1,6 +1,6 @@
 """Returns, TD errors and GAE on padded ``[N, T]`` batches, with per-episode loop twins.
 
-Conventions (those of ``pgvar.rollout.Batch``): episode i occupies steps ``0..L_i-1``
+Conventions (those of ``pgvar.batch.Batch``): episode i occupies steps ``0..L_i-1``
 (``mask`` is a prefix of ones); padded entries hold zeros. The value *after* step t is
 the "bootstrap" ``b_t``:
 
@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import torch
 
+from pgvar.batch import Batch
+from pgvar.checks import require_choice
 from pgvar.envs.base import OBJECTIVES
-from pgvar.rollout import Batch
 
 __all__ = [
     "bootstrap_values",
@@ -99,8 +100,7 @@ def last_step_mask(mask: torch.Tensor) -> torch.Tensor:
 
 
 def _check_objective(objective: str) -> None:
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    require_choice("objective", objective, OBJECTIVES)
 
 
 def bootstrap_values(batch: Batch, v_next: torch.Tensor, objective: str,

@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
@@ -56,6 +55,9 @@ from pgvar.config import (
     register_resolvers,
     validate_config,
 )
+from pgvar.policies import flatten_params
+from pgvar.seeding import derive_seed
+from pgvar.sweep import expand_sweep, hydra_args_parser
 
 log = logging.getLogger("pgvar.run")
 
@@ -74,9 +76,6 @@ def find_conf_dir() -> Path:
 CONF_DIR = find_conf_dir()
 CONFIG_NAME = "config"
 
-# Streams of derived seeds: each purpose draws from its own independent sequence.
-SEED_STREAMS = {"torch": 0, "policy": 1, "critic": 2, "train": 3, "measure": 4, "reference": 5}
-
 
 class Diverged(RuntimeError):
     """A non-finite gradient, return or parameter: the run ends with status diverged."""
@@ -84,15 +83,6 @@ class Diverged(RuntimeError):
 
 class RunFailed(RuntimeError):
     """Re-raised to Hydra after a failed run's run.json is written (exit status 1)."""
-
-
-# ----------------------------------------------------------------------------- seeds
-
-
-def derive_seed(run_seed: int, stream: str, index: int = 0) -> int:
-    """A 32-bit seed for ``(run seed, purpose, index)``, independent across the three."""
-    words = [int(run_seed) % 2**32, SEED_STREAMS[stream], int(index)]
-    return int(np.random.SeedSequence(words).generate_state(1)[0])
 
 
 # ---------------------------------------------------------------------------- device
@@ -199,7 +189,7 @@ def measure_row(run_cfg: RunConfig, env, policy, critic, est_cfg, step: int) -> 
     for key in ("grad_variance", "grad_mse"):
         if not math.isfinite(float(stats[key])):
             raise Diverged(f"non-finite measured {key} at step {step}")
-    row = {key: stats[key] for key in runlog.MEASURED_COLUMNS + runlog.EXTRA_COLUMNS if key in stats}
+    row = runlog.measured_cells(stats)
     row["ref_exact"] = bool(reference.exact)
     row["ref_episodes"] = int(reference.n_episodes) if not reference.exact else 0
     return row
@@ -283,8 +273,7 @@ def train_and_measure(run_cfg: RunConfig, job_dir: Path, started: float, state: 
                 g = training_gradient(run_cfg, env, policy, critic, est_cfg, batch, step)
                 with overflow_means_divergence(step):
                     ascent_step(optimizer, policy, g)
-                check_finite(torch.cat([p.detach().reshape(-1) for p in policy.parameters()]),
-                             step, "policy parameters after the update")
+                check_finite(flatten_params(policy), step, "policy parameters after the update")
                 row["grad_norm"] = float(g.double().norm())
                 row["critic_loss"] = fit_critic(run_cfg, env, critic, est_cfg, batch)
                 elapsed = time.perf_counter() - started
@@ -416,23 +405,12 @@ def resolve_config_path(config_path: str | None) -> Path:
 
 def parse_command_line(argv: list[str]) -> CommandLine:
     """Parse argv with Hydra's own argument parser."""
-    from hydra._internal.utils import get_args_parser
-
-    args = get_args_parser().parse_args(argv)
+    args = hydra_args_parser().parse_args(argv)
     runs_jobs = not any(bool(getattr(args, flag, None)) for flag in NO_JOB_FLAGS)
     return CommandLine(overrides=list(args.overrides), config_name=args.config_name or CONFIG_NAME,
                        conf_dir=resolve_config_path(args.config_path),
                        extra_config_dir=args.config_dir, runs_jobs=runs_jobs,
                        multirun=bool(args.multirun))
-
-
-def expand_sweep(overrides: list[str]) -> list[list[str]]:
-    """Every job's overrides, as Hydra's basic sweeper will launch them."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    return BasicSweeper.split_arguments(parsed, None)[0]
 
 
 def split_seed(job: list[str]) -> tuple[tuple[str, ...], str | None]:

@@ -92,6 +92,12 @@ COLUMN_DOCS: dict[str, str] = {
 # ------------------------------------------------------------------------ metrics.csv
 
 
+def measured_cells(stats: Mapping[str, Any]) -> dict[str, Any]:
+    """The cells of a measured row that the statistics fill (``pgvar.stats.GradStats``'s
+    ``as_dict()``): every measured and extra column it has a value for."""
+    return {key: stats[key] for key in MEASURED_COLUMNS + EXTRA_COLUMNS if key in stats}
+
+
 def format_cell(value: Any) -> str:
     """One CSV cell: empty for None, shortest round-trip text for floats, ints as ints."""
     if value is None:

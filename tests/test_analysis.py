@@ -209,6 +209,14 @@ def test_directory_of_only_bad_runs_is_refused(tmp_path, capsys):
     assert "no complete run" in err and "diverged" in err
 
 
+def test_cli_main_returns_2_on_missing_path(tmp_path, capsys):
+    from analysis.cli import main
+
+    assert main([str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.slow
 def test_console_script_exits_non_zero_on_missing_path(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "analysis.cli", str(tmp_path / "nope"),
                            "--out", str(tmp_path / "o")], check=False, capture_output=True, text=True)

@@ -1,10 +1,15 @@
-"""The ``pgvar-run`` app through its real command line, in subprocesses, at the smoke preset.
+"""The ``pgvar-run`` app at the smoke preset: in process, and through its real command line.
 
-Covers: a 2x2 sweep with the basic launcher, with joblib and (2 jobs) with
-submitit_local; bad overrides refused before any job starts; a sweep SIGKILLed mid-run
-and re-run (killed run redone, complete ones skipped); two identical runs giving the
-same metrics.csv; failed and diverged runs recorded while the sweep goes on. A few
-in-process tests check that every config file composes and validates.
+In the default run (in process, seconds): every config file composes and validates; bad
+overrides are refused with their messages; one job runs, is skipped when re-run, and a
+failing and a diverging job are recorded. Through the command line: a refused sweep
+exits 2 and a diverged run 0.
+
+Slow (``-m slow``, subprocesses of 20-60 s each): a 2x2 sweep with the basic launcher,
+with joblib and (2 jobs) with submitit_local; every bad override through the command
+line; a sweep SIGKILLed mid-run and re-run (killed run redone, complete ones skipped);
+two identical runs giving the same metrics.csv; failed and diverged runs recorded
+while the sweep goes on.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from pgvar import runlog
@@ -104,6 +110,25 @@ def config_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
+@pytest.fixture
+def run_in_process(tmp_path):
+    """``run(overrides, name) -> (status, job dir)``: one job of ``pgvar-run`` at the smoke
+    preset in ``tmp_path/sweep/name``, in this process (torch's thread count restored)."""
+    from pgvar.run import run_job
+
+    threads = torch.get_num_threads()
+
+    def run(overrides: list[str], name: str) -> tuple[str, Path]:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=["preset=smoke", *overrides])
+        job = tmp_path / "sweep" / name
+        job.mkdir(parents=True, exist_ok=True)
+        return run_job(cfg, job), job
+
+    yield run
+    torch.set_num_threads(threads)
+
+
 def test_every_registered_estimator_and_env_has_a_config_file():
     from pgvar.envs.registry import available_envs
     from pgvar.estimators import ESTIMATORS
@@ -158,7 +183,46 @@ def test_sweep_validation_checks_every_job_and_knows_the_launcher_plugins():
                for p in problems)
 
 
-def test_multiruns_use_the_pgvar_sweeper_which_hydra_can_find():
+def test_bad_overrides_are_refused_in_process():
+    """Every refused override of ``BAD_OVERRIDES``, with its message, as ``main`` checks
+    them before Hydra starts (the command line's exit status: the subprocess tests)."""
+    from pgvar.run import CommandLine, validate_jobs
+
+    for overrides, expected in BAD_OVERRIDES:
+        problems = "\n".join(validate_jobs(CommandLine(["preset=smoke", "seed=0,1", *overrides])))
+        for text in expected:
+            assert text in problems, (overrides, problems)
+
+
+def test_one_job_runs_and_a_rerun_skips_it(run_in_process):
+    """A job with a critic and an exact reference writes the documented files and
+    columns; the same job again is skipped."""
+    name = "env=tabular,estimator=gae,preset=smoke"
+    status, job = run_in_process(["env=tabular", "estimator=gae"], name)
+    assert status == "complete"
+    assert_complete_sweep(job.parent, {name})
+    rows = read_rows(job)
+    assert rows[0]["ref_exact"] == "True" and float(rows[0]["ref_se"]) == 0
+    assert rows[0]["critic_loss"] != "" and rows[0]["grad_variance"] != ""
+    assert run_in_process(["env=tabular", "estimator=gae"], name)[0] == "skipped"
+
+
+def test_failed_and_diverged_jobs_are_recorded_in_process(run_in_process, tmp_path):
+    """A failing job writes run.json before its error goes to Hydra; a diverging one ends
+    ``diverged`` at the step that gave a NaN, its earlier rows kept."""
+    from pgvar.run import RunFailed
+
+    with pytest.raises(RunFailed, match="deliberate failure"):
+        run_in_process(["debug.raise_at_step=1"], "failed")
+    failed = json.loads((tmp_path / "sweep" / "failed" / "run.json").read_text())
+    assert failed["status"] == "failed" and failed["steps_completed"] == 1
+    assert "deliberate failure" in failed["error"]
+    status, job = run_in_process(["debug.nan_at_step=1"], "diverged")
+    diverged = json.loads((job / "run.json").read_text())
+    assert status == diverged["status"] == "diverged" and diverged["diverged_at_step"] == 1
+    assert "non-finite training gradient at step 1" in diverged["error"]
+    assert [r["step"] for r in read_rows(job)] == ["0"]
+
     """The sweeper that skips Hydra's second composition of every job is installed as a
     Hydra plugin and selected by conf/config.yaml (its speed-up is in the README)."""
     from hydra.core.plugins import Plugins
@@ -185,6 +249,7 @@ def basic_sweep(tmp_path_factory) -> Path:
     return root / "sweep"
 
 
+@pytest.mark.slow
 def test_basic_launcher_2x2_sweep(basic_sweep):
     assert_complete_sweep(basic_sweep, GRID_JOBS)
     assert (basic_sweep / "multirun.yaml").exists()
@@ -195,6 +260,7 @@ def test_basic_launcher_2x2_sweep(basic_sweep):
     assert tabular[0]["critic_loss"] != "" and tabular[0]["grad_variance"] != ""
 
 
+@pytest.mark.slow
 def test_joblib_launcher_2x2_sweep_matches_the_basic_one(basic_sweep, tmp_path):
     sweep = tmp_path / "sweep"
     proc = run_cli(["-m", *SMOKE_GRID, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
@@ -205,6 +271,7 @@ def test_joblib_launcher_2x2_sweep_matches_the_basic_one(basic_sweep, tmp_path):
         assert without_wall_clock(sweep / name) == without_wall_clock(basic_sweep / name)
 
 
+@pytest.mark.slow
 def test_submitit_local_launcher(tmp_path):
     sweep = tmp_path / "sweep"
     proc = run_cli(["-m", "preset=smoke", "estimator=reinforce,gae", "hydra/launcher=submitit_local",
@@ -213,6 +280,7 @@ def test_submitit_local_launcher(tmp_path):
     assert_complete_sweep(sweep, {f"estimator={s},preset=smoke" for s in ("gae", "reinforce")})
 
 
+@pytest.mark.slow
 def test_identical_runs_give_identical_metrics(tmp_path):
     """Two single runs (console script, then python -m pgvar) with a critic and a Monte
     Carlo reference: every column but wall_s is byte-equal."""
@@ -239,8 +307,13 @@ BAD_OVERRIDES = [
 ]
 
 
-@pytest.mark.parametrize("overrides, expected", BAD_OVERRIDES,
-                         ids=[" ".join(o) for o, _ in BAD_OVERRIDES])
+# Through the command line, one case in the default run (every case in process above).
+FAST_BAD_OVERRIDE = ["env.gamma=0.9,1.5"]
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    pytest.param(o, e, id=" ".join(o), marks=() if o == FAST_BAD_OVERRIDE else pytest.mark.slow)
+    for o, e in BAD_OVERRIDES])
 def test_bad_overrides_are_refused_before_any_job_starts(tmp_path, overrides, expected):
     sweep = tmp_path / "sweep"
     proc = run_cli(["-m", "preset=smoke", "seed=0,1", *overrides, f"hydra.sweep.dir={sweep}"],
@@ -252,6 +325,7 @@ def test_bad_overrides_are_refused_before_any_job_starts(tmp_path, overrides, ex
     assert not sweep.exists()  # Hydra never got to create the sweep directory
 
 
+@pytest.mark.slow
 def test_failed_and_diverged_runs_are_recorded_and_the_sweep_goes_on(tmp_path):
     """The failing job comes first; the others still run. Exit 1 because one failed."""
     sweep = tmp_path / "sweep"
@@ -294,6 +368,7 @@ def wait_for_rows(path: Path, n_rows: int, proc: subprocess.Popen, timeout_s: fl
     raise AssertionError(f"{path} never reached {n_rows} rows")
 
 
+@pytest.mark.slow
 def test_sigkilled_sweep_is_redone_and_complete_runs_skipped(tmp_path):
     sweep = tmp_path / "sweep"
     args = ["-m", "preset=smoke", "seed=0,1", "debug.sleep_s=0.5", f"hydra.sweep.dir={sweep}"]

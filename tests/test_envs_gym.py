@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 
+from pgvar.batch import Batch
 from pgvar.envs.base import BatchedEnv
 from pgvar.envs.gym import GymVectorEnv
 from pgvar.envs.registry import available_envs, make_env, make_policy
 from pgvar.policies import MLPCategoricalPolicy, MLPGaussianPolicy
-from pgvar.rollout import Batch, rollout
+from pgvar.rollout import rollout
 
 
 def cartpole_policy(seed: int = 0) -> MLPCategoricalPolicy:

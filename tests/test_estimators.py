@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from pgvar.batch import Batch
 from pgvar.critics import (
     ExactTabularCritic,
     MLPCritic,
@@ -34,7 +35,7 @@ from pgvar.estimators import (
 )
 from pgvar.gradients import score_gradients_loop
 from pgvar.policies import TabularSoftmaxPolicy, flatten_params
-from pgvar.rollout import Batch, rollout
+from pgvar.rollout import rollout
 
 Z_UNBIASED = 4.5   # max |z| per coordinate for "not distinguishable from the exact gradient"
 Z_SEPARATED = 6.0  # min z for "clearly different" (bias present, variance ordered)

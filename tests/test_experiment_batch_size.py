@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from analysis.loader import add_derived_columns
+from analysis.reproduce import load_experiment_module
 from analysis.synthetic import gradient_statistics
-from pgvar.reproduce import load_experiment_module
 
 REPO = Path(__file__).resolve().parent.parent
 FOLDER = REPO / "experiments" / "batch_size"

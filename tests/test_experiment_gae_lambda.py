@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 
 from analysis.loader import load_runs
+from analysis.reproduce import load_experiment_module
 from analysis.synthetic import TrueEstimator, synthetic_metrics, write_run
-from pgvar.reproduce import load_experiment_module
 
 REPO = Path(__file__).resolve().parent.parent
 FOLDER = REPO / "experiments" / "gae_lambda"

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pgvar.reproduce import load_experiment_module
+from analysis.reproduce import load_experiment_module
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENT = ROOT / "experiments" / "ppo_clip"

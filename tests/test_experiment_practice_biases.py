@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pgvar.reproduce import load_experiment_module
+from analysis.reproduce import load_experiment_module
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENT = ROOT / "experiments" / "practice_biases"

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pgvar.reproduce import load_experiment_module
+from analysis.reproduce import load_experiment_module
 
 REPO = Path(__file__).resolve().parent.parent
 EXPERIMENT = REPO / "experiments" / "sparse_reward"
@@ -88,8 +88,8 @@ def test_every_preset_composes_and_validates():
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    from analysis import reproduce as rp
     from pgvar import config
-    from pgvar import reproduce as rp
 
     config.register_configs()
     config.register_resolvers()

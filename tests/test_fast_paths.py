@@ -20,12 +20,12 @@ from torch import nn
 from torch.distributions import Categorical, Normal
 
 from pgvar import gradients
+from pgvar.batch import Batch
 from pgvar.envs.gym import GymVectorEnv
 from pgvar.envs.lqr import LinearQuadratic
 from pgvar.envs.tabular import RandomTabularMDP, SparseChain
+from pgvar.folded import FoldedMLP, mlp_spec
 from pgvar.gradients import (
-    FoldedMLP,
-    mlp_spec,
     plan_buckets,
     policy_params,
     score_gradients,
@@ -39,7 +39,6 @@ from pgvar.policies import (
     TabularSoftmaxPolicy,
 )
 from pgvar.rollout import (
-    Batch,
     categorical_sample,
     make_sampler,
     rollout,

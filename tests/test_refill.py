@@ -26,9 +26,9 @@ import torch
 
 from pgvar.envs.gym import GymVectorEnv
 from pgvar.envs.registry import make_env, make_policy
-from pgvar.policies import MLPCategoricalPolicy, MLPGaussianPolicy
+from pgvar.policies import MLPCategoricalPolicy, MLPGaussianPolicy, flat_autograd
 from pgvar.prefetch import background
-from pgvar.reference import exact_reference, flat_autograd, monte_carlo_reference
+from pgvar.reference import exact_reference, monte_carlo_reference
 from pgvar.refill import reference_chunks, rollout_stream, supports_refill
 from pgvar.rollout import rollout
 

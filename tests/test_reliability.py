@@ -307,8 +307,8 @@ def test_a_sweep_without_multirun_is_one_line():
 
 def readme_command_errors(tmp_path: Path, good_run: Path) -> dict[str, tuple]:
     """User errors in the README's other commands: (callable, text its one line names)."""
+    from analysis import reproduce as rp
     from pgvar import bench
-    from pgvar import reproduce as rp
 
     a_file = good_run / "metrics.csv"
     return {

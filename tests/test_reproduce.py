@@ -13,7 +13,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pgvar import reproduce as rp
+from analysis import reproduce as rp
+from analysis.synthetic import TrueEstimator, write_sweep
+from pgvar.sweep import expand_sweep
 
 REPO = Path(__file__).resolve().parent.parent
 EXPERIMENTS = REPO / "experiments"
@@ -22,8 +24,9 @@ TABLE_ROWS = {"reinforce", "reinforce_rtg", "mean_baseline", "rloo", "value_base
 
 
 def _pgvar_reproduce() -> list[str]:
-    script = Path(sys.executable).with_name("pgvar-reproduce")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "pgvar.reproduce"]
+    """``pgvar-reproduce`` as this Python runs it (``test_console_scripts_resolve`` holds
+    the installed script to the same function; an older install's script may be stale)."""
+    return [sys.executable, "-m", "analysis.reproduce"]
 
 
 def _require_pgvar_run() -> None:
@@ -58,14 +61,6 @@ def test_table_spec_has_every_preset_and_the_eight_rows():
         assert TABLE_ROWS <= estimators, (preset, estimators)
 
 
-def _jobs(overrides: list[str]) -> list[list[str]]:
-    """Every job of a sweep, as Hydra's basic sweeper expands it."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    return BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(overrides), None)[0]
-
-
 @pytest.mark.parametrize("preset", rp.PRESETS)
 def test_table_sweeps_pass_pgvar_runs_validation(preset):
     """Every job of every preset (one seed each) composes from conf/ and validates."""
@@ -78,7 +73,7 @@ def test_table_sweeps_pass_pgvar_runs_validation(preset):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         for overrides in spec.sweeps.values():
             one_seed = [o for o in overrides if not o.startswith("seed=")] + ["seed=0"]
-            for job in _jobs([*one_seed, f"preset={preset}"]):
+            for job in expand_sweep([*one_seed, f"preset={preset}"]):
                 config.validate_config(compose(config_name="config", overrides=list(job)))
 
 
@@ -88,6 +83,30 @@ def test_sweep_command_uses_joblib_and_the_sweep_dir(tmp_path):
     assert f"hydra.sweep.dir={(tmp_path / 'runs' / 'a').resolve()}" in cmd
 
 
+def test_after_the_sweeps_in_process(tmp_path):
+    """What ``pgvar-reproduce`` does once its sweeps have run, on synthetic runs: it finds
+    the finished jobs, writes the table, its record and the published copy (with real
+    sweeps, through the command line: the slow end-to-end test below)."""
+    out = tmp_path / "out"
+    truths = [TrueEstimator("reinforce", 0.0, 1.0), TrueEstimator("mean_baseline", 0.3, 0.5)]
+    jobs = write_sweep(out / "runs" / "tabular", truths, seeds=range(3))
+    assert set(rp.finished_jobs(out / "runs")) == set(jobs)
+    (tmp_path / "experiments" / "demo").mkdir(parents=True)
+    spec = rp.ExperimentSpec(name="demo", folder=tmp_path / "experiments" / "demo",
+                             preset="smoke", sweeps={"tabular": ["env=tabular"]})
+    assert rp._analyse(spec, out, no_figures=True) == 0
+    assert "Vanilla REINFORCE" in (out / "table.md").read_text()
+    assert rp.run_experiment_analysis(spec, out) == 0  # no analyze.py: nothing more to run
+    outcome = rp.SweepOutcome("tabular", 0, 1.0, {"complete": len(jobs)})
+    rp._write_record(spec, out, [outcome], 1.0, 2.0, ["demo", "--preset", "smoke"])
+    record = json.loads((out / "reproduce.json").read_text())
+    assert record["sweeps"]["tabular"]["statuses"] == {"complete": 6}
+    published = rp.publish(out, spec)
+    assert published == spec.folder / "results" / "smoke"
+    assert {"table.md", "table.csv", "reproduce.json"} <= {p.name for p in published.iterdir()}
+
+
+@pytest.mark.slow
 def test_reproduce_table_smoke_end_to_end(tmp_path):
     """`pgvar-reproduce table --preset smoke` writes the runs, the table, the figures and
     its record, reports progress, and ends with the table's path."""
@@ -127,6 +146,23 @@ def test_reproduce_table_smoke_end_to_end(tmp_path):
     assert "16 job(s) were already finished" in again.stdout
 
 
+def test_a_refused_sweep_stops_before_the_analysis_in_process(tmp_path, monkeypatch, capsys):
+    """``main``'s handling of a sweep that pgvar-run refuses (exit 2), with the sweep
+    itself stubbed; the real refusal through both commands: the slow test below."""
+    (tmp_path / "exp" / "bad").mkdir(parents=True)
+    (tmp_path / "exp" / "bad" / "sweep.yaml").write_text(
+        "presets:\n  smoke:\n    only:\n      - env=tabular\n")
+    (tmp_path / "refused.log").write_text("error: estimator.name='nope' is not valid\n")
+    monkeypatch.setenv("PGVAR_EXPERIMENTS_DIR", str(tmp_path / "exp"))
+    monkeypatch.setattr(rp, "run_sweep", lambda name, *args: rp.SweepOutcome(
+        name, 2, 0.1, log=str(tmp_path / "refused.log")))
+    assert rp.main(["bad", "--preset", "smoke", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "refused sweep 'only'" in err and "estimator.name='nope'" in err
+    assert not (tmp_path / "o" / "table.md").exists()
+
+
+@pytest.mark.slow
 def test_a_sweep_that_pgvar_run_refuses_stops_with_its_message(tmp_path):
     _require_pgvar_run()
     (tmp_path / "exp" / "bad").mkdir(parents=True)
@@ -138,3 +174,17 @@ def test_a_sweep_that_pgvar_run_refuses_stops_with_its_message(tmp_path):
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "refused" in proc.stderr and "no_such_estimator" in proc.stderr
     assert not (tmp_path / "o" / "table.md").exists()
+
+
+def test_console_scripts_resolve():
+    """Every console script of pyproject.toml names an importable function (a moved module
+    must take its script along)."""
+    import importlib
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert set(scripts) == {"pgvar-run", "pgvar-analyze", "pgvar-reproduce"}
+    for name, target in scripts.items():
+        module, _, function = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), function)), name
+    assert scripts["pgvar-reproduce"] == "analysis.reproduce:main"

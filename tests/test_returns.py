@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pgvar.batch import Batch
 from pgvar.returns import (
     bootstrap_values,
     bootstrap_values_loop,
@@ -19,7 +20,6 @@ from pgvar.returns import (
     td_errors,
     td_errors_loop,
 )
-from pgvar.rollout import Batch
 
 SHAPES = [(1, 1), (3, 1), (1, 5), (5, 2), (7, 7), (16, 33), (4, 64)]
 

@@ -156,7 +156,7 @@ def rebuild_initial(row: pd.Series):
     """The run's environment and its initial policy (as ``pgvar-run`` built them), or None."""
     from pgvar.config import PolicySettings, build_policy
     from pgvar.envs.registry import make_env
-    from pgvar.run import derive_seed
+    from pgvar.seeding import derive_seed
 
     env = make_env(str(row["env.name"]), **_env_kwargs(row))
     if not hasattr(env, "expected_reward"):

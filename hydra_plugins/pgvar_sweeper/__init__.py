@@ -8,17 +8,18 @@ repeats work: about 0.2 s a job, 40 s of the 190-job quick table on 2 cores. A j
 whose config cannot be composed still fails where it runs, with Hydra's own error.
 
 It lives in the ``hydra_plugins`` namespace because Hydra only instantiates plugins
-from there; ``conf/hydra/sweeper/pgvar.yaml`` selects it.
+from there; ``conf/hydra/sweeper/pgvar.yaml`` selects it. Hydra's private API comes
+through ``pgvar.sweep``, its one home in pgvar.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from pgvar.sweep import basic_sweeper_class
 
 
-class PgvarSweeper(BasicSweeper):
+class PgvarSweeper(basic_sweeper_class()):
     """``BasicSweeper`` whose batch check is left to ``pgvar.run.validate_jobs``."""
 
     def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:

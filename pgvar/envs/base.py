@@ -20,6 +20,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from pgvar.checks import require_choice, require_in_range, require_int
+
 OBJECTIVES = ("finite", "discounted")
 
 
@@ -80,11 +82,8 @@ def is_exact(env: object) -> bool:
 
 def check_objective_constants(horizon: int, gamma: float, objective: str) -> None:
     """Refuse impossible objective settings with a message that names the fix."""
-    if int(horizon) < 1:
-        raise ValueError(f"horizon must be a positive integer, got {horizon}")
-    if not 0.0 <= float(gamma) <= 1.0:
-        raise ValueError(f"gamma must lie in [0, 1], got {gamma}")
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    require_int("horizon", horizon)
+    require_in_range("gamma", gamma, 0.0, 1.0)
+    require_choice("objective", objective, OBJECTIVES)
     if objective == "discounted" and float(gamma) >= 1.0:
         raise ValueError("objective='discounted' needs gamma < 1 (the infinite sum diverges)")

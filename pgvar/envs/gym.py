@@ -32,6 +32,7 @@ from gymnasium import spaces
 from gymnasium.envs.registration import EnvSpec
 from gymnasium.vector import VectorEnv
 
+from pgvar.checks import require_int
 from pgvar.envs.base import ActionSpec, StepResult, check_objective_constants
 from pgvar.envs.registry import register_env
 
@@ -92,11 +93,7 @@ def resolve_horizon(spec: EnvSpec, horizon: int | None, time_limit: int | None) 
         if time_limit is None:
             raise ValueError(f"{spec.id} has no time limit (max_episode_steps); pass horizon=T")
         return time_limit
-    if isinstance(horizon, bool) or int(horizon) != horizon:
-        raise ValueError(f"horizon must be a positive integer, got {horizon!r}")
-    horizon = int(horizon)
-    if horizon < 1:
-        raise ValueError(f"horizon must be a positive integer, got {horizon}")
+    horizon = require_int("horizon", horizon)
     if time_limit is not None and horizon > time_limit:
         raise ValueError(
             f"horizon={horizon} exceeds {spec.id}'s own time limit of {time_limit} steps; "
@@ -145,8 +142,7 @@ class GymVectorEnv:
 
     def reset(self, n: int, seed: int) -> torch.Tensor:
         """Start ``n`` episodes seeded by ``seed``; returns float32 observations ``[n, *obs_shape]``."""
-        if int(n) < 1:
-            raise ValueError(f"n must be at least 1, got {n}")
+        require_int("n", n)
         if int(seed) < 0:
             raise ValueError(f"seed must be a non-negative integer (Gymnasium seeds numpy), got {seed}")
         if int(n) != self._n:
@@ -180,8 +176,7 @@ class GymVectorEnv:
     def refill_reset(self, n: int, seed: int) -> torch.Tensor:
         """Start ``n`` lanes that autoreset (Gymnasium's next-step mode), with the
         objective's horizon as the env's own time limit, so every episode ends by T."""
-        if int(n) < 1:
-            raise ValueError(f"n must be at least 1, got {n}")
+        require_int("n", n)
         if int(seed) < 0:
             raise ValueError(f"seed must be a non-negative integer (Gymnasium seeds numpy), got {seed}")
         if self._refill is None or self._refill.num_envs != int(n):

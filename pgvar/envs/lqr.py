@@ -37,8 +37,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pgvar.envs.base import ActionSpec, StepResult
-from pgvar.envs.tabular import EXACT_DTYPE, check_constants, require_in_range, require_int
+from pgvar.checks import require_in_range, require_int
+from pgvar.envs.base import ActionSpec, StepResult, check_objective_constants
+from pgvar.envs.tabular import EXACT_DTYPE
 from pgvar.policies import LinearGaussianPolicy
 
 MAX_DISCOUNTED_STATE_DIM = 40  # the Kronecker solve is ((n+1)^2)^3 work
@@ -75,11 +76,11 @@ class LinearQuadratic:
                  dtype: torch.dtype = torch.float32):
         require_int("state_dim", state_dim, 1)
         require_int("action_dim", action_dim, 1)
-        check_constants(horizon, gamma, objective)
-        require_in_range("spectral_radius", spectral_radius, 0.0, float("inf"))
-        require_in_range("control_cost", control_cost, 0.0, float("inf"))
-        require_in_range("process_noise", process_noise, 0.0, float("inf"))
-        require_in_range("init_std", init_std, 0.0, float("inf"))
+        check_objective_constants(horizon, gamma, objective)
+        require_in_range("spectral_radius", spectral_radius, 0.0, float("inf"), high_open=True)
+        require_in_range("control_cost", control_cost, 0.0, float("inf"), high_open=True)
+        require_in_range("process_noise", process_noise, 0.0, float("inf"), high_open=True)
+        require_in_range("init_std", init_std, 0.0, float("inf"), high_open=True)
         if objective == "discounted" and state_dim > MAX_DISCOUNTED_STATE_DIM:
             raise ValueError(f"objective='discounted' solves a Kronecker system of size "
                              f"(state_dim+1)^2; use state_dim <= {MAX_DISCOUNTED_STATE_DIM} "

@@ -26,39 +26,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pgvar.checks import require_in_range, require_int
 from pgvar.envs.base import ActionSpec, StepResult, check_objective_constants
 from pgvar.policies import TabularSoftmaxPolicy
 
 EXACT_DTYPE = torch.float64
-
-
-# --------------------------------------------------------------------------- validation
-
-def require_int(name: str, value: object, minimum: int) -> int:
-    """``value`` as an int no smaller than ``minimum``, or a ValueError naming the argument."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def require_in_range(name: str, value: object, low: float, high: float,
-                     high_inclusive: bool = False) -> float:
-    """``value`` as a float in ``[low, high)`` (or ``[low, high]``), else a ValueError."""
-    try:
-        x = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
-    ok = low <= x <= high if high_inclusive else low <= x < high
-    if not ok:
-        bracket = "]" if high_inclusive else ")"
-        raise ValueError(f"{name} must lie in [{low}, {high}{bracket}, got {value!r}")
-    return x
-
-
-def check_constants(horizon: object, gamma: object, objective: object) -> None:
-    """Horizon, gamma and objective, checked with messages that name the fix."""
-    require_int("horizon", horizon, 1)
-    check_objective_constants(horizon, gamma, objective)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------- exact DP helpers
@@ -128,7 +100,7 @@ class TabularMDP:
                  terminal: torch.Tensor | None = None, *, horizon: int, gamma: float,
                  objective: str = "finite", name: str = "tabular",
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-        check_constants(horizon, gamma, objective)
+        check_objective_constants(horizon, gamma, objective)
         self.device = torch.device(device)
         self.dtype = dtype
         self.name = name
@@ -267,7 +239,7 @@ class RandomTabularMDP(TabularMDP):
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         require_int("n_states", n_states, 1)
         require_int("n_actions", n_actions, 1)
-        check_constants(horizon, gamma, objective)
+        check_objective_constants(horizon, gamma, objective)
         P, r, mu = self.draw_instance(n_states, n_actions, seed)
         reward = r.unsqueeze(-1).expand(-1, -1, n_states).clone()
         super().__init__(P, reward, mu, horizon=horizon, gamma=gamma, objective=objective,
@@ -306,8 +278,8 @@ class SparseChain(TabularMDP):
                  objective: str = "finite", slip: float = 0.0,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         require_int("length", length, 2)
-        require_in_range("slip", slip, 0.0, 1.0)
-        check_constants(horizon, gamma, objective)
+        require_in_range("slip", slip, 0.0, 1.0, high_open=True)
+        check_objective_constants(horizon, gamma, objective)
         P, reward, mu, terminal = self.build_chain(length, float(slip))
         super().__init__(P, reward, mu, terminal, horizon=horizon, gamma=gamma,
                          objective=objective, name="chain", device=device, dtype=dtype)

@@ -39,12 +39,15 @@ from typing import Any
 
 import yaml
 
+from analysis.loader import LoadError, load_runs
+from analysis.pipeline import analyze
 from pgvar.preflight import count_argument, output_dir_problem
+from pgvar.runlog import FINAL_STATUSES, RUN_FILE
+from pgvar.sweep import expand_sweep
 
 PRESETS = ("smoke", "quick", "full")
 SPEC_FILE = "sweep.yaml"
 POLL_S = 0.5
-FINAL_STATUSES = ("complete", "failed", "diverged")
 
 
 # ----------------------------------------------------------------------------- specs
@@ -100,11 +103,7 @@ def count_jobs(overrides: list[str]) -> int | None:
     """How many jobs ``pgvar-run -m`` makes of these overrides (Hydra's own expansion);
     None when they do not parse here (pgvar-run then reports the error itself)."""
     try:
-        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-        from hydra.core.override_parser.overrides_parser import OverridesParser
-
-        parsed = OverridesParser.create().parse_overrides(overrides)
-        return len(BasicSweeper.split_arguments(parsed, None)[0])
+        return len(expand_sweep(overrides))
     except Exception:  # noqa: BLE001 - only a progress denominator
         return None
 
@@ -139,7 +138,7 @@ class SweepOutcome:
 def finished_jobs(sweep_dir: Path) -> dict[Path, str]:
     """Job directories under ``sweep_dir`` whose run.json holds a final status."""
     done = {}
-    for run_file in sweep_dir.rglob("run.json"):
+    for run_file in sweep_dir.rglob(RUN_FILE):
         try:
             status = json.loads(run_file.read_text()).get("status")
         except (ValueError, OSError):
@@ -202,12 +201,14 @@ def tail(path: str, n: int = 30) -> str:
 # ----------------------------------------------------------------------------- main
 
 
+DESCRIPTION = ("Run a named experiment from experiments/NAME (its sweeps through pgvar-run "
+               "with the joblib launcher), then its analysis; prints the path of the table "
+               "it wrote.")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="pgvar-reproduce",
-        description="Run a named experiment from experiments/NAME (its sweeps through "
-                    "pgvar-run with the joblib launcher), then its analysis; prints the "
-                    "path of the table it wrote.")
+    """The command line of ``pgvar-reproduce`` (``--help`` lists it)."""
+    parser = argparse.ArgumentParser(prog="pgvar-reproduce", description=DESCRIPTION)
     parser.add_argument("name", help="experiment folder under experiments/, e.g. table")
     parser.add_argument("--preset", choices=PRESETS, default="quick",
                         help="smoke: seconds, for tests; quick: minutes on 2 cores; "
@@ -277,9 +278,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _analyse(spec: ExperimentSpec, out: Path, no_figures: bool) -> int:
     """Run the analysis of ``out/runs`` into ``out``; 2 when there is nothing to analyse."""
-    from analysis.loader import LoadError
-    from analysis.pipeline import analyze
-
     print(f"analysing {out / 'runs'} (table steps: {spec.steps})", flush=True)
     try:
         result = analyze([out / "runs"], out, steps=spec.steps, figures=not no_figures)
@@ -324,8 +322,6 @@ def load_experiment_analysis(folder: Path):
 
 def run_experiment_analysis(spec: ExperimentSpec, out: Path) -> int:
     """Run the experiment's own analysis on the complete runs; it writes result.md."""
-    from analysis.loader import load_runs
-
     analyze_fn = load_experiment_analysis(spec.folder)
     if analyze_fn is None:
         return 0
