@@ -28,7 +28,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                                                "pgvar/reference.py", "pgvar/stats.py",
                                                "pgvar/measure.py", "pgvar/__init__.py")),
     ("run", ("pgvar/config.py", "pgvar/run.py", "pgvar/runlog.py", "pgvar/sweep.py",
-             "pgvar/bench.py", "pgvar/__main__.py", "hydra_plugins/*/*.py")),
+             "pgvar/preflight.py", "pgvar/joblock.py", "pgvar/bench.py", "pgvar/__main__.py",
+             "hydra_plugins/*/*.py")),
     ("analysis", ("analysis/*.py",)),
     ("experiments & reproduction", ("experiments/*/*.py", "analysis/reproduce.py")),
 ]
