@@ -576,7 +576,7 @@ def check_sequence_estimator(run_cfg: RunConfig) -> None:
 def check_buildable(run_cfg: RunConfig) -> None:
     """Build the environment and policy on the CPU; re-raise their errors as ConfigError;
     then check that the whole job fits this machine's memory."""
-    from pgvar.preflight import check_job_memory
+    from pgvar.preflight import check_job_duration, check_job_memory
 
     try:
         env = build_env(run_cfg.env, device="cpu")
@@ -585,6 +585,7 @@ def check_buildable(run_cfg: RunConfig) -> None:
         raise ConfigError(f"env={run_cfg.env.name}: {err}") from err
     else:
         check_job_memory(run_cfg, env, policy)
+        check_job_duration(run_cfg, env)
     finally:
         close = getattr(locals().get("env"), "close", None)
         if callable(close):

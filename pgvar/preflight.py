@@ -255,6 +255,57 @@ def check_job_memory(run_cfg: RunConfig, env: Any, policy: Any) -> None:
     check_memory(job_memory_terms(run_cfg, env, policy), run_cfg, available_memory_bytes())
 
 
+# ------------------------------------------------------------------------ duration
+
+# Environment steps a job can take before it is refused: about a week of this machine at
+# the measured 1-2 million state-action pairs a second of the reference (README, speed).
+MAX_JOB_STEPS = 1e12
+DURATION_CLASSES = ((1e7, "seconds"), (1e9, "minutes"), (1e10, "hours"), (math.inf, "days"))
+
+
+def job_step_terms(run_cfg: RunConfig, horizon: float, exact: bool) -> list[MemoryTerm]:
+    """Environment steps of a job (counted at the full horizon), by where they go: the
+    training batches, the M x B measurement episodes and the Monte Carlo references at
+    every measured iteration. ``MemoryTerm.bytes`` holds the step count here."""
+    tr = run_cfg.training
+    N, k = float(tr.iterations), float(tr.measure_every)
+    measured = math.floor((N - 1) / k) + 1 + (1 if (N - 1) % k else 0)
+    B, M, T = float(tr.batch_size), float(tr.n_batches), float(horizon)
+    terms = [MemoryTerm("training", N * B * T, (("training.iterations", N),
+                                                  ("training.batch_size", B))),
+             MemoryTerm("measurements", measured * M * B * T,
+                        (("training.n_batches", M), ("training.batch_size", B),
+                         ("training.iterations", N)))]
+    if not exact:
+        ref = float(tr.reference.n_episodes)
+        terms.append(MemoryTerm("Monte Carlo references", measured * ref * T,
+                                (("training.reference.n_episodes", ref),
+                                 ("training.iterations", N))))
+    return terms
+
+
+def duration_class(steps: float) -> str:
+    """'seconds', 'minutes', 'hours' or 'days' for a job of ``steps`` environment steps
+    on this 2-core class of machine (order of magnitude, not a promise)."""
+    return next(word for bound, word in DURATION_CLASSES if steps < bound)
+
+
+def check_job_duration(run_cfg: RunConfig, env: Any) -> tuple[float, str]:
+    """The job's estimated environment steps and duration class; refuses a job beyond
+    ``MAX_JOB_STEPS`` with one line naming the setting that makes it so long."""
+    from pgvar.envs.base import is_exact
+
+    terms = job_step_terms(run_cfg, float(env.horizon), is_exact(env))
+    steps = sum(t.bytes for t in terms)
+    if steps > MAX_JOB_STEPS:
+        largest = max(terms, key=lambda t: t.bytes)
+        knob = knob_to_lower(largest, run_cfg)
+        raise ConfigError(f"{knob} makes a job too long: about {steps:.2g} environment steps "
+                          f"({largest.what}: {largest.bytes:.2g}), days or more on this "
+                          f"machine; lower {knob.split('=')[0]}")
+    return steps, duration_class(steps)
+
+
 def check_before_build(run_cfg: RunConfig) -> None:
     """What can be checked from the typed config alone: the device and the model size."""
     check_device(run_cfg.device)

@@ -282,6 +282,14 @@ def initial_env_and_policy(config: Mapping[str, Any], device: str = "cpu"):
     return env, initial_policy(env, run_cfg)
 
 
+def log_expected_duration(run_cfg: RunConfig, env) -> None:
+    """One log line with the job's estimated environment steps and duration class."""
+    from pgvar.preflight import check_job_duration
+
+    steps, word = check_job_duration(run_cfg, env)
+    log.info("estimated work: about %.2g environment steps (%s on a 2-core machine)", steps, word)
+
+
 def train_and_measure(run_cfg: RunConfig, job_dir: Path, started: float, state: RunState) -> None:
     """The loop of the module docstring; rows go to ``job_dir/metrics.csv``."""
     from pgvar.estimators import EstimatorConfig, get_estimator
@@ -291,6 +299,7 @@ def train_and_measure(run_cfg: RunConfig, job_dir: Path, started: float, state: 
     device = resolve_device(run_cfg.device)
     training = run_cfg.training
     env = build_env(run_cfg.env, device)
+    log_expected_duration(run_cfg, env)
     if getattr(env, "is_sequence_task", False):
         from pgvar.sequence_run import train_and_measure_sequence
 

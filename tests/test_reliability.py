@@ -476,3 +476,28 @@ def test_two_identical_sweeps_into_one_folder_run_every_job_exactly_once(tmp_pat
     df, report = load_runs(sweep)
     assert not report.skipped and len(report.loaded) == 8
     assert sorted(set(df["step"])) == [0, 1, 2, 3]
+
+
+# ----------------------------------------------------------------------------- duration
+
+
+def test_duration_class_and_refusal_of_a_job_of_days():
+    """A job's environment steps are estimated from its sizes: a classed word for the log,
+    and a one-line refusal naming the setting when it would take days or more."""
+    from pgvar.config import ConfigError
+    from pgvar.preflight import MAX_JOB_STEPS, check_job_duration, duration_class, job_step_terms
+    from pgvar.run import initial_env_and_policy, run_config_from
+
+    config = {"env": {"name": "tabular"}, "training": {"iterations": 11, "measure_every": 5,
+                                                       "n_batches": 4, "batch_size": 2}}
+    run_cfg = run_config_from(config)
+    env, _ = initial_env_and_policy(config)
+    terms = {t.what: t.bytes for t in job_step_terms(run_cfg, float(env.horizon), True)}
+    # 11 iterations x 2 episodes x T; measured at iterations 0, 5, 10: 3 x 4 x 2 x T
+    assert terms == {"training": 22 * env.horizon, "measurements": 24 * env.horizon}
+    assert duration_class(1e3) == "seconds" and duration_class(5e9) == "hours"
+    assert check_job_duration(run_cfg, env)[1] == "seconds"
+    huge = run_config_from({**config, "training": {**config["training"],
+                                                   "iterations": int(MAX_JOB_STEPS)}})
+    with pytest.raises(ConfigError, match="training.iterations=.* makes a job too long"):
+        check_job_duration(huge, env)
