@@ -422,7 +422,7 @@ def describe_error(err: BaseException) -> str:
     parts: list[str] = []
     while err is not None and len(parts) < 4:
         text = str(err).split("Config search path:")[0].strip()
-        if text and text not in parts:
+        if text and not any(text in part for part in parts):  # a cause quoted already
             parts.append(text)
         err = err.__cause__
     return "\n".join(parts)

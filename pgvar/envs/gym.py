@@ -23,6 +23,7 @@ Episode semantics pgvar needs, and how they are obtained from Gymnasium 1.x:
 from __future__ import annotations
 
 import difflib
+import warnings
 from typing import Any
 
 import gymnasium
@@ -42,20 +43,42 @@ except ImportError:  # pragma: no cover - depends on the installed gymnasium
     AutoresetMode = None  # type: ignore[assignment,misc]
 
 
+def is_installed(env_id: str) -> bool:
+    """Whether ``env_id`` can be built here, i.e. its optional extra (MuJoCo, Box2D, ...)
+    is installed: ``gymnasium.make`` succeeds (loading the entry point is not enough:
+    older MuJoCo ids import their simulator only when built)."""
+    try:
+        with warnings.catch_warnings():  # deprecation notes of old versions: not ours to print
+            warnings.simplefilter("ignore")
+            gymnasium.make(env_id).close()
+    except Exception:  # noqa: BLE001 - DependencyNotInstalled, DeprecatedEnv, ...: not usable
+        return False
+    return True
+
+
+def installed_close_ids(env_id: str, n: int = 5) -> list[str]:
+    """Up to ``n`` registered ids close to ``env_id`` whose environments are installed."""
+    candidates = difflib.get_close_matches(env_id, list(gymnasium.registry.keys()), n=12,
+                                           cutoff=0.5)
+    return [c for c in candidates if is_installed(c)][:n]
+
+
 def gym_spec(env_id: str) -> EnvSpec:
-    """The registered ``EnvSpec`` of ``env_id``, or a ``ValueError`` that suggests ids."""
+    """The registered ``EnvSpec`` of ``env_id``, or a ``ValueError`` that suggests ids
+    (only installed ones: an id whose extra is missing would fail next)."""
     if not isinstance(env_id, str) or not env_id:
         raise ValueError(f"env_id must be a Gymnasium environment id such as 'CartPole-v1', got {env_id!r}")
     try:
         return gymnasium.spec(env_id)
-    except gymnasium.error.Error as err:
-        close = difflib.get_close_matches(env_id, list(gymnasium.registry.keys()), n=5, cutoff=0.5)
+    except gymnasium.error.Error:
+        close = installed_close_ids(env_id)
         hint = f" Did you mean one of {close}?" if close else ""
+        # raised without the registry's own error: its suggestion ignores what is installed
         raise ValueError(
-            f"unknown Gymnasium environment id {env_id!r}: the gymnasium registry says: {err}.{hint} "
-            "List all ids with gymnasium.pprint_registry(); ids of optional families (MuJoCo, "
-            "Atari, Box2D) need their extra installed, e.g. pip install 'gymnasium[mujoco]'."
-        ) from err
+            f"unknown Gymnasium environment id {env_id!r}.{hint} List the ids with "
+            "gymnasium.pprint_registry(); ids of optional families (MuJoCo, Atari, Box2D) "
+            "need their extra installed, e.g. pip install 'gymnasium[mujoco]'."
+        ) from None
 
 
 def vectorization_mode_for(spec: EnvSpec) -> str:
