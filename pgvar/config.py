@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from pgvar import checks
+from pgvar import checks, runlog
 from pgvar.critics import CRITIC_KINDS
 from pgvar.envs.base import OBJECTIVES
 from pgvar.estimators import EstimatorConfig, check_estimator_knobs
@@ -348,6 +348,7 @@ class RunConfig:
     threads: int = 1  # torch intra-op threads per run (1 suits parallel sweeps; 0: torch's default)
     rerun_complete: bool = False  # redo a run even when its run.json says complete
     preset_name: str = "custom"  # which preset sized the run (set by the preset group; informational)
+    logger: str = "csv"  # csv: metrics.csv; tensorboard: also TensorBoard events in the job dir
 
     def check(self) -> None:
         require(isinstance(self.env, EnvConfig),
@@ -361,6 +362,10 @@ class RunConfig:
                 f"device={self.device!r} is not valid; valid values: cpu, cuda, cuda:N, auto")
         require_in_range("lr", self.lr, 0.0, float("inf"), low_open=True, high_open=True)
         require_positive_int("threads", self.threads, 0)
+        require_choice("logger", self.logger, runlog.LOGGERS)
+        require(self.logger != "tensorboard" or runlog.tensorboard_installed(),
+                "logger=tensorboard needs the tensorboard package: "
+                f"{runlog.TENSORBOARD_INSTALL} (or pip install tensorboard)")
 
 
 def register_configs() -> None:

@@ -10,7 +10,8 @@ One run (one Hydra job), for iterations i = 0..N-1 at policy parameters theta_i:
    EARLIER batches only (so a value baseline stays unbiased), and take an Adam ascent
    step of size ``lr``;
 4. fit the critic on the step-1 batch (for the next iteration);
-5. append the iteration's row to metrics.csv (``pgvar.runlog`` documents the columns).
+5. append the iteration's row to metrics.csv (``pgvar.runlog`` documents the columns),
+   and with ``logger=tensorboard`` to a TensorBoard event file in the job directory.
 
 NaN or infinite gradients (or returns) end the run with status ``diverged``; any other
 exception ends it with status ``failed``. The job then still returns to Hydra's launcher,
@@ -243,7 +244,7 @@ def train_and_measure(run_cfg: RunConfig, job_dir: Path, started: float, state: 
                   if needs_critic else None)
         optimizer = torch.optim.Adam(policy.parameters(), lr=run_cfg.lr, maximize=True)
         every = progress_interval(training.log_every, training.iterations)
-        with runlog.MetricsWriter(job_dir / runlog.METRICS_FILE) as writer:
+        with runlog.RunLog(job_dir, run_cfg.logger) as writer:
             for step in range(training.iterations):
                 if step == run_cfg.debug.raise_at_step:
                     raise RuntimeError(f"debug.raise_at_step={step}: a deliberate failure")
