@@ -23,6 +23,8 @@ Episode semantics pgvar needs, and how they are obtained from Gymnasium 1.x:
 from __future__ import annotations
 
 import difflib
+import functools
+import os
 import warnings
 from typing import Any
 
@@ -125,6 +127,42 @@ def resolve_horizon(spec: EnvSpec, horizon: int | None, time_limit: int | None) 
     return horizon
 
 
+def resident_bytes() -> int | None:
+    """This process's resident memory in bytes (Linux ``/proc``), or None elsewhere."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+FALLBACK_LANE_BYTES = 2 << 20  # 2 MiB a lane where resident memory cannot be read
+PROBE_LANES = 16
+
+
+@functools.lru_cache(maxsize=None)
+def lane_bytes_of(env_id: str, mode: str, make_kwargs: tuple = ()) -> int:
+    """Memory one more lane of ``env_id``'s vector env takes, measured once per id: the
+    growth of resident memory while ``PROBE_LANES`` lanes are built, over their number.
+    A lane of a simulator (a MuJoCo model and its data) costs about 1 MiB; a lane of a
+    native vector env (CartPole) a few hundred bytes. At least 4 KiB."""
+    def build(n: int) -> VectorEnv:
+        vec = gymnasium.make_vec(env_id, num_envs=n, vectorization_mode=mode, **dict(make_kwargs))
+        vec.reset(seed=0)
+        return vec
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        build(1).close()  # imports and one-time set-up are not a lane's cost
+        before = resident_bytes()
+        vec = build(PROBE_LANES)
+        after = resident_bytes()
+        vec.close()
+    if before is None or after is None:
+        return FALLBACK_LANE_BYTES
+    return max((after - before) // PROBE_LANES, 4096)
+
+
 class GymVectorEnv:
     """Any Gymnasium environment id as a ``BatchedEnv``: N seeded episodes on torch tensors.
 
@@ -160,6 +198,13 @@ class GymVectorEnv:
     def __repr__(self) -> str:
         return (f"GymVectorEnv({self.name!r}, horizon={self.horizon}, gamma={self.gamma}, "
                 f"objective={self.objective!r}, mode={self.vectorization_mode!r})")
+
+    @property
+    def lane_bytes(self) -> int:
+        """Memory of one lane of this env's vector env (``lane_bytes_of``): what bounds
+        how many lanes a Monte Carlo reference runs at once (``pgvar.reference``)."""
+        return lane_bytes_of(self.spec.id, self.vectorization_mode,
+                             tuple(sorted(self.make_kwargs.items())))
 
     # -- BatchedEnv -------------------------------------------------------------------
 
