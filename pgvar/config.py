@@ -281,9 +281,12 @@ class ReferenceConfig:
     # Gymnasium envs: lanes that start a new episode when one ends (pgvar.refill; 0: one
     # episode per lane). 512 was fastest for 2000-episode references on CartPole here.
     lanes: int = 512
+    memory_mb: float = 512.0  # what one chunk may hold; chunk and lanes shrink to fit (pgvar.reference.chunk_plan)
 
     def check(self) -> None:
         require_positive_int("training.reference.n_episodes", self.n_episodes, 2)
+        require_in_range("training.reference.memory_mb", self.memory_mb, 0.0, float("inf"),
+                         low_open=True, high_open=True)
         if self.target_rel_se is not None:
             require_in_range("training.reference.target_rel_se", self.target_rel_se, 0.0,
                              float("inf"), low_open=True, high_open=True)

@@ -157,6 +157,7 @@ def reference_options(run_cfg: RunConfig, critic, step: int) -> dict[str, Any]:
     return {"n_episodes": ref.n_episodes, "target_rel_se": ref.target_rel_se,
             "estimator": ref.estimator, "batch_size": ref.batch_size,
             "chunk_episodes": ref.chunk_episodes, "lanes": ref.lanes or None, "critic": critic,
+            "memory_mb": ref.memory_mb,
             "seed": derive_seed(run_cfg.seed, "reference", step)}
 
 

@@ -193,7 +193,7 @@ class SimulatorLike:
     obs_shape = (11,)
     lane_bytes = 2 ** 20
 
-    class action_spec:  # noqa: N801 - an attribute holder
+    class action_spec:
         kind, dim = "continuous", 3
 
 

@@ -140,7 +140,7 @@ FALLBACK_LANE_BYTES = 2 << 20  # 2 MiB a lane where resident memory cannot be re
 PROBE_LANES = 16
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def lane_bytes_of(env_id: str, mode: str, make_kwargs: tuple = ()) -> int:
     """Memory one more lane of ``env_id``'s vector env takes, measured once per id: the
     growth of resident memory while ``PROBE_LANES`` lanes are built, over their number.
