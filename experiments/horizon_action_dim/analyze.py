@@ -4,7 +4,7 @@ Each run is one measurement at the initial policy of linear-quadratic control, f
 (gamma, estimator, horizon T, action dimension d, seed); each seed is its own random
 system. For each (gamma, estimator) and each of two quantities,
 
-- variance          tr Cov[g_hat]                  (what the seed text talks about),
+- variance          tr Cov[g_hat]                  (what the source text talks about),
 - relative variance tr Cov[g_hat] / ||grad J||^2   (noise against signal: free of the
                                                     scale of J, which itself grows with T and d),
 - variance / J^2    tr Cov[g_hat] / J^2             (the reward scale divided out: J is
@@ -45,7 +45,7 @@ AXIS_LABELS = {"grad_variance": "variance  tr Cov[ĝ]",
 ESTIMATOR_NAMES = {"reinforce": "REINFORCE (full return)", "reinforce_rtg": "reward-to-go"}
 CLAIM = ("\"Variance scales with trajectory length times action dimensionality. A 100-step "
          "episode with a 20-dimensional continuous action space produces a gradient estimate "
-         "with noise that swamps the signal\" (seed text, *When it falls down*).")
+         "with noise that swamps the signal\" (source text, *When it falls down*).")
 MIN_SEEDS = 3  # fewer systems than this: the bootstrap over seeds says nothing
 MAX_CI_WIDTH = 1.0  # an exponent interval wider than this cannot tell 1 from 2
 

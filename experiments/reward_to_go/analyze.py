@@ -220,7 +220,7 @@ def verdict_sentence(result: pd.DataFrame) -> str:
 def markdown(result: pd.DataFrame, preset: str) -> str:
     """result.md: the claim, the table of numbers, the verdict line."""
     lines = [f"# Reward-to-go against the full return ({preset} preset)", "",
-             f"Claim (seed text): {CLAIM}", "",
+             f"Claim (source text): {CLAIM}", "",
              ("Paired measurements at random initial policies (one pair = one env instance "
               "and run seed, both estimators on the same episodes); 95% bootstrap intervals "
               "across pairs. Relative variance is tr Cov[ĝ] / ‖∇J‖²; relative squared bias "
