@@ -3,9 +3,15 @@
 - ``learning_curves``: IQM return against environment steps, 95% stratified bootstrap
   band, one panel per environment.
 - ``gradient_stats``: relative variance and relative bias of the gradient estimate at
-  every measured training iteration (mean across seeds, 95% bootstrap band).
+  every measured training iteration, pooled over seeds as the table pools them (bands:
+  95% bootstrap over seeds for the variance, 95% from the per-measurement standard
+  errors for the bias; the panel titles say so).
+- ``table_rows``: the comparison table as a figure, one labelled line per row (so no
+  two rows can hide each other): relative bias and variance / vanilla with their 95%
+  intervals, one row of panels per environment.
 - ``bias_variance``: one point per estimator row, relative variance against relative
-  bias with 95% intervals on both axes, one panel per environment.
+  bias with 95% intervals on both axes, one panel per environment; every row has its
+  own marker, and an inset magnifies points that pile up.
 - ``gae_lambda``: GAE's bias and variance against lambda, when the sweep has several.
 
 Sizes are for a paper: 7 inches wide (two columns), 8-9 pt text.
@@ -39,20 +45,35 @@ def apply_theme() -> None:
                   rc={"axes.titlesize": 9, "legend.fontsize": 7, "savefig.bbox": "tight"})
 
 
+MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "h", "<", ">", "p", "d", "8"]
+
+
+def _family(label: str) -> str:
+    return label.split(" (")[0]
+
+
 def _palette(labels: list[str]) -> dict[str, tuple]:
     """One tab10 colour per estimator (the text before ' ('); variants of one estimator,
-    such as GAE's lambdas, get darker to lighter shades of its colour."""
-    families = list(dict.fromkeys(label.split(" (")[0] for label in labels))
+    such as GAE's lambdas, get a dark-to-light ramp of its hue wide enough to tell apart
+    (and each its own marker, ``_markers``: colour is never the only cue)."""
+    families = list(dict.fromkeys(_family(label) for label in labels))
     base = dict(zip(families, sns.color_palette("tab10", max(len(families), 1)) * 3))
     colours = {}
     for family in families:
-        members = [label for label in labels if label.split(" (")[0] == family]
+        members = [label for label in labels if _family(label) == family]
         if len(members) == 1:
             colours[members[0]] = base[family]
             continue
-        lightness = np.linspace(0.2, 0.75, len(members))
-        colours.update((m, sns.set_hls_values(base[family], l=float(v))) for m, v in zip(members, lightness))
+        lightness = np.linspace(0.18, 0.78, len(members))
+        saturation = np.linspace(1.0, 0.65, len(members))
+        colours.update((m, sns.set_hls_values(base[family], l=float(v), s=float(sat)))
+                       for m, v, sat in zip(members, lightness, saturation))
     return colours
+
+
+def _markers(labels: list[str]) -> dict[str, str]:
+    """A marker of its own for every label (cycling only past 14 rows)."""
+    return {label: MARKERS[i % len(MARKERS)] for i, label in enumerate(labels)}
 
 
 def _label_order(label: str) -> tuple:
@@ -158,26 +179,35 @@ def plot_learning_curves(curves: pd.DataFrame, labels: list[str], envs: list[str
 
 
 def gradient_stats_by_step(measured: pd.DataFrame) -> pd.DataFrame:
-    """Mean across seeds and 95% interval of relative variance and relative bias at each
-    (env, label, step). Bias is averaged as U / ||grad J||^2, then square-rooted."""
+    """Per (env, label, step), pooled over seeds as the table pools over steps and seeds
+    (``analysis.table``): relative variance = mean variance / mean ``||grad J||^2`` with a
+    bootstrap interval over seeds, relative bias = sqrt(mean U / mean ``||grad J||^2``)
+    with the interval from the logged per-measurement standard errors."""
+    from analysis.table import per_run_values, pooled_bias
+
     records = []
     for (env, label, step), g in measured.groupby(["env", "label", "step"], sort=False):
-        var = mean_ci(g["grad_rel_variance"].to_numpy())
-        b2 = mean_ci(g["grad_rel_bias_sq"].to_numpy())
-        root = [math.sqrt(max(v, 0.0)) if math.isfinite(v) else v for v in (b2.value, b2.lo, b2.hi)]
+        pooled = pooled_bias(per_run_values(g))
+        var = pooled.relative(mean_ci(g["grad_variance"].to_numpy()))
+        bias = pooled.relative(pooled.bias_sq).map(_root)
         records.append({"env": env, "label": label, "step": step, "rel_variance": var.value,
                         "rel_variance_lo": var.lo, "rel_variance_hi": var.hi,
-                        "rel_bias": root[0], "rel_bias_lo": root[1], "rel_bias_hi": root[2],
+                        "rel_bias": bias.value, "rel_bias_lo": bias.lo, "rel_bias_hi": bias.hi,
                         "n": var.n})
     return pd.DataFrame.from_records(records)
+
+
+def _root(x: float) -> float:
+    return math.sqrt(max(x, 0.0)) if math.isfinite(x) else x
 
 
 def plot_gradient_stats(by_step: pd.DataFrame, labels: list[str], envs: list[str],
                         out_dir: Path) -> list[Path]:
     """Relative variance (log scale when it spans decades) and relative bias over training,
-    one row of two panels per environment."""
-    colour = _palette(labels)
-    fig, axes = plt.subplots(len(envs), 2, figsize=(PAPER_WIDTH, PANEL_HEIGHT * len(envs)),
+    one row of two panels per environment; each line its own marker; the titles say what
+    the bands are."""
+    colour, marker = _palette(labels), _markers(labels)
+    fig, axes = plt.subplots(len(envs), 2, figsize=(PAPER_WIDTH, (PANEL_HEIGHT + 0.2) * len(envs)),
                              squeeze=False)
     for (ax_var, ax_bias), env in zip(axes, envs):
         data = by_step[by_step["env"] == env]
@@ -186,16 +216,20 @@ def plot_gradient_stats(by_step: pd.DataFrame, labels: list[str], envs: list[str
             if c.empty:
                 continue
             for ax, col in ((ax_var, "rel_variance"), (ax_bias, "rel_bias")):
-                ax.plot(c["step"], c[col], color=colour[label], label=label, lw=1.2, marker=".")
+                ax.plot(c["step"], c[col], color=colour[label], label=label, lw=1.1,
+                        marker=marker[label], ms=3.5)
                 ax.fill_between(c["step"], c[f"{col}_lo"], c[f"{col}_hi"],
-                                color=colour[label], alpha=0.2, lw=0)
+                                color=colour[label], alpha=0.15, lw=0)
         if spans_decades(data["rel_variance"]):
             log_axis(ax_var, "y", data["rel_variance"])
         ax_var.set_ylabel(REL_VAR_LABEL)
         ax_bias.set_ylabel(REL_BIAS_LABEL)
+        ax_var.set_title(f"{env}: variance, mean over seeds\n"
+                         "band: 95% bootstrap CI over seeds", fontsize=8)
+        ax_bias.set_title(f"{env}: bias, sqrt(mean U / mean ‖∇J‖²) over seeds\n"
+                          "band: 95% CI from the per-measurement SEs", fontsize=8)
         for ax in (ax_var, ax_bias):
             ax.set_xlabel("training iteration")
-            ax.set_title(env)
     _legend_below(fig, axes.flat, labels)
     fig.tight_layout()
     return save_figure(fig, out_dir, "gradient_stats")
@@ -204,11 +238,12 @@ def plot_gradient_stats(by_step: pd.DataFrame, labels: list[str], envs: list[str
 # ----------------------------------------------------------------------------- table plots
 
 
-def _errorbar_point(ax, row: pd.Series, x: str, y: str, colour, label: str) -> None:
+def _errorbar_point(ax, row: pd.Series, x: str, y: str, colour, label: str,
+                    marker: str = "o") -> None:
     xerr = _asym_err(row, x)
     yerr = _asym_err(row, y)
-    ax.errorbar(row[x], row[y], xerr=xerr, yerr=yerr, fmt="o", color=colour, ms=4,
-                capsize=2, lw=1, label=label)
+    ax.errorbar(row[x], row[y], xerr=xerr, yerr=yerr, fmt=marker, color=colour, ms=4.5,
+                capsize=2, lw=1, label=label, mec="black", mew=0.4)
 
 
 def _asym_err(row: pd.Series, name: str) -> np.ndarray | None:
@@ -218,25 +253,126 @@ def _asym_err(row: pd.Series, name: str) -> np.ndarray | None:
     return np.array([[max(v - lo, 0.0)], [max(hi - v, 0.0)]])
 
 
+def piled_up(x: np.ndarray, y: np.ndarray, log_x: bool, within: float = 0.06) -> np.ndarray:
+    """Which points lie within ``within`` of another, in axis fractions (x on a log scale
+    when ``log_x``): the ones an inset should magnify."""
+    x = np.log10(x) if log_x else np.asarray(x, dtype=float)
+    y = np.asarray(y, dtype=float)
+    span = [max(np.ptp(v), 1e-12) for v in (x, y)]
+    pts = np.column_stack([x / span[0], y / span[1]])
+    dist = np.sqrt(((pts[:, None, :] - pts[None, :, :]) ** 2).sum(-1))
+    np.fill_diagonal(dist, np.inf)
+    return (dist < within).any(axis=1)
+
+
 def plot_bias_variance(table: pd.DataFrame, labels: list[str], out_dir: Path) -> list[Path]:
-    """One point per estimator row: relative variance (log x) against relative bias."""
+    """One point per estimator row: relative variance (log x) against relative bias; every
+    row its own marker; an inset magnifies the points that pile up."""
     envs = list(dict.fromkeys(table["env"]))
-    colour = _palette(labels)
-    fig, axes = _panels(len(envs), height=3.0)
+    colour, marker = _palette(labels), _markers(labels)
+    fig, axes = _panels(len(envs), height=3.2)
     for ax, env in zip(axes, envs):
-        rows = table[table["env"] == env]
+        rows = table[(table["env"] == env) & np.isfinite(table["rel_variance"])
+                     & np.isfinite(table["rel_bias"])]
         for _, row in rows.iterrows():
-            if np.isfinite(row["rel_variance"]):
-                _errorbar_point(ax, row, "rel_variance", "rel_bias", colour[row["label"]], row["label"])
-        if spans_decades(rows["rel_variance"], decades=0.7):
+            _errorbar_point(ax, row, "rel_variance", "rel_bias", colour[row["label"]],
+                            row["label"], marker[row["label"]])
+        log_x = spans_decades(rows["rel_variance"], decades=0.7)
+        if log_x:
             log_axis(ax, "x", pd.concat([rows["rel_variance"], rows["rel_variance_lo"],
                                           rows["rel_variance_hi"]]))
+        if len(rows) > 2:
+            _inset_where_piled(ax, rows, colour, marker, log_x)
         ax.set_xlabel(REL_VAR_LABEL)
         ax.set_ylabel(REL_BIAS_LABEL)
-        ax.set_title(f"{env}: bias against variance (95% CI)")
+        ax.set_title(f"{env}: bias against variance\n(bars: 95% CIs as in the table)", fontsize=8)
     _legend_below(fig, axes, labels)
     fig.tight_layout()
     return save_figure(fig, out_dir, "bias_variance")
+
+
+def _inset_where_piled(ax, rows: pd.DataFrame, colour: dict, marker: dict, log_x: bool) -> None:
+    """An inset in the panel's emptiest corner magnifying the piled-up points (bars
+    dropped there: the main panel and the table carry them)."""
+    crowd = rows[piled_up(rows["rel_variance"].to_numpy(), rows["rel_bias"].to_numpy(), log_x)]
+    if len(crowd) < 2:
+        return
+    main_span = np.subtract(*ax.get_ylim()[::-1])
+    x, y = crowd["rel_variance"], crowd["rel_bias"]
+    pad_y = max(np.ptp(y) * 0.15, 0.03 * main_span)
+    if log_x:
+        lo_x, hi_x = x.min() / 1.08, x.max() * 1.08
+    else:
+        lo_x, hi_x = x.min() - 0.05 * np.ptp(x), x.max() + 0.05 * np.ptp(x)
+    crowd = rows[rows["rel_variance"].between(lo_x, hi_x)
+                 & rows["rel_bias"].between(y.min() - pad_y, y.max() + pad_y)]
+    inset = ax.inset_axes(_emptiest_corner(ax, rows, log_x))
+    for _, row in crowd.iterrows():
+        inset.plot(row["rel_variance"], row["rel_bias"], marker=marker[row["label"]], ls="",
+                   color=colour[row["label"]], ms=5, mec="black", mew=0.4)
+    if log_x:
+        inset.set_xscale("log")
+        inset.xaxis.set_major_formatter(ticker.FuncFormatter(lambda x, _: f"{x:g}"))
+        inset.xaxis.set_minor_formatter(ticker.FuncFormatter(lambda x, _: f"{x:g}"))
+    inset.set_ylim(y.min() - pad_y, y.max() + pad_y)
+    inset.set_xlim(lo_x, hi_x)
+    inset.tick_params(which="both", labelsize=6, length=2)
+    inset.set_title("zoom", fontsize=6, pad=2)
+    ax.indicate_inset_zoom(inset, edgecolor="0.4", lw=0.6)
+
+
+def _emptiest_corner(ax, rows: pd.DataFrame, log_x: bool) -> list[float]:
+    """Inset bounds [x0, y0, w, h] in axis fractions at the corner with fewest points."""
+    ax.figure.canvas.draw()  # settle the limits
+    to_axes = ax.transAxes.inverted()
+    pts = to_axes.transform(ax.transData.transform(
+        np.column_stack([rows["rel_variance"], rows["rel_bias"]])))
+    corners = {(0.04, 0.52): (0, 0.5, 0.5, 1), (0.52, 0.52): (0.5, 0.5, 1, 1),
+               (0.04, 0.06): (0, 0, 0.5, 0.5), (0.52, 0.06): (0.5, 0, 1, 0.5)}
+    def crowding(box: tuple) -> int:
+        x0, y0, x1, y1 = box
+        inside = ((pts[:, 0] >= x0) & (pts[:, 0] <= x1)
+                  & (pts[:, 1] >= y0) & (pts[:, 1] <= y1))
+        return int(inside.sum())
+    (cx, cy), _ = min(corners.items(), key=lambda kv: crowding(kv[1]))
+    return [cx, cy, 0.44, 0.4]
+
+
+def plot_table_rows(table: pd.DataFrame, labels: list[str], out_dir: Path) -> list[Path]:
+    """The table as a figure: per environment, relative bias and variance / vanilla with
+    95% intervals, one labelled line per row (rows cannot hide each other); a filled
+    marker when the bias is distinguishable from 0, hollow when not."""
+    envs = list(dict.fromkeys(table["env"]))
+    colour, marker = _palette(labels), _markers(labels)
+    n_rows = max(len(table[table["env"] == env]) for env in envs)
+    fig, axes = plt.subplots(len(envs), 2, squeeze=False, sharey="row",
+                             figsize=(PAPER_WIDTH, len(envs) * (0.6 + 0.22 * n_rows)))
+    for (ax_bias, ax_var), env in zip(axes, envs):
+        rows = table[table["env"] == env]
+        rows = rows.iloc[sorted(range(len(rows)), key=lambda i: _label_order(rows["label"].iloc[i]))]
+        for y, (_, row) in enumerate(rows.iterrows()):
+            filled = str(row.get("bias_distinguishable")) == "True"
+            for ax, col in ((ax_bias, "rel_bias"), (ax_var, "var_ratio")):
+                if not np.isfinite(row[col]):
+                    continue
+                err = _asym_err(row, col)
+                ax.errorbar(row[col], y, xerr=err, fmt=marker[row["label"]], ms=5, capsize=2,
+                            lw=1, color=colour[row["label"]], mec="black", mew=0.4,
+                            mfc=colour[row["label"]] if (filled or col == "var_ratio") else "white")
+        ax_bias.set_yticks(range(len(rows)), list(rows["label"]))
+        ax_bias.invert_yaxis()
+        ax_bias.set_xlabel(REL_BIAS_LABEL + "  (hollow: not distinguishable from 0)", fontsize=7)
+        ax_var.set_xlabel("variance / vanilla REINFORCE (paired by seed)", fontsize=7)
+        if spans_decades(rows["var_ratio"], decades=1.0):
+            log_axis(ax_var, "x", pd.concat([rows["var_ratio"], rows["var_ratio_lo"],
+                                              rows["var_ratio_hi"]]))
+        ax_var.axvline(1.0, color="0.5", lw=0.6, ls="--")
+        ax_var.tick_params(axis="x", labelsize=6)
+        reference = rows["reference"].iloc[0] if "reference" in rows.columns else ""
+        ax_bias.set_title(f"{env} ({reference} ∇J): relative bias, 95% CI", fontsize=8)
+        ax_var.set_title(f"{env}: variance ratio, 95% CI", fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, out_dir, "table_rows")
 
 
 def plot_gae_lambda(table: pd.DataFrame, out_dir: Path, estimator: str = "gae") -> list[Path]:
@@ -254,8 +390,8 @@ def plot_gae_lambda(table: pd.DataFrame, out_dir: Path, estimator: str = "gae") 
         rows = gae[gae["env"] == env].sort_values("lam")
         for ax, col in ((ax_bias, "rel_bias"), (ax_var, "rel_variance")):
             err = np.vstack([rows[col] - rows[f"{col}_lo"], rows[f"{col}_hi"] - rows[col]]).clip(0)
-            ax.errorbar(rows["lam"], rows[col], yerr=np.nan_to_num(err), marker="o", ms=4,
-                        capsize=2, lw=1.2, color=colour[env], label=env)
+            ax.errorbar(rows["lam"], rows[col], yerr=np.nan_to_num(err), marker=_markers(envs)[env],
+                        ms=4, capsize=2, lw=1.2, color=colour[env], label=env)
         vanilla = table[(table["env"] == env) & (table["estimator"] == "reinforce")]
         if not vanilla.empty:
             ax_var.axhline(vanilla["rel_variance"].iloc[0], color=colour[env], ls="--", lw=0.8,
@@ -286,5 +422,6 @@ def make_figures(table: pd.DataFrame, measured: pd.DataFrame, curves: pd.DataFra
     if not measured.empty:
         paths += plot_gradient_stats(gradient_stats_by_step(measured), labels, envs, out_dir)
         paths += plot_bias_variance(table, labels, out_dir)
+        paths += plot_table_rows(table, labels, out_dir)
         paths += plot_gae_lambda(table, out_dir)
     return paths

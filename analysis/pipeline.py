@@ -3,7 +3,8 @@
 Files written into ``out``:
 
 - ``runs.parquet``: the tidy frame (one row per run and iteration, config as columns);
-- ``table.md``, ``table.csv``, ``table.tex``: the comparison table;
+- ``table.md``: the comparison table, compact (7 columns at most, read at a glance);
+- ``table_full.md``, ``table.csv``, ``table.tex``: the full table, every column;
 - ``learning_curves.csv``: IQM return per row and environment-step grid point, 95% CI;
 - ``gradient_stats_by_step.csv``: relative variance and bias per row and iteration;
 - ``returns_iqm.csv``: final return per row, normalised and pooled over environments;
@@ -52,7 +53,7 @@ def analyze(paths: Iterable[Path | str], out: Path | str, steps: str = "all",
     keys = tb.row_key_columns(df)
     df = tb.add_labels(df, keys)
     table = tb.build_table(df, steps=steps, skipped=report.skipped)
-    files.update({f"table.{k}": p for k, p in tb.write_table(table, out_dir).items()})
+    files.update({p.name: p for p in tb.write_table(table, out_dir).values()})
     curves = cv.learning_curve_iqm(df, ["env", "label"])
     files["learning_curves"] = _csv(curves, out_dir / "learning_curves.csv")
     measured = measured_rows(df)

@@ -332,7 +332,7 @@ def run_experiment_analysis(spec: ExperimentSpec, out: Path) -> int:
     return 0
 
 
-PUBLISHED_FILES = ("table.md", "table.csv", "table.tex", "returns_iqm.csv", "reproduce.json",
+PUBLISHED_FILES = ("table.md", "table_full.md", "table.csv", "table.tex", "returns_iqm.csv", "reproduce.json",
                    "skipped_runs.csv", "result.md", "result.csv")
 
 

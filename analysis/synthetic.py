@@ -32,10 +32,11 @@ class TrueEstimator:
     lam: float | None = None
 
 
-def gradient_statistics(G: np.ndarray, g_ref: np.ndarray) -> dict[str, float]:
-    """The logged statistics of M estimates ``G [M, P]`` against an exact ``g_ref``:
-    ``pgvar.stats.gradient_stats``, in the columns ``pgvar-run`` writes them to."""
-    return measured_cells(gradient_stats(G, g_ref).as_dict())
+def gradient_statistics(G: np.ndarray, g_ref: np.ndarray, ref_se: float = 0.0) -> dict[str, float]:
+    """The logged statistics of M estimates ``G [M, P]`` against ``g_ref``, a reference
+    with standard error ``ref_se`` (0: exact): ``pgvar.stats.gradient_stats``, in the
+    columns ``pgvar-run`` writes them to."""
+    return measured_cells(gradient_stats(G, g_ref, se_ref2=ref_se ** 2).as_dict())
 
 
 def write_run(job_dir: Path, config: dict, metrics: pd.DataFrame, status: str = STATUS_COMPLETE,
@@ -50,24 +51,63 @@ def write_run(job_dir: Path, config: dict, metrics: pd.DataFrame, status: str = 
 
 def synthetic_metrics(truth: TrueEstimator, seed: int, n_iters: int = 6, measure_every: int = 2,
                       M: int = 32, P: int = 8, ref_norm: float = 1.0,
-                      ref_exact: bool = True) -> pd.DataFrame:
+                      ref_exact: bool = True, ref_decay: float = 0.0,
+                      ref_se: float = 0.0) -> pd.DataFrame:
     """metrics.csv of one run: a rising learning curve and measured steps every few.
-    ``ref_exact`` only sets the flag column (the reference is always exact here)."""
+
+    ``||grad J||`` is ``ref_norm * exp(-ref_decay * step)`` (training drives the true
+    gradient towards 0); the bias keeps its norm ``truth.bias``. With ``ref_se > 0`` the
+    logged reference is ``grad J`` plus isotropic noise of that standard error (a Monte
+    Carlo reference, ``ref_exact`` then False); ``ref_exact`` alone only sets the flag."""
     rng = np.random.default_rng([seed, zlib.crc32(truth.name.encode())])
     rows = []
     for step in range(n_iters):
         row = {"step": step, "env_steps": 100 * (step + 1), "episodes": 10 * (step + 1),
                "return_mean": step + rng.normal(0, 0.1), "return_std": 1.0, "wall_s": 0.1 * step}
         if step % measure_every == 0:
-            g_ref = rng.normal(size=P)
-            g_ref *= ref_norm / np.linalg.norm(g_ref)
+            g_true = rng.normal(size=P)
+            g_true *= ref_norm * math.exp(-ref_decay * step) / np.linalg.norm(g_true)
             b = rng.normal(size=P)
             b *= truth.bias / np.linalg.norm(b)
             noise = rng.normal(size=(M, P)) * math.sqrt(truth.variance / P)
-            row.update(gradient_statistics(g_ref + b + noise, g_ref))
-            row["ref_exact"] = ref_exact
+            g_ref = g_true + rng.normal(size=P) * ref_se / math.sqrt(P) if ref_se > 0 else g_true
+            row.update(gradient_statistics(g_true + b + noise, g_ref, ref_se))
+            row["ref_exact"] = ref_exact and ref_se == 0
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def heavy_tailed_measurements(rng: np.random.Generator, n_runs: int, n_steps: int, M: int,
+                              P: int, rel_bias: float,
+                              heavy: bool = True) -> tuple[pd.DataFrame, float]:
+    """Measurement rows (``run_dir``, ``seed``, ``grad_bias_sq``, ``grad_bias_sq_se``,
+    ``ref_norm``, ``ref_se``) of ``n_runs`` runs with ``n_steps`` measurements each,
+    computed by ``pgvar.stats.gradient_stats`` from M draws per measurement, and the true
+    pooled relative squared bias ``sum ||b_k||^2 / sum ||grad J_k||^2``.
+
+    ``||grad J_k||`` shrinks over the steps (3 e^{-0.4 k}) and the bias is ``rel_bias``
+    times it; with ``heavy`` each draw's unit noise is scaled by a lognormal factor
+    (sd 1), a skewed, heavy-tailed estimate like LQR's. For calibration tests of the
+    table's pooled bias interval.
+    """
+    rows, bias_sq, grad_sq = [], 0.0, 0.0
+    for run in range(n_runs):
+        for k in range(n_steps):
+            norm = 3.0 * math.exp(-0.4 * k)
+            g = rng.normal(size=P)
+            g *= norm / np.linalg.norm(g)
+            b = rng.normal(size=P)
+            b *= rel_bias * norm / np.linalg.norm(b)
+            z = rng.normal(size=(M, P))
+            if heavy:
+                z *= np.exp(rng.normal(0.0, 1.0, size=(M, 1))) / math.e
+            s = gradient_stats(g + b + z, g)
+            rows.append({"run_dir": f"run{run}", "seed": run, "step": k,
+                         "grad_bias_sq": s.grad_bias_sq, "grad_bias_sq_se": s.grad_bias_sq_se,
+                         "ref_norm": s.ref_norm, "ref_se": s.ref_se, "n_estimates": M})
+            bias_sq += float(b @ b)
+            grad_sq += norm ** 2
+    return pd.DataFrame(rows), bias_sq / grad_sq
 
 
 def write_sweep(sweep_dir: Path, truths: list[TrueEstimator], seeds: range | list[int],

@@ -264,7 +264,7 @@ def test_agreement_column_follows_the_rule(table):
     # 0.0625 'low' at lam=0.95 -> disagrees with 'very low'
     assert rows["gae (lam=0.5)"]["agreement"] == "agrees"
     assert rows["gae (lam=0.95)"]["agreement"] == "disagrees"
-    assert "seed says very low, measured low" in rows["gae (lam=0.95)"]["agreement_detail"]
+    assert "seed says very low (0-0.01x vanilla), measured low" in rows["gae (lam=0.95)"]["agreement_detail"]
 
 
 def test_table_writers(table):

@@ -89,7 +89,7 @@ def test_every_preset_composes_and_validates():
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from pgvar import config
-    from pgvar import reproduce as rp
+    from analysis import reproduce as rp
 
     config.register_configs()
     config.register_resolvers()

@@ -95,7 +95,8 @@ def test_after_the_sweeps_in_process(tmp_path):
     spec = rp.ExperimentSpec(name="demo", folder=tmp_path / "experiments" / "demo",
                              preset="smoke", sweeps={"tabular": ["env=tabular"]})
     assert rp._analyse(spec, out, no_figures=True) == 0
-    assert "Vanilla REINFORCE" in (out / "table.md").read_text()
+    assert "Vanilla REINFORCE" in (out / "table_full.md").read_text()
+    assert "| reinforce |" in (out / "table.md").read_text()
     assert rp.run_experiment_analysis(spec, out) == 0  # no analyze.py: nothing more to run
     outcome = rp.SweepOutcome("tabular", 0, 1.0, {"complete": len(jobs)})
     rp._write_record(spec, out, [outcome], 1.0, 2.0, ["demo", "--preset", "smoke"])
@@ -103,7 +104,8 @@ def test_after_the_sweeps_in_process(tmp_path):
     assert record["sweeps"]["tabular"]["statuses"] == {"complete": 6}
     published = rp.publish(out, spec)
     assert published == spec.folder / "results" / "smoke"
-    assert {"table.md", "table.csv", "reproduce.json"} <= {p.name for p in published.iterdir()}
+    names = {p.name for p in published.iterdir()}
+    assert {"table.md", "table_full.md", "table.csv", "reproduce.json"} <= names
 
 
 @pytest.mark.slow
@@ -134,7 +136,9 @@ def test_reproduce_table_smoke_end_to_end(tmp_path):
     assert table["variance"].gt(0).all() and table["agreement"].notna().all()
     runs = pd.read_parquet(out / "runs.parquet")
     assert runs["run_dir"].nunique() == 16 and set(runs["env"]) == {"tabular"}
-    assert "Vanilla REINFORCE" in (out / "table.md").read_text()
+    assert "Vanilla REINFORCE" in (out / "table_full.md").read_text()
+    # 2 seeds, 4 estimates per measurement: no claim can be agreed or disagreed with
+    assert set(table["agreement"]) <= {"inconclusive", "no claim"}, table["agreement_detail"]
     record = json.loads((out / "reproduce.json").read_text())
     assert record["preset"] == "smoke" and record["sweeps"]["tabular"]["statuses"] == {"complete": 16}
     assert elapsed < 180, f"smoke preset took {elapsed:.0f}s"
