@@ -55,6 +55,7 @@ from pgvar.config import (
     validate_config,
 )
 from pgvar.policies import flatten_params
+from pgvar.progress import rate_and_remaining
 from pgvar.seeding import derive_seed
 from pgvar.sweep import expand_sweep, hydra_args_parser
 
@@ -300,6 +301,36 @@ def group_choices() -> dict[str, str] | None:
     return {k: str(v) for k, v in choices.items() if not k.startswith("hydra/") and v is not None}
 
 
+SWEEP_RECORD = "multirun.yaml"  # Hydra writes it into a sweep's folder when the sweep starts
+
+
+def sweep_progress(job_dir: Path) -> str | None:
+    """Where the sweep of ``job_dir`` stands: jobs ended of all, their rate and the time
+    left (None outside a sweep). Read from the files, so it is right with any launcher:
+    the jobs come from the sweep's overrides in Hydra's ``multirun.yaml``, the ended ones
+    are the job folders whose run.json holds a final status (earlier complete runs that
+    were skipped count as ended), the clock starts at ``multirun.yaml``'s writing."""
+    record = Path(job_dir).parent / SWEEP_RECORD
+    try:
+        overrides = list(OmegaConf.load(record).hydra.overrides.task)
+        started = record.stat().st_mtime
+    except Exception:  # noqa: BLE001 - no sweep, or a record this version cannot read
+        return None
+    total = len(expand_sweep(overrides))
+    ended = sum(1 for run_file in record.parent.glob(f"*/{runlog.RUN_FILE}")
+                if (runlog.read_run_record(run_file.parent) or {}).get("status")
+                in runlog.FINAL_STATUSES)
+    pace = rate_and_remaining(ended, total, time.time() - started, "jobs")
+    return f"sweep {record.parent.name}: {ended}/{total} jobs ended, {pace}"
+
+
+def log_sweep_progress(job_dir: Path) -> None:
+    """Log ``sweep_progress`` after a job of a sweep (nothing for a single run)."""
+    line = sweep_progress(job_dir)
+    if line:
+        log.info(line)
+
+
 def run_job(cfg: DictConfig, job_dir: Path) -> str:
     """One run in ``job_dir``: skip it if complete, else run it and write run.json.
 
@@ -338,6 +369,7 @@ def run_job(cfg: DictConfig, job_dir: Path) -> str:
     record.elapsed_s = round(time.perf_counter() - started, 3)
     record.steps_completed = state.steps_completed
     record.write(job_dir)
+    log_sweep_progress(job_dir)
     if record.status == runlog.STATUS_FAILED:
         raise RunFailed(f"{record.error} (details: {job_dir / runlog.RUN_FILE})")
     return record.status

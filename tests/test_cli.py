@@ -447,3 +447,16 @@ def test_tensorboard_logger_without_the_package_is_refused(monkeypatch):
         cfg = compose(config_name="config", overrides=["preset=smoke", "logger=tensorboard"])
     with pytest.raises(ConfigError, match=r"pip install -e '\.\[tensorboard\]'"):
         validate_config(cfg)
+
+
+def test_a_sweeps_jobs_log_where_the_sweep_stands(run_in_process, tmp_path):
+    """After each job of a sweep: jobs ended of all (from Hydra's multirun.yaml), rate and
+    time left; nothing for a folder that is not a sweep's."""
+    from pgvar.run import SWEEP_RECORD, sweep_progress
+
+    status, job = run_in_process(["env=tabular"], "seed=0")
+    assert status == "complete" and sweep_progress(job) is None
+    (job.parent / SWEEP_RECORD).write_text(
+        "hydra:\n  overrides:\n    task: [env=tabular, 'seed=0,1,2', preset=smoke]\n")
+    line = sweep_progress(job)
+    assert line.startswith("sweep sweep: 1/3 jobs ended, ") and "left" in line
