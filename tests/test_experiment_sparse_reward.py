@@ -88,8 +88,8 @@ def test_every_preset_composes_and_validates():
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from pgvar import config
     from analysis import reproduce as rp
+    from pgvar import config
 
     config.register_configs()
     config.register_resolvers()
