@@ -4,6 +4,8 @@
 ``every_s`` seconds and once at the end, one line to stderr:
 
     monte carlo reference: 4096/10000 episodes (41%), 2730 episodes/s, ~2s left
+    ...
+    monte carlo reference: 10000 episodes in 4s, 2730 episodes/s
 
 Lines are printed only when stderr is a terminal, so logs, pipes and tests stay quiet;
 ``PGVAR_PROGRESS=1`` forces them on (e.g. under a batch scheduler whose log you watch),
@@ -89,12 +91,15 @@ class Progress:
             self._last = now
 
     def close(self) -> None:
-        """The final line, only if a periodic one was printed (quick work stays silent)."""
+        """The final line (units done, time taken), only if a periodic one was printed:
+        quick work stays silent."""
         if self.enabled and self.printed:
-            self._print(f" in {format_duration(time.perf_counter() - self.started)}")
+            elapsed = time.perf_counter() - self.started
+            self._print(f"{self.what}: {self.done:g} {self.unit} in {format_duration(elapsed)}, "
+                        f"{rate_and_remaining(self.done, None, elapsed, self.unit)}")
 
-    def _print(self, suffix: str = "") -> None:
-        print(self.line() + suffix, file=self.stream, flush=True)
+    def _print(self, text: str | None = None) -> None:
+        print(self.line() if text is None else text, file=self.stream, flush=True)
         self.printed = True
 
     def __enter__(self) -> Progress:  # noqa: PYI034 - typing.Self needs Python 3.11

@@ -39,7 +39,7 @@ def test_lines_every_period_with_rate_and_time_left(clock):
     clock.now += 15
     bar.update(750)
     bar.close()
-    assert out.getvalue().splitlines()[-1].endswith("in 20s")
+    assert out.getvalue().splitlines()[-1] == "reference: 1000 episodes in 20s, 50 episodes/s"
 
 
 def test_quick_work_and_disabled_bars_print_nothing(clock):
