@@ -256,11 +256,12 @@ def monte_carlo_reference(env, policy: nn.Module, n_episodes: int | None = None,
     and the lanes are shrunk where needed to hold one chunk within ``memory_mb``
     (``chunk_plan``: an estimate of what the episodes and the environment copies hold).
 
-    Cost at the defaults (10,000 episodes; measured on 2 busy cores, load ~9): CartPole
-    at its initial policy (~22 steps an episode) 1.3 s and +110 MB; Hopper-v5 (MuJoCo,
-    ~20 steps) 2048 episodes took 84 s and +2.3 GB before the memory bound, 26 s and
-    +340 MB with 256 lanes. Time grows with the episodes' length: a trained CartPole
-    policy runs 500 steps an episode, about 20 times as long. ``progress`` prints a
+    Cost at the defaults (10,000 episodes; measured on 2 cores at a load average of 9 to
+    10): CartPole at its initial policy (~22 steps an episode) 1.3 s, +110 MB; Hopper-v5
+    (MuJoCo, ~20 steps an episode at its initial policy) 160 s, the process peaking at
+    616 MB (2048 episodes alone took +2.3 GB before the memory bound: one MuJoCo copy,
+    ~1 MiB, per lane). Time grows with the episodes' length: a trained CartPole policy
+    runs 500 steps an episode, about 20 times as long. ``progress`` prints a
     line with the rate and the time left every few seconds (``pgvar.progress``; by
     default only on a terminal).
 
