@@ -1,35 +1,328 @@
-"""Small pieces every experiment's ``analyze.py`` needs: numbers with intervals in
-words, the result files of an experiment without data, and a result csv of sections."""
+"""The experiment framework: what every ``experiments/NAME/analyze.py`` is built on.
+
+How to write an experiment
+--------------------------
+An experiment tests one claim on the runs of its ``sweep.yaml``. ``pgvar-reproduce NAME``
+loads ``experiments/NAME/analyze.py`` and calls its ``analyze(frame, out, preset)`` with
+the tidy frame of ``analysis.loader.load_runs`` (one row per run and training iteration,
+the run's flattened config as columns). Write the claim's own statistics as functions and
+hand them to an ``Experiment``, whose ``analyze`` is what the module exports:
+
+1. ``select(frame)``: the rows the claim is about (``first_measurements`` or
+   ``late_measurements`` below, then a filter on estimators or environments);
+2. ``per_run(rows)``: one row per run (or per paired replicate) with its quantities;
+3. ``summarise(runs)``: the table of result.csv, every number with its 95% interval from
+   ``analysis.stats`` (``mean_ci``, ``ratio_ci``, ``bootstrap_interval``: never a
+   hand-rolled bootstrap), square roots of unbiased squared estimates with
+   ``sqrt_estimate``;
+4. ``verdict(summary)``: a ``Verdict``: ``confirmed``, ``qualified``, ``refuted`` or
+   ``inconclusive``, always with the reason in numbers (``inconclusive`` too: say what is
+   missing, such as too few seeds);
+5. ``render(summary, verdict, preset)``: result.md, with ``analysis.render.format_ci`` for
+   every interval and ``analysis.render.markdown_table`` for every table; ``figures``
+   (optional) saves through ``analysis.figures.save_figure``.
+
+A minimal experiment::
+
+    import pandas as pd
+    from analysis.experiment import Experiment, Verdict, first_measurements, inconclusive
+    from analysis.experiment import estimate_columns
+    from analysis.render import format_columns, markdown_table
+    from analysis.stats import mean_ci
+
+    def summarise(runs):
+        return pd.DataFrame([{"env": env, "n": g["seed"].nunique(),
+                              **estimate_columns("var", mean_ci(g["grad_rel_variance"]))}
+                             for env, g in runs.groupby("env")])
+
+    def verdict(summary):
+        if summary["n"].min() < 3:
+            return inconclusive("fewer than 3 seeds in some environment")
+        below = bool((summary["var_hi"] < 1).all())
+        return Verdict("confirmed" if below else "refuted",
+                       f"upper 95% ends {list(summary['var_hi'].round(2))}")
+
+    def render(summary, verdict, preset):
+        rows = [[r["env"], format_columns(r, "var")] for _, r in summary.iterrows()]
+        return "\\n".join([f"# Variance below one ({preset})", "",
+                            *markdown_table(["env", "rel. variance"], rows), "",
+                            verdict.line(), ""])
+
+    EXPERIMENT = Experiment("Variance below one", summarise, verdict, render,
+                            select=lambda frame: first_measurements(frame, ["reinforce"]))
+    analyze = EXPERIMENT.analyze
+
+A test feeds ``analyze`` synthetic frames on which the verdict must flip (see
+``tests/test_experiment_*.py``), so that no verdict is a constant.
+
+Shared per-run quantities live here too: ``direction_columns`` and ``pooled_cosine``
+re-derive cos(E ĝ, ∇J) from the logged statistics, ``paired_difference`` pairs runs by
+seed; a run's initial environment and policy come from ``initial_env_and_policy``.
+"""
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pandas as pd
 
+from analysis.figures import apply_theme
+from analysis.loader import measured_rows
+from analysis.stats import N_RESAMPLES, Estimate, bootstrap_interval, expanded_level, mean_ci
+from pgvar.stats import sqrt_clipped
 
-def format_ci(value: float, lo: float, hi: float, digits: int = 3) -> str:
-    """``value [lo, hi]`` to ``digits`` significant digits; ``n/a`` for a missing value."""
-    if not math.isfinite(value):
-        return "n/a"
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        return f"{value:.{digits}g}"
-    return f"{value:.{digits}g} [{lo:.{digits}g}, {hi:.{digits}g}]"
+VERDICTS = ("confirmed", "qualified", "refuted", "inconclusive")
+
+
+# ----------------------------------------------------------------------------- verdicts
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A verdict word and the reason for it (numbers, or what is missing)."""
+
+    word: str
+    reason: str
+
+    def __post_init__(self) -> None:
+        if self.word not in VERDICTS:
+            raise ValueError(f"verdict {self.word!r} is not one of {', '.join(VERDICTS)}")
+        if not self.reason.strip():
+            raise ValueError(f"a {self.word!r} verdict needs its reason")
+
+    def line(self, label: str = "") -> str:
+        """``Verdict (label): word — reason.``"""
+        head = f"Verdict ({label})" if label else "Verdict"
+        return f"{head}: {self.word} — {self.reason.rstrip('.')}."
+
+
+def inconclusive(reason: str) -> Verdict:
+    """The verdict of runs that cannot decide the claim, with what is missing."""
+    return Verdict("inconclusive", reason)
+
+
+def combined_word(words: list[str]) -> str:
+    """One word for several parts: their word when all agree, else ``qualified``;
+    ``inconclusive`` for no parts."""
+    if not words:
+        return "inconclusive"
+    return words[0] if len(set(words)) == 1 else "qualified"
+
+
+# ----------------------------------------------------------------------------- the protocol
+
+
+def _same(x):
+    return x
+
+
+def _no_figures(summary, runs: pd.DataFrame, out_dir: Path) -> list[Path]:
+    return []
+
+
+@dataclass
+class Experiment:
+    """An experiment's five steps (module doc); ``analyze`` runs them and writes
+    result.csv, result.md and the figures into ``out``."""
+
+    title: str
+    summarise: Callable[[pd.DataFrame], Any]  # runs -> summary (result.csv by default)
+    verdict: Callable[[Any], Verdict]  # summary -> verdict
+    render: Callable[[Any, Verdict, str], str]  # summary, verdict, preset -> result.md
+    select: Callable[[pd.DataFrame], pd.DataFrame] = measured_rows  # frame -> rows
+    per_run: Callable[[pd.DataFrame], pd.DataFrame] = _same  # rows -> one row per run
+    figures: Callable[[Any, pd.DataFrame, Path], list[Path]] = _no_figures
+    result_frame: Callable[[Any], pd.DataFrame] = _same  # summary -> result.csv's table
+    more_tables: Callable[[Any], dict[str, pd.DataFrame]] = lambda summary: {}  # name.csv
+    empty_reason: str = "the runs hold no measurement this experiment can use"
+
+    def analyze(self, frame: pd.DataFrame, out: Path, preset: str) -> str:
+        """Run the five steps on ``frame`` and write the results into ``out``; returns the
+        markdown. Runs with nothing to measure (no rows, or an empty summary table) give an
+        ``inconclusive`` result with ``empty_reason``."""
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        rows = self.select(frame)
+        runs = self.per_run(rows) if not rows.empty else pd.DataFrame()
+        if runs.empty:
+            return write_inconclusive(out, self.title, self.empty_reason)
+        summary = self.summarise(runs)
+        if isinstance(summary, pd.DataFrame) and summary.empty:
+            return write_inconclusive(out, self.title, self.empty_reason)
+        verdict = self.verdict(summary)
+        self.result_frame(summary).to_csv(out / "result.csv", index=False)
+        for name, table in self.more_tables(summary).items():
+            table.to_csv(out / f"{name}.csv", index=False)
+        apply_theme()
+        self.figures(summary, runs, out / "figures")
+        text = self.render(summary, verdict, preset)
+        (out / "result.md").write_text(text)
+        return text
 
 
 def write_inconclusive(out: Path, title: str, reason: str) -> str:
     """result.md with an 'inconclusive' verdict and an empty result.csv, for runs that
     hold nothing this experiment can measure; returns the markdown."""
-    text = f"# {title}\n\nVerdict: inconclusive — {reason}.\n"
+    text = f"# {title}\n\n{inconclusive(reason).line()}\n"
     (out / "result.md").write_text(text)
     pd.DataFrame().to_csv(out / "result.csv", index=False)
     return text
 
 
-def write_sections_csv(path: Path, **sections: pd.DataFrame) -> Path:
-    """One csv holding several tables, told apart by a leading ``section`` column."""
+def sections_frame(**sections: pd.DataFrame) -> pd.DataFrame:
+    """Several tables in one, told apart by a leading ``section`` column (result.csv of
+    an experiment with more than one table)."""
     both = pd.concat([frame.assign(section=name) for name, frame in sections.items()],
                      ignore_index=True)
-    both[["section"] + [c for c in both.columns if c != "section"]].to_csv(path, index=False)
-    return path
+    return both[["section"] + [c for c in both.columns if c != "section"]]
+
+
+# ----------------------------------------------------------------------------- selecting runs
+
+
+def first_measurements(frame: pd.DataFrame, estimators=None) -> pd.DataFrame:
+    """The first measured row of every run (of ``estimators`` when given)."""
+    rows = measured_rows(frame)
+    if estimators is not None:
+        rows = rows[rows["estimator"].isin(estimators)]
+    run = "run_dir" if "run_dir" in rows.columns else "run_id"
+    return rows[rows["step"] == rows.groupby(run)["step"].transform("min")]
+
+
+def late_measurements(frame: pd.DataFrame, min_step: int) -> pd.DataFrame:
+    """Measured rows at steps >= ``min_step`` (all of them when no run has any there, as
+    in smoke runs), for claims about a fitted critic."""
+    rows = measured_rows(frame)
+    late = rows[rows["step"] >= min_step]
+    return late if not late.empty else rows
+
+
+def instance_column(rows: pd.DataFrame) -> pd.Series:
+    """``env.seed`` as an int column (-1 where the environment has none)."""
+    instance = rows["env.seed"] if "env.seed" in rows.columns else pd.Series(-1, index=rows.index)
+    return instance.fillna(-1).astype(int)
+
+
+def config_of(row: pd.Series) -> dict:
+    """A run's nested config from its flattened ``env.*``/``policy.*``/... columns and
+    ``seed`` (missing values left to the schema defaults), for ``initial_env_and_policy``."""
+    config: dict = {}
+    for column, value in row.items():
+        column = str(column)
+        if column != "seed" and not column.startswith(("env.", "policy.", "estimator.",
+                                                       "training.")):
+            continue
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            continue
+        if isinstance(value, (float, np.floating)) and float(value).is_integer():
+            value = int(value)
+        if isinstance(value, str) and value.startswith("["):  # a list, flattened to text
+            value = json.loads(value)
+        *path, key = column.split(".")
+        node = config
+        for part in path:
+            node = node.setdefault(part, {})
+        node[key] = value.item() if isinstance(value, np.generic) else value
+    return config
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def sqrt_estimate(est: Estimate) -> Estimate:
+    """An interval of an unbiased squared quantity (a squared bias) on the root scale:
+    sqrt(max(x, 0)) of the value and both ends (NaN stays NaN)."""
+    return est.map(sqrt_clipped)
+
+
+def estimate_columns(name: str, est: Estimate) -> dict[str, float]:
+    """``{name: value, name_lo: lo, name_hi: hi}`` for a summary record."""
+    return {name: est.value, f"{name}_lo": est.lo, f"{name}_hi": est.hi}
+
+
+def paired_difference(runs: pd.DataFrame, baseline: pd.DataFrame, metric: str) -> Estimate:
+    """Mean over seeds of metric(run) - metric(baseline run of the same seed), 95% CI."""
+    both = runs.set_index("seed")[metric].to_frame("x").join(
+        baseline.set_index("seed")[metric].rename("b"), how="inner")
+    return mean_ci((both["x"] - both["b"]).to_numpy())
+
+
+def direction_columns(rows: pd.DataFrame) -> pd.DataFrame:
+    """Add, per measured row, ``rel_proj`` = <ḡ, g>/||g||², ``rel_sq_norm`` =
+    (||ḡ||² - trCov/M)/||g||² (both unbiased: ||ḡ||² = snr trCov, ||ḡ - g||² = U + trCov/M
+    + SE_ref²) and ``rel_perp_sq`` = rel_sq_norm - rel_proj²: the logged statistics
+    re-derived into the parts of E ĝ along and across the reference gradient g."""
+    df = rows.copy()
+    var = df["grad_variance"].astype(float)
+    m = df["n_estimates"].astype(float) if "n_estimates" in df else pd.Series(np.nan, df.index)
+    se2 = df["ref_se"].fillna(0.0).astype(float) ** 2 if "ref_se" in df else 0.0
+    ref2 = df["ref_norm"].astype(float) ** 2
+    ref2 = ref2.where(ref2 > 0)
+    mean_sq = df["snr"].astype(float) * var
+    dist_sq = df["grad_bias_sq"].astype(float) + var / m + se2
+    df["rel_proj"] = (mean_sq + ref2 - dist_sq) / 2.0 / ref2
+    df["rel_sq_norm"] = (mean_sq - var / m) / ref2
+    df["rel_perp_sq"] = df["rel_sq_norm"] - df["rel_proj"] ** 2
+    return df
+
+
+def cosine_of_means(proj: np.ndarray, perp_sq: np.ndarray, axis: int = -1) -> np.ndarray:
+    """cos(E ĝ, g) = p / sqrt(p² + q), p and q the means over seeds of ``rel_proj`` and
+    ``rel_perp_sq`` (means of unbiased estimates; the per-seed ratio would be biased)."""
+    p = np.mean(proj, axis=axis)
+    return p / np.sqrt(p ** 2 + np.clip(np.mean(perp_sq, axis=axis), 0.0, None))
+
+
+def _cosine_difference(a, b, c, d, axis: int = -1) -> np.ndarray:
+    return cosine_of_means(a, b, axis) - cosine_of_means(c, d, axis)
+
+
+def _paired_estimate(arrays: tuple[np.ndarray, ...], statistic) -> Estimate:
+    """``statistic`` of paired arrays with its bootstrap interval over seeds (NaN ends
+    below two seeds)."""
+    n = len(arrays[0])
+    if n < 2:
+        return Estimate(float(statistic(*arrays)) if n else math.nan, math.nan, math.nan, n)
+    lo, hi = bootstrap_interval(arrays, statistic, paired=True, seed=0)
+    return Estimate(float(statistic(*arrays)), lo, hi, n)
+
+
+def pooled_cosine(runs: pd.DataFrame, proj: str = "rel_proj") -> Estimate:
+    """cos(E ĝ, ∇J) over the seeds of ``runs`` (``cosine_of_means``), 95% paired bootstrap."""
+    a, b = runs[proj].to_numpy(float), runs["rel_perp_sq"].to_numpy(float)
+    ok = np.isfinite(a) & np.isfinite(b)
+    return _paired_estimate((a[ok], b[ok]), cosine_of_means)
+
+
+def pooled_cosine_difference(runs: pd.DataFrame, baseline: pd.DataFrame,
+                             proj: str = "rel_proj") -> Estimate:
+    """pooled_cosine(runs) - pooled_cosine(baseline) over the seeds both have, paired."""
+    cols = [proj, "rel_perp_sq"]
+    j = runs[["seed", *cols]].merge(baseline[["seed", *cols]], on="seed",
+                                    suffixes=("", "_b")).dropna()
+    arrays = tuple(j[c].to_numpy(float) for c in (*cols, *(f"{c}_b" for c in cols)))
+    return _paired_estimate(arrays, _cosine_difference)
+
+
+def replicate_resamples(n: int, seed: int = 0, n_resamples: int = N_RESAMPLES) -> np.ndarray:
+    """[n_resamples, n] indices of whole replicates (seeds, systems) drawn with replacement.
+
+    ``analysis.stats.bootstrap_interval`` resamples for one scalar statistic at a time; a
+    curve or a fit needs the same draws for everything it reports (a trend across points,
+    an argmin and the share of resamples choosing each point, coefficients solved at
+    once), so those resample with these indices and ``percentile_ends``."""
+    return np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))
+
+
+def percentile_ends(draws: np.ndarray, n: int, axis: int = 0) -> tuple:
+    """The expanded percentile interval (``analysis.stats.expanded_level`` at ``n``
+    replicates) of bootstrap draws along ``axis``, NaN draws left out."""
+    q = (1 - expanded_level(n)) / 2
+    lo, hi = np.nanquantile(draws, [q, 1 - q], axis=axis)
+    return lo, hi

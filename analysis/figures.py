@@ -139,18 +139,18 @@ def spans_decades(values: pd.Series | np.ndarray, decades: float = 1.5) -> bool:
     return v.size > 1 and math.log10(v.max() / v.min()) > decades
 
 
-def _legend_below(fig: plt.Figure, axes, labels: list[str]) -> None:
-    """One legend for the figure, under the panels, with every label any panel shows, in
-    the order of ``labels``."""
+def legend_below(fig: plt.Figure, axes, labels=(), ncol: int = 4) -> None:
+    """One legend for the figure, under the panels, with every label any panel shows:
+    those in ``labels`` first, in that order, then the others as first seen."""
     seen: dict[str, object] = {}
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             seen.setdefault(label, handle)
     order = [label for label in labels if label in seen] + [k for k in seen if k not in labels]
     if order:
-        fig.legend([seen[k] for k in order], order, loc="lower center", ncol=min(len(order), 4),
+        fig.legend([seen[k] for k in order], order, loc="lower center", ncol=min(len(order), ncol),
                    frameon=False,
-                   bbox_to_anchor=(0.5, -0.02 - 0.045 * math.ceil(len(order) / 4)))
+                   bbox_to_anchor=(0.5, -0.02 - 0.045 * math.ceil(len(order) / ncol)))
 
 
 # ----------------------------------------------------------------------------- curves
@@ -173,7 +173,7 @@ def plot_learning_curves(curves: pd.DataFrame, labels: list[str], envs: list[str
         ax.set_xlabel("environment steps" if x_name == "env_steps" else "training iteration")
         ax.xaxis.set_major_formatter(ticker.EngFormatter(sep=""))
         ax.set_ylabel("discounted return (IQM, 95% CI)")
-    _legend_below(fig, axes, labels)
+    legend_below(fig, axes, labels)
     fig.tight_layout()
     return save_figure(fig, out_dir, "learning_curves")
 
@@ -230,7 +230,7 @@ def plot_gradient_stats(by_step: pd.DataFrame, labels: list[str], envs: list[str
                           "band: 95% CI from the per-measurement SEs", fontsize=8)
         for ax in (ax_var, ax_bias):
             ax.set_xlabel("training iteration")
-    _legend_below(fig, axes.flat, labels)
+    legend_below(fig, axes.flat, labels)
     fig.tight_layout()
     return save_figure(fig, out_dir, "gradient_stats")
 
@@ -247,10 +247,18 @@ def _errorbar_point(ax, row: pd.Series, x: str, y: str, colour, label: str,
 
 
 def _asym_err(row: pd.Series, name: str) -> np.ndarray | None:
-    lo, hi, v = row.get(f"{name}_lo"), row.get(f"{name}_hi"), row[name]
+    lo, hi = row.get(f"{name}_lo"), row.get(f"{name}_hi")
     if lo is None or not (np.isfinite(lo) and np.isfinite(hi)):
         return None
-    return np.array([[max(v - lo, 0.0)], [max(hi - v, 0.0)]])
+    return error_bars(row, name).reshape(2, 1)
+
+
+def error_bars(table, name: str) -> np.ndarray:
+    """matplotlib's [2, n] ``yerr``/``xerr`` of ``name`` from its ``name_lo``/``name_hi``
+    columns (a row or a table): the distances to the interval ends, never negative."""
+    value = np.asarray(table[name], float)
+    return np.vstack([value - np.asarray(table[f"{name}_lo"], float),
+                      np.asarray(table[f"{name}_hi"], float) - value]).clip(0)
 
 
 def piled_up(x: np.ndarray, y: np.ndarray, log_x: bool, within: float = 0.06) -> np.ndarray:
@@ -286,7 +294,7 @@ def plot_bias_variance(table: pd.DataFrame, labels: list[str], out_dir: Path) ->
         ax.set_xlabel(REL_VAR_LABEL)
         ax.set_ylabel(REL_BIAS_LABEL)
         ax.set_title(f"{env}: bias against variance\n(bars: 95% CIs as in the table)", fontsize=8)
-    _legend_below(fig, axes, labels)
+    legend_below(fig, axes, labels)
     fig.tight_layout()
     return save_figure(fig, out_dir, "bias_variance")
 
@@ -403,7 +411,7 @@ def plot_gae_lambda(table: pd.DataFrame, out_dir: Path, estimator: str = "gae") 
         log_axis(ax_var, "y", scale_values)
     for ax in (ax_bias, ax_var):
         ax.set_xlabel("GAE λ")
-    _legend_below(fig, [ax_bias, ax_var], [*envs, *(f"{e}: vanilla REINFORCE" for e in envs)])
+    legend_below(fig, [ax_bias, ax_var], [*envs, *(f"{e}: vanilla REINFORCE" for e in envs)])
     ax_bias.set_title("GAE bias against λ (95% CI)")
     ax_var.set_title("GAE variance against λ (95% CI)")
     fig.tight_layout()

@@ -14,6 +14,11 @@ command, the last results) and a ``sweep.yaml``::
           - seed=range(8)
         cartpole: [...]
 
+An experiment with ``kind: simulation`` runs no sweep: each preset holds parameters, and
+its ``analyze.py`` defines ``simulate(out, preset, params) -> str``, which draws and
+scores its own estimates (the calibration of the intervals does this: hundreds of
+repeats per cell would be hundreds of runs).
+
 Each sweep runs as ``pgvar-run -m <overrides> preset=<preset> hydra/launcher=joblib
 hydra.sweep.dir=OUT/runs/<sweep>`` in a subprocess (its log in ``OUT/logs/<sweep>.log``);
 while it runs, a line is printed each time one of its jobs ends. Then the analysis
@@ -63,6 +68,7 @@ class ExperimentSpec:
     sweeps: dict[str, list[str]]
     steps: str = "all"
     description: str = ""
+    simulation: dict[str, Any] | None = None  # kind: simulation -> the preset's parameters
 
 
 def experiments_dir() -> Path:
@@ -90,6 +96,10 @@ def load_spec(name: str, preset: str, root: Path | None = None) -> ExperimentSpe
     if preset not in presets:
         raise SystemExit(f"pgvar-reproduce: experiment {name!r} has no preset {preset!r}; "
                          f"it has: {', '.join(presets) or 'none'}")
+    if raw.get("kind") == "simulation":
+        return ExperimentSpec(name=name, folder=path.parent, preset=preset, sweeps={},
+                              description=str(raw.get("description", "")),
+                              simulation=dict(presets[preset] or {}))
     sweeps = {str(k): [str(o) for o in v] for k, v in (presets[preset] or {}).items()}
     if not sweeps:
         raise SystemExit(f"pgvar-reproduce: preset {preset!r} of {name!r} lists no sweep")
@@ -236,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     spec = load_spec(args.name, args.preset)
     out = args.out or Path("results") / f"{spec.name}-{spec.preset}"
     out.mkdir(parents=True, exist_ok=True)
+    if spec.simulation is not None:
+        return run_simulation(spec, out, args, argv)
     totals = {name: count_jobs(overrides) for name, overrides in spec.sweeps.items()}
     total = sum(totals.values()) if None not in totals.values() else None
     print(f"pgvar-reproduce {spec.name} --preset {spec.preset}: {len(spec.sweeps)} sweep(s), "
@@ -288,6 +300,28 @@ def _analyse(spec: ExperimentSpec, out: Path, no_figures: bool) -> int:
 
 
 EXPERIMENT_ANALYSIS = "analyze.py"
+
+
+def run_simulation(spec: ExperimentSpec, out: Path, args: argparse.Namespace,
+                   argv: list[str] | None) -> int:
+    """A ``kind: simulation`` experiment: its ``simulate(out, preset, params)`` does all
+    the work (with its own progress lines); then the record and, if asked, publishing."""
+    module = load_experiment_module(spec.folder)
+    if not callable(getattr(module, "simulate", None)):
+        raise SystemExit(f"pgvar-reproduce: {spec.folder / EXPERIMENT_ANALYSIS} defines no "
+                         "simulate(out, preset, params), which kind: simulation needs")
+    print(f"pgvar-reproduce {spec.name} --preset {spec.preset}: simulation into {out}", flush=True)
+    started = time.perf_counter()
+    summary = module.simulate(out, spec.preset, spec.simulation)
+    for line in str(summary).splitlines():
+        if line.startswith("Verdict"):
+            print(line, flush=True)
+    _write_record(spec, out, [], 0.0, time.perf_counter() - started, argv)
+    if args.publish:
+        print(f"published into {publish(out, spec)}")
+    print(f"total {time.perf_counter() - started:.0f}s")
+    print(out / "result.md")
+    return 0
 
 
 def load_experiment_module(folder: Path):
@@ -370,7 +404,9 @@ def _write_record(spec: ExperimentSpec, out: Path, outcomes: list[SweepOutcome],
                             "already_finished_before_this_call": o.already_finished}
                    for o in outcomes},
         "sweeps_s": round(sweeps_s, 1), "total_s": round(total_s, 1),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+        "machine": {"cpus": os.cpu_count(),
+                    "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
+                    "platform": platform.platform(),
                     "python": platform.python_version()},
     }
     (out / "reproduce.json").write_text(json.dumps(record, indent=2) + "\n")

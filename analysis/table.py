@@ -71,6 +71,7 @@ from analysis.stats import (
     ratio_ci,
     stratified_bootstrap_iqm,
 )
+from analysis.render import format_ci
 
 STEP_CHOICES = ("first", "last", "all")
 ESTIMATOR_ORDER = ["reinforce", "reinforce_rtg", "mean_baseline", "rloo", "value_baseline",
@@ -549,12 +550,8 @@ def _tunable(table: pd.DataFrame, row: pd.Series) -> cl.Judgement:
 
 
 def fmt_ci(value: float, lo: float, hi: float) -> str:
-    """``1.23e-02 [1.10e-02, 1.40e-02]`` (3 significant digits), or ``-`` when missing."""
-    if not math.isfinite(value):
-        return "-"
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        return f"{value:.3g}"
-    return f"{value:.3g} [{lo:.3g}, {hi:.3g}]"
+    """A table cell: ``analysis.render.format_ci`` with ``-`` for a missing value."""
+    return format_ci(value, lo, hi, missing="-")
 
 
 def _ci_column(table: pd.DataFrame, name: str) -> pd.Series:

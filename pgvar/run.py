@@ -33,6 +33,7 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -177,9 +178,20 @@ def measure_row(run_cfg: RunConfig, env, policy, critic, est_cfg, step: int) -> 
         if not math.isfinite(float(stats[key])):
             raise Diverged(f"non-finite measured {key} at step {step}")
     row = runlog.measured_cells(stats)
+    warn_if_unreliable(stats, step)
     row["ref_exact"] = bool(reference.exact)
     row["ref_episodes"] = int(reference.n_episodes) if not reference.exact else 0
     return row
+
+
+def warn_if_unreliable(stats: dict[str, Any], step: int) -> None:
+    """A log warning when a measurement's intervals cannot be trusted (``ci_reliable``
+    False: M < 16 or heavy tails); metrics.csv keeps the flag in its own column."""
+    if not stats.get("ci_reliable", True):
+        log.warning("step %d: per-measurement intervals flagged unreliable (M=%d, tail_index="
+                    "%.2f; they under-cover with M < 16 or tail_index > 3): raise "
+                    "training.n_batches, and read bias verdicts from the pooled table",
+                    step, stats["n_estimates"], stats["tail_index"])
 
 
 def training_gradient(run_cfg: RunConfig, env, policy, critic, est_cfg, batch, step: int) -> torch.Tensor:
@@ -229,6 +241,35 @@ def progress_line(run_cfg: RunConfig, step: int, row: dict[str, Any], state: Run
     return line + f" | {elapsed:.1f}s"
 
 
+def initial_policy(env, run_cfg: RunConfig):
+    """The run's policy before its first update: ``run_cfg.policy`` seeded by the run seed's
+    policy stream (what ``train_and_measure`` trains)."""
+    return build_policy(env, run_cfg.policy, derive_seed(run_cfg.seed, "policy"))
+
+
+def run_config_from(config: Mapping[str, Any]) -> RunConfig:
+    """A typed ``RunConfig`` from a run's resolved config (``run.json``'s ``config``, or
+    part of it): the given values over the schema defaults of its environment."""
+    from pgvar.config import ENV_SCHEMAS, EstimatorSettings, PolicySettings, to_run_config
+
+    env_name = (config.get("env") or {}).get("name")
+    if env_name not in ENV_SCHEMAS:
+        raise ConfigError(f"env.name={env_name!r} is not one of {sorted(ENV_SCHEMAS)}")
+    # the estimator does not shape a run's environment or initial policy: a config that
+    # names none gets a placeholder, so that a partial config (env, policy, seed) suffices
+    base = RunConfig(env=ENV_SCHEMAS[env_name](), estimator=EstimatorSettings(name="reinforce"),
+                     policy=PolicySettings())
+    return to_run_config(OmegaConf.merge(OmegaConf.structured(base), dict(config)))
+
+
+def initial_env_and_policy(config: Mapping[str, Any], device: str = "cpu"):
+    """(environment, initial policy) of the run with this resolved config, built exactly
+    as ``pgvar-run`` builds them: for analyses that need a run's starting point."""
+    run_cfg = run_config_from(config)
+    env = build_env(run_cfg.env, device)
+    return env, initial_policy(env, run_cfg)
+
+
 def train_and_measure(run_cfg: RunConfig, job_dir: Path, started: float, state: RunState) -> None:
     """The loop of the module docstring; rows go to ``job_dir/metrics.csv``."""
     from pgvar.estimators import EstimatorConfig, get_estimator
@@ -239,7 +280,7 @@ def train_and_measure(run_cfg: RunConfig, job_dir: Path, started: float, state: 
     training = run_cfg.training
     env = build_env(run_cfg.env, device)
     try:
-        policy = build_policy(env, run_cfg.policy, derive_seed(run_cfg.seed, "policy"))
+        policy = initial_policy(env, run_cfg)
         est_cfg = EstimatorConfig(**run_cfg.estimator.core_kwargs())
         needs_critic = get_estimator(run_cfg.estimator.name).needs_critic
         critic = (build_critic(env, policy, training.critic, derive_seed(run_cfg.seed, "critic"))

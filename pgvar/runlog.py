@@ -57,7 +57,8 @@ MEASURED_COLUMNS = ("grad_variance", "grad_bias", "grad_bias_lo", "grad_bias_hi"
 EXTRA_COLUMNS = ("return_undiscounted_mean", "episode_length_mean", "grad_norm", "critic_loss",
                  "grad_rel_variance", "grad_rel_bias", "grad_bias_sq", "grad_bias_sq_se",
                  "bias_distinguishable", "n_estimates", "ref_exact", "ref_episodes",
-                 "zero_grad_fraction", "grad_norm_mean")
+                 "zero_grad_fraction", "grad_norm_mean", "grad_variance_lo", "grad_variance_hi",
+                 "tail_index", "ci_reliable", "grad_bias_sq_lo", "grad_bias_sq_hi")
 COLUMNS = LEARNING_CURVE_COLUMNS + MEASURED_COLUMNS + EXTRA_COLUMNS
 
 COLUMN_DOCS: dict[str, str] = {
@@ -72,8 +73,10 @@ COLUMN_DOCS: dict[str, str] = {
               "column that differs between two runs of the same config and seed",
     "grad_variance": "measured rows: tr Cov of the M batch estimates, 1/(M-1) sum ||g_m - g_bar||^2",
     "grad_bias": "measured rows: de-noised bias ||E g - g_ref||, sqrt(max(0, grad_bias_sq))",
-    "grad_bias_lo": "measured rows: lower end of the 95% confidence interval of grad_bias",
-    "grad_bias_hi": "measured rows: upper end of the 95% confidence interval of grad_bias",
+    "grad_bias_lo": "measured rows: lower end of the 95% confidence interval of grad_bias, "
+                    "sqrt(max(grad_bias_sq_lo, 0))",
+    "grad_bias_hi": "measured rows: upper end of the 95% confidence interval of grad_bias, "
+                    "sqrt(max(grad_bias_sq_hi, 0))",
     "grad_mse": "measured rows: mean ||g_m - g_ref||^2 over the M estimates",
     "cos_ref": "measured rows: mean cosine between each g_m and g_ref",
     "cos_pairwise": "measured rows: mean cosine between pairs of estimates (Ilyas et al. 2020)",
@@ -95,6 +98,16 @@ COLUMN_DOCS: dict[str, str] = {
     "ref_episodes": "extra, measured rows: episodes the Monte Carlo reference used (0 when exact)",
     "zero_grad_fraction": "extra, measured rows: fraction of the M batch estimates that are exactly zero (no signal)",
     "grad_norm_mean": "extra, measured rows: mean norm of one batch estimate, mean_m ||g_m||",
+    "grad_variance_lo": "extra, measured rows: lower end of the 95% interval of grad_variance "
+                        "(jackknife on the log scale)",
+    "grad_variance_hi": "extra, measured rows: upper end of the 95% interval of grad_variance",
+    "tail_index": "extra, measured rows: M sum ||r_m||^4 / (sum ||r_m||^2)^2, r_m = g_m - g_bar: "
+                  "1 when the spread is shared evenly, large when a few estimates hold it (heavy tails)",
+    "grad_bias_sq_lo": "extra, measured rows: lower end of the 95% interval of the squared bias "
+                       "(score interval; may be < 0); bias_distinguishable is grad_bias_sq_lo > 0",
+    "grad_bias_sq_hi": "extra, measured rows: upper end of the 95% interval of the squared bias",
+    "ci_reliable": "extra, measured rows: False when M < 16 or tail_index > 3, where the "
+                   "calibration experiment measured the per-measurement intervals to under-cover",
 }
 
 

@@ -35,7 +35,8 @@ def synthetic_frame(a: float, b: float, seeds: int = 6, noise: float = 0.1,
                     "run_id": f"T{T}-d{d}-s{seed}", "step": 0, "estimator": "reinforce",
                     "seed": seed, "grad_variance": var, "grad_rel_variance": var / ref_norm**2,
                     "ref_norm": ref_norm, "n_estimates": 32, "training.batch_size": 16,
-                    "env.gamma": 1.0, "env.horizon": T, "env.action_dim": d, "env.state_dim": 2,
+                    "env.name": "lqr", "env.gamma": 1.0, "env.horizon": T, "env.action_dim": d,
+                    "env.state_dim": 2,
                     "env.objective": "finite", "env.seed": seed, "env.spectral_radius": 0.9,
                     "env.control_cost": 0.1, "env.process_noise": 0.1, "env.init_std": 0.5,
                     "policy.init_log_std": None, "policy.init_gain_scale": 0.0,
@@ -63,13 +64,13 @@ def test_fit_recovers_known_exponents_within_its_intervals(analysis, a, b):
 
 def test_verdict_follows_the_numbers(analysis):
     product = analysis.all_fits(analysis.per_run_values(synthetic_frame(1.0, 1.0)))
-    assert analysis.verdict(product).startswith("Verdict: confirmed")
+    assert analysis.verdict(product).word == "confirmed"
     steeper = analysis.all_fits(analysis.per_run_values(synthetic_frame(3.0, 2.0)))
-    assert analysis.verdict(steeper).startswith("Verdict: qualified")
+    assert analysis.verdict(steeper).word == "qualified"
     flat_in_d = analysis.all_fits(analysis.per_run_values(synthetic_frame(2.0, 0.0)))
-    assert analysis.verdict(flat_in_d).startswith("Verdict: refuted")
+    assert analysis.verdict(flat_in_d).word == "refuted"
     two_systems = analysis.all_fits(analysis.per_run_values(synthetic_frame(1.0, 1.0, seeds=2)))
-    assert analysis.verdict(two_systems).startswith("Verdict: inconclusive")
+    assert analysis.verdict(two_systems).word == "inconclusive"
 
 
 def test_analyze_writes_result_files_and_figures(analysis, tmp_path):

@@ -84,7 +84,8 @@ def test_analysis_recovers_known_directions_and_gains(tmp_path: Path) -> None:
 def test_verdict_confirms_without_drift() -> None:
     mod = load_analysis()
     frame, _ = synthetic_frame(drift=False)
-    assert mod.verdict(mod.summarise(mod.per_run(frame))).startswith("Verdict: confirmed")
+    runs = mod.per_run(frame)
+    assert mod.verdict((mod.summarise(runs), runs)).word == "confirmed"
 
 
 def test_k1_duplicates_over_clip_count_once() -> None:

@@ -66,11 +66,11 @@ def test_zero_fractions_drawn_at_the_prediction_are_covered(analysis):
 
 def test_verdict_follows_the_numbers(analysis):
     matching = analysis.summarise(analysis.per_run_values(synthetic_frame(analysis)))
-    assert analysis.verdict(matching).startswith("Verdict: qualified")  # ||grad J|| > 0 throughout
+    assert analysis.verdict(matching).word == "qualified"  # ||grad J|| > 0 throughout
     too_few = analysis.summarise(analysis.per_run_values(synthetic_frame(analysis, shift=-0.2)))
-    assert analysis.verdict(too_few).startswith("Verdict: refuted")
+    assert analysis.verdict(too_few).word == "refuted"
     near = analysis.summarise(analysis.per_run_values(synthetic_frame(analysis, lengths=(2, 3, 4))))
-    assert analysis.verdict(near).startswith("Verdict: inconclusive")  # the signal never vanishes
+    assert analysis.verdict(near).word == "inconclusive"  # the signal never vanishes
 
 
 def test_analyze_writes_result_files_and_figure(analysis, tmp_path):

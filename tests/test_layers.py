@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("sampling & gradients", ("pgvar/rollout.py", "pgvar/refill.py", "pgvar/prefetch.py",
                               "pgvar/gradients.py")),
     ("estimators, critics, reference, stats", ("pgvar/estimators.py", "pgvar/critics.py",
-                                               "pgvar/reference.py", "pgvar/stats.py",
+                                               "pgvar/reference.py", "pgvar/stats.py", "pgvar/exact_mean.py",
                                                "pgvar/measure.py", "pgvar/__init__.py")),
     ("run", ("pgvar/config.py", "pgvar/run.py", "pgvar/runlog.py", "pgvar/sweep.py",
              "pgvar/bench.py", "pgvar/__main__.py", "hydra_plugins/*/*.py")),

@@ -50,7 +50,9 @@ def test_unbiased_estimators_are_not_distinguishable_from_zero(name):
         s = m.stats
         assert m.reference.exact
         assert not s.bias_distinguishable, (est, s.as_dict())
-        assert s.grad_bias_hi < 0.2 * s.ref_norm, (est, s.grad_bias_hi / s.ref_norm)
+        # the score interval's upper end lets the spread grow with the bias it tests (wider
+        # than U + 1.96 SE was), so 'tight' here means within 0.3 of the gradient's norm
+        assert s.grad_bias_hi < 0.3 * s.ref_norm, (est, s.grad_bias_hi / s.ref_norm)
 
 
 @pytest.mark.parametrize("name", list(ENVS))

@@ -1,33 +1,15 @@
 """Baselines: bias and variance of REINFORCE with each baseline, paired at the same policy.
 
-``analyze(frame, out, preset)`` is called by ``pgvar-reproduce baselines`` with the runs
-of ``sweep.yaml``. The policy of every run is held fixed (``lr=1e-12``) while the learned
-critic is fitted on the training batches, so the runs of one seed are measured at the
-same policy on the same measurement episodes: they are *paired*, and the seeds (each
-with its own random initial policy) are the replicates. Only measured steps
-``>= MIN_STEP`` are used, where the learned critic has been fitted at least once.
-
-Rows (``label``): ``reinforce`` (full return, no baseline), ``reinforce_rtg`` (no
-baseline, reward-to-go: the variance reference), ``mean_baseline`` (batch mean of G_t),
-``mean_baseline_episode`` (batch mean of R), ``rloo`` (leave-one-out mean),
-``optimal_baseline`` (Greensmith et al. 2004, constant per coordinate, full return),
-``learned V`` and ``exact V`` (``value_baseline`` with ``training.critic.kind`` auto or
-exact).
-
-Per environment and row: relative variance ``tr Cov / ||grad J||^2`` (mean over seeds,
-bootstrap CI), the paired variance ratio to reward-to-go (geometric mean over seeds of the per-seed
-ratios, ``paired_ratio``), the
-relative bias ``sqrt(mean U) / ||grad J||`` with the conservative interval of
-``analysis.table.squared_bias_interval`` and its verdict against what theory expects
-(0, or ``1/B`` for the batch-mean baselines), and the relative MSE.
-
-Claims checked, each with paired ratios (geometric means over seeds, bootstrap CIs):
-
-1. unbiased: every row but the batch means has a bias not distinguishable from 0; the
-   batch means' relative bias is consistent with 1/B;
-2. variance ordered as the text's table: no baseline > batch mean > V (learned, exact);
-3. the variance-optimal constant baseline is "close to V" (within a factor CLOSE);
-4. V is the MSE-optimal baseline: no row has an MSE significantly below the exact V's.
+The policy is held fixed (``lr=1e-12``) while the learned critic is fitted, so the runs of
+one seed are measured at the same policy on the same episodes: *paired*, seeds being the
+replicates; measured steps >= ``MIN_STEP`` only. Rows: ``reinforce``, ``reinforce_rtg``
+(the variance reference), ``mean_baseline`` (batch mean of G_t), ``mean_baseline_episode``
+(of R), ``rloo``, ``optimal_baseline`` (Greensmith et al. 2004), ``learned V`` and
+``exact V``. Per row: relative variance, paired variance ratio to reward-to-go
+(``paired_ratio``), relative bias (root of ``squared_bias_interval``) against theory (0,
+or 1/B for the batch means), relative MSE. Claims: 1. unbiased (batch means: 1/B); 2.
+variance ordered no baseline > batch mean > V; 3. the optimal constant baseline is within
+a factor CLOSE of V; 4. V is MSE-optimal (no row's MSE significantly below the exact V's).
 """
 
 from __future__ import annotations
@@ -35,16 +17,21 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from analysis.experiment import write_inconclusive, write_sections_csv
-from analysis.figures import PAPER_WIDTH, apply_theme, log_axis, save_figure
+from analysis.experiment import (
+    Experiment,
+    Verdict,
+    estimate_columns,
+    inconclusive,
+    sections_frame,
+    sqrt_estimate,
+)
+from analysis.figures import PAPER_WIDTH, apply_theme, error_bars, log_axis, save_figure
 from analysis.loader import measured_rows
+from analysis.render import format_columns, markdown_table
 from analysis.stats import NAN_ESTIMATE, Estimate, mean_ci
 from analysis.table import per_run_values, squared_bias_interval
 
@@ -76,9 +63,6 @@ CLAIM = ("“Subtracting a baseline that depends only on the state leaves the es
          "function V^π(s_t).” Its table: no baseline 'very high', episode-mean baseline "
          "'moderate', V 'low' variance, all with bias 0. The issue adds: the variance-optimal "
          "constant baseline (Greensmith et al. 2004) is close to V.")
-
-
-# ----------------------------------------------------------------------------- data
 
 
 def row_label(estimator: str, critic_kind: object) -> str:
@@ -138,16 +122,6 @@ def by_seed(runs: pd.DataFrame, label: str, column: str) -> dict[object, float]:
     return dict(zip(sel["seed"], sel[column]))
 
 
-# ----------------------------------------------------------------------------- statistics
-
-
-def sqrt_estimate(est: Estimate) -> Estimate:
-    """A norm from a squared estimate: sqrt(max(., 0)) at the value and both ends."""
-    def root(x: float) -> float:
-        return math.sqrt(max(x, 0.0)) if math.isfinite(x) else x
-    return Estimate(root(est.value), root(est.lo), root(est.hi), est.n)
-
-
 def expected_rel_bias(label: str, batch_size: float) -> float:
     """Theory: 1/B for the batch-mean baselines (own episode in the mean), else 0."""
     return 1.0 / batch_size if label in BATCH_MEAN_ROWS and batch_size > 0 else 0.0
@@ -181,23 +155,19 @@ def row_numbers(group: pd.DataFrame, label: str) -> dict:
     sel = group[group["label"] == label]
     out: dict[str, object] = {"label": label, "row": ROW_TEXT.get(label, label),
                               "n_runs": len(sel)}
-    put(out, "rel_variance", mean_ci(sel["grad_rel_variance"].to_numpy()))
-    put(out, "var_ratio", paired_ratio(group, label, NO_BASELINE))
+    out.update(estimate_columns("rel_variance", mean_ci(sel["grad_rel_variance"].to_numpy())))
+    out.update(estimate_columns("var_ratio", paired_ratio(group, label, NO_BASELINE)))
     rel_b2 = squared_bias_interval(sel, "grad_rel_bias_sq")
     if len(sel) < MIN_SEEDS:
         rel_b2 = Estimate(rel_b2.value, math.nan, math.nan, rel_b2.n)
-    put(out, "rel_bias_sq", rel_b2)
-    put(out, "rel_bias", sqrt_estimate(rel_b2))
+    out.update(estimate_columns("rel_bias_sq", rel_b2))
+    out.update(estimate_columns("rel_bias", sqrt_estimate(rel_b2)))
     batch = float(sel["batch_size"].iloc[0]) if sel["batch_size"].notna().any() else math.nan
     out["expected_rel_bias"] = expected_rel_bias(label, batch)
     out["bias_verdict"] = bias_verdict(rel_b2, out["expected_rel_bias"])
-    put(out, "rel_mse", mean_ci(sel["grad_rel_mse"].to_numpy()))
-    put(out, "cos_ref", mean_ci(sel["cos_ref"].to_numpy()))
+    out.update(estimate_columns("rel_mse", mean_ci(sel["grad_rel_mse"].to_numpy())))
+    out.update(estimate_columns("cos_ref", mean_ci(sel["cos_ref"].to_numpy())))
     return out
-
-
-def put(out: dict, name: str, est: Estimate) -> None:
-    out[name], out[f"{name}_lo"], out[f"{name}_hi"] = est.value, est.lo, est.hi
 
 
 def paired_ratio(group: pd.DataFrame, num: str, den: str, column: str = "grad_variance") -> Estimate:
@@ -263,9 +233,6 @@ def comparisons(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame.from_records(records)
 
 
-# ----------------------------------------------------------------------------- verdicts
-
-
 def claim_verdicts(table: pd.DataFrame, comp: pd.DataFrame) -> dict[str, str]:
     """confirmed / refuted / qualified / inconclusive for each of the four claims."""
     return {"unbiased": unbiased_verdict(table), "ordered": ordered_verdict(comp),
@@ -321,53 +288,35 @@ def combine_words(words: list[str], good: str, bad: str) -> str:
     return "qualified" if bad in decided else "inconclusive"
 
 
-def overall_verdict(verdicts: dict[str, str]) -> str:
+def verdict(summary: tuple) -> Verdict:
     """confirmed when every claim is; inconclusive when none is decided; else qualified,
     or refuted when unbiasedness itself fails."""
-    values = list(verdicts.values())
+    table, comp, verdicts, _ = summary
+    values, reason = list(verdicts.values()), verdict_sentence(table, comp, verdicts)
     if all(v == "inconclusive" for v in values):
-        return "inconclusive"
+        return inconclusive(reason)
     if verdicts["unbiased"] == "refuted":
-        return "refuted"
-    return "confirmed" if all(v == "confirmed" for v in values) else "qualified"
+        return Verdict("refuted", reason)
+    return Verdict("confirmed" if all(v == "confirmed" for v in values) else "qualified", reason)
 
 
-# ----------------------------------------------------------------------------- report
+def rows_table(table: pd.DataFrame) -> list[str]:
+    return markdown_table(
+        ["env", "B", "baseline", "rel. variance", "variance / reward-to-go", "rel. bias",
+         "expected", "bias verdict", "rel. MSE"],
+        [[r["env"], int(r["batch_size"]) if math.isfinite(r["batch_size"]) else "?", r["row"],
+          format_columns(r, "rel_variance"), format_columns(r, "var_ratio"),
+          format_columns(r, "rel_bias", 2), f"{r['expected_rel_bias']:.3g}", r["bias_verdict"],
+          format_columns(r, "rel_mse")] for _, r in table.iterrows()])
 
 
-def fmt(v: float, lo: float, hi: float, digits: int = 3) -> str:
-    """``v [lo, hi]`` with ``digits`` significant digits; ends omitted when undefined."""
-    if not math.isfinite(v):
-        return "n/a"
-    if math.isfinite(lo) and math.isfinite(hi):
-        return f"{v:.{digits}g} [{lo:.{digits}g}, {hi:.{digits}g}]"
-    return f"{v:.{digits}g}"
-
-
-def markdown_table(table: pd.DataFrame) -> str:
-    head = ("| env | B | baseline | rel. variance | variance / reward-to-go | rel. bias "
-            "| expected | bias verdict | rel. MSE |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    lines = [head]
-    for _, r in table.iterrows():
-        lines.append(
-            f"| {r['env']} | {int(r['batch_size']) if math.isfinite(r['batch_size']) else '?'} "
-            f"| {r['row']} | {fmt(r['rel_variance'], r['rel_variance_lo'], r['rel_variance_hi'])} "
-            f"| {fmt(r['var_ratio'], r['var_ratio_lo'], r['var_ratio_hi'])} "
-            f"| {fmt(r['rel_bias'], r['rel_bias_lo'], r['rel_bias_hi'], 2)} "
-            f"| {r['expected_rel_bias']:.3g} | {r['bias_verdict']} "
-            f"| {fmt(r['rel_mse'], r['rel_mse_lo'], r['rel_mse_hi'])} |")
-    return "\n".join(lines)
-
-
-def markdown_comparisons(comp: pd.DataFrame) -> str:
-    lines = ["| env | claim | ratio (geometric mean over seeds) | 95% CI | reading |",
-             "| --- | --- | --- | --- | --- |"]
-    for _, r in comp.iterrows():
-        name = f"{r['statistic']}: {r['numerator']} / {r['denominator']}"
-        ci = (f"[{r['ratio_lo']:.3g}, {r['ratio_hi']:.3g}]"
-              if math.isfinite(r["ratio_lo"]) else "n/a")
-        lines.append(f"| {r['env']} | {r['claim']} | {name} = {r['ratio']:.3g} | {ci} | {r['word']} |")
-    return "\n".join(lines)
+def comparisons_table(comp: pd.DataFrame) -> list[str]:
+    return markdown_table(
+        ["env", "claim", "ratio (geometric mean over seeds)", "95% CI", "reading"],
+        [[r["env"], r["claim"],
+          f"{r['statistic']}: {r['numerator']} / {r['denominator']} = {r['ratio']:.3g}",
+          f"[{r['ratio_lo']:.3g}, {r['ratio_hi']:.3g}]" if math.isfinite(r["ratio_lo"]) else "n/a",
+          r["word"]] for _, r in comp.iterrows()])
 
 
 def variance_ranking(table: pd.DataFrame) -> str:
@@ -389,12 +338,12 @@ def verdict_sentence(table: pd.DataFrame, comp: pd.DataFrame, verdicts: dict[str
             + (f" ({n_open} inconclusive)" if n_open else "")]
     for env, t in table.groupby("env", sort=False):
         c = comp[comp["env"] == env]
-        pieces = [f"{label} {fmt(r['var_ratio'], r['var_ratio_lo'], r['var_ratio_hi'])}"
+        pieces = [f"{label} {format_columns(r, 'var_ratio')}"
                   for label in ("mean_baseline", "rloo", LEARNED_V, EXACT_V)
                   for _, r in t[t["label"] == label].iterrows()]
         text = f"{env}: variance / reward-to-go: " + ", ".join(pieces)
         for _, r in t[t["label"] == "mean_baseline"].iterrows():
-            text += (f"; batch-mean bias {fmt(r['rel_bias'], r['rel_bias_lo'], r['rel_bias_hi'], 2)}"
+            text += (f"; batch-mean bias {format_columns(r, 'rel_bias', 2)}"
                      f" (1/B = {r['expected_rel_bias']:.3g})")
         for num, den, stat, name in (("optimal_baseline", LOO_R, "variance", "b* / leave-one-out mean of R"),
                                      ("optimal_baseline", EXACT_V, "variance", "b* / exact V"),
@@ -403,40 +352,26 @@ def verdict_sentence(table: pd.DataFrame, comp: pd.DataFrame, verdicts: dict[str
             r = c[(c["numerator"] == num) & (c["denominator"] == den) & (c["statistic"] == stat)]
             if not r.empty:
                 r = r.iloc[0]
-                text += f"; {name} {fmt(r['ratio'], r['ratio_lo'], r['ratio_hi'])}"
+                text += f"; {name} {format_columns(r, 'ratio')}"
         bits.append(text)
     return "; ".join(bits[:1]) + " — " + " | ".join(bits[1:])
 
 
-def write_markdown(table: pd.DataFrame, comp: pd.DataFrame, verdicts: dict[str, str],
-                   preset: str, n_seeds: int) -> str:
-    overall = overall_verdict(verdicts)
+def write_markdown(summary: tuple, verdict: Verdict, preset: str) -> str:
+    table, comp, verdicts, n_seeds = summary
     return "\n".join([
-        f"# Baselines: bias and variance at the same policy ({preset} preset)",
-        "",
-        f"**Claim.** {CLAIM}",
-        "",
+        f"# Baselines: bias and variance at the same policy ({preset} preset)", "",
+        f"**Claim.** {CLAIM}", "",
         (f"Measured at a held-fixed random policy per seed ({n_seeds} seeds), paired across "
          "rows; relative variance = tr Cov[ĝ] / ‖∇J‖² of one batch estimate; relative bias "
-         "= √(mean U) / ‖∇J‖ (U the de-noised squared bias); 95% intervals."),
-        "",
-        markdown_table(table),
-        "",
-        f"Variance ranking (mean relative variance): {variance_ranking(table)}.",
-        "",
+         "= √(mean U) / ‖∇J‖ (U the de-noised squared bias); 95% intervals."), "",
+        *rows_table(table), "",
+        f"Variance ranking (mean relative variance): {variance_ranking(table)}.", "",
         ("Paired comparisons (geometric mean over seeds of the per-seed ratio; 'lower' = "
-         "interval below 1):"),
-        "",
-        markdown_comparisons(comp),
-        "",
-        "Claims: " + "; ".join(f"**{k}**: {v}" for k, v in verdicts.items()) + ".",
-        "",
-        f"Verdict: {overall} — {verdict_sentence(table, comp, verdicts)}.",
-        "",
-    ])
-
-
-# ----------------------------------------------------------------------------- figure
+         "interval below 1):"), "",
+        *comparisons_table(comp), "",
+        "Claims: " + "; ".join(f"**{k}**: {v}" for k, v in verdicts.items()) + ".", "",
+        verdict.line(), ""])
 
 
 def plot_rows(table: pd.DataFrame, out_dir: Path) -> list[Path]:
@@ -453,9 +388,7 @@ def plot_rows(table: pd.DataFrame, out_dir: Path) -> list[Path]:
         y = t["label"].map(ypos).to_numpy()
         colours = [ROW_COLOUR.get(label, "tab:blue") for label in t["label"]]
         for ax, col in ((axes[0, j], "var_ratio"), (axes[1, j], "rel_bias")):
-            err = np.array([np.clip(t[col] - t[f"{col}_lo"], 0, None),
-                            np.clip(t[f"{col}_hi"] - t[col], 0, None)])
-            ax.errorbar(t[col], y, xerr=np.nan_to_num(err), fmt="none", ecolor="0.3",
+            ax.errorbar(t[col], y, xerr=np.nan_to_num(error_bars(t, col)), fmt="none", ecolor="0.3",
                         capsize=2, lw=1)
             ax.scatter(t[col], y, c=colours, s=18, zorder=3)
         axes[0, j].axvline(1.0, color="0.4", lw=0.8, ls="--")
@@ -477,25 +410,15 @@ def plot_rows(table: pd.DataFrame, out_dir: Path) -> list[Path]:
     return save_figure(fig, out_dir, "baselines_bias_variance")
 
 
-# ----------------------------------------------------------------------------- entry
+def summarise(runs: pd.DataFrame) -> tuple:
+    """(one line per env and row, the paired comparisons, the four claims' words, seeds)."""
+    table, comp = estimator_table(runs), comparisons(runs)
+    return table, comp, claim_verdicts(table, comp), int(runs["seed"].nunique())
 
 
-def analyze(frame: pd.DataFrame, out: Path, preset: str) -> str:
-    """Write result.csv, result.md and figures/baselines_*.png|pdf into ``out``; return the
-    markdown."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = usable_measurements(frame)
-    if rows.empty:
-        return write_inconclusive(out, f"Baselines ({preset})",
-                                  f"no measured step >= {MIN_STEP} in the runs")
-    runs = per_run(rows)
-    table = estimator_table(runs)
-    comp = comparisons(runs)
-    verdicts = claim_verdicts(table, comp)
-    text = write_markdown(table, comp, verdicts, preset, int(runs["seed"].nunique()))
-    # section 'rows': one line per env and baseline; 'comparisons': the paired ratios
-    write_sections_csv(out / "result.csv", rows=table, comparisons=comp)
-    (out / "result.md").write_text(text)
-    plot_rows(table, out / "figures")
-    return text
+EXPERIMENT = Experiment(
+    "Baselines", summarise, verdict, write_markdown, select=usable_measurements, per_run=per_run,
+    result_frame=lambda summary: sections_frame(rows=summary[0], comparisons=summary[1]),
+    figures=lambda summary, runs, out_dir: plot_rows(summary[0], out_dir),
+    empty_reason=f"no measured step >= {MIN_STEP} in the runs")
+analyze = EXPERIMENT.analyze

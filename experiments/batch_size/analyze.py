@@ -1,26 +1,13 @@
 """Variance and bias against the batch size B.
 
-``analyze(frame, out, preset)`` is called by ``pgvar-reproduce batch_size`` with the runs
-of ``sweep.yaml``: one measurement per run (M batch estimates of B episodes at a random
-initial policy, exact reference gradient) for ``reinforce_rtg``, ``rloo`` and
-``mean_baseline`` at several B. A *replicate* is one (env, instance = ``env.seed``, run
-seed): the same problem and policy measured at every B.
-
-Variance: per replicate and estimator, ordinary least squares of log tr Cov on log B
-gives an exponent k; the exponents are averaged across replicates with a percentile
-bootstrap interval (``analysis.stats.mean_ci``). For a mean of B i.i.d. episode terms
-(reward-to-go) Var = sigma^2 / B exactly, k = -1. RLOO is a U-statistic of order 2,
-``g = (1/(B(B-1))) sum_{i != j} (G_i - G_j) s_i``, whose variance is
-``(4 (B-2) zeta_1 + 2 zeta_2) / (B (B-1))`` with ``zeta_2 >= 2 zeta_1``: 1/B plus a
-1/B^2 excess at small B, so its k may be slightly below -1. The normalised variance
-``B Var(B) / (B_max Var(B_max))`` (1 everywhere under an exact 1/B law) shows where.
-
-Bias: per (env, estimator, B), the de-noised relative squared bias ``U / ||grad J||^2``
-averaged across replicates with ``analysis.table.squared_bias_interval``. The batch mean
-baseline includes each episode's own return, so ``g_mean = (1 - 1/B) g_rloo`` batch by
-batch and ``E g_mean = (1 - 1/B) grad J``: its relative bias is exactly 1/B, while RLOO's
-is 0. The variance ratio Var(mean)/Var(rloo) must then be exactly (1 - 1/B)^2, a check
-of the harness that the table reports too.
+One measurement per run (``reinforce_rtg``, ``rloo``, ``mean_baseline`` at several B, exact
+reference); a *replicate* is one (env, instance = ``env.seed``, seed) measured at every B.
+Variance: the exponent k of Var ~ B^k, fitted to the replicate-mean scaled variance with
+a bootstrap over replicates (-1 for i.i.d. terms; RLOO, a U-statistic of order 2, has
+``Var = (4 (B-2) zeta_1 + 2 zeta_2) / (B (B-1))``: the excess r = zeta_2/(2 zeta_1) is
+fitted too). Bias: the de-noised relative squared bias per B
+(``analysis.table.squared_bias_interval``) and the coefficient c^2 of U_rel = c^2/B^2;
+the batch mean has E g = (1 - 1/B) grad J (c = 1, Var ratio to RLOO (1 - 1/B)^2), RLOO c = 0.
 """
 
 from __future__ import annotations
@@ -28,24 +15,33 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from analysis.experiment import format_ci, write_inconclusive
+from analysis.experiment import (
+    Experiment,
+    Verdict,
+    combined_word,
+    estimate_columns,
+    first_measurements,
+    inconclusive,
+    instance_column,
+    percentile_ends,
+    replicate_resamples,
+    sqrt_estimate,
+)
 from analysis.figures import (
     PANEL_HEIGHT,
     PAPER_WIDTH,
     REL_VAR_LABEL,
-    apply_theme,
+    error_bars,
+    legend_below,
     log_axis,
     save_figure,
 )
-from analysis.loader import measured_rows
-from analysis.stats import N_RESAMPLES, expanded_level, mean_ci
+from analysis.render import format_ci, format_columns, markdown_table, yes_no
+from analysis.stats import N_RESAMPLES, mean_ci
 from analysis.table import per_run_values, squared_bias_interval
 
 RTG, RLOO, MEAN = "reinforce_rtg", "rloo", "mean_baseline"
@@ -64,21 +60,10 @@ CLAIM = ("the variance of a batch estimate falls as 1/B for i.i.d. episodes, and
          "itself says only “REINFORCE with mean baseline: bias 0”)")
 
 
-# ----------------------------------------------------------------------------- data
-
-
-def first_measurements(frame: pd.DataFrame) -> pd.DataFrame:
-    """The first measured step of every run of the three estimators, with columns
-    ``B`` (batch size) and ``instance`` (``env.seed``, -1 where there is none)."""
-    rows = measured_rows(frame)
-    rows = rows[rows["estimator"].isin(ESTIMATORS)]
-    rows = rows[rows["step"] == rows.groupby("run_dir")["step"].transform("min")]
-    instance = rows["env.seed"] if "env.seed" in rows.columns else pd.Series(-1, index=rows.index)
-    return rows.assign(instance=instance.fillna(-1).astype(int),
-                       B=rows["training.batch_size"].astype(int))
-
-
-# ----------------------------------------------------------------------------- variance
+def select(frame: pd.DataFrame) -> pd.DataFrame:
+    """The first measurement of every run of the three estimators, with ``B`` and ``instance``."""
+    rows = first_measurements(frame, ESTIMATORS)
+    return rows.assign(instance=instance_column(rows), B=rows["training.batch_size"].astype(int))
 
 
 def loglog_slope(batch_sizes: np.ndarray, variances: np.ndarray) -> float:
@@ -149,12 +134,9 @@ def bootstrap_rows(w: np.ndarray, statistic, n_resamples: int = N_RESAMPLES,
     if n < 2:
         nan = np.full_like(value, math.nan)
         return value, nan, nan
-    rng = np.random.default_rng(seed)
-    draws = np.array([np.atleast_1d(statistic(w[rng.integers(0, n, n)]))
-                      for _ in range(n_resamples)], float)
-    q = (1 - expanded_level(n)) / 2
-    lo, hi = np.nanquantile(draws, [q, 1 - q], axis=0)
-    return value, lo, hi
+    draws = np.array([np.atleast_1d(statistic(w[idx]))
+                      for idx in replicate_resamples(n, seed, n_resamples)], float)
+    return (value, *percentile_ends(draws, n))
 
 
 def mean_baseline_variance_ratio(rows: pd.DataFrame) -> pd.DataFrame:
@@ -168,13 +150,9 @@ def mean_baseline_variance_ratio(rows: pd.DataFrame) -> pd.DataFrame:
     records = []
     for (env, b), g in wide.groupby(["env", "B"], sort=True):
         est = mean_ci(np.log(g[MEAN] / g[RLOO]).to_numpy()).map(math.exp)
-        records.append({"env": env, "B": int(b), "var_ratio_mean_rloo": est.value,
-                        "var_ratio_mean_rloo_lo": est.lo, "var_ratio_mean_rloo_hi": est.hi,
+        records.append({"env": env, "B": int(b), **estimate_columns("var_ratio_mean_rloo", est),
                         "var_ratio_theory": (1 - 1 / b) ** 2})
     return pd.DataFrame.from_records(records)
-
-
-# ----------------------------------------------------------------------------- bias
 
 
 def bias_at(rows: pd.DataFrame) -> dict[str, object]:
@@ -184,11 +162,10 @@ def bias_at(rows: pd.DataFrame) -> dict[str, object]:
     values = per_run_values(rows)
     b2 = squared_bias_interval(values, "grad_bias_sq")
     rel = squared_bias_interval(values, "grad_rel_bias_sq")
-    root = rel.map(lambda v: math.sqrt(max(v, 0.0)) if math.isfinite(v) else v)
     distinguishable = (bool(b2.lo > 0 and rel.lo > 0)
                        if math.isfinite(b2.lo) and math.isfinite(rel.lo) else None)
-    return {"rel_bias_sq": rel.value, "rel_bias_sq_lo": rel.lo, "rel_bias_sq_hi": rel.hi,
-            "rel_bias": root.value, "rel_bias_lo": root.lo, "rel_bias_hi": root.hi,
+    return {**estimate_columns("rel_bias_sq", rel),
+            **estimate_columns("rel_bias", sqrt_estimate(rel)),
             "bias_distinguishable": distinguishable}
 
 
@@ -200,15 +177,12 @@ def per_batch_size(rows: pd.DataFrame) -> pd.DataFrame:
         norm, norm_lo, norm_hi = bootstrap_rows(w, lambda x, bs=bs: normalised_curve(bs, x))
         normalised = {int(b): (norm[i], norm_lo[i], norm_hi[i]) for i, b in enumerate(bs)}
         for b, g in g_est.groupby("B", sort=True):
-            rel_var = mean_ci(g["grad_rel_variance"].to_numpy())
             nv = normalised.get(int(b), (math.nan,) * 3)
-            record = {"env": env, "estimator": est, "B": int(b), "n_replicates": len(g),
-                      "rel_variance": rel_var.value, "rel_variance_lo": rel_var.lo,
-                      "rel_variance_hi": rel_var.hi, "norm_variance": nv[0],
-                      "norm_variance_lo": nv[1], "norm_variance_hi": nv[2],
-                      "rel_bias_theory": 1 / b if est == MEAN else 0.0}
-            record.update(bias_at(g))
-            records.append(record)
+            records.append({"env": env, "estimator": est, "B": int(b), "n_replicates": len(g),
+                            **estimate_columns("rel_variance", mean_ci(g["grad_rel_variance"])),
+                            "norm_variance": nv[0], "norm_variance_lo": nv[1],
+                            "norm_variance_hi": nv[2],
+                            "rel_bias_theory": 1 / b if est == MEAN else 0.0, **bias_at(g)})
     return pd.DataFrame.from_records(records)
 
 
@@ -257,11 +231,8 @@ def exponents(rows: pd.DataFrame, fits: pd.DataFrame) -> pd.DataFrame:
                         "k": k[0], "k_lo": k_lo[0], "k_hi": k_hi[0],
                         "k_large": kl[0], "k_large_lo": kl_lo[0], "k_large_hi": kl_hi[0],
                         "ustat_r": r[0], "ustat_r_lo": r_lo[0], "ustat_r_hi": r_hi[0],
-                        "c2": c2.value, "c2_lo": c2.lo, "c2_hi": c2.hi})
+                        **estimate_columns("c2", c2)})
     return pd.DataFrame.from_records(records)
-
-
-# ----------------------------------------------------------------------------- checks
 
 
 def _contains(lo: float, hi: float, x: float, n: int) -> bool | None:
@@ -323,34 +294,19 @@ def checks(exps: pd.DataFrame, by_b: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame.from_records(records)
 
 
-def overall_verdict(chk: pd.DataFrame) -> str:
+def verdict(summary: tuple) -> Verdict:
     """confirmed (every check passes), refuted (none does), qualified (some do), or
-    inconclusive (a check could not be decided at these sizes)."""
+    inconclusive (a check could not be decided at these sizes), with the numbers."""
+    exps, by_b, _, chk = summary
+    reason = verdict_sentence(exps, by_b, chk)
     if chk.empty or chk["passed"].isna().any():
-        return "inconclusive"
-    passed = chk["passed"].astype(bool)
-    if passed.all():
-        return "confirmed"
-    if not passed.any():
-        return "refuted"
-    return "qualified"
-
-
-# ----------------------------------------------------------------------------- markdown
-
+        return inconclusive(reason)
+    return Verdict(combined_word(["confirmed" if p else "refuted" for p in chk["passed"]]), reason)
 
 
 def _cell(d: pd.DataFrame, column: str) -> str:
     """``column`` of the first row of ``d`` with its interval, or n/a when ``d`` is empty."""
-    if d.empty:
-        return "n/a"
-    r = d.iloc[0]
-    return format_ci(r[column], r[f"{column}_lo"], r[f"{column}_hi"])
-
-
-def _yes_no(flag: object) -> str:
-    return "n/a" if flag is None or (isinstance(flag, float) and math.isnan(flag)) else (
-        "yes" if flag else "no")
+    return format_columns(d.iloc[0], column) if len(d) else "n/a"
 
 
 def verdict_sentence(exps: pd.DataFrame, by_b: pd.DataFrame, chk: pd.DataFrame) -> str:
@@ -376,9 +332,9 @@ def verdict_sentence(exps: pd.DataFrame, by_b: pd.DataFrame, chk: pd.DataFrame) 
     return "; ".join(parts) + tail
 
 
-def markdown(exps: pd.DataFrame, by_b: pd.DataFrame, chk: pd.DataFrame,
-             ratios: pd.DataFrame, preset: str) -> str:
+def markdown(summary: tuple, verdict: Verdict, preset: str) -> str:
     """result.md: the claim, the exponents, the per-B bias table, the checks, the verdict."""
+    exps, by_b, ratios, chk = summary
     lines = [f"# Variance and bias against batch size B ({preset} preset)", "",
              f"Claim: {CLAIM}.", "",
              ("One measurement per run at a random initial policy, exact gradient; a replicate "
@@ -393,38 +349,36 @@ def markdown(exps: pd.DataFrame, by_b: pd.DataFrame, chk: pd.DataFrame,
              ("r: the excess at B = 2 over the 1/B law, ζ₂/(2ζ₁) of the U-statistic law "
               "Var(B) = (4(B−2)ζ₁ + 2ζ₂)/(B(B−1)) fitted to the same curve (r = 1: exactly "
               "1/B; not defined for the batch mean, whose variance is (1−1/B)² that of RLOO)."), "",
-             (f"| env | estimator | replicates | k (all B) | k (B ≥ {LARGE_B}) | expected k | "
-              "r = ζ₂/(2ζ₁) | c² | expected c² |"),
-             "|" + " --- |" * 9]
-    for _, r in exps.iterrows():
-        expected = "-1" if r["estimator"] != MEAN else "-1 (times (1-1/B)²)"
-        lines.append(f"| {r['env']} | {r['estimator']} | {r['n_replicates']} | "
-                     f"{format_ci(r['k'], r['k_lo'], r['k_hi'])} | "
-                     f"{format_ci(r['k_large'], r['k_large_lo'], r['k_large_hi'])} | {expected} | "
-                     f"{format_ci(r['ustat_r'], r['ustat_r_lo'], r['ustat_r_hi'])} | "
-                     f"{format_ci(r['c2'], r['c2_lo'], r['c2_hi'])} | {1 if r['estimator'] == MEAN else 0} |")
+             *markdown_table(
+                 ["env", "estimator", "replicates", "k (all B)", f"k (B ≥ {LARGE_B})",
+                  "expected k", "r = ζ₂/(2ζ₁)", "c²", "expected c²"],
+                 [[r["env"], r["estimator"], r["n_replicates"], format_columns(r, "k"),
+                   format_columns(r, "k_large"),
+                   "-1" if r["estimator"] != MEAN else "-1 (times (1-1/B)²)",
+                   format_columns(r, "ustat_r"), format_columns(r, "c2"),
+                   1 if r["estimator"] == MEAN else 0] for _, r in exps.iterrows()])]
     lines += ["", "## Relative bias ‖E ĝ − ∇J‖ / ‖∇J‖ against B", "",
-              ("| env | B | mean_baseline rel. bias | theory 1/B | distinguishable | "
-               "rloo rel. bias | distinguishable | Var(mean)/Var(rloo) | theory (1-1/B)² | "
-               "B·Var(B) / (B_max·Var(B_max)), rloo |"),
-              "|" + " --- |" * 10]
-    for (env, b), g in by_b.groupby(["env", "B"], sort=True):
-        m = g[g["estimator"] == MEAN]
-        o = g[g["estimator"] == RLOO]
-        rr = ratios[(ratios["env"] == env) & (ratios["B"] == b)] if not ratios.empty else ratios
-        lines.append(
-            f"| {env} | {b} | {_cell(m, 'rel_bias')} | {1 / b:.3g} | "
-            f"{_yes_no(m.iloc[0]['bias_distinguishable']) if len(m) else 'n/a'} | "
-            f"{_cell(o, 'rel_bias')} | {_yes_no(o.iloc[0]['bias_distinguishable']) if len(o) else 'n/a'} | "
-            f"{_cell(rr, 'var_ratio_mean_rloo')} | {(1 - 1 / b) ** 2:.3g} | {_cell(o, 'norm_variance')} |")
-    lines += ["", "## Checks", "", "| env | check | passed | numbers |", "| --- | --- | --- | --- |"]
-    for _, r in chk.iterrows():
-        lines.append(f"| {r['env']} | {r['check']} | {_yes_no(r['passed'])} | {r['numbers']} |")
-    lines += ["", f"Verdict: {overall_verdict(chk)} — {verdict_sentence(exps, by_b, chk)}.", ""]
+              *markdown_table(
+                  ["env", "B", "mean_baseline rel. bias", "theory 1/B", "distinguishable",
+                   "rloo rel. bias", "distinguishable", "Var(mean)/Var(rloo)", "theory (1-1/B)²",
+                   "B·Var(B) / (B_max·Var(B_max)), rloo"],
+                  [_bias_row(env, b, g, ratios) for (env, b), g in by_b.groupby(["env", "B"])]),
+              "", "## Checks", "",
+              *markdown_table(["env", "check", "passed", "numbers"],
+                              [[r["env"], r["check"], yes_no(r["passed"]), r["numbers"]]
+                               for _, r in chk.iterrows()])]
+    lines += ["", verdict.line(), ""]
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------- figures
+def _bias_row(env: str, b: int, g: pd.DataFrame, ratios: pd.DataFrame) -> list[str]:
+    """One line of the bias-against-B table."""
+    m, o = g[g["estimator"] == MEAN], g[g["estimator"] == RLOO]
+    rr = ratios[(ratios["env"] == env) & (ratios["B"] == b)] if not ratios.empty else ratios
+    return [env, b, _cell(m, "rel_bias"), f"{1 / b:.3g}",
+            yes_no(m.iloc[0]["bias_distinguishable"]) if len(m) else "n/a", _cell(o, "rel_bias"),
+            yes_no(o.iloc[0]["bias_distinguishable"]) if len(o) else "n/a",
+            _cell(rr, "var_ratio_mean_rloo"), f"{(1 - 1 / b) ** 2:.3g}", _cell(o, "norm_variance")]
 
 
 def _band(ax, d: pd.DataFrame, col: str, est: str, **kw) -> None:
@@ -472,12 +426,7 @@ def plot_variance(by_b: pd.DataFrame, exps: pd.DataFrame, out_dir: Path) -> list
         ax_norm.set_ylabel("B·Var(B) / (B_max·Var(B_max))")
         ax_var.set_title(f"{env}: variance against B (95% CI)")
         ax_norm.set_title(f"{env}: departure from 1/B (1 = exact 1/B)")
-    legend: dict[str, object] = {}
-    for ax in axes.flat:
-        for handle, label in zip(*ax.get_legend_handles_labels()):
-            legend.setdefault(label, handle)
-    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=2, frameon=False,
-               fontsize=7, bbox_to_anchor=(0.5, -0.1))
+    legend_below(fig, axes.flat, ncol=2)
     fig.tight_layout()
     return save_figure(fig, out_dir, "batch_size_variance")
 
@@ -500,9 +449,8 @@ def plot_bias(by_b: pd.DataFrame, out_dir: Path) -> list[Path]:
             shift = 1.0 + 0.04 * (2 * j - 1)  # side by side on the log axis
             seen = d["bias_distinguishable"].eq(True)  # the table's verdict
             hit = d[seen]
-            err = np.vstack([hit["rel_bias"] - hit["rel_bias_lo"], hit["rel_bias_hi"] - hit["rel_bias"]]).clip(0)
             if len(hit):
-                ax.errorbar(hit["B"] * shift, hit["rel_bias"], yerr=err, fmt="o", ms=4,
+                ax.errorbar(hit["B"] * shift, hit["rel_bias"], yerr=error_bars(hit, "rel_bias"), fmt="o", ms=4,
                             capsize=2, lw=1.2, color=COLOURS[est],
                             label=f"{SHORT[est]}: bias ≠ 0, 95% CI")
             bound = d[~seen & (d["rel_bias_hi"] > 0)]
@@ -516,40 +464,30 @@ def plot_bias(by_b: pd.DataFrame, out_dir: Path) -> list[Path]:
         ax.set_ylim(max(shown[shown > 0].min(), 1e-4) / 2, 1.0)
         ax.set_ylabel("relative bias  ‖E ĝ − ∇J‖ / ‖∇J‖")
         ax.set_title(f"{env}: bias against B (95% CI)")
-    legend: dict[str, object] = {}
-    for ax in axes.flat:
-        for handle, label in zip(*ax.get_legend_handles_labels()):
-            legend.setdefault(label, handle)
-    order = sorted(legend, key=lambda k: (not k.startswith("theory"), k))
-    fig.legend([legend[k] for k in order], order, loc="lower center", ncol=3, frameon=False,
-               fontsize=7, bbox_to_anchor=(0.5, -0.12))
+    legend_below(fig, axes.flat, ["theory for the batch mean: 1/B"], ncol=3)
     fig.tight_layout()
     return save_figure(fig, out_dir, "batch_size_bias")
 
 
-# ----------------------------------------------------------------------------- entry
+def summarise(rows: pd.DataFrame) -> tuple:
+    """(exponents, per-B table, Var(mean)/Var(rloo) ratios, checks)."""
+    exps, by_b = exponents(rows, replicate_fits(rows)), per_batch_size(rows)
+    return exps, by_b, mean_baseline_variance_ratio(rows), checks(exps, by_b)
 
 
-def analyze(frame: pd.DataFrame, out: Path, preset: str) -> str:
-    """Write result.csv, result.md and figures/batch_size_*.png|pdf into ``out``;
-    return the markdown."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = first_measurements(frame)
-    if rows.empty:
-        return write_inconclusive(out, f"Variance and bias against batch size B ({preset} preset)",
-                                  "no run of reinforce_rtg, rloo or mean_baseline")
-    exps = exponents(rows, replicate_fits(rows))
-    by_b = per_batch_size(rows)
-    ratios = mean_baseline_variance_ratio(rows)
-    chk = checks(exps, by_b)
+def result_frame(summary: tuple) -> pd.DataFrame:
+    """result.csv: the per-B table with its estimator's exponents and the variance ratio."""
+    exps, by_b, ratios, _ = summary
     result = by_b.merge(exps.drop(columns="n_replicates"), on=["env", "estimator"], how="left")
-    if not ratios.empty:
-        result = result.merge(ratios, on=["env", "B"], how="left")
-    result.to_csv(out / "result.csv", index=False)
-    text = markdown(exps, by_b, chk, ratios, preset)
-    (out / "result.md").write_text(text)
-    apply_theme()
-    plot_variance(by_b, exps, out / "figures")
-    plot_bias(by_b, out / "figures")
-    return text
+    return result.merge(ratios, on=["env", "B"], how="left") if not ratios.empty else result
+
+
+def figures(summary: tuple, rows: pd.DataFrame, out_dir: Path) -> list[Path]:
+    exps, by_b, _, _ = summary
+    return [*plot_variance(by_b, exps, out_dir), *plot_bias(by_b, out_dir)]
+
+
+EXPERIMENT = Experiment("Variance and bias against batch size B", summarise, verdict, markdown,
+                        select=select, figures=figures, result_frame=result_frame,
+                        empty_reason="no run of reinforce_rtg, rloo or mean_baseline")
+analyze = EXPERIMENT.analyze

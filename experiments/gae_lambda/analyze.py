@@ -1,32 +1,15 @@
 """GAE(lambda): bias, variance and MSE of the gradient against lambda, with a fitted critic.
 
-``analyze(frame, out, preset)`` is called by ``pgvar-reproduce gae_lambda`` with the runs
-of ``sweep.yaml``. The policy of every run is held fixed (``lr=1e-12``) while the critic
-is fitted on the training batches; the runs of one seed share the policy, the fitted
-critic, the measurement episodes and (Monte Carlo) the reference, so lambdas are compared
-*paired*, seeds being the replicates. Only measured steps ``>= MIN_STEP`` are used, where
-the critic has been fitted.
-
-Per environment and lambda (one number per run first: the mean over its measured steps):
-
-- relative squared bias ``mean U / ||grad J||^2`` (U de-noised of the estimates' and the
-  reference's noise) with the interval of ``analysis.table.squared_bias_interval``;
-  the table shows its square root, the relative bias;
-- relative variance ``tr Cov / ||grad J||^2`` and relative MSE
-  ``(mean ||g_m - g_ref||^2 - SE_ref^2) / ||grad J||^2``, bootstrap CIs over seeds.
-
-Trends: the Spearman correlation between lambda and the mean curve, with a bootstrap
-interval over seeds (resampled jointly across lambdas, keeping the pairing), and the
-paired endpoint comparison lambda=1 against lambda=0 (variance: geometric mean over seeds
-of the per-seed ratio; squared bias: mean difference). The MSE-optimal lambda is the argmin of the
-mean relative-MSE curve; its bootstrap distribution over seeds gives an interval (2.5
-and 97.5 percentiles) and the share of resamples choosing each lambda.
-
-Verdict ('tunable'): confirmed when, on every environment, bias falls (Spearman CI
-below 0, and the bias at lambda=0 is above the one at lambda=1) and variance rises
-(Spearman CI above 0, endpoint ratio CI above 1); refuted when either trend goes the
-other way with its interval excluding 0; qualified when they hold on some environments
-or only in part.
+The policy is held fixed (``lr=1e-12``) while the critic is fitted; the runs of one seed
+share policy, critic, episodes and reference, so lambdas are compared *paired* over seeds,
+at measured steps >= ``MIN_STEP``. Per (env, lambda): relative bias (root of
+``squared_bias_interval``), relative variance and MSE. Trends: the Spearman correlation
+of lambda with the mean curve (bootstrap over seeds, jointly across lambdas), the paired
+endpoint comparison lambda=1 against lambda=0, and the MSE-optimal lambda with its
+bootstrap interval and the share of resamples choosing each lambda. Verdict per env:
+confirmed when bias falls and variance rises with lambda, refuted when either goes the
+other way (interval excluding 0), qualified in part; overall: their common word, else
+qualified.
 """
 
 from __future__ import annotations
@@ -34,15 +17,21 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from scipy import stats
 
-from analysis.experiment import write_inconclusive, write_sections_csv
+from analysis.experiment import (
+    Experiment,
+    Verdict,
+    combined_word,
+    estimate_columns,
+    percentile_ends,
+    replicate_resamples,
+    sections_frame,
+    sqrt_estimate,
+)
 from analysis.figures import (
     PANEL_HEIGHT,
     PAPER_WIDTH,
@@ -52,7 +41,8 @@ from analysis.figures import (
     spans_decades,
 )
 from analysis.loader import measured_rows
-from analysis.stats import CONFIDENCE, N_RESAMPLES, Estimate, expanded_level, mean_ci
+from analysis.render import format_columns, markdown_table
+from analysis.stats import Estimate, mean_ci
 from analysis.table import per_run_values, squared_bias_interval
 
 MIN_STEP = 1
@@ -62,9 +52,6 @@ CLAIM = ("The seed's table: GAE (Schulman et al. 2016), baseline 'V^λ-weighted'
          "bootstraps from an imperfect V) against variance (λ → 1, Monte Carlo returns).")
 MIN_SEEDS = 3  # fewer paired seeds: no interval, so no verdict
 TRENDS = {"rel_bias_sq": "bias", "rel_variance": "variance", "rel_mse": "MSE"}
-
-
-# ----------------------------------------------------------------------------- data
 
 
 def usable_measurements(frame: pd.DataFrame, min_step: int = MIN_STEP) -> pd.DataFrame:
@@ -94,15 +81,6 @@ def seed_matrix(runs: pd.DataFrame, column: str) -> tuple[np.ndarray, np.ndarray
     return wide.columns.to_numpy(float), wide.to_numpy(float)
 
 
-# ----------------------------------------------------------------------------- statistics
-
-
-def sqrt_estimate(est: Estimate) -> Estimate:
-    def root(x: float) -> float:
-        return math.sqrt(max(x, 0.0)) if math.isfinite(x) else x
-    return Estimate(root(est.value), root(est.lo), root(est.hi), est.n)
-
-
 def lambda_table(runs: pd.DataFrame) -> pd.DataFrame:
     """One line per (env, lambda): relative bias, variance and MSE with 95% intervals."""
     records = []
@@ -110,31 +88,14 @@ def lambda_table(runs: pd.DataFrame) -> pd.DataFrame:
         rec: dict[str, object] = {"env": env, "lam": lam, "n_runs": len(sel),
                                   "batch_size": sel["batch_size"].iloc[0]}
         b2 = without_interval_below_min_seeds(squared_bias_interval(sel, "grad_rel_bias_sq"))
-        put(rec, "rel_bias_sq", b2)
-        put(rec, "rel_bias", sqrt_estimate(b2))
+        rec.update(estimate_columns("rel_bias_sq", b2))
+        rec.update(estimate_columns("rel_bias", sqrt_estimate(b2)))
         rec["bias_distinguishable"] = bool(math.isfinite(b2.lo) and b2.lo > 0)
-        put(rec, "rel_variance", mean_ci(sel["grad_rel_variance"].to_numpy()))
-        put(rec, "rel_mse", mean_ci(sel["grad_rel_mse"].to_numpy()))
-        put(rec, "cos_ref", mean_ci(sel["cos_ref"].to_numpy()))
+        rec.update(estimate_columns("rel_variance", mean_ci(sel["grad_rel_variance"].to_numpy())))
+        rec.update(estimate_columns("rel_mse", mean_ci(sel["grad_rel_mse"].to_numpy())))
+        rec.update(estimate_columns("cos_ref", mean_ci(sel["cos_ref"].to_numpy())))
         records.append(rec)
     return pd.DataFrame.from_records(records)
-
-
-def put(out: dict, name: str, est: Estimate) -> None:
-    out[name], out[f"{name}_lo"], out[f"{name}_hi"] = est.value, est.lo, est.hi
-
-
-def bootstrap_indices(n_seeds: int, seed: int = 0, n: int = N_RESAMPLES) -> np.ndarray:
-    """[n, n_seeds] seed indices drawn with replacement (the same draws for every curve)."""
-    return np.random.default_rng(seed).integers(0, n_seeds, size=(n, n_seeds))
-
-
-def percentile_interval(samples: np.ndarray, n_seeds: int) -> tuple[float, float]:
-    """Expanded percentile interval (``analysis.stats.expanded_level``) of bootstrap samples."""
-    level = expanded_level(n_seeds, CONFIDENCE)
-    q = (1 - level) / 2
-    lo, hi = np.nanquantile(samples, [q, 1 - q])
-    return float(lo), float(hi)
 
 
 def without_interval_below_min_seeds(est: Estimate) -> Estimate:
@@ -149,11 +110,11 @@ def spearman_trend(lams: np.ndarray, values: np.ndarray) -> Estimate:
     point = float(stats.spearmanr(lams, values.mean(0)).statistic)
     if values.shape[0] < MIN_SEEDS:
         return Estimate(point, math.nan, math.nan, values.shape[0])
-    curves = values[bootstrap_indices(values.shape[0])].mean(1)     # [n, L]
+    curves = values[replicate_resamples(values.shape[0])].mean(1)     # [n, L]
     ranks = stats.rankdata(curves, axis=1)
     lam_ranks = stats.rankdata(lams)
     rho = np.array([np.corrcoef(lam_ranks, r)[0, 1] if np.ptp(r) > 0 else 0.0 for r in ranks])
-    lo, hi = percentile_interval(rho, values.shape[0])
+    lo, hi = map(float, percentile_ends(rho, values.shape[0]))
     return Estimate(point, lo, hi, values.shape[0])
 
 
@@ -200,8 +161,8 @@ def argmin_lambda(lams: np.ndarray, mse: np.ndarray) -> dict[str, object]:
     best = float(lams[int(np.argmin(mse.mean(0)))])
     if mse.shape[0] < MIN_SEEDS:
         return {"argmin": best, "lo": math.nan, "hi": math.nan, "shares": {}}
-    picks = lams[np.argmin(mse[bootstrap_indices(mse.shape[0], seed=1)].mean(1), axis=1)]
-    lo, hi = percentile_interval(picks, mse.shape[0])
+    picks = lams[np.argmin(mse[replicate_resamples(mse.shape[0], seed=1)].mean(1), axis=1)]
+    lo, hi = map(float, percentile_ends(picks, mse.shape[0]))
     shares = {float(l): float(np.mean(picks == l)) for l in lams if np.any(picks == l)}
     return {"argmin": best, "lo": lo, "hi": hi, "shares": shares}
 
@@ -217,14 +178,14 @@ def trends(runs: pd.DataFrame) -> pd.DataFrame:
         for name, column in columns.items():
             lams, values = seed_matrix(sel, column)
             rec["n_paired_seeds"] = values.shape[0]
-            put(rec, f"spearman_{name}", spearman_trend(lams, values))
+            rec.update(estimate_columns(f"spearman_{name}", spearman_trend(lams, values)))
         lams, var = seed_matrix(sel, "grad_rel_variance")
-        put(rec, "variance_ratio_1_over_0", endpoint_ratio(lams, var))
+        rec.update(estimate_columns("variance_ratio_1_over_0", endpoint_ratio(lams, var)))
         rec["variance_argmin"] = float(lams[int(np.argmin(var.mean(0)))]) if var.size else math.nan
-        put(rec, "variance_ratio_min_over_0", ratio_between(lams, var, rec["variance_argmin"], lams.min()))
-        put(rec, "variance_ratio_1_over_min", ratio_between(lams, var, lams.max(), rec["variance_argmin"]))
+        rec.update(estimate_columns("variance_ratio_min_over_0", ratio_between(lams, var, rec["variance_argmin"], lams.min())))
+        rec.update(estimate_columns("variance_ratio_1_over_min", ratio_between(lams, var, lams.max(), rec["variance_argmin"])))
         lams, b2 = seed_matrix(sel, "grad_rel_bias_sq")
-        put(rec, "bias_sq_drop_0_minus_1", endpoint_difference(lams, b2))
+        rec.update(estimate_columns("bias_sq_drop_0_minus_1", endpoint_difference(lams, b2)))
         lams, mse = seed_matrix(sel, "grad_rel_mse")
         best = argmin_lambda(lams, mse)
         rec.update(mse_argmin=best["argmin"], mse_argmin_lo=best["lo"], mse_argmin_hi=best["hi"],
@@ -255,9 +216,6 @@ def argmin_at_other_batch_sizes(runs: pd.DataFrame) -> dict[str, float]:
         out[f"mse_argmin_B{other}_lo"] = best["lo"]
         out[f"mse_argmin_B{other}_hi"] = best["hi"]
     return out
-
-
-# ----------------------------------------------------------------------------- verdicts
 
 
 def direction(est_lo: float, est_hi: float, zero: float = 0.0) -> str:
@@ -303,75 +261,40 @@ def is_u_shaped(t: pd.Series) -> bool:
                 and lo_side < 1.0 < hi_side)
 
 
-def overall_verdict(words: list[str]) -> str:
-    if not words or all(w == "inconclusive" for w in words):
-        return "inconclusive"
-    if all(w == "confirmed" for w in words):
-        return "confirmed"
-    if all(w == "refuted" for w in words):
-        return "refuted"
-    return "qualified"
+def markdown_lambda_table(table: pd.DataFrame) -> list[str]:
+    return markdown_table(
+        ["env", "λ", "rel. bias ‖E ĝ − ∇J‖/‖∇J‖", "bias ≠ 0?", "rel. variance", "rel. MSE",
+         "cos(ĝ, ∇J)"],
+        [[r["env"], f"{r['lam']:g}", format_columns(r, "rel_bias", 2),
+          "yes" if r["bias_distinguishable"] else "no", format_columns(r, "rel_variance"),
+          format_columns(r, "rel_mse"), format_columns(r, "cos_ref", 2)]
+         for _, r in table.iterrows()])
 
 
-# ----------------------------------------------------------------------------- report
+def markdown_trends(tr: pd.DataFrame) -> list[str]:
+    return markdown_table(
+        ["env", "seeds", "Spearman(λ, bias²)", "Spearman(λ, variance)",
+         "variance λ=1 / λ=0 (geo. mean)", "bias²(λ=0) − bias²(λ=1), relative",
+         "MSE-optimal λ [95% CI]", "bootstrap share of each λ"],
+        [[t["env"], t["n_paired_seeds"], format_columns(t, "spearman_rel_bias_sq", 2),
+          format_columns(t, "spearman_rel_variance", 2), format_columns(t, "variance_ratio_1_over_0"),
+          format_columns(t, "bias_sq_drop_0_minus_1"), format_columns(t, "mse_argmin"),
+          t["mse_argmin_shares"]] for _, t in tr.iterrows()])
 
 
-def fmt(v: float, lo: float, hi: float, digits: int = 3) -> str:
-    if not math.isfinite(v):
-        return "n/a"
-    if math.isfinite(lo) and math.isfinite(hi):
-        return f"{v:.{digits}g} [{lo:.{digits}g}, {hi:.{digits}g}]"
-    return f"{v:.{digits}g}"
-
-
-def markdown_lambda_table(table: pd.DataFrame) -> str:
-    lines = ["| env | λ | rel. bias ‖E ĝ − ∇J‖/‖∇J‖ | bias ≠ 0? | rel. variance | rel. MSE | cos(ĝ, ∇J) |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    for _, r in table.iterrows():
-        lines.append(f"| {r['env']} | {r['lam']:g} "
-                     f"| {fmt(r['rel_bias'], r['rel_bias_lo'], r['rel_bias_hi'], 2)} "
-                     f"| {'yes' if r['bias_distinguishable'] else 'no'} "
-                     f"| {fmt(r['rel_variance'], r['rel_variance_lo'], r['rel_variance_hi'])} "
-                     f"| {fmt(r['rel_mse'], r['rel_mse_lo'], r['rel_mse_hi'])} "
-                     f"| {fmt(r['cos_ref'], r['cos_ref_lo'], r['cos_ref_hi'], 2)} |")
-    return "\n".join(lines)
-
-
-def markdown_trends(tr: pd.DataFrame) -> str:
-    lines = [("| env | seeds | Spearman(λ, bias²) | Spearman(λ, variance) | variance λ=1 / λ=0 "
-              "(geo. mean) | bias²(λ=0) − bias²(λ=1), relative | MSE-optimal λ [95% CI] "
-              "| bootstrap share of each λ |"),
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for _, t in tr.iterrows():
-        lines.append(
-            f"| {t['env']} | {t['n_paired_seeds']} "
-            f"| {fmt(t['spearman_rel_bias_sq'], t['spearman_rel_bias_sq_lo'], t['spearman_rel_bias_sq_hi'], 2)} "
-            f"| {fmt(t['spearman_rel_variance'], t['spearman_rel_variance_lo'], t['spearman_rel_variance_hi'], 2)} "
-            f"| {fmt(t['variance_ratio_1_over_0'], t['variance_ratio_1_over_0_lo'], t['variance_ratio_1_over_0_hi'])} "
-            f"| {fmt(t['bias_sq_drop_0_minus_1'], t['bias_sq_drop_0_minus_1_lo'], t['bias_sq_drop_0_minus_1_hi'])} "
-            f"| {fmt(t['mse_argmin'], t['mse_argmin_lo'], t['mse_argmin_hi'])} "
-            f"| {t['mse_argmin_shares']} |")
-    return "\n".join(lines)
-
-
-def markdown_other_batch_sizes(tr: pd.DataFrame) -> str:
+def markdown_other_batch_sizes(tr: pd.DataFrame) -> list[str]:
     sizes = [b for b in OTHER_BATCH_SIZES if f"mse_argmin_B{b}" in tr.columns]
-    lines = ["| env | " + " | ".join(f"B' = {b}" for b in sizes) + " |",
-             "| --- | " + " | ".join("---" for _ in sizes) + " |"]
-    for _, t in tr.iterrows():
-        cells = [fmt(t[f"mse_argmin_B{b}"], t[f"mse_argmin_B{b}_lo"], t[f"mse_argmin_B{b}_hi"])
-                 for b in sizes]
-        lines.append(f"| {t['env']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return markdown_table(["env", *(f"B' = {b}" for b in sizes)],
+                          [[t["env"], *(format_columns(t, f"mse_argmin_B{b}") for b in sizes)]
+                           for _, t in tr.iterrows()])
 
 
 def shape_text(t: pd.Series) -> str:
     """', ×a from λ=0 to it, ×b from it to λ=1' when the variance minimum is inside."""
     if not (0.0 < t["variance_argmin"] < 1.0) or not math.isfinite(t["variance_ratio_min_over_0"]):
         return ""
-    return (f": ×{fmt(t['variance_ratio_min_over_0'], t['variance_ratio_min_over_0_lo'], t['variance_ratio_min_over_0_hi'], 2)}"
-            f" from λ=0 to it, ×{fmt(t['variance_ratio_1_over_min'], t['variance_ratio_1_over_min_lo'], t['variance_ratio_1_over_min_hi'], 2)}"
-            f" from it to λ=1")
+    return (f": ×{format_columns(t, 'variance_ratio_min_over_0', 2)} from λ=0 to it, "
+            f"×{format_columns(t, 'variance_ratio_1_over_min', 2)} from it to λ=1")
 
 
 def verdict_sentence(table: pd.DataFrame, tr: pd.DataFrame) -> str:
@@ -383,47 +306,39 @@ def verdict_sentence(table: pd.DataFrame, tr: pd.DataFrame) -> str:
         parts.append(
             f"{env}: relative bias {lo_row['rel_bias']:.2g} at λ={lo_row['lam']:g} vs "
             f"{hi_row['rel_bias']:.2g} at λ={hi_row['lam']:g} (bias {t['bias_direction']}), "
-            f"variance ×{fmt(t['variance_ratio_1_over_0'], t['variance_ratio_1_over_0_lo'], t['variance_ratio_1_over_0_hi'], 2)} "
+            f"variance ×{format_columns(t, 'variance_ratio_1_over_0', 2)} "
             f"from λ={lo_row['lam']:g} to {hi_row['lam']:g} (variance {t['variance_direction']}; "
             f"lowest at λ={t['variance_argmin']:g}{shape_text(t)}), "
-            f"MSE-optimal λ = {fmt(t['mse_argmin'], t['mse_argmin_lo'], t['mse_argmin_hi'])}"
+            f"MSE-optimal λ = {format_columns(t, 'mse_argmin')}"
             f" at B = {int(lo_row['batch_size']) if math.isfinite(lo_row['batch_size']) else '?'}")
     return "; ".join(parts)
 
 
-def write_markdown(table: pd.DataFrame, tr: pd.DataFrame, preset: str) -> str:
-    overall = overall_verdict(tr["verdict"].tolist())
+def verdict(summary: tuple) -> Verdict:
+    """The environments' common word, else qualified, with the numbers behind it."""
+    table, tr = summary
+    return Verdict(combined_word(tr["verdict"].tolist()), verdict_sentence(table, tr))
+
+
+def write_markdown(summary: tuple, verdict: Verdict, preset: str) -> str:
+    table, tr = summary
     return "\n".join([
-        f"# GAE λ: bias, variance and the MSE-optimal λ ({preset} preset)",
-        "",
-        f"**Claim.** {CLAIM}",
-        "",
+        f"# GAE λ: bias, variance and the MSE-optimal λ ({preset} preset)", "",
+        f"**Claim.** {CLAIM}", "",
         ("Relative bias √(mean U)/‖∇J‖, relative variance tr Cov[ĝ]/‖∇J‖² and relative MSE "
          "of one batch estimate, each λ at the same held-fixed policy, critic and episodes "
-         "per seed (paired); 95% intervals."),
-        "",
-        markdown_lambda_table(table),
-        "",
-        "Trends over λ (bootstrap over seeds, paired across λ):",
-        "",
-        markdown_trends(tr),
-        "",
+         "per seed (paired); 95% intervals."), "",
+        *markdown_lambda_table(table), "",
+        "Trends over λ (bootstrap over seeds, paired across λ):", "",
+        *markdown_trends(tr), "",
         ("MSE-optimal λ had each batch held B' episodes (bias² + variance · B/B', from the "
          "measured per-seed bias² and variance, the critic unchanged; 95% bootstrap CI over "
-         "seeds):"),
-        "",
-        markdown_other_batch_sizes(tr),
-        "",
+         "seeds):"), "",
+        *markdown_other_batch_sizes(tr), "",
         "Per environment: " + "; ".join(f"**{t['env']}** {t['verdict']} (bias {t['bias_direction']}, "
                                          f"variance {t['variance_direction']})"
-                                         for _, t in tr.iterrows()) + ".",
-        "",
-        f"Verdict: {overall} — {verdict_sentence(table, tr)}.",
-        "",
-    ])
-
-
-# ----------------------------------------------------------------------------- figure
+                                         for _, t in tr.iterrows()) + ".", "",
+        verdict.line(), ""])
 
 
 def plot_lambda(table: pd.DataFrame, tr: pd.DataFrame, runs: pd.DataFrame,
@@ -473,28 +388,18 @@ def plot_lambda(table: pd.DataFrame, tr: pd.DataFrame, runs: pd.DataFrame,
     return save_figure(fig, out_dir, "gae_lambda_bias_variance")
 
 
-# ----------------------------------------------------------------------------- entry
-
-
-def analyze(frame: pd.DataFrame, out: Path, preset: str) -> str:
-    """Write result.csv, result.md and figures/gae_lambda_*.png|pdf into ``out``; return
-    the markdown."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = usable_measurements(frame)
-    if rows.empty:
-        return write_inconclusive(out, f"GAE λ ({preset})",
-                                  f"no GAE measurement at step >= {MIN_STEP}")
-    runs = per_run(rows)
-    table = lambda_table(runs)
+def summarise(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(one line per env and lambda, one line per env: trends and verdicts)."""
     tr = trends(runs)
     judged = [env_verdict(t) for _, t in tr.iterrows()]
-    tr["verdict"] = [j[0] for j in judged]
-    tr["bias_direction"] = [j[1] for j in judged]
-    tr["variance_direction"] = [j[2] for j in judged]
-    text = write_markdown(table, tr, preset)
-    # section 'lambda': one line per env and lambda; 'trend': one line per env
-    write_sections_csv(out / "result.csv", **{"lambda": table, "trend": tr})
-    (out / "result.md").write_text(text)
-    plot_lambda(table, tr, runs, out / "figures")
-    return text
+    for i, column in enumerate(("verdict", "bias_direction", "variance_direction")):
+        tr[column] = [j[i] for j in judged]
+    return lambda_table(runs), tr
+
+
+EXPERIMENT = Experiment(
+    "GAE λ", summarise, verdict, write_markdown, select=usable_measurements, per_run=per_run,
+    result_frame=lambda summary: sections_frame(**{"lambda": summary[0], "trend": summary[1]}),
+    figures=lambda summary, runs, out_dir: plot_lambda(*summary, runs, out_dir),
+    empty_reason=f"no GAE measurement at step >= {MIN_STEP}")
+analyze = EXPERIMENT.analyze

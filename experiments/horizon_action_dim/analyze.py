@@ -1,32 +1,22 @@
-"""Analysis of ``horizon_action_dim``: does gradient variance scale as horizon x action dim?
+"""Does gradient variance scale as horizon x action dimension (LQR)?
 
-Each run is one measurement at the initial policy of linear-quadratic control, for one
-(gamma, estimator, horizon T, action dimension d, seed); each seed is its own random
-system. For each (gamma, estimator) and each of two quantities,
-
-- variance          tr Cov[g_hat]                  (what the source text talks about),
-- relative variance tr Cov[g_hat] / ||grad J||^2   (noise against signal: free of the
-                                                    scale of J, which itself grows with T and d),
-- variance / J^2    tr Cov[g_hat] / J^2             (the reward scale divided out: J is
-                                                    computed exactly here for each cell),
-
-it fits ``log y = c + a log T + b log d`` by least squares over every (T, d, seed) and
-gives a 95% interval for a and b from a bootstrap over seeds (whole systems resampled,
-expanded percentiles as in ``analysis.stats``), next to the ordinary regression interval.
-The product law of the text is ``a = b = 1``: a fit rejects it when either interval
-excludes 1, supports it when both contain 1 and are narrower than ``MAX_CI_WIDTH``. Writes ``result.csv``, ``result.md``,
-``cells.csv`` (every cell's mean) and ``figures/horizon_action_dim_*.png|pdf``.
+Each run is one measurement at the initial policy for one (gamma, estimator, horizon T,
+action dimension d, seed), each seed its own random system. For the variance tr Cov, the
+relative variance tr Cov / ||grad J||^2 and the variance per squared return tr Cov / J^2
+(J exact at the run's initial policy), it fits ``log y = c + a log T + b log d`` over every
+(T, d, seed), with 95% intervals for a and b from a bootstrap over seeds (whole systems)
+next to the regression's own. The product law is ``a = b = 1``: rejected when an interval
+excludes 1, held when both contain 1 and are narrower than ``MAX_CI_WIDTH``. Also writes
+``cells.csv`` (every cell's geometric mean) and ``local_exponents.csv``.
 """
 
+from __future__ import annotations
 
 import math
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -34,8 +24,18 @@ import seaborn as sns
 import torch
 from scipy import stats
 
-from analysis.figures import PAPER_WIDTH, apply_theme, log_axis, save_figure
-from analysis.stats import N_RESAMPLES, expanded_level
+from analysis.experiment import (
+    Experiment,
+    Verdict,
+    config_of,
+    inconclusive,
+    percentile_ends,
+    replicate_resamples,
+)
+from analysis.figures import PAPER_WIDTH, log_axis, save_figure
+from analysis.render import format_ci, markdown_table
+from analysis.stats import N_RESAMPLES
+from pgvar.run import initial_env_and_policy
 
 QUANTITIES = {"grad_variance": "variance", "grad_rel_variance": "relative variance",
               "grad_variance_per_J2": "variance / J²"}
@@ -48,9 +48,6 @@ CLAIM = ("\"Variance scales with trajectory length times action dimensionality. 
          "with noise that swamps the signal\" (source text, *When it falls down*).")
 MIN_SEEDS = 3  # fewer systems than this: the bootstrap over seeds says nothing
 MAX_CI_WIDTH = 1.0  # an exponent interval wider than this cannot tell 1 from 2
-
-
-# ----------------------------------------------------------------------------- data
 
 
 def per_run_values(frame: pd.DataFrame) -> pd.DataFrame:
@@ -76,24 +73,11 @@ def per_run_values(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def exact_objective(row: pd.Series) -> float:
-    """J at the run's initial policy, exactly (the env's moment propagation), rebuilt from
-    the run's config: the return scale that variance / J^2 divides out."""
-    from pgvar.envs.registry import make_env, make_policy
-
-    keys = ("horizon", "gamma", "objective", "state_dim", "action_dim", "spectral_radius",
-            "control_cost", "process_noise", "init_std", "seed")
-    kwargs = {k: row[f"env.{k}"] for k in keys if f"env.{k}" in row and pd.notna(row[f"env.{k}"])}
-    for k in ("horizon", "state_dim", "action_dim", "seed"):
-        if k in kwargs:
-            kwargs[k] = int(kwargs[k])
-    env = make_env("lqr", **kwargs)
-    options = {"seed": int(row["seed"])}
-    for key in ("init_log_std", "init_gain_scale"):
-        value = row.get(f"policy.{key}")
-        if value is not None and pd.notna(value):
-            options[key] = float(value)
+    """J at the run's initial policy, exactly (the env's moment propagation), the policy
+    rebuilt as pgvar-run built it: the return scale that variance / J^2 divides out."""
+    env, policy = initial_env_and_policy(config_of(row))
     with torch.no_grad():
-        return float(env.exact_objective(make_policy(env, **options)))
+        return float(env.exact_objective(policy))
 
 
 def cell_means(runs: pd.DataFrame) -> pd.DataFrame:
@@ -105,9 +89,6 @@ def cell_means(runs: pd.DataFrame) -> pd.DataFrame:
     for q in QUANTITIES:
         cells[q] = np.exp(cells[q])
     return cells
-
-
-# ----------------------------------------------------------------------------- fits
 
 
 @dataclass
@@ -212,8 +193,7 @@ def bootstrap_over_seeds(group: pd.DataFrame, quantity: str, interaction: bool =
         X = design(g["T"].to_numpy(), g["d"].to_numpy(), interaction)
         xtx.append(X.T @ X)
         xty.append(X.T @ np.log(g[quantity].to_numpy()))
-    rng = np.random.default_rng(rng_seed)
-    picks = rng.integers(0, len(seeds), size=(n_resamples, len(seeds)))
+    picks = replicate_resamples(len(seeds), rng_seed, n_resamples)
     counts = np.stack([np.bincount(p, minlength=len(seeds)) for p in picks]).astype(float)
     A = np.einsum("rs,sij->rij", counts, np.array(xtx))
     b = counts @ np.array(xty)
@@ -221,8 +201,7 @@ def bootstrap_over_seeds(group: pd.DataFrame, quantity: str, interaction: bool =
     if not ok.any():
         return nan, nan
     draws = np.linalg.solve(A[ok], b[ok][..., None])[..., 0]
-    tail = 100 * (1 - expanded_level(len(seeds))) / 2
-    return np.percentile(draws, tail, axis=0), np.percentile(draws, 100 - tail, axis=0)
+    return percentile_ends(draws, len(seeds))
 
 
 def fit_power_law(group: pd.DataFrame, quantity: str) -> PowerFit | None:
@@ -272,14 +251,11 @@ def local_exponents(cells: pd.DataFrame, quantity: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-# ----------------------------------------------------------------------------- verdict
-
-
 def _ci(value: float, lo: float, hi: float) -> str:
-    return f"{value:.2f} [{lo:.2f}, {hi:.2f}]"
+    return format_ci(value, lo, hi, 2, style="f")
 
 
-def verdict(fits: list[PowerFit]) -> str:
+def verdict(fits: list[PowerFit]) -> Verdict:
     """The verdict line, from the gamma = 1 fits (else the largest gamma present).
 
     The claim is about the variance itself: ``confirmed`` when its fits hold a = b = 1,
@@ -287,7 +263,7 @@ def verdict(fits: list[PowerFit]) -> str:
     d (both intervals above 0), ``refuted`` when it does not grow with one of them,
     ``inconclusive`` when the intervals cannot tell."""
     if not fits:
-        return "Verdict: inconclusive — no fit: the runs do not vary both T and d."
+        return inconclusive("no fit: the runs do not vary both T and d")
     gamma = max(f.gamma for f in fits)
     main = [f for f in fits if f.gamma == gamma]
     variance = [f for f in main if f.quantity == "grad_variance"]
@@ -296,25 +272,20 @@ def verdict(fits: list[PowerFit]) -> str:
     where = f"(gamma = {gamma:g}, 95% bootstrap over {main[0].n_seeds} systems)"
     statuses = [f.status for f in variance]
     if min(f.n_seeds for f in main) < MIN_SEEDS or all(s == "unclear" for s in statuses):
-        return (f"Verdict: inconclusive — the intervals cannot tell whether a = b = 1 {where}: "
-                f"{summary}.")
+        return inconclusive(f"the intervals cannot tell whether a = b = 1 {where}: {summary}")
     if all(s == "holds" for s in statuses):
-        return f"Verdict: confirmed — the variance scales as T·d {where}: {summary}."
+        return Verdict("confirmed", f"the variance scales as T·d {where}: {summary}")
     grows = all(f.a_lo > 0 and f.b_lo > 0 for f in variance)
     if grows:
         kept = [_fit_name(f) for f in main if f.status == "holds"]
         also = f"; a = b = 1 fits only {', '.join(kept)}" if kept else "; no quantity fits a = b = 1"
-        return (f"Verdict: qualified — the variance grows with both T and d, but not as T·d"
-                f"{also} {where}: {summary}.")
-    return (f"Verdict: refuted — the variance does not grow with both T and d {where}: "
-            f"{summary}.")
+        return Verdict("qualified", f"the variance grows with both T and d, but not as T·d"
+                                    f"{also} {where}: {summary}")
+    return Verdict("refuted", f"the variance does not grow with both T and d {where}: {summary}")
 
 
 def _fit_name(fit: PowerFit) -> str:
     return f"{ESTIMATOR_NAMES.get(fit.estimator, fit.estimator)} {QUANTITIES[fit.quantity]}"
-
-
-# ----------------------------------------------------------------------------- outputs
 
 
 def fits_table(fits: list[PowerFit]) -> pd.DataFrame:
@@ -333,8 +304,9 @@ def _ints(values: pd.Series) -> str:
     return "{" + ", ".join(f"{v:g}" for v in sorted(values.unique())) + "}"
 
 
-def markdown(fits: list[PowerFit], runs: pd.DataFrame, cells: pd.DataFrame, preset: str) -> str:
+def markdown(summary: tuple, verdict: Verdict, preset: str) -> str:
     """result.md: the claim, the setup, the exponents table, a cell table and the verdict."""
+    fits, cells, runs = summary
     M = int(runs["M"].median()) if runs["M"].notna().any() else "?"
     lines = [
         "# Gradient variance against horizon and action dimension (LQR)", "",
@@ -347,17 +319,15 @@ def markdown(fits: list[PowerFit], runs: pd.DataFrame, cells: pd.DataFrame, pres
          f"{runs['seed'].nunique()} random systems (seeds). Exact gradient by autograd of J. "
          "Fit `log y = c + a log T + b log d` over all cells and seeds; 95% intervals "
          "from a bootstrap over systems. The product law is a = b = 1."), "",
-        ("| gamma | estimator | quantity | a (T exponent) | b (d exponent) | "
-         "log T·log d term | R² | a = b = 1? |"),
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        *markdown_table(
+            ["gamma", "estimator", "quantity", "a (T exponent)", "b (d exponent)",
+             "log T·log d term", "R²", "a = b = 1?"],
+            [[f"{f.gamma:g}", ESTIMATOR_NAMES.get(f.estimator, f.estimator),
+              QUANTITIES[f.quantity], _ci(f.a, f.a_lo, f.a_hi), _ci(f.b, f.b_lo, f.b_hi),
+              _ci(f.interaction, f.interaction_lo, f.interaction_hi), f"{f.r2:.3f}",
+              {"holds": "yes", "rejected": "no"}.get(f.status, "unclear")] for f in fits]),
     ]
-    for f in fits:
-        lines.append(
-            f"| {f.gamma:g} | {ESTIMATOR_NAMES.get(f.estimator, f.estimator)} | "
-            f"{QUANTITIES[f.quantity]} | {_ci(f.a, f.a_lo, f.a_hi)} | {_ci(f.b, f.b_lo, f.b_hi)} | "
-            f"{_ci(f.interaction, f.interaction_lo, f.interaction_hi)} | {f.r2:.3f} | "
-            f"{ {'holds': 'yes', 'rejected': 'no'}.get(f.status, 'unclear')} |")
-    lines += ["", cell_table(cells), "", verdict(fits), ""]
+    lines += ["", cell_table(cells), "", verdict.line(), ""]
     return "\n".join(lines)
 
 
@@ -370,11 +340,9 @@ def cell_table(cells: pd.DataFrame) -> str:
         pivot = g.pivot(index="T", columns="d", values="grad_rel_variance")
         out += [(f"Relative variance tr Cov / ‖∇J‖², {ESTIMATOR_NAMES.get(est, est)}, "
                  f"gamma = {gamma:g} (geometric mean over systems):"), "",
-                "| T \\ d | " + " | ".join(str(d) for d in pivot.columns) + " |",
-                "| --- |" + " --- |" * len(pivot.columns)]
-        for T, row in pivot.iterrows():
-            out.append(f"| {T} | " + " | ".join(f"{v:.3g}" for v in row.to_numpy()) + " |")
-        out.append("")
+                *markdown_table(["T \\ d", *(str(d) for d in pivot.columns)],
+                                [[T, *(f"{v:.3g}" for v in row.to_numpy())]
+                                 for T, row in pivot.iterrows()]), ""]
     return "\n".join(out)
 
 
@@ -458,23 +426,19 @@ def plot_exponents(fits: list[PowerFit], out_dir: Path) -> list[Path]:
     return save_figure(fig, out_dir, "horizon_action_dim_exponents")
 
 
-def analyze(frame: pd.DataFrame, out: Path, preset: str) -> str:
-    """Fit the exponents, write result.csv / result.md / figures into ``out``; return the markdown."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    runs = per_run_values(frame)
-    cells = cell_means(runs)
-    fits = all_fits(runs)
-    fits_table(fits).to_csv(out / "result.csv", index=False)
-    cells.to_csv(out / "cells.csv", index=False)
-    slopes = pd.concat([local_exponents(cells, q) for q in QUANTITIES], ignore_index=True)
-    slopes.to_csv(out / "local_exponents.csv", index=False)
-    apply_theme()
-    figures = out / "figures"
-    for gamma in sorted(runs["gamma"].unique(), reverse=True):
-        plot_grid(runs, cells, fits, gamma, figures)
-    if fits:
-        plot_exponents(fits, figures)
-    text = markdown(fits, runs, cells, preset)
-    (out / "result.md").write_text(text)
-    return text
+def figures(summary: tuple, runs: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """The (T, d) grid per gamma and the fitted exponents."""
+    fits, cells, runs = summary
+    paths = [p for gamma in sorted(runs["gamma"].unique(), reverse=True)
+             for p in plot_grid(runs, cells, fits, gamma, out_dir)]
+    return paths + (plot_exponents(fits, out_dir) if fits else [])
+
+
+EXPERIMENT = Experiment(
+    "Gradient variance against horizon and action dimension (LQR)",
+    lambda runs: (all_fits(runs), cell_means(runs), runs), lambda summary: verdict(summary[0]),
+    markdown, per_run=per_run_values, figures=figures,
+    result_frame=lambda summary: fits_table(summary[0]),
+    more_tables=lambda summary: {"cells": summary[1], "local_exponents": pd.concat(
+        [local_exponents(summary[1], q) for q in QUANTITIES], ignore_index=True)})
+analyze = EXPERIMENT.analyze

@@ -1,28 +1,12 @@
 """PPO's update direction against the exact gradient, by epochs K and clip epsilon.
 
-``analyze(frame, out, preset)`` is called by ``pgvar-reproduce ppo_clip`` with the tidy
-frame of ``analysis.loader.load_runs`` (one row per run and iteration). It uses the
-measured iterations from ``MIN_STEP`` on (the learned critic has been fitted by then),
-reduces each run to one number per statistic (the mean over those iterations), and
-compares the runs across seeds with bootstrap intervals (``analysis.stats``).
-
-Statistics per configuration (env, K, epsilon), all against the exact gradient g = grad J:
-
-- ``cos_ref``: the mean cosine of one batch's direction with g (what one update sees);
-- ``cos_mean``: the cosine of the *expected* direction E d with g (the drift of the
-  direction itself, with the batch noise taken out): p / sqrt(p^2 + q) from the means over
-  seeds of the parallel part p = <E d, g>/||g||^2 and the squared perpendicular part
-  q = ||E d||^2/||g||^2 - p^2;
-- ``rel_bias`` = ||E d - g|| / ||g|| and ``rel_variance`` = tr Cov d / ||g||^2;
-- ``reuse_gain`` = K <E d, g> / ||g||^2: the first-order gain in J of PPO's whole update
-  theta_K - theta_0 = ppo_lr K d, in units of one plain gradient step of the same size
-  ppo_lr (1 for an unbiased single step; K if every epoch were as good as a fresh batch);
-- ``displacement`` = ppo_lr K mean ||d||: how far one batch moves the parameters.
-
-``<E d, g>`` and ``||E d||^2`` are recovered from the logged statistics without the noise
-floor: with M estimates, ||d_bar||^2 = snr * trCov and ||d_bar - g||^2 = U + trCov/M +
-SE_ref^2 (U = grad_bias_sq), so <d_bar, g> = (||d_bar||^2 + ||g||^2 - ||d_bar - g||^2)/2
-(unbiased for <E d, g>) and ||d_bar||^2 - trCov/M is unbiased for ||E d||^2.
+Measured iterations from ``MIN_STEP`` on (critic fitted), one number per run and statistic
+(the mean over them), bootstrap intervals across seeds. Per (env, K, epsilon), against
+g = grad J: ``cos_ref`` (one batch's direction), ``cos_mean`` = cos(E d, g) (the expected
+direction, from the logged statistics by ``analysis.experiment.direction_columns`` and
+``pooled_cosine``), ``rel_bias``, ``rel_variance``, ``reuse_gain`` = K <E d, g>/||g||^2
+(the first-order gain of PPO's whole update in units of one plain step of size ppo_lr)
+and ``displacement`` = ppo_lr K mean ||d||; paired differences from GAE (same seed).
 """
 
 from __future__ import annotations
@@ -39,17 +23,29 @@ import pandas as pd
 import seaborn as sns
 from matplotlib import ticker
 
+from analysis.experiment import (
+    Experiment,
+    Verdict,
+    direction_columns,
+    inconclusive,
+    paired_difference,
+    pooled_cosine,
+    pooled_cosine_difference,
+    sqrt_estimate,
+)
 from analysis.figures import (
     PANEL_HEIGHT,
     PAPER_WIDTH,
     REL_BIAS_LABEL,
     REL_VAR_LABEL,
-    apply_theme,
+    error_bars,
+    legend_below,
     log_axis,
     save_figure,
 )
 from analysis.loader import measured_rows
-from analysis.stats import Estimate, bootstrap_interval, mean_ci
+from analysis.render import format_ci, format_columns, markdown_table
+from analysis.stats import mean_ci
 
 NAME = "ppo_clip"
 MIN_STEP = 1  # measured iterations used: from the first one after the critic's first fit
@@ -59,26 +55,6 @@ CLAIM = ("“The clip operation stops any single update from moving the policy t
          "while importance sampling allows re-use of old data for a few gradient steps.” "
          "(source text, on PPO's clipped surrogate)")
 METRICS = ("cos_ref", "rel_bias_sq", "rel_variance", "reuse_gain", "displacement")
-
-
-# ----------------------------------------------------------------------------- per run
-
-
-def direction_columns(measured: pd.DataFrame) -> pd.DataFrame:
-    """Add ``rel_proj`` = <d_bar, g>/||g||^2 and ``rel_sq_norm`` = (||d_bar||^2 - trCov/M)/||g||^2
-    (both unbiased; see the module doc) to measured rows."""
-    df = measured.copy()
-    var = df["grad_variance"].astype(float)
-    m = df["n_estimates"].astype(float) if "n_estimates" in df else pd.Series(np.nan, df.index)
-    se2 = df["ref_se"].fillna(0.0).astype(float) ** 2 if "ref_se" in df else 0.0
-    ref2 = df["ref_norm"].astype(float) ** 2
-    mean_sq = df["snr"].astype(float) * var  # ||d_bar||^2
-    dist_sq = df["grad_bias_sq"].astype(float) + var / m + se2  # ||d_bar - g||^2
-    ref2 = ref2.where(ref2 > 0)
-    df["rel_proj"] = (mean_sq + ref2 - dist_sq) / 2.0 / ref2
-    df["rel_sq_norm"] = (mean_sq - var / m) / ref2
-    df["rel_perp_sq"] = df["rel_sq_norm"] - df["rel_proj"] ** 2  # ||E d - proj g||^2/||g||^2
-    return df
 
 
 def config_columns(df: pd.DataFrame) -> pd.DataFrame:
@@ -125,53 +101,6 @@ def per_run(frame: pd.DataFrame, min_step: int = MIN_STEP) -> pd.DataFrame:
     return agg
 
 
-# ----------------------------------------------------------------------------- across seeds
-
-
-def paired_difference(runs: pd.DataFrame, metric: str, baseline: pd.DataFrame) -> Estimate:
-    """Mean over seeds of metric(run) - metric(baseline run of the same seed), 95% CI."""
-    base = baseline.set_index("seed")[metric]
-    both = runs.set_index("seed")[metric].to_frame("x").join(base.rename("b"), how="inner")
-    return mean_ci((both["x"] - both["b"]).to_numpy())
-
-
-def _cosine_of_means(proj: np.ndarray, perp_sq: np.ndarray, axis: int = -1) -> np.ndarray:
-    """p / sqrt(p^2 + q) with p the mean of <E d, g>/||g||^2 and q the mean of
-    ||E d - p g||^2/||g||^2 over seeds: both means are of unbiased per-seed estimates."""
-    p = np.mean(proj, axis=axis)
-    return p / np.sqrt(p ** 2 + np.clip(np.mean(perp_sq, axis=axis), 0.0, None))
-
-
-def pooled_cosine(g: pd.DataFrame) -> Estimate:
-    """cos(E d, g) from the mean parallel and squared perpendicular parts over seeds (the
-    per-seed ratio of two noisy estimates would be biased upwards where ||E d||^2 is poorly
-    determined), with a paired bootstrap interval over seeds."""
-    proj, sq = g["rel_proj"].to_numpy(float), g["rel_perp_sq"].to_numpy(float)
-    ok = np.isfinite(proj) & np.isfinite(sq)
-    proj, sq = proj[ok], sq[ok]
-    if proj.size < 2:
-        return Estimate(float(_cosine_of_means(proj, sq)) if proj.size else math.nan,
-                        math.nan, math.nan, int(proj.size))
-    lo, hi = bootstrap_interval((proj, sq), _cosine_of_means, paired=True, seed=0)
-    return Estimate(float(_cosine_of_means(proj, sq)), lo, hi, int(proj.size))
-
-
-def pooled_cosine_difference(g: pd.DataFrame, base: pd.DataFrame) -> Estimate:
-    """pooled_cosine(g) - pooled_cosine(base) over the seeds both have, paired bootstrap."""
-    cols = ["rel_proj", "rel_perp_sq"]
-    j = g[["seed", *cols]].merge(base[["seed", *cols]], on="seed", suffixes=("", "_b")).dropna()
-    arrays = tuple(j[c].to_numpy(float) for c in ("rel_proj", "rel_perp_sq", "rel_proj_b",
-                                                   "rel_perp_sq_b"))
-
-    def diff(a, b, c, d, axis=-1):
-        return _cosine_of_means(a, b, axis) - _cosine_of_means(c, d, axis)
-
-    if len(j) < 2:
-        return Estimate(float(diff(*arrays)) if len(j) else math.nan, math.nan, math.nan, len(j))
-    lo, hi = bootstrap_interval(arrays, diff, paired=True, seed=0)
-    return Estimate(float(diff(*arrays)), lo, hi, len(j))
-
-
 def baseline_runs(runs: pd.DataFrame, env: str) -> pd.DataFrame:
     """The env's GAE runs, or its PPO K=1 runs (identical by construction) if it has none."""
     env_runs = runs[runs["env"] == env]
@@ -190,10 +119,10 @@ def summarise(runs: pd.DataFrame) -> pd.DataFrame:
         for metric in METRICS:
             est = mean_ci(g[metric].to_numpy())
             if metric == "rel_bias_sq":
-                est, metric = est.map(lambda v: math.sqrt(max(v, 0.0))), "rel_bias"
+                est, metric = sqrt_estimate(est), "rel_bias"
             rec.update({metric: est.value, f"{metric}_lo": est.lo, f"{metric}_hi": est.hi})
         base = baseline_runs(runs, env)
-        diffs = {"cos_ref": paired_difference(g, "cos_ref", base),
+        diffs = {"cos_ref": paired_difference(g, base, "cos_ref"),
                  "cos_mean": pooled_cosine_difference(g, base)}
         for metric, est in (("cos_mean", pooled_cosine(g)), *((f"d_{m}", d) for m, d in diffs.items())):
             rec.update({metric: est.value, f"{metric}_lo": est.lo, f"{metric}_hi": est.hi})
@@ -214,8 +143,6 @@ def k1_matches_gae(runs: pd.DataFrame) -> float:
         return math.nan
     return float((joined["cos_ref_k1"] - joined["cos_ref_gae"]).abs().max())
 
-
-# ----------------------------------------------------------------------------- verdict
 
 FEW_EPOCHS = 4  # "a few gradient steps": the claim holds if K up to this keeps the direction
 
@@ -269,25 +196,26 @@ def _env_sentence(f: dict[str, object]) -> str:
                      f"{_delta(c['last'], 'd_cos_mean')} expected"
                      for clip, c in f["per_clip"].items())
     k_max = int(max(c["last"]["K"] for c in f["per_clip"].values()))
-    return (f"{f['env']}: re-use gain up to {b['reuse_gain']:.2f} [{b['reuse_gain_lo']:.2f}, "
-            f"{b['reuse_gain_hi']:.2f}] plain steps per batch ({b['label']}); cosine with ∇J "
+    return (f"{f['env']}: re-use gain up to {format_columns(b, 'reuse_gain', 2, style='f')} "
+            f"plain steps per batch ({b['label']}); cosine with ∇J "
             f"(per batch and expected) no worse than GAE's up to K = {safe}; at K = {k_max} "
             f"the cosine minus GAE's is {last}")
 
 
 def _delta(row: pd.Series, col: str) -> str:
-    return f"{row[col]:+.3f} [{row[col + '_lo']:+.3f}, {row[col + '_hi']:+.3f}]"
+    return format_columns(row, col, 3, style="f", sign=True)
 
 
-def verdict(table: pd.DataFrame) -> str:
-    """``Verdict: ...`` from the intervals. confirmed: in every env PPO's epochs gain more
+def verdict(summary: tuple) -> Verdict:
+    """The verdict from the intervals. confirmed: in every env PPO's epochs gain more
     than one plain step (re-use gain's interval above 1) and, for every clip, FEW_EPOCHS
     epochs leave cos_ref indistinguishable from GAE's or better; refuted: no env shows a
     gain above 1; qualified: otherwise."""
+    table = summary[0]
     found = [env_findings(table, e) for e in dict.fromkeys(table["env"])]
     found = [f for f in found if f.get("n", 0) >= MIN_SEEDS]
     if not found:
-        return "Verdict: inconclusive — too few seeds or no PPO run with K > 1."
+        return inconclusive("too few seeds or no PPO run with K > 1")
     gains = [f["gain_above_1"] for f in found]
     few_ok = [all(c["safe"] >= FEW_EPOCHS for c in f["per_clip"].values()) for f in found]
     if all(gains) and all(few_ok):
@@ -296,33 +224,19 @@ def verdict(table: pd.DataFrame) -> str:
         word = "refuted"
     else:
         word = "qualified"
-    return f"Verdict: {word} — " + "; ".join(_env_sentence(f) for f in found) + "."
+    return Verdict(word, "; ".join(_env_sentence(f) for f in found))
 
 
-# ----------------------------------------------------------------------------- outputs
-
-
-def _fmt(v: float, lo: float, hi: float, digits: int = 3) -> str:
-    if not np.isfinite(v):
-        return "—"
-    if not (np.isfinite(lo) and np.isfinite(hi)):
-        return f"{v:.{digits}g}"
-    return f"{v:.{digits}g} [{lo:.{digits}g}, {hi:.{digits}g}]"
-
-
-def markdown_table(table: pd.DataFrame, env: str) -> str:
+def env_table(table: pd.DataFrame, env: str) -> str:
     """The rows of one env as a markdown table."""
     cols = [("cos_ref", "cos(d, ∇J), per batch"), ("d_cos_ref", "Δ vs GAE"),
             ("cos_mean", "cos(E d, ∇J)"), ("d_cos_mean", "Δ vs GAE"),
             ("rel_bias", "‖E d − ∇J‖/‖∇J‖"), ("rel_variance", "tr Cov/‖∇J‖²"),
             ("reuse_gain", "re-use gain K⟨E d,∇J⟩/‖∇J‖²"), ("displacement", "‖θ_K − θ_0‖")]
-    head = "| row | " + " | ".join(h for _, h in cols) + " |"
-    lines = [head, "|" + " --- |" * (len(cols) + 1)]
-    for _, r in table[table["env"] == env].iterrows():
-        cells = [_fmt(r[c], r[f"{c}_lo"], r[f"{c}_hi"], 2 if c.startswith("d_") else 3)
-                 for c, _ in cols]
-        lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    rows = [[r["label"], *(format_ci(r[c], r[f"{c}_lo"], r[f"{c}_hi"], 2 if c.startswith("d_") else 3,
+                                     missing="—") for c, _ in cols)]
+            for _, r in table[table["env"] == env].iterrows()]
+    return "\n".join(markdown_table(["row", *(h for _, h in cols)], rows))
 
 
 def saturation_lines(table: pd.DataFrame) -> list[str]:
@@ -339,8 +253,9 @@ def saturation_lines(table: pd.DataFrame) -> list[str]:
     return lines
 
 
-def markdown(table: pd.DataFrame, runs: pd.DataFrame, preset: str) -> str:
+def markdown(summary: tuple, verdict: Verdict, preset: str) -> str:
     """result.md: the claim, one table per env, the checks and the verdict."""
+    table, runs = summary
     lrs = runs.dropna(subset=["ppo_lr"]).groupby("env")["ppo_lr"].first()
     n = runs.groupby(["env", "label"])["seed"].nunique()
     out = [f"# PPO's update direction against the exact gradient ({preset} preset)", "",
@@ -351,7 +266,7 @@ def markdown(table: pd.DataFrame, runs: pd.DataFrame, preset: str) -> str:
             f">= {MIN_STEP} of each run (critic fitted). Seeds per row: {n.min()}–{n.max()}."), ""]
     for env in dict.fromkeys(table["env"]):
         lr = lrs.get(env, math.nan)
-        out += [f"## {env} (ppo_lr = {lr:g})", "", markdown_table(table, env), ""]
+        out += [f"## {env} (ppo_lr = {lr:g})", "", env_table(table, env), ""]
     gap = k1_matches_gae(runs)
     if np.isfinite(gap):
         out += [(f"Check: PPO with K = 1 and GAE give the same cos_ref to within {gap:.1e} "
@@ -359,11 +274,8 @@ def markdown(table: pd.DataFrame, runs: pd.DataFrame, preset: str) -> str:
     sat = saturation_lines(table)
     if sat:
         out += ["How the clip bounds the update:", "", *sat, ""]
-    out += [verdict(table), ""]
+    out += [verdict.line(), ""]
     return "\n".join(out)
-
-
-# ----------------------------------------------------------------------------- figures
 
 
 def _k_axis(ax, ks: list[int]) -> None:
@@ -379,7 +291,6 @@ def plot_metric_grid(table: pd.DataFrame, rows: list[tuple[str, str, bool]], nam
     """One row of panels per metric (column, y label, log y), one column per env: the metric
     against K, one line per clip epsilon (K = 1, where the clip is inactive, starts every
     line), GAE as a dashed line with its band."""
-    apply_theme()
     envs = list(dict.fromkeys(table["env"]))
     fig, axes = plt.subplots(len(rows), len(envs), squeeze=False,
                              figsize=(PAPER_WIDTH, PANEL_HEIGHT * len(rows)))
@@ -404,8 +315,7 @@ def plot_metric_grid(table: pd.DataFrame, rows: list[tuple[str, str, bool]], nam
                 line = line[np.isfinite(line[col])]
                 if line.empty:
                     continue
-                err = np.vstack([line[col] - line[f"{col}_lo"],
-                                 line[f"{col}_hi"] - line[col]]).clip(0)
+                err = error_bars(line, col)
                 jitter = 2.0 ** (0.04 * (n_clip - (len(clips) - 1) / 2))  # keep bars apart
                 ax.errorbar(line["K"] * jitter, line[col], yerr=np.nan_to_num(err), marker="o",
                             ms=3.5, capsize=2, lw=1.2, color=colours[clip],
@@ -415,22 +325,14 @@ def plot_metric_grid(table: pd.DataFrame, rows: list[tuple[str, str, bool]], nam
                 log_axis(ax, "y", pd.concat([t[col], t[f"{col}_lo"], t[f"{col}_hi"]]))
             ax.set_ylabel(ylabel)
             ax.set_title(env)
-    handles, labels = [], []
-    for ax in axes.flat:
-        for handle, label in zip(*ax.get_legend_handles_labels()):
-            if label not in labels:
-                handles.append(handle)
-                labels.append(label)
-    ncol = 3 if len(labels) > 5 else len(labels)
-    fig.legend(handles, labels, loc="lower center", ncol=ncol, frameon=False,
-               bbox_to_anchor=(0.5, -0.03 - 0.03 * math.ceil(len(labels) / ncol)))
+    legend_below(fig, axes.flat, ncol=3)
     fig.tight_layout()
     return save_figure(fig, out_dir, name)
 
 
 def make_figures(table: pd.DataFrame, out_dir: Path) -> list[Path]:
     """The direction figure (cosines), the bias/variance figure and the re-use figure."""
-    figures = out_dir / "figures"
+    figures = out_dir
     paths = plot_metric_grid(table, [("cos_ref", "cos(d, ∇J): one batch, mean", False),
                                      ("cos_mean", "cos(E d, ∇J): expected direction", False)],
                              f"{NAME}_cosine", figures)
@@ -444,23 +346,9 @@ def make_figures(table: pd.DataFrame, out_dir: Path) -> list[Path]:
     return paths
 
 
-# ----------------------------------------------------------------------------- entry point
-
-
-def analyze(frame: pd.DataFrame, out: Path, preset: str) -> str:
-    """Write result.csv, result.md and figures/ppo_clip_*.{png,pdf} into ``out``; return
-    the markdown."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    runs = per_run(frame)
-    if runs.empty:
-        text = (f"# PPO's update direction ({preset} preset)\n\nClaim: {CLAIM}\n\n"
-                "Verdict: inconclusive — no measured PPO or GAE run.\n")
-        (out / "result.md").write_text(text)
-        return text
-    table = summarise(runs)
-    table.to_csv(out / "result.csv", index=False)
-    text = markdown(table, runs, preset)
-    (out / "result.md").write_text(text)
-    make_figures(table, out)
-    return text
+EXPERIMENT = Experiment(
+    "PPO's update direction", lambda runs: (summarise(runs), runs), verdict, markdown,
+    select=per_run, result_frame=lambda summary: summary[0],
+    figures=lambda summary, runs, out_dir: make_figures(summary[0], out_dir),
+    empty_reason="no measured PPO or GAE run")
+analyze = EXPERIMENT.analyze

@@ -1,32 +1,15 @@
 """The bias of three habits of common policy-gradient code, against the exact gradient.
 
-``analyze(frame, out, preset)`` is called by ``pgvar-reproduce practice_biases`` with the
-tidy frame of ``analysis.loader.load_runs``. Each run measured once, at its initial
-policy. Runs are grouped into *cells* (same env settings, estimator, critic and policy
-init) and, within a cell, into the habit runs and the control runs (no habit), paired by
-seed: the same seed means the same policy and the same measured episodes.
-
-The habits (an estimator option each, see ``pgvar.estimators.EstimatorConfig``):
-
-- ``drop gamma^t``: ``discount_weighting=false``;
-- ``normalise advantages``: ``normalize_advantages=true``;
-- ``truncation as termination``: ``truncation_as_termination=true`` (under the
-  ``discounted`` objective; under ``finite`` it changes nothing).
-
-Per run, against the exact gradient g = grad J: the relative squared bias U/||g||^2
-(unbiased, may be < 0), the mean per-batch cosine ``cos_ref``, ``scale`` =
-<E g_hat, g>/||g||^2 (1 when unbiased), the squared part across g ``rel_perp_sq`` =
-||E g_hat - scale g||^2/||g||^2 (both from the logged statistics without the noise floor,
-as in ``experiments/ppo_clip/analyze.py``) and the relative variance. Across seeds: means
-with 95% bootstrap intervals (``analysis.stats.mean_ci``), the cosine of the expected
-estimate ``cos_mean`` = p/sqrt(p^2 + q) from the means p of ``scale`` and q of
-``rel_perp_sq``, and paired habit - control differences.
-
-Where the expectation is computable by dynamic programming (tabular environments,
-estimators whose per-step weight has a known conditional mean given (s_t, a_t) with the
-exact critic, no normalisation) the analysis also predicts the relative bias exactly at
-each run's initial policy (``expected_gradient``), and the bias the habit adds to the
-control, ||E g_habit - E g_control|| / ||g||, which the logged statistics cannot give.
+Each run measured once, at its initial policy. Runs are grouped into *cells* (env
+settings, estimator, critic, policy init) and within a cell into habit and control runs,
+paired by seed (same policy, same episodes). Habits: ``discount_weighting=false`` (drop
+gamma^t), ``normalize_advantages=true``, ``truncation_as_termination=true`` (under the
+discounted objective). Per run: relative squared bias, ``cos_ref``, ``scale`` =
+<E g_hat, g>/||g||^2 and ``rel_perp_sq`` (``analysis.experiment.direction_columns``),
+relative variance; across seeds: means with 95% intervals, ``cos_mean`` = cos(E g_hat, g)
+(``pooled_cosine``) and paired habit - control differences. On tabular envs the exact
+mean (``pgvar.exact_mean``) at each run's initial policy gives the exact relative bias
+and the bias the habit adds to the control, ||E g_habit - E g_control|| / ||g||.
 """
 
 from __future__ import annotations
@@ -34,18 +17,31 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
-import torch
 
-from analysis.figures import PANEL_HEIGHT, PAPER_WIDTH, apply_theme, save_figure
+from analysis.experiment import (
+    Experiment,
+    Verdict,
+    combined_word,
+    config_of,
+    direction_columns,
+    estimate_columns,
+    inconclusive,
+    paired_difference,
+    pooled_cosine,
+    pooled_cosine_difference,
+    sqrt_estimate,
+)
+from analysis.figures import PANEL_HEIGHT, PAPER_WIDTH, error_bars, legend_below, save_figure
 from analysis.loader import measured_rows
-from analysis.stats import Estimate, bootstrap_interval, mean_ci
+from analysis.render import format_ci, format_columns, markdown_table
+from analysis.stats import mean_ci
+from pgvar.exact_mean import exact_gradient, expected_gradient
+from pgvar.run import initial_env_and_policy
+from pgvar.stats import sqrt_clipped
 
 NAME = "practice_biases"
 FLAGS = {  # habit -> (config column, value that switches the habit on)
@@ -66,25 +62,6 @@ CLAIMS = {
 SMALL_REL_BIAS = 0.05  # a habit whose added relative bias stays below this is 'small'
 MIN_SEEDS = 3  # fewer seeds than this: no verdict (inconclusive)
 DIRECTION_TOL = 0.01  # |change of cos(E g_hat, grad J)| below this counts as 'same direction'
-
-
-# ----------------------------------------------------------------------------- per run
-
-
-def direction_columns(df: pd.DataFrame) -> pd.DataFrame:
-    """Add ``scale`` = <g_bar, g>/||g||^2 and ``rel_sq_norm`` = (||g_bar||^2 - trCov/M)/||g||^2,
-    both unbiased: ||g_bar||^2 = snr trCov, ||g_bar - g||^2 = U + trCov/M + SE_ref^2."""
-    df = df.copy()
-    var = df["grad_variance"].astype(float)
-    m = df["n_estimates"].astype(float)
-    se2 = df["ref_se"].fillna(0.0).astype(float) ** 2 if "ref_se" in df else 0.0
-    ref2 = (df["ref_norm"].astype(float) ** 2).where(df["ref_norm"] > 0)
-    mean_sq = df["snr"].astype(float) * var
-    dist_sq = df["grad_bias_sq"].astype(float) + var / m + se2
-    df["scale"] = (mean_sq + ref2 - dist_sq) / 2.0 / ref2
-    df["rel_sq_norm"] = (mean_sq - var / m) / ref2
-    df["rel_perp_sq"] = df["rel_sq_norm"] - df["scale"] ** 2  # ||E g_hat - scale g||^2/||g||^2
-    return df
 
 
 def habit_of(row: pd.Series) -> str:
@@ -123,7 +100,7 @@ def per_run(frame: pd.DataFrame) -> pd.DataFrame:
     if measured.empty:
         return pd.DataFrame()
     first = measured.sort_values("step").groupby("run_id", sort=False).head(1)
-    df = direction_columns(first).reset_index(drop=True)
+    df = direction_columns(first).rename(columns={"rel_proj": "scale"}).reset_index(drop=True)
     df["habit"] = [habit_of(r) for _, r in df.iterrows()]
     keys = [k for k in CELL_KEYS if k in df.columns]
     df["cell"] = [cell_label(r) for _, r in df.iterrows()]
@@ -135,35 +112,11 @@ def per_run(frame: pd.DataFrame) -> pd.DataFrame:
     return df[df["habit"] != "mixed"]
 
 
-# ----------------------------------------------------------------------------- exact expectations
-
-
-def _env_kwargs(row: pd.Series) -> dict[str, object]:
-    """``make_env`` keyword arguments from a run's flattened ``env.*`` config columns."""
-    kwargs = {}
-    for col, value in row.items():
-        if not str(col).startswith("env.") or col == "env.name":
-            continue
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            continue
-        if isinstance(value, float) and value.is_integer() and col != "env.gamma":
-            value = int(value)
-        kwargs[str(col)[4:]] = value
-    return kwargs
-
-
 def rebuild_initial(row: pd.Series):
-    """The run's environment and its initial policy (as ``pgvar-run`` built them), or None."""
-    from pgvar.config import PolicySettings, build_policy
-    from pgvar.envs.registry import make_env
-    from pgvar.seeding import derive_seed
-
-    env = make_env(str(row["env.name"]), **_env_kwargs(row))
-    if not hasattr(env, "expected_reward"):
-        return None
-    settings = PolicySettings(init_scale=float(row.get("policy.init_scale", 0.0) or 0.0))
-    policy = build_policy(env, settings, derive_seed(int(row["seed"]), "policy"))
-    return env, policy
+    """The run's environment and initial policy (as ``pgvar-run`` built them), or None
+    where the environment has no exact mean (not tabular)."""
+    env, policy = initial_env_and_policy(config_of(row))
+    return (env, policy) if hasattr(env, "expected_reward") else None
 
 
 def predictable(row: pd.Series) -> bool:
@@ -180,71 +133,6 @@ def predictable(row: pd.Series) -> bool:
     exact = row.get("training.critic.kind") == "exact" and not row.get(
         "training.critic.perturb_scale", 0.0)
     return est in ("value_baseline", "actor_critic", "gae") and exact
-
-
-def step_weights(env, pi: torch.Tensor, estimator: str, lam: float, discounted: bool,
-                 bootstrap_cut: bool) -> list[torch.Tensor]:
-    """W_t(s, a) = E[weight_t | s_t = s, a_t = a] for t < T (before gamma^t), exact critic.
-
-    Under "finite" (or a tail that is not bootstrapped) an estimator of the reward-to-go
-    family has mean Q^(T-t), the value with T-t steps left. Under "discounted" with the
-    bootstrap, Q (infinite horizon). With the truncation habit, a critic estimator whose
-    advantage is GAE(lam) (value_baseline: lam = 1, actor_critic: 0) loses the cut's tail:
-    Q - (gamma lam)^(T-1-t) gamma E[V(s_T) | s_t, a_t].
-    """
-    T, gamma = env.horizon, env.gamma
-    P, r = env.P, env.expected_reward
-    P_pi = torch.einsum("sa,sat->st", pi, P)
-    finite_q, v = [], torch.zeros(env.n_states, dtype=P.dtype)
-    for _ in range(T):  # finite_q[k-1] = Q^(k)
-        q = r + gamma * P @ v
-        finite_q.append(q)
-        v = (pi * q).sum(-1)
-    if not discounted:
-        return [finite_q[T - 1 - t] for t in range(T)]
-    V = torch.linalg.solve(torch.eye(env.n_states, dtype=P.dtype) - gamma * P_pi, (pi * r).sum(-1))
-    Q = r + gamma * P @ V
-    if bootstrap_cut:
-        return [Q] * T
-    if estimator in ("reinforce_rtg", "rloo"):
-        return [finite_q[T - 1 - t] for t in range(T)]
-    lam_eff = {"value_baseline": 1.0, "actor_critic": 0.0}.get(estimator, lam)
-    weights, future_v = [], V.clone()  # future_v = P_pi^(T-1-t) V, built from t = T-1 down
-    for t in reversed(range(T)):
-        weights.append(Q - (gamma * lam_eff) ** (T - 1 - t) * gamma * (P @ future_v))
-        future_v = P_pi @ future_v
-    return weights[::-1]
-
-
-def expected_gradient(env, policy, estimator: str, lam: float, discount_weighting: bool,
-                      truncation_as_termination: bool) -> torch.Tensor:
-    """E[g_hat] exactly: grad over theta of sum_{t<T} c_t E_{s~d_t, a~pi}[log pi(a|s) W_t(s, a)]
-    with d_t and W_t held fixed, c_t = gamma^t (or 1 without discount weighting)."""
-    theta = _logits64(policy)
-    logp = torch.log_softmax(theta, -1)
-    pi = logp.exp().detach()
-    discounted = env.objective == "discounted"
-    W = step_weights(env, pi, estimator, lam, discounted,
-                     bootstrap_cut=discounted and not truncation_as_termination)
-    P_pi = torch.einsum("sa,sat->st", pi, env.P)
-    d, total = env.mu.clone(), torch.zeros((), dtype=torch.float64)
-    for t in range(env.horizon):
-        c = env.gamma ** t if discount_weighting else 1.0
-        total = total + c * (d[:, None] * pi * logp * W[t]).sum()
-        d = d @ P_pi
-    return torch.autograd.grad(total, theta)[0].reshape(-1)
-
-
-def exact_gradient(env, policy) -> torch.Tensor:
-    """grad J at the tabular softmax policy's logits, in float64."""
-    theta = _logits64(policy)
-    J = env.objective_from_probs(torch.softmax(theta, -1))
-    return torch.autograd.grad(J, theta)[0].reshape(-1)
-
-
-def _logits64(policy) -> torch.Tensor:
-    """The tabular softmax policy's logits as a float64 leaf tensor (gradients in float64)."""
-    return next(policy.parameters()).detach().to(torch.float64).requires_grad_(True)
 
 
 def predictions(runs: pd.DataFrame) -> pd.DataFrame:
@@ -271,57 +159,6 @@ def predictions(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out, columns=["run_id", "pred_rel_bias_sq", "pred_added_sq"])
 
 
-# ----------------------------------------------------------------------------- across seeds
-
-
-def _root(est: Estimate) -> Estimate:
-    return est.map(lambda v: math.sqrt(max(v, 0.0)) if np.isfinite(v) else v)
-
-
-def paired(a: pd.DataFrame, b: pd.DataFrame, metric: str) -> Estimate:
-    """Mean over seeds of metric(a) - metric(b), same seed, 95% interval."""
-    j = a.set_index("seed")[metric].to_frame("a").join(b.set_index("seed")[metric].rename("b"),
-                                                       how="inner")
-    return mean_ci((j["a"] - j["b"]).to_numpy())
-
-
-def _cosine_of_means(scale: np.ndarray, perp_sq: np.ndarray, axis: int = -1) -> np.ndarray:
-    """p / sqrt(p^2 + q) with p the mean scale <E g_hat, g>/||g||^2 and q the mean squared
-    perpendicular part ||E g_hat - p g||^2/||g||^2 over seeds (means of unbiased estimates)."""
-    p = np.mean(scale, axis=axis)
-    return p / np.sqrt(p ** 2 + np.clip(np.mean(perp_sq, axis=axis), 0.0, None))
-
-
-def pooled_cosine(g: pd.DataFrame) -> Estimate:
-    """cos(E g_hat, g) from the mean scale and mean squared perpendicular part over seeds
-    (the per-seed ratio of two noisy estimates would be biased upwards where ||E g_hat||^2
-    is poorly determined), with a paired bootstrap interval over seeds."""
-    a, b = g["scale"].to_numpy(float), g["rel_perp_sq"].to_numpy(float)
-    ok = np.isfinite(a) & np.isfinite(b)
-    a, b = a[ok], b[ok]
-    if a.size < 2:
-        return Estimate(float(_cosine_of_means(a, b)) if a.size else math.nan, math.nan,
-                        math.nan, int(a.size))
-    lo, hi = bootstrap_interval((a, b), _cosine_of_means, paired=True, seed=0)
-    return Estimate(float(_cosine_of_means(a, b)), lo, hi, int(a.size))
-
-
-def pooled_cosine_difference(h: pd.DataFrame, c: pd.DataFrame) -> Estimate:
-    """pooled_cosine(h) - pooled_cosine(c) over the seeds both have, paired bootstrap."""
-    cols = ["scale", "rel_perp_sq"]
-    j = h[["seed", *cols]].merge(c[["seed", *cols]], on="seed", suffixes=("", "_c")).dropna()
-    arrays = tuple(j[col].to_numpy(float) for col in ("scale", "rel_perp_sq", "scale_c",
-                                                       "rel_perp_sq_c"))
-
-    def diff(a, b, x, y, axis=-1):
-        return _cosine_of_means(a, b, axis) - _cosine_of_means(x, y, axis)
-
-    if len(j) < 2:
-        return Estimate(float(diff(*arrays)) if len(j) else math.nan, math.nan, math.nan, len(j))
-    lo, hi = bootstrap_interval(arrays, diff, paired=True, seed=0)
-    return Estimate(float(diff(*arrays)), lo, hi, len(j))
-
-
 def summarise(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per (habit, cell, arm) with arm in {habit, control}: means and intervals of
     relative bias, scale, cosines and variance; habit rows add the paired differences from
@@ -339,37 +176,30 @@ def summarise(runs: pd.DataFrame) -> pd.DataFrame:
             rec = {"habit": habit, "cell": h["cell"].iloc[0], "env": h["env"].iloc[0],
                    "estimator": h["estimator"].iloc[0], "arm": arm, "n_seeds": int(g["seed"].nunique())}
             b2 = mean_ci(g["rel_bias_sq"].to_numpy())
-            rec.update(_columns("rel_bias", _root(b2)))
+            rec.update(estimate_columns("rel_bias", sqrt_estimate(b2)))
             rec["bias_distinguishable"] = bool(np.isfinite(b2.lo) and b2.lo > 0)
             for metric in ("scale", "cos_ref", "rel_variance"):
-                rec.update(_columns(metric, mean_ci(g[metric].to_numpy())))
-            rec.update(_columns("cos_mean", pooled_cosine(g)))
-            rec.update(_columns("dir_bias", _root(mean_ci(g["rel_perp_sq"].to_numpy()))))
+                rec.update(estimate_columns(metric, mean_ci(g[metric].to_numpy())))
+            rec.update(estimate_columns("cos_mean", pooled_cosine(g, "scale")))
+            rec.update(estimate_columns("dir_bias", sqrt_estimate(mean_ci(g["rel_perp_sq"].to_numpy()))))
             rec["pred_rel_bias"] = _mean_root(g["pred_rel_bias_sq"])
             if arm == "habit":
                 rec["pred_added_bias"] = _mean_root(g["pred_added_sq"])
                 if not control.empty:
                     for metric in ("rel_bias_sq", "cos_ref"):
-                        rec.update(_columns(f"d_{metric}", paired(h, control, metric)))
-                    rec.update(_columns("d_cos_mean", pooled_cosine_difference(h, control)))
+                        rec.update(estimate_columns(f"d_{metric}", paired_difference(h, control, metric)))
+                    rec.update(estimate_columns("d_cos_mean", pooled_cosine_difference(h, control, "scale")))
             records.append(rec)
     return pd.DataFrame.from_records(records)
 
 
-def _columns(name: str, est: Estimate) -> dict[str, float]:
-    return {name: est.value, f"{name}_lo": est.lo, f"{name}_hi": est.hi}
-
-
 def _mean_root(x: pd.Series) -> float:
     x = x.dropna()
-    return math.sqrt(max(float(x.mean()), 0.0)) if len(x) else math.nan
+    return sqrt_clipped(float(x.mean())) if len(x) else math.nan
 
 
-# ----------------------------------------------------------------------------- verdicts
-
-
-def habit_verdict(table: pd.DataFrame, habit: str) -> str:
-    """One verdict line for a habit, from its cells.
+def habit_verdict(table: pd.DataFrame, habit: str) -> Verdict:
+    """The verdict on one habit, from its cells.
 
     A cell shows the habit's bias when the paired difference of the relative squared bias
     from the control excludes 0. confirmed (the habit is a bias source of its own): every
@@ -379,20 +209,20 @@ def habit_verdict(table: pd.DataFrame, habit: str) -> str:
     t = table[(table["habit"] == habit)]
     hab, ctl = t[t["arm"] == "habit"], t[t["arm"] == "control"]
     if hab.empty or hab["n_seeds"].min() < MIN_SEEDS or "d_rel_bias_sq_lo" not in hab:
-        return f"Verdict ({habit}): inconclusive — too few seeds or no control."
+        return inconclusive("too few seeds or no control")
     shows = [bool(np.isfinite(r.d_rel_bias_sq_lo) and (r.d_rel_bias_sq_lo > 0 or r.d_rel_bias_sq_hi < 0))
              for r in hab.itertuples()]
     parts = []
     for r in hab.itertuples():
         c = ctl[ctl["cell"] == r.cell]
-        ctl_txt = (f"control {c.rel_bias.iloc[0]:.3f} [{c.rel_bias_lo.iloc[0]:.3f}, "
-                   f"{c.rel_bias_hi.iloc[0]:.3f}]") if not c.empty else "no control"
+        ctl_txt = (f"control {format_columns(c.iloc[0], 'rel_bias', style='f')}"
+                   if not c.empty else "no control")
         added = (f", exact added bias {r.pred_added_bias:.3f}"
                  if np.isfinite(getattr(r, "pred_added_bias", np.nan)) else "")
-        parts.append(f"{r.cell}: relative bias {r.rel_bias:.3f} [{r.rel_bias_lo:.3f}, "
-                     f"{r.rel_bias_hi:.3f}] vs {ctl_txt}{added}; scale along ∇J {r.scale:.2f} "
-                     f"[{r.scale_lo:.2f}, {r.scale_hi:.2f}], cos(E ĝ, ∇J) {r.cos_mean:.3f} "
-                     f"[{r.cos_mean_lo:.3f}, {r.cos_mean_hi:.3f}]")
+        row = r._asdict()
+        parts.append(f"{r.cell}: relative bias {format_columns(row, 'rel_bias', style='f')} vs "
+                     f"{ctl_txt}{added}; scale along ∇J {format_columns(row, 'scale', 2, style='f')}"
+                     f", cos(E ĝ, ∇J) {format_columns(row, 'cos_mean', style='f')}")
     control_clean = all(not b for b in ctl["bias_distinguishable"]) if not ctl.empty else False
     big_added = [np.isfinite(a) and a >= SMALL_REL_BIAS for a in hab.get("pred_added_bias", [])]
     if not any(shows):
@@ -401,7 +231,7 @@ def habit_verdict(table: pd.DataFrame, habit: str) -> str:
         word = "confirmed"
     else:
         word = "qualified"
-    return f"Verdict ({habit}): {word} — " + "; ".join(parts) + "." + scale_clause(hab)
+    return Verdict(word, "; ".join(parts) + "." + scale_clause(hab))
 
 
 def scale_clause(hab: pd.DataFrame) -> str:
@@ -419,47 +249,36 @@ def scale_clause(hab: pd.DataFrame) -> str:
             f"(|Δ cos(E ĝ, ∇J)| ≤ {worst:.3f} at 95%).")
 
 
-def overall_verdict(lines: list[str]) -> str:
-    """confirmed when every habit is, refuted when every habit is, else qualified."""
-    words = [line.split(":")[1].split("—")[0].strip() for line in lines]
-    words = [w for w in words if w != "inconclusive"]
-    if not words:
-        return "Verdict: inconclusive — no habit could be judged."
-    word = words[0] if len(set(words)) == 1 else "qualified"
-    summary = ", ".join(f"{h}: {w}" for h, w in zip(
-        [line.split("(")[1].split(")")[0] for line in lines if "inconclusive" not in line], words))
-    return f"Verdict: {word} — per habit ({summary}); numbers in the lines above."
+def verdict(table: pd.DataFrame) -> Verdict:
+    """confirmed when every judged habit is, refuted when every one is, else qualified."""
+    judged = {h: habit_verdict(table, h).word for h in FLAGS if h in set(table["habit"])}
+    judged = {h: w for h, w in judged.items() if w != "inconclusive"}
+    if not judged:
+        return inconclusive("no habit could be judged")
+    summary = ", ".join(f"{h}: {w}" for h, w in judged.items())
+    return Verdict(combined_word(list(judged.values())),
+                   f"per habit ({summary}); numbers in the lines above")
 
 
-# ----------------------------------------------------------------------------- outputs
+def _cell(r: pd.Series, c: str) -> str:
+    """A table cell: ``format_ci``, with ``0`` for an exact zero without interval."""
+    v, lo, hi = r.get(c, np.nan), r.get(f"{c}_lo", np.nan), r.get(f"{c}_hi", np.nan)
+    return "0" if np.isfinite(v) and abs(v) < 1e-9 and not np.isfinite(lo) else format_ci(
+        v, lo, hi, missing="—")
 
 
-def _fmt(v: float, lo: float = math.nan, hi: float = math.nan, digits: int = 3) -> str:
-    if not np.isfinite(v):
-        return "—"
-    if abs(v) < 1e-9 and not np.isfinite(lo):  # an exact zero up to rounding
-        return "0"
-    if not (np.isfinite(lo) and np.isfinite(hi)):
-        return f"{v:.{digits}g}"
-    return f"{v:.{digits}g} [{lo:.{digits}g}, {hi:.{digits}g}]"
-
-
-def markdown_table(t: pd.DataFrame) -> str:
+def habit_table(t: pd.DataFrame) -> list[str]:
     cols = [("rel_bias", "‖E ĝ − ∇J‖/‖∇J‖"), ("pred_rel_bias", "exact"),
             ("scale", "scale s = ⟨E ĝ,∇J⟩/‖∇J‖²"), ("dir_bias", "‖E ĝ − s∇J‖/‖∇J‖"),
             ("cos_mean", "cos(E ĝ, ∇J)"),
             ("cos_ref", "cos(ĝ, ∇J) per batch"), ("rel_variance", "tr Cov/‖∇J‖²"),
             ("d_rel_bias_sq", "Δ rel. bias² vs control"), ("pred_added_bias", "exact added bias")]
-    lines = ["| cell | arm | " + " | ".join(h for _, h in cols) + " |",
-             "|" + " --- |" * (len(cols) + 2)]
-    for _, r in t.iterrows():
-        cells = [_fmt(r.get(c, np.nan), r.get(f"{c}_lo", np.nan), r.get(f"{c}_hi", np.nan))
-                 for c, _ in cols]
-        lines.append(f"| {r['cell']} | {r['arm']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return markdown_table(["cell", "arm", *(h for _, h in cols)],
+                          [[r["cell"], r["arm"], *(_cell(r, c) for c, _ in cols)]
+                           for _, r in t.iterrows()])
 
 
-def markdown(table: pd.DataFrame, preset: str) -> str:
+def markdown(table: pd.DataFrame, verdict: Verdict, preset: str) -> str:
     n = table["n_seeds"]
     out = [f"# Biases of common-code habits against the exact gradient ({preset} preset)", "",
            ("Each habit next to the same estimator without it (control), same seeds: same "
@@ -472,16 +291,13 @@ def markdown(table: pd.DataFrame, preset: str) -> str:
             "‖E ĝ − ∇J‖² = (s − 1)²‖∇J‖² + ‖E ĝ − s∇J‖²; cos(E ĝ, ∇J) is computed from the "
             "two means over seeds."),
            ""]
-    lines = []
     for habit in FLAGS:
         t = table[table["habit"] == habit]
         if t.empty:
             continue
-        out += [f"## {habit}", "", f"Claim: {CLAIMS[habit]}", "", markdown_table(t), ""]
-        line = habit_verdict(table, habit)
-        lines.append(line)
-        out += [line, ""]
-    out += [overall_verdict(lines), ""]
+        out += [f"## {habit}", "", f"Claim: {CLAIMS[habit]}", "", *habit_table(t), "",
+                habit_verdict(table, habit).line(habit), ""]
+    out += [verdict.line(), ""]
     return "\n".join(out)
 
 
@@ -507,7 +323,6 @@ def plot(table: pd.DataFrame, out_dir: Path) -> list[Path]:
     """Rows: relative bias, scale along grad J, cosine of the expected estimate; one column
     per habit; control and habit side by side per cell with 95% intervals, the exact
     expectation as a cross where it is known."""
-    apply_theme()
     habits = [h for h in FLAGS if h in set(table["habit"])]
     widths = [max(2, table.loc[table["habit"] == h, "cell"].nunique()) for h in habits]
     fig, axes = plt.subplots(len(PLOT_ROWS), len(habits), squeeze=False, sharex="col",
@@ -522,8 +337,7 @@ def plot(table: pd.DataFrame, out_dir: Path) -> list[Path]:
             for k, arm in enumerate(("control", "habit")):
                 rows = t[t["arm"] == arm].set_index("cell").reindex(cells)
                 x = np.arange(len(cells)) + (k - 0.5) * 0.3
-                err = np.vstack([rows[col] - rows[f"{col}_lo"], rows[f"{col}_hi"] - rows[col]])
-                ax.errorbar(x, rows[col], yerr=np.nan_to_num(err.clip(0)), fmt="o", ms=4,
+                ax.errorbar(x, rows[col], yerr=np.nan_to_num(error_bars(rows, col)), fmt="o", ms=4,
                             capsize=2, color=colours[arm],
                             label="control (no habit)" if arm == "control" else "with the habit")
                 if col == "rel_bias":
@@ -543,31 +357,12 @@ def plot(table: pd.DataFrame, out_dir: Path) -> list[Path]:
                 ax.set_ylabel(ylabel)
             if i == 0:
                 ax.set_title(habit)
-    handles, labels = [], []
-    for ax in axes.flat:
-        for hd, lb in zip(*ax.get_legend_handles_labels()):
-            if lb not in labels:
-                handles.append(hd)
-                labels.append(lb)
-    fig.legend(handles, labels, loc="lower center", ncol=3, frameon=False,
-               bbox_to_anchor=(0.5, -0.03))
+    legend_below(fig, axes.flat, ncol=3)
     fig.tight_layout()
     return save_figure(fig, out_dir, f"{NAME}_bias")
 
 
-def analyze(frame: pd.DataFrame, out: Path, preset: str) -> str:
-    """Write result.csv, result.md and figures/practice_biases_bias.{png,pdf}; return the md."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    runs = per_run(frame)
-    table = summarise(runs) if not runs.empty else pd.DataFrame()
-    if table.empty:
-        text = (f"# Biases of common-code habits ({preset} preset)\n\n"
-                "Verdict: inconclusive — no run with a habit and its control.\n")
-        (out / "result.md").write_text(text)
-        return text
-    table.to_csv(out / "result.csv", index=False)
-    text = markdown(table, preset)
-    (out / "result.md").write_text(text)
-    plot(table, out / "figures")
-    return text
+EXPERIMENT = Experiment("Biases of common-code habits", summarise, verdict, markdown,
+                        select=per_run, figures=lambda table, runs, out_dir: plot(table, out_dir),
+                        empty_reason="no run with a habit and its control")
+analyze = EXPERIMENT.analyze

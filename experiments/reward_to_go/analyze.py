@@ -1,24 +1,14 @@
 """Reward-to-go against the full return: paired variance ratio and both biases.
 
-``analyze(frame, out, preset)`` is called by ``pgvar-reproduce reward_to_go`` with the
-runs of ``sweep.yaml``. Each run is one measurement of one estimator (``reinforce``: the
-full return R on every step; ``reinforce_rtg``: gamma^t G_t) at a random initial policy.
-Runs with the same environment, instance (``env.seed``) and run seed start from the
-same policy and are measured on the same episodes, so they form a *pair*; the pairs are
-the independent replicates.
-
-Per environment it reports:
-
-- the relative variance ``tr Cov / ||grad J||^2`` of each estimator (mean over pairs);
-- the variance ratio rtg/full as the geometric mean of the per-pair ratios (scale-free:
-  every problem weighs the same), with a percentile bootstrap interval over pairs
-  (``analysis.stats.mean_ci`` on the log ratios), and the ratio of mean variances
-  (``analysis.stats.ratio_ci``, paired) next to it;
-- each estimator's relative squared bias ``mean U / ||grad J||^2`` with the interval of
-  ``analysis.table.squared_bias_interval`` and whether the bias is distinguishable from 0.
-
-Verdict per environment: *confirmed* when the ratio's interval lies below 1 and neither
-bias is distinguishable; *refuted* when the ratio's interval lies above 1 or the
+Each run is one measurement of ``reinforce`` (the full return R on every step) or
+``reinforce_rtg`` (gamma^t G_t) at a random initial policy; runs with the same env,
+instance (``env.seed``) and seed share policy and episodes and form a *pair*, the
+independent replicate. Per environment: each estimator's relative variance; the ratio
+rtg/full as the geometric mean of per-pair ratios (bootstrap over pairs of the mean log)
+next to the ratio of mean variances (paired ``ratio_ci``); each estimator's relative
+squared bias (``analysis.table.squared_bias_interval``) and whether it is
+distinguishable from 0. Verdict per environment: *confirmed* when the ratio's interval
+lies below 1 and neither bias is distinguishable; *refuted* when it lies above 1 or the
 reward-to-go bias is distinguishable; otherwise *inconclusive*.
 """
 
@@ -27,19 +17,24 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from matplotlib import ticker
 
-from analysis.experiment import format_ci
-from analysis.figures import PANEL_HEIGHT, PAPER_WIDTH, REL_VAR_LABEL, apply_theme, save_figure
-from analysis.loader import measured_rows
+from analysis.experiment import (
+    Experiment,
+    Verdict,
+    combined_word,
+    estimate_columns,
+    first_measurements,
+    instance_column,
+)
+from analysis.figures import PANEL_HEIGHT, PAPER_WIDTH, REL_VAR_LABEL, error_bars, save_figure
+from analysis.render import format_ci, format_columns, markdown_table, yes_no
 from analysis.stats import Estimate, mean_ci, ratio_ci
 from analysis.table import per_run_values, squared_bias_interval
+from pgvar.stats import sqrt_clipped
 
 FULL, RTG = "reinforce", "reinforce_rtg"
 ESTIMATORS = (FULL, RTG)
@@ -51,22 +46,9 @@ CLAIM = ("“Using reward-to-go rather than the full trajectory return reduces v
          "rewards.”")
 
 
-# ----------------------------------------------------------------------------- data
-
-
-def first_measurements(frame: pd.DataFrame) -> pd.DataFrame:
-    """The first measured step of every run of the two estimators, with an ``instance``
-    column (``env.seed``, -1 where the environment has none)."""
-    rows = measured_rows(frame)
-    rows = rows[rows["estimator"].isin(ESTIMATORS)]
-    rows = rows[rows["step"] == rows.groupby("run_dir")["step"].transform("min")]
-    instance = rows["env.seed"] if "env.seed" in rows.columns else pd.Series(-1, index=rows.index)
-    return rows.assign(instance=instance.fillna(-1).astype(int))
-
-
 def paired_variances(rows: pd.DataFrame) -> pd.DataFrame:
-    """One line per pair (env, instance, seed) holding both estimators: their variance,
-    relative variance and the reference norm."""
+    """One line per pair (env, instance, seed) holding both estimators' variance and
+    relative variance."""
     wide = rows.pivot_table(index=PAIR_KEYS, columns="estimator",
                             values=["grad_variance", "grad_rel_variance"], aggfunc="mean")
     wide.columns = [f"{stat}_{est}" for stat, est in wide.columns]
@@ -74,9 +56,6 @@ def paired_variances(rows: pd.DataFrame) -> pd.DataFrame:
     if not set(needed) <= set(wide.columns):
         return pd.DataFrame(columns=PAIR_KEYS + needed)
     return wide.dropna(subset=needed).reset_index()
-
-
-# ----------------------------------------------------------------------------- statistics
 
 
 def geometric_mean_ratio(numerator: np.ndarray, denominator: np.ndarray) -> Estimate:
@@ -93,16 +72,16 @@ def ratio_of_means(pairs: pd.DataFrame) -> Estimate:
 
 
 def bias_of(rows: pd.DataFrame) -> dict[str, object]:
-    """Relative squared bias (mean U / ||grad J||^2) of one estimator's runs, its interval,
-    and whether the bias is distinguishable from zero (both the absolute and the relative
-    squared-bias intervals above 0, as the comparison table decides)."""
+    """Relative squared bias of one estimator's runs with its interval, the root of its
+    upper end, and whether the bias is distinguishable from zero (both the absolute and
+    the relative squared-bias intervals above 0, as the comparison table decides)."""
     values = per_run_values(rows)
     b2 = squared_bias_interval(values, "grad_bias_sq")
     rel = squared_bias_interval(values, "grad_rel_bias_sq")
     distinguishable = (bool(b2.lo > 0 and rel.lo > 0)
                        if math.isfinite(b2.lo) and math.isfinite(rel.lo) else None)
-    return {"rel_bias_sq": rel.value, "rel_bias_sq_lo": rel.lo, "rel_bias_sq_hi": rel.hi,
-            "rel_bias_upper": math.sqrt(max(rel.hi, 0.0)) if math.isfinite(rel.hi) else math.nan,
+    return {**estimate_columns("rel_bias_sq", rel),
+            "rel_bias_upper": sqrt_clipped(rel.hi) if math.isfinite(rel.hi) else math.nan,
             "distinguishable": distinguishable}
 
 
@@ -126,14 +105,6 @@ def reference_kind(rows: pd.DataFrame) -> str:
     return f"Monte Carlo ({episodes:.0f} episodes)" if math.isfinite(episodes) else "Monte Carlo"
 
 
-def _column(stat: str, estimator: str) -> str:
-    """``rel_bias_sq_lo`` of ``reinforce`` -> ``rel_bias_sq_reinforce_lo``."""
-    for end in ("_lo", "_hi"):
-        if stat.endswith(end):
-            return f"{stat[:-3]}_{estimator}{end}"
-    return f"{stat}_{estimator}"
-
-
 def _median_int(rows: pd.DataFrame, column: str) -> int | None:
     """The typical value of a size column (M, B), None when it was not logged."""
     if column not in rows.columns or rows[column].isna().all():
@@ -144,7 +115,6 @@ def _median_int(rows: pd.DataFrame, column: str) -> int | None:
 def summarise_env(env: str, rows: pd.DataFrame, pairs: pd.DataFrame) -> dict[str, object]:
     """Every number of one environment's row of result.csv."""
     geo = geometric_mean_ratio(pairs[f"grad_variance_{RTG}"], pairs[f"grad_variance_{FULL}"])
-    means = ratio_of_means(pairs)
     per_pair = pairs[f"grad_variance_{RTG}"] / pairs[f"grad_variance_{FULL}"]
     record: dict[str, object] = {"env": env, "reference": reference_kind(rows),
                                  "n_pairs": len(pairs),
@@ -152,104 +122,75 @@ def summarise_env(env: str, rows: pd.DataFrame, pairs: pd.DataFrame) -> dict[str
                                  "n_batches": _median_int(rows, "n_estimates"),
                                  "batch_size": _median_int(rows, "training.batch_size")}
     for est in ESTIMATORS:
-        rel = mean_ci(pairs[f"grad_rel_variance_{est}"].to_numpy())
-        record.update({f"rel_var_{est}": rel.value, f"rel_var_{est}_lo": rel.lo,
-                       f"rel_var_{est}_hi": rel.hi})
-    for name, est in (("ratio_geo", geo), ("ratio_means", means)):
-        record.update({name: est.value, f"{name}_lo": est.lo, f"{name}_hi": est.hi})
-    record["frac_pairs_rtg_lower"] = float((per_pair < 1).mean())
-    record["max_pair_ratio"] = float(per_pair.max())
-    biases = {}
-    for est in ESTIMATORS:
-        biases[est] = bias_of(rows[rows["estimator"] == est])
-        record.update({_column(k, est): v for k, v in biases[est].items()})
+        record.update(estimate_columns(f"rel_var_{est}",
+                                       mean_ci(pairs[f"grad_rel_variance_{est}"].to_numpy())))
+    record.update({**estimate_columns("ratio_geo", geo),
+                   **estimate_columns("ratio_means", ratio_of_means(pairs)),
+                   "frac_pairs_rtg_lower": float((per_pair < 1).mean()),
+                   "max_pair_ratio": float(per_pair.max())})
+    biases = {est: bias_of(rows[rows["estimator"] == est]) for est in ESTIMATORS}
+    for est, bias in biases.items():  # rel_bias_sq_lo of reinforce -> rel_bias_sq_reinforce_lo
+        record.update({(f"{k[:-3]}_{est}{k[-3:]}" if k.endswith(("_lo", "_hi")) else f"{k}_{est}"): v
+                       for k, v in bias.items()})
     record["verdict"] = env_verdict(geo, biases[FULL], biases[RTG])
     return record
 
 
-def summarise(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(result table, one line per pair) for every environment with at least two pairs."""
-    rows = first_measurements(frame)
-    if rows.empty:
-        return pd.DataFrame(), pd.DataFrame()
+def select(frame: pd.DataFrame) -> pd.DataFrame:
+    """The first measurement of every run of the two estimators, with its instance."""
+    rows = first_measurements(frame, ESTIMATORS)
+    return rows.assign(instance=instance_column(rows))
+
+
+def summarise(rows: pd.DataFrame) -> pd.DataFrame:
+    """One row per environment with at least two pairs."""
     pairs = paired_variances(rows)
-    records = []
-    for env, env_pairs in pairs.groupby("env", sort=False):
-        if len(env_pairs) >= 2:
-            records.append(summarise_env(str(env), rows[rows["env"] == env], env_pairs))
-    return pd.DataFrame.from_records(records), pairs
+    records = [summarise_env(str(env), rows[rows["env"] == env], env_pairs)
+               for env, env_pairs in pairs.groupby("env", sort=False)
+               if len(env_pairs) >= 2]
+    return pd.DataFrame.from_records(records)
 
 
-# ----------------------------------------------------------------------------- verdict
+def verdict(result: pd.DataFrame) -> Verdict:
+    """All environments' verdicts agree: that word; they differ: qualified."""
+    parts = [f"{r['env']}: Var(rtg)/Var(full) = "
+             f"{format_columns(r, 'ratio_geo', 2)} over {r['n_pairs']} pairs, bias "
+             f"distinguishable from 0: full {yes_no(r[f'distinguishable_{FULL}'])}, rtg "
+             f"{yes_no(r[f'distinguishable_{RTG}'])} ({r['verdict']})"
+             for _, r in result.iterrows()]
+    return Verdict(combined_word(sorted(set(result["verdict"]))), "; ".join(parts))
 
 
-def overall_verdict(result: pd.DataFrame) -> str:
-    """The experiment's verdict word from the per-environment verdicts."""
-    if result.empty:
-        return "inconclusive"
-    verdicts = set(result["verdict"])
-    if verdicts == {"confirmed"}:
-        return "confirmed"
-    if verdicts == {"refuted"}:
-        return "refuted"
-    if verdicts == {"inconclusive"}:
-        return "inconclusive"
-    return "qualified"
-
-
-
-def _yes_no(flag: object) -> str:
-    return "n/a" if flag is None or (isinstance(flag, float) and math.isnan(flag)) else (
-        "yes" if flag else "no")
-
-
-def verdict_sentence(result: pd.DataFrame) -> str:
-    """One sentence with the numbers behind the verdict, environment by environment."""
-    if result.empty:
-        return "no environment has two paired runs of both estimators"
-    parts = []
-    for _, r in result.iterrows():
-        parts.append(
-            f"{r['env']}: Var(rtg)/Var(full) = {format_ci(r['ratio_geo'], r['ratio_geo_lo'], r['ratio_geo_hi'], 2)}"
-            f" over {r['n_pairs']} pairs, bias distinguishable from 0: full "
-            f"{_yes_no(r[f'distinguishable_{FULL}'])}, rtg {_yes_no(r[f'distinguishable_{RTG}'])}"
-            f" ({r['verdict']})")
-    return "; ".join(parts)
-
-
-def markdown(result: pd.DataFrame, preset: str) -> str:
+def render(result: pd.DataFrame, verdict: Verdict, preset: str) -> str:
     """result.md: the claim, the table of numbers, the verdict line."""
-    lines = [f"# Reward-to-go against the full return ({preset} preset)", "",
-             f"Claim (source text): {CLAIM}", "",
-             ("Paired measurements at random initial policies (one pair = one env instance "
-              "and run seed, both estimators on the same episodes); 95% bootstrap intervals "
-              "across pairs. Relative variance is tr Cov[ĝ] / ‖∇J‖²; relative squared bias "
-              "is the de-noised ‖E ĝ − ∇J‖² / ‖∇J‖² (may be negative); its upper 95% end, "
-              "square-rooted, bounds the relative bias ‖E ĝ − ∇J‖ / ‖∇J‖."), "",
-             ("| env | reference | pairs | M x B | rel. variance, full R | rel. variance, "
-              "reward-to-go | Var ratio rtg/full (geo. mean) | ratio of mean variances | "
-              "pairs with rtg lower (largest pair ratio) | rel. squared bias, full R | "
-              "rel. squared bias, rtg | bias distinguishable (full / rtg) | "
-              "rel. bias 95% upper bound (full / rtg) | verdict |"),
-             "|" + " --- |" * 14]
-    for _, r in result.iterrows():
-        lines.append(
-            f"| {r['env']} | {r['reference']} | {r['n_pairs']} | {r['n_batches']} x {r['batch_size']} | "
-            f"{format_ci(r[f'rel_var_{FULL}'], r[f'rel_var_{FULL}_lo'], r[f'rel_var_{FULL}_hi'])} | "
-            f"{format_ci(r[f'rel_var_{RTG}'], r[f'rel_var_{RTG}_lo'], r[f'rel_var_{RTG}_hi'])} | "
-            f"{format_ci(r['ratio_geo'], r['ratio_geo_lo'], r['ratio_geo_hi'])} | "
-            f"{format_ci(r['ratio_means'], r['ratio_means_lo'], r['ratio_means_hi'])} | "
-            f"{r['frac_pairs_rtg_lower']:.0%} ({r['max_pair_ratio']:.2f}) | "
-            f"{format_ci(r[f'rel_bias_sq_{FULL}'], r[f'rel_bias_sq_{FULL}_lo'], r[f'rel_bias_sq_{FULL}_hi'], 2)} | "
-            f"{format_ci(r[f'rel_bias_sq_{RTG}'], r[f'rel_bias_sq_{RTG}_lo'], r[f'rel_bias_sq_{RTG}_hi'], 2)} | "
-            f"{_yes_no(r[f'distinguishable_{FULL}'])} / {_yes_no(r[f'distinguishable_{RTG}'])} | "
-            f"{r[f'rel_bias_upper_{FULL}']:.2g} / {r[f'rel_bias_upper_{RTG}']:.2g} | "
-            f"{r['verdict']} |")
-    lines += ["", f"Verdict: {overall_verdict(result)} — {verdict_sentence(result)}.", ""]
-    return "\n".join(lines)
+    header = ["env", "reference", "pairs", "M x B", "rel. variance, full R",
+              "rel. variance, reward-to-go", "Var ratio rtg/full (geo. mean)",
+              "ratio of mean variances", "pairs with rtg lower (largest pair ratio)",
+              "rel. squared bias, full R", "rel. squared bias, rtg",
+              "bias distinguishable (full / rtg)", "rel. bias 95% upper bound (full / rtg)",
+              "verdict"]
+    rows = [[r["env"], r["reference"], r["n_pairs"], f"{r['n_batches']} x {r['batch_size']}",
+             format_columns(r, f"rel_var_{FULL}"), format_columns(r, f"rel_var_{RTG}"),
+             format_columns(r, "ratio_geo"), format_columns(r, "ratio_means"),
+             f"{r['frac_pairs_rtg_lower']:.0%} ({r['max_pair_ratio']:.2f})",
+             *(format_ci(r[f"rel_bias_sq_{e}"], r[f"rel_bias_sq_{e}_lo"],
+                         r[f"rel_bias_sq_{e}_hi"], 2) for e in ESTIMATORS),
+             " / ".join(yes_no(r[f"distinguishable_{e}"]) for e in ESTIMATORS),
+             " / ".join(f"{r[f'rel_bias_upper_{e}']:.2g}" for e in ESTIMATORS),
+             r["verdict"]] for _, r in result.iterrows()]
+    return "\n".join([
+        f"# Reward-to-go against the full return ({preset} preset)", "", f"Claim (source text): {CLAIM}", "",
+        ("Paired measurements at random initial policies (one pair = one env instance "
+         "and run seed, both estimators on the same episodes); 95% bootstrap intervals "
+         "across pairs. Relative variance is tr Cov[ĝ] / ‖∇J‖²; relative squared bias "
+         "is the de-noised ‖E ĝ − ∇J‖² / ‖∇J‖² (may be negative); its upper 95% end, "
+         "square-rooted, bounds the relative bias ‖E ĝ − ∇J‖ / ‖∇J‖."), "",
+        *markdown_table(header, rows), "", verdict.line(), ""])
 
 
-# ----------------------------------------------------------------------------- figures
+def figures(result: pd.DataFrame, runs: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """The paired variances and the biases, one panel per environment each."""
+    return [*plot_variance_pairs(paired_variances(runs), result, out_dir), *plot_bias(result, out_dir)]
 
 
 def _square_log_axes(ax, values: pd.Series) -> tuple[float, float]:
@@ -307,9 +248,7 @@ def plot_bias(result: pd.DataFrame, out_dir: Path) -> list[Path]:
     fig, axes = plt.subplots(1, len(result), figsize=(PAPER_WIDTH, PANEL_HEIGHT), squeeze=False)
     for ax, (_, r) in zip(axes.flat, result.iterrows()):
         for j, est in enumerate(ESTIMATORS):
-            v = r[f"rel_bias_sq_{est}"]
-            err = [[max(v - r[f"rel_bias_sq_{est}_lo"], 0)], [max(r[f"rel_bias_sq_{est}_hi"] - v, 0)]]
-            ax.errorbar(j, v, yerr=err, fmt="o", ms=4, capsize=3, color=colours[est],
+            ax.errorbar(j, r[f"rel_bias_sq_{est}"], yerr=error_bars(r, f"rel_bias_sq_{est}"), fmt="o", ms=4, capsize=3, color=colours[est],
                         label=LABELS[est])
         ax.axhline(0, color="0.3", lw=0.8)
         ax.set_xticks([0, 1], ["full R", "reward-to-go"])
@@ -324,20 +263,7 @@ def plot_bias(result: pd.DataFrame, out_dir: Path) -> list[Path]:
     return save_figure(fig, out_dir, "reward_to_go_bias")
 
 
-# ----------------------------------------------------------------------------- entry
-
-
-def analyze(frame: pd.DataFrame, out: Path, preset: str) -> str:
-    """Write result.csv, result.md and figures/reward_to_go_*.png|pdf into ``out``;
-    return the markdown."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    result, pairs = summarise(frame)
-    result.to_csv(out / "result.csv", index=False)
-    text = markdown(result, preset)
-    (out / "result.md").write_text(text)
-    if not result.empty:
-        apply_theme()
-        plot_variance_pairs(pairs, result, out / "figures")
-        plot_bias(result, out / "figures")
-    return text
+EXPERIMENT = Experiment("Reward-to-go against the full return", summarise, verdict, render,
+                        select=select, figures=figures,
+                        empty_reason="no environment has two paired runs of both estimators")
+analyze = EXPERIMENT.analyze

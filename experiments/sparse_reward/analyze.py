@@ -1,32 +1,18 @@
-"""Analysis of ``sparse_reward``: how much gradient signal is left when the reward is far?
+"""How much gradient signal is left when a sparse reward is far (chain, uniform policy)?
 
-Each run is one measurement at the uniform policy of the sparse chain (length L, goal
-L-1 steps away, horizon T, reward 1 on entering the goal) for one estimator and seed.
-Per (T, L, estimator) cell, pooling the seeds:
-
-- the fraction of the batches whose gradient estimate is exactly zero, with a
-  Clopper-Pearson interval, against its prediction ``(1 - p_reach)^B``: a batch of B
-  episodes carries no signal when none of them reaches the goal (every return is 0).
-  ``p_reach``, the probability that one episode of the uniform policy reaches the goal
-  within T steps, is computed exactly here: it is J with gamma = 1 on the same chain,
-  by the environment's own dynamic programming. The prediction is a lower bound: with
-  gamma = 1 the scores of the episodes that do reach the goal can also cancel exactly
-  (an episode whose left and right moves balance state by state), so the analysis also
-  reports the excess and where it is significant;
-- the mean norm of one estimate and the exact gradient norm ``||grad J||``;
-- two signal-to-noise ratios: the harness' ``||g_bar||^2 / tr Cov`` (floored near 1/M by
-  the noise in g_bar) and the exact per-batch one ``||grad J||^2 / tr Cov``, the ratio of
-  means over seeds with a bootstrap interval.
-
-Writes ``result.csv``, ``result.md`` and ``figures/sparse_reward_*.png|pdf``.
+Each run measures once, for one (T, L, estimator, seed). Per (T, L, estimator) cell, seeds
+pooled: the fraction of batches with an exactly zero estimate (Clopper-Pearson interval)
+against ``(1 - p_reach)^B``, p_reach exact (J with gamma = 1, by the chain's dynamic
+programming). The prediction is a lower bound: with gamma = 1 the scores of episodes that
+reach the goal can also cancel exactly, so the excess is reported too. Also the mean norm
+of one estimate, ||grad J||, and two SNRs: the harness' ``||g_bar||^2 / tr Cov`` (floored
+near 1/M) and the exact per-batch ``||grad J||^2 / tr Cov`` (ratio of means over seeds).
 """
 
-import math
+from __future__ import annotations
+
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -36,8 +22,16 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 from scipy.stats import binomtest
 
-from analysis.figures import PAPER_WIDTH, apply_theme, log_axis, save_figure
-from analysis.stats import mean_ci, ratio_ci
+from analysis.experiment import (
+    Experiment,
+    Verdict,
+    estimate_columns,
+    first_measurements,
+    inconclusive,
+)
+from analysis.figures import PAPER_WIDTH, error_bars, log_axis, save_figure
+from analysis.render import format_columns, markdown_table
+from analysis.stats import NAN_ESTIMATE, mean_ci, ratio_ci
 
 CLAIM = ("\"Sparse rewards. If reward appears only at episode termination (e.g., winning a "
          "game), REINFORCE receives no gradient signal until an episode completes. Random "
@@ -45,9 +39,6 @@ CLAIM = ("\"Sparse rewards. If reward appears only at episode termination (e.g.,
          "gradient is zero everywhere.\" (source text, *When it falls down*)")
 ALPHA = 0.05
 VANISHED = 0.9  # a zero-gradient fraction above this: the signal has all but vanished
-
-
-# ----------------------------------------------------------------------------- exact
 
 
 def reach_probability(length: int, horizon: int, slip: float = 0.0) -> float:
@@ -65,13 +56,9 @@ def predicted_zero_fraction(p_reach: float, batch_size: int) -> float:
     return float((1.0 - p_reach) ** batch_size)
 
 
-# ----------------------------------------------------------------------------- data
-
-
 def per_run_values(frame: pd.DataFrame) -> pd.DataFrame:
     """One row per run: its first measured step with the chain's settings and statistics."""
-    measured = frame[np.isfinite(frame["grad_variance"].to_numpy(dtype=float))]
-    first = measured.sort_values("step").groupby("run_id", sort=False).head(1)
+    first = first_measurements(frame)
     slip = first["env.slip"].astype(float) if "env.slip" in first else 0.0
     runs = pd.DataFrame({
         "estimator": first["estimator"].astype(str),
@@ -116,12 +103,9 @@ def cell_summary(cell: pd.DataFrame) -> dict:
         "binom_pvalue": float(test.pvalue),
         "below_prediction": bool(ci.high < predicted), "above_prediction": bool(ci.low > predicted),
         "ref_norm": float(cell["ref_norm"].mean()),
-        "grad_norm_mean": norm.value, "grad_norm_mean_lo": norm.lo, "grad_norm_mean_hi": norm.hi,
-        "snr": snr.value, "snr_lo": snr.lo, "snr_hi": snr.hi,
+        **estimate_columns("grad_norm_mean", norm), **estimate_columns("snr", snr),
         # every batch exactly zero: no spread to measure, so no SNR either (NaN)
-        "exact_snr": exact_snr.value if exact_snr else math.nan,
-        "exact_snr_lo": exact_snr.lo if exact_snr else math.nan,
-        "exact_snr_hi": exact_snr.hi if exact_snr else math.nan,
+        **estimate_columns("exact_snr", exact_snr or NAN_ESTIMATE),
     }
 
 
@@ -131,18 +115,15 @@ def summarise(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-# ----------------------------------------------------------------------------- verdict
-
-
 def main_horizon(cells: pd.DataFrame) -> int:
     """The horizon with the most distances (the fixed-horizon sweep)."""
     return int(cells.groupby("T")["L"].nunique().idxmax())
 
 
-def verdict(cells: pd.DataFrame) -> str:
-    """The verdict line, computed from the cell table."""
+def verdict(cells: pd.DataFrame) -> Verdict:
+    """The verdict, computed from the cell table."""
     if cells.empty:
-        return "Verdict: inconclusive — no measured runs."
+        return inconclusive("no measured runs")
     T = main_horizon(cells)
     est = "reinforce" if "reinforce" in set(cells["estimator"]) else cells["estimator"].iloc[0]
     main = cells[(cells["T"] == T) & (cells["estimator"] == est)].sort_values("distance")
@@ -150,24 +131,24 @@ def verdict(cells: pd.DataFrame) -> str:
     below = cells[cells["below_prediction"]]
     above = cells[cells["above_prediction"]]
     if reachable.empty:
-        return f"Verdict: inconclusive — no cell at T = {T} where the goal is reachable."
+        return inconclusive(f"no cell at T = {T} where the goal is reachable")
     far = reachable.iloc[-1]
     low = reachable.loc[reachable["zero_fraction"].idxmin()]
     inside = int((~cells["below_prediction"] & ~cells["above_prediction"]).sum())
     law = (f"the fraction of batches (B = {int(far['B'])}) with an exactly zero {est} gradient "
            f"matches (1 - p_reach)^B (prediction inside the 95% interval in {inside} of "
            f"{len(cells)} cells, the observed fraction never below it), rising from {low['zero_fraction']:.3f} at "
-           f"distance {int(low['distance'])} to {far['zero_fraction']:.3f} "
-           f"[{far['zero_fraction_lo']:.3f}, {far['zero_fraction_hi']:.3f}] at distance "
+           f"distance {int(low['distance'])} to {format_columns(far, 'zero_fraction', style='f')} "
+           f"at distance "
            f"{int(far['distance'])} (predicted {far['predicted_zero_fraction']:.3f}, "
            f"p_reach = {far['p_reach']:.1e}, T = {T})")
     if not below.empty:
         worst = below.iloc[0]
-        return (f"Verdict: refuted — the zero-gradient fraction falls below its exact lower "
+        return Verdict("refuted", f"the zero-gradient fraction falls below its exact lower "
                 f"bound (1 - p_reach)^B in {len(below)} cell(s), e.g. T = {worst['T']}, "
                 f"L = {worst['L']}: {worst['zero_fraction']:.3f} < {worst['predicted_zero_fraction']:.3f}.")
     if far["zero_fraction_lo"] < VANISHED or cells["seeds"].min() < 2:
-        return (f"Verdict: inconclusive — {law}; the farthest cell's interval does not "
+        return inconclusive(f"{law}; the farthest cell's interval does not "
                 f"clear {VANISHED} or there are too few seeds.")
     peak = reachable.loc[reachable["ref_norm"].idxmax()]
     measurable = reachable[np.isfinite(reachable["exact_snr"])]
@@ -181,7 +162,7 @@ def verdict(cells: pd.DataFrame) -> str:
               f"reach the goal but whose scores cancel exactly"
               if len(above) else "")
     if far["ref_norm"] > 0:
-        return (f"Verdict: qualified — {law}{cancel}; but the exact gradient is not zero while "
+        return Verdict("qualified", f"{law}{cancel}; but the exact gradient is not zero while "
                 f"p_reach > 0, only small: ||∇J|| = {far['ref_norm']:.1e} at distance "
                 f"{int(far['distance'])}, {peak['ref_norm'] / far['ref_norm']:.0f}x below its peak "
                 f"{peak['ref_norm']:.2f} at distance {int(peak['distance'])}, and the per-batch "
@@ -189,17 +170,21 @@ def verdict(cells: pd.DataFrame) -> str:
                 f"{int(snr_peak['distance'])}) to {snr_far['exact_snr']:.1e} (distance "
                 f"{int(snr_far['distance'])}){all_zero}: the signal is rare, not absent, and "
                 f"comes back once B·p_reach ≳ 1.")
-    return f"Verdict: confirmed — {law}{cancel}."
+    return Verdict("confirmed", f"{law}{cancel}")
 
 
-# ----------------------------------------------------------------------------- outputs
-
-
-def markdown(cells: pd.DataFrame, preset: str) -> str:
+def markdown(cells: pd.DataFrame, verdict: Verdict, preset: str) -> str:
     """result.md: the claim, the setup, the fixed-horizon table and the verdict."""
     T = main_horizon(cells) if not cells.empty else 0
     main = cells[cells["T"] == T].sort_values(["estimator", "distance"])
-    lines = [
+    header = ["estimator", "distance", "p_reach", "zero-grad fraction [95% CI]", "predicted",
+              "‖∇J‖", "mean ‖ĝ‖", "SNR ‖ĝ̄‖²/trCov", "SNR ‖∇J‖²/trCov"]
+    rows = [[c["estimator"], c["distance"], f"{c['p_reach']:.2e}",
+             format_columns(c, "zero_fraction", style="f"),
+             f"{c['predicted_zero_fraction']:.3f}", f"{c['ref_norm']:.2e}",
+             f"{c['grad_norm_mean']:.2e}", _snr(c["snr"]), _snr(c["exact_snr"])]
+            for _, c in main.iterrows()]
+    return "\n".join([
         "# Sparse rewards: gradient signal against the distance to the reward (chain)", "",
         f"**Claim.** {CLAIM}", "",
         (f"**Measured** (preset `{preset}`): the sparse chain, uniform initial policy, gamma = 1, "
@@ -208,21 +193,10 @@ def markdown(cells: pd.DataFrame, preset: str) -> str:
          f"episodes per run, {int(cells['seeds'].max())} seeds pooled. Prediction of the "
          "zero-gradient fraction: (1 - p_reach)^B with p_reach exact (DP). Intervals: "
          "Clopper-Pearson for fractions, bootstrap over seeds otherwise."), "",
-        f"Fixed horizon T = {T}:", "",
-        ("| estimator | distance | p_reach | zero-grad fraction [95% CI] | predicted | ‖∇J‖ | "
-         "mean ‖ĝ‖ | SNR ‖ĝ̄‖²/trCov | SNR ‖∇J‖²/trCov |"),
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for _, c in main.iterrows():
-        lines.append(
-            f"| {c['estimator']} | {c['distance']} | {c['p_reach']:.2e} | "
-            f"{c['zero_fraction']:.3f} [{c['zero_fraction_lo']:.3f}, {c['zero_fraction_hi']:.3f}] | "
-            f"{c['predicted_zero_fraction']:.3f} | {c['ref_norm']:.2e} | {c['grad_norm_mean']:.2e} | "
-            f"{_snr(c['snr'])} | {_snr(c['exact_snr'])} |")
-    lines += ["", (f"All {len(cells)} cells (every horizon) are in `result.csv`; cells whose "
-                   f"zero fraction lies above its prediction: {int(cells['above_prediction'].sum())}, "
-                   f"below: {int(cells['below_prediction'].sum())}."), "", verdict(cells), ""]
-    return "\n".join(lines)
+        f"Fixed horizon T = {T}:", "", *markdown_table(header, rows), "",
+        (f"All {len(cells)} cells (every horizon) are in `result.csv`; cells whose "
+         f"zero fraction lies above its prediction: {int(cells['above_prediction'].sum())}, "
+         f"below: {int(cells['below_prediction'].sum())}."), "", verdict.line(), ""])
 
 
 def _snr(value: float) -> str:
@@ -252,8 +226,7 @@ def plot_signal(cells: pd.DataFrame, out_dir: Path) -> list[Path]:
     for (T, est), kw in sorted(style.items(), key=lambda item: (item[0][1] == "reinforce", item[0])):
         c = cells[(cells["T"] == T) & (cells["estimator"] == est)].sort_values("distance")
         label = f"T = {T}, {est}"
-        err = np.vstack([c["zero_fraction"] - c["zero_fraction_lo"],
-                         c["zero_fraction_hi"] - c["zero_fraction"]]).clip(0)
+        err = error_bars(c, "zero_fraction")
         ax_zero.errorbar(c["distance"], c["zero_fraction"], yerr=err, fmt=kw["marker"], ms=3,
                          capsize=2, color=kw["color"], mfc="none" if est != "reinforce" else None)
         ax_zero.plot(c["distance"], c["predicted_zero_fraction"], color=kw["color"], ls=kw["ls"], lw=1)
@@ -298,16 +271,8 @@ def plot_signal(cells: pd.DataFrame, out_dir: Path) -> list[Path]:
     return save_figure(fig, out_dir, "sparse_reward_signal")
 
 
-def analyze(frame: pd.DataFrame, out: Path, preset: str) -> str:
-    """Compare zero-gradient fractions with (1 - p_reach)^B, summarise the signal, write
-    result.csv / result.md / figures into ``out``; return the markdown."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    cells = summarise(per_run_values(frame))
-    cells.to_csv(out / "result.csv", index=False)
-    apply_theme()
-    if not cells.empty:
-        plot_signal(cells, out / "figures")
-    text = markdown(cells, preset)
-    (out / "result.md").write_text(text)
-    return text
+EXPERIMENT = Experiment(
+    "Sparse rewards: gradient signal against the distance to the reward (chain)", summarise,
+    verdict, markdown, per_run=per_run_values,
+    figures=lambda cells, runs, out_dir: plot_signal(cells, out_dir))
+analyze = EXPERIMENT.analyze

@@ -1,0 +1,298 @@
+"""Coverage of pgvar's per-measurement intervals, measured where the truth is known.
+
+A *case* is an estimator at a fixed policy whose exact mean is known: ``rloo`` is unbiased
+(bias 0), ``mean_baseline`` with B episodes has E g = (1 - 1/B) grad J exactly, so its
+bias is grad J / B ('small' at B = 8, 'large' at B = 2). Against an exact reference
+(tabular MDP, LQR) the true squared bias is ||grad J||^2 / B^2; against a Monte Carlo
+reference the same holds with grad J exact (tabular) or from a very large Monte Carlo
+average (CartPole, whose error is reported).
+
+For each case a *pool* of batch estimates is drawn once (the case's estimator and vanilla
+REINFORCE on the same batches), then cut into ``repeats`` disjoint measurements of M
+estimates each; each measurement is scored by ``pgvar.stats.gradient_stats`` exactly as a
+run scores it (with its own fresh Monte Carlo reference where the case asks for one).
+Coverage is the fraction of measurements whose interval holds the truth, with a Wilson
+95% binomial interval; the true trCov and variance ratio come from the whole pool.
+
+``run_calibration(cases, ...)`` does all of it and returns one tidy frame per
+measurement; ``coverage_table`` summarises it per (case, M). ``experiments/calibration``
+turns that into the published table, figure and verdicts.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy import stats as sst
+
+from analysis.stats import mean_with_known_se
+from pgvar import make_env, make_policy
+from pgvar.estimators import estimate_gradients
+from pgvar.reference import reference_gradient
+from pgvar.rollout import rollout
+from pgvar.stats import Z_95, gradient_stats, variance_ratio_interval
+
+NOMINAL = 0.95
+TOLERANCE = 0.02  # the target: coverage within 95% +- 2 points
+FP_TARGET = (0.015, 0.035)  # one-sided false-positive rate of the bias verdict
+BASE_ESTIMATOR = "reinforce"  # the variance ratio's denominator, on the same batches
+POOLED_K = 10  # measurements pooled per table-like interval
+MEAN_FACTORS = {"rloo": lambda B: 1.0, "reinforce": lambda B: 1.0,
+                "reinforce_rtg": lambda B: 1.0,
+                "mean_baseline": lambda B: 1.0 - 1.0 / B}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One estimator at one fixed policy, with a known exact mean (see module doc)."""
+
+    env: str
+    estimator: str
+    batch_size: int
+    bias: str  # 'zero', 'small' or 'large': what the known mean makes of it
+    reference: str = "exact"  # or 'monte_carlo': a fresh reference per measurement
+    ref_episodes: int = 0  # episodes of each Monte Carlo reference
+    env_kwargs: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        ref = "exact" if self.reference == "exact" else f"MC {self.ref_episodes} ep"
+        return f"{self.env} ({ref}) {self.estimator} B={self.batch_size}"
+
+    def mean_factor(self) -> float:
+        """c with E g = c grad J, from the estimator's definition."""
+        if self.estimator not in MEAN_FACTORS:
+            raise ValueError(f"no known exact mean for estimator {self.estimator!r}; "
+                             f"calibration cases use {sorted(MEAN_FACTORS)}")
+        return MEAN_FACTORS[self.estimator](self.batch_size)
+
+
+@dataclass
+class Pool:
+    """Batch estimates of a case (``G``) and of vanilla REINFORCE on the same batches
+    (``G_base``), the true gradient and what the whole pool says about the spread."""
+
+    G: torch.Tensor
+    G_base: torch.Tensor
+    grad_true: torch.Tensor
+    grad_true_se2: float  # 0 when exact
+    trcov_true: float
+    ratio_true: float
+
+
+def draw_pool(case: Case, n_batches: int, seed: int, truth_episodes: int = 200_000,
+              with_base: bool = True) -> Pool:
+    """``n_batches`` estimates of the case's estimator and (``with_base``) of REINFORCE on
+    the same batches, drawn in rollouts of about 8192 episodes. Where the gradient is not
+    exact, the truth is a Monte Carlo reference of ``truth_episodes`` episodes (200k:
+    seconds on a tabular MDP, about a minute of CartPole on 2 cores)."""
+    env = make_env(case.env, **case.env_kwargs)
+    torch.manual_seed(seed)
+    policy = make_policy(env)
+    B = case.batch_size
+    per = max(8192 // B, 1)
+    G, G_base = [], []
+    for i, start in enumerate(range(0, n_batches, per)):
+        m = min(per, n_batches - start)
+        batch = rollout(env, policy, m * B, seed=seed * 1_000_003 + i)
+        G.append(estimate_gradients(case.estimator, env, policy, batch, m).double())
+        if with_base:
+            G_base.append(estimate_gradients(BASE_ESTIMATOR, env, policy, batch, m).double())
+    G = torch.cat(G)
+    G_base = torch.cat(G_base) if with_base else G
+    exact = reference_gradient(env, policy, method="auto", **(
+        {} if _exact_env(env) else {"n_episodes": truth_episodes, "seed": seed + 7}))
+    var_a, var_b = _trace_cov(G), _trace_cov(G_base)
+    return Pool(G, G_base, exact.grad.double(), float(exact.se2), var_a, var_a / var_b)
+
+
+def _exact_env(env) -> bool:
+    from pgvar.envs.base import is_exact
+
+    return is_exact(env)
+
+
+def _trace_cov(G: torch.Tensor) -> float:
+    return float(G.var(0, unbiased=True).sum())
+
+
+def measurement_references(case: Case, n: int, seed: int) -> list:
+    """``n`` independent Monte Carlo references for a case at its pool's policy (empty
+    for an exact case: its exact reference is used)."""
+    if case.reference == "exact":
+        return []
+    env = make_env(case.env, **case.env_kwargs)
+    torch.manual_seed(seed)
+    policy = make_policy(env)
+    return [reference_gradient(env, policy, method="monte_carlo", n_episodes=case.ref_episodes,
+                               seed=seed * 7919 + 100_000 + r) for r in range(n)]
+
+
+def measure_pool(case: Case, pool: Pool, Ms: Sequence[int], repeats: int,
+                 references: Sequence = ()) -> pd.DataFrame:
+    """One row per (M, repeat): the statistics a run would log, and the truth."""
+    c = case.mean_factor()
+    true_bias = (c - 1.0) * pool.grad_true
+    truth_b2 = float((true_bias ** 2).sum())
+    rows = []
+    for M in Ms:
+        for r in range(repeats):
+            G = pool.G[r * M:(r + 1) * M]
+            if G.shape[0] < M:
+                raise ValueError(f"pool of {pool.G.shape[0]} estimates is too small for "
+                                 f"{repeats} repeats of M={M}")
+            if references:
+                ref = references[r]
+                g_ref, se2, var = ref.grad.double(), float(ref.se2), ref.var
+            else:
+                g_ref, se2, var = pool.grad_true, 0.0, None
+            s = gradient_stats(G, g_ref, se2, var)
+            ratio, ratio_lo, ratio_hi = variance_ratio_interval(G, pool.G_base[r * M:(r + 1) * M])
+            rows.append({
+                "case": case.label, "env": case.env, "estimator": case.estimator,
+                "batch_size": case.batch_size, "bias": case.bias, "reference": case.reference,
+                "M": M, "repeat": r, "truth_bias_sq": truth_b2,
+                "truth_rel_bias_sq": truth_b2 / float((pool.grad_true ** 2).sum()),
+                "bias_sq": s.grad_bias_sq, "bias_sq_se": s.grad_bias_sq_se,
+                "bias_sq_lo": s.grad_bias_sq_lo,
+                "bias_sq_hi": s.grad_bias_sq_hi, "distinguishable": s.bias_distinguishable,
+                "truth_variance": pool.trcov_true, "variance": s.grad_variance,
+                "variance_lo": s.grad_variance_lo, "variance_hi": s.grad_variance_hi,
+                "truth_ratio": pool.ratio_true, "ratio": ratio, "ratio_lo": ratio_lo,
+                "ratio_hi": ratio_hi, "tail_index": s.tail_index, "ci_reliable": s.ci_reliable,
+                "ref_rel_se": s.ref_se / max(s.ref_norm, 1e-300),
+                "truth_se2": pool.grad_true_se2,
+            })
+    return pd.DataFrame.from_records(rows)
+
+
+def run_calibration(cases: Iterable[Case], Ms: Sequence[int], repeats: int,
+                    mc_Ms: Sequence[int] | None = None, mc_repeats: int | None = None,
+                    seed: int = 0, log=print) -> pd.DataFrame:
+    """Draw every case's pool, score its measurements; a progress line per case."""
+    frames = []
+    cases = list(cases)
+    started = time.perf_counter()
+    for i, case in enumerate(cases):
+        t0 = time.perf_counter()
+        exact = case.reference == "exact"
+        case_Ms = list(Ms if exact or mc_Ms is None else mc_Ms)
+        n_rep = repeats if exact or mc_repeats is None else mc_repeats
+        pool = draw_pool(case, max(case_Ms) * n_rep, seed + i)
+        refs = measurement_references(case, n_rep, seed + i)
+        frames.append(measure_pool(case, pool, case_Ms, n_rep, refs))
+        done = time.perf_counter() - started
+        eta = done / (i + 1) * (len(cases) - i - 1)
+        log(f"[{i + 1}/{len(cases)}] {case.label}: {n_rep} repeats x M in {case_Ms} "
+            f"in {time.perf_counter() - t0:.0f}s (elapsed {done:.0f}s, about {eta:.0f}s left)")
+        sys.stdout.flush()
+    return pd.concat(frames, ignore_index=True)
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+def wilson_interval(k: int, n: int, z: float = Z_95) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion k / n."""
+    if n == 0:
+        return math.nan, math.nan
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def _covers(lo: pd.Series, hi: pd.Series, truth: pd.Series) -> pd.Series:
+    return (lo <= truth) & (truth <= hi)
+
+
+def pooled_coverage(group: pd.DataFrame, k: int = POOLED_K) -> tuple[float, float]:
+    """Coverage of the mean squared bias over blocks of ``k`` measurements, as the
+    comparison table pools steps and seeds: (its own interval, ``mean_with_known_se`` on
+    the logged standard errors; a Student-t interval across the k values)."""
+    ordered = group.sort_values("repeat")
+    values, ses = ordered["bias_sq"].to_numpy(), ordered["bias_sq_se"].to_numpy()
+    truth = float(group["truth_bias_sq"].iloc[0])
+    n = values.size // k
+    if n == 0:
+        return math.nan, math.nan
+    blocks, se_blocks = values[: n * k].reshape(n, k), ses[: n * k].reshape(n, k)
+    table_hits = [_holds(mean_with_known_se(b, s), truth) for b, s in zip(blocks, se_blocks)]
+    mean = blocks.mean(1)
+    half = sst.t.ppf(0.975, k - 1) * blocks.std(1, ddof=1) / math.sqrt(k)
+    t_hits = (mean - half <= truth) & (truth <= mean + half)
+    return float(np.mean(table_hits)), float(np.mean(t_hits))
+
+
+def _holds(est, truth: float) -> bool:
+    return bool(est.lo <= truth <= est.hi)
+
+
+def coverage_table(records: pd.DataFrame) -> pd.DataFrame:
+    """Per (case, M): coverage of the squared-bias, variance and variance-ratio intervals
+    with Wilson intervals, the verdict's false-positive rate where the bias is 0, how
+    often the measurement flags itself unreliable and the coverage among the rest."""
+    out = []
+    keys = ["case", "env", "estimator", "batch_size", "bias", "reference", "M"]
+    for key, g in records.groupby(keys, sort=False):
+        n = len(g)
+        row = dict(zip(keys, key))
+        row["repeats"] = n
+        for name, lo, hi, truth in [("bias_sq", "bias_sq_lo", "bias_sq_hi", "truth_bias_sq"),
+                                    ("variance", "variance_lo", "variance_hi", "truth_variance"),
+                                    ("ratio", "ratio_lo", "ratio_hi", "truth_ratio")]:
+            covered = _covers(g[lo], g[hi], g[truth])
+            k = int(covered.sum())
+            row[f"{name}_coverage"] = k / n
+            row[f"{name}_coverage_lo"], row[f"{name}_coverage_hi"] = wilson_interval(k, n)
+            row[f"{name}_below"] = float((g[truth] < g[lo]).mean())  # truth under the interval
+            row[f"{name}_above"] = float((g[truth] > g[hi]).mean())
+        fp = int(g["distinguishable"].astype(bool).sum())
+        zero = row["bias"] == "zero"
+        row["false_positive"] = fp / n if zero else math.nan
+        row["false_positive_lo"], row["false_positive_hi"] = (
+            wilson_interval(fp, n) if zero else (math.nan, math.nan))
+        row["flagged"] = float((~g["ci_reliable"].astype(bool)).mean())
+        kept = g[g["ci_reliable"].astype(bool)]
+        row["bias_sq_coverage_unflagged"] = (
+            float(_covers(kept["bias_sq_lo"], kept["bias_sq_hi"], kept["truth_bias_sq"]).mean())
+            if len(kept) else math.nan)
+        row["bias_sq_coverage_pooled"], row["bias_sq_coverage_pooled_t"] = pooled_coverage(g)
+        row["tail_index_median"] = float(g["tail_index"].median())
+        row["ref_rel_se"] = float(g["ref_rel_se"].median())
+        row["truth_rel_bias_sq"] = float(g["truth_rel_bias_sq"].iloc[0])
+        row["verdict"] = cell_verdict(row)
+        out.append(row)
+    return pd.DataFrame.from_records(out)
+
+
+def _consistent(lo: float, hi: float, target: tuple[float, float]) -> bool:
+    """Whether a Wilson interval [lo, hi] meets the target range: with finitely many
+    repeats a cell is only called off target when its binomial interval lies outside."""
+    return hi >= target[0] and lo <= target[1]
+
+
+def cell_verdict(row: dict) -> str:
+    """'meets' when every interval's coverage is consistent with 95% +- 2 points (its
+    Wilson interval reaches that band) and, for a zero bias, the false-positive rate with
+    1.5-3.5%; else what misses, and how often the measurements flagged themselves
+    (M < 16 is outside the target and says so)."""
+    band = (NOMINAL - TOLERANCE, NOMINAL + TOLERANCE)
+    misses = [name for name in ("bias_sq", "variance", "ratio")
+              if not _consistent(row[f"{name}_coverage_lo"], row[f"{name}_coverage_hi"], band)]
+    if math.isfinite(row["false_positive"]) and not _consistent(
+            row["false_positive_lo"], row["false_positive_hi"], FP_TARGET):
+        misses.append("false positives")
+    if not misses:
+        return "meets"
+    words = "misses: " + ", ".join(misses)
+    if row["flagged"] > 0.5:
+        words += f" (flagged in {100 * row['flagged']:.0f}%: heavy tails or small M)"
+    return f"outside target (M < 16); {words}" if row["M"] < 16 else words

@@ -1,0 +1,38 @@
+"""Numbers into words: the one interval formatter and the one markdown-table renderer that
+the comparison table and every experiment's result.md use."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+
+def format_ci(value: float, lo: float, hi: float, digits: int = 3, missing: str = "n/a",
+              style: str = "g", sign: bool = False) -> str:
+    """``value [lo, hi]`` to ``digits`` significant digits (``style="f"``: decimals; ``sign``:
+    always a sign); ``value`` alone when an end is missing; ``missing`` when the value is."""
+    spec = f"{'+' if sign else ''}.{digits}{style}"
+    if not math.isfinite(value):
+        return missing
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return f"{value:{spec}}"
+    return f"{value:{spec}} [{lo:{spec}}, {hi:{spec}}]"
+
+
+def format_columns(record, name: str, digits: int = 3, missing: str = "n/a", **style) -> str:
+    """``format_ci`` of a record's ``name``, ``name_lo`` and ``name_hi`` entries."""
+    return format_ci(record[name], record[f"{name}_lo"], record[f"{name}_hi"], digits, missing,
+                     **style)
+
+
+def yes_no(flag: object) -> str:
+    """``yes`` / ``no``, or ``n/a`` for an undecided (None or NaN) flag."""
+    if flag is None or (isinstance(flag, float) and math.isnan(flag)):
+        return "n/a"
+    return "yes" if flag else "no"
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> list[str]:
+    """The lines of a markdown table: the header, its rule, one line per row."""
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    return lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
