@@ -176,7 +176,37 @@ class NamedGymEnvConfig(EnvConfig):
         return kwargs
 
 
+@dataclass
+class SequenceEnvConfig(EnvConfig):
+    """Prompts and completions with a verifiable 0/1 reward (pgvar.envs.sequence): exact
+    J, grad J, success rates, expected length and KL by enumerating every completion."""
+
+    name: str = "sequence"
+    horizon: int | None = 5  # L: maximum completion length in tokens (end token included)
+    gamma: float = 1.0  # must be 1: one reward per completion
+    n_prompts: int = 6  # Q prompts, drawn uniformly
+    vocab: int = 4  # V tokens; token 0 ends a completion
+    max_answer_len: int = 3  # answer lengths cycle 1..max_answer_len over the prompts (<= L-1)
+    seed: int = 0  # seed of the instance (accepted answer tokens): the same task for every run seed
+    policy: str = "table"  # table (a softmax per prompt and prefix) or transformer (shared parameters)
+    d_model: int = 32  # transformer width
+    n_layers: int = 2  # transformer blocks
+    n_heads: int = 2  # attention heads (divide d_model)
+
+    def check(self) -> None:
+        super().check()
+        require(self.horizon is not None, "env.horizon (the maximum length L) must be set for sequence")
+        require(self.gamma == 1.0, f"env.gamma must be 1 for sequence (one reward per completion), got {self.gamma}")
+        require_positive_int("env.n_prompts", self.n_prompts)
+        require_positive_int("env.vocab", self.vocab, 2)
+        require_positive_int("env.max_answer_len", self.max_answer_len)
+        require_choice("env.policy", self.policy, ("table", "transformer"))
+        for key in ("d_model", "n_layers", "n_heads"):
+            require_positive_int(f"env.{key}", getattr(self, key))
+
+
 ENV_SCHEMAS: dict[str, type] = {
+    "sequence": SequenceEnvConfig,
     "tabular": TabularEnvConfig,
     "chain": ChainEnvConfig,
     "lqr": LQREnvConfig,
@@ -503,7 +533,12 @@ def check_names_against_registries(run_cfg: RunConfig) -> None:
     from pgvar.envs.registry import available_envs
     from pgvar.estimators import ESTIMATORS
 
+    if run_cfg.env.name == "sequence":
+        check_sequence_estimator(run_cfg)
+        return
     names = sorted(ESTIMATORS)
+    require(run_cfg.estimator.name in names or not is_sequence_estimator(run_cfg.estimator.name),
+            f"estimator {run_cfg.estimator.name} is a sequence estimator: it needs env=sequence")
     require_choice("estimator.name", run_cfg.estimator.name, names)
     require_choice("env.name", run_cfg.env.name, available_envs())
     require(not (run_cfg.estimator.name in LEAVE_ONE_OUT_ESTIMATORS
@@ -518,6 +553,27 @@ def check_names_against_registries(run_cfg: RunConfig) -> None:
             f"training.reference.estimator={reference.estimator} needs the run's critic, and "
             f"estimator {run_cfg.estimator.name} trains none; use one of "
             f"{[n for n in unbiased if not ESTIMATORS[n].needs_critic]}")
+
+
+def is_sequence_estimator(name: str) -> bool:
+    """Whether ``name`` is registered among the sequence estimators."""
+    from pgvar.sequence_estimators import SEQUENCE_ESTIMATORS
+
+    return name in SEQUENCE_ESTIMATORS
+
+
+def check_sequence_estimator(run_cfg: RunConfig) -> None:
+    """env=sequence takes the sequence estimators, whose groups must fill the batch."""
+    from pgvar.sequence_estimators import SEQUENCE_ESTIMATORS
+
+    est = run_cfg.estimator
+    require_choice("estimator.name (with env=sequence)", est.name, sorted(SEQUENCE_ESTIMATORS))
+    minimum = SEQUENCE_ESTIMATORS[est.name].min_group
+    require(est.group_size >= minimum,
+            f"estimator {est.name} needs estimator.group_size >= {minimum}, got {est.group_size}")
+    require(run_cfg.training.batch_size % est.group_size == 0,
+            f"training.batch_size ({run_cfg.training.batch_size}) must be a multiple of "
+            f"estimator.group_size ({est.group_size}): batches hold whole prompt groups")
 
 
 def check_buildable(run_cfg: RunConfig) -> None:

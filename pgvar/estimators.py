@@ -41,10 +41,11 @@ from torch import nn
 from torch.func import grad, vmap
 
 from pgvar.batch import Batch
-from pgvar.checks import require_in_range, require_int
+from pgvar.checks import require_choice, require_in_range, require_int
 from pgvar.gradients import (
     flatten,
     functional_log_prob,
+    mean_ascent_gradient,
     policy_params,
     score_gradient_blocks,
     score_gradients,
@@ -79,6 +80,12 @@ def check_estimator_knobs(knobs, prefix: str = "EstimatorConfig",
     require_int(f"{prefix}.ppo_epochs", knobs.ppo_epochs, 1, error=error)
     require_in_range(f"{prefix}.ppo_lr", knobs.ppo_lr, 0.0, math.inf, low_open=True,
                      high_open=True, error=error)
+    require_int(f"{prefix}.group_size", knobs.group_size, 1, error=error)
+    require_in_range(f"{prefix}.kl_beta", knobs.kl_beta, 0.0, math.inf, high_open=True, error=error)
+    require_choice(f"{prefix}.kl_mode", knobs.kl_mode, ("k1_reward", "k3_loss"), error=error)
+    require_int(f"{prefix}.epochs", knobs.epochs, 1, error=error)
+    require_choice(f"{prefix}.scale_rewards", knobs.scale_rewards, ("default", "group", "none"),
+                   error=error)
 
 
 @dataclass(frozen=True)
@@ -96,7 +103,14 @@ class EstimatorConfig:
     truncation_as_termination: bool = False  # value 0 after a time-limit cut even if "discounted"
     ppo_clip: float = 0.2               # PPO ratio clip epsilon, > 0 (ppo only)
     ppo_epochs: int = 4                 # PPO full-batch ascent steps on one batch, >= 1 (ppo only)
-    ppo_lr: float = 0.05                # inner SGD step size of PPO, > 0 (ppo only)
+    ppo_lr: float = 0.05                # inner SGD step size of PPO, > 0 (ppo; sequence epochs > 1)
+    # the sequence estimators' (env=sequence; pgvar.sequence_estimators):
+    group_size: int = 4                 # G completions per prompt (batch_size / G prompts)
+    kl_beta: float = 0.0                # weight of KL(pi || pi_ref), pi_ref = the initial policy
+    kl_mode: str = "k3_loss"            # k1_reward (log-ratio in the reward) or k3_loss (GRPO's)
+    epochs: int = 1                     # PPO-style clipped epochs on one batch (1: plain estimator)
+    scale_rewards: str = "default"      # TRL's: group (divide by the group std), none, or default
+                                        # (group for grpo, dapo, bnpo)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -333,13 +347,8 @@ def ppo_directions(policy: nn.Module, obs: torch.Tensor, actions: torch.Tensor,
         return (torch.minimum(ratio * adv, clipped * adv) * mf).sum() / adv.shape[0]
 
     def one(o, a, lo, adv, m, mf):
-        p = params0
-        total = {k: torch.zeros_like(v) for k, v in params0.items()}
-        for _ in range(epochs):
-            step = grad(surrogate)(p, o, a, lo, adv, m, mf)
-            total = {k: total[k] + step[k] for k in total}
-            p = {k: params0[k] + lr * total[k] for k in total}
-        return {k: v / epochs for k, v in total.items()}
+        return mean_ascent_gradient(lambda p: grad(surrogate)(p, o, a, lo, adv, m, mf),
+                                    params0, epochs, lr)
 
     batched = vmap(one)
     rows = []

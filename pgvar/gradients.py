@@ -57,6 +57,19 @@ def unflatten(vector: torch.Tensor, like: Params) -> Params:
     return out
 
 
+def mean_ascent_gradient(step_gradient, params0: Params, epochs: int, lr: float) -> Params:
+    """PPO-style update direction: from ``params0``, ``epochs`` ascent steps
+    ``theta_{k+1} = theta_k + lr * step_gradient(theta_k)``; returns the mean of the step
+    gradients, ``(theta_K - theta_0) / (lr K)``. Written for ``torch.func`` (vmap-able)."""
+    p = params0
+    total = {k: torch.zeros_like(v) for k, v in params0.items()}
+    for _ in range(epochs):
+        step = step_gradient(p)
+        total = {k: total[k] + step[k] for k in total}
+        p = {k: params0[k] + lr * total[k] for k in total}
+    return {k: v / epochs for k, v in total.items()}
+
+
 def functional_log_prob(policy: nn.Module, params: Params, obs: torch.Tensor,
                         actions: torch.Tensor) -> torch.Tensor:
     """log pi(a|s) with ``params`` substituted for the policy's own parameters."""

@@ -279,6 +279,11 @@ def train_and_measure(run_cfg: RunConfig, job_dir: Path, started: float, state: 
     device = resolve_device(run_cfg.device)
     training = run_cfg.training
     env = build_env(run_cfg.env, device)
+    if getattr(env, "is_sequence_task", False):
+        from pgvar.sequence_run import train_and_measure_sequence
+
+        train_and_measure_sequence(run_cfg, env, job_dir, started, state)
+        return
     try:
         policy = initial_policy(env, run_cfg)
         est_cfg = EstimatorConfig(**run_cfg.estimator.core_kwargs())

@@ -132,8 +132,9 @@ def run_in_process(tmp_path):
 def test_every_registered_estimator_and_env_has_a_config_file():
     from pgvar.envs.registry import available_envs
     from pgvar.estimators import ESTIMATORS
+    from pgvar.sequence_estimators import SEQUENCE_ESTIMATORS
 
-    assert config_options("estimator") == sorted(ESTIMATORS)
+    assert config_options("estimator") == sorted(set(ESTIMATORS) | set(SEQUENCE_ESTIMATORS))
     assert config_options("env") == available_envs()
 
 
@@ -142,8 +143,11 @@ def test_every_env_and_estimator_composes_and_validates(preset):
     for env in config_options("env"):
         cfg = compose_and_validate([f"env={env}", f"preset={preset}"])
         assert cfg.preset_name == preset and cfg.env.name == env
+    from pgvar.estimators import ESTIMATORS
+
     for estimator in config_options("estimator"):
-        assert compose_and_validate([f"estimator={estimator}"]).estimator.name == estimator
+        env = [] if estimator in ESTIMATORS else ["env=sequence"]
+        assert compose_and_validate([f"estimator={estimator}", *env]).estimator.name == estimator
 
 
 def test_per_env_settings_apply_and_the_command_line_wins():

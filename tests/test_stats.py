@@ -74,12 +74,8 @@ def test_reference_noise_terms_by_hand():
     expected = jack + 4 * (sd[0] + sd[1]) ** 2 + 2 * 0.5 ** 2
     assert squared_bias_variance(G_HAND, [0.0, 0.0], 0.5, [0.32, 0.18]) == pytest.approx(expected)
     assert expected < jack + 4.5  # never looser than the trace bound
-    # the sharper model: b shrunk to the de-noised length sqrt(U), U = 2 - 2/3 - 0.5 = 5/6,
-    # and the quadratic term over nu (here 1: M = 3 gives no tr(Sigma^2))
     d_bar = torch.tensor([1.0, 1.0], dtype=torch.float64)
-    u = 2.0 - 2.0 / 3.0 - 0.5
-    assert reference_noise_variance(d_bar, 0.5, u=u) == pytest.approx(4 * u * 0.5 + 0.5)
-    assert reference_noise_variance(d_bar, 0.5, u=u, nu=4.0) == pytest.approx(4 * u * 0.5 + 0.125)
+    assert reference_noise_variance(d_bar, 0.5) == pytest.approx(4 * 2 * 0.5 + 2 * 0.25)
 
 
 def test_mse_cosines_snr_by_hand():

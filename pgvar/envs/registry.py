@@ -26,6 +26,7 @@ import torch
 
 from pgvar.envs.base import BatchedEnv
 from pgvar.envs.lqr import LinearQuadratic
+from pgvar.envs.sequence import SequenceTask
 from pgvar.envs.tabular import RandomTabularMDP, SparseChain
 from pgvar.policies import MLPCategoricalPolicy, MLPGaussianPolicy
 
@@ -124,3 +125,4 @@ def make_policy(env: BatchedEnv, **kwargs: Any) -> torch.nn.Module:
 register_env("tabular", RandomTabularMDP)
 register_env("chain", SparseChain)
 register_env("lqr", LinearQuadratic)
+register_env("sequence", SequenceTask)
