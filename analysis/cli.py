@@ -9,8 +9,9 @@ from pathlib import Path
 from analysis.loader import LoadError
 from analysis.pipeline import analyze
 from analysis.table import STEP_CHOICES
+from pgvar.preflight import output_dir_problem
 
-EXIT_NO_RUNS = 2
+EXIT_NO_RUNS = 2  # and every other user error
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -33,8 +34,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the analysis; exit 2 with a message when a path is missing or holds no runs."""
+    """Run the analysis; exit 2 with a message when a path is missing or holds no runs,
+    or when ``--out`` cannot be written."""
     args = parse_args(argv)
+    problem = output_dir_problem(args.out, "--out")
+    if problem:
+        print(f"pgvar-analyze: error: {problem}", file=sys.stderr)
+        return EXIT_NO_RUNS
     try:
         result = analyze(args.sweeps, args.out, steps=args.steps, figures=not args.no_figures)
     except LoadError as err:

@@ -10,7 +10,8 @@ row per run and training iteration: the metrics, the run's identity (``run_dir``
 Runs that cannot be trusted are left out and listed, with the reason, in the
 ``LoadReport``: no ``run.json`` (still running, or killed), a status other than
 ``complete`` (failed, diverged, running), a ``run.json`` or ``metrics.csv`` that does not
-parse, or metrics without the required columns or rows. Nothing is dropped silently.
+parse, or a metrics.csv that disagrees with its run.json (``analysis.validate``: cut
+short, rows missing or repeated, cells without numbers). Nothing is dropped silently.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from analysis.validate import DamagedRun, validated_rows
+
 # The log schema is pgvar-run's (pgvar.runlog owns the file names, statuses and columns).
 from pgvar.runlog import (
     LEARNING_CURVE_COLUMNS,
@@ -37,8 +40,6 @@ from pgvar.runlog import (
     STATUS_FAILED,
     STATUS_RUNNING,
 )
-
-REQUIRED_COLUMNS = ["step", "return_mean"]
 
 # Config keys that become short alias columns; the first one present wins.
 ALIASES: dict[str, list[str]] = {
@@ -155,7 +156,7 @@ def _load_one(run_dir: Path, root: Path, report: LoadReport) -> pd.DataFrame | N
         skip(status if status in (STATUS_FAILED, STATUS_DIVERGED, STATUS_RUNNING) else "incomplete",
              f"status '{status}': {error}")
         return None
-    metrics = _read_metrics(run_dir, skip)
+    metrics = _read_metrics(run_dir, info, skip)
     if metrics is None:
         return None
     metrics = with_constant_columns(metrics, columns)
@@ -174,24 +175,23 @@ def with_constant_columns(frame: pd.DataFrame, columns: Mapping[str, Any]) -> pd
     return pd.concat([kept, extra], axis=1)
 
 
-def _read_metrics(run_dir: Path, skip) -> pd.DataFrame | None:
-    """metrics.csv as numbers, or None after reporting why it cannot be used."""
+def _read_metrics(run_dir: Path, info: Mapping[str, Any], skip) -> pd.DataFrame | None:
+    """metrics.csv as numbers, or None after reporting why it cannot be used: the file
+    is checked against run.json first (``analysis.validate``), so a damaged run is
+    skipped whole, never half-loaded."""
     path = run_dir / METRICS_FILE
     if not path.exists():
         skip("unreadable", f"status complete but no {METRICS_FILE}")
         return None
     try:
-        metrics = pd.read_csv(path)
-    except (ValueError, OSError, pd.errors.ParserError) as err:
-        skip("unreadable", f"{METRICS_FILE} does not parse ({str(err).strip()})")
+        header, rows = validated_rows(path, info)
+    except DamagedRun as err:
+        skip("unreadable", str(err))
         return None
-    missing = [c for c in REQUIRED_COLUMNS if c not in metrics.columns]
-    if missing:
-        skip("unreadable", f"{METRICS_FILE} lacks column(s) {missing}")
+    except OSError as err:
+        skip("unreadable", f"{METRICS_FILE} cannot be read ({err})")
         return None
-    if metrics.empty:
-        skip("unreadable", f"{METRICS_FILE} has no rows")
-        return None
+    metrics = pd.DataFrame(rows, columns=header).replace({"": None})
     numeric = metrics.apply(_to_number)
     bad = [c for c in metrics.columns
            if metrics[c].notna().sum() > numeric[c].notna().sum()]

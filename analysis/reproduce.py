@@ -46,6 +46,7 @@ import yaml
 
 from analysis.loader import LoadError, load_runs
 from analysis.pipeline import analyze
+from pgvar.preflight import count_argument, output_dir_problem
 from pgvar.progress import rate_and_remaining
 from pgvar.runlog import FINAL_STATUSES, RUN_FILE
 from pgvar.sweep import expand_sweep
@@ -231,7 +232,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "full: the published result (default: quick)")
     parser.add_argument("--out", type=Path, default=None,
                         help="output directory (default: results/NAME-PRESET)")
-    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+    parser.add_argument("--jobs", type=count_argument(1), default=os.cpu_count() or 1,
                         help="parallel jobs for the joblib launcher (default: all cores)")
     parser.add_argument("--no-figures", action="store_true", help="skip the figures")
     parser.add_argument("--publish", action="store_true",
@@ -243,8 +244,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Run every sweep of the experiment's preset, then analyse; see the module doc."""
     args = parse_args(argv)
-    spec = load_spec(args.name, args.preset)
+    try:
+        spec = load_spec(args.name, args.preset)
+    except SystemExit as err:  # an unknown experiment or preset: a user error, one line
+        print(err, file=sys.stderr)
+        return 2
     out = args.out or Path("results") / f"{spec.name}-{spec.preset}"
+    problem = output_dir_problem(out, "--out")
+    if problem:
+        print(f"pgvar-reproduce: {problem}", file=sys.stderr)
+        return 2
     out.mkdir(parents=True, exist_ok=True)
     if spec.simulation is not None:
         return run_simulation(spec, out, args, argv)

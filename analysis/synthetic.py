@@ -45,7 +45,8 @@ def write_run(job_dir: Path, config: dict, metrics: pd.DataFrame, status: str = 
     (job_dir / ".hydra").mkdir(parents=True, exist_ok=True)
     metrics.to_csv(job_dir / METRICS_FILE, index=False)
     info = {"status": status, "error": error, "config": config, "seed": config.get("seed"),
-            "versions": {"python": "synthetic"}, "elapsed_s": 1.0}
+            "versions": {"python": "synthetic"}, "elapsed_s": 1.0,
+            "steps_completed": len(metrics)}
     (job_dir / RUN_FILE).write_text(json.dumps(info))
 
 

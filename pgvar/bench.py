@@ -39,6 +39,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from pgvar.preflight import count_argument
+
 SEED = 0
 M_BATCHES, B_EPISODES = 32, 32
 AUTO_MARGIN = 1.3  # --threads auto keeps torch's default thread count only if this much faster
@@ -328,25 +330,30 @@ def bench_reference(env, policy: nn.Module, n_pairs: int, repeats: int, chunk_ep
 # ------------------------------------------------------------------------------- main
 
 
+def threads_argument(text: str) -> str:
+    """``--threads``: 'auto' or an integer >= 1 (argparse refuses anything else, exit 2)."""
+    return text if text == "auto" else str(count_argument(1)(text))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pgvar.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="10^6-pair reference and fewer repeats (under a minute)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                         help="device of pgvar's parts (the seed loop always runs on the CPU)")
-    parser.add_argument("--threads", default="auto",
+    parser.add_argument("--threads", default="auto", type=threads_argument,
                         help="torch intra-op threads: a number, or 'auto' (default): time one "
                              "measurement step with 1 thread and with torch's default, keep the "
                              "faster (on a loaded machine more threads can be far slower)")
-    parser.add_argument("--repeats", type=int, default=None,
+    parser.add_argument("--repeats", type=count_argument(1), default=None,
                         help="timed blocks per part (default 3 quick, 5 full; reference 3)")
-    parser.add_argument("--chunk-episodes", type=int, default=8192,
+    parser.add_argument("--chunk-episodes", type=count_argument(1), default=8192,
                         help="episodes per reference chunk (memory vs per-step overhead)")
-    parser.add_argument("--ref-batch-size", type=int, default=None,
+    parser.add_argument("--ref-batch-size", type=count_argument(1), default=None,
                         help="episodes per sub-batch of the reference (default: "
                              "monte_carlo_reference's own); fewer, larger sub-batches mean "
                              "fewer [P]-vectors to write and reduce per pair")
-    parser.add_argument("--lanes", type=int, default=None,
+    parser.add_argument("--lanes", type=count_argument(0), default=None,
                         help="reference lanes that refill as episodes end (default: "
                              "pgvar.reference.DEFAULT_LANES; 0: one episode per lane, as "
                              "pgvar.rollout.rollout samples)")

@@ -515,11 +515,16 @@ def validate_config(cfg: DictConfig) -> RunConfig:
     Beyond the ranges of each section, names are checked against the registries (the
     estimator and environment names), and the environment and its policy are built
     once on the CPU so the core library's own checks (a Gymnasium id, a horizon beyond
-    the env's time limit, ...) fail here rather than inside a job.
+    the env's time limit, ...) fail here rather than inside a job. ``pgvar.preflight``
+    adds unknown keys, the device, and whether the job fits this machine's memory.
     """
+    from pgvar import preflight  # imports this module
+
+    preflight.check_known_keys(cfg)
     run_cfg = to_run_config(cfg)
     run_cfg.check()
     check_names_against_registries(run_cfg)
+    preflight.check_before_build(run_cfg)
     check_buildable(run_cfg)
     return run_cfg
 
@@ -577,12 +582,17 @@ def check_sequence_estimator(run_cfg: RunConfig) -> None:
 
 
 def check_buildable(run_cfg: RunConfig) -> None:
-    """Build the environment and policy on the CPU; re-raise their errors as ConfigError."""
+    """Build the environment and policy on the CPU; re-raise their errors as ConfigError;
+    then check that the whole job fits this machine's memory."""
+    from pgvar.preflight import check_job_memory
+
     try:
         env = build_env(run_cfg.env, device="cpu")
-        build_policy(env, run_cfg.policy, seed=run_cfg.seed)
+        policy = build_policy(env, run_cfg.policy, seed=run_cfg.seed)
     except (ValueError, TypeError) as err:
         raise ConfigError(f"env={run_cfg.env.name}: {err}") from err
+    else:
+        check_job_memory(run_cfg, env, policy)
     finally:
         close = getattr(locals().get("env"), "close", None)
         if callable(close):

@@ -33,7 +33,8 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -44,7 +45,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from pgvar import runlog
+from pgvar import joblock, preflight, runlog
 from pgvar.config import (
     ConfigError,
     RunConfig,
@@ -151,6 +152,20 @@ def check_finite(x: torch.Tensor, step: int, what: str) -> None:
     """Raise ``Diverged`` when ``x`` holds a NaN or an infinity."""
     if not bool(torch.isfinite(x).all()):
         raise Diverged(f"non-finite {what} at step {step}")
+
+
+@contextmanager
+def overflow_means_divergence(step: int) -> Iterator[None]:
+    """Turn a numerical overflow inside the block (torch reports some as RuntimeError,
+    e.g. ``lr=1e300`` in Adam's step) into ``Diverged``, like a non-finite gradient."""
+    try:
+        yield
+    except (OverflowError, FloatingPointError) as err:
+        raise Diverged(f"numerical overflow at step {step}: {err}") from err
+    except RuntimeError as err:
+        if "overflow" not in str(err):
+            raise
+        raise Diverged(f"numerical overflow at step {step}: {err}") from err
 
 
 def reference_options(run_cfg: RunConfig, critic, step: int) -> dict[str, Any]:
@@ -304,7 +319,8 @@ def train_and_measure(run_cfg: RunConfig, job_dir: Path, started: float, state: 
                     row.update(measured)
                     state.last_measured, state.last_measured_step = measured, step
                 g = training_gradient(run_cfg, env, policy, critic, est_cfg, batch, step)
-                ascent_step(optimizer, policy, g)
+                with overflow_means_divergence(step):
+                    ascent_step(optimizer, policy, g)
                 check_finite(flatten_params(policy), step, "policy parameters after the update")
                 row["grad_norm"] = float(g.double().norm())
                 row["critic_loss"] = fit_critic(run_cfg, env, critic, est_cfg, batch)
@@ -378,7 +394,17 @@ def log_sweep_progress(job_dir: Path) -> None:
 
 
 def run_job(cfg: DictConfig, job_dir: Path) -> str:
-    """One run in ``job_dir``: skip it if complete, else run it and write run.json.
+    """One run in ``job_dir``, which this process claims first (``pgvar.joblock``): a
+    folder another process holds is left alone (``skipped``)."""
+    with joblock.claim_job(job_dir) as claim:
+        if not claim.held:
+            log.info("skipping %s: another process is running this job (%s)", job_dir, claim.holder)
+            return "skipped"
+        return run_claimed_job(cfg, job_dir)
+
+
+def run_claimed_job(cfg: DictConfig, job_dir: Path) -> str:
+    """One run in a claimed ``job_dir``: skip it if complete, else run it and write run.json.
 
     Returns the final status. A failed run raises ``RunFailed`` after its run.json is
     written, so Hydra marks the job failed (and exits 1 once the sweep is done) while
@@ -445,6 +471,7 @@ class CommandLine:
     conf_dir: Path = CONF_DIR
     extra_config_dir: str | None = None
     runs_jobs: bool = True
+    multirun: bool = False
 
 
 def resolve_config_path(config_path: str | None) -> Path:
@@ -461,7 +488,8 @@ def parse_command_line(argv: list[str]) -> CommandLine:
     runs_jobs = not any(bool(getattr(args, flag, None)) for flag in NO_JOB_FLAGS)
     return CommandLine(overrides=list(args.overrides), config_name=args.config_name or CONFIG_NAME,
                        conf_dir=resolve_config_path(args.config_path),
-                       extra_config_dir=args.config_dir, runs_jobs=runs_jobs)
+                       extra_config_dir=args.config_dir, runs_jobs=runs_jobs,
+                       multirun=bool(args.multirun))
 
 
 def split_seed(job: list[str]) -> tuple[tuple[str, ...], str | None]:
@@ -550,11 +578,31 @@ def validate_jobs(cmd: CommandLine) -> list[str]:
             for msg, bad in problems.items()]
 
 
+def output_dir_problems(cmd: CommandLine) -> list[str]:
+    """The sweep folder (``-m``) or run folder must be writable; composed with Hydra's
+    own config for the first job, as Hydra will (``pgvar.preflight.output_dir_problem``)."""
+    from hydra import compose, initialize_config_dir
+
+    key = "hydra.sweep.dir" if cmd.multirun else "hydra.run.dir"
+    try:
+        first_job = list(expand_sweep(cmd.overrides)[0])
+        with initialize_config_dir(config_dir=str(cmd.conf_dir), version_base="1.3",
+                                   job_name="pgvar"):
+            cfg = compose(config_name=cmd.config_name, overrides=first_job,
+                          return_hydra_config=True)
+        folder = Path(str(OmegaConf.select(cfg, key)))
+    except Exception:  # noqa: BLE001 - Hydra then reports the problem itself
+        return []
+    problem = preflight.output_dir_problem(folder, key)
+    return [problem] if problem else []
+
+
 def main() -> None:
     """Console entry ``pgvar-run`` (and ``python -m pgvar``): validate every job, then run Hydra."""
     cmd = parse_command_line(sys.argv[1:])
     if cmd.runs_jobs:
-        problems = validate_jobs(cmd)
+        single = None if cmd.multirun else preflight.sweep_without_multirun(cmd.overrides)
+        problems = [single] if single else (validate_jobs(cmd) or output_dir_problems(cmd))
         if problems:
             print("pgvar-run: configuration refused; no job was started.", file=sys.stderr)
             for problem in problems:
