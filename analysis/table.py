@@ -62,6 +62,7 @@ import pandas as pd
 
 from analysis import claims as cl
 from analysis.loader import ALIASES, SkippedRun, measured_rows
+from analysis.render import format_ci
 from analysis.stats import (
     MIN_RUNS_FOR_SEED_BOOTSTRAP,
     NAN_ESTIMATE,
@@ -71,7 +72,6 @@ from analysis.stats import (
     ratio_ci,
     stratified_bootstrap_iqm,
 )
-from analysis.render import format_ci
 
 STEP_CHOICES = ("first", "last", "all")
 ESTIMATOR_ORDER = ["reinforce", "reinforce_rtg", "mean_baseline", "rloo", "value_baseline",

@@ -174,9 +174,11 @@ def step_bytes(env: Any) -> float:
     """Bytes one step of a padded episode takes (module doc), with the rollout's copies."""
     import torch
 
-    obs_numel = math.prod(env.obs_shape) if env.obs_shape else 1
-    obs_bytes = obs_numel * torch.empty((), dtype=env.obs_dtype).element_size()
-    action_numel = max(1, int(getattr(env.action_spec, "dim", 0) or 0))
+    shape = getattr(env, "obs_shape", ())  # the sequence task has no observation array
+    obs_numel = math.prod(shape) if shape else 1
+    dtype = getattr(env, "obs_dtype", torch.float32)
+    obs_bytes = obs_numel * torch.empty((), dtype=dtype).element_size()
+    action_numel = max(1, int(getattr(getattr(env, "action_spec", None), "dim", 0) or 0))
     return STEP_COPIES * (2 * obs_bytes + FLOAT64_BYTES * action_numel + STEP_OVERHEAD_BYTES)
 
 
