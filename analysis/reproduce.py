@@ -47,6 +47,7 @@ import yaml
 from analysis.loader import LoadError, load_runs
 from analysis.pipeline import analyze
 from pgvar.preflight import count_argument, output_dir_problem
+from pgvar.progress import rate_and_remaining
 from pgvar.runlog import FINAL_STATUSES, RUN_FILE
 from pgvar.sweep import expand_sweep
 
@@ -174,11 +175,11 @@ def run_sweep(name: str, overrides: list[str], spec: ExperimentSpec, out: Path, 
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         while True:
             rc = proc.poll()
-            seen = _report_new(sweep_dir, seen, name, offset, total, started)
+            seen = _report_new(sweep_dir, seen, name, offset, total, started, already)
             if rc is not None:
                 break
             time.sleep(POLL_S)
-    seen = _report_new(sweep_dir, seen, name, offset, total, started)
+    seen = _report_new(sweep_dir, seen, name, offset, total, started, already)
     statuses: dict[str, int] = {}
     for status in seen.values():
         statuses[status] = statuses.get(status, 0) + 1
@@ -188,15 +189,21 @@ def run_sweep(name: str, overrides: list[str], spec: ExperimentSpec, out: Path, 
 
 
 def _report_new(sweep_dir: Path, seen: dict[Path, str], name: str, offset: int,
-                total: int | None, started: float) -> dict[Path, str]:
-    """Print one progress line per job that ended since the last look."""
+                total: int | None, started: float, already: int = 0) -> dict[Path, str]:
+    """Print one progress line per job that ended since the last look: its place, the
+    sweep's rate so far (jobs finished before this invocation not counted) and the time
+    left for the whole reproduction at that rate."""
     now = finished_jobs(sweep_dir)
     for job in sorted(set(now) - set(seen), key=str):
         done = offset + len(seen) + 1
         seen = {**seen, job: now[job]}
         of = f"/{total}" if total else ""
+        elapsed = time.perf_counter() - started
+        remaining = None if not total else total - done
+        pace = rate_and_remaining(len(seen) - already, None if remaining is None
+                                  else len(seen) - already + remaining, elapsed, "jobs")
         print(f"  [{done}{of}] {name}/{job.name}: {now[job]} "
-              f"({time.perf_counter() - started:.0f}s into the sweep)", flush=True)
+              f"({elapsed:.0f}s into the sweep; {pace})", flush=True)
     return now
 
 

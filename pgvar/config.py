@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from pgvar import checks
+from pgvar import checks, runlog
 from pgvar.critics import CRITIC_KINDS
 from pgvar.envs.base import OBJECTIVES
 from pgvar.estimators import EstimatorConfig, check_estimator_knobs
@@ -311,9 +311,12 @@ class ReferenceConfig:
     # Gymnasium envs: lanes that start a new episode when one ends (pgvar.refill; 0: one
     # episode per lane). 512 was fastest for 2000-episode references on CartPole here.
     lanes: int = 512
+    memory_mb: float = 512.0  # what one chunk may hold; chunk and lanes shrink to fit (pgvar.reference.chunk_plan)
 
     def check(self) -> None:
         require_positive_int("training.reference.n_episodes", self.n_episodes, 2)
+        require_in_range("training.reference.memory_mb", self.memory_mb, 0.0, float("inf"),
+                         low_open=True, high_open=True)
         if self.target_rel_se is not None:
             require_in_range("training.reference.target_rel_se", self.target_rel_se, 0.0,
                              float("inf"), low_open=True, high_open=True)
@@ -378,6 +381,7 @@ class RunConfig:
     threads: int = 1  # torch intra-op threads per run (1 suits parallel sweeps; 0: torch's default)
     rerun_complete: bool = False  # redo a run even when its run.json says complete
     preset_name: str = "custom"  # which preset sized the run (set by the preset group; informational)
+    logger: str = "csv"  # csv: metrics.csv; tensorboard: also TensorBoard events in the job dir
 
     def check(self) -> None:
         require(isinstance(self.env, EnvConfig),
@@ -391,6 +395,10 @@ class RunConfig:
                 f"device={self.device!r} is not valid; valid values: cpu, cuda, cuda:N, auto")
         require_in_range("lr", self.lr, 0.0, float("inf"), low_open=True, high_open=True)
         require_positive_int("threads", self.threads, 0)
+        require_choice("logger", self.logger, runlog.LOGGERS)
+        require(self.logger != "tensorboard" or runlog.tensorboard_installed(),
+                "logger=tensorboard needs the tensorboard package: "
+                f"{runlog.TENSORBOARD_INSTALL} (or pip install tensorboard)")
 
 
 def register_configs() -> None:

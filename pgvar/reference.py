@@ -38,11 +38,13 @@ from pgvar.estimators import (
     get_estimator,
 )
 from pgvar.policies import flat_autograd
+from pgvar.progress import Progress
 from pgvar.refill import reference_chunks, supports_refill
 from pgvar.rollout import rollout_chunks
 
 DEFAULT_MC_EPISODES = 10_000
 DEFAULT_LANES = 4096  # refill lanes (pgvar.refill) where the environment can refill them
+DEFAULT_MEMORY_MB = 512  # what one chunk of a Monte Carlo reference may hold (chunk_plan)
 _SEED_TAG = 0x5EF0_9E3D  # distinguishes reference seeds from measurement seeds
 
 
@@ -157,6 +159,53 @@ class RunningMoments:
         return self.m2 / ((self.n - 1) * self.n)
 
 
+def step_bytes(env) -> int:
+    """Bytes one recorded step of a ``Batch`` takes: observation and next observation and
+    the action (float32 or int64), reward and log-probability, two flags, two indices."""
+    obs = math.prod(getattr(env, "obs_shape", (1,)))
+    spec = getattr(env, "action_spec", None)
+    act = max(getattr(spec, "dim", 0), 1) if getattr(spec, "kind", "") == "continuous" else 2
+    return 4 * (2 * obs + act + 2) + 2 + 16
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """How much of a Monte Carlo reference is in memory at once: ``chunk_episodes`` per
+    chunk and ``lanes`` environment copies stepped together (None: one per episode)."""
+
+    chunk_episodes: int
+    lanes: int | None
+    memory_bytes: int  # the estimate of what they hold, <= the budget unless a floor binds
+
+
+def chunk_plan(env, batch_size: int, chunk_episodes: int, lanes: int | None,
+               memory_mb: float, refill: bool) -> ChunkPlan:
+    """Chunk size and lane count that keep one chunk within ``memory_mb``, whatever the env.
+
+    Two things grow with a chunk: the recorded episodes, ``horizon * step_bytes`` each,
+    held about four times (the stream's record and the padded ``Batch``, two chunks
+    alive while the next is prefetched); and the environment copies that step them,
+    ``env.lane_bytes`` each (a MuJoCo model and its data: about 1 MiB; Hopper at 2048
+    copies took 2.3 GB). Half the budget goes to each. Without refill every episode of
+    a chunk has its own copy, so the chunk is bounded by both halves. Floors: one
+    sub-batch of ``batch_size`` episodes, one lane.
+    """
+    budget = float(memory_mb) * 2 ** 20
+    episode_bytes = 4 * int(getattr(env, "horizon", 1)) * step_bytes(env)
+    lane_bytes = int(getattr(env, "lane_bytes", 0))
+    max_episodes = int(budget / 2 // episode_bytes)
+    max_lanes = int(budget / 2 // lane_bytes) if lane_bytes else None
+    if refill:
+        lanes = lanes if max_lanes is None else max(1, min(lanes, max_lanes))
+    elif max_lanes is not None:
+        max_episodes = min(max_episodes, max_lanes)
+    per_chunk = max(1, min(chunk_episodes, max_episodes) // batch_size)
+    chunk_episodes = per_chunk * batch_size
+    copies = lanes if refill else chunk_episodes
+    return ChunkPlan(chunk_episodes, lanes if refill else None,
+                     chunk_episodes * episode_bytes + copies * lane_bytes)
+
+
 def chunk_seed(seed: int, index: int) -> int:
     """A 32-bit seed for chunk ``index`` of a reference seeded ``seed`` (independent streams)."""
     return int(np.random.SeedSequence([_SEED_TAG, int(seed), int(index)]).generate_state(1)[0])
@@ -194,14 +243,30 @@ def monte_carlo_reference(env, policy: nn.Module, n_episodes: int | None = None,
                           batch_size: int = 4, chunk_episodes: int = 2048,
                           target_rel_se: float | None = None, min_estimates: int = 64,
                           cfg: EstimatorConfig = DEFAULT_CONFIG, chunk: int = 64,
-                          prefetch: bool = True, lanes: int | None = DEFAULT_LANES) -> Reference:
+                          prefetch: bool = True, lanes: int | None = DEFAULT_LANES,
+                          memory_mb: float = DEFAULT_MEMORY_MB,
+                          progress: bool | None = None) -> Reference:
     """Average of ``estimator`` over sub-batches of ``batch_size`` episodes, with its se2.
 
     Budget: stop once ``n_episodes`` episodes or ``n_pairs`` state-action pairs are used
     (whichever comes first; ``DEFAULT_MC_EPISODES`` episodes if neither is given), or
     earlier once ``se / ||mean|| <= target_rel_se`` with at least ``min_estimates``
     sub-batches. Chunks of ``chunk_episodes`` episodes (rounded down to whole sub-batches)
-    are rolled out and reduced one at a time, so memory is that of one chunk.
+    are rolled out and reduced one at a time, so memory is that of one chunk; the chunk
+    and the lanes are shrunk where needed to hold one chunk within ``memory_mb``
+    (``chunk_plan``: an estimate of what the episodes and the environment copies hold).
+
+    Cost at the defaults (10,000 episodes; measured on 2 cores at a load average of 9 to
+    10): CartPole at its initial policy (~22 steps an episode) 1.3 s, +110 MB; Hopper-v5
+    (MuJoCo, ~20 steps an episode at its initial policy) 160 s, the process peaking at
+    616 MB (2048 episodes alone took +2.3 GB before the memory bound: one MuJoCo copy,
+    ~1 MiB, per lane). Time grows with the episodes' length: a trained CartPole policy
+    runs 500 steps an episode, about 20 times as long. The budget costs speed where
+    episodes are cheap: CartPole's references run 1.5x faster with 8192-episode chunks
+    (``chunk_episodes=8192, memory_mb=4096``, as ``pgvar.bench`` does) than with the
+    2032 the default budget allows. ``progress`` prints a
+    line with the rate and the time left every few seconds (``pgvar.progress``; by
+    default only on a terminal).
 
     Where the environment can refill lanes (``pgvar.refill``: Gymnasium envs), episodes
     run on ``lanes`` lanes that start a new episode as soon as one ends, instead of one
@@ -213,8 +278,12 @@ def monte_carlo_reference(env, policy: nn.Module, n_episodes: int | None = None,
     lanes = None if lanes is None or lanes == 0 else require_int("lanes", lanes)
     check_unbiased(env, estimator, cfg, critic)
     batch_size = require_int("batch_size", batch_size)
-    per_chunk = max(require_int("chunk_episodes", chunk_episodes) // batch_size, 1)
-    chunk_episodes = per_chunk * batch_size
+    require_int("chunk_episodes", chunk_episodes)
+    if not memory_mb > 0:
+        raise ValueError(f"memory_mb must be > 0, got {memory_mb}")
+    refill = bool(lanes) and supports_refill(env)
+    plan = chunk_plan(env, batch_size, chunk_episodes, lanes, memory_mb, refill)
+    chunk_episodes, lanes = plan.chunk_episodes, plan.lanes
     if n_episodes is None and n_pairs is None:
         n_episodes = DEFAULT_MC_EPISODES
     max_episodes = math.inf if n_episodes is None else require_int("n_episodes", n_episodes)
@@ -233,13 +302,16 @@ def monte_carlo_reference(env, policy: nn.Module, n_episodes: int | None = None,
     used_episodes = used_pairs = index = 0
     stopped_early = False
     # the next chunk is rolled out in a background thread while this one is reduced
-    if lanes and supports_refill(env):
+    if refill:
         sizes = (n for n, _ in schedule())
         chunks = reference_chunks(env, policy, sizes, chunk_seed(seed, 0), lanes=lanes,
                                   prefetch=prefetch, max_pairs=max_pairs)
     else:
         chunks = rollout_chunks(env, policy, schedule(), prefetch=prefetch, max_pairs=max_pairs)
+    bar = Progress(max_episodes if math.isfinite(max_episodes) else None,
+                   "monte carlo reference", unit="episodes", progress=progress)
     for batch in chunks:
+        bar.update(batch.n_episodes)
         n_sub = batch.n_episodes // batch_size
         for rows in estimate_gradient_blocks(estimator, env, policy, batch, n_sub, critic, cfg, chunk):
             grads.update(rows)
@@ -252,13 +324,15 @@ def monte_carlo_reference(env, policy: nn.Module, n_episodes: int | None = None,
             if norm > 0 and math.sqrt(grads.se2) <= target_rel_se * norm:
                 stopped_early = True
                 break
+    bar.close()
 
     return Reference(grad=grads.mean, se2=grads.se2, n_episodes=used_episodes,
                      n_pairs=used_pairs, exact=False, method=f"monte_carlo:{estimator}",
                      n_estimates=grads.n, var=grads.mean_var, objective=float(returns.mean[0]),
                      objective_se=math.sqrt(returns.se2),
                      info={"batch_size": batch_size, "n_chunks": index,
-                           "stopped_early": stopped_early})
+                           "stopped_early": stopped_early, "chunk_episodes": chunk_episodes,
+                           "lanes": lanes, "chunk_bytes": plan.memory_bytes})
 
 
 def reference_gradient(env, policy: nn.Module, method: str = "auto", **kw) -> Reference:
@@ -269,6 +343,8 @@ def reference_gradient(env, policy: nn.Module, method: str = "auto", **kw) -> Re
     other)."""
     if method not in ("auto", "exact", "monte_carlo"):
         raise ValueError(f"method must be 'auto', 'exact' or 'monte_carlo', got {method!r}")
+    if method != "monte_carlo" and is_exact(env):
+        kw.pop("progress", None)  # an exact gradient is one autograd call: nothing to show
     if method == "exact" and kw:
         raise ValueError(f"exact_reference takes no options, got {sorted(kw)}")
     if method == "exact" or (method == "auto" and is_exact(env)):

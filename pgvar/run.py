@@ -10,7 +10,8 @@ One run (one Hydra job), for iterations i = 0..N-1 at policy parameters theta_i:
    EARLIER batches only (so a value baseline stays unbiased), and take an Adam ascent
    step of size ``lr``;
 4. fit the critic on the step-1 batch (for the next iteration);
-5. append the iteration's row to metrics.csv (``pgvar.runlog`` documents the columns).
+5. append the iteration's row to metrics.csv (``pgvar.runlog`` documents the columns),
+   and with ``logger=tensorboard`` to a TensorBoard event file in the job directory.
 
 NaN or infinite gradients (or returns) end the run with status ``diverged``; any other
 exception ends it with status ``failed``. The job then still returns to Hydra's launcher,
@@ -56,6 +57,7 @@ from pgvar.config import (
     validate_config,
 )
 from pgvar.policies import flatten_params
+from pgvar.progress import rate_and_remaining
 from pgvar.seeding import derive_seed
 from pgvar.sweep import expand_sweep, hydra_args_parser
 
@@ -172,6 +174,7 @@ def reference_options(run_cfg: RunConfig, critic, step: int) -> dict[str, Any]:
     return {"n_episodes": ref.n_episodes, "target_rel_se": ref.target_rel_se,
             "estimator": ref.estimator, "batch_size": ref.batch_size,
             "chunk_episodes": ref.chunk_episodes, "lanes": ref.lanes or None, "critic": critic,
+            "memory_mb": ref.memory_mb,
             "seed": derive_seed(run_cfg.seed, "reference", step)}
 
 
@@ -313,7 +316,7 @@ def train_and_measure(run_cfg: RunConfig, job_dir: Path, started: float, state: 
                   if needs_critic else None)
         optimizer = torch.optim.Adam(policy.parameters(), lr=run_cfg.lr, maximize=True)
         every = progress_interval(training.log_every, training.iterations)
-        with runlog.MetricsWriter(job_dir / runlog.METRICS_FILE) as writer:
+        with runlog.RunLog(job_dir, run_cfg.logger) as writer:
             for step in range(training.iterations):
                 if step == run_cfg.debug.raise_at_step:
                     raise RuntimeError(f"debug.raise_at_step={step}: a deliberate failure")
@@ -369,6 +372,36 @@ def group_choices() -> dict[str, str] | None:
     return {k: str(v) for k, v in choices.items() if not k.startswith("hydra/") and v is not None}
 
 
+SWEEP_RECORD = "multirun.yaml"  # Hydra writes it into a sweep's folder when the sweep starts
+
+
+def sweep_progress(job_dir: Path) -> str | None:
+    """Where the sweep of ``job_dir`` stands: jobs ended of all, their rate and the time
+    left (None outside a sweep). Read from the files, so it is right with any launcher:
+    the jobs come from the sweep's overrides in Hydra's ``multirun.yaml``, the ended ones
+    are the job folders whose run.json holds a final status (earlier complete runs that
+    were skipped count as ended), the clock starts at ``multirun.yaml``'s writing."""
+    record = Path(job_dir).parent / SWEEP_RECORD
+    try:
+        overrides = list(OmegaConf.load(record).hydra.overrides.task)
+        started = record.stat().st_mtime
+    except Exception:  # noqa: BLE001 - no sweep, or a record this version cannot read
+        return None
+    total = len(expand_sweep(overrides))
+    ended = sum(1 for run_file in record.parent.glob(f"*/{runlog.RUN_FILE}")
+                if (runlog.read_run_record(run_file.parent) or {}).get("status")
+                in runlog.FINAL_STATUSES)
+    pace = rate_and_remaining(ended, total, time.time() - started, "jobs")
+    return f"sweep {record.parent.name}: {ended}/{total} jobs ended, {pace}"
+
+
+def log_sweep_progress(job_dir: Path) -> None:
+    """Log ``sweep_progress`` after a job of a sweep (nothing for a single run)."""
+    line = sweep_progress(job_dir)
+    if line:
+        log.info(line)
+
+
 def run_job(cfg: DictConfig, job_dir: Path) -> str:
     """One run in ``job_dir``, which this process claims first (``pgvar.joblock``): a
     folder another process holds is left alone (``skipped``)."""
@@ -417,6 +450,7 @@ def run_claimed_job(cfg: DictConfig, job_dir: Path) -> str:
     record.elapsed_s = round(time.perf_counter() - started, 3)
     record.steps_completed = state.steps_completed
     record.write(job_dir)
+    log_sweep_progress(job_dir)
     if record.status == runlog.STATUS_FAILED:
         raise RunFailed(f"{record.error} (details: {job_dir / runlog.RUN_FILE})")
     return record.status
@@ -505,7 +539,7 @@ def describe_error(err: BaseException) -> str:
     parts: list[str] = []
     while err is not None and len(parts) < 4:
         text = str(err).split("Config search path:")[0].strip()
-        if text and text not in parts:
+        if text and not any(text in part for part in parts):  # a cause quoted already
             parts.append(text)
         err = err.__cause__
     return "\n".join(parts)

@@ -1,9 +1,13 @@
 """What a run writes into its Hydra job directory, and how a re-run treats it.
 
-Two files (column meanings: ``COLUMN_DOCS``; the README copies them):
+Two files (column meanings: ``COLUMN_DOCS``; the README copies them), and with
+``logger=tensorboard`` a third:
 
 - ``metrics.csv``: one row per training iteration, written and flushed as it goes, so
   a run killed mid-way leaves every finished iteration on disk.
+- ``events.out.tfevents.*`` (``logger=tensorboard``): the same scalars as metrics.csv,
+  one tag per column, at x = ``step``; the job directory is one TensorBoard run, so
+  ``tensorboard --logdir SWEEP_DIR`` shows a sweep run by run.
 - ``run.json``: the run's record. Written atomically (temporary file, fsync, rename)
   twice: with ``status: "running"`` before the first iteration, and with the final
   status (``complete``, ``failed`` or ``diverged``) at the end. A run killed mid-way
@@ -19,6 +23,7 @@ metrics.csv and run.json deleted first (``prepare_job_dir``).
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import math
 import os
@@ -32,6 +37,10 @@ from typing import Any
 
 METRICS_FILE = "metrics.csv"
 RUN_FILE = "run.json"
+EVENTS_GLOB = "events.out.tfevents.*"  # TensorBoard's event files (logger=tensorboard)
+
+LOGGERS = ("csv", "tensorboard")  # csv: metrics.csv only; tensorboard: metrics.csv + events
+TENSORBOARD_INSTALL = "pip install -e '.[tensorboard]'"
 
 STATUS_RUNNING = "running"
 STATUS_COMPLETE = "complete"
@@ -155,6 +164,72 @@ class MetricsWriter:
         self.close()
 
 
+def tensorboard_installed() -> bool:
+    """Whether ``torch.utils.tensorboard`` can write here (it needs the tensorboard package)."""
+    return importlib.util.find_spec("tensorboard") is not None
+
+
+def scalar_of(value: Any) -> float | None:
+    """A metrics cell as a TensorBoard scalar: numbers and booleans (0/1) as floats,
+    None (an empty cell) as None."""
+    if value is None:
+        return None
+    if hasattr(value, "item"):
+        value = value.item()
+    return float(value)
+
+
+class TensorBoardWriter:
+    """Writes each metrics row as scalars of an event file in ``log_dir``: one tag per
+    column of ``columns`` (``step`` is the x axis), empty cells left out; flushed after
+    every row, as metrics.csv is."""
+
+    def __init__(self, log_dir: Path, columns: tuple[str, ...] = COLUMNS):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.columns = tuple(c for c in columns if c != "step")
+        self._writer = SummaryWriter(log_dir=str(log_dir))
+
+    def write(self, row: Mapping[str, Any]) -> None:
+        step = int(row["step"])
+        for column in self.columns:
+            value = scalar_of(row.get(column))
+            if value is not None:
+                self._writer.add_scalar(column, value, step)
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+class RunLog:
+    """Where a run's rows go: metrics.csv always, TensorBoard events with
+    ``logger="tensorboard"``. ``write`` checks the row against the columns first."""
+
+    def __init__(self, job_dir: Path, logger: str = "csv"):
+        if logger not in LOGGERS:
+            raise ValueError(f"logger must be one of {list(LOGGERS)}, got {logger!r}")
+        job_dir = Path(job_dir)
+        self.writers: list[MetricsWriter | TensorBoardWriter] = [
+            MetricsWriter(job_dir / METRICS_FILE)]
+        if logger == "tensorboard":
+            self.writers.append(TensorBoardWriter(job_dir))
+
+    def write(self, row: Mapping[str, Any]) -> None:
+        for writer in self.writers:  # metrics.csv first: it refuses unknown columns
+            writer.write(row)
+
+    def close(self) -> None:
+        for writer in self.writers:
+            writer.close()
+
+    def __enter__(self) -> RunLog:  # noqa: PYI034 - typing.Self needs Python 3.11
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 # --------------------------------------------------------------------------- run.json
 
 
@@ -262,12 +337,14 @@ def is_complete(record: Mapping[str, Any] | None, config: Mapping[str, Any]) -> 
 
 
 def clear_run_outputs(job_dir: Path) -> None:
-    """Delete what an earlier, unfinished attempt left: metrics.csv, run.json, temp files."""
+    """Delete what an earlier, unfinished attempt left: metrics.csv, run.json, TensorBoard
+    event files, temp files."""
     job_dir = Path(job_dir)
     for name in (METRICS_FILE, RUN_FILE):
         (job_dir / name).unlink(missing_ok=True)
-    for stale in job_dir.glob(f".{RUN_FILE}.*.tmp"):
-        stale.unlink(missing_ok=True)
+    for pattern in (f".{RUN_FILE}.*.tmp", EVENTS_GLOB):
+        for stale in job_dir.glob(pattern):
+            stale.unlink(missing_ok=True)
 
 
 @dataclass

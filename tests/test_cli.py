@@ -401,3 +401,66 @@ def test_sigkilled_sweep_is_redone_and_complete_runs_skipped(tmp_path):
     assert (done_job / "metrics.csv").stat().st_mtime_ns == kept_mtime
     assert read_status(killed_job) == "complete"
     assert [r["step"] for r in read_rows(killed_job)] == ["0", "1", "2", "3"]
+
+
+# --------------------------------------------------------------- logger=tensorboard
+
+
+def read_event_scalars(job: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of the job's TensorBoard event files: tag -> [(step, value)]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(job), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)]
+            for tag in events.Tags()["scalars"]}
+
+
+def csv_scalars(job: Path) -> dict[str, list[tuple[int, float]]]:
+    """metrics.csv as tag -> [(step, value)], empty cells left out, booleans as 0/1."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    for row in read_rows(job):
+        for column, cell in row.items():
+            if column != "step" and cell != "":
+                value = {"True": 1.0, "False": 0.0}.get(cell, None)
+                out.setdefault(column, []).append(
+                    (int(row["step"]), float(cell) if value is None else value))
+    return out
+
+
+def test_tensorboard_logger_writes_the_scalars_of_metrics_csv(run_in_process):
+    """logger=tensorboard: the job directory holds one event file with exactly the
+    columns and values of metrics.csv (float32, as TensorBoard stores them)."""
+    pytest.importorskip("tensorboard")
+    status, job = run_in_process(["env=cartpole", "estimator=gae", "logger=tensorboard"], "tb")
+    assert status == "complete"
+    assert len(list(job.glob(runlog.EVENTS_GLOB))) == 1
+    logged, expected = read_event_scalars(job), csv_scalars(job)
+    assert set(logged) == set(expected)
+    assert "grad_variance" in logged and "return_mean" in logged
+    for tag, points in expected.items():
+        assert [s for s, _ in logged[tag]] == [s for s, _ in points], tag
+        assert [v for _, v in logged[tag]] == pytest.approx([v for _, v in points], rel=1e-6,
+                                                           nan_ok=True), tag
+
+
+def test_tensorboard_logger_without_the_package_is_refused(monkeypatch):
+    """Asked for where tensorboard is not installed: a ConfigError naming the extra."""
+    monkeypatch.setattr(runlog, "tensorboard_installed", lambda: False)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["preset=smoke", "logger=tensorboard"])
+    with pytest.raises(ConfigError, match=r"pip install -e '\.\[tensorboard\]'"):
+        validate_config(cfg)
+
+
+def test_a_sweeps_jobs_log_where_the_sweep_stands(run_in_process, tmp_path):
+    """After each job of a sweep: jobs ended of all (from Hydra's multirun.yaml), rate and
+    time left; nothing for a folder that is not a sweep's."""
+    from pgvar.run import SWEEP_RECORD, sweep_progress
+
+    status, job = run_in_process(["env=tabular"], "seed=0")
+    assert status == "complete" and sweep_progress(job) is None
+    (job.parent / SWEEP_RECORD).write_text(
+        "hydra:\n  overrides:\n    task: [env=tabular, 'seed=0,1,2', preset=smoke]\n")
+    line = sweep_progress(job)
+    assert line.startswith("sweep sweep: 1/3 jobs ended, ") and "left" in line

@@ -243,10 +243,28 @@ def test_discrete_observations_become_one_hot():
 # -- validation ----------------------------------------------------------------------------
 
 
-def test_unknown_env_id_names_the_registry_and_suggests_ids():
-    with pytest.raises(ValueError, match="gymnasium registry") as err:
+def test_unknown_env_id_suggests_installed_ids():
+    with pytest.raises(ValueError, match="unknown Gymnasium environment id") as err:
         GymVectorEnv("Cartpole-v1")
     assert "CartPole-v1" in str(err.value)
+
+
+def test_suggestions_leave_out_ids_whose_extra_is_missing():
+    """'Nope-v0' is close to 'Hopper-v5'; it is suggested only where MuJoCo is installed."""
+    from pgvar.envs.gym import installed_close_ids, is_installed
+
+    suggested = installed_close_ids("Nope-v0")
+    assert ("Hopper-v5" in suggested) == is_installed("Hopper-v5")
+    assert all(is_installed(i) for i in suggested)
+
+
+def test_refused_gym_id_is_described_once():
+    """The config error wraps the env's: the message appears once, not once per cause."""
+    from pgvar.run import CommandLine, validate_jobs
+
+    problems = validate_jobs(CommandLine(["env=gym", "env.env_id=Nope-v0", "preset=smoke"]))
+    assert len(problems) == 1
+    assert problems[0].count("unknown Gymnasium environment id") == 1
 
 
 @pytest.mark.parametrize("kwargs, message", [

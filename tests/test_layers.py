@@ -21,7 +21,8 @@ ROOTS = ("pgvar", "analysis", "experiments", "hydra_plugins")
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("pgvar.envs/maths", ("pgvar/envs/*.py", "pgvar/policies.py", "pgvar/folded.py",
                           "pgvar/batch.py", "pgvar/returns.py", "pgvar/checks.py",
-                          "pgvar/seeding.py", "pgvar/sequence_policies.py")),
+                          "pgvar/seeding.py", "pgvar/sequence_policies.py",
+                          "pgvar/progress.py")),
     ("sampling & gradients", ("pgvar/rollout.py", "pgvar/refill.py", "pgvar/prefetch.py",
                               "pgvar/gradients.py")),
     ("estimators, critics, reference, stats", ("pgvar/estimators.py", "pgvar/critics.py",

@@ -181,3 +181,50 @@ def test_chunk_seeds_are_distinct_and_not_small_integers():
     seeds = {chunk_seed(s, i) for s in range(5) for i in range(200)}
     assert len(seeds) == 1000
     assert min(seeds) > 10_000  # would collide with measurement seeds 0, 1, 2, ... otherwise
+
+
+# ------------------------------------------------------------- memory of one chunk
+
+
+class SimulatorLike:
+    """What chunk_plan reads of an env: a MuJoCo-sized lane (1 MiB) and a long horizon."""
+
+    horizon = 1000
+    obs_shape = (11,)
+    lane_bytes = 2 ** 20
+
+    class action_spec:
+        kind, dim = "continuous", 3
+
+
+@pytest.mark.parametrize("refill", [True, False])
+def test_chunk_plan_holds_one_chunk_within_the_budget(refill):
+    from pgvar.reference import chunk_plan
+
+    plan = chunk_plan(SimulatorLike(), batch_size=4, chunk_episodes=2048, lanes=4096,
+                      memory_mb=512, refill=refill)
+    assert plan.memory_bytes <= 512 * 2 ** 20
+    assert plan.chunk_episodes % 4 == 0 and plan.chunk_episodes < 2048
+    copies = plan.lanes if refill else plan.chunk_episodes
+    assert copies <= 256  # half the budget at 1 MiB a copy
+    assert (plan.lanes is None) is (not refill)
+
+
+def test_chunk_plan_leaves_small_envs_near_the_asked_sizes():
+    """CartPole (500 steps, 4 observations, a lane of a few KiB): the lanes as asked, the
+    chunk within 1% of it (the estimate of a 500-step episode binds just below 2048)."""
+    from pgvar.reference import chunk_plan
+
+    env = make_env("cartpole")
+    plan = chunk_plan(env, batch_size=4, chunk_episodes=2048, lanes=4096, memory_mb=512,
+                      refill=True)
+    assert plan.lanes == 4096 and 2028 <= plan.chunk_episodes <= 2048
+
+
+def test_a_small_memory_budget_shrinks_the_chunks_not_the_reference():
+    env = make_env("cartpole")
+    policy = make_policy(env)
+    ref = monte_carlo_reference(env, policy, n_episodes=256, seed=0, memory_mb=8)
+    assert ref.info["chunk_bytes"] <= 8 * 2 ** 20
+    assert ref.info["chunk_episodes"] < 256 and ref.n_episodes == 256
+    assert ref.info["n_chunks"] > 1

@@ -139,3 +139,17 @@ def test_long_override_sets_get_a_short_stable_unique_job_dir_name():
     assert len(name_a.encode()) <= MAX_SUBDIR_BYTES and len(name_b.encode()) <= MAX_SUBDIR_BYTES
     assert name_a != name_b and name_a == subdir_name(long_a)
     assert name_a.startswith("training.option_0=0")
+
+
+def test_a_redone_run_loses_its_old_tensorboard_events(tmp_path):
+    """A redone run starts its event file afresh: old events would mix two attempts."""
+    (tmp_path / runlog.METRICS_FILE).write_text("step\n0\n")
+    (tmp_path / "events.out.tfevents.1.host.1.0").write_bytes(b"old")
+    assert runlog.prepare_job_dir(tmp_path, {"a": 1}).action == "run"
+    assert not list(tmp_path.glob(runlog.EVENTS_GLOB))
+
+
+def test_run_log_refuses_an_unknown_logger(tmp_path):
+    with pytest.raises(ValueError, match="logger must be one of"):
+        runlog.RunLog(tmp_path, "wandb")
+    assert not (tmp_path / runlog.METRICS_FILE).exists()

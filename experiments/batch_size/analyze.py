@@ -56,8 +56,8 @@ LARGE_B = 8  # the exponent is also fitted on B >= LARGE_B only, where RLOO's 1/
 MIN_REPLICATES = 3  # fewer: a bootstrap interval means nothing, the checks stay undecided
 CLAIM = ("the variance of a batch estimate falls as 1/B for i.i.d. episodes, and a "
          "baseline that is the batch mean of the returns is biased by O(1/B) "
-         "(E ĝ = (1 − 1/B) ∇J) where the leave-one-out mean is not (DESIGN.md, "
-         "issue #6; the seed text itself says only “REINFORCE with mean baseline: bias 0”)")
+         "(E ĝ = (1 − 1/B) ∇J) where the leave-one-out mean is not (the source text "
+         "itself says only “REINFORCE with mean baseline: bias 0”)")
 
 
 def select(frame: pd.DataFrame) -> pd.DataFrame:

@@ -45,7 +45,7 @@ AXIS_LABELS = {"grad_variance": "variance  tr Cov[ĝ]",
 ESTIMATOR_NAMES = {"reinforce": "REINFORCE (full return)", "reinforce_rtg": "reward-to-go"}
 CLAIM = ("\"Variance scales with trajectory length times action dimensionality. A 100-step "
          "episode with a 20-dimensional continuous action space produces a gradient estimate "
-         "with noise that swamps the signal\" (seed text, *When it falls down*).")
+         "with noise that swamps the signal\" (source text, *When it falls down*).")
 MIN_SEEDS = 3  # fewer systems than this: the bootstrap over seeds says nothing
 MAX_CI_WIDTH = 1.0  # an exponent interval wider than this cannot tell 1 from 2
 

@@ -53,7 +53,7 @@ MIN_SEEDS = 3  # fewer seeds than this: no verdict (inconclusive)
 GAE_LABEL = "GAE"
 CLAIM = ("“The clip operation stops any single update from moving the policy too far, "
          "while importance sampling allows re-use of old data for a few gradient steps.” "
-         "(seed text, on PPO's clipped surrogate)")
+         "(source text, on PPO's clipped surrogate)")
 METRICS = ("cos_ref", "rel_bias_sq", "rel_variance", "reuse_gain", "displacement")
 
 

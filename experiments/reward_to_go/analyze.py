@@ -179,7 +179,7 @@ def render(result: pd.DataFrame, verdict: Verdict, preset: str) -> str:
              " / ".join(f"{r[f'rel_bias_upper_{e}']:.2g}" for e in ESTIMATORS),
              r["verdict"]] for _, r in result.iterrows()]
     return "\n".join([
-        f"# Reward-to-go against the full return ({preset} preset)", "", f"Claim (seed text): {CLAIM}", "",
+        f"# Reward-to-go against the full return ({preset} preset)", "", f"Claim (source text): {CLAIM}", "",
         ("Paired measurements at random initial policies (one pair = one env instance "
          "and run seed, both estimators on the same episodes); 95% bootstrap intervals "
          "across pairs. Relative variance is tr Cov[ĝ] / ‖∇J‖²; relative squared bias "

@@ -36,7 +36,7 @@ from analysis.stats import NAN_ESTIMATE, mean_ci, ratio_ci
 CLAIM = ("\"Sparse rewards. If reward appears only at episode termination (e.g., winning a "
          "game), REINFORCE receives no gradient signal until an episode completes. Random "
          "exploration rarely stumbles onto rewarding trajectories, and without reward, the "
-         "gradient is zero everywhere.\" (seed text, *When it falls down*)")
+         "gradient is zero everywhere.\" (source text, *When it falls down*)")
 ALPHA = 0.05
 VANISHED = 0.9  # a zero-gradient fraction above this: the signal has all but vanished
 

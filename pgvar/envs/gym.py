@@ -23,6 +23,9 @@ Episode semantics pgvar needs, and how they are obtained from Gymnasium 1.x:
 from __future__ import annotations
 
 import difflib
+import functools
+import os
+import warnings
 from typing import Any
 
 import gymnasium
@@ -42,20 +45,42 @@ except ImportError:  # pragma: no cover - depends on the installed gymnasium
     AutoresetMode = None  # type: ignore[assignment,misc]
 
 
+def is_installed(env_id: str) -> bool:
+    """Whether ``env_id`` can be built here, i.e. its optional extra (MuJoCo, Box2D, ...)
+    is installed: ``gymnasium.make`` succeeds (loading the entry point is not enough:
+    older MuJoCo ids import their simulator only when built)."""
+    try:
+        with warnings.catch_warnings():  # deprecation notes of old versions: not ours to print
+            warnings.simplefilter("ignore")
+            gymnasium.make(env_id).close()
+    except Exception:  # noqa: BLE001 - DependencyNotInstalled, DeprecatedEnv, ...: not usable
+        return False
+    return True
+
+
+def installed_close_ids(env_id: str, n: int = 5) -> list[str]:
+    """Up to ``n`` registered ids close to ``env_id`` whose environments are installed."""
+    candidates = difflib.get_close_matches(env_id, list(gymnasium.registry.keys()), n=12,
+                                           cutoff=0.5)
+    return [c for c in candidates if is_installed(c)][:n]
+
+
 def gym_spec(env_id: str) -> EnvSpec:
-    """The registered ``EnvSpec`` of ``env_id``, or a ``ValueError`` that suggests ids."""
+    """The registered ``EnvSpec`` of ``env_id``, or a ``ValueError`` that suggests ids
+    (only installed ones: an id whose extra is missing would fail next)."""
     if not isinstance(env_id, str) or not env_id:
         raise ValueError(f"env_id must be a Gymnasium environment id such as 'CartPole-v1', got {env_id!r}")
     try:
         return gymnasium.spec(env_id)
-    except gymnasium.error.Error as err:
-        close = difflib.get_close_matches(env_id, list(gymnasium.registry.keys()), n=5, cutoff=0.5)
+    except gymnasium.error.Error:
+        close = installed_close_ids(env_id)
         hint = f" Did you mean one of {close}?" if close else ""
+        # raised without the registry's own error: its suggestion ignores what is installed
         raise ValueError(
-            f"unknown Gymnasium environment id {env_id!r}: the gymnasium registry says: {err}.{hint} "
-            "List all ids with gymnasium.pprint_registry(); ids of optional families (MuJoCo, "
-            "Atari, Box2D) need their extra installed, e.g. pip install 'gymnasium[mujoco]'."
-        ) from err
+            f"unknown Gymnasium environment id {env_id!r}.{hint} List the ids with "
+            "gymnasium.pprint_registry(); ids of optional families (MuJoCo, Atari, Box2D) "
+            "need their extra installed, e.g. pip install 'gymnasium[mujoco]'."
+        ) from None
 
 
 def vectorization_mode_for(spec: EnvSpec) -> str:
@@ -102,6 +127,42 @@ def resolve_horizon(spec: EnvSpec, horizon: int | None, time_limit: int | None) 
     return horizon
 
 
+def resident_bytes() -> int | None:
+    """This process's resident memory in bytes (Linux ``/proc``), or None elsewhere."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+FALLBACK_LANE_BYTES = 2 << 20  # 2 MiB a lane where resident memory cannot be read
+PROBE_LANES = 16
+
+
+@functools.cache
+def lane_bytes_of(env_id: str, mode: str, make_kwargs: tuple = ()) -> int:
+    """Memory one more lane of ``env_id``'s vector env takes, measured once per id: the
+    growth of resident memory while ``PROBE_LANES`` lanes are built, over their number.
+    A lane of a simulator (a MuJoCo model and its data) costs about 1 MiB; a lane of a
+    native vector env (CartPole) a few hundred bytes. At least 4 KiB."""
+    def build(n: int) -> VectorEnv:
+        vec = gymnasium.make_vec(env_id, num_envs=n, vectorization_mode=mode, **dict(make_kwargs))
+        vec.reset(seed=0)
+        return vec
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        build(1).close()  # imports and one-time set-up are not a lane's cost
+        before = resident_bytes()
+        vec = build(PROBE_LANES)
+        after = resident_bytes()
+        vec.close()
+    if before is None or after is None:
+        return FALLBACK_LANE_BYTES
+    return max((after - before) // PROBE_LANES, 4096)
+
+
 class GymVectorEnv:
     """Any Gymnasium environment id as a ``BatchedEnv``: N seeded episodes on torch tensors.
 
@@ -137,6 +198,13 @@ class GymVectorEnv:
     def __repr__(self) -> str:
         return (f"GymVectorEnv({self.name!r}, horizon={self.horizon}, gamma={self.gamma}, "
                 f"objective={self.objective!r}, mode={self.vectorization_mode!r})")
+
+    @property
+    def lane_bytes(self) -> int:
+        """Memory of one lane of this env's vector env (``lane_bytes_of``): what bounds
+        how many lanes a Monte Carlo reference runs at once (``pgvar.reference``)."""
+        return lane_bytes_of(self.spec.id, self.vectorization_mode,
+                             tuple(sorted(self.make_kwargs.items())))
 
     # -- BatchedEnv -------------------------------------------------------------------
 
