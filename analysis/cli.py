@@ -1,4 +1,5 @@
-"""``pgvar-analyze SWEEP_DIR [SWEEP_DIR ...] --out DIR``: the table and figures of sweeps."""
+"""``pgvar-analyze SWEEP_DIR [SWEEP_DIR ...] [--out DIR]``: the table and figures of sweeps
+(into ``DIR``, by default ``analysis/`` inside the first sweep directory)."""
 
 from __future__ import annotations
 
@@ -22,8 +23,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "learning-curve aggregates and figures into DIR.")
     parser.add_argument("sweeps", nargs="+", type=Path, metavar="SWEEP_DIR",
                         help="Hydra sweep (or single run) directories; searched recursively")
-    parser.add_argument("--out", type=Path, required=True, metavar="DIR",
-                        help="output directory (created if needed)")
+    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
+                        help="output directory, created if needed (default: SWEEP_DIR/analysis "
+                             "of the first sweep directory)")
     parser.add_argument("--steps", choices=STEP_CHOICES, default="all",
                         help="which measured iterations feed the table: 'all' (default: every "
                              "measured iteration, averaged within each run), 'first' (every "
@@ -33,10 +35,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def default_out(first_sweep: Path) -> Path:
+    """``analysis/`` inside the first sweep directory: beside the runs it describes."""
+    return first_sweep / "analysis"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the analysis; exit 2 with a message when a path is missing or holds no runs,
     or when ``--out`` cannot be written."""
     args = parse_args(argv)
+    if args.out is None:
+        args.out = default_out(args.sweeps[0])
     problem = output_dir_problem(args.out, "--out")
     if problem:
         print(f"pgvar-analyze: error: {problem}", file=sys.stderr)

@@ -185,6 +185,15 @@ def test_cli_reports_skipped_runs_and_still_writes_the_table(tmp_path, capsys):
     assert len(skipped) == 8
 
 
+def test_cli_without_out_writes_beside_the_runs(tmp_path, capsys):
+    _broken_sweep(tmp_path / "sweep")
+    assert analyze_main([str(tmp_path / "sweep"), "--no-figures"]) == 0
+    assert (tmp_path / "sweep" / "analysis" / "table.md").exists()
+    # a second call reads the same runs: the analysis folder holds no run of its own
+    assert analyze_main([str(tmp_path / "sweep"), "--no-figures"]) == 0
+    assert "table" in capsys.readouterr().out
+
+
 def test_empty_directory_is_refused(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     with pytest.raises(LoadError, match="no runs found"):
