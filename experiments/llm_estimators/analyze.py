@@ -27,9 +27,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from analysis.experiment import format_ci, write_inconclusive, write_sections_csv
+from analysis.experiment import sections_frame, write_inconclusive
 from analysis.figures import PANEL_HEIGHT, PAPER_WIDTH, apply_theme, save_figure
 from analysis.loader import measured_rows
+from analysis.render import format_ci
 from analysis.stats import mean_ci
 
 NAME = "llm_estimators"
@@ -475,8 +476,8 @@ def analyze(frame: pd.DataFrame, out: Path, preset: str) -> str:
                 ("(5) k3 in the loss is biased for ∇(J − βKL), k1 in the reward is not",
                  *claim_kl(kl)),
                 ("(6) learning curves with expected length", v6, s6)]
-    write_sections_csv(out / "result.csv", direction=direction, prompt_weights=weight_summary,
-                       group_size=group, kl=kl, training=final)
+    sections_frame(direction=direction, prompt_weights=weight_summary, group_size=group, kl=kl,
+                   training=final).to_csv(out / "result.csv", index=False)
     lines = [f"# {TITLE} ({preset} preset)", "",
              "## Per estimator at random initial policies (G = 4, 16 completions per batch)", "",
              *direction_markdown(direction), "", "## Prompt weights (table policy)", "",
