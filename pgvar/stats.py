@@ -267,7 +267,7 @@ def squared_bias_variance(G, g_ref, se_ref2: float = 0.0, ref_var=None) -> float
 
     Near zero bias the floor leaves this SE ~1.5x too large in variance, which made
     U -/+ 1.96 SE a ~99% interval and the verdict blind; the interval is therefore the
-    score interval (``squared_bias_interval``) and this SE is what pooling across
+    score interval (``measurement_bias_interval``) and this SE is what pooling across
     measurements uses (its expectation is right; the comparison table pools it).
     """
     G = as_matrix(G)
@@ -441,7 +441,7 @@ def _root(fn, centre: float, span: float) -> float:
     return float(brentq(fn, lo, hi, xtol=span * 1e-10))
 
 
-def squared_bias_interval(G, g_ref, se_ref2: float = 0.0, ref_var=None,
+def measurement_bias_interval(G, g_ref, se_ref2: float = 0.0, ref_var=None,
                           level: float = 0.95, se: float | None = None,
                           tail: float | None = None) -> tuple[float, float]:
     """The 95% interval of the squared bias on its own scale (it may extend below 0).
@@ -581,7 +581,7 @@ def gradient_stats(G, g_ref, se_ref2: float = 0.0, ref_var=None) -> GradStats:
     u = squared_bias_estimate(G, g_ref, se_ref2)
     u_se = math.sqrt(squared_bias_variance(G, g_ref, se_ref2, ref_var))
     tail = tail_index(G)
-    lo, hi = squared_bias_interval(G, g_ref, se_ref2, ref_var, se=u_se, tail=tail)
+    lo, hi = measurement_bias_interval(G, g_ref, se_ref2, ref_var, se=u_se, tail=tail)
     bias = sqrt_clipped(u)
     var_lo, var_hi = variance_interval(G, tail=tail)
     return GradStats(
