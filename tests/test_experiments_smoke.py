@@ -40,4 +40,7 @@ def test_smoke_preset_writes_a_verdict_and_figures(name: str, tmp_path: Path) ->
     assert "Verdict" in text
     assert (out / "result.csv").exists()
     assert list((out / "figures").glob(f"{name}_*.png")), "the experiment wrote no figure"
-    assert proc.stdout.strip().splitlines()[-1].endswith("table.md")
+    # the last line names the main result: the table, or a simulation's own result.md
+    simulation = "kind: simulation" in (REPO / "experiments" / name / "sweep.yaml").read_text()
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.endswith("result.md" if simulation else "table.md"), last
