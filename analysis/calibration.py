@@ -34,6 +34,7 @@ from scipy import stats as sst
 
 from analysis.stats import mean_with_known_se
 from pgvar import make_env, make_policy
+from pgvar.envs.base import is_exact
 from pgvar.estimators import estimate_gradients
 from pgvar.reference import reference_gradient
 from pgvar.rollout import rollout
@@ -108,15 +109,9 @@ def draw_pool(case: Case, n_batches: int, seed: int, truth_episodes: int = 200_0
     G = torch.cat(G)
     G_base = torch.cat(G_base) if with_base else G
     exact = reference_gradient(env, policy, method="auto", **(
-        {} if _exact_env(env) else {"n_episodes": truth_episodes, "seed": seed + 7}))
+        {} if is_exact(env) else {"n_episodes": truth_episodes, "seed": seed + 7}))
     var_a, var_b = _trace_cov(G), _trace_cov(G_base)
     return Pool(G, G_base, exact.grad.double(), float(exact.se2), var_a, var_a / var_b)
-
-
-def _exact_env(env) -> bool:
-    from pgvar.envs.base import is_exact
-
-    return is_exact(env)
 
 
 def _trace_cov(G: torch.Tensor) -> float:
