@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 
+import numpy as np
+
 
 def format_ci(value: float, lo: float, hi: float, digits: int = 3, missing: str = "n/a",
               style: str = "g", sign: bool = False) -> str:
@@ -36,3 +38,28 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> l
     """The lines of a markdown table: the header, its rule, one line per row."""
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     return lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+
+
+# --- added for gae_lambda/llm/calibration
+
+
+def estimates_table(frame, columns: dict[str, str | tuple[str, int]], digits: int = 3,
+                    **style) -> list[str]:
+    """A markdown table of ``frame``'s rows, one column per ``header: name`` (or ``header:
+    (name, digits)``) of ``columns``: ``format_columns`` where ``name_lo``/``name_hi`` exist
+    beside ``name``, else the value (floats to ``digits`` significant digits, booleans as
+    yes/no); ``(no data)`` for an empty frame."""
+    if len(frame) == 0:
+        return ["(no data)"]
+
+    def cell(row, spec: str | tuple[str, int]) -> str:
+        name, places = spec if isinstance(spec, tuple) else (spec, digits)
+        if f"{name}_lo" in row and f"{name}_hi" in row:
+            return format_columns(row, name, places, **style)
+        value = row[name]
+        if isinstance(value, (bool, np.bool_)):
+            return yes_no(bool(value))
+        return f"{value:.{places}g}" if isinstance(value, float) else str(value)
+
+    return markdown_table(list(columns), [[cell(row, spec) for spec in columns.values()]
+                                          for _, row in frame.iterrows()])
