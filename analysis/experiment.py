@@ -475,10 +475,11 @@ def _slope(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
 
 
 def plot_estimate_panels(panels: list[dict], out_dir: Path, name: str, ncols: int = 3) -> list[Path]:
-    """A grid of panels, each a line per group with 95% error bars: a panel is a dict of
+    """A grid of panels, each a line per group with its 95% interval: a panel is a dict of
     ``frame``, ``x``, ``y`` (with ``y_lo``/``y_hi`` columns), ``by`` (the lines) and
-    optionally ``title``, ``ylabel``, ``log`` (both axes), ``band`` (a shaded (lo, hi)
-    target) and ``ylim``; one legend below. Saved with ``analysis.figures.save_figure``."""
+    optionally ``title``, ``ylabel``, ``xscale``/``yscale``, ``band`` (a shaded (lo, hi)
+    target) and ``ylim``. Error bars, or a shaded band for lines of over 30 points; one
+    colour per group across panels, one legend below; ``analysis.figures.save_figure``."""
     import matplotlib.pyplot as plt
 
     from analysis.figures import PANEL_HEIGHT, PAPER_WIDTH, error_bars, save_figure
@@ -494,11 +495,18 @@ def plot_estimate_panels(panels: list[dict], out_dir: Path, name: str, ncols: in
         for key, g in p["frame"].groupby(p["by"], sort=False) if len(p["frame"]) else []:
             g = g.sort_values(p["x"])
             colour = f"C{list(labels).index(key) if key in labels else len(labels)}"
-            labels[key] = ax.errorbar(g[p["x"]], g[p["y"]], yerr=error_bars(g, p["y"]), marker="o",
-                                      ms=2.5, capsize=2, lw=1, color=colour, label=str(key))
+            if len(g) > 30:
+                labels[key], = ax.plot(g[p["x"]], g[p["y"]], color=colour, lw=1, label=str(key))
+                ax.fill_between(g[p["x"]], g[f"{p['y']}_lo"], g[f"{p['y']}_hi"], color=colour,
+                                alpha=0.2, lw=0)
+            else:
+                labels[key] = ax.errorbar(g[p["x"]], g[p["y"]], yerr=error_bars(g, p["y"]),
+                                          marker="o", ms=2.5, capsize=2, lw=1, color=colour,
+                                          label=str(key))
         ax.set(xlabel=p["x"], ylabel=p.get("ylabel", p["y"]), title=p.get("title", ""),
-               **({"xscale": "log", "yscale": "log"} if p.get("log") else {}),
-               **({"ylim": p["ylim"]} if "ylim" in p else {}))
+               **{k: p[k] for k in ("xscale", "yscale", "ylim") if k in p})
+        if len(p["frame"]) and not pd.api.types.is_numeric_dtype(p["frame"][p["x"]]):
+            ax.tick_params(axis="x", labelrotation=35)
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
     fig.legend(list(labels.values()), [str(k) for k in labels], loc="lower center",

@@ -75,7 +75,7 @@ def test_synthetic_trends_and_argmin_are_recovered(tmp_path):
     assert "| lqr: variance rises as λ grows | tested | **confirmed** |" in text
     assert "| lqr: GAE(λ=1) is unbiased | tested | **confirmed** |" in text
     assert "Verdict: qualified" in text
-    assert (tmp_path / "out" / "figures" / "gae_lambda.png").exists()
+    assert (tmp_path / "out" / "figures" / "gae_lambda_bias_variance.png").exists()
 
 
 def test_variance_falling_with_lambda_is_refuted(tmp_path):

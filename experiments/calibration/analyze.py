@@ -115,7 +115,7 @@ def plot_coverage(table: pd.DataFrame, fig_dir: Path) -> list[Path]:
         lambda r: " (exact ∇J)" if r == "exact" else " (Monte Carlo ∇J)"))
     band = (cal.NOMINAL - cal.TOLERANCE, cal.NOMINAL + cal.TOLERANCE)
     panels = [{"frame": sub, "x": "M", "y": f"{name}_coverage", "by": "bias", "title": panel,
-               "ylabel": f"coverage: {title}", "band": band, "ylim": (0.6, 1.005)}
+               "ylabel": f"coverage: {title}", "band": band, "ylim": (0.6, 1.005), "xscale": "log"}
               for name, title in INTERVALS.items() for panel, sub in table.groupby("panel", sort=False)]
     return ex.plot_estimate_panels(panels, fig_dir, "calibration_coverage",
                                    ncols=table["panel"].nunique())

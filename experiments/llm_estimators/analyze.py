@@ -227,7 +227,7 @@ def claim_training(final: pd.DataFrame, start: pd.DataFrame) -> list[ex.ClaimVer
 
 
 def analyze(frame: pd.DataFrame, out: Path, preset: str) -> str:
-    """Write result.md, result.csv and figures/llm_estimators.png into ``out``."""
+    """Write result.md, result.csv and figures/llm_estimators_overview.png into ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if frame.empty or "exact_J" not in frame.columns:
@@ -276,11 +276,11 @@ def analyze(frame: pd.DataFrame, out: Path, preset: str) -> str:
          "ylabel": "cos(E ĝ, ∇J), Monte Carlo"},
         {"frame": direction, "x": "estimator", "y": "mc_length_bias", "by": "policy",
          "ylabel": "length bias, Monte Carlo"},
-        {"frame": weights, "x": "G", "y": "slope", "by": "setting",
+        {"frame": weights[weights["setting"] == STD_ONLY], "x": "G", "y": "slope", "by": "setting",
          "ylabel": "slope: log weight on log(1/std)"},
-        {"frame": group, "x": "G", "y": "sf_mse", "by": "estimator", "log": True,
+        {"frame": group, "x": "G", "y": "sf_mse", "by": "estimator", "yscale": "log",
          "ylabel": "scale-free relative MSE"},
         {"frame": curves, "x": "step", "y": "exact_J", "by": "estimator"},
         {"frame": kl, "x": "step", "y": "exact_rel_bias", "by": "kl_mode",
-         "ylabel": "rel. bias against ∇(J − βKL)"}], out / "figures", "llm_estimators")
+         "ylabel": "rel. bias against ∇(J − βKL)"}], out / "figures", "llm_estimators_overview")
     return text
