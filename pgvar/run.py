@@ -269,17 +269,29 @@ def initial_policy(env, run_cfg: RunConfig):
     return build_policy(env, run_cfg.policy, derive_seed(run_cfg.seed, "policy"))
 
 
+def env_schema_of(env_name: str | None) -> type:
+    """The config schema of an environment name: its own (tabular, lqr, gym, ...), or the
+    named-Gymnasium one for pgvar's short Gymnasium names (cartpole, pendulum)."""
+    from pgvar.config import ENV_SCHEMAS, NamedGymEnvConfig
+    from pgvar.envs.registry import available_envs
+
+    if env_name in ENV_SCHEMAS:
+        return ENV_SCHEMAS[env_name]
+    if env_name in available_envs():
+        return NamedGymEnvConfig
+    raise ConfigError(f"env.name={env_name!r} is not one of {available_envs()}")
+
+
 def run_config_from(config: Mapping[str, Any]) -> RunConfig:
     """A typed ``RunConfig`` from a run's resolved config (``run.json``'s ``config``, or
     part of it): the given values over the schema defaults of its environment."""
-    from pgvar.config import ENV_SCHEMAS, EstimatorSettings, PolicySettings, to_run_config
+    from pgvar.config import EstimatorSettings, PolicySettings, to_run_config
 
     env_name = (config.get("env") or {}).get("name")
-    if env_name not in ENV_SCHEMAS:
-        raise ConfigError(f"env.name={env_name!r} is not one of {sorted(ENV_SCHEMAS)}")
+    schema = env_schema_of(env_name)
     # the estimator does not shape a run's environment or initial policy: a config that
     # names none gets a placeholder, so that a partial config (env, policy, seed) suffices
-    base = RunConfig(env=ENV_SCHEMAS[env_name](), estimator=EstimatorSettings(name="reinforce"),
+    base = RunConfig(env=schema(), estimator=EstimatorSettings(name="reinforce"),
                      policy=PolicySettings())
     return to_run_config(OmegaConf.merge(OmegaConf.structured(base), dict(config)))
 
