@@ -251,36 +251,28 @@ def analyze(frame: pd.DataFrame, out: Path, preset: str) -> str:
              "rel. bias exact ‖E ĝ − ∇J‖/‖∇J‖": "exact_rel_bias",
              "length bias exact": "exact_length_bias", "length bias MC": "mc_length_bias",
              "rel. variance": "grad_rel_variance", "bias distinguishable": "bias_distinguishable"}
-    sections = [("Per estimator at random initial policies (G = 4, 16 completions per batch)",
-                 direction, heads),
-                ("Prompt weights (table policy)", weights, ["setting", "estimator", "G", "points",
-                                                            "weight_min", "weight_max", "slope",
-                                                            "corr_with_gap"]),
-                ("Group size at 16 completions per batch", group, [
-                    "estimator", "G", "prompts_per_batch", "runs", "grad_rel_variance", "rel_mse",
-                    "sf_mse"]),
-                ("KL penalty (beta = 0.2): bias against ∇(J − βKL)", kl, [
-                    "kl_mode", "step", "runs", "exact_kl", "exact_rel_bias", "grad_rel_bias",
-                    "bias_distinguishable"]),
-                ("Training (final update)", final, ["estimator", "step", "runs", "exact_J",
-                                                     "exact_length"])]
+    sections = [
+        ("Per estimator at random initial policies (G = 4, 16 per batch)", direction, heads),
+        ("Prompt weights (table policy)", weights,
+         "setting estimator G points weight_min weight_max slope corr_with_gap"),
+        ("Group size at 16 completions per batch", group,
+         "estimator G prompts_per_batch runs grad_rel_variance rel_mse sf_mse"),
+        ("KL penalty (beta = 0.2): bias against ∇(J − βKL)", kl,
+         "kl_mode step runs exact_kl exact_rel_bias grad_rel_bias bias_distinguishable"),
+        ("Training (final update)", final, "estimator step runs exact_J exact_length")]
     text = "\n".join([f"# {TITLE} ({preset} preset)", "", *(
-        line for head, table, cols in sections for line in [
-            f"## {head}", "", *estimates_table(table, cols if isinstance(cols, dict)
-                                               else {c: c for c in cols}), ""]),
+        line for head, table, cols in sections for line in [f"## {head}", "", *estimates_table(
+            table, cols if isinstance(cols, dict) else {c: c for c in cols.split()}), ""]),
         "## Verdicts (only tested parts make the headline)", "",
         *ex.claim_verdict_lines(parts), "", ex.tested_headline(parts).line(), ""])
     (out / "result.md").write_text(text)
-    ex.plot_estimate_panels([
-        {"frame": direction, "x": "estimator", "y": "mc_cos", "by": "policy",
-         "ylabel": "cos(E ĝ, ∇J), Monte Carlo"},
-        {"frame": direction, "x": "estimator", "y": "mc_length_bias", "by": "policy",
-         "ylabel": "length bias, Monte Carlo"},
-        {"frame": weights[weights["setting"] == STD_ONLY], "x": "G", "y": "slope", "by": "setting",
-         "ylabel": "slope: log weight on log(1/std)"},
-        {"frame": group, "x": "G", "y": "sf_mse", "by": "estimator", "yscale": "log",
-         "ylabel": "scale-free relative MSE"},
-        {"frame": curves, "x": "step", "y": "exact_J", "by": "estimator"},
-        {"frame": kl, "x": "step", "y": "exact_rel_bias", "by": "kl_mode",
-         "ylabel": "rel. bias against ∇(J − βKL)"}], out / "figures", "llm_estimators_overview")
+    ex.plot_estimate_panels([{"frame": frame, "x": x, "y": y, "by": by, **more} for frame, x, y, by, more in [
+        (direction, "estimator", "mc_cos", "policy", {"ylabel": "cos(E ĝ, ∇J), Monte Carlo"}),
+        (direction, "estimator", "mc_length_bias", "policy", {"ylabel": "length bias, MC"}),
+        (weights[weights["setting"] == STD_ONLY] if len(weights) else weights, "G", "slope",
+         "setting", {"ylabel": "slope: log weight on log(1/std)"}),
+        (group, "G", "sf_mse", "estimator", {"yscale": "log", "ylabel": "scale-free rel. MSE"}),
+        (curves, "step", "exact_J", "estimator", {}),
+        (kl, "step", "exact_rel_bias", "kl_mode", {"ylabel": "rel. bias against ∇(J − βKL)"})]],
+        out / "figures", "llm_estimators_overview")
     return text
