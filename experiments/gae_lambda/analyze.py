@@ -53,16 +53,14 @@ def per_run(rows: pd.DataFrame) -> pd.DataFrame:
                            "training.batch_size", np.nan),
                        reference=np.where(exact, "exact ∇J", "MC " + ref))
     step = rows["step"].astype(int).astype(str)
-    parts = [rows[rows["step"] >= MIN_STEP].assign(level=POOLED),
-             rows.assign(level=step, run_dir=rows["run_dir"].astype(str) + "@" + step)]
-    return pd.concat([one_line_per_run(p) for p in parts if len(p)], ignore_index=True)
-
-
-def one_line_per_run(rows: pd.DataFrame) -> pd.DataFrame:
-    groups = rows.groupby("run_dir", sort=False)
-    labels = groups[["env", "lam", "level", "reference", "batch_size"]].first()
-    means = groups[["grad_rel_mse", "critic_fit_loss", "ref_rel_se"]].mean()
-    return per_run_values(rows).join(labels).join(means).reset_index()
+    out = []
+    for part in (rows[rows["step"] >= MIN_STEP].assign(level=POOLED),
+                 rows.assign(level=step, run_dir=rows["run_dir"].astype(str) + "@" + step)):
+        groups = part.groupby("run_dir", sort=False)
+        out.append(per_run_values(part).join(groups[["env", "lam", "level", "reference",
+                                                     "batch_size"]].first()).join(groups[[
+            "grad_rel_mse", "critic_fit_loss", "ref_rel_se"]].mean()).reset_index())
+    return pd.concat(out, ignore_index=True)
 
 
 def lambda_table(runs: pd.DataFrame) -> pd.DataFrame:
