@@ -400,7 +400,8 @@ def bias_model(G, g_ref, se_ref2: float = 0.0, ref_var=None) -> BiasModel:
     tr_s = trace_variance(G)
     if not (math.isfinite(tr_s2) and tr_s2 > 0):
         tr_s2 = tr_s ** 2  # one direction: the widest the degenerate part can be
-    nu = min(max(tr_s ** 2 / tr_s2, 1.0), float(G.shape[1]))
+    # every estimate equal (e.g. all exactly zero on a sparse reward): no spread, nu = 1
+    nu = min(max(tr_s ** 2 / tr_s2, 1.0), float(G.shape[1])) if tr_s2 > 0 else 1.0
     kappa = linear_part_coefficient(d, u)
     v0 = 2.0 * tr_s2 / (M * (M - 1)) + 2.0 * float(se_ref2) ** 2
     slope = 4.0 * kappa / M + 4.0 * reference_spread_along(d.mean(0), float(se_ref2), ref_var)

@@ -294,3 +294,12 @@ def test_noisy_reference_is_removed_from_the_bias_and_kept_conservative():
         mean_se[use_ref_var] = np.sqrt(var_hat).mean()
     assert mean_se[True] < mean_se[False]  # the per-coordinate bound is the tighter one
     assert stats[0].ref_se == pytest.approx(math.sqrt(0.3 ** 2 + 7 * 0.1 ** 2))
+
+
+def test_all_equal_estimates_give_stats_not_a_division_by_zero():
+    """Every batch exactly zero (a sparse reward no episode reached): zero variance, the
+    whole reference is bias, and no ZeroDivisionError from the bias interval."""
+    g_ref = torch.tensor([1e-5, 0.0, 0.0, 2e-5], dtype=torch.float64)
+    stats = gradient_stats(torch.zeros(64, 4, dtype=torch.float64), g_ref)
+    assert stats.grad_variance == 0.0 and stats.zero_grad_fraction == 1.0
+    assert stats.grad_bias_sq == pytest.approx(float(g_ref @ g_ref))
