@@ -2,12 +2,13 @@
 
 One measurement per run (``reinforce_rtg``, ``rloo``, ``mean_baseline`` at several B, exact
 reference); a *replicate* is one (env, instance = ``env.seed``, seed) measured at every B.
-Variance: the exponent k of Var ~ B^k, fitted to the replicate-mean scaled variance with
-a bootstrap over replicates (-1 for i.i.d. terms); RLOO is a U-statistic of order 2 with
-``Var = (4 (B-2) zeta_1 + 2 zeta_2) / (B (B-1))`` (its excess r = zeta_2/(2 zeta_1) is
-fitted). Bias: the de-noised relative squared bias per B and the coefficient c^2 of
-U_rel = c^2/B^2; the batch mean has E g = (1 - 1/B) grad J (c = 1, Var ratio to RLOO
-(1 - 1/B)^2), RLOO c = 0.
+Tested: the exponent k of Var ~ B^k of reward-to-go (a mean of i.i.d. terms: -1), fitted
+to the replicate-mean scaled variance with a bootstrap over replicates; and RLOO against
+its own law: an order-2 U-statistic (Hoeffding) has ``Var = (4 (B-2) zeta_1 + 2 zeta_2) /
+(B (B-1))``, whose two constants, solved from the smallest and largest B, predict every B
+between. By construction (algebra of the estimators, shown as sanity checks): the batch
+mean's E g = (1 - 1/B) grad J (relative bias c/B, c^2 = 1), its variance (1 - 1/B)^2 times
+RLOO's, and RLOO's zero bias.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.experiment import (
-    Experiment, bias_columns, bootstrap_rows, check, checks_verdict, estimate_columns,
+    BY_CONSTRUCTION, Experiment, bias_columns, bootstrap_rows, check, checks_verdict, estimate_columns,
     first_measurements, instance_column)
 from analysis.figures import PANEL_HEIGHT, PAPER_WIDTH, error_bars, legend_below, save_figure
 from analysis.render import checks_table, format_columns, frame_table, yes_no
@@ -80,6 +81,21 @@ def ustat_curve(bs: np.ndarray, r: float) -> np.ndarray:
     return m / m[-1]
 
 
+def ustat_prediction_gap(bs: np.ndarray, w: np.ndarray) -> float:
+    """Mean over the inner B of log(measured / predicted) replicate-mean variance, the
+    prediction the U-statistic law with zeta_1, zeta_2 solved from the smallest and the
+    largest B (``V(B) B (B-1) = 4 (B-2) zeta_1 + 2 zeta_2``): 0 when the law holds; NaN
+    without an inner B."""
+    v = w.mean(axis=0)
+    ends = [0, -1]
+    if bs.size < 3:
+        return math.nan
+    z1, z2 = np.linalg.solve(np.column_stack([4 * (bs[ends] - 2), 2 * np.ones(2)]),
+                             v[ends] * bs[ends] * (bs[ends] - 1))
+    predicted = (4 * (bs - 2) * z1 + 2 * z2) / (bs * (bs - 1))
+    return float(np.mean(np.log(v[1:-1] / predicted[1:-1])))
+
+
 def normalised_curve(bs: np.ndarray, w: np.ndarray) -> np.ndarray:
     """B mean V(B) / (B_max mean V(B_max)): 1 at every B under an exact 1/B law."""
     m = bs * w.mean(axis=0)
@@ -132,11 +148,11 @@ def exponents(rows: pd.DataFrame) -> pd.DataFrame:
     for (env, est), g in rows.groupby(["env", "estimator"], sort=False):
         bs, w = variance_matrix(g)
         fits = {"k": lambda x: pooled_exponent(bs, x), "k_large": lambda x: pooled_exponent(bs, x, LARGE_B),
-                "ustat_r": lambda x: ustat_excess(bs, x)}
-        record = {"env": env, "estimator": est, "n_replicates": w.shape[0],
-                  **estimate_columns("ustat_r", NAN_ESTIMATE)}  # the batch mean: not a U-statistic law
-        if est == MEAN:
-            fits.pop("ustat_r")
+                "ustat_r": lambda x: ustat_excess(bs, x), "ustat_gap": lambda x: ustat_prediction_gap(bs, x)}
+        record = {"env": env, "estimator": est, "n_replicates": w.shape[0],  # the batch mean: no U law
+                  **estimate_columns("ustat_r", NAN_ESTIMATE), **estimate_columns("ustat_gap", NAN_ESTIMATE)}
+        for name in ("ustat_r", "ustat_gap") if est == MEAN else ():
+            fits.pop(name)
         for name, fit in fits.items():
             value, lo, hi = bootstrap_rows(w, fit)
             record.update({name: value[0], f"{name}_lo": lo[0], f"{name}_hi": hi[0]})
@@ -151,24 +167,31 @@ def _decided(flag: bool | None, n: int) -> bool | None:
 
 
 def checks(exps: pd.DataFrame, by_b: pd.DataFrame) -> pd.DataFrame:
-    """Each testable statement per environment: pass, fail or None (undecided)."""
+    """Each statement per environment: pass, fail or None (undecided), and its class."""
     records = []
     for env, e in exps.groupby("env", sort=False):
         e = e.set_index("estimator")
-        for est in (RTG, RLOO):
-            r = e.loc[est]
-            records.append(check(env, f"Var({est}) ~ 1/B: k = -1 in the interval",
-                                 _decided(r["k_lo"] <= -1 <= r["k_hi"] if np.isfinite(r["k_lo"]) else None,
-                                          r["n_replicates"]), f"k = {format_columns(r, 'k')}"))
+        r, u = e.loc[RTG], e.loc[RLOO]
+        records.append(check(env, f"Var({RTG}) ~ 1/B: k = -1 in the interval",
+                             _decided(r["k_lo"] <= -1 <= r["k_hi"] if np.isfinite(r["k_lo"]) else None,
+                                      r["n_replicates"]), f"k = {format_columns(r, 'k')}"))
+        records.append(check(env, "Var(rloo) follows its U-statistic law: the law through the smallest "
+                                  "and largest B predicts the others (mean log gap 0 in the interval)",
+                             _decided(u["ustat_gap_lo"] <= 0 <= u["ustat_gap_hi"] if np.isfinite(u["ustat_gap_lo"])
+                                      else None, u["n_replicates"]), f"gap = {format_columns(u, 'ustat_gap')}"))
         for est, statement, c2 in ((MEAN, "mean_baseline relative bias = c/B with c² = 1 (fit over all B)", 1.0),
                                    (RLOO, "rloo bias not distinguishable: c² (fit over all B) not above 0", 0.0)):
             r = e.loc[est]
             ok = (r["c2_lo"] <= c2 <= r["c2_hi"] if c2 else r["c2_lo"] <= 0) if np.isfinite(r["c2_lo"]) else None
-            records.append(check(env, statement, _decided(ok, r["n_replicates"]), f"c² = {format_columns(r, 'c2')}"))
-        m = by_b[(by_b["env"] == env) & (by_b["estimator"] == MEAN)].sort_values("B").iloc[0]
-        records.append(check(env, f"mean_baseline bias distinguishable at B={m['B']}",
-                             _decided(m["bias_distinguishable"], m["n_replicates"]),
-                             f"rel. bias {format_columns(m, 'rel_bias')}"))
+            records.append(check(env, statement, _decided(ok, r["n_replicates"]),
+                                 f"c² = {format_columns(r, 'c2')}", BY_CONSTRUCTION))
+        m = by_b[(by_b["env"] == env) & (by_b["estimator"] == MEAN)].sort_values("B")
+        records.append(check(env, f"mean_baseline bias distinguishable at B={m['B'].iloc[0]}",
+                             _decided(m["bias_distinguishable"].iloc[0], m["n_replicates"].iloc[0]),
+                             f"rel. bias {format_columns(m.iloc[0], 'rel_bias')}", BY_CONSTRUCTION))
+        gap = (m["var_ratio_mean_rloo"] / (1 - 1 / m["B"]) ** 2 - 1).abs().max()
+        records.append(check(env, "Var(mean)/Var(rloo) = (1 − 1/B)² at every B", gap < 1e-6,
+                             f"largest relative gap {gap:.1e}", BY_CONSTRUCTION))
     return pd.DataFrame.from_records(records)
 
 
@@ -183,9 +206,10 @@ def verdict(s: dict) -> object:
     """From the checks (``checks_verdict``), with the exponents and the bias at B = 2."""
     parts = []
     for env, e in s["exps"].groupby("env", sort=False):
-        ks = ", ".join(f"k({r['estimator']}) = {format_columns(r, 'k')} (B ≥ {LARGE_B}: "
-                       f"{format_columns(r, 'k_large')}; B=2 excess r = {format_columns(r, 'ustat_r')})"
-                       for _, r in e.iterrows() if r["estimator"] != MEAN)
+        r, u = e.set_index("estimator").loc[RTG], e.set_index("estimator").loc[RLOO]
+        ks = (f"k({RTG}) = {format_columns(r, 'k')}, rloo's gap to its U-statistic law "
+              f"{format_columns(u, 'ustat_gap')} (B=2 excess r = {format_columns(u, 'ustat_r')}, "
+              f"k = {format_columns(u, 'k')})")
         m = s["by_b"][(s["by_b"]["env"] == env) & (s["by_b"]["estimator"] == MEAN)].iloc[0]
         parts.append(f"{env}: {ks}, mean_baseline rel. bias at B={m['B']} "
                      f"{format_columns(m, 'rel_bias')} (theory {1 / m['B']:.3g})")
@@ -203,9 +227,12 @@ def render(s: dict, verdict, preset: str) -> str:
         "(env instance, run seed) measured at every B; 95% bootstrap intervals across replicates. "
         "k: slope of log tr Cov on log B of the replicate-mean scaled variance; r = ζ₂/(2ζ₁): the "
         "excess at B = 2 of the U-statistic law Var(B) = (4(B−2)ζ₁ + 2ζ₂)/(B(B−1)); c²: fit of the "
-        "relative squared bias by c²/B² per replicate, averaged.", "",
+        "relative squared bias by c²/B² per replicate, averaged. Gap to the U law: mean over the "
+        "inner B of log(measured / predicted) variance, the law's ζ₁, ζ₂ solved from the "
+        "smallest and largest B (0 when RLOO follows its law).", "",
         *frame_table(exps, {"env": "env", "estimator": "estimator", "replicates": "n_replicates",
                             "k (all B)": "k", f"k (B ≥ {LARGE_B})": "k_large", "r = ζ₂/(2ζ₁)": "ustat_r",
+                            "gap to the U law": "ustat_gap",
                             "c²": "c2", "expected c²": lambda r: int(r["estimator"] == MEAN)}),
         "", "## Relative bias ‖E ĝ − ∇J‖ / ‖∇J‖ and variance against B", "",
         *frame_table(wide, {"env": "env", "B": "B", "mean_baseline rel. bias": f"{MEAN}_rel_bias",
@@ -216,7 +243,9 @@ def render(s: dict, verdict, preset: str) -> str:
                             "Var(mean)/Var(rloo)": f"{RLOO}_var_ratio_mean_rloo",
                             "theory (1-1/B)²": lambda r: f"{(1 - 1 / r['B']) ** 2:.3g}",
                             "B·Var(B) / (B_max·Var(B_max)), rloo": f"{RLOO}_norm_variance"}),
-        "", "## Checks", "", *checks_table(s["checks"]), "", verdict.line(), ""])
+        "", "## Checks (only `tested` ones count toward the verdict; `by construction` ones are "
+            "identities of the estimators, shown as sanity checks)", "",
+        *checks_table(s["checks"]), "", verdict.line(), ""])
 
 
 def figures(s: dict, rows: pd.DataFrame, out_dir: Path) -> list[Path]:
