@@ -3,10 +3,12 @@
 Each run measures once, for one (T, L, estimator, seed). Per (T, L, estimator) cell, seeds
 pooled: the fraction of batches with an exactly zero estimate (Clopper-Pearson interval)
 against ``(1 - p_reach)^B``, p_reach exact (J with gamma = 1, by the chain's dynamic
-programming). The prediction is a lower bound: with gamma = 1 the scores of episodes that
-reach the goal can also cancel exactly, so the excess is reported too. Also the mean norm
-of one estimate, ||grad J||, and two SNRs: the harness' ``||g_bar||^2 / tr Cov`` (floored
-near 1/M) and the exact per-batch ``||grad J||^2 / tr Cov`` (ratio of means over seeds).
+programming): an identity (a batch is zero when no episode is rewarded; with gamma = 1
+scores can also cancel, so it is a lower bound), checked by construction. Tested: the
+episodes needed for a signal-to-noise ratio of 1, ``N1 = B tr Cov / ||grad J||^2``,
+against the text's reading that signal comes only from rewarded episodes, so N1 grows as
+1/p_reach: the slope s of log N1 on log(1/p_reach) over the sparse cells, bootstrap over
+seeds, must hold 1. Also ||grad J||, the mean norm of one estimate, and two SNRs.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ import pandas as pd
 import torch
 from scipy.stats import binomtest
 
-from analysis.experiment import Experiment, Verdict, estimate_columns, first_measurements, inconclusive
-from analysis.figures import PAPER_WIDTH, error_bars, log_axis, save_figure
-from analysis.render import format_columns, frame_table
+from analysis.experiment import (
+    BY_CONSTRUCTION, Experiment, check, checks_verdict, estimate_columns, first_measurements,
+    percentile_ends, replicate_resamples)
+from analysis.figures import PAPER_WIDTH, error_bars, save_figure
+from analysis.render import checks_table, format_ci, format_columns, frame_table
 from analysis.stats import NAN_ESTIMATE, mean_ci, ratio_ci
 from pgvar.envs.registry import make_env
 
@@ -29,7 +33,8 @@ CLAIM = ("\"Sparse rewards. If reward appears only at episode termination (e.g.,
          "game), REINFORCE receives no gradient signal until an episode completes. Random "
          "exploration rarely stumbles onto rewarding trajectories, and without reward, the "
          "gradient is zero everywhere.\" (source text, *When it falls down*)")
-VANISHED = 0.9  # a zero-gradient fraction above this: the signal has all but vanished
+SPARSE = 0.1  # cells with p_reach at most this are the sparse regime the slope is fitted on
+MIN_POINTS = 3  # sparse cells (every seed with a nonzero batch) a slope needs
 
 
 def reach_probability(length: int, horizon: int, slip: float = 0.0) -> float:
@@ -79,13 +84,52 @@ def cell_summary(cell: pd.DataFrame) -> dict:
             "ref_norm": cell["ref_norm"].mean(),
             **estimate_columns("grad_norm_mean", mean_ci(cell["grad_norm_mean"].to_numpy())),
             **estimate_columns("snr", mean_ci(cell["snr"].to_numpy())),
-            **estimate_columns("exact_snr", exact_snr)}
+            **estimate_columns("exact_snr", exact_snr),
+            # episodes for SNR 1: B / SNR (its interval the inverted one)
+            "episodes_snr1": first["B"] / exact_snr.value, "episodes_snr1_lo": first["B"] / exact_snr.hi,
+            "episodes_snr1_hi": first["B"] / exact_snr.lo if exact_snr.lo > 0 else np.inf}
 
 
-def summarise(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per (T, estimator, L), sorted."""
+def sparsity_slope(runs: pd.DataFrame) -> dict:
+    """Slope s of log N1 = log(B mean tr Cov / ||grad J||^2) on log(1/p_reach) over one
+    (T, estimator)'s sparse cells with some nonzero batch, with its bootstrap over seeds
+    (the same draws for every cell; a draw of only zero batches in a cell is left out);
+    NaN below MIN_POINTS cells."""
+    wide = runs.pivot_table(index="seed", columns="L", values="grad_variance").dropna(axis=1)
+    p = pd.Series({L: reach_probability(L, runs["T"].iloc[0], runs["slip"].iloc[0]) for L in wide.columns})
+    keep = [L for L in wide.columns if 0 < p[L] <= SPARSE and wide[L].sum() > 0]
+    if len(keep) < MIN_POINTS:
+        return {"slope": np.nan, "slope_lo": np.nan, "slope_hi": np.nan, "points": len(keep)}
+    x = np.log(1 / p[keep].to_numpy())
+    ref_sq = runs.groupby("L")["ref_norm"].mean()[keep].to_numpy() ** 2
+    v = wide[keep].to_numpy()
+
+    def slope(var):  # least squares, closed form along the last axis (NaN stays NaN)
+        y = np.log(np.where(var > 0, var, np.nan) / ref_sq)
+        return ((x - x.mean()) * (y - y.mean(axis=-1, keepdims=True))).sum(-1) / ((x - x.mean()) ** 2).sum()
+    lo, hi = percentile_ends(slope(v[replicate_resamples(len(v))].mean(axis=1)), len(v))
+    return {"slope": float(slope(v.mean(axis=0))), "slope_lo": lo, "slope_hi": hi, "points": len(keep)}
+
+
+def checks(cells: pd.DataFrame, slopes: pd.DataFrame) -> pd.DataFrame:
+    """Tested: N1 ∝ 1/p_reach per (T, estimator); by construction: the zero-fraction bound."""
+    out = [check(f"T = {r['T']}, {r['estimator']}", "episodes for SNR 1 grow as 1/p_reach: slope 1 in the interval",
+                 None if np.isnan(r["slope_lo"]) else bool(r["slope_lo"] <= 1 <= r["slope_hi"]),
+                 f"s = {format_columns(r, 'slope')} over {r['points']} cells with p_reach ≤ {SPARSE}")
+           for _, r in slopes.iterrows()]
+    below = cells[cells["below_prediction"]]
+    return pd.DataFrame(out + [check("all cells", "zero-gradient fraction not below (1 − p_reach)^B", below.empty,
+                                     f"{len(below)} of {len(cells)} cells below, "
+                                     f"{int(cells['above_prediction'].sum())} above", BY_CONSTRUCTION)])
+
+
+def summarise(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """One row per (T, estimator, L), sorted; the slopes per (T, estimator); the checks."""
     runs = runs.assign(ref_sq=runs["ref_norm"] ** 2)
-    return pd.DataFrame([cell_summary(c) for _, c in runs.groupby(["T", "estimator", "L"], sort=True)])
+    cells = pd.DataFrame([cell_summary(c) for _, c in runs.groupby(["T", "estimator", "L"], sort=True)])
+    slopes = pd.DataFrame([{"T": T, "estimator": est, **sparsity_slope(g)}
+                           for (T, est), g in runs.groupby(["T", "estimator"], sort=True)])
+    return {"cells": cells, "slopes": slopes, "checks": checks(cells, slopes)}
 
 
 def main_horizon(cells: pd.DataFrame) -> int:
@@ -93,48 +137,21 @@ def main_horizon(cells: pd.DataFrame) -> int:
     return int(cells.groupby("T")["L"].nunique().idxmax())
 
 
-def verdict(cells: pd.DataFrame) -> Verdict:
-    """The verdict, from the cell table."""
+def verdict(s: dict):
+    """From the tested checks, with the zero fractions and the episodes needed for SNR 1."""
+    cells = s["cells"]
     T = main_horizon(cells)
-    est = "reinforce" if "reinforce" in set(cells["estimator"]) else cells["estimator"].iloc[0]
-    reachable = cells[(cells["T"] == T) & (cells["estimator"] == est) & (cells["p_reach"] > 0)]
-    below, above = cells[cells["below_prediction"]], cells[cells["above_prediction"]]
-    if reachable.empty:
-        return inconclusive(f"no cell at T = {T} where the goal is reachable")
-    far, low = reachable.iloc[-1], reachable.loc[reachable["zero_fraction"].idxmin()]
-    inside = int((~cells["below_prediction"] & ~cells["above_prediction"]).sum())
-    law = (f"the fraction of batches (B = {far['B']}) with an exactly zero {est} gradient "
-           f"matches (1 - p_reach)^B (prediction inside the 95% interval in {inside} of "
-           f"{len(cells)} cells, the observed fraction never below it), rising from "
-           f"{low['zero_fraction']:.3f} at distance {low['distance']} to "
-           f"{format_columns(far, 'zero_fraction', style='f')} at distance {far['distance']} "
-           f"(predicted {far['predicted_zero_fraction']:.3f}, p_reach = {far['p_reach']:.1e}, T = {T})")
-    if not below.empty:
-        w = below.iloc[0]
-        return Verdict("refuted", f"the zero-gradient fraction falls below its exact lower bound "
-                       f"(1 - p_reach)^B in {len(below)} cell(s), e.g. T = {w['T']}, L = {w['L']}: "
-                       f"{w['zero_fraction']:.3f} < {w['predicted_zero_fraction']:.3f}.")
-    if far["zero_fraction_lo"] < VANISHED or cells["seeds"].min() < 2:
-        return inconclusive(f"{law}; the farthest cell's interval does not clear {VANISHED} "
-                            "or there are too few seeds.")
-    peak = reachable.loc[reachable["ref_norm"].idxmax()]
-    measured = reachable[np.isfinite(reachable["exact_snr"])]
-    snr_peak, snr_far = measured.loc[measured["exact_snr"].idxmax()], measured.iloc[-1]
-    unmeasured = reachable[~np.isfinite(reachable["exact_snr"])]
-    all_zero = (f" (beyond it every batch was exactly zero, distance {unmeasured['distance'].min()}+)"
-                if len(unmeasured) and unmeasured["distance"].min() > snr_far["distance"] else "")
-    cancel = (f"; {len(above)} cell(s) have more zero batches than predicted: batches that "
-              "reach the goal but whose scores cancel exactly" if len(above) else "")
-    if far["ref_norm"] > 0:
-        return Verdict("qualified", f"{law}{cancel}; but the exact gradient is not zero while "
-                       f"p_reach > 0, only small: ||∇J|| = {far['ref_norm']:.1e} at distance "
-                       f"{far['distance']}, {peak['ref_norm'] / far['ref_norm']:.0f}x below its peak "
-                       f"{peak['ref_norm']:.2f} at distance {peak['distance']}, and the per-batch "
-                       f"SNR ||∇J||²/trCov falls from {snr_peak['exact_snr']:.1f} (distance "
-                       f"{snr_peak['distance']}) to {snr_far['exact_snr']:.1e} (distance "
-                       f"{snr_far['distance']}){all_zero}: the signal is rare, not absent, and "
-                       "comes back once B·p_reach ≳ 1.")
-    return Verdict("confirmed", f"{law}{cancel}")
+    main = cells[(cells["T"] == T) & (cells["estimator"] == cells["estimator"].min())]
+    far = main[np.isfinite(main["episodes_snr1"])].sort_values("distance")
+    far = far.iloc[-1] if len(far) else main.iloc[-1]
+    return checks_verdict(s["checks"], (
+        f"at T = {T} ({far['estimator']}) the fraction of batches (B = {far['B']}) with an exactly "
+        f"zero gradient rises to {format_columns(main.iloc[-1], 'zero_fraction', style='f')} at "
+        f"distance {main.iloc[-1]['distance']} (predicted {main.iloc[-1]['predicted_zero_fraction']:.3f}); "
+        f"the episodes needed for SNR 1 reach {format_columns(far, 'episodes_snr1')} at distance "
+        f"{far['distance']} (p_reach = {far['p_reach']:.1e}, 1/p_reach = {1 / far['p_reach']:.3g}); "
+        "slope of log N1 on log(1/p_reach): " + ", ".join(
+            f"T = {r['T']} {r['estimator']} {format_columns(r, 'slope')}" for _, r in s["slopes"].iterrows())))
 
 
 def _snr(value: float) -> str:
@@ -142,8 +159,9 @@ def _snr(value: float) -> str:
     return f"{value:.2g}" if np.isfinite(value) else "– (all ĝ = 0)"
 
 
-def render(cells: pd.DataFrame, verdict: Verdict, preset: str) -> str:
-    """result.md: the claim, the setup, the fixed-horizon table and the verdict."""
+def render(s: dict, verdict, preset: str) -> str:
+    """result.md: the claim, the setup, the fixed-horizon table, the checks, the verdict."""
+    cells = s["cells"]
     T = main_horizon(cells)
     main = cells[cells["T"] == T].sort_values(["estimator", "distance"])
     return "\n".join([
@@ -162,35 +180,43 @@ def render(cells: pd.DataFrame, verdict: Verdict, preset: str) -> str:
                             "‖∇J‖": lambda c: f"{c['ref_norm']:.2e}",
                             "mean ‖ĝ‖": lambda c: f"{c['grad_norm_mean']:.2e}",
                             "SNR ‖ĝ̄‖²/trCov": lambda c: _snr(c["snr"]),
-                            "SNR ‖∇J‖²/trCov": lambda c: _snr(c["exact_snr"])}), "",
+                            "SNR ‖∇J‖²/trCov": lambda c: _snr(c["exact_snr"]),
+                            "episodes for SNR 1": lambda c: format_columns(c, "episodes_snr1", 2),
+                            "1/p_reach": lambda c: f"{1 / c['p_reach']:.2g}" if c["p_reach"] > 0 else "∞"}), "",
         f"All {len(cells)} cells (every horizon) are in `result.csv`; cells whose zero fraction "
         f"lies above its prediction: {int(cells['above_prediction'].sum())}, below: "
-        f"{int(cells['below_prediction'].sum())}.", "", verdict.line(), ""])
+        f"{int(cells['below_prediction'].sum())}.", "",
+        f"Episodes for SNR 1: N1 = B·tr Cov/‖∇J‖² (ratio of means over seeds); its slope s on "
+        f"log(1/p_reach) over the cells with p_reach ≤ {SPARSE} (bootstrap over seeds):", "",
+        *frame_table(s["slopes"], {"T": "T", "estimator": "estimator", "cells": "points", "slope s": "slope"}),
+        "", "Checks (only `tested` ones count toward the verdict):", "", *checks_table(s["checks"]),
+        "", verdict.line(), ""])
 
 
-def figures(cells: pd.DataFrame, runs: pd.DataFrame, out_dir: Path) -> list[Path]:
-    """Against the distance to the goal, one line per (T, estimator): the zero-gradient
-    fraction (points, 95% CI) with its prediction (lines), and the per-batch SNR."""
+def figures(s: dict, runs: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """One line per (T, estimator): the zero-gradient fraction (points, 95% CI) with its
+    prediction (lines) against the distance, and the episodes for SNR 1 against 1/p_reach."""
+    cells = s["cells"]
     fig, (ax_zero, ax_snr) = plt.subplots(1, 2, figsize=(PAPER_WIDTH, 2.8))
     for (T, est), c in cells.groupby(["T", "estimator"]):
         line, = ax_zero.plot(c["distance"], c["predicted_zero_fraction"], lw=1, label=f"T = {T}, {est}")
         ax_zero.errorbar(c["distance"], c["zero_fraction"], yerr=error_bars(c, "zero_fraction"),
                          fmt="o", ms=3, capsize=2, color=line.get_color())
-        snr = c[np.isfinite(c["exact_snr"]) & (c["exact_snr"] > 0)]
-        ax_snr.plot(snr["distance"], snr["exact_snr"], marker="o", ms=3, color=line.get_color())
-    finite = cells["exact_snr"][np.isfinite(cells["exact_snr"]) & (cells["exact_snr"] > 0)]
-    if finite.size:
-        log_axis(ax_snr, "y", finite)
-    ax_zero.set_ylabel("fraction of batches with ĝ = 0")
-    ax_zero.set_title("zero-gradient batches and (1 − p_reach)^B")
-    ax_snr.set_ylabel("per-batch SNR  ‖∇J‖² / tr Cov[ĝ]")
-    for ax in (ax_zero, ax_snr):
-        ax.set_xlabel("distance to the reward (steps)")
+        n1 = c[np.isfinite(c["episodes_snr1"]) & (c["p_reach"] < 1)]
+        ax_snr.errorbar(1 / n1["p_reach"], n1["episodes_snr1"], yerr=error_bars(n1, "episodes_snr1"),
+                        marker="o", ms=3, capsize=2, color=line.get_color())
+    grid = np.geomspace(1, (1 / cells.loc[cells["p_reach"] > 0, "p_reach"]).max(), 20)
+    ax_snr.plot(grid, grid, color="0.4", ls="--", lw=0.8, label="N1 = 1/p_reach")
+    ax_snr.set(xscale="log", yscale="log", xlabel="1 / p_reach", ylabel="episodes for SNR 1 (95% CI)")
+    ax_zero.set(xlabel="distance to the reward (steps)", ylabel="fraction of batches with ĝ = 0",
+                title="zero-gradient batches and (1 − p_reach)^B")
     ax_zero.legend(fontsize=7, frameon=False)
     fig.tight_layout()
     return save_figure(fig, out_dir, "sparse_reward_signal")
 
 
 EXPERIMENT = Experiment("Sparse rewards: gradient signal against the distance to the reward (chain)",
-                        summarise, verdict, render, per_run=per_run_values, figures=figures)
+                        summarise, verdict, render, per_run=per_run_values, figures=figures,
+                        result_frame=lambda s: s["cells"],
+                        more_tables=lambda s: {"slopes": s["slopes"], "checks": s["checks"]})
 analyze = EXPERIMENT.analyze
