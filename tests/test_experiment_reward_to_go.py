@@ -58,7 +58,7 @@ def test_known_ratio_and_unbiasedness_are_recovered(tmp_path):
     checks = pd.read_csv(tmp_path / "out" / "checks.csv")
     assert (checks["kind"] == "tested").all() and checks["passed"].all() and len(checks) == 3
     assert "\nVerdict: confirmed — tabular: Var(rtg)/Var(full) = 0.2" in text
-    assert (tmp_path / "out" / "figures" / "reward_to_go.png").stat().st_size > 5000
+    assert (tmp_path / "out" / "figures" / "reward_to_go_pairs_bias.png").stat().st_size > 5000
 
 
 @pytest.mark.parametrize("full_bias,rtg,word", [(0.0, (0.5, 0.5), "qualified"),  # biased rtg

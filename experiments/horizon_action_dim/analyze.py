@@ -1,16 +1,10 @@
-"""Does gradient variance scale as horizon x action dimension (LQR)?
-
-Each run is one measurement at the initial policy for one (gamma, estimator, horizon T,
-action dimension d, seed), each seed its own random system, nested in d (A, m_0 and B's
-first columns the same for every d of a seed: ``env.nested_actions``). For the variance
-tr Cov, the relative variance tr Cov / ||grad J||^2, the variance per squared return
-tr Cov / J^2 (J exact at the run's initial policy) and the headline, scale-free variance
-per parameter per squared return tr Cov / (J^2 P) (P = d (n + 2) parameters), it fits
-``log y = c + a log T + b log d`` over every (T, d, seed), with 95% intervals for a and b
-from a bootstrap over seeds (whole systems). Tested: a = 1 and b = 1 on the headline
-quantity (an interval excluding 1 fails; one wider than ``MAX_CI_WIDTH`` cannot decide).
-The raw variance's exponents are mostly the scale of the return (E R^2 ~ T^2 at gamma = 1)
-and of the parameter count: reported, not tested. Also writes ``cells.csv``.
+"""Does gradient variance scale as horizon x action dimension (LQR)? One measurement per
+(gamma, estimator, horizon T, action dimension d, seed) at the initial policy; each seed a
+random system nested in d (``env.nested_actions``). Per quantity, ``log y = c + a log T +
+b log d`` is fitted over every cell with a bootstrap over seeds (whole systems). Tested:
+a = 1 and b = 1 on the scale-free tr Cov / (J^2 P) (J exact, P = d (n + 2) parameters);
+the raw variance, tr Cov / J^2 and tr Cov / ||grad J||^2 are reported, not tested (the raw
+exponents are mostly the return's scale, E R^2 ~ T^2 at gamma = 1, and P).
 """
 
 from __future__ import annotations
@@ -64,35 +58,25 @@ def exact_objective(row: pd.Series) -> float:
         return float(env.exact_objective(policy))
 
 
-def cell_means(runs: pd.DataFrame) -> pd.DataFrame:
-    """Geometric mean over seeds of each quantity per (gamma, estimator, T, d) cell."""
-    logs = runs.assign(**{q: np.log(runs[q]) for q in QUANTITIES})
-    cells = logs.groupby(["gamma", "estimator", "T", "d"], as_index=False).agg(
-        **{q: (q, "mean") for q in QUANTITIES}, J=("J", "mean"), seeds=("seed", "nunique"))
-    return cells.assign(**{q: np.exp(cells[q]) for q in QUANTITIES})
+def design(T, d) -> np.ndarray:
+    """Columns 1, log T, log d."""
+    return np.column_stack([np.ones(len(T)), np.log(T), np.log(d)])
 
 
-def design(T, d, interaction: bool = False) -> np.ndarray:
-    """Columns 1, log T, log d (and log T * log d)."""
-    cols = [np.ones(len(T)), np.log(T), np.log(d)]
-    return np.column_stack(cols + ([np.log(T) * np.log(d)] if interaction else []))
-
-
-def seed_bootstrap(group: pd.DataFrame, quantity: str, interaction: bool = False) -> tuple:
+def seed_bootstrap(group: pd.DataFrame, quantity: str) -> tuple:
     """Expanded-percentile 95% interval of the fit's coefficients when whole seeds
     (systems, with all their cells) are resampled. Least squares is additive over seeds
     in X^T X and X^T y, so a resample is a count-weighted sum: all solved at once."""
     seeds = np.array(sorted(group["seed"].unique()))
-    n_coef = 4 if interaction else 3
     if len(seeds) < 2:
-        return np.full(n_coef, np.nan), np.full(n_coef, np.nan)
+        return np.full(3, np.nan), np.full(3, np.nan)
     parts = [(X.T @ X, X.T @ np.log(g[quantity].to_numpy()))
              for g in (group[group["seed"] == s] for s in seeds)
-             for X in [design(g["T"].to_numpy(), g["d"].to_numpy(), interaction)]]
+             for X in [design(g["T"].to_numpy(), g["d"].to_numpy())]]
     counts = np.stack([np.bincount(p, minlength=len(seeds)) for p in replicate_resamples(len(seeds))])
     A = np.einsum("rs,sij->rij", counts.astype(float), np.array([p[0] for p in parts]))
     b = counts @ np.array([p[1] for p in parts])
-    ok = np.linalg.matrix_rank(A) == n_coef
+    ok = np.linalg.matrix_rank(A) == 3
     return percentile_ends(np.linalg.solve(A[ok], b[ok][..., None])[..., 0], len(seeds))
 
 
@@ -104,14 +88,11 @@ def fit_power_law(group: pd.DataFrame, quantity: str) -> dict | None:
     T, d, y = group["T"].to_numpy(), group["d"].to_numpy(), np.log(group[quantity].to_numpy())
     beta = np.linalg.lstsq(design(T, d), y, rcond=None)[0]
     lo, hi = seed_bootstrap(group, quantity)
-    inter = np.linalg.lstsq(design(T, d, True), y, rcond=None)[0][3]
-    i_lo, i_hi = seed_bootstrap(group, quantity, interaction=True)
     r2 = 1 - ((y - design(T, d) @ beta) ** 2).sum() / ((y - y.mean()) ** 2).sum()
     return {"gamma": float(group["gamma"].iloc[0]), "estimator": group["estimator"].iloc[0],
             "quantity": quantity, "quantity_label": QUANTITIES[quantity],
             "a": beta[1], "a_lo": lo[1], "a_hi": hi[1], "b": beta[2], "b_lo": lo[2], "b_hi": hi[2],
-            "c": beta[0], "interaction": inter, "interaction_lo": i_lo[3],
-            "interaction_hi": i_hi[3], "r2": r2, "n_points": len(group),
+            "c": beta[0], "r2": r2, "n_points": len(group),
             "n_seeds": int(group["seed"].nunique())}
 
 
@@ -126,20 +107,10 @@ def exponent_is_one(fit, name: str) -> bool | None:
     return True if hi - lo <= MAX_CI_WIDTH else None
 
 
-def status(fit) -> str:
-    """``holds`` (a = b = 1 precisely), ``rejected`` (an interval excludes 1) or ``unclear``."""
-    flags = [exponent_is_one(fit, "a"), exponent_is_one(fit, "b")]
-    if fit["n_seeds"] < MIN_SEEDS or not np.isfinite(fit["a_lo"]) or not np.isfinite(fit["b_lo"]):
-        return "unclear"
-    return "rejected" if False in flags else "holds" if all(flags) else "unclear"
-
-
 def all_fits(runs: pd.DataFrame) -> pd.DataFrame:
-    """Fits for every (gamma, estimator) and quantity, with their status."""
-    fits = [fit for _, group in runs.groupby(["gamma", "estimator"], sort=True)
-            for q in QUANTITIES for fit in [fit_power_law(group, q)] if fit is not None]
-    fits = pd.DataFrame(fits)
-    return fits.assign(status=[status(f) for _, f in fits.iterrows()]) if len(fits) else fits
+    """Fits for every (gamma, estimator) and quantity."""
+    return pd.DataFrame([fit for _, group in runs.groupby(["gamma", "estimator"], sort=True)
+                         for q in QUANTITIES for fit in [fit_power_law(group, q)] if fit is not None])
 
 
 def _ci(r, name: str) -> str:
@@ -159,21 +130,18 @@ def verdict(s: tuple) -> object:
     """From the tested checks, with every quantity's exponents at the largest gamma."""
     fits = s[0]
     if fits.empty:
-        return checks_verdict(s[3], "no fit: the runs do not vary both T and d")
+        return checks_verdict(s[2], "no fit: the runs do not vary both T and d")
     main = fits[fits["gamma"] == fits["gamma"].max()]
     summary = "; ".join(f"{NAMES.get(r['estimator'], r['estimator'])} {r['quantity_label']}: "
                         f"a = {_ci(r, 'a')}, b = {_ci(r, 'b')}" for _, r in main.iterrows())
-    return checks_verdict(s[3], f"gamma = {main['gamma'].iloc[0]:g}, 95% bootstrap over "
+    return checks_verdict(s[2], f"gamma = {main['gamma'].iloc[0]:g}, 95% bootstrap over "
                                 f"{main['n_seeds'].max()} systems: {summary}")
 
 
 def render(s: tuple, verdict, preset: str) -> str:
-    """result.md: the claim, the setup, the exponents, the relative variance per cell."""
-    fits, cells, runs, tests = s
+    """result.md: the claim, the setup, the exponents, the checks (runs.csv: every run)."""
+    fits, runs, tests = s
     values = lambda col: "{" + ", ".join(f"{v:g}" for v in sorted(runs[col].unique())) + "}"
-    gamma = cells["gamma"].max()
-    grid = cells[cells["gamma"] == gamma].pivot_table(index="T", columns=["estimator", "d"],
-                                                      values="grad_rel_variance")
     return "\n".join([
         "# Gradient variance against horizon and action dimension (LQR)", "", f"**Claim.** {CLAIM}", "",
         f"**Measured** (preset `{preset}`): linear-quadratic control, state dimension "
@@ -189,13 +157,7 @@ def render(s: tuple, verdict, preset: str) -> str:
                             "estimator": lambda r: NAMES.get(r["estimator"], r["estimator"]),
                             "quantity": "quantity_label", "a (T exponent)": lambda r: _ci(r, "a"),
                             "b (d exponent)": lambda r: _ci(r, "b"),
-                            "log T·log d term": lambda r: _ci(r, "interaction"),
-                            "R²": lambda r: f"{r['r2']:.3f}",
-                            "a = b = 1?": lambda r: {"holds": "yes", "rejected": "no"}.get(r["status"], "unclear")}),
-        "", f"Relative variance tr Cov / ‖∇J‖² (geometric mean over systems), gamma = {gamma:g}, "
-            "columns (estimator, d):", "",
-        *frame_table(grid.reset_index(), {"T": "T", **{f"{NAMES.get(e, e)} d={d}": (lambda r, k=(e, d): f"{r[k]:.3g}")
-                                                      for e, d in grid.columns}}),
+                            "R²": lambda r: f"{r['r2']:.3f}"}),
         "", "Checks (only `tested` ones count toward the verdict):", "", *checks_table(tests),
         "", verdict.line(), ""])
 
@@ -211,19 +173,17 @@ def figures(s: tuple, runs: pd.DataFrame, out_dir: Path) -> list[Path]:
     for ax, name in zip(axes, "ab"):
         ax.errorbar(fits[name], y, xerr=error_bars(fits, name), fmt="o", ms=4, capsize=2)
         ax.axvline(1.0, color="tab:red", ls="--", lw=1)
-        ax.set_xlabel(f"{name} in  y ∝ T^a · d^b  (95% CI)")
+        ax.set(xlabel=f"{name} in  y ∝ T^a · d^b  (95% CI)", title=f"exponent of {'horizon T' if name == 'a' else 'action dimension d'}")
     axes[0].set_yticks(y, [f"{NAMES.get(r['estimator'], r['estimator'])}, {r['quantity_label']}, "
                            f"γ = {r['gamma']:g}" for _, r in fits.iterrows()])
-    axes[0].set_title("exponent a of horizon T")
-    axes[1].set_title("exponent b of action dimension d")
     fig.tight_layout()
     return save_figure(fig, out_dir, "horizon_action_dim_exponents")
 
 
 EXPERIMENT = Experiment(
     "Gradient variance against horizon and action dimension (LQR)",
-    lambda runs: (fits := all_fits(runs), cell_means(runs), runs, checks(fits) if len(fits) else pd.DataFrame()),
+    lambda runs: (fits := all_fits(runs), runs, checks(fits) if len(fits) else pd.DataFrame()),
     verdict, render,
     per_run=per_run_values, figures=figures, result_frame=lambda s: s[0],
-    more_tables=lambda s: {"cells": s[1], "checks": s[3]})
+    more_tables=lambda s: {"runs": s[1], "checks": s[2]})
 analyze = EXPERIMENT.analyze

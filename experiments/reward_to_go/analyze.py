@@ -1,15 +1,10 @@
-"""Reward-to-go against the full return: paired variance ratio and both biases.
-
-Each run is one measurement of ``reinforce`` (the full return R on every step) or
-``reinforce_rtg`` (gamma^t G_t) at a random initial policy; runs with the same env,
-instance (``env.seed``) and seed share policy and episodes and form a *pair*, the
-independent replicate. Per environment: each estimator's relative variance; the ratio
-rtg/full as the geometric mean of per-pair ratios (bootstrap over pairs of the mean log)
-next to the ratio of mean variances (paired ``ratio_ci``); each estimator's relative
-squared bias (``analysis.experiment.bias_columns``). Checks per environment, all tested:
-the ratio's interval below 1, and neither bias distinguishable from 0, except that an
-estimator's bias against a Monte Carlo reference built from that same estimator
-(``training.reference.estimator``) holds by construction (E ĝ = E g_ref): shown, not counted.
+"""Reward-to-go against the full return. Runs of ``reinforce`` (R on every step) and
+``reinforce_rtg`` (gamma^t G_t) with the same env, instance and seed share policy and
+episodes: a *pair*. Per environment: the variance ratio rtg/full (geometric mean of the
+per-pair ratios, bootstrap over pairs; the ratio of means beside it) and both relative
+squared biases. Tested: the ratio's interval below 1, neither bias distinguishable from 0;
+an estimator's bias against a Monte Carlo reference averaging that same estimator
+(``training.reference.estimator``) holds by construction: shown, not counted.
 """
 
 from __future__ import annotations
@@ -107,22 +102,19 @@ def summarise(rows: pd.DataFrame) -> dict[str, pd.DataFrame]:
 
 def verdict(s: dict):
     """From the tested checks, with every environment's ratio and biases."""
-    parts = [f"{r['env']}: Var(rtg)/Var(full) = {format_columns(r, 'ratio_geo', 2)} over "
-             f"{r['n_pairs']} pairs, bias distinguishable from 0: full "
-             f"{yes_no(r[f'{FULL}_bias_distinguishable'])}, rtg "
-             f"{yes_no(r[f'{RTG}_bias_distinguishable'])}" for _, r in s["result"].iterrows()]
-    return checks_verdict(s["checks"], "; ".join(parts))
+    return checks_verdict(s["checks"], "; ".join(
+        f"{r['env']}: Var(rtg)/Var(full) = {format_columns(r, 'ratio_geo', 2)} over {r['n_pairs']} pairs, bias "
+        f"distinguishable from 0: full {yes_no(r[f'{FULL}_bias_distinguishable'])}, rtg "
+        f"{yes_no(r[f'{RTG}_bias_distinguishable'])}" for _, r in s["result"].iterrows()))
 
 
 def render(s: dict, verdict, preset: str) -> str:
     """result.md: the claim, the table of numbers, the checks, the verdict line."""
     return "\n".join([
         f"# Reward-to-go against the full return ({preset} preset)", "", f"Claim (source text): {CLAIM}", "",
-        "Paired measurements at random initial policies (one pair = one env instance and run "
-        "seed, both estimators on the same episodes); 95% bootstrap intervals across pairs. "
-        "Relative variance is tr Cov[ĝ] / ‖∇J‖²; relative squared bias is the de-noised "
-        "‖E ĝ − ∇J‖² / ‖∇J‖² (may be negative); its upper 95% end, square-rooted, bounds the "
-        "relative bias ‖E ĝ − ∇J‖ / ‖∇J‖.", "",
+        "Pairs: one env instance and seed, both estimators on the same episodes; 95% bootstrap "
+        "intervals over pairs. Relative squared bias: de-noised ‖E ĝ − ∇J‖² / ‖∇J‖² (may be "
+        "negative); the root of its upper end bounds the relative bias.", "",
         *frame_table(s["result"], {
             "env": "env", "reference": "reference", "pairs": "n_pairs", "M x B": "M x B",
             "rel. variance, full R": f"rel_var_{FULL}", "rel. variance, reward-to-go": f"rel_var_{RTG}",
@@ -158,7 +150,7 @@ def figures(s: dict, runs: pd.DataFrame, out_dir: Path) -> list[Path]:
         ax_bias.set_xticks([0, 1], ["full R", "reward-to-go"])
         ax_bias.set(xlim=(-0.6, 1.6), ylabel="rel. squared bias (95% CI)", title=f"{r['env']} ({r['reference']})")
     fig.tight_layout()
-    return save_figure(fig, out_dir, "reward_to_go")
+    return save_figure(fig, out_dir, "reward_to_go_pairs_bias")
 
 
 EXPERIMENT = Experiment("Reward-to-go against the full return", summarise, verdict, render,

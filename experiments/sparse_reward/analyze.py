@@ -1,14 +1,9 @@
 """How much gradient signal is left when a sparse reward is far (chain, uniform policy)?
-
-Each run measures once, for one (T, L, estimator, seed). Per (T, L, estimator) cell, seeds
-pooled: the fraction of batches with an exactly zero estimate (Clopper-Pearson interval)
-against ``(1 - p_reach)^B``, p_reach exact (J with gamma = 1, by the chain's dynamic
-programming): an identity (a batch is zero when no episode is rewarded; with gamma = 1
-scores can also cancel, so it is a lower bound), checked by construction. Tested: the
-episodes needed for a signal-to-noise ratio of 1, ``N1 = B tr Cov / ||grad J||^2``,
-against the text's reading that signal comes only from rewarded episodes, so N1 grows as
-1/p_reach: the slope s of log N1 on log(1/p_reach) over the sparse cells, bootstrap over
-seeds, must hold 1. Also ||grad J||, the mean norm of one estimate, and two SNRs.
+Per (T, L, estimator) cell, seeds pooled. By construction: the fraction of exactly zero
+batch estimates is at least (1 - p_reach)^B (no episode rewarded; p_reach exact by DP).
+Tested: the text's reading that signal comes only from rewarded episodes, so the episodes
+needed for SNR 1, N1 = B tr Cov / ||grad J||^2, grow as 1/p_reach: the slope of log N1 on
+log(1/p_reach) over the sparse cells (bootstrap over seeds) must hold 1.
 """
 
 from __future__ import annotations
@@ -25,7 +20,7 @@ from analysis.experiment import (
     BY_CONSTRUCTION, Experiment, check, checks_verdict, estimate_columns, first_measurements,
     percentile_ends, replicate_resamples)
 from analysis.figures import PAPER_WIDTH, error_bars, save_figure
-from analysis.render import checks_table, format_ci, format_columns, frame_table
+from analysis.render import checks_table, format_columns, frame_table
 from analysis.stats import NAN_ESTIMATE, mean_ci, ratio_ci
 from pgvar.envs.registry import make_env
 
@@ -52,15 +47,9 @@ def predicted_zero_fraction(p_reach: float, batch_size: int) -> float:
 
 def per_run_values(frame: pd.DataFrame) -> pd.DataFrame:
     """One row per run: its first measurement with the chain's settings and statistics."""
-    first = first_measurements(frame)
-    runs = pd.DataFrame({"estimator": first["estimator"].astype(str),
-                         "T": first["env.horizon"].astype(int), "L": first["env.length"].astype(int),
-                         "slip": first["env.slip"].astype(float) if "env.slip" in first else 0.0,
-                         "seed": first["seed"].astype(int), "B": first["training.batch_size"].astype(int),
-                         "M": first["n_estimates"].astype(int)})
-    for col in ("zero_grad_fraction", "grad_norm_mean", "ref_norm", "grad_variance", "snr"):
-        runs[col] = first[col].astype(float)
-    runs["distance"] = runs["L"] - 1
+    names = {"env.horizon": "T", "env.length": "L", "training.batch_size": "B", "n_estimates": "M"}
+    runs = first_measurements(frame).rename(columns=names).astype({c: int for c in ("T", "L", "B", "M", "seed")})
+    runs = runs.assign(slip=runs["env.slip"].astype(float) if "env.slip" in runs else 0.0, distance=runs["L"] - 1)
     runs["zeros"] = np.rint(runs["zero_grad_fraction"] * runs["M"]).astype(int)
     return runs.reset_index(drop=True)
 
@@ -83,7 +72,6 @@ def cell_summary(cell: pd.DataFrame) -> dict:
             "below_prediction": bool(ci.high < predicted), "above_prediction": bool(ci.low > predicted),
             "ref_norm": cell["ref_norm"].mean(),
             **estimate_columns("grad_norm_mean", mean_ci(cell["grad_norm_mean"].to_numpy())),
-            **estimate_columns("snr", mean_ci(cell["snr"].to_numpy())),
             **estimate_columns("exact_snr", exact_snr),
             # episodes for SNR 1: B / SNR (its interval the inverted one)
             "episodes_snr1": first["B"] / exact_snr.value, "episodes_snr1_lo": first["B"] / exact_snr.hi,
@@ -142,8 +130,8 @@ def verdict(s: dict):
     cells = s["cells"]
     T = main_horizon(cells)
     main = cells[(cells["T"] == T) & (cells["estimator"] == cells["estimator"].min())]
-    far = main[np.isfinite(main["episodes_snr1"])].sort_values("distance")
-    far = far.iloc[-1] if len(far) else main.iloc[-1]
+    finite = main[np.isfinite(main["episodes_snr1"])]
+    far = finite.iloc[-1] if len(finite) else main.iloc[-1]
     return checks_verdict(s["checks"], (
         f"at T = {T} ({far['estimator']}) the fraction of batches (B = {far['B']}) with an exactly "
         f"zero gradient rises to {format_columns(main.iloc[-1], 'zero_fraction', style='f')} at "
@@ -154,11 +142,6 @@ def verdict(s: dict):
             f"T = {r['T']} {r['estimator']} {format_columns(r, 'slope')}" for _, r in s["slopes"].iterrows())))
 
 
-def _snr(value: float) -> str:
-    """An SNR for the table; NaN when every batch was zero (nothing to measure)."""
-    return f"{value:.2g}" if np.isfinite(value) else "– (all ĝ = 0)"
-
-
 def render(s: dict, verdict, preset: str) -> str:
     """result.md: the claim, the setup, the fixed-horizon table, the checks, the verdict."""
     cells = s["cells"]
@@ -167,20 +150,17 @@ def render(s: dict, verdict, preset: str) -> str:
     return "\n".join([
         "# Sparse rewards: gradient signal against the distance to the reward (chain)", "",
         f"**Claim.** {CLAIM}", "",
-        f"**Measured** (preset `{preset}`): the sparse chain, uniform initial policy, gamma = 1, "
-        f"horizons T ∈ {{{', '.join(str(t) for t in sorted(cells['T'].unique()))}}}, goal 1 to "
-        f"{cells['distance'].max()} steps away, M batches of B = {cells['B'].max()} episodes "
-        f"per run, {cells['seeds'].max()} seeds pooled. Prediction of the zero-gradient "
-        "fraction: (1 - p_reach)^B with p_reach exact (DP). Intervals: Clopper-Pearson for "
-        "fractions, bootstrap over seeds otherwise.", "", f"Fixed horizon T = {T}:", "",
+        f"**Measured** (preset `{preset}`): the sparse chain, uniform policy, gamma = 1, T ∈ "
+        f"{sorted(cells['T'].unique())}, B = {cells['B'].max()}, {cells['seeds'].max()} seeds pooled; "
+        "p_reach exact (DP); Clopper-Pearson intervals for fractions, bootstrap over seeds otherwise.",
+        "", f"Fixed horizon T = {T}:", "",
         *frame_table(main, {"estimator": "estimator", "distance": "distance",
                             "p_reach": lambda c: f"{c['p_reach']:.2e}",
                             "zero-grad fraction [95% CI]": lambda c: format_columns(c, "zero_fraction", style="f"),
                             "predicted": lambda c: f"{c['predicted_zero_fraction']:.3f}",
                             "‖∇J‖": lambda c: f"{c['ref_norm']:.2e}",
                             "mean ‖ĝ‖": lambda c: f"{c['grad_norm_mean']:.2e}",
-                            "SNR ‖ĝ̄‖²/trCov": lambda c: _snr(c["snr"]),
-                            "SNR ‖∇J‖²/trCov": lambda c: _snr(c["exact_snr"]),
+                            "SNR ‖∇J‖²/trCov": lambda c: format_columns(c, "exact_snr", 2, "– (all ĝ = 0)"),
                             "episodes for SNR 1": lambda c: format_columns(c, "episodes_snr1", 2),
                             "1/p_reach": lambda c: f"{1 / c['p_reach']:.2g}" if c["p_reach"] > 0 else "∞"}), "",
         f"All {len(cells)} cells (every horizon) are in `result.csv`; cells whose zero fraction "
