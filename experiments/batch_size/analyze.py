@@ -135,7 +135,7 @@ def checks(exps: pd.DataFrame, by_b: pd.DataFrame) -> pd.DataFrame:
             f"distinguishable at B = {list(b.loc[RLOO].index[b.loc[RLOO]['bias_distinguishable'].eq(True)])}",
             BY_CONSTRUCTION))
         gap = (b.loc[MEAN]["grad_variance"] / b.loc[RLOO]["grad_variance"] / (1 - 1 / b.loc[MEAN].index) ** 2 - 1).abs().max()
-        records.append(check(env, "Var(mean)/Var(rloo) = (1 − 1/B)² at every B", gap < 1e-6,
+        records.append(check(env, "Var(mean)/Var(rloo) = (1 − 1/B)² at every B", gap < 1e-4,  # float32 estimates
                              f"largest relative gap {gap:.1e}", BY_CONSTRUCTION))
     return pd.DataFrame.from_records(records)
 
