@@ -24,7 +24,7 @@ def analysis():
     return load_analysis()
 
 
-def synthetic_frame(analysis, horizon: int = 16, lengths=(6, 8, 9, 10, 11, 12, 13), seeds: int = 4,
+def synthetic_frame(analysis, horizon: int = 16, lengths=(6, 8, 9, 10, 11, 12, 13), seeds: int = 8,
                     batches: int = 200, batch_size: int = 8, shift: float = 0.0,
                     power: float = 1.0, rng_seed: int = 0) -> pd.DataFrame:
     """Loader-shaped rows whose zero-gradient counts are Binomial(M, (1-p)^B + shift) and
@@ -60,7 +60,7 @@ def test_reach_probability_matches_hand_counts(analysis):
 def test_zero_fractions_and_episodes_for_snr1_are_recovered(analysis):
     s = analysis.summarise(analysis.per_run_values(synthetic_frame(analysis)))
     cells = s["cells"]
-    assert len(cells) == 7 and (cells["batches"] == 800).all()
+    assert len(cells) == 7 and (cells["batches"] == 1600).all()
     covered = (cells["zero_fraction_lo"] <= cells["predicted_zero_fraction"]) & \
               (cells["predicted_zero_fraction"] <= cells["zero_fraction_hi"])
     assert covered.all() and not cells["below_prediction"].any()
@@ -68,7 +68,7 @@ def test_zero_fractions_and_episodes_for_snr1_are_recovered(analysis):
     n1 = 2 / cells["p_reach"]
     assert ((cells["episodes_snr1_lo"] <= n1) & (n1 <= cells["episodes_snr1_hi"])).all()
     slope = s["slopes"].iloc[0]
-    assert slope["points"] == 5 and slope["slope_lo"] <= 1 <= slope["slope_hi"]
+    assert slope["points"] == 4 and slope["slope_lo"] <= 1 <= slope["slope_hi"]
 
 
 @pytest.mark.parametrize("change,word", [({}, "confirmed"), ({"power": 0.5}, "refuted"),

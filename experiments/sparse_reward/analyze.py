@@ -29,7 +29,8 @@ CLAIM = ("\"Sparse rewards. If reward appears only at episode termination (e.g.,
          "exploration rarely stumbles onto rewarding trajectories, and without reward, the "
          "gradient is zero everywhere.\" (source text, *When it falls down*)")
 SPARSE = 0.1  # cells with p_reach at most this are the sparse regime the slope is fitted on
-MIN_POINTS = 3  # sparse cells (every seed with a nonzero batch) a slope needs
+MIN_POINTS = 3  # sparse cells a slope needs
+MIN_HITS = 10  # rewarded episodes a seed expects in a cell (p M B) for its N1 to be measured
 
 
 def reach_probability(length: int, horizon: int, slip: float = 0.0) -> float:
@@ -80,12 +81,13 @@ def cell_summary(cell: pd.DataFrame) -> dict:
 
 def sparsity_slope(runs: pd.DataFrame) -> dict:
     """Slope s of log N1 = log(B mean tr Cov / ||grad J||^2) on log(1/p_reach) over one
-    (T, estimator)'s sparse cells with some nonzero batch, with its bootstrap over seeds
-    (the same draws for every cell; a draw of only zero batches in a cell is left out);
-    NaN below MIN_POINTS cells."""
+    (T, estimator)'s sparse cells where each seed expects MIN_HITS rewarded episodes (a
+    cell kept only when a rare hit happened would bias N1 up), with its bootstrap over
+    seeds (the same draws for every cell); NaN below MIN_POINTS cells."""
     wide = runs.pivot_table(index="seed", columns="L", values="grad_variance").dropna(axis=1)
     p = pd.Series({L: reach_probability(L, runs["T"].iloc[0], runs["slip"].iloc[0]) for L in wide.columns})
-    keep = [L for L in wide.columns if 0 < p[L] <= SPARSE and wide[L].sum() > 0]
+    hits = p * (runs["M"] * runs["B"]).min()
+    keep = [L for L in wide.columns if MIN_HITS <= hits[L] and p[L] <= SPARSE and wide[L].sum() > 0]
     if len(keep) < MIN_POINTS:
         return {"slope": np.nan, "slope_lo": np.nan, "slope_hi": np.nan, "points": len(keep)}
     x = np.log(1 / p[keep].to_numpy())
