@@ -78,7 +78,8 @@ def summarise_env(env: str, rows: pd.DataFrame, pairs: pd.DataFrame) -> dict[str
     geo = mean_ci(np.log(rtg / full).to_numpy()).map(math.exp)
     keys = list(zip(pairs["instance"], pairs["seed"]))
     episodes = rows["ref_episodes"].max() if "ref_episodes" in rows else math.nan
-    kind = reference_kind(rows) + (f" ({episodes:.0f} episodes)" if math.isfinite(episodes) and episodes else "")
+    kind = reference_kind(rows) + (f" ({episodes:.0f} episodes of {reference_estimator(rows)})"
+                                   if math.isfinite(episodes) and episodes else "")
     record = {"env": env, "reference": kind, "n_pairs": len(pairs),
               "n_instances": pairs["instance"].nunique(),
               "M x B": f"{int(rows['n_estimates'].median())} x {int(rows['training.batch_size'].median())}",
