@@ -60,13 +60,13 @@ def test_fit_recovers_known_exponents_within_its_intervals(analysis, a, b):
 
 
 @pytest.mark.parametrize("a,b,word", [(1.0, 1.0, "confirmed"), (1.0, 2.0, "qualified"),
-                                      (2.0, 0.0, "refuted")])
+                                      (0.5, 0.5, "qualified"), (-1.0, -1.0, "refuted")])
 def test_the_verdict_flips_with_the_scale_free_exponents(analysis, tmp_path, a, b, word):
     """The same design, only the headline law changed: each tested check can fail."""
     text = analysis.analyze(synthetic_frame(a, b), tmp_path, "synthetic")
     assert f"\nVerdict: {word}" in text
     checks = pd.read_csv(tmp_path / "checks.csv")
-    assert (checks["kind"] == "tested").all() and len(checks) == 2
+    assert (checks["kind"] == "tested").all() and len(checks) == 4
 
 
 def test_two_systems_are_inconclusive(analysis, tmp_path):
