@@ -296,10 +296,11 @@ def test_noisy_reference_is_removed_from_the_bias_and_kept_conservative():
     assert stats[0].ref_se == pytest.approx(math.sqrt(0.3 ** 2 + 7 * 0.1 ** 2))
 
 
-def test_all_equal_estimates_give_stats_not_a_division_by_zero():
-    """Every batch exactly zero (a sparse reward no episode reached): zero variance, the
-    whole reference is bias, and no ZeroDivisionError from the bias interval."""
-    g_ref = torch.tensor([1e-5, 0.0, 0.0, 2e-5], dtype=torch.float64)
-    stats = gradient_stats(torch.zeros(64, 4, dtype=torch.float64), g_ref)
-    assert stats.grad_variance == 0.0 and stats.zero_grad_fraction == 1.0
-    assert stats.grad_bias_sq == pytest.approx(float(g_ref @ g_ref))
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_estimates_without_spread_give_a_point_interval_against_an_exact_reference(offset):
+    """All M estimates equal (an estimator with no signal at this policy gives all-zero
+    gradients): no division by a zero spread; U is then the squared bias itself."""
+    G = torch.zeros(16, 5, dtype=torch.float64)
+    stats = gradient_stats(G, torch.full((5,), offset, dtype=torch.float64), 0.0).as_dict()
+    assert stats["grad_bias_sq_lo"] == stats["grad_bias_sq_hi"] == pytest.approx(5 * offset ** 2)
+    assert stats["bias_distinguishable"] == (offset > 0)
