@@ -326,3 +326,74 @@ def percentile_ends(draws: np.ndarray, n: int, axis: int = 0) -> tuple:
     q = (1 - expanded_level(n)) / 2
     lo, hi = np.nanquantile(draws, [q, 1 - q], axis=axis)
     return lo, hi
+
+
+# --- added for baselines/ppo_clip/practice_biases
+
+
+def geometric_mean_ratio(numerator: dict, denominator: dict, min_n: int = 3) -> Estimate:
+    """Geometric mean over the keys both hold (seeds) of ``numerator[k] / denominator[k]``,
+    with the interval of the mean log ratio (``mean_ci``) mapped back by exp: paired and
+    scale-free, so every replicate weighs the same (a ratio of means is dominated by the
+    replicate with the largest values). Non-positive pairs are left out; no interval below
+    ``min_n`` pairs; NaN with none."""
+    keys = [k for k in numerator if k in denominator and numerator[k] > 0 and denominator[k] > 0]
+    if not keys:
+        return Estimate(math.nan, math.nan, math.nan, 0)
+    est = mean_ci(np.log([numerator[k] / denominator[k] for k in keys])).map(math.exp)
+    return est if len(keys) >= min_n else Estimate(est.value, math.nan, math.nan, est.n)
+
+
+def side_of(est: Estimate, at: float, below: str, above: str,
+            same: str = "indistinguishable") -> str:
+    """``below`` / ``above`` when the 95% interval lies entirely on that side of ``at``,
+    ``same`` when it holds ``at``, ``inconclusive`` when it has no finite ends."""
+    if not (math.isfinite(est.lo) and math.isfinite(est.hi)):
+        return "inconclusive"
+    return below if est.hi < at else above if est.lo > at else same
+
+
+TESTED, BY_CONSTRUCTION, EXTRA = "tested", "by construction", "extra"
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One claim's verdict and its class: ``tested`` (the data could have contradicted it;
+    counts toward the experiment's verdict), ``by construction`` (an identity or algebra:
+    shown as a check, never counted) or ``extra`` (tested, but not a claim of the source
+    text: shown, not counted)."""
+
+    claim: str
+    verdict: Verdict
+    kind: str = TESTED
+
+    def __post_init__(self) -> None:
+        if self.kind not in (TESTED, BY_CONSTRUCTION, EXTRA):
+            raise ValueError(f"finding class {self.kind!r} is not one of {TESTED}, "
+                             f"{BY_CONSTRUCTION}, {EXTRA}")
+
+    @property
+    def counted(self) -> bool:
+        return self.kind == TESTED
+
+
+def headline_verdict(findings: list[Finding]) -> Verdict:
+    """The experiment's verdict: ``combined_word`` of its tested findings that are decided
+    (not inconclusive), naming each; inconclusive when none is decided."""
+    decided = [f for f in findings if f.counted and f.verdict.word != "inconclusive"]
+    if not decided:
+        return inconclusive("no tested claim could be decided ("
+                            + "; ".join(f"{f.claim}: {f.verdict.reason}" for f in findings
+                                        if f.counted) + ")")
+    return Verdict(combined_word([f.verdict.word for f in decided]),
+                   "tested claims: " + ", ".join(f"{f.claim} {f.verdict.word}" for f in decided)
+                   + " (checks by construction and extras are not counted)")
+
+
+def findings_table(findings: list[Finding]) -> list[str]:
+    """The markdown lines of a table of every finding: claim, class, counted, verdict, reason."""
+    from analysis.render import markdown_table, yes_no
+
+    return markdown_table(["claim", "class", "counted", "verdict", "reason"],
+                          [[f.claim, f.kind, yes_no(f.counted), f.verdict.word, f.verdict.reason]
+                           for f in findings])
