@@ -390,10 +390,65 @@ def headline_verdict(findings: list[Finding]) -> Verdict:
                    + " (checks by construction and extras are not counted)")
 
 
-def findings_table(findings: list[Finding]) -> list[str]:
-    """The markdown lines of a table of every finding: claim, class, counted, verdict, reason."""
+def findings_section(findings: list[Finding], verdict: Verdict) -> list[str]:
+    """result.md's closing lines: a table of every finding (claim, class, counted, verdict,
+    reason), then the experiment's verdict."""
     from analysis.render import markdown_table, yes_no
 
-    return markdown_table(["claim", "class", "counted", "verdict", "reason"],
-                          [[f.claim, f.kind, yes_no(f.counted), f.verdict.word, f.verdict.reason]
-                           for f in findings])
+    return ["## Findings", "", ("Only *tested* findings count toward the verdict; *by "
+                                "construction* and *extra* ones are shown, not counted."), "",
+            *markdown_table(["claim", "class", "counted", "verdict", "reason"],
+                            [[f.claim, f.kind, yes_no(f.counted), f.verdict.word, f.verdict.reason]
+                             for f in findings]), "", verdict.line(), ""]
+
+
+def share_word(words: list[str], good: str, undecided: tuple[str, ...] = ("inconclusive",)) -> str:
+    """A claim's verdict from the words of its comparisons: confirmed when every one is
+    ``good``, qualified when some are, refuted when none is; inconclusive when every word
+    is ``undecided``."""
+    if all(w in undecided for w in words):
+        return "inconclusive"
+    return "confirmed" if set(words) == {good} else "qualified" if good in words else "refuted"
+
+
+def mean_columns(runs: pd.DataFrame, metrics) -> dict[str, float]:
+    """``estimate_columns`` of the mean across runs (``mean_ci``) of each of ``metrics``."""
+    return {k: v for m in metrics for k, v in
+            estimate_columns(m, mean_ci(runs[m].to_numpy(float))).items()}
+
+
+def exact_objective_at(env, policy, theta) -> float:
+    """The exact J of ``policy`` with its parameters replaced by the flat vector ``theta``
+    (``policy.parameters()`` order); the policy itself is left as it was."""
+    import copy
+
+    import torch
+    from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+    moved = copy.deepcopy(policy)
+    vector_to_parameters(theta.to(parameters_to_vector(policy.parameters()).dtype),
+                         moved.parameters())
+    with torch.no_grad():
+        return float(env.exact_objective(moved))
+
+
+def logged_bool(value: object) -> bool | None:
+    """A boolean config value as logged (True/False, or the text 'true'/'false'); None when
+    the run did not log it (NaN or None)."""
+    if isinstance(value, str):
+        return value.strip().lower() == "true"
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else bool(value)
+
+
+def held_out_critic(env, policy, episodes: int, seed: int):
+    """A critic independent of any batch it will serve: the exact V where the environment
+    has one (tabular), else ``make_critic``'s choice fitted on ``episodes`` episodes of
+    ``policy`` drawn from ``seed``."""
+    from pgvar.critics import make_critic
+    from pgvar.rollout import rollout
+
+    if callable(getattr(env, "exact_values", None)):
+        return make_critic(env, "exact", policy=policy)
+    critic = make_critic(env)
+    critic.fit(rollout(env, policy, episodes, seed), float(env.gamma), env.objective)
+    return critic
