@@ -33,19 +33,21 @@ CLAIM = ("“Subtracting a baseline that depends only on the state leaves the es
          "already expects. The optimal baseline in the mean-squared-error sense is the value "
          "function V^π(s_t).” Its table: no baseline 'very high', episode-mean baseline "
          "'moderate', V 'low' variance, all with bias 0.")
-CLAIMS = {  # claim -> (class, what its ratios must show, its (numerator, denominator) pairs)
-    "reduces variance": (xp.TESTED, "an unbiased baseline's variance below its return's alone",
-                         [("rloo", NO_BASELINE), (LEARNED_V, NO_BASELINE), (EXACT_V, NO_BASELINE),
-                          ("optimal_baseline", "reinforce")]),
-    "text's order": (xp.TESTED, "vanilla > episode-mean baseline > V, each link below 1",
-                     [("mean_baseline_episode", "reinforce"), (LEARNED_V, "mean_baseline_episode"),
-                      (EXACT_V, "mean_baseline_episode")]),
+# claim -> (class, what it needs, its (numerator, denominator) pairs, the word that supports
+# it, the word of a counter-example that refutes it alone: None where the claim is not universal)
+CLAIMS = {
+    "reduces variance": (xp.TESTED, "an unbiased baseline's variance below its return's alone", [
+        ("rloo", NO_BASELINE), (LEARNED_V, NO_BASELINE), (EXACT_V, NO_BASELINE),
+        ("optimal_baseline", "reinforce")], "lower", None),
+    "text's order": (xp.TESTED, "vanilla > episode-mean baseline > V, each link below 1", [
+        ("mean_baseline_episode", "reinforce"), (LEARNED_V, "mean_baseline_episode"),
+        (EXACT_V, "mean_baseline_episode")], "lower", None),
     "V MSE-optimal": (xp.TESTED, "no unbiased row's MSE below the exact V's (MSE ratios)",
-                      [(r, EXACT_V) for r in [*ROW_TEXT, LOO_R] if r != EXACT_V]),
-    "b* close to V": (xp.EXTRA, f"the variance-optimal constant within ×{CLOSE} of V",
-                      [("optimal_baseline", EXACT_V), ("optimal_baseline", LEARNED_V)]),
-    "b* vs other constants": (xp.EXTRA, "b* below the batch and leave-one-out means of R",
-                              [("optimal_baseline", "mean_baseline_episode"), ("optimal_baseline", LOO_R)]),
+                      [(r, EXACT_V) for r in [*ROW_TEXT, LOO_R] if r != EXACT_V], "higher", "lower"),
+    "b* close to V": (xp.EXTRA, f"the variance-optimal constant within ×{CLOSE} of V", [
+        ("optimal_baseline", EXACT_V), ("optimal_baseline", LEARNED_V)], "close", None),
+    "b* vs other constants": (xp.EXTRA, "b* below the batch and leave-one-out means of R", [
+        ("optimal_baseline", "mean_baseline_episode"), ("optimal_baseline", LOO_R)], "lower", None),
 }
 
 
@@ -107,7 +109,7 @@ def comparisons(runs: pd.DataFrame) -> pd.DataFrame:
     records = []
     for (env, batch), group in runs.groupby(["env", "batch_size"], sort=False, dropna=False):
         has = set(group["label"])
-        for claim, (kind, _, pairs) in CLAIMS.items():
+        for claim, (kind, _, pairs, _, _) in CLAIMS.items():
             column = "grad_rel_mse" if claim == "V MSE-optimal" else "grad_variance"
             for num, den in [p for p in pairs if p[0] in has and p[1] in has]:
                 r = paired_ratio(group, num, den, column)
@@ -124,22 +126,22 @@ def comparisons(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame.from_records(records)
 
 
-GOOD = {"reduces variance": "lower", "text's order": "lower", "V MSE-optimal": "higher",
-        "b* close to V": "close", "b* vs other constants": "lower"}
+def claim_word(words: list[str], good: str, counter: str | None) -> str:
+    """``share_word`` ('indistinguishable' alone decides nothing); one ``counter`` refutes."""
+    return "refuted" if counter in words else xp.share_word(words, good, ("inconclusive", "indistinguishable"))
 
 
 def findings(table: pd.DataFrame, comp: pd.DataFrame) -> list[xp.Finding]:
     """Every claim's verdict: the bias claims from the table, the others from ``CLAIMS``."""
-    out = [xp.Finding(name, xp.Verdict(xp.share_word(list(rows["bias_verdict"]), good), "; ".join(
+    out = [xp.Finding(name, xp.Verdict(claim_word(list(rows["bias_verdict"]), *words), "; ".join(
         f"{r['env']} {r['label']} {format_columns(r, 'rel_bias', 2)} (theory {r['expected_rel_bias']:.3g})"
-        for _, r in rows.iterrows()) or "no such row"), kind) for name, rows, good, kind in (
-        ("unbiased", table[table["expected_rel_bias"] == 0], "unbiased", xp.TESTED),
-        ("batch means biased by 1/B", table[table["expected_rel_bias"] > 0], "1/B", xp.EXTRA))]
-    for claim, (kind, what, _) in CLAIMS.items():
+        for _, r in rows.iterrows()) or "no such row"), kind) for name, rows, kind, words in (
+        ("unbiased", table[table["expected_rel_bias"] == 0], xp.TESTED, ("unbiased", "biased")),
+        ("batch means biased by 1/B", table[table["expected_rel_bias"] > 0], xp.EXTRA, ("1/B", "not 1/B")))]
+    for claim, (kind, what, _, good, counter) in CLAIMS.items():
         rows = comp[comp["claim"] == claim] if len(comp) else comp
         words = [w for w in rows.get("word", []) if w != "biased, lower"]
-        out.append(xp.Finding(claim, xp.Verdict(xp.share_word(
-            words, GOOD[claim], ("inconclusive", "indistinguishable")), f"{what}: " + "; ".join(
+        out.append(xp.Finding(claim, xp.Verdict(claim_word(words, good, counter), f"{what}: " + "; ".join(
             f"{r['env']} {r['pair']} {format_columns(r, 'ratio')} {r['word']}"
             for _, r in rows.iterrows())), kind))
     return out

@@ -86,8 +86,7 @@ def exact_steps(config: dict) -> dict[str, float]:
                  for c in (cfg, replace(cfg, ppo_epochs=1)))
     g = exact_reference(env, policy).grad.double()
     theta0 = parameters_to_vector(policy.parameters()).detach().double()
-    step = cfg.ppo_lr * cfg.ppo_epochs * d
-    length = step.norm(dim=1, keepdim=True)
+    length = (step := cfg.ppo_lr * cfg.ppo_epochs * d).norm(dim=1, keepdim=True)
     j0 = xp.exact_objective_at(env, policy, theta0)
     moves = {"gain_one": cfg.ppo_lr * g1, "gain_ppo": step,
              "gain_plain": length * g1 / g1.norm(dim=1, keepdim=True), "gain_exact": length * g / g.norm()}

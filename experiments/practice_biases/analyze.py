@@ -180,9 +180,8 @@ def markdown(table: pd.DataFrame, verdict: xp.Verdict, preset: str) -> str:
             "critic); 'exact added bias' = ‖E ĝ_habit − E ĝ_control‖/‖∇J‖. ‖E ĝ − ∇J‖² = "
             "(s − 1)²‖∇J‖² + ‖E ĝ − s∇J‖²: bias along ∇J (scale s) and across it."), ""]
     for habit in [h for h in FLAGS if h in set(table["habit"])]:
-        rows = table[table["habit"] == habit].to_dict("records")
-        out += [f"## {habit}", "", f"Claim: {CLAIMS[habit]}", "",
-                *interval_table(rows, [("cell", "cell"), ("arm", "arm")], COLUMNS), ""]
+        out += [f"## {habit}", "", f"Claim: {CLAIMS[habit]}", "", *interval_table(
+            table[table["habit"] == habit].to_dict("records"), [("cell", "cell"), ("arm", "arm")], COLUMNS), ""]
     return "\n".join(out + xp.findings_section(findings(table), verdict))
 
 
