@@ -440,15 +440,13 @@ def logged_bool(value: object) -> bool | None:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else bool(value)
 
 
-def held_out_critic(env, policy, episodes: int, seed: int):
+def held_out_critic(run_cfg, env, policy, index: int, episodes: int):
     """A critic independent of any batch it will serve: the exact V where the environment
-    has one (tabular), else ``make_critic``'s choice fitted on ``episodes`` episodes of
-    ``policy`` drawn from ``seed``."""
+    has one (tabular), else the run's kind of critic fitted on ``episodes`` fresh episodes
+    of ``policy`` (``pgvar.measured_step.fresh_critic`` at step ``index``)."""
     from pgvar.critics import make_critic
-    from pgvar.rollout import rollout
+    from pgvar.measured_step import fresh_critic
 
     if callable(getattr(env, "exact_values", None)):
         return make_critic(env, "exact", policy=policy)
-    critic = make_critic(env)
-    critic.fit(rollout(env, policy, episodes, seed), float(env.gamma), env.objective)
-    return critic
+    return fresh_critic(run_cfg, env, policy, index, episodes)

@@ -78,7 +78,7 @@ def exact_steps(config: dict) -> dict[str, float]:
     if not is_exact(env):
         return {}
     seed, B = run_cfg.seed, run_cfg.training.batch_size
-    critic = xp.held_out_critic(env, policy, CRITIC_EPISODES, derive_seed(seed, "measure", REUSE_INDEX + 1))
+    critic = xp.held_out_critic(run_cfg, env, policy, REUSE_INDEX, CRITIC_EPISODES)
     batch = rollout(env, policy, REUSE_BATCHES * B, derive_seed(seed, "measure", REUSE_INDEX))
     cfg = EstimatorConfig(**run_cfg.estimator.core_kwargs())
     with torch.enable_grad():
