@@ -221,7 +221,7 @@ def distinct_calls(tool: str) -> list[list[str]]:
 @pytest.mark.parametrize("args", distinct_calls("pgvar-run"), ids=" ".join)
 def test_readme_pgvar_run_arguments_validate(args, tmp_path):
     """pgvar-run's own pre-launch check on each form: every job composes and validates."""
-    from pgvar.run import parse_command_line, validate_jobs
+    from pgvar.cli import parse_command_line, validate_jobs
 
     cmd = parse_command_line([a.replace("{tmp}", str(tmp_path)) for a in args])
     if cmd.runs_jobs:
