@@ -328,6 +328,63 @@ def percentile_ends(draws: np.ndarray, n: int, axis: int = 0) -> tuple:
     return lo, hi
 
 
+# --- added for batch_size/horizon/sparse/rtg
+
+TESTED, BY_CONSTRUCTION = "tested", "by construction"
+
+
+def check(scope: str, statement: str, passed: bool | None, numbers: str,
+          kind: str = TESTED) -> dict:
+    """One checked statement: ``passed`` None when the runs cannot decide it; ``kind``
+    ``tested`` (the measurement could have failed it) or ``by construction`` (an identity
+    or algebra that holds whatever was measured, shown as a sanity check only)."""
+    if kind not in (TESTED, BY_CONSTRUCTION):
+        raise ValueError(f"check kind {kind!r} is not {TESTED!r} or {BY_CONSTRUCTION!r}")
+    return {"scope": scope, "check": statement, "kind": kind,
+            "passed": None if passed is None else bool(passed), "numbers": numbers}
+
+
+def checks_verdict(checks: pd.DataFrame, reason: str) -> Verdict:
+    """The headline verdict from the ``tested`` checks only: confirmed when all pass,
+    refuted when none does, qualified otherwise; inconclusive with no tested check or an
+    undecided one. The failed tested checks are appended to ``reason``."""
+    tested = checks[checks["kind"] == TESTED] if len(checks) else checks
+    if tested.empty or tested["passed"].isna().any():
+        return inconclusive(f"{reason}; a tested check is undecided or missing")
+    failed = tested[~tested["passed"].astype(bool)]
+    tail = ("; failed: " + "; ".join(f"{r['scope']}: {r['check']} ({r['numbers']})"
+                                     for _, r in failed.iterrows())) if len(failed) else ""
+    return Verdict(combined_word(["confirmed" if p else "refuted" for p in tested["passed"]]),
+                   reason + tail)
+
+
+def bias_columns(rows: pd.DataFrame) -> dict[str, object]:
+    """The de-noised relative squared bias of one estimator's runs across replicates
+    (``analysis.table.squared_bias_interval``), its root, and whether the bias is
+    distinguishable from 0 (absolute and relative intervals above 0, as the table
+    decides; None without an interval)."""
+    from analysis.table import per_run_values, squared_bias_interval
+
+    values = per_run_values(rows)
+    b2 = squared_bias_interval(values, "grad_bias_sq")
+    rel = squared_bias_interval(values, "grad_rel_bias_sq")
+    decided = math.isfinite(b2.lo) and math.isfinite(rel.lo)
+    return {**estimate_columns("rel_bias_sq", rel), **estimate_columns("rel_bias", sqrt_estimate(rel)),
+            "bias_distinguishable": bool(b2.lo > 0 and rel.lo > 0) if decided else None}
+
+
+def bootstrap_rows(w: np.ndarray, statistic, seed: int = 0) -> tuple[np.ndarray, ...]:
+    """``statistic(w)`` (a scalar or a vector) and its expanded-percentile 95% interval
+    from resampling the rows (replicates) of ``w`` (``replicate_resamples``); NaN ends
+    below two rows."""
+    value = np.atleast_1d(np.asarray(statistic(w), float))
+    if w.shape[0] < 2:
+        return value, np.full_like(value, math.nan), np.full_like(value, math.nan)
+    draws = np.array([np.atleast_1d(statistic(w[idx]))
+                      for idx in replicate_resamples(w.shape[0], seed)], float)
+    return (value, *percentile_ends(draws, w.shape[0]))
+
+
 # --- added for baselines/ppo_clip/practice_biases
 
 
@@ -353,7 +410,7 @@ def side_of(est: Estimate, at: float, below: str, above: str,
     return below if est.hi < at else above if est.lo > at else same
 
 
-TESTED, BY_CONSTRUCTION, EXTRA = "tested", "by construction", "extra"
+EXTRA = "extra"  # beside TESTED and BY_CONSTRUCTION (above)
 
 
 @dataclass(frozen=True)

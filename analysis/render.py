@@ -38,6 +38,28 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> l
     return lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
 
 
+# --- added for batch_size/horizon/sparse/rtg
+
+
+def frame_table(frame, columns: dict[str, object]) -> list[str]:
+    """``markdown_table`` of a data frame: one column per ``header: spec``, the spec a
+    column name (its interval with ``format_columns`` when ``name_lo``/``name_hi`` exist,
+    else the value) or a function of the row giving the cell."""
+    def cell(row, spec):
+        if callable(spec):
+            return spec(row)
+        return format_columns(row, spec) if f"{spec}_lo" in row.index else row[spec]
+    return markdown_table(list(columns), [[cell(row, spec) for spec in columns.values()]
+                                          for _, row in frame.iterrows()])
+
+
+def checks_table(checks) -> list[str]:
+    """The checks of an experiment (``analysis.experiment.check``): what, its class
+    (``tested`` or ``by construction``), whether it passed, the deciding numbers."""
+    return frame_table(checks, {"scope": "scope", "check": "check", "class": "kind",
+                                "passed": lambda r: yes_no(r["passed"]), "numbers": "numbers"})
+
+
 # --- added for baselines/ppo_clip/practice_biases
 
 
