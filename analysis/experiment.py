@@ -115,6 +115,93 @@ def combined_word(words: list[str]) -> str:
     return words[0] if len(set(words)) == 1 else "qualified"
 
 
+TESTED, BY_CONSTRUCTION, EXTRA, MEASURED = "tested", "by construction", "extra", "measured"
+FINDING_KINDS = (TESTED, BY_CONSTRUCTION, EXTRA, MEASURED)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One claim of an experiment, its word, the reason in numbers and its class.
+
+    ``tested``: the data could have contradicted it; only these make the headline
+    (``headline_verdict``). ``by construction``: an identity or algebra that holds whatever
+    was measured (a sanity check); ``extra``: tested, but not a claim of the source text;
+    ``measured``: a number with no yes/no claim (word ``measured``). ``scope`` names where
+    it was judged (an environment, a cell), empty for the whole experiment."""
+
+    claim: str
+    word: str
+    reason: str
+    kind: str = TESTED
+    scope: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in FINDING_KINDS:
+            raise ValueError(f"finding class {self.kind!r} is not one of {', '.join(FINDING_KINDS)}")
+        if (self.word == MEASURED) != (self.kind == MEASURED) or \
+                self.word not in (*VERDICTS, MEASURED):
+            raise ValueError(f"a {self.kind!r} finding cannot have the word {self.word!r}")
+
+    @property
+    def counted(self) -> bool:
+        return self.kind == TESTED
+
+    @property
+    def label(self) -> str:
+        return f"{self.scope}: {self.claim}" if self.scope else self.claim
+
+
+def check(scope: str, claim: str, passed: bool | None, numbers: str, kind: str = TESTED) -> Finding:
+    """A yes/no finding: confirmed when ``passed``, refuted when not, inconclusive when
+    None (the runs cannot decide it)."""
+    word = "inconclusive" if passed is None else "confirmed" if passed else "refuted"
+    return Finding(claim, word, numbers, kind, scope)
+
+
+def headline_verdict(findings: list[Finding], numbers: str = "") -> Verdict:
+    """The experiment's verdict from its tested findings only: ``combined_word`` of the
+    decided ones, but ``qualified`` instead of ``confirmed`` while a tested one is undecided
+    (the claim is not shown everywhere); inconclusive when none is decided. The reason is
+    ``numbers`` and the tested findings not confirmed, or without ``numbers`` every tested
+    finding with its word."""
+    counted = [f for f in findings if f.counted]
+    decided = [f.word for f in counted if f.word != "inconclusive"]
+    if not decided:
+        return inconclusive("no tested claim could be decided ("
+                            + ("; ".join(f"{f.label}: {f.reason}" for f in counted) or "none tested") + ")")
+    word = combined_word(decided)
+    word = "qualified" if word == "confirmed" and len(decided) < len(counted) else word
+    if not numbers:
+        return Verdict(word, "tested claims: " + "; ".join(f"{f.label}: {f.word}" for f in counted)
+                       + " (checks by construction, extras and measurements are not counted)")
+    off = [f for f in counted if f.word != "confirmed"]
+    return Verdict(word, numbers + ("; not confirmed: " + "; ".join(
+        f"{f.label}: {f.word} ({f.reason})" for f in off) if off else ""))
+
+
+def findings_frame(findings: list[Finding]) -> pd.DataFrame:
+    """The findings as a table (result.md's findings table, an experiment's checks.csv)."""
+    return pd.DataFrame([{"scope": f.scope, "claim": f.claim, "class": f.kind, "counted": f.counted,
+                          "verdict": f.word, "reason": f.reason} for f in findings])
+
+
+def findings_table(findings: list[Finding]) -> list[str]:
+    """result.md's table of the findings: (scope,) claim, class, counted, verdict, reason."""
+    from analysis.render import markdown_table, yes_no
+
+    scoped = any(f.scope for f in findings)
+    return markdown_table(["scope"] * scoped + ["claim", "class", "counted", "verdict", "reason"],
+                          [[f.scope] * scoped + [f.claim, f.kind, yes_no(f.counted), f"**{f.word}**",
+                                                 f.reason] for f in findings])
+
+
+def findings_section(findings: list[Finding], verdict: Verdict) -> list[str]:
+    """result.md's closing lines: the findings table, then the experiment's verdict."""
+    return ["## Findings", "", ("Only *tested* findings count toward the verdict; *by "
+                                "construction*, *extra* and *measured* ones are shown, not counted."),
+            "", *findings_table(findings), "", verdict.line(), ""]
+
+
 # ----------------------------------------------------------------------------- the protocol
 
 
@@ -328,50 +415,6 @@ def percentile_ends(draws: np.ndarray, n: int, axis: int = 0) -> tuple:
     return lo, hi
 
 
-# --- added for gae_lambda/llm/calibration
-
-VERDICT_KINDS = ("tested", "by construction", "measured")
-
-
-@dataclass(frozen=True)
-class ClaimVerdict:
-    """One part of an experiment's claim with its verdict and its class.
-
-    ``tested``: the data could have refuted it; ``by construction``: it holds by how it is
-    measured (an identity, or a reference that shares the estimator), so it cannot fail;
-    ``measured``: a number with no yes/no claim (word ``measured``). Only tested parts make
-    the headline (``tested_headline``)."""
-
-    claim: str
-    kind: str
-    word: str
-    reason: str
-
-    def __post_init__(self) -> None:
-        if self.kind not in VERDICT_KINDS:
-            raise ValueError(f"verdict class {self.kind!r} is not one of {', '.join(VERDICT_KINDS)}")
-        if self.word not in (*VERDICTS, "measured") or (self.word == "measured") != (self.kind == "measured"):
-            raise ValueError(f"a {self.kind!r} part cannot have the word {self.word!r}")
-
-
-def tested_headline(parts: list[ClaimVerdict]) -> Verdict:
-    """The headline: the common word of the tested parts (else ``qualified``), each named
-    with its word; ``inconclusive`` when no part is tested."""
-    tested = [p for p in parts if p.kind == "tested"]
-    if not tested:
-        return inconclusive("no part of the claim was tested (all by construction or measured)")
-    return Verdict(combined_word([p.word for p in tested]),
-                   "tested parts: " + "; ".join(f"{p.claim}: {p.word}" for p in tested))
-
-
-def claim_verdict_lines(parts: list[ClaimVerdict]) -> list[str]:
-    """result.md's table of the parts: claim, class, verdict and its reason."""
-    from analysis.render import markdown_table
-
-    return markdown_table(["claim", "class", "verdict", "why (numbers)"],
-                          [[p.claim, p.kind, f"**{p.word}**", p.reason] for p in parts])
-
-
 def means_by_group(rows: pd.DataFrame, keys: list[str], columns: list[str]) -> pd.DataFrame:
     """Per group of ``keys``: ``runs`` (rows in it) and, per column, its mean with a 95%
     interval (``COL``, ``COL_lo``, ``COL_hi``; NaN when absent): ``mean_ci``'s bootstrap,
@@ -515,36 +558,6 @@ def plot_estimate_panels(panels: list[dict], out_dir: Path, name: str, ncols: in
     return save_figure(fig, out_dir, name)
 
 
-# --- added for batch_size/horizon/sparse/rtg
-
-TESTED, BY_CONSTRUCTION = "tested", "by construction"
-
-
-def check(scope: str, statement: str, passed: bool | None, numbers: str,
-          kind: str = TESTED) -> dict:
-    """One checked statement: ``passed`` None when the runs cannot decide it; ``kind``
-    ``tested`` (the measurement could have failed it) or ``by construction`` (an identity
-    or algebra that holds whatever was measured, shown as a sanity check only)."""
-    if kind not in (TESTED, BY_CONSTRUCTION):
-        raise ValueError(f"check kind {kind!r} is not {TESTED!r} or {BY_CONSTRUCTION!r}")
-    return {"scope": scope, "check": statement, "kind": kind,
-            "passed": None if passed is None else bool(passed), "numbers": numbers}
-
-
-def checks_verdict(checks: pd.DataFrame, reason: str) -> Verdict:
-    """The headline verdict from the ``tested`` checks only: confirmed when all pass,
-    refuted when none does, qualified otherwise; inconclusive with no tested check or an
-    undecided one. The failed tested checks are appended to ``reason``."""
-    tested = checks[checks["kind"] == TESTED] if len(checks) else checks
-    if tested.empty or tested["passed"].isna().any():
-        return inconclusive(f"{reason}; a tested check is undecided or missing")
-    failed = tested[~tested["passed"].astype(bool)]
-    tail = ("; failed: " + "; ".join(f"{r['scope']}: {r['check']} ({r['numbers']})"
-                                     for _, r in failed.iterrows())) if len(failed) else ""
-    return Verdict(combined_word(["confirmed" if p else "refuted" for p in tested["passed"]]),
-                   reason + tail)
-
-
 def bias_columns(rows: pd.DataFrame) -> dict[str, object]:
     """The de-noised relative squared bias of one estimator's runs across replicates
     (``analysis.table.squared_bias_interval``), its root, and whether the bias is
@@ -572,9 +585,6 @@ def bootstrap_rows(w: np.ndarray, statistic, seed: int = 0) -> tuple[np.ndarray,
     return (value, *percentile_ends(draws, w.shape[0]))
 
 
-# --- added for baselines/ppo_clip/practice_biases
-
-
 def geometric_mean_ratio(numerator: dict, denominator: dict, min_n: int = 3) -> Estimate:
     """Geometric mean over the keys both hold (seeds) of ``numerator[k] / denominator[k]``,
     with the interval of the mean log ratio (``mean_ci``) mapped back by exp: paired and
@@ -595,55 +605,6 @@ def side_of(est: Estimate, at: float, below: str, above: str,
     if not (math.isfinite(est.lo) and math.isfinite(est.hi)):
         return "inconclusive"
     return below if est.hi < at else above if est.lo > at else same
-
-
-EXTRA = "extra"  # beside TESTED and BY_CONSTRUCTION (above)
-
-
-@dataclass(frozen=True)
-class Finding:
-    """One claim's verdict and its class: ``tested`` (the data could have contradicted it;
-    counts toward the experiment's verdict), ``by construction`` (an identity or algebra:
-    shown as a check, never counted) or ``extra`` (tested, but not a claim of the source
-    text: shown, not counted)."""
-
-    claim: str
-    verdict: Verdict
-    kind: str = TESTED
-
-    def __post_init__(self) -> None:
-        if self.kind not in (TESTED, BY_CONSTRUCTION, EXTRA):
-            raise ValueError(f"finding class {self.kind!r} is not one of {TESTED}, "
-                             f"{BY_CONSTRUCTION}, {EXTRA}")
-
-    @property
-    def counted(self) -> bool:
-        return self.kind == TESTED
-
-
-def headline_verdict(findings: list[Finding]) -> Verdict:
-    """The experiment's verdict: ``combined_word`` of its tested findings that are decided
-    (not inconclusive), naming each; inconclusive when none is decided."""
-    decided = [f for f in findings if f.counted and f.verdict.word != "inconclusive"]
-    if not decided:
-        return inconclusive("no tested claim could be decided ("
-                            + "; ".join(f"{f.claim}: {f.verdict.reason}" for f in findings
-                                        if f.counted) + ")")
-    return Verdict(combined_word([f.verdict.word for f in decided]),
-                   "tested claims: " + ", ".join(f"{f.claim} {f.verdict.word}" for f in decided)
-                   + " (checks by construction and extras are not counted)")
-
-
-def findings_section(findings: list[Finding], verdict: Verdict) -> list[str]:
-    """result.md's closing lines: a table of every finding (claim, class, counted, verdict,
-    reason), then the experiment's verdict."""
-    from analysis.render import markdown_table, yes_no
-
-    return ["## Findings", "", ("Only *tested* findings count toward the verdict; *by "
-                                "construction* and *extra* ones are shown, not counted."), "",
-            *markdown_table(["claim", "class", "counted", "verdict", "reason"],
-                            [[f.claim, f.kind, yes_no(f.counted), f.verdict.word, f.verdict.reason]
-                             for f in findings]), "", verdict.line(), ""]
 
 
 def share_word(words: list[str], good: str, undecided: tuple[str, ...] = ("inconclusive",)) -> str:

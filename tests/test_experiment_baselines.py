@@ -71,7 +71,7 @@ def test_synthetic_ordering_bias_and_findings_are_recovered(tmp_path):
     assert table.loc["mean_baseline", "expected_rel_bias"] == pytest.approx(1 / B)
     assert (table[table["expected_rel_bias"] == 0]["bias_verdict"] == "unbiased").all()
     for claim in ("unbiased", "reduces variance", "text's order", "V MSE-optimal"):
-        assert f"| {claim} | tested | yes | confirmed |" in text, claim
+        assert f"| {claim} | tested | yes | **confirmed** |" in text, claim
     assert "| b* close to V | extra | no |" in text  # shown, not counted
     assert "Verdict: confirmed" in text
     assert (tmp_path / "out" / "figures" / "baselines_bias_variance.png").exists()
@@ -81,7 +81,7 @@ def test_the_verdict_flips_when_the_claims_fail(tmp_path):
     m = load_experiment_module(FOLDER)
     text = m.analyze(synthetic_frame(tmp_path / "runs", WRONG, seeds=8), tmp_path / "out", "synthetic")
     for claim in ("unbiased", "reduces variance", "text's order", "V MSE-optimal"):
-        assert f"| {claim} | tested | yes | refuted |" in text, claim
+        assert f"| {claim} | tested | yes | **refuted** |" in text, claim
     assert "Verdict: refuted" in text
 
 
@@ -90,5 +90,5 @@ def test_extras_do_not_move_the_verdict(tmp_path):
     m = load_experiment_module(FOLDER)
     far = {**TRUTH, ("optimal_baseline", "auto"): (0.0, 0.9)}  # 4.5x V, still below vanilla
     text = m.analyze(synthetic_frame(tmp_path / "runs", far, seeds=8), tmp_path / "out", "synthetic")
-    assert "| b* close to V | extra | no | refuted |" in text
+    assert "| b* close to V | extra | no | **refuted** |" in text
     assert "Verdict: confirmed" in text

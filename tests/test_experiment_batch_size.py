@@ -74,7 +74,7 @@ def test_exponents_bias_and_identity_are_recovered(tmp_path):
         assert mean.loc[b, "grad_variance"] / rloo_b.loc[b, "grad_variance"] == pytest.approx((1 - 1 / b) ** 2)
     assert mean.loc[2, "bias_distinguishable"] and not rloo_b["bias_distinguishable"].any()
     checks = pd.read_csv(tmp_path / "checks.csv")
-    assert set(checks["kind"]) == {"tested", "by construction"} and checks["passed"].all()
+    assert set(checks["class"]) == {"tested", "by construction"} and (checks["verdict"] == "confirmed").all()
     assert "\nVerdict: confirmed — tabular: k(reinforce_rtg) = " in text
     assert "| tested |" in text and "| by construction |" in text
     assert (tmp_path / "figures" / "batch_size_variance.png").stat().st_size > 5000
@@ -86,15 +86,15 @@ def test_exponents_bias_and_identity_are_recovered(tmp_path):
 def test_the_verdict_flips_when_a_tested_law_fails(tmp_path, change, failed):
     """Same design as the confirmed case, one tested law broken: the verdict flips."""
     text = load_module(figures=False).analyze(synthetic_frame(**change), tmp_path, "synthetic")
-    assert "\nVerdict: qualified" in text and f"failed: tabular: {failed}" in text
+    assert "\nVerdict: qualified" in text and f"not confirmed: tabular: {failed}" in text
 
 
 def test_checks_by_construction_do_not_count(tmp_path):
     """An unbiased batch mean breaks the 1/B bias identity, a by-construction check: shown
     as failed, but the verdict stays on the tested ones."""
     text = load_module(figures=False).analyze(synthetic_frame(mean_factor=lambda b: 1.0), tmp_path, "s")
-    checks = pd.read_csv(tmp_path / "checks.csv").set_index("check")
-    assert not checks.loc["mean_baseline relative bias at B=2 covers 1/B", "passed"]
+    checks = pd.read_csv(tmp_path / "checks.csv").set_index("claim")
+    assert checks.loc["mean_baseline relative bias at B=2 covers 1/B", "verdict"] == "refuted"
     assert "\nVerdict: confirmed" in text
 
 

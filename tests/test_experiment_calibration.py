@@ -40,7 +40,7 @@ def test_every_part_is_tested_and_flips_with_the_coverage(tmp_path):
     assert "Verdict: qualified" in bad  # the intervals miss, the false-positive rate holds
     for name in ("squared bias", "variance tr Cov", "variance ratio"):
         line = next(x for x in bad.splitlines() if name in x and x.startswith("| the "))
-        assert "| tested | **refuted** |" in line
-    assert "| tested | **confirmed** |" in next(
+        assert "| tested | yes | **refuted** |" in line
+    assert "| tested | yes | **confirmed** |" in next(
         x for x in bad.splitlines() if x.startswith("| the bias verdict fires"))
     assert (tmp_path / "good" / "figures" / "calibration_coverage.png").exists()

@@ -149,22 +149,43 @@ def test_replicate_resamples_share_draws_and_percentile_ends_skip_nan():
     assert hi - lo > np.diff(np.percentile(means, [2.5, 97.5]))[0]
 
 
-# ----------------------------------------------------------------------------- added for
-# baselines/ppo_clip/practice_biases: classed findings and their shared helpers
+# ----------------------------------------------------------------------------- findings
 
 
 def test_only_tested_findings_make_the_headline():
-    tested = ex.Finding("a", Verdict("confirmed", "x = 1"))
-    check = ex.Finding("b", Verdict("refuted", "identity broken"), ex.BY_CONSTRUCTION)
-    extra = ex.Finding("c", Verdict("refuted", "not the text's"), ex.EXTRA)
-    assert ex.headline_verdict([tested, check, extra]).word == "confirmed"
-    assert ex.headline_verdict([tested, ex.Finding("d", Verdict("refuted", "y"))]).word == "qualified"
-    assert ex.headline_verdict([check, extra]).word == "inconclusive"
+    tested = ex.Finding("a", "confirmed", "x = 1")
+    check = ex.Finding("b", "refuted", "identity broken", ex.BY_CONSTRUCTION)
+    extra = ex.Finding("c", "refuted", "not the text's", ex.EXTRA)
+    number = ex.Finding("m", "measured", "argmin 0.9", ex.MEASURED)
+    assert ex.headline_verdict([tested, check, extra, number]).word == "confirmed"
+    assert ex.headline_verdict([tested, ex.Finding("d", "refuted", "y")]).word == "qualified"
+    assert ex.headline_verdict([check, extra, number]).word == "inconclusive"
     lines = ex.findings_section([tested, check], Verdict("confirmed", "z"))
-    assert "| b | by construction | no | refuted | identity broken |" in lines
+    assert "| b | by construction | no | **refuted** | identity broken |" in lines
     assert lines[-2] == "Verdict: confirmed — z."
     with pytest.raises(ValueError, match="not one of"):
-        ex.Finding("e", Verdict("confirmed", "x"), "obvious")
+        ex.Finding("e", "confirmed", "x", "obvious")
+    with pytest.raises(ValueError, match="cannot have the word"):
+        ex.Finding("f", "measured", "x", ex.TESTED)
+    with pytest.raises(ValueError, match="cannot have the word"):
+        ex.Finding("g", "confirmed", "x", ex.MEASURED)
+
+
+def test_an_undecided_check_is_named_and_qualifies_a_confirmation():
+    yes = ex.check("lqr", "k = -1 in the interval", True, "k = -1.0 [-1.1, -0.9]")
+    undecided = ex.check("cartpole", "k = -1 in the interval", None, "2 seeds")
+    assert (yes.word, undecided.word, undecided.label) == (
+        "confirmed", "inconclusive", "cartpole: k = -1 in the interval")
+    assert ex.headline_verdict([yes, undecided], "k = -1.0").word == "qualified"  # not shown everywhere
+    failed = ex.check("tabular", "k = -1 in the interval", False, "k = -0.5 [-0.6, -0.4]")
+    verdict = ex.headline_verdict([yes, undecided, failed], "k per env")
+    assert verdict.word == "qualified" and "tabular: k = -1 in the interval: refuted" in verdict.reason
+    assert "cartpole" in verdict.reason  # the undecided one is named
+    assert ex.headline_verdict([failed, undecided], "k").word == "refuted"
+    assert ex.headline_verdict([undecided], "k").word == "inconclusive"
+    lines = ex.findings_table([yes, undecided])
+    assert lines[0] == "| scope | claim | class | counted | verdict | reason |"
+    assert list(ex.findings_frame([yes])["verdict"]) == ["confirmed"]
 
 
 @pytest.mark.parametrize("words, want", [
@@ -185,12 +206,16 @@ def test_geometric_mean_ratio_and_side_of():
     assert math.isnan(ex.geometric_mean_ratio({0: -1.0}, {0: 1.0}).value)
 
 
-def test_interval_table_formats_intervals_and_marks_missing_ones():
-    from analysis.render import interval_table
+def test_frame_table_formats_intervals_values_and_missing_ones():
+    from analysis.render import frame_table
 
-    lines = interval_table([{"name": "a", "x": 1.0, "x_lo": 0.5, "x_hi": 2.0}, {"name": "b"}],
-                           [("name", "row")], [("x", "x, 95% CI")])
-    assert lines == ["| row | x, 95% CI |", "| --- | --- |", "| a | 1 [0.5, 2] |", "| b | — |"]
+    rows = [{"name": "a", "x": 1.0, "x_lo": 0.5, "x_hi": 2.0, "f": 0.12345, "ok": True},
+            {"name": "b", "f": float("nan"), "ok": False}]
+    lines = frame_table(rows, {"row": "name", "x, 95% CI": "x", "f": ("f", 2), "ok?": "ok",
+                               "twice": lambda r: r["name"] * 2}, missing="—")
+    assert lines == ["| row | x, 95% CI | f | ok? | twice |", "| --- | --- | --- | --- | --- |",
+                     "| a | 1 [0.5, 2] | 0.12 | yes | aa |", "| b | — | — | no | bb |"]
+    assert frame_table(pd.DataFrame(), {"x": "x"}) == ["(no data)"]
 
 
 def test_logged_bool_and_the_exact_objective_at_a_parameter_vector():

@@ -72,8 +72,8 @@ def test_synthetic_trends_and_argmin_are_recovered(tmp_path):
     assert t["mse_argmin"] == 0.5 and t["mse_argmin_lo"] <= 0.5 <= t["mse_argmin_hi"]
     assert t["env_verdict"] == "confirmed"
     assert trends.loc["cartpole", "env_verdict"] == "inconclusive"
-    assert "| lqr: variance rises as λ grows | tested | **confirmed** |" in text
-    assert "| lqr: GAE(λ=1) is unbiased | tested | **confirmed** |" in text
+    assert "| lqr: variance rises as λ grows | tested | yes | **confirmed** |" in text
+    assert "| lqr: GAE(λ=1) is unbiased | tested | yes | **confirmed** |" in text
     assert "Verdict: qualified" in text
     assert (tmp_path / "out" / "figures" / "gae_lambda_bias_variance.png").exists()
 
@@ -97,7 +97,7 @@ def test_lambda_one_bias_counts_only_against_a_critic_free_reference(tmp_path):
         frame = synthetic_frame(tmp_path / reference, biased, seeds=4, reference=reference,
                                 ref_se=0.05)
         texts[reference] = m.analyze(frame, tmp_path / f"out-{reference}", "s")
-    assert "| cartpole: GAE(λ=1) is unbiased | tested | **refuted** |" in texts["reinforce_rtg"]
-    assert "| cartpole: GAE(λ=1) is unbiased | by construction | **refuted** |" in texts["value_baseline"]
+    assert "| cartpole: GAE(λ=1) is unbiased | tested | yes | **refuted** |" in texts["reinforce_rtg"]
+    assert "| cartpole: GAE(λ=1) is unbiased | by construction | no | **refuted** |" in texts["value_baseline"]
     assert "GAE(λ=1) is unbiased: refuted" in texts["reinforce_rtg"].splitlines()[-1]
     assert "GAE(λ=1) is unbiased" not in texts["value_baseline"].splitlines()[-1]

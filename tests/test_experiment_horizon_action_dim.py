@@ -66,7 +66,7 @@ def test_the_verdict_flips_with_the_scale_free_exponents(analysis, tmp_path, a, 
     text = analysis.analyze(synthetic_frame(a, b), tmp_path, "synthetic")
     assert f"\nVerdict: {word}" in text
     checks = pd.read_csv(tmp_path / "checks.csv")
-    assert (checks["kind"] == "tested").all() and len(checks) == 4
+    assert (checks["class"] == "tested").all() and len(checks) == 4
 
 
 def test_two_systems_are_inconclusive(analysis, tmp_path):

@@ -86,10 +86,10 @@ def test_analysis_recovers_directions_and_confirms_when_the_claims_hold(tmp_path
         assert row["reuse_edge_lo"] > 0
     # the synthetic K = 1 and GAE runs differ by noise: the check fails, and being a check
     # by construction it does not move the verdict
-    assert "| K = 1 is GAE | by construction | no | refuted |" in text
+    assert "| K = 1 is GAE | by construction | no | **refuted** |" in text
     for claim in ("the clip bounds the update", "direction holds for K ≤ 4",
                   "re-use beats a plain step of equal length"):
-        assert f"| {claim} | tested | yes | confirmed |" in text, claim
+        assert f"| {claim} | tested | yes | **confirmed** |" in text, claim
     assert "Verdict: confirmed" in text
     assert (tmp_path / "figures" / "ppo_clip_reuse.png").exists()
 
@@ -99,9 +99,9 @@ def test_the_verdict_flips_when_the_claims_fail(tmp_path, monkeypatch):
     monkeypatch.setattr(mod, "exact_steps", fake_exact_steps(-0.05))  # a longer step does better
     frame, _ = synthetic_frame(holds=False)
     text = mod.analyze(frame, tmp_path, "synthetic")
-    assert "| the clip bounds the update | tested | yes | refuted |" in text
-    assert "| direction holds for K ≤ 4 | tested | yes | qualified |" in text  # clip 0.4 holds
-    assert "| re-use beats a plain step of equal length | tested | yes | refuted |" in text
+    assert "| the clip bounds the update | tested | yes | **refuted** |" in text
+    assert "| direction holds for K ≤ 4 | tested | yes | **qualified** |" in text  # clip 0.4 holds
+    assert "| re-use beats a plain step of equal length | tested | yes | **refuted** |" in text
     assert "Verdict: qualified" in text and "Verdict: confirmed" not in text
 
 

@@ -76,11 +76,11 @@ def test_analysis_recovers_known_biases_and_classes_its_findings(tmp_path: Path)
         want_cos = (1 + a) / math.hypot(1 + a, b)
         assert row["cos_mean_lo"] - 1e-3 <= want_cos <= row["cos_mean_hi"] + 1e-3, (habit, row)
         assert abs(row["scale"] - (1 + a)) < 0.02
-    assert "| drop gamma^t: adds bias | tested | yes | confirmed |" in text
-    assert "| drop gamma^t: turns E ĝ | extra | no | confirmed |" in text
-    assert "| normalise advantages: adds bias | by construction | no | confirmed |" in text
-    assert "| normalise advantages: turns E ĝ | tested | yes | refuted |" in text
-    assert "| truncation as termination: adds bias | tested | yes | refuted |" in text
+    assert "| drop gamma^t: adds bias | tested | yes | **confirmed** |" in text
+    assert "| drop gamma^t: turns E ĝ | extra | no | **confirmed** |" in text
+    assert "| normalise advantages: adds bias | by construction | no | **confirmed** |" in text
+    assert "| normalise advantages: turns E ĝ | tested | yes | **refuted** |" in text
+    assert "| truncation as termination: adds bias | tested | yes | **refuted** |" in text
     assert "\nVerdict: qualified" in text
     assert (tmp_path / "figures" / "practice_biases_bias.png").exists()
 
@@ -88,10 +88,10 @@ def test_analysis_recovers_known_biases_and_classes_its_findings(tmp_path: Path)
 def test_the_verdict_flips_with_the_data(tmp_path: Path) -> None:
     mod = load_analysis()
     holds = mod.analyze(synthetic_frame(HOLDS)[0], tmp_path / "holds", "synthetic")
-    assert "| normalise advantages: turns E ĝ | tested | yes | confirmed |" in holds
+    assert "| normalise advantages: turns E ĝ | tested | yes | **confirmed** |" in holds
     assert "\nVerdict: confirmed" in holds
     fails = mod.analyze(synthetic_frame(FAILS)[0], tmp_path / "fails", "synthetic")
-    assert "| normalise advantages: adds bias | by construction | no | confirmed |" in fails
+    assert "| normalise advantages: adds bias | by construction | no | **confirmed** |" in fails
     assert "\nVerdict: refuted" in fails  # the rescaling, by construction, does not count
 
 

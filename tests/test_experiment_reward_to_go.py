@@ -56,7 +56,7 @@ def test_known_ratio_and_unbiasedness_are_recovered(tmp_path):
     assert row["rel_var_reinforce_lo"] <= 2.0 <= row["rel_var_reinforce_hi"]
     assert not row["reinforce_bias_distinguishable"] and not row["reinforce_rtg_bias_distinguishable"]
     checks = pd.read_csv(tmp_path / "out" / "checks.csv")
-    assert (checks["kind"] == "tested").all() and checks["passed"].all() and len(checks) == 3
+    assert (checks["class"] == "tested").all() and (checks["verdict"] == "confirmed").all() and len(checks) == 3
     assert "\nVerdict: confirmed — tabular: Var(rtg)/Var(full) = 0.2" in text
     assert (tmp_path / "out" / "figures" / "reward_to_go_pairs_bias.png").stat().st_size > 5000
 
@@ -78,9 +78,9 @@ def test_a_reference_built_from_reward_to_go_is_by_construction(tmp_path):
     truths = [TrueEstimator("reinforce", 0.0, 2.0), TrueEstimator("reinforce_rtg", 0.0, 0.5)]
     for ref, kind in (("reinforce_rtg", "by construction"), ("rloo", "tested")):
         m.analyze(synthetic_frame(tmp_path / ref, truths, reference=ref), tmp_path / f"out-{ref}", "s")
-        checks = pd.read_csv(tmp_path / f"out-{ref}" / "checks.csv").set_index("kind", drop=False)
-        rtg_check = checks[checks["check"].str.startswith("reinforce_rtg bias")].iloc[0]
-        assert rtg_check["kind"] == kind, ref
+        checks = pd.read_csv(tmp_path / f"out-{ref}" / "checks.csv").set_index("class", drop=False)
+        rtg_check = checks[checks["claim"].str.startswith("reinforce_rtg bias")].iloc[0]
+        assert rtg_check["class"] == kind, ref
 
 
 def test_two_pairs_are_inconclusive(tmp_path):

@@ -80,8 +80,8 @@ def test_the_verdict_follows_the_tested_slope_only(analysis, tmp_path, change, w
     text = analysis.analyze(synthetic_frame(analysis, **change), tmp_path, "synthetic")
     assert f"\nVerdict: {word}" in text
     checks = pd.read_csv(tmp_path / "checks.csv")
-    assert list(checks["kind"]) == ["tested", "by construction"]
-    assert checks["passed"].iloc[1] == ("shift" not in change)
+    assert list(checks["class"]) == ["tested", "by construction"]
+    assert (checks["verdict"].iloc[1] == "confirmed") == ("shift" not in change)
 
 
 def test_analyze_writes_result_files_and_figure(analysis, tmp_path):

@@ -15,7 +15,7 @@ import pandas as pd
 from analysis import experiment as xp
 from analysis.figures import interval_grid
 from analysis.loader import measured_rows
-from analysis.render import format_columns, interval_table
+from analysis.render import format_columns, frame_table
 from analysis.stats import Estimate, mean_ci
 from analysis.table import per_run_values, squared_bias_interval
 from pgvar.estimators import ESTIMATORS
@@ -133,17 +133,17 @@ def claim_word(words: list[str], good: str, counter: str | None) -> str:
 
 def findings(table: pd.DataFrame, comp: pd.DataFrame) -> list[xp.Finding]:
     """Every claim's verdict: the bias claims from the table, the others from ``CLAIMS``."""
-    out = [xp.Finding(name, xp.Verdict(claim_word(list(rows["bias_verdict"]), *words), "; ".join(
+    out = [xp.Finding(name, claim_word(list(rows["bias_verdict"]), *words), "; ".join(
         f"{r['env']} {r['label']} {format_columns(r, 'rel_bias', 2)} (theory {r['expected_rel_bias']:.3g})"
-        for _, r in rows.iterrows()) or "no such row"), kind) for name, rows, kind, words in (
+        for _, r in rows.iterrows()) or "no such row", kind) for name, rows, kind, words in (
         ("unbiased", table[table["expected_rel_bias"] == 0], xp.TESTED, ("unbiased", "biased")),
         ("batch means biased by 1/B", table[table["expected_rel_bias"] > 0], xp.EXTRA, ("1/B", "not 1/B")))]
     for claim, (kind, what, _, good, counter) in CLAIMS.items():
         rows = comp[comp["claim"] == claim] if len(comp) else comp
         words = list(rows.get("word", []))  # 'biased, lower': qualifies, does not refute
-        out.append(xp.Finding(claim, xp.Verdict(claim_word(words, good, counter), f"{what}: " + "; ".join(
+        out.append(xp.Finding(claim, claim_word(words, good, counter), f"{what}: " + "; ".join(
             f"{r['env']} {r['pair']} {format_columns(r, 'ratio')} {r['word']}"
-            for _, r in rows.iterrows())), kind))
+            for _, r in rows.iterrows()), kind))
     return out
 
 
@@ -164,14 +164,14 @@ def write_markdown(summary: tuple, verdict: xp.Verdict, preset: str) -> str:
         (f"Measured at a held-fixed random policy per seed ({n_seeds} seeds), paired across "
          "rows; relative variance = tr Cov[ĝ] / ‖∇J‖² of one batch estimate; relative bias "
          "= √(mean U) / ‖∇J‖ (U the de-noised squared bias); 95% intervals."), "",
-        *interval_table(table.assign(B=table["batch_size"].map("{:.0f}".format)).to_dict("records"),
-                        [("env", "env"), ("B", "B"), ("row", "baseline"), ("expected_rel_bias", "theory"),
-                         ("bias_verdict", "bias verdict")],
-                        [("rel_variance", "rel. variance"), ("var_ratio", "variance / reward-to-go"),
-                         ("rel_bias", "rel. bias"), ("rel_mse", "rel. MSE")]), "",
+        *frame_table(table.assign(B=table["batch_size"].map("{:.0f}".format)), {
+            "env": "env", "B": "B", "baseline": "row", "theory": lambda r: str(r["expected_rel_bias"]),
+            "bias verdict": "bias_verdict", "rel. variance": "rel_variance",
+            "variance / reward-to-go": "var_ratio", "rel. bias": "rel_bias", "rel. MSE": "rel_mse"},
+            missing="—"), "",
         "Paired comparisons (geometric mean over seeds of the per-seed ratio):", "",
-        *interval_table(comp.to_dict("records"), [("env", "env"), ("claim", "claim"), ("class", "class"),
-                                                  ("word", "reading"), ("pair", "ratio")], [("ratio", "95% CI")]), "",
+        *frame_table(comp, {"env": "env", "claim": "claim", "class": "class", "reading": "word",
+                            "ratio": "pair", "95% CI": "ratio"}, missing="—"), "",
         *xp.findings_section(found, verdict)])
 
 

@@ -17,10 +17,20 @@ import numpy as np
 import pandas as pd
 
 from analysis.experiment import (
-    BY_CONSTRUCTION, Experiment, bias_columns, bootstrap_rows, check, checks_verdict, estimate_columns,
-    first_measurements, instance_column)
+    BY_CONSTRUCTION,
+    Experiment,
+    bias_columns,
+    bootstrap_rows,
+    check,
+    estimate_columns,
+    findings_frame,
+    findings_section,
+    first_measurements,
+    headline_verdict,
+    instance_column,
+)
 from analysis.figures import PANEL_HEIGHT, PAPER_WIDTH, error_bars, legend_below, save_figure
-from analysis.render import checks_table, format_columns, frame_table, yes_no
+from analysis.render import format_columns, frame_table, yes_no
 from analysis.stats import NAN_ESTIMATE, mean_ci
 
 RTG, RLOO, MEAN = "reinforce_rtg", "rloo", "mean_baseline"
@@ -112,7 +122,7 @@ def _decided(flag: bool | None, n: int) -> bool | None:
     return None if n < MIN_REPLICATES or flag is None or pd.isna(flag) else bool(flag)
 
 
-def checks(exps: pd.DataFrame, by_b: pd.DataFrame) -> pd.DataFrame:
+def checks(exps: pd.DataFrame, by_b: pd.DataFrame) -> list:
     """Each statement per environment: pass, fail or None (undecided), and its class."""
     records = []
     for env, e in exps.groupby("env", sort=False):
@@ -137,7 +147,7 @@ def checks(exps: pd.DataFrame, by_b: pd.DataFrame) -> pd.DataFrame:
         gap = (b.loc[MEAN]["grad_variance"] / b.loc[RLOO]["grad_variance"] / (1 - 1 / b.loc[MEAN].index) ** 2 - 1).abs().max()
         records.append(check(env, "Var(mean)/Var(rloo) = (1 − 1/B)² at every B", gap < 1e-4,  # float32 estimates
                              f"largest relative gap {gap:.1e}", BY_CONSTRUCTION))
-    return pd.DataFrame.from_records(records)
+    return records
 
 
 def summarise(rows: pd.DataFrame) -> dict[str, pd.DataFrame]:
@@ -147,9 +157,9 @@ def summarise(rows: pd.DataFrame) -> dict[str, pd.DataFrame]:
 
 
 def verdict(s: dict) -> object:
-    """From the checks (``checks_verdict``), with the exponents and the bias at B = 2."""
+    """From the checks (``headline_verdict``), with the exponents and the bias at B = 2."""
     e, m = s["exps"].set_index(["env", "estimator"]), s["by_b"].set_index(["env", "estimator", "B"])
-    return checks_verdict(s["checks"], "; ".join(
+    return headline_verdict(s["checks"], "; ".join(
         f"{env}: k({RTG}) = {format_columns(e.loc[(env, RTG)], 'k')}, rloo's gap to its U-statistic "
         f"law {format_columns(e.loc[(env, RLOO)], 'ustat_gap')} (k = {format_columns(e.loc[(env, RLOO)], 'k')}), "
         f"mean_baseline rel. bias at B={m.loc[(env, MEAN)].index[0]} "
@@ -179,9 +189,7 @@ def render(s: dict, verdict, preset: str) -> str:
                             "Var(mean)/Var(rloo)": lambda r: f"{r[f'{MEAN}_grad_variance'] / r[f'{RLOO}_grad_variance']:.3g}",
                             "theory (1-1/B)²": lambda r: f"{(1 - 1 / r['B']) ** 2:.3g}",
                             "B·Var(B) / (B_max·Var(B_max)), rloo": f"{RLOO}_norm_variance"}),
-        "", "## Checks (only `tested` ones count toward the verdict; `by construction` ones are "
-            "identities of the estimators, shown as sanity checks)", "",
-        *checks_table(s["checks"]), "", verdict.line(), ""])
+        "", *findings_section(s["checks"], verdict)])
 
 
 def figures(s: dict, rows: pd.DataFrame, out_dir: Path) -> list[Path]:
@@ -214,6 +222,6 @@ EXPERIMENT = Experiment("Variance and bias against batch size B", summarise, ver
                         select=select, figures=figures,
                         result_frame=lambda s: s["by_b"].merge(s["exps"].drop(columns="n_replicates"),
                                                                on=["env", "estimator"], how="left"),
-                        more_tables=lambda s: {"checks": s["checks"]},
+                        more_tables=lambda s: {"checks": findings_frame(s["checks"])},
                         empty_reason="no run of reinforce_rtg, rloo or mean_baseline")
 analyze = EXPERIMENT.analyze

@@ -16,7 +16,7 @@ import pandas as pd
 
 from analysis import calibration as cal
 from analysis import experiment as ex
-from analysis.render import estimates_table
+from analysis.render import frame_table
 
 TABULAR = {"n_states": 5, "n_actions": 3, "horizon": 8}
 LQR = {"state_dim": 2, "action_dim": 1, "horizon": 20}
@@ -64,7 +64,7 @@ def report(records: pd.DataFrame, out: Path, preset: str) -> str:
     return text
 
 
-def parts_of(table: pd.DataFrame) -> list[ex.ClaimVerdict]:
+def parts_of(table: pd.DataFrame) -> list[ex.Finding]:
     """Per interval (and the bias verdict's false positives): confirmed when every cell
     with M >= MIN_M meets its target, refuted when none does, else qualified."""
     judged = table[table["M"] >= MIN_M]
@@ -78,7 +78,7 @@ def parts_of(table: pd.DataFrame) -> list[ex.ClaimVerdict]:
         missed = cells[cells["verdict"].str.contains(name)]
         word = "inconclusive" if cells.empty else "confirmed" if missed.empty else \
             "refuted" if len(missed) == len(cells) else "qualified"
-        parts.append(ex.ClaimVerdict(claim, "tested", word, f"met in {len(cells) - len(missed)} of "
+        parts.append(ex.Finding(claim, word, f"met in {len(cells) - len(missed)} of "
                                      f"{len(cells)} cells with M >= {MIN_M}" + "".join(
                                          f"; missed: {r.case} M={r.M}" for r in missed.itertuples())))
     return parts
@@ -92,12 +92,12 @@ def render(table: pd.DataFrame, preset: str) -> str:
     parts = parts_of(table)
     return "\n".join([
         f"# Calibration of the per-measurement intervals ({preset} preset)", "",
-        ex.tested_headline(parts).line(), "", *ex.claim_verdict_lines(parts), "",
+        ex.headline_verdict(parts).line(), "", *ex.findings_table(parts), "",
         (f"Target: coverage {100 * cal.NOMINAL:.0f}% ± {100 * cal.TOLERANCE:.0f} points for every "
          f"interval; false positives of the bias verdict {100 * cal.FP_TARGET[0]:.1f}-"
          f"{100 * cal.FP_TARGET[1]:.1f}% where the bias is 0. Percentages; brackets: Wilson 95% "
          "binomial intervals over the repeats; the columns are explained in README.md."), "",
-        *estimates_table(table.assign(**{c: 100 * table[c] for c in shares}), {
+        *frame_table(table.assign(**{c: 100 * table[c] for c in shares}), {
             "case": "case", "M": "M", "repeats": "repeats", "squared bias": "bias_sq_coverage",
             "truth below": "bias_sq_below", "truth above": "bias_sq_above",
             "false positives": "false_positive", "variance": "variance_coverage",

@@ -18,7 +18,7 @@ import pandas as pd
 
 from analysis import experiment as ex
 from analysis.loader import measured_rows
-from analysis.render import estimates_table, format_columns
+from analysis.render import frame_table, format_columns
 from analysis.stats import Estimate, mean_ci
 from analysis.table import per_run_values, squared_bias_interval
 
@@ -143,7 +143,7 @@ def summarise(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
         pd.DataFrame.from_records([{**rec, **judged(rec)} for rec in records])
 
 
-def parts_of(summary: tuple) -> list[ex.ClaimVerdict]:
+def parts_of(summary: tuple) -> list[ex.Finding]:
     """The claim's parts per env, fitted steps pooled (module doc)."""
     table, tr = summary
     parts = []
@@ -152,24 +152,18 @@ def parts_of(summary: tuple) -> list[ex.ClaimVerdict]:
         lo, hi = sub.loc[sub["lam"].idxmin()], sub.loc[sub["lam"].idxmax()]
         circular = t["reference"] == "MC value_baseline"
         parts += [
-            ex.ClaimVerdict(f"{env}: bias falls as λ grows", "tested", t["bias_word"],
-                            f"relative bias {format_columns(lo, 'rel_bias', 2)} at λ={lo['lam']:g}, "
+            ex.Finding(f"{env}: bias falls as λ grows", t["bias_word"], f"relative bias {format_columns(lo, 'rel_bias', 2)} at λ={lo['lam']:g}, "
                             f"{format_columns(hi, 'rel_bias', 2)} at λ={hi['lam']:g}; Spearman(λ, "
                             f"bias²) {format_columns(t, 'spearman_rel_bias_sq', 2)}"),
-            ex.ClaimVerdict(f"{env}: variance rises as λ grows", "tested", t["variance_word"],
-                            f"variance ×{format_columns(t, 'variance_ratio_1_over_0', 2)} from "
+            ex.Finding(f"{env}: variance rises as λ grows", t["variance_word"], f"variance ×{format_columns(t, 'variance_ratio_1_over_0', 2)} from "
                             f"λ=0 to 1, {t['variance_direction']}; lowest at λ={t['variance_argmin']:g}"),
-            ex.ClaimVerdict(f"{env}: GAE(λ=1) is unbiased", "by construction" if circular
-                            else "tested", "inconclusive" if not math.isfinite(hi["rel_bias_lo"])
-                            else "refuted" if hi["bias_distinguishable"] else "confirmed",
-                            f"relative bias {format_columns(hi, 'rel_bias', 2)} against "
-                            f"{t['reference']}" + (" (GAE(1) itself)" if circular else "")),
-            ex.ClaimVerdict(f"{env}: MSE-optimal λ at B = {lo['batch_size']:g}", "measured",
-                            "measured", f"{format_columns(t, 'mse_argmin')}; bootstrap shares "
-                            f"{t['mse_argmin_shares']}")]
-    return parts + [ex.ClaimVerdict(
-        "the MSE-optimal λ moves towards 1 with more episodes B'", "by construction", "confirmed",
-        "only the variance term of bias² + variance·B/B' shrinks with B'")] * (not tr.empty)
+            ex.Finding(f"{env}: GAE(λ=1) is unbiased", "inconclusive" if not math.isfinite(hi["rel_bias_lo"])
+                            else "refuted" if hi["bias_distinguishable"] else "confirmed", f"relative bias {format_columns(hi, 'rel_bias', 2)} against "
+                            f"{t['reference']}" + (" (GAE(1) itself)" if circular else ""), "by construction" if circular
+                            else "tested"),
+            ex.Finding(f"{env}: MSE-optimal λ at B = {lo['batch_size']:g}", "measured", f"{format_columns(t, 'mse_argmin')}; bootstrap shares "
+                            f"{t['mse_argmin_shares']}", ex.MEASURED)]
+    return parts + [ex.Finding("the MSE-optimal λ moves towards 1 with more episodes B'", "confirmed", "only the variance term of bias² + variance·B/B' shrinks with B'", ex.BY_CONSTRUCTION)] * (not tr.empty)
 
 
 def render(summary: tuple, verdict, preset: str) -> str:
@@ -186,11 +180,11 @@ def render(summary: tuple, verdict, preset: str) -> str:
          f"per seed (paired), measured steps {POOLED} pooled; 95% intervals. References: "
          + "; ".join(f"{t['env']} {t['reference']} (relative SE "
                      f"{format_columns(t, 'ref_rel_se', 2)})" for _, t in pooled.iterrows()) + "."),
-        "", *estimates_table(table, {
+        "", *frame_table(table, {
             "env": "env", "λ": "lam", "rel. bias ‖E ĝ − ∇J‖/‖∇J‖": ("rel_bias", 2),
             "bias ≠ 0?": "bias_distinguishable", "rel. variance": "rel_variance",
             "rel. MSE": "rel_mse", "cos(ĝ, ∇J)": ("cos_ref", 2)}),
-        "", "Trends over λ (bootstrap over seeds, paired across λ):", "", *estimates_table(pooled, {
+        "", "Trends over λ (bootstrap over seeds, paired across λ):", "", *frame_table(pooled, {
             "env": "env", "seeds": "n_paired_seeds", "Spearman(λ, bias²)": ("spearman_rel_bias_sq", 2),
             "Spearman(λ, variance)": ("spearman_rel_variance", 2),
             "variance λ=1 / λ=0 (geo. mean)": "variance_ratio_1_over_0",
@@ -199,23 +193,22 @@ def render(summary: tuple, verdict, preset: str) -> str:
         "", ("MSE-optimal λ had each batch held B' episodes (bias² + variance · B/B', from the "
              "measured per-seed bias² and variance, the critic unchanged; 95% bootstrap CI over "
              "seeds):"), "",
-        *estimates_table(pooled, {"env": "env", **{f"B' = {b}": f"mse_argmin_B{b}"
+        *frame_table(pooled, {"env": "env", **{f"B' = {b}": f"mse_argmin_B{b}"
                                                    for b in OTHER_BATCH_SIZES}}),
         "", ("The verdict against the critic's quality: each measured step alone, the critic "
              "after that many fits (critic loss: its squared error on the batch it was last "
              "fitted to, in-sample; step 0: unfitted):"), "",
-        *estimates_table(by_level.sort_values(["env", "level"]), {
+        *frame_table(by_level.sort_values(["env", "level"]), {
             "env": "env", "critic fits": "level", "critic loss": "critic_fit_loss",
             "bias": "bias_direction", "bias²(λ=0) − bias²(λ=1)": "bias_sq_drop_0_minus_1",
             "variance": "variance_direction",
             "variance λ=1 / λ=0": "variance_ratio_1_over_0", "MSE-optimal λ": "mse_argmin",
             "verdict": "env_verdict"}),
-        "", "Parts of the claim (only tested parts make the headline):", "",
-        *ex.claim_verdict_lines(parts_of(summary)), "", verdict.line(), ""])
+        "", *ex.findings_section(parts_of(summary), verdict)])
 
 
 EXPERIMENT = ex.Experiment(
-    "GAE λ", summarise, lambda summary: ex.tested_headline(parts_of(summary)), render,
+    "GAE λ", summarise, lambda summary: ex.headline_verdict(parts_of(summary)), render,
     select=usable_measurements, per_run=per_run,
     result_frame=lambda summary: ex.sections_frame(**{"lambda": summary[0], "trend": summary[1]}),
     figures=lambda summary, runs, out_dir: ex.plot_estimate_panels([

@@ -17,10 +17,18 @@ import pandas as pd
 import torch
 
 from analysis.experiment import (
-    Experiment, check, checks_verdict, config_of, first_measurements, percentile_ends,
-    replicate_resamples)
+    Experiment,
+    check,
+    config_of,
+    findings_frame,
+    findings_section,
+    first_measurements,
+    headline_verdict,
+    percentile_ends,
+    replicate_resamples,
+)
 from analysis.figures import PAPER_WIDTH, error_bars, save_figure
-from analysis.render import checks_table, format_ci, frame_table
+from analysis.render import format_ci, frame_table
 from pgvar.run import initial_env_and_policy
 
 HEADLINE = "grad_variance_per_J2P"
@@ -117,27 +125,27 @@ def _ci(r, name: str) -> str:
     return format_ci(r[name], r[f"{name}_lo"], r[f"{name}_hi"], 2, style="f")
 
 
-def checks(fits: pd.DataFrame) -> pd.DataFrame:
+def checks(fits: pd.DataFrame) -> list:
     """On the headline quantity, per estimator at the largest gamma: grows with T and with
     d (interval above 0), and the product law's a = 1 and b = 1."""
     main = fits[(fits["gamma"] == fits["gamma"].max()) & (fits["quantity"] == HEADLINE)]
     grows = lambda r, name: None if r["n_seeds"] < MIN_SEEDS or not np.isfinite(r[f"{name}_lo"]) else r[f"{name}_lo"] > 0
-    return pd.DataFrame([check(f"{NAMES.get(r['estimator'], r['estimator'])}, γ = {r['gamma']:g}",
+    return [check(f"{NAMES.get(r['estimator'], r['estimator'])}, γ = {r['gamma']:g}",
                                f"{QUANTITIES[HEADLINE]} ∝ T^a d^b with {name} {law}", test(r, name),
                                f"{name} = {_ci(r, name)} over {r['n_seeds']} systems")
                          for _, r in main.iterrows() for name in "ab"
-                         for law, test in (("> 0", grows), ("= 1", exponent_is_one))])
+                         for law, test in (("> 0", grows), ("= 1", exponent_is_one))]
 
 
 def verdict(s: tuple) -> object:
     """From the tested checks, with every quantity's exponents at the largest gamma."""
     fits = s[0]
     if fits.empty:
-        return checks_verdict(s[2], "no fit: the runs do not vary both T and d")
+        return headline_verdict(s[2], "no fit: the runs do not vary both T and d")
     main = fits[fits["gamma"] == fits["gamma"].max()]
     summary = "; ".join(f"{NAMES.get(r['estimator'], r['estimator'])} {r['quantity_label']}: "
                         f"a = {_ci(r, 'a')}, b = {_ci(r, 'b')}" for _, r in main.iterrows())
-    return checks_verdict(s[2], f"gamma = {main['gamma'].iloc[0]:g}, 95% bootstrap over "
+    return headline_verdict(s[2], f"gamma = {main['gamma'].iloc[0]:g}, 95% bootstrap over "
                                 f"{main['n_seeds'].max()} systems: {summary}")
 
 
@@ -161,8 +169,7 @@ def render(s: tuple, verdict, preset: str) -> str:
                             "quantity": "quantity_label", "a (T exponent)": lambda r: _ci(r, "a"),
                             "b (d exponent)": lambda r: _ci(r, "b"),
                             "R²": lambda r: f"{r['r2']:.3f}"}),
-        "", "Checks (only `tested` ones count toward the verdict):", "", *checks_table(tests),
-        "", verdict.line(), ""])
+        "", *findings_section(tests, verdict)])
 
 
 def figures(s: tuple, runs: pd.DataFrame, out_dir: Path) -> list[Path]:
@@ -185,8 +192,8 @@ def figures(s: tuple, runs: pd.DataFrame, out_dir: Path) -> list[Path]:
 
 EXPERIMENT = Experiment(
     "Gradient variance against horizon and action dimension (LQR)",
-    lambda runs: (fits := all_fits(runs), runs, checks(fits) if len(fits) else pd.DataFrame()),
+    lambda runs: (fits := all_fits(runs), runs, checks(fits) if len(fits) else []),
     verdict, render,
     per_run=per_run_values, figures=figures, result_frame=lambda s: s[0],
-    more_tables=lambda s: {"runs": s[1], "checks": s[2]})
+    more_tables=lambda s: {"runs": s[1], "checks": findings_frame(s[2])})
 analyze = EXPERIMENT.analyze

@@ -1,7 +1,7 @@
 """Language-model fine-tuning estimators against the exact gradient: one verdict per claim.
 
 A run's sweep is the first folder of its ``run_id``. Each ``claim_*`` returns its parts
-(``analysis.experiment.ClaimVerdict``); only tested parts make the headline. The exact
+(``analysis.experiment.Finding``); only tested parts make the headline. The exact
 columns come from the closed-form mean of ``pgvar.sequence_estimators.exact_mean``,
 which rests on the derivation the claims restate: where a claim is that derivation's
 identity (RLOO's mean is grad J, k1's is grad (J - beta KL)) its exact verdict is *by
@@ -18,7 +18,7 @@ import pandas as pd
 
 from analysis import experiment as ex
 from analysis.loader import measured_rows
-from analysis.render import estimates_table, format_columns
+from analysis.render import frame_table, format_columns
 
 TITLE = "Language-model fine-tuning estimators against the exact gradient"
 ORDER = {e: i for i, e in enumerate(["reinforce", "rloo", "grpo", "dr_grpo", "dapo", "bnpo"])}
@@ -77,24 +77,19 @@ def gaps(t: pd.DataFrame, *keys: str) -> str:
         for _, r in t.iterrows())
 
 
-def claim_direction(table: pd.DataFrame) -> list[ex.ClaimVerdict]:
+def claim_direction(table: pd.DataFrame) -> list[ex.Finding]:
     """(1) RLOO and Dr. GRPO point along grad J, GRPO does not; the sampled means agree."""
     exact = table[table["exact_mean_cos"].notna()] if len(table) else table
     if exact.empty:
-        return [ex.ClaimVerdict("(1) directions", "tested", "inconclusive", "no exact means")]
+        return [ex.Finding("(1) directions", "inconclusive", "no exact means")]
     along = exact[exact["estimator"].isin(["rloo", "dr_grpo"])]
     grpo = exact[exact["estimator"] == "grpo"]
     cos = lambda t: "; ".join(f"{r.policy} {r.estimator} {r.exact_mean_cos:.6f}"
                               for r in t.itertuples())
     return [
-        ex.ClaimVerdict("(1) exact means of RLOO and Dr. GRPO along ∇J", "by construction",
-                        word((along["exact_mean_cos"] >= 1 - EXACT_COS_TOL).all()),
-                        f"exact cos {cos(along)} (abar(1) − abar(0) is the same for every prompt)"),
-        ex.ClaimVerdict("(1) GRPO's exact mean is not along ∇J", "tested",
-                        word((grpo["exact_mean_cos"] < 1 - EXACT_COS_TOL).all()),
-                        f"exact cos {cos(grpo)}"),
-        ex.ClaimVerdict("(1) the sampled means agree with the exact ones", "tested",
-                        word(agree(exact)), gaps(exact, "policy", "estimator"))]
+        ex.Finding("(1) exact means of RLOO and Dr. GRPO along ∇J", word((along["exact_mean_cos"] >= 1 - EXACT_COS_TOL).all()), f"exact cos {cos(along)} (abar(1) − abar(0) is the same for every prompt)", ex.BY_CONSTRUCTION),
+        ex.Finding("(1) GRPO's exact mean is not along ∇J", word((grpo["exact_mean_cos"] < 1 - EXACT_COS_TOL).all()), f"exact cos {cos(grpo)}"),
+        ex.Finding("(1) the sampled means agree with the exact ones", word(agree(exact)), gaps(exact, "policy", "estimator"))]
 
 
 def weight_slopes(frame: pd.DataFrame, sweep_prefix: str, label: str) -> pd.DataFrame:
@@ -124,17 +119,17 @@ def weight_slopes(frame: pd.DataFrame, sweep_prefix: str, label: str) -> pd.Data
     return pd.DataFrame(out)
 
 
-def claim_prompt_weights(table: pd.DataFrame) -> list[ex.ClaimVerdict]:
+def claim_prompt_weights(table: pd.DataFrame) -> list[ex.Finding]:
     """(2) GRPO's std normalisation reweights prompts by ~1/std: slope > 0 at every G
     (it reweights), an interval holding 1 at some G (as 1/std)."""
     claim = "(2) GRPO's std normalisation reweights prompts by 1/std"
     rows = table[table["setting"] == STD_ONLY].sort_values("G") if len(table) else table
     if rows.empty:
-        return [ex.ClaimVerdict(claim, "tested", "inconclusive", "no std-scaling runs")]
+        return [ex.Finding(claim, "inconclusive", "no std-scaling runs")]
     reweights = bool((rows["slope_lo"] > 0).all())
     near_one = bool(((rows["slope_lo"] <= 1) & (rows["slope_hi"] >= 1)).any())
     grpo = table[(table["estimator"] == "grpo") & (table["setting"] != STD_ONLY)]
-    return [ex.ClaimVerdict(claim, "tested", "qualified" if reweights and not near_one
+    return [ex.Finding(claim, "qualified" if reweights and not near_one
                             else word(reweights), "; ".join(
         [f"G = {r['G']}: weights {r['weight_min']:.3g}-{r['weight_max']:.3g}, slope of log "
          f"weight on log(1/std) {format_columns(r, 'slope')}, correlation with the exact gap "
@@ -143,19 +138,18 @@ def claim_prompt_weights(table: pd.DataFrame) -> list[ex.ClaimVerdict]:
            for _, r in grpo.iterrows()]))]
 
 
-def claim_length(table: pd.DataFrame) -> list[ex.ClaimVerdict]:
+def claim_length(table: pd.DataFrame) -> list[ex.Finding]:
     """(3) per-completion length normalisation (GRPO) biases the expected length."""
     claim = "(3) per-completion length normalisation biases the expected length"
     by = table[table["policy"] == "table"].set_index("estimator") if len(table) else table
     if "grpo" not in by.index:
-        return [ex.ClaimVerdict(claim, "tested", "inconclusive", "no GRPO runs at initialisation")]
+        return [ex.Finding(claim, "inconclusive", "no GRPO runs at initialisation")]
     g = by.loc["grpo"]
     parts = [f"{e}: {format_columns(by.loc[e], col)} ({kind})" for e, col, kind in
              [(e, "exact_length_bias", "exact") for e in ("grpo", "rloo", "dr_grpo")]
              + [(e, "mc_length_bias", "MC, de-noised") for e in ("dapo", "bnpo")] if e in by.index]
-    return [ex.ClaimVerdict(claim, "tested", word(not g["exact_length_bias_lo"] <= 0
-                                                  <= g["exact_length_bias_hi"]),
-                            "length bias, d E|y| along the unit mean estimate minus along the "
+    return [ex.Finding(claim, word(not g["exact_length_bias_lo"] <= 0
+                                                  <= g["exact_length_bias_hi"]), "length bias, d E|y| along the unit mean estimate minus along the "
                             f"unit ∇J (true: {format_columns(g, 'len_slope_ref')}): "
                             + "; ".join(parts))]
 
@@ -171,15 +165,14 @@ def group_size_table(frame: pd.DataFrame) -> pd.DataFrame:
     return table.assign(prompts_per_batch=int(rows["training.batch_size"].iloc[0]) // table["G"])
 
 
-def claim_group_size(table: pd.DataFrame) -> list[ex.ClaimVerdict]:
+def claim_group_size(table: pd.DataFrame) -> list[ex.Finding]:
     """(4) variance and MSE against G at a fixed budget; the MSE-optimal G."""
     parts = [f"{est}: MSE-optimal G = {best['G']} (scale-free relative MSE "
              f"{format_columns(best, 'sf_mse')}; over G = {', '.join(map(str, g['G']))}: "
              f"{', '.join(f'{v:.3g}' for v in g['sf_mse'])})"
              for est, g in (table.groupby("estimator") if len(table) else [])
              for best in [g.loc[g["sf_mse"].idxmin()]]]
-    return [ex.ClaimVerdict("(4) variance and MSE against G at a fixed budget", "measured",
-                            "measured", "; ".join(parts) or "no group-size runs")]
+    return [ex.Finding("(4) variance and MSE against G at a fixed budget", "measured", "; ".join(parts) or "no group-size runs", ex.MEASURED)]
 
 
 def kl_table(frame: pd.DataFrame) -> pd.DataFrame:
@@ -194,36 +187,29 @@ def kl_table(frame: pd.DataFrame) -> pd.DataFrame:
                                                    "bias_distinguishable", "mc_bias_gap"])
 
 
-def claim_kl(table: pd.DataFrame) -> list[ex.ClaimVerdict]:
+def claim_kl(table: pd.DataFrame) -> list[ex.Finding]:
     """(5) k3 in the loss is biased for grad (J - beta KL); k1 in the reward is not."""
     if (set(table["kl_mode"]) if len(table) else set()) != {"k1_reward", "k3_loss"}:
-        return [ex.ClaimVerdict("(5) KL penalties", "tested", "inconclusive",
-                                "needs KL runs of both modes measured after the first step")]
+        return [ex.Finding("(5) KL penalties", "inconclusive", "needs KL runs of both modes measured after the first step")]
     k1, k3 = table[table["kl_mode"] == "k1_reward"], table[table["kl_mode"] == "k3_loss"]
     last = k3.iloc[-1]
     return [
-        ex.ClaimVerdict("(5) k3 in the loss is biased for ∇(J − βKL)", "tested",
-                        word((k3["exact_rel_bias_lo"] > 1e-3).all()),
-                        f"at step {last['step']} (KL = {last['exact_kl']:.3g}) exact relative "
+        ex.Finding("(5) k3 in the loss is biased for ∇(J − βKL)", word((k3["exact_rel_bias_lo"] > 1e-3).all()), f"at step {last['step']} (KL = {last['exact_kl']:.3g}) exact relative "
                         f"bias {format_columns(last, 'exact_rel_bias')}; Monte Carlo bias "
                         f"distinguishable in {last['bias_distinguishable']:.0%} of the runs"),
-        ex.ClaimVerdict("(5) k1 in the reward is unbiased (exact mean)", "by construction",
-                        word((k1["exact_rel_bias"] < 1e-3).all()),
-                        f"exact relative bias {k1['exact_rel_bias'].max():.1g} (the closed form "
-                        "is ∇(J − βKL))"),
-        ex.ClaimVerdict("(5) the sampled means agree with the exact ones (both modes)", "tested",
-                        word(agree(table)), gaps(table, "kl_mode", "step"))]
+        ex.Finding("(5) k1 in the reward is unbiased (exact mean)", word((k1["exact_rel_bias"] < 1e-3).all()), f"exact relative bias {k1['exact_rel_bias'].max():.1g} (the closed form "
+                        "is ∇(J − βKL))", ex.BY_CONSTRUCTION),
+        ex.Finding("(5) the sampled means agree with the exact ones (both modes)", word(agree(table)), gaps(table, "kl_mode", "step"))]
 
 
-def claim_training(final: pd.DataFrame, start: pd.DataFrame) -> list[ex.ClaimVerdict]:
+def claim_training(final: pd.DataFrame, start: pd.DataFrame) -> list[ex.Finding]:
     """(6) learning curves: final exact J and expected length per estimator."""
-    return [ex.ClaimVerdict("(6) learning curves with expected length", "measured", "measured",
-                            "no training runs" if final.empty else
+    return [ex.Finding("(6) learning curves with expected length", "measured", "no training runs" if final.empty else
                             f"from J = {start['exact_J'].iloc[0]:.3g}, E|y| = "
                             f"{start['exact_length'].iloc[0]:.3g} to, after "
                             f"{final['step'].max() + 1} updates: " + "; ".join(
                                 f"{r['estimator']}: J {format_columns(r, 'exact_J')}, E|y| "
-                                f"{format_columns(r, 'exact_length')}" for _, r in final.iterrows()))]
+                                f"{format_columns(r, 'exact_length')}" for _, r in final.iterrows()), ex.MEASURED)]
 
 
 def analyze(frame: pd.DataFrame, out: Path, preset: str) -> str:
@@ -261,10 +247,9 @@ def analyze(frame: pd.DataFrame, out: Path, preset: str) -> str:
          "kl_mode step runs exact_kl exact_rel_bias grad_rel_bias bias_distinguishable"),
         ("Training (final update)", final, "estimator step runs exact_J exact_length")]
     text = "\n".join([f"# {TITLE} ({preset} preset)", "", *(
-        line for head, table, cols in sections for line in [f"## {head}", "", *estimates_table(
+        line for head, table, cols in sections for line in [f"## {head}", "", *frame_table(
             table, cols if isinstance(cols, dict) else {c: c for c in cols.split()}), ""]),
-        "## Verdicts (only tested parts make the headline)", "",
-        *ex.claim_verdict_lines(parts), "", ex.tested_headline(parts).line(), ""])
+        *ex.findings_section(parts, ex.headline_verdict(parts))])
     (out / "result.md").write_text(text)
     ex.plot_estimate_panels([{"frame": frame, "x": x, "y": y, "by": by, **more} for frame, x, y, by, more in [
         (direction, "estimator", "mc_cos", "policy", {"ylabel": "cos(E ĝ, ∇J), Monte Carlo"}),

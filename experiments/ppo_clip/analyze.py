@@ -18,7 +18,7 @@ from torch.nn.utils import parameters_to_vector
 
 from analysis import experiment as xp
 from analysis.figures import REL_BIAS_LABEL, REL_VAR_LABEL, interval_grid
-from analysis.render import format_columns, interval_table
+from analysis.render import format_columns, frame_table
 from analysis.stats import Estimate, mean_ci
 from pgvar.envs.base import is_exact
 from pgvar.estimators import EstimatorConfig, estimate_gradients
@@ -127,8 +127,7 @@ def clip_finding(runs: pd.DataFrame) -> xp.Finding:
         words.append(xp.side_of(r, 1.0, "bounded", "not bounded"))
         bits.append(f"{env}: ‖θ_K − θ_0‖ at K = {t['K'].max()}, ε = {t['clip'].min():g} over ε = "
                     f"{t['clip'].max():g}: {format_columns(xp.estimate_columns('r', r), 'r')}")
-    return xp.Finding("the clip bounds the update", xp.Verdict(xp.share_word(words, "bounded"),
-                                                               "; ".join(bits) or "no K > 1"))
+    return xp.Finding("the clip bounds the update", xp.share_word(words, "bounded"), "; ".join(bits) or "no K > 1")
 
 
 def gain_finding(table: pd.DataFrame, column: str, claim: str, kind: str) -> xp.Finding:
@@ -136,9 +135,9 @@ def gain_finding(table: pd.DataFrame, column: str, claim: str, kind: str) -> xp.
     t = table[(table["K"] > 1) & (table["K"] <= FEW_EPOCHS)]
     words = [xp.side_of(Estimate(r[column], r[f"{column}_lo"], r[f"{column}_hi"], 0), 0.0,
                         "worse", "beats", "tie") for _, r in t.iterrows()]
-    return xp.Finding(claim, xp.Verdict(xp.share_word(words, "beats"), "ΔJ " + "; ".join(
+    return xp.Finding(claim, xp.share_word(words, "beats"), "ΔJ " + "; ".join(
         f"{r['env']} {r['label']}: {format_columns(r, column, 2, sign=True)}" for _, r in t.iterrows())
-        if len(t) else "no PPO run with 1 < K ≤ 4"), kind)
+        if len(t) else "no PPO run with 1 < K ≤ 4", kind)
 
 
 def findings(summary: tuple) -> list[xp.Finding]:
@@ -153,14 +152,10 @@ def findings(summary: tuple) -> list[xp.Finding]:
     # significantly below GAE's (paired interval below 0); 1 when K = 2 already drifts
     ok = ~((t["d_cos_ref_hi"] < 0) | (t["d_cos_mean_hi"] < 0)).groupby([t["env"], t["clip"]]).cummax()
     safe = t["K"].where(ok).fillna(1).groupby([t["env"], t["clip"]], sort=False).max().astype(int).to_dict()
-    return [xp.Finding("K = 1 is GAE", xp.Verdict(
-                "inconclusive" if math.isnan(gap) else "confirmed" if gap < 1e-6 else "refuted",
-                f"largest |Δ cos_ref| over seeds {gap:.1e}"), xp.BY_CONSTRUCTION),
+    return [xp.Finding("K = 1 is GAE", "inconclusive" if math.isnan(gap) else "confirmed" if gap < 1e-6 else "refuted", f"largest |Δ cos_ref| over seeds {gap:.1e}", xp.BY_CONSTRUCTION),
             clip_finding(runs),
-            xp.Finding(f"direction holds for K ≤ {FEW_EPOCHS}", xp.Verdict(
-                xp.share_word(["holds" if k >= FEW_EPOCHS else "drifts" for k in safe.values()], "holds"),
-                "largest K with both cosines no worse than GAE's: " + ", ".join(
-                    f"{env} ε={clip:g}: {k}" for (env, clip), k in safe.items()))),
+            xp.Finding(f"direction holds for K ≤ {FEW_EPOCHS}", xp.share_word(["holds" if k >= FEW_EPOCHS else "drifts" for k in safe.values()], "holds"), "largest K with both cosines no worse than GAE's: " + ", ".join(
+                    f"{env} ε={clip:g}: {k}" for (env, clip), k in safe.items())),
             gain_finding(table, "reuse_edge", "re-use beats a plain step of equal length", xp.TESTED),
             gain_finding(table, "over_one", "K epochs beat one epoch", xp.EXTRA)]
 
@@ -179,13 +174,13 @@ def markdown(summary: tuple, verdict: xp.Verdict, preset: str) -> str:
             "gradient and along ∇J (advantages from the exact or a fitted V)."), ""]
     for env, t in table.groupby("env", sort=False):
         out += [f"## {env} (ppo_lr = {runs.loc[runs['env'] == env, 'ppo_lr'].max():g})", "",
-                *interval_table((r for _, r in t.iterrows()), [("label", "row")], [
-                    ("cos_ref", "cos(d, ∇J), per batch"), ("d_cos_ref", "Δ vs GAE"),
-                    ("cos_mean", "cos(E d, ∇J)"), ("d_cos_mean", "Δ vs GAE"),
-                    ("rel_bias", "‖E d − ∇J‖/‖∇J‖"), ("rel_variance", "tr Cov/‖∇J‖²"),
-                    ("displacement", "‖θ_K − θ_0‖")]), "", "Exact gains J(θ') − J(θ_0):", "",
-                *interval_table((r for _, r in t[t["gain_ppo"].notna()].iterrows()),
-                                [("label", "row")], list(GAINS.items()), sign=True), ""]
+                *frame_table(t, {"row": "label", "cos(d, ∇J), per batch": "cos_ref", "Δ vs GAE": "d_cos_ref",
+                                 "cos(E d, ∇J)": "cos_mean", "Δ vs GAE ": "d_cos_mean",
+                                 "‖E d − ∇J‖/‖∇J‖": "rel_bias", "tr Cov/‖∇J‖²": "rel_variance",
+                                 "‖θ_K − θ_0‖": "displacement"}, missing="—"),
+                "", "Exact gains J(θ') − J(θ_0):", "",
+                *frame_table(t[t["gain_ppo"].notna()], {"row": "label", **{h: c for c, h in GAINS.items()}},
+                             missing="—", sign=True), ""]
     return "\n".join(out + xp.findings_section(findings(summary), verdict))
 
 

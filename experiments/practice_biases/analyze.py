@@ -14,7 +14,7 @@ import pandas as pd
 
 from analysis import experiment as xp
 from analysis.figures import interval_grid
-from analysis.render import format_ci, format_columns, interval_table
+from analysis.render import format_ci, format_columns, frame_table
 from analysis.stats import mean_ci
 from pgvar.exact_mean import ENVS_WITH_EXACT_MEAN, exact_gradient, expected_gradient
 from pgvar.run import initial_env_and_policy
@@ -162,8 +162,9 @@ FINDINGS = [("drop gamma^t", "adds bias", bias_verdict, xp.TESTED),
 
 def findings(table: pd.DataFrame) -> list[xp.Finding]:
     """Every habit's findings (``FINDINGS``) for the habits the runs hold."""
-    return [xp.Finding(f"{habit}: {what}", judge(table, habit), kind)
-            for habit, what, judge, kind in FINDINGS if habit in set(table["habit"])]
+    return [xp.Finding(f"{habit}: {what}", v.word, v.reason, kind)
+            for habit, what, judge, kind in FINDINGS if habit in set(table["habit"])
+            for v in [judge(table, habit)]]
 
 
 COLUMNS = [("rel_bias", "‖E ĝ − ∇J‖/‖∇J‖"), ("pred_rel_bias", "exact"),
@@ -180,8 +181,9 @@ def markdown(table: pd.DataFrame, verdict: xp.Verdict, preset: str) -> str:
             "critic); 'exact added bias' = ‖E ĝ_habit − E ĝ_control‖/‖∇J‖. ‖E ĝ − ∇J‖² = "
             "(s − 1)²‖∇J‖² + ‖E ĝ − s∇J‖²: bias along ∇J (scale s) and across it."), ""]
     for habit in [h for h in FLAGS if h in set(table["habit"])]:
-        out += [f"## {habit}", "", f"Claim: {CLAIMS[habit]}", "", *interval_table(
-            table[table["habit"] == habit].to_dict("records"), [("cell", "cell"), ("arm", "arm")], COLUMNS), ""]
+        out += [f"## {habit}", "", f"Claim: {CLAIMS[habit]}", "", *frame_table(
+            table[table["habit"] == habit], {"cell": "cell", "arm": "arm", **{h: c for c, h in COLUMNS}},
+            missing="—"), ""]
     return "\n".join(out + xp.findings_section(findings(table), verdict))
 
 

@@ -17,10 +17,19 @@ import numpy as np
 import pandas as pd
 
 from analysis.experiment import (
-    BY_CONSTRUCTION, Experiment, bias_columns, check, checks_verdict, estimate_columns,
-    first_measurements, instance_column)
+    BY_CONSTRUCTION,
+    Experiment,
+    bias_columns,
+    check,
+    estimate_columns,
+    findings_frame,
+    findings_section,
+    first_measurements,
+    headline_verdict,
+    instance_column,
+)
 from analysis.figures import PANEL_HEIGHT, PAPER_WIDTH, error_bars, save_figure
-from analysis.render import checks_table, format_ci, format_columns, frame_table, yes_no
+from analysis.render import format_ci, format_columns, frame_table, yes_no
 from analysis.stats import mean_ci, ratio_ci
 from analysis.table import reference_kind
 
@@ -54,7 +63,7 @@ def reference_estimator(rows: pd.DataFrame) -> str | None:
     return str(rows["training.reference.estimator"].fillna("reinforce_rtg").iloc[0])
 
 
-def env_checks(env: str, record: dict, ref_estimator: str | None) -> list[dict]:
+def env_checks(env: str, record: dict, ref_estimator: str | None) -> list:
     """The ratio below 1 and both biases not distinguishable, for one environment."""
     enough = record["n_pairs"] >= MIN_PAIRS
     lo, hi = record["ratio_geo_lo"], record["ratio_geo_hi"]
@@ -97,13 +106,13 @@ def summarise(rows: pd.DataFrame) -> dict[str, pd.DataFrame]:
     pairs = paired_variances(rows)
     result = pd.DataFrame([summarise_env(str(env), rows[rows["env"] == env], p)
                            for env, p in pairs.groupby("env", sort=False) if len(p) >= 2])
-    return {"result": result, "checks": pd.DataFrame([c for _, r in result.iterrows()
-                                                      for c in env_checks(r["env"], r, r["reference_estimator"])])}
+    return {"result": result, "checks": [c for _, r in result.iterrows()
+                                    for c in env_checks(r["env"], r, r["reference_estimator"])]}
 
 
 def verdict(s: dict):
     """From the tested checks, with every environment's ratio and biases."""
-    return checks_verdict(s["checks"], "; ".join(
+    return headline_verdict(s["checks"], "; ".join(
         f"{r['env']}: Var(rtg)/Var(full) = {format_columns(r, 'ratio_geo', 2)} over {r['n_pairs']} pairs, bias "
         f"distinguishable from 0: full {yes_no(r[f'{FULL}_bias_distinguishable'])}, rtg "
         f"{yes_no(r[f'{RTG}_bias_distinguishable'])}" for _, r in s["result"].iterrows()))
@@ -128,8 +137,7 @@ def render(s: dict, verdict, preset: str) -> str:
                 lambda r: " / ".join(yes_no(r[f"{e}_bias_distinguishable"]) for e in ESTIMATORS),
             "rel. bias 95% upper bound (full / rtg)":
                 lambda r: " / ".join(f"{r[f'{e}_rel_bias_hi']:.2g}" for e in ESTIMATORS)}),
-        "", "Checks (only `tested` ones count toward the verdict):", "", *checks_table(s["checks"]),
-        "", verdict.line(), ""])
+        "", *findings_section(s["checks"], verdict)])
 
 
 def figures(s: dict, runs: pd.DataFrame, out_dir: Path) -> list[Path]:
@@ -156,5 +164,5 @@ def figures(s: dict, runs: pd.DataFrame, out_dir: Path) -> list[Path]:
 
 EXPERIMENT = Experiment("Reward-to-go against the full return", summarise, verdict, render,
                         select=select, figures=figures, result_frame=lambda s: s["result"],
-                        more_tables=lambda s: {"checks": s["checks"]}, empty_reason="no environment has two paired runs of both estimators")
+                        more_tables=lambda s: {"checks": findings_frame(s["checks"])}, empty_reason="no environment has two paired runs of both estimators")
 analyze = EXPERIMENT.analyze

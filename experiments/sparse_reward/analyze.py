@@ -17,10 +17,19 @@ import torch
 from scipy.stats import binomtest
 
 from analysis.experiment import (
-    BY_CONSTRUCTION, Experiment, check, checks_verdict, estimate_columns, first_measurements,
-    percentile_ends, replicate_resamples)
+    BY_CONSTRUCTION,
+    Experiment,
+    check,
+    estimate_columns,
+    findings_frame,
+    findings_section,
+    first_measurements,
+    headline_verdict,
+    percentile_ends,
+    replicate_resamples,
+)
 from analysis.figures import PAPER_WIDTH, error_bars, save_figure
-from analysis.render import checks_table, format_columns, frame_table
+from analysis.render import format_columns, frame_table
 from analysis.stats import NAN_ESTIMATE, mean_ci, ratio_ci
 from pgvar.envs.registry import make_env
 
@@ -101,16 +110,16 @@ def sparsity_slope(runs: pd.DataFrame) -> dict:
     return {"slope": float(slope(v.mean(axis=0))), "slope_lo": lo, "slope_hi": hi, "points": len(keep)}
 
 
-def checks(cells: pd.DataFrame, slopes: pd.DataFrame) -> pd.DataFrame:
+def checks(cells: pd.DataFrame, slopes: pd.DataFrame) -> list:
     """Tested: N1 ∝ 1/p_reach per (T, estimator); by construction: the zero-fraction bound."""
     out = [check(f"T = {r['T']}, {r['estimator']}", "episodes for SNR 1 grow as 1/p_reach: slope 1 in the interval",
                  None if np.isnan(r["slope_lo"]) else bool(r["slope_lo"] <= 1 <= r["slope_hi"]),
                  f"s = {format_columns(r, 'slope')} over {r['points']} cells with p_reach ≤ {SPARSE}")
            for _, r in slopes.iterrows()]
     below = cells[cells["below_prediction"]]
-    return pd.DataFrame(out + [check("all cells", "zero-gradient fraction not below (1 − p_reach)^B", below.empty,
+    return out + [check("all cells", "zero-gradient fraction not below (1 − p_reach)^B", below.empty,
                                      f"{len(below)} of {len(cells)} cells below, "
-                                     f"{int(cells['above_prediction'].sum())} above", BY_CONSTRUCTION)])
+                                     f"{int(cells['above_prediction'].sum())} above", BY_CONSTRUCTION)]
 
 
 def summarise(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
@@ -134,7 +143,7 @@ def verdict(s: dict):
     main = cells[(cells["T"] == T) & (cells["estimator"] == cells["estimator"].min())]
     finite = main[main["p_reach"] * main["batches"] / main["seeds"] * main["B"] >= MIN_HITS]  # N1 measurable
     far = finite.iloc[-1] if len(finite) else main.iloc[-1]
-    return checks_verdict(s["checks"], (
+    return headline_verdict(s["checks"], (
         f"at T = {T} ({far['estimator']}) the fraction of batches (B = {far['B']}) with an exactly "
         f"zero gradient rises to {format_columns(main.iloc[-1], 'zero_fraction', style='f')} at "
         f"distance {main.iloc[-1]['distance']} (predicted {main.iloc[-1]['predicted_zero_fraction']:.3f}); "
@@ -171,8 +180,7 @@ def render(s: dict, verdict, preset: str) -> str:
         f"Episodes for SNR 1: N1 = B·tr Cov/‖∇J‖² (ratio of means over seeds); its slope s on "
         f"log(1/p_reach) over the cells with p_reach ≤ {SPARSE} (bootstrap over seeds):", "",
         *frame_table(s["slopes"], {"T": "T", "estimator": "estimator", "cells": "points", "slope s": "slope"}),
-        "", "Checks (only `tested` ones count toward the verdict):", "", *checks_table(s["checks"]),
-        "", verdict.line(), ""])
+        "", *findings_section(s["checks"], verdict)])
 
 
 def figures(s: dict, runs: pd.DataFrame, out_dir: Path) -> list[Path]:
@@ -200,5 +208,5 @@ def figures(s: dict, runs: pd.DataFrame, out_dir: Path) -> list[Path]:
 EXPERIMENT = Experiment("Sparse rewards: gradient signal against the distance to the reward (chain)",
                         summarise, verdict, render, per_run=per_run_values, figures=figures,
                         result_frame=lambda s: s["cells"],
-                        more_tables=lambda s: {"slopes": s["slopes"], "checks": s["checks"]})
+                        more_tables=lambda s: {"slopes": s["slopes"], "checks": findings_frame(s["checks"])})
 analyze = EXPERIMENT.analyze
