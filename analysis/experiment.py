@@ -17,7 +17,10 @@ hand them to an ``Experiment``, whose ``analyze`` is what the module exports:
    ``sqrt_estimate``;
 4. ``verdict(summary)``: a ``Verdict``: ``confirmed``, ``qualified``, ``refuted`` or
    ``inconclusive``, always with the reason in numbers (``inconclusive`` too: say what is
-   missing, such as too few seeds);
+   missing, such as too few seeds). An experiment with several claims states each as a
+   ``Finding`` (tested, by construction, extra or measured; ``check`` for a yes/no one)
+   and returns ``headline_verdict(findings)``, which only the tested ones make;
+   ``findings_section`` renders them in result.md;
 5. ``render(summary, verdict, preset)``: result.md, with ``analysis.render.format_ci`` for
    every interval and ``analysis.render.markdown_table`` for every table; ``figures``
    (optional) saves through ``analysis.figures.save_figure``.
@@ -113,6 +116,27 @@ def combined_word(words: list[str]) -> str:
     if not words:
         return "inconclusive"
     return words[0] if len(set(words)) == 1 else "qualified"
+
+
+def share_word(words: list[str], good: str, undecided: tuple[str, ...] = ("inconclusive",)) -> str:
+    """A claim's verdict from the words of its comparisons: confirmed when every one is
+    ``good``, qualified when some are, refuted when none is; inconclusive when every word
+    is ``undecided``."""
+    if all(w in undecided for w in words):
+        return "inconclusive"
+    return "confirmed" if set(words) == {good} else "qualified" if good in words else "refuted"
+
+
+def side_of(est: Estimate, at: float, below: str, above: str,
+            same: str = "indistinguishable") -> str:
+    """``below`` / ``above`` when the 95% interval lies entirely on that side of ``at``,
+    ``same`` when it holds ``at``, ``inconclusive`` when it has no finite ends."""
+    if not (math.isfinite(est.lo) and math.isfinite(est.hi)):
+        return "inconclusive"
+    return below if est.hi < at else above if est.lo > at else same
+
+
+# ----------------------------------------------------------------------------- findings
 
 
 TESTED, BY_CONSTRUCTION, EXTRA, MEASURED = "tested", "by construction", "extra", "measured"
@@ -319,6 +343,14 @@ def config_of(row: pd.Series) -> dict:
     return config
 
 
+def logged_bool(value: object) -> bool | None:
+    """A boolean config value as logged (True/False, or the text 'true'/'false'); None when
+    the run did not log it (NaN or None)."""
+    if isinstance(value, str):
+        return value.strip().lower() == "true"
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else bool(value)
+
+
 # ----------------------------------------------------------------------------- statistics
 
 
@@ -331,6 +363,46 @@ def sqrt_estimate(est: Estimate) -> Estimate:
 def estimate_columns(name: str, est: Estimate) -> dict[str, float]:
     """``{name: value, name_lo: lo, name_hi: hi}`` for a summary record."""
     return {name: est.value, f"{name}_lo": est.lo, f"{name}_hi": est.hi}
+
+
+def mean_columns(runs: pd.DataFrame, metrics) -> dict[str, float]:
+    """``estimate_columns`` of the mean across runs (``mean_ci``) of each of ``metrics``."""
+    return {k: v for m in metrics for k, v in
+            estimate_columns(m, mean_ci(runs[m].to_numpy(float))).items()}
+
+
+def means_by_group(rows: pd.DataFrame, keys: list[str], columns: list[str]) -> pd.DataFrame:
+    """Per group of ``keys``: ``runs`` (rows in it) and, per column, its mean with a 95%
+    interval (``COL``, ``COL_lo``, ``COL_hi``; NaN when absent): ``mean_ci``'s bootstrap,
+    or for a column with its logged standard errors beside it (``COL_se``: unbiased
+    estimates such as U) ``analysis.table.squared_bias_interval``'s hull of both."""
+    from analysis.table import squared_bias_interval
+
+    out = []
+    for key, g in rows.groupby(keys, sort=True):
+        rec: dict[str, object] = dict(zip(keys, key if isinstance(key, tuple) else (key,)))
+        rec["runs"] = len(g)
+        for col in columns:
+            est = Estimate(math.nan, math.nan, math.nan, 0) if col not in g else \
+                squared_bias_interval(g, col) if f"{col}_se" in g else mean_ci(g[col].to_numpy(float))
+            rec.update(estimate_columns(col, est))
+        out.append(rec)
+    return pd.DataFrame(out)
+
+
+def bias_columns(rows: pd.DataFrame) -> dict[str, object]:
+    """The de-noised relative squared bias of one estimator's runs across replicates
+    (``analysis.table.squared_bias_interval``), its root, and whether the bias is
+    distinguishable from 0 (absolute and relative intervals above 0, as the table
+    decides; None without an interval)."""
+    from analysis.table import per_run_values, squared_bias_interval
+
+    values = per_run_values(rows)
+    b2 = squared_bias_interval(values, "grad_bias_sq")
+    rel = squared_bias_interval(values, "grad_rel_bias_sq")
+    decided = math.isfinite(b2.lo) and math.isfinite(rel.lo)
+    return {**estimate_columns("rel_bias_sq", rel), **estimate_columns("rel_bias", sqrt_estimate(rel)),
+            "bias_distinguishable": bool(b2.lo > 0 and rel.lo > 0) if decided else None}
 
 
 def paired_difference(runs: pd.DataFrame, baseline: pd.DataFrame, metric: str) -> Estimate:
@@ -397,6 +469,9 @@ def pooled_cosine_difference(runs: pd.DataFrame, baseline: pd.DataFrame,
     return _paired_estimate(arrays, _cosine_difference)
 
 
+# ----------------------------------------------------------------------------- paired replicates
+
+
 def replicate_resamples(n: int, seed: int = 0, n_resamples: int = N_RESAMPLES) -> np.ndarray:
     """[n_resamples, n] indices of whole replicates (seeds, systems) drawn with replacement.
 
@@ -415,23 +490,16 @@ def percentile_ends(draws: np.ndarray, n: int, axis: int = 0) -> tuple:
     return lo, hi
 
 
-def means_by_group(rows: pd.DataFrame, keys: list[str], columns: list[str]) -> pd.DataFrame:
-    """Per group of ``keys``: ``runs`` (rows in it) and, per column, its mean with a 95%
-    interval (``COL``, ``COL_lo``, ``COL_hi``; NaN when absent): ``mean_ci``'s bootstrap,
-    or for a column with its logged standard errors beside it (``COL_se``: unbiased
-    estimates such as U) ``analysis.table.squared_bias_interval``'s hull of both."""
-    from analysis.table import squared_bias_interval
-
-    out = []
-    for key, g in rows.groupby(keys, sort=True):
-        rec: dict[str, object] = dict(zip(keys, key if isinstance(key, tuple) else (key,)))
-        rec["runs"] = len(g)
-        for col in columns:
-            est = Estimate(math.nan, math.nan, math.nan, 0) if col not in g else \
-                squared_bias_interval(g, col) if f"{col}_se" in g else mean_ci(g[col].to_numpy(float))
-            rec.update(estimate_columns(col, est))
-        out.append(rec)
-    return pd.DataFrame(out)
+def bootstrap_rows(w: np.ndarray, statistic, seed: int = 0) -> tuple[np.ndarray, ...]:
+    """``statistic(w)`` (a scalar or a vector) and its expanded-percentile 95% interval
+    from resampling the rows (replicates) of ``w`` (``replicate_resamples``); NaN ends
+    below two rows."""
+    value = np.atleast_1d(np.asarray(statistic(w), float))
+    if w.shape[0] < 2:
+        return value, np.full_like(value, math.nan), np.full_like(value, math.nan)
+    draws = np.array([np.atleast_1d(statistic(w[idx]))
+                      for idx in replicate_resamples(w.shape[0], seed)], float)
+    return (value, *percentile_ends(draws, w.shape[0]))
 
 
 def paired_matrix(runs: pd.DataFrame, x: str, column: str,
@@ -445,6 +513,34 @@ def paired_matrix(runs: pd.DataFrame, x: str, column: str,
 def _with_min_n(est: Estimate, min_n: int) -> Estimate:
     """The estimate, without its interval when it rests on fewer than ``min_n`` replicates."""
     return est if est.n >= min_n else Estimate(est.value, math.nan, math.nan, est.n)
+
+
+def paired_mean(values: np.ndarray, min_n: int = 3) -> Estimate:
+    """``mean_ci`` of per-replicate values, without an interval below ``min_n`` of them."""
+    return _with_min_n(mean_ci(values), min_n)
+
+
+def geometric_mean_ratio(numerator: dict, denominator: dict, min_n: int = 3) -> Estimate:
+    """Geometric mean over the keys both hold (seeds) of ``numerator[k] / denominator[k]``,
+    with the interval of the mean log ratio (``mean_ci``) mapped back by exp: paired and
+    scale-free, so every replicate weighs the same (a ratio of means is dominated by the
+    replicate with the largest values). Non-positive pairs are left out; no interval below
+    ``min_n`` pairs; NaN with none."""
+    keys = [k for k in numerator if k in denominator and numerator[k] > 0 and denominator[k] > 0]
+    if not keys:
+        return Estimate(math.nan, math.nan, math.nan, 0)
+    return _with_min_n(mean_ci(np.log([numerator[k] / denominator[k] for k in keys])).map(math.exp),
+                       min_n)
+
+
+def paired_ratio(xs: np.ndarray, values: np.ndarray, num: float, den: float,
+                 min_n: int = 3) -> Estimate:
+    """The curve at x=``num`` over the curve at x=``den`` (nearest x), replicate by
+    replicate: ``geometric_mean_ratio`` of the two columns of ``values`` [R, L]."""
+    if values.shape[0] < 1 or not (math.isfinite(num) and math.isfinite(den)):
+        return Estimate(math.nan, math.nan, math.nan, 0)
+    a, b = (dict(enumerate(values[:, int(np.argmin(np.abs(xs - v)))])) for v in (num, den))
+    return geometric_mean_ratio(a, b, min_n)
 
 
 def curve_trend(xs: np.ndarray, values: np.ndarray, min_n: int = 3) -> Estimate:
@@ -483,25 +579,6 @@ def curve_argmin(xs: np.ndarray, values: np.ndarray, min_n: int = 3) -> dict[str
             "shares": {float(v): float(np.mean(picks == v)) for v in xs if np.any(picks == v)}}
 
 
-def paired_ratio(xs: np.ndarray, values: np.ndarray, num: float, den: float,
-                 min_n: int = 3) -> Estimate:
-    """The curve at x=``num`` over the curve at x=``den`` (nearest x): the geometric mean
-    over replicates of the per-replicate ratios (paired, scale-free), with the interval of
-    the mean log ratio mapped back by exp."""
-    if values.shape[0] < 1 or not (math.isfinite(num) and math.isfinite(den)):
-        return Estimate(math.nan, math.nan, math.nan, 0)
-    a, b = (values[:, int(np.argmin(np.abs(xs - v)))] for v in (num, den))
-    ok = (a > 0) & (b > 0)
-    if not ok.any():
-        return Estimate(math.nan, math.nan, math.nan, 0)
-    return _with_min_n(mean_ci(np.log(a[ok] / b[ok])).map(math.exp), min_n)
-
-
-def paired_mean(values: np.ndarray, min_n: int = 3) -> Estimate:
-    """``mean_ci`` of per-replicate values, without an interval below ``min_n`` of them."""
-    return _with_min_n(mean_ci(values), min_n)
-
-
 def slope_estimate(x: np.ndarray, y: np.ndarray) -> Estimate:
     """Least-squares slope of y on x with the paired bootstrap interval over the points
     (NaN below three points or without spread in x)."""
@@ -515,6 +592,39 @@ def slope_estimate(x: np.ndarray, y: np.ndarray) -> Estimate:
 def _slope(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
     xc = x - x.mean(axis=axis, keepdims=True)
     return (xc * (y - y.mean(axis=axis, keepdims=True))).sum(axis) / (xc ** 2).sum(axis)
+
+
+# ----------------------------------------------------------------------------- exact references
+
+
+def exact_objective_at(env, policy, theta) -> float:
+    """The exact J of ``policy`` with its parameters replaced by the flat vector ``theta``
+    (``policy.parameters()`` order); the policy itself is left as it was."""
+    import copy
+
+    import torch
+    from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+    moved = copy.deepcopy(policy)
+    vector_to_parameters(theta.to(parameters_to_vector(policy.parameters()).dtype),
+                         moved.parameters())
+    with torch.no_grad():
+        return float(env.exact_objective(moved))
+
+
+def held_out_critic(run_cfg, env, policy, index: int, episodes: int):
+    """A critic independent of any batch it will serve: the exact V where the environment
+    has one (tabular), else the run's kind of critic fitted on ``episodes`` fresh episodes
+    of ``policy`` (``pgvar.measured_step.fresh_critic`` at step ``index``)."""
+    from pgvar.critics import make_critic
+    from pgvar.measured_step import fresh_critic
+
+    if callable(getattr(env, "exact_values", None)):
+        return make_critic(env, "exact", policy=policy)
+    return fresh_critic(run_cfg, env, policy, index, episodes)
+
+
+# ----------------------------------------------------------------------------- figures
 
 
 def plot_estimate_panels(panels: list[dict], out_dir: Path, name: str, ncols: int = 3) -> list[Path]:
@@ -556,102 +666,3 @@ def plot_estimate_panels(panels: list[dict], out_dir: Path, name: str, ncols: in
                ncol=min(6, max(1, len(labels))), frameon=False, fontsize=7)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     return save_figure(fig, out_dir, name)
-
-
-def bias_columns(rows: pd.DataFrame) -> dict[str, object]:
-    """The de-noised relative squared bias of one estimator's runs across replicates
-    (``analysis.table.squared_bias_interval``), its root, and whether the bias is
-    distinguishable from 0 (absolute and relative intervals above 0, as the table
-    decides; None without an interval)."""
-    from analysis.table import per_run_values, squared_bias_interval
-
-    values = per_run_values(rows)
-    b2 = squared_bias_interval(values, "grad_bias_sq")
-    rel = squared_bias_interval(values, "grad_rel_bias_sq")
-    decided = math.isfinite(b2.lo) and math.isfinite(rel.lo)
-    return {**estimate_columns("rel_bias_sq", rel), **estimate_columns("rel_bias", sqrt_estimate(rel)),
-            "bias_distinguishable": bool(b2.lo > 0 and rel.lo > 0) if decided else None}
-
-
-def bootstrap_rows(w: np.ndarray, statistic, seed: int = 0) -> tuple[np.ndarray, ...]:
-    """``statistic(w)`` (a scalar or a vector) and its expanded-percentile 95% interval
-    from resampling the rows (replicates) of ``w`` (``replicate_resamples``); NaN ends
-    below two rows."""
-    value = np.atleast_1d(np.asarray(statistic(w), float))
-    if w.shape[0] < 2:
-        return value, np.full_like(value, math.nan), np.full_like(value, math.nan)
-    draws = np.array([np.atleast_1d(statistic(w[idx]))
-                      for idx in replicate_resamples(w.shape[0], seed)], float)
-    return (value, *percentile_ends(draws, w.shape[0]))
-
-
-def geometric_mean_ratio(numerator: dict, denominator: dict, min_n: int = 3) -> Estimate:
-    """Geometric mean over the keys both hold (seeds) of ``numerator[k] / denominator[k]``,
-    with the interval of the mean log ratio (``mean_ci``) mapped back by exp: paired and
-    scale-free, so every replicate weighs the same (a ratio of means is dominated by the
-    replicate with the largest values). Non-positive pairs are left out; no interval below
-    ``min_n`` pairs; NaN with none."""
-    keys = [k for k in numerator if k in denominator and numerator[k] > 0 and denominator[k] > 0]
-    if not keys:
-        return Estimate(math.nan, math.nan, math.nan, 0)
-    est = mean_ci(np.log([numerator[k] / denominator[k] for k in keys])).map(math.exp)
-    return est if len(keys) >= min_n else Estimate(est.value, math.nan, math.nan, est.n)
-
-
-def side_of(est: Estimate, at: float, below: str, above: str,
-            same: str = "indistinguishable") -> str:
-    """``below`` / ``above`` when the 95% interval lies entirely on that side of ``at``,
-    ``same`` when it holds ``at``, ``inconclusive`` when it has no finite ends."""
-    if not (math.isfinite(est.lo) and math.isfinite(est.hi)):
-        return "inconclusive"
-    return below if est.hi < at else above if est.lo > at else same
-
-
-def share_word(words: list[str], good: str, undecided: tuple[str, ...] = ("inconclusive",)) -> str:
-    """A claim's verdict from the words of its comparisons: confirmed when every one is
-    ``good``, qualified when some are, refuted when none is; inconclusive when every word
-    is ``undecided``."""
-    if all(w in undecided for w in words):
-        return "inconclusive"
-    return "confirmed" if set(words) == {good} else "qualified" if good in words else "refuted"
-
-
-def mean_columns(runs: pd.DataFrame, metrics) -> dict[str, float]:
-    """``estimate_columns`` of the mean across runs (``mean_ci``) of each of ``metrics``."""
-    return {k: v for m in metrics for k, v in
-            estimate_columns(m, mean_ci(runs[m].to_numpy(float))).items()}
-
-
-def exact_objective_at(env, policy, theta) -> float:
-    """The exact J of ``policy`` with its parameters replaced by the flat vector ``theta``
-    (``policy.parameters()`` order); the policy itself is left as it was."""
-    import copy
-
-    import torch
-    from torch.nn.utils import parameters_to_vector, vector_to_parameters
-
-    moved = copy.deepcopy(policy)
-    vector_to_parameters(theta.to(parameters_to_vector(policy.parameters()).dtype),
-                         moved.parameters())
-    with torch.no_grad():
-        return float(env.exact_objective(moved))
-
-
-def logged_bool(value: object) -> bool | None:
-    """A boolean config value as logged (True/False, or the text 'true'/'false'); None when
-    the run did not log it (NaN or None)."""
-    if isinstance(value, str):
-        return value.strip().lower() == "true"
-    return None if value is None or (isinstance(value, float) and math.isnan(value)) else bool(value)
-
-
-def held_out_critic(run_cfg, env, policy, index: int, episodes: int):
-    """A critic independent of any batch it will serve: the exact V where the environment
-    has one (tabular), else the run's kind of critic fitted on ``episodes`` fresh episodes
-    of ``policy`` (``pgvar.measured_step.fresh_critic`` at step ``index``)."""
-    from pgvar.critics import make_critic
-    from pgvar.measured_step import fresh_critic
-
-    if callable(getattr(env, "exact_values", None)):
-        return make_critic(env, "exact", policy=policy)
-    return fresh_critic(run_cfg, env, policy, index, episodes)

@@ -17,18 +17,8 @@ import numpy as np
 import pandas as pd
 
 from analysis.experiment import (
-    BY_CONSTRUCTION,
-    Experiment,
-    bias_columns,
-    bootstrap_rows,
-    check,
-    estimate_columns,
-    findings_frame,
-    findings_section,
-    first_measurements,
-    headline_verdict,
-    instance_column,
-)
+    BY_CONSTRUCTION, Experiment, bias_columns, bootstrap_rows, check, estimate_columns,
+    findings_frame, findings_section, first_measurements, headline_verdict, instance_column)
 from analysis.figures import PANEL_HEIGHT, PAPER_WIDTH, error_bars, legend_below, save_figure
 from analysis.render import format_columns, frame_table, yes_no
 from analysis.stats import NAN_ESTIMATE, mean_ci

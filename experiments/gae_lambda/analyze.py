@@ -18,7 +18,7 @@ import pandas as pd
 
 from analysis import experiment as ex
 from analysis.loader import measured_rows
-from analysis.render import frame_table, format_columns
+from analysis.render import format_columns, frame_table
 from analysis.stats import Estimate, mean_ci
 from analysis.table import per_run_values, squared_bias_interval
 

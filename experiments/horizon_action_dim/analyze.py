@@ -17,16 +17,8 @@ import pandas as pd
 import torch
 
 from analysis.experiment import (
-    Experiment,
-    check,
-    config_of,
-    findings_frame,
-    findings_section,
-    first_measurements,
-    headline_verdict,
-    percentile_ends,
-    replicate_resamples,
-)
+    Experiment, check, config_of, findings_frame, findings_section, first_measurements,
+    headline_verdict, percentile_ends, replicate_resamples)
 from analysis.figures import PAPER_WIDTH, error_bars, save_figure
 from analysis.render import format_ci, frame_table
 from pgvar.run import initial_env_and_policy

@@ -18,7 +18,7 @@ import pandas as pd
 
 from analysis import experiment as ex
 from analysis.loader import measured_rows
-from analysis.render import frame_table, format_columns
+from analysis.render import format_columns, frame_table
 
 TITLE = "Language-model fine-tuning estimators against the exact gradient"
 ORDER = {e: i for i, e in enumerate(["reinforce", "rloo", "grpo", "dr_grpo", "dapo", "bnpo"])}

@@ -17,17 +17,8 @@ import numpy as np
 import pandas as pd
 
 from analysis.experiment import (
-    BY_CONSTRUCTION,
-    Experiment,
-    bias_columns,
-    check,
-    estimate_columns,
-    findings_frame,
-    findings_section,
-    first_measurements,
-    headline_verdict,
-    instance_column,
-)
+    BY_CONSTRUCTION, Experiment, bias_columns, check, estimate_columns, findings_frame,
+    findings_section, first_measurements, headline_verdict, instance_column)
 from analysis.figures import PANEL_HEIGHT, PAPER_WIDTH, error_bars, save_figure
 from analysis.render import format_ci, format_columns, frame_table, yes_no
 from analysis.stats import mean_ci, ratio_ci

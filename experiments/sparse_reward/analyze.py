@@ -17,17 +17,8 @@ import torch
 from scipy.stats import binomtest
 
 from analysis.experiment import (
-    BY_CONSTRUCTION,
-    Experiment,
-    check,
-    estimate_columns,
-    findings_frame,
-    findings_section,
-    first_measurements,
-    headline_verdict,
-    percentile_ends,
-    replicate_resamples,
-)
+    BY_CONSTRUCTION, Experiment, check, estimate_columns, findings_frame, findings_section,
+    first_measurements, headline_verdict, percentile_ends, replicate_resamples)
 from analysis.figures import PAPER_WIDTH, error_bars, save_figure
 from analysis.render import format_columns, frame_table
 from analysis.stats import NAN_ESTIMATE, mean_ci, ratio_ci
