@@ -6,6 +6,9 @@ One run (one Hydra job), for iterations i = 0..N-1 at policy parameters theta_i:
 2. on measured iterations (i = 0, every k-th, and the last): draw M fresh batches of B
    episodes, estimate M gradients, compare them with the reference gradient at theta_i
    (exact where the environment allows it, else Monte Carlo with its standard error);
+   every estimator of ``training.measure.estimators`` is scored on the same episodes
+   against the same reference (``pgvar.measured_step``: rows to paired.csv), and the
+   policy and critic are saved to ``checkpoints/`` (``pgvar.checkpoints``);
 3. estimate the training gradient from the step-1 batch, with the critic fitted on
    EARLIER batches only (so a value baseline stays unbiased), and take an Adam ascent
    step of size ``lr``;
@@ -54,6 +57,7 @@ from pgvar.config import (
     build_policy,
     register_configs,
     register_resolvers,
+    run_has_critic,
     validate_config,
 )
 from pgvar.policies import flatten_params
@@ -168,35 +172,38 @@ def overflow_means_divergence(step: int) -> Iterator[None]:
         raise Diverged(f"numerical overflow at step {step}: {err}") from err
 
 
-def reference_options(run_cfg: RunConfig, critic, step: int) -> dict[str, Any]:
-    """Keyword arguments of ``reference_gradient`` (only Monte Carlo envs use them)."""
-    ref = run_cfg.training.reference
-    return {"n_episodes": ref.n_episodes, "target_rel_se": ref.target_rel_se,
-            "estimator": ref.estimator, "batch_size": ref.batch_size,
-            "chunk_episodes": ref.chunk_episodes, "lanes": ref.lanes or None, "critic": critic,
-            "memory_mb": ref.memory_mb,
-            "seed": derive_seed(run_cfg.seed, "reference", step)}
-
-
-def measure_row(run_cfg: RunConfig, env, policy, critic, est_cfg, step: int) -> dict[str, Any]:
-    """Gradient statistics of M fresh batch estimates against the reference at theta_i."""
-    from pgvar.measure import measure
-    from pgvar.reference import reference_gradient
-
-    training = run_cfg.training
-    reference = reference_gradient(env, policy, **reference_options(run_cfg, critic, step))
-    result = measure(env, policy, run_cfg.estimator.name, n_batches=training.n_batches,
-                     batch_size=training.batch_size, seed=derive_seed(run_cfg.seed, "measure", step),
-                     critic=critic, cfg=est_cfg, reference=reference)
-    stats = result.stats.as_dict()
+def metrics_cells(row, step: int) -> dict[str, Any]:
+    """metrics.csv's measured cells from the training estimator's paired row; a
+    non-finite variance or MSE ends the run as diverged."""
+    stats = row.stats
     for key in ("grad_variance", "grad_mse"):
         if not math.isfinite(float(stats[key])):
             raise Diverged(f"non-finite measured {key} at step {step}")
-    row = runlog.measured_cells(stats)
+    cells = runlog.measured_cells(stats)
     warn_if_unreliable(stats, step)
-    row["ref_exact"] = bool(reference.exact)
-    row["ref_episodes"] = int(reference.n_episodes) if not reference.exact else 0
-    return row
+    cells["ref_exact"] = bool(row.reference.exact)
+    cells["ref_episodes"] = int(row.reference.n_episodes) if not row.reference.exact else 0
+    return cells
+
+
+def measure_and_record(run_cfg: RunConfig, env, policy, critic, specs, configs, step: int,
+                       job_dir: Path, paired: runlog.MetricsWriter, started: float,
+                       config: dict[str, Any]) -> dict[str, Any]:
+    """The paired measurement of a measured step (``pgvar.measured_step``): every row to
+    paired.csv, the policy and critic to a checkpoint, and the training estimator's
+    cells (its row with the run's own critic) returned for metrics.csv."""
+    from pgvar.checkpoints import save_checkpoint
+    from pgvar.measured_step import measure_step, paired_cells, step_references
+
+    references = step_references(run_cfg, env, policy, critic, step)
+    rows = measure_step(run_cfg, env, policy, critic, specs, configs, step, references=references)
+    training_row = next(r for r in rows if r.spec is specs[0]
+                        and (r.critic is None or r.critic.label == "train"))
+    for row in rows:
+        paired.write(paired_cells(row, run_cfg, step, references, "run", started))
+    if run_cfg.training.measure.checkpoints:
+        save_checkpoint(job_dir, step, policy, critic, config)
+    return metrics_cells(training_row, step)
 
 
 def warn_if_unreliable(stats: dict[str, Any], step: int) -> None:
@@ -285,6 +292,15 @@ def initial_env_and_policy(config: Mapping[str, Any], device: str = "cpu"):
     return env, initial_policy(env, run_cfg)
 
 
+def resolved_config(run_cfg: RunConfig, job_dir: Path) -> dict[str, Any]:
+    """The run's resolved config as run.json holds it (what checkpoints are fingerprinted
+    against), or the typed config's when there is no run.json (a direct call)."""
+    record = runlog.read_run_record(job_dir) or {}
+    config = record.get("config")
+    return config if isinstance(config, dict) else OmegaConf.to_container(
+        OmegaConf.structured(run_cfg), resolve=True)
+
+
 def log_expected_duration(run_cfg: RunConfig, env) -> None:
     """One log line with the job's estimated environment steps and duration class."""
     from pgvar.preflight import check_job_duration
@@ -295,7 +311,8 @@ def log_expected_duration(run_cfg: RunConfig, env) -> None:
 
 def train_and_measure(run_cfg: RunConfig, job_dir: Path, started: float, state: RunState) -> None:
     """The loop of the module docstring; rows go to ``job_dir/metrics.csv``."""
-    from pgvar.estimators import EstimatorConfig, get_estimator
+    from pgvar.estimators import EstimatorConfig
+    from pgvar.measured_step import run_specs
     from pgvar.rollout import rollout
 
     setup_torch(run_cfg)
@@ -311,12 +328,14 @@ def train_and_measure(run_cfg: RunConfig, job_dir: Path, started: float, state: 
     try:
         policy = initial_policy(env, run_cfg)
         est_cfg = EstimatorConfig(**run_cfg.estimator.core_kwargs())
-        needs_critic = get_estimator(run_cfg.estimator.name).needs_critic
+        specs, configs = run_specs(run_cfg, est_cfg)
         critic = (build_critic(env, policy, training.critic, derive_seed(run_cfg.seed, "critic"))
-                  if needs_critic else None)
+                  if run_has_critic(run_cfg) else None)
+        config = resolved_config(run_cfg, job_dir)
         optimizer = torch.optim.Adam(policy.parameters(), lr=run_cfg.lr, maximize=True)
         every = progress_interval(training.log_every, training.iterations)
-        with runlog.RunLog(job_dir, run_cfg.logger) as writer:
+        with runlog.RunLog(job_dir, run_cfg.logger) as writer, \
+                runlog.MetricsWriter(job_dir / runlog.PAIRED_FILE, runlog.PAIRED_COLUMNS) as paired:
             for step in range(training.iterations):
                 if step == run_cfg.debug.raise_at_step:
                     raise RuntimeError(f"debug.raise_at_step={step}: a deliberate failure")
@@ -324,7 +343,8 @@ def train_and_measure(run_cfg: RunConfig, job_dir: Path, started: float, state: 
                                 derive_seed(run_cfg.seed, "train", step))
                 row = learning_curve_row(step, batch, float(env.gamma), state)
                 if is_measured_step(step, training.iterations, training.measure_every):
-                    measured = measure_row(run_cfg, env, policy, critic, est_cfg, step)
+                    measured = measure_and_record(run_cfg, env, policy, critic, specs, configs,
+                                                  step, job_dir, paired, started, config)
                     row.update(measured)
                     state.last_measured, state.last_measured_step = measured, step
                 g = training_gradient(run_cfg, env, policy, critic, est_cfg, batch, step)
