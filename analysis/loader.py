@@ -21,7 +21,7 @@ import math
 import re
 import warnings
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -29,13 +29,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from analysis.validate import PAIRED_NAME, DamagedRun, validated_paired_rows, validated_rows
+from analysis.validate import DamagedRun, validated_paired_rows, validated_rows
+from pgvar.estimators import DEFAULT_CONFIG
+from pgvar.paired import SHARED_KNOBS, parse_spec
 
 # The log schema is pgvar-run's (pgvar.runlog owns the file names, statuses and columns).
 from pgvar.runlog import (
     LEARNING_CURVE_COLUMNS,
     MEASURED_COLUMNS,
     METRICS_FILE,
+    PAIRED_FILE,
     RUN_FILE,
     STATUS_COMPLETE,
     STATUS_DIVERGED,
@@ -327,59 +330,15 @@ def save_runs(df: pd.DataFrame, out_dir: Path) -> Path:
 # from them, an older sweep exactly as before, and a run whose paired.csv is damaged
 # falls back to its metrics.csv rows with a warning naming the file.
 
-PAIRED_FILE = PAIRED_NAME
-# Columns that say which estimator a measurement row measures and how.
-MEASUREMENT_IDENTITY = ["estimator_name", "critic", "critic_episodes", "critic_error",
-                        "critic_error_kind", "trained_with", "is_training", "source"]
-# Shared knobs a measured spec takes from the training estimator's config (the others
-# come from the estimator defaults), as pgvar-run's paired measurement resolves a spec.
-SHARED_KNOBS = ("discount_weighting", "normalize_advantages", "truncation_as_termination")
 _TEXT_COLUMNS = {"estimator", "estimator_name", "critic", "critic_error_kind", "trained_with",
                  "source", "ref_method"}
-_SPEC = re.compile(r"^\s*([A-Za-z_][\w]*)\s*(?:\((.*)\))?\s*$")
+# Columns of a training step (metrics.csv) that paired rows of the same step share.
+STEP_COLUMNS = [c for c in LEARNING_CURVE_COLUMNS if c != "wall_s"] + [
+    "return_undiscounted_mean", "episode_length_mean", "grad_norm", "critic_loss"]
 
 
 class PairedWarning(UserWarning):
     """A run's paired.csv could not be used; its metrics.csv rows are used instead."""
-
-
-def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"gae(lam=0.5, ppo_lr=1e-3)"`` -> ``("gae", {"lam": 0.5, "ppo_lr": 0.001})``:
-    an estimator spec label split into its registry name and knob overrides."""
-    match = _SPEC.match(str(spec))
-    if not match:
-        raise ValueError(f"estimator spec {spec!r} is not NAME or NAME(knob=value, ...)")
-    name, body = match.group(1), match.group(2)
-    knobs: dict[str, Any] = {}
-    for part in filter(None, (p.strip() for p in (body or "").split(","))):
-        key, sep, value = part.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"estimator spec {spec!r}: {part!r} is not knob=value")
-        knobs[key.strip()] = _knob_value(value.strip())
-    return name, knobs
-
-
-def _knob_value(text: str) -> Any:
-    """A knob's value as written in a spec: bool, int, float, else the text."""
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text.strip("'\"")
-
-
-def _estimator_defaults() -> dict[str, Any]:
-    """pgvar's estimator knob defaults (``EstimatorConfig``), or {} when unavailable."""
-    try:
-        from dataclasses import asdict
-
-        from pgvar.estimators import DEFAULT_CONFIG
-    except ImportError:
-        return {}
-    return asdict(DEFAULT_CONFIG)
 
 
 def measured_rows(df: pd.DataFrame) -> pd.DataFrame:
@@ -397,7 +356,7 @@ def measured_rows(df: pd.DataFrame) -> pd.DataFrame:
     run_cols = _run_column_names(df)
     frames = []
     for run_dir, run in df.groupby("run_dir", sort=False):
-        paired = _paired_rows(Path(str(run_dir)), run.iloc[0][run_cols])
+        paired = _paired_rows(Path(str(run_dir)), run, run_cols)
         frames.append(paired if paired is not None else _training_rows(own[own["run_dir"] == run_dir]))
     frames = [f for f in frames if not f.empty]
     if not frames:
@@ -428,7 +387,7 @@ def _training_rows(rows: pd.DataFrame) -> pd.DataFrame:
     return rows
 
 
-def _paired_rows(run_dir: Path, run: pd.Series) -> pd.DataFrame | None:
+def _paired_rows(run_dir: Path, run: pd.DataFrame, run_cols: list[str]) -> pd.DataFrame | None:
     """The run's paired.csv as measurement rows, None when it has none or it is damaged
     (then a ``PairedWarning`` says which file and why)."""
     path = run_dir / PAIRED_FILE
@@ -442,7 +401,7 @@ def _paired_rows(run_dir: Path, run: pd.Series) -> pd.DataFrame | None:
                       f"{METRICS_FILE} rows (the training estimator only)", PairedWarning,
                       stacklevel=3)
         return None
-    return _with_run_columns(paired.copy(), run)
+    return _with_run_columns(paired.copy(), run, run_cols)
 
 
 @lru_cache(maxsize=512)
@@ -464,19 +423,24 @@ def _read_paired(path: str, mtime_ns: int, size: int) -> pd.DataFrame:
     return typed
 
 
-def _with_run_columns(paired: pd.DataFrame, run: pd.Series) -> pd.DataFrame:
-    """Paired rows plus the run's columns; ``estimator.*`` describe the MEASURED
-    estimator: the run's own for the training rows, else the spec's knobs over the
-    training config's shared knobs over the estimator defaults."""
-    per_run = {c: run[c] for c in run.index
+def _with_run_columns(paired: pd.DataFrame, run: pd.DataFrame, run_cols: list[str]) -> pd.DataFrame:
+    """Paired rows plus the run's columns and its training step's learning-curve cells
+    (``STEP_COLUMNS``); ``estimator.*`` describe the MEASURED estimator: the run's own on
+    the training rows (which keep the run's ``label``), else the spec's knobs over the
+    training config's shared knobs over the estimator defaults (``pgvar.paired``)."""
+    first = run.iloc[0]
+    per_run = {c: first[c] for c in run_cols
                if c not in paired.columns and not c.startswith("estimator.")
-               and c not in ("estimator", "lam", "label")}
-    out = add_derived_columns(with_constant_columns(paired, per_run))
-    trained = {c: run[c] for c in run.index if c.startswith("estimator.")}
-    defaults = _estimator_defaults()
+               and c not in ("estimator", "lam")}
+    out = with_constant_columns(paired, per_run)
+    steps = [c for c in STEP_COLUMNS if c in run.columns and c not in paired.columns]
+    if steps:
+        out = out.merge(run[["step", *steps]].drop_duplicates("step"), on="step", how="left")
+    out = add_derived_columns(out)
+    trained = {c: first[c] for c in run.columns if c.startswith("estimator.")}
     columns: dict[str, list[Any]] = {c: [] for c in trained}
-    for spec, is_training in zip(out["estimator"], out["is_training"]):
-        knobs = trained if is_training else _spec_columns(str(spec), trained, defaults)
+    for spec, name, is_training in zip(out["estimator"], out["estimator_name"], out["is_training"]):
+        knobs = trained if is_training else _spec_columns(str(spec), str(name), trained)
         for c in columns:
             columns[c].append(knobs.get(c))
     for c, values in columns.items():
@@ -485,18 +449,22 @@ def _with_run_columns(paired: pd.DataFrame, run: pd.Series) -> pd.DataFrame:
     out["estimator"] = out["estimator_name"]
     if "estimator.lam" in out.columns:
         out["lam"] = out["estimator.lam"]
-    out["source"] = out["source"].replace("", "run") if "source" in out.columns else "run"
+    if "label" in run.columns:
+        out["label"] = np.where(out["is_training"], first["label"], None)
     return out
 
 
-def _spec_columns(spec: str, trained: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
-    """The ``estimator.*`` columns of a measured spec (see ``_with_run_columns``)."""
-    name, knobs = parse_spec(spec)
-    cols = {c: defaults.get(c.split(".", 1)[1], None) for c in trained}
-    for knob in SHARED_KNOBS:
-        if f"estimator.{knob}" in trained:
-            cols[f"estimator.{knob}"] = trained[f"estimator.{knob}"]
-    cols.update({f"estimator.{k}": v for k, v in knobs.items()})
+def _spec_columns(label: str, name: str, trained: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``estimator.*`` columns of a measured spec, resolved as pgvar-run resolves it
+    (``pgvar.paired.EstimatorSpec.config``: the spec's knobs over the training config's
+    shared knobs over the defaults); a label pgvar cannot parse keeps only its name."""
+    try:
+        spec = parse_spec(label)
+        knobs = asdict(spec.config(replace(DEFAULT_CONFIG, **{
+            k: trained[f"estimator.{k}"] for k in SHARED_KNOBS
+            if f"estimator.{k}" in trained and trained[f"estimator.{k}"] is not None})))
+    except (ValueError, TypeError):
+        knobs = {}
+    cols = {c: knobs.get(c.split(".", 1)[1]) for c in trained}
     cols["estimator.name"] = name
     return cols
-

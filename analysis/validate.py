@@ -30,6 +30,7 @@ from typing import Any
 
 from pgvar.runlog import LEARNING_CURVE_COLUMNS as CURVE_COLUMNS
 from pgvar.runlog import MEASURED_COLUMNS as GRADIENT_COLUMNS
+from pgvar.runlog import PAIRED_FILE
 
 REQUIRED_COLUMNS = CURVE_COLUMNS + GRADIENT_COLUMNS  # the schema pgvar.runlog writes
 
@@ -165,7 +166,7 @@ def validated_rows(path: Path, info: Mapping[str, Any]) -> tuple[list[str], list
 
 # ----------------------------------------------------------------------------- paired.csv
 
-PAIRED_NAME = "paired.csv"
+PAIRED_NAME = PAIRED_FILE  # pgvar.runlog owns the name
 # A paired measurement row names its step, the measured estimator and its critic, and
 # holds every gradient column metrics.csv has (the format pgvar-run's paired measurement writes).
 PAIRED_IDENTITY = ("step", "estimator", "estimator_name", "critic", "trained_with", "is_training")
