@@ -50,7 +50,8 @@ than 16 estimates per measurement) it is inconclusive and says so. "small" agree
 the relative bias sqrt(pooled squared bias / pooled ||grad J||^2) has its interval below
 0.25 (the mean update still points within about 15 degrees of the true gradient) and
 disagrees when the interval is above 0.25. "tunable" (``judge_tunable``, per critic)
-agrees when, between the GAE rows at the smallest and the largest lambda, BOTH the bias
+agrees when, between the GAE rows at the smallest and the largest lambda (one-step
+actor-critic, which is GAE at lambda = 0, giving the lambda = 0 end), BOTH the bias
 falls as lambda rises (relative squared-bias intervals separated, the smaller lambda's
 above) AND the variance rises (their paired variance ratio's interval above 1); it
 disagrees when either moves the other way with separated intervals, or when the bias is

@@ -439,8 +439,14 @@ def _with_run_columns(paired: pd.DataFrame, run: pd.DataFrame, run_cols: list[st
     out = add_derived_columns(out)
     trained = {c: first[c] for c in run.columns if c.startswith("estimator.")}
     columns: dict[str, list[Any]] = {c: [] for c in trained}
+    resolved: dict[tuple[str, str], dict[str, Any]] = {}
     for spec, name, is_training in zip(out["estimator"], out["estimator_name"], out["is_training"]):
-        knobs = trained if is_training else _spec_columns(str(spec), str(name), trained)
+        if is_training:
+            knobs = trained
+        else:
+            if (spec, name) not in resolved:
+                resolved[(spec, name)] = _spec_columns(str(spec), str(name), trained)
+            knobs = resolved[(spec, name)]
         for c in columns:
             columns[c].append(knobs.get(c))
     for c, values in columns.items():

@@ -205,6 +205,9 @@ def write_paired_sweep(sweep_dir: Path, truths: list[PairedTruth], seeds: range 
     ``trained_with`` and measuring every truth: run.json, metrics.csv (the training
     estimator's rows, as pgvar-run writes them) and paired.csv. Returns the job dirs."""
     steps = [s for s in range(n_iters) if s % measure_every == 0 or s == n_iters - 1]
+    if not any(t.spec == trained_with and t.critic in ("train", "") for t in truths):
+        raise ValueError(f"no truth is the training estimator {trained_with!r} (critic 'train' or "
+                         "none): metrics.csv repeats its row")
     jobs = []
     for job, seed in enumerate(seeds, start=start):
         config = {"env": {"name": env, "gamma": 0.99},

@@ -1,24 +1,41 @@
-"""The bias/variance comparison table: one row per estimator (and environment).
+"""The bias/variance comparison table: one row per measured estimator (and critic, and
+environment block).
 
-Which measured steps feed it is the ``steps`` option:
+Rows come from measurement rows (``measurement_rows``: ``analysis.loader.measured_rows``,
+labelled). A run that logged paired measurements (paired.csv) contributes one row per
+(step, estimator spec, critic): every estimator of ``training.measure.estimators`` scored
+at the run's checkpoints on the SAME episodes against ONE reference. A sweep of such runs
+(one training estimator per block, as experiments/table/sweep.yaml does) therefore
+scores every row of a block at the same frozen checkpoints, and compares rows paired per
+(run, step). Runs without paired.csv contribute their metrics.csv rows (the training
+estimator along its own trajectory), and a table of such runs is built as before.
+
+A row is keyed by ``env``, ``estimator`` (the measured one's name), the settings that
+split it (``lam``, ...), its ``critic`` (``""`` none, ``train`` the run's own critic,
+``fit:N`` a fresh critic fitted on N episodes of the checkpoint's policy, ``exact`` the
+true V) and, when two blocks of one env differ in it, ``trained_with``. ``scope`` says
+which checkpoints: ``headline`` = all measured steps except, in a paired run with a
+training critic, its first, where that critic was never fitted (V at its
+initialisation); those checkpoints get their own rows, scope ``UNFITTED``, shown apart.
+
+Which measured steps feed the headline is the ``steps`` option:
 
 - ``all`` (default): every measured iteration, averaged within a run first (one value
-  per run). Each estimator is scored along its own training run, as it is used: with
-  the critic it has fitted on the run's earlier batches. Rows are at different policies
-  (each estimator trains its own), so a row mixes the estimator's noise with where it
-  led the policy; the variance ratio to vanilla REINFORCE pairs runs by seed but not by
-  parameters.
-- ``first``: the first measured iteration of every run. All estimators of a seed start
-  from the same initial parameters, so every row is scored at the same policy and rows
-  differ only by the estimator: the cleanest comparison for estimators without a
-  critic. But ``pgvar-run`` fits the critic after each iteration's step, so at the first
-  measurement the critic is still at its initialisation (the value baseline then equals
-  reward-to-go, and actor-critic and GAE bootstrap from an untrained V): not the
-  estimators the seed describes.
-- ``last``: the last measured iteration (the policy each estimator ended at).
+  per run).
+- ``first``: the first (headline) measured iteration of every run;
+- ``last``: the last measured iteration.
 
 The reference gradient is exact (or its standard error is logged and removed) at every
 step, so bias is measured correctly whichever steps are used; only comparability differs.
+Monte Carlo rows state the reference's mean relative SE (``ref_rel_se``), the estimator it
+averages (``ref_method``) and ``ref_circular`` (no reference from another estimator
+existed: the bias verdict is then 'not tested', by construction).
+
+Variance ratios (``paired_variance_ratio``): on shared checkpoints, the ratio of the
+rows' summed trace variances over the shared (run, step), with a bootstrap over runs;
+otherwise (rows from different runs) runs paired by seed. Every pair of rows of a block
+is compared the same way (``variance_separations``): ``var_rank`` and ``var_ties`` say
+which rows the intervals separate.
 
 Per row, the bias is ONE pooled quantity, and its interval and its verdict come from the
 same test, so the three cannot disagree:
@@ -44,8 +61,8 @@ same test, so the three cannot disagree:
 
 Variance: ``variance`` is the mean over runs of each run's mean trace variance with a
 bootstrap interval over runs, ``rel_variance = variance / ref_norm^2`` (ends too); the
-variance ratio to vanilla REINFORCE pairs runs by seed, and verdicts that rest on it need
-``MIN_RUNS_FOR_SEED_BOOTSTRAP`` seeds. ``analysis.claims`` turns the numbers into the
+variance ratio to vanilla REINFORCE is ``paired_variance_ratio``, and verdicts that rest
+on it need ``MIN_RUNS_FOR_SEED_BOOTSTRAP`` runs. ``analysis.claims`` turns the numbers into the
 words of the seed's table and says whether they agree, and why when it cannot tell.
 """
 
@@ -423,14 +440,19 @@ def paired_variance_ratio(rows: pd.DataFrame, reference: pd.DataFrame) -> tuple[
     Rows from different runs (each estimator trained its own policy) fall back to runs
     paired by seed, over each side's own steps (``pairing`` says ``seed``).
     """
-    keys = ["run_dir", "step"]
-    shared = rows[keys].merge(reference[keys].drop_duplicates(), on=keys)
-    if not shared.empty:
-        a = rows.merge(shared, on=keys).groupby("run_dir")["grad_variance"].mean()
-        b = reference.merge(shared, on=keys).groupby("run_dir")["grad_variance"].mean()
-        return ratio_ci(a.to_dict(), b.to_dict()), "run, step"
+    a, b = _by_checkpoint(rows), _by_checkpoint(reference)
+    shared = a.index.intersection(b.index)
+    if len(shared):
+        per_run_a = a.loc[shared].groupby(level="run_dir").mean()
+        per_run_b = b.loc[shared].groupby(level="run_dir").mean()
+        return ratio_ci(per_run_a.to_dict(), per_run_b.to_dict()), "run, step"
     a, b = per_run_values(rows), per_run_values(reference)
     return ratio_ci(_by_seed(a, "grad_variance"), _by_seed(b, "grad_variance")), "seed"
+
+
+def _by_checkpoint(rows: pd.DataFrame) -> pd.Series:
+    """tr Cov per (run_dir, step) (one measurement each for one table row)."""
+    return rows.groupby(["run_dir", "step"], sort=False)["grad_variance"].mean()
 
 
 def variance_separations(groups: dict, keys: list[str]) -> pd.DataFrame:
@@ -760,11 +782,17 @@ def _pair_ratio(pairs: pd.DataFrame, a: str, b: str, env: str, scope: str) -> Es
 
 def _tunable(table: pd.DataFrame, row: pd.Series, keys: list[str], pairs: pd.DataFrame) -> cl.Judgement:
     """Does lambda tune GAE's bias against its variance on this block, at this row's
-    critic? ``claims.judge_tunable`` on the smallest and largest lambda's rows."""
+    critic? ``claims.judge_tunable`` on the smallest and largest lambda's rows (the
+    one-step actor-critic row standing for lambda = 0)."""
     if "lam" not in table.columns:
         return cl.inconclusive("bias: seed says tunable", "one lambda in the sweep", "one lambda")
     block = _block_rows(table, row, keys)
     rows = block[(block["estimator_name"] == row["estimator_name"]) & block["lam"].notna()]
+    # one-step actor-critic IS GAE at lambda = 0 (the same advantage, delta_t): its rows
+    # give the sweep its lambda = 0 end when no gae(lam=0) row was measured
+    one_step = block[block["estimator_name"] == "actor_critic"].assign(lam=0.0)
+    if not (rows["lam"] == 0).any():
+        rows = pd.concat([rows, one_step])
     if "critic" in rows.columns:
         rows = rows[[_same(c, row.get("critic")) for c in rows["critic"]]]
     if rows["lam"].nunique() < 2:
