@@ -925,12 +925,13 @@ def display_table(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def compact_table(table: pd.DataFrame) -> pd.DataFrame:
-    """The main table, read at a glance: the headline checkpoints, no sentences in cells.
+    """The main table, read at a glance: the headline checkpoints, at most 7 columns, no
+    sentences in cells.
 
-    Relative bias (pooled, with its interval) and its yes/no from the same interval, the
-    variance ratio to vanilla REINFORCE with its interval and the variance rank it is
-    separated into, the reference's relative SE on Monte Carlo environments, the seed's
-    words and the verdict in a word or two; ``display_table`` has everything else.
+    Relative bias (pooled, with its interval) and its yes/no from the same interval (on
+    Monte Carlo rows with the reference's relative SE), the variance ratio to vanilla
+    REINFORCE with its interval and the rank its paired intervals separate it into, the
+    seed's words and the verdict in a word or two; ``display_table`` has everything else.
     """
     table = table[table["scope"] == HEADLINE]
     out = pd.DataFrame()
@@ -938,17 +939,24 @@ def compact_table(table: pd.DataFrame) -> pd.DataFrame:
         out["env"] = _env_column(table)
     out["estimator"] = table["label"]
     out["relative bias [95% CI]"] = _ci_column(table, "rel_bias")
-    out["bias ≠ 0?"] = table.apply(_bias_verdict_cell, axis=1)
-    out["variance / vanilla [95% CI]"] = _ci_column(table, "var_ratio")
-    if _col(table, "var_rank", math.nan).notna().any():
-        out["var. rank"] = _col(table, "var_rank", math.nan).map(_number_cell)
-    if table["reference"].ne("exact").any():
-        out["ref rel SE"] = [("-" if ref == "exact" else _number_cell(v)) + (" circular" if c is True else "")
-                             for ref, v, c in zip(table["reference"], _col(table, "ref_rel_se", math.nan),
-                                                  _col(table, "ref_circular", False))]
+    out["bias ≠ 0?"] = [_bias_verdict_cell(r) + _ref_note(r) for _, r in table.iterrows()]
+    ranks = _col(table, "var_rank", math.nan)
+    out["variance / vanilla [95% CI] (rank)"] = [
+        f"{cell} (#{rank:g})" if math.isfinite(rank) else cell
+        for cell, rank in zip(_ci_column(table, "var_ratio"), ranks)]
     out["seed says (bias / variance)"] = table["seed_bias"] + " / " + table["seed_variance"]
     out["agrees with seed?"] = table["agreement_short"]
     return out
+
+
+def _ref_note(row: pd.Series) -> str:
+    """`` (ref SE 0.11)`` after a Monte Carlo row's bias verdict (`` circular`` when its
+    reference was built from the tested estimator); empty on exact rows."""
+    if row.get("reference") == "exact":
+        return ""
+    circular = " circular" if row.get("ref_circular") is True else ""
+    rel_se = row.get("ref_rel_se")
+    return f" (ref SE {_number_cell(rel_se)}{circular})" if not _isna(rel_se) or circular else ""
 
 
 def critic_table(table: pd.DataFrame) -> pd.DataFrame:
@@ -972,12 +980,12 @@ COMPACT_NOTE = (
     "when it has a training critic that was not yet fitted (those rows are in table_full.md). "
     "Relative bias: sqrt(mean squared bias / mean ‖∇J‖²) over those checkpoints and runs, "
     "95% interval from the per-measurement standard errors; 'bias ≠ 0?' is that interval's "
-    "lower end > 0. Variance / vanilla: trace variance over vanilla REINFORCE's, paired per "
-    "(run, step) on the same episodes when the runs logged paired measurements (else by "
-    "seed), 95% bootstrap interval over runs. Var. rank: 1 + the rows of the block whose "
-    "variance is separated below this row's by their paired interval. Ref rel SE: the Monte "
-    "Carlo reference's standard error over ‖∇J‖ ('circular': built from the tested "
-    "estimator, so its bias is not tested). Verdict tags: n < {k} too few runs for a seed "
+    "lower end > 0; ref SE: a Monte Carlo reference's standard error over ‖∇J‖ "
+    "('circular': built from the tested estimator, so its bias is not tested). Variance / "
+    "vanilla: trace variance over vanilla REINFORCE's, paired per (run, step) on the same "
+    "episodes when the runs logged paired measurements (else by seed), 95% bootstrap "
+    "interval over runs; rank #k: 1 + the rows of the block whose variance is separated "
+    "below this row's by their paired interval. Verdict tags: n < {k} too few runs for a seed "
     "bootstrap; M < {m} too few estimates per measurement for the bias test; band edge: the "
     "interval crosses the edge of the claimed band. Only tested verdicts count. Every "
     "column, and each verdict in words: table_full.md."
