@@ -372,7 +372,7 @@ def plot_table_rows(table: pd.DataFrame, labels: list[str], out_dir: Path) -> li
         ax_bias.set_yticks(range(len(rows)), list(rows["label"]))
         ax_bias.invert_yaxis()
         ax_bias.set_xlabel(REL_BIAS_LABEL + "  (hollow: not distinguishable from 0)", fontsize=7)
-        ax_var.set_xlabel("variance / vanilla REINFORCE (paired by seed)", fontsize=7)
+        ax_var.set_xlabel("variance / vanilla REINFORCE (paired per run and step, or by seed)", fontsize=7)
         if spans_decades(rows["var_ratio"], decades=1.0):
             log_axis(ax_var, "x", pd.concat([rows["var_ratio"], rows["var_ratio_lo"],
                                               rows["var_ratio_hi"]]))
