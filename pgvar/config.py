@@ -5,7 +5,7 @@ checks types and unknown keys when it composes (``training.batch_size=abc`` or
 ``env.nope=1`` are refused there). Ranges and names (``env.gamma=1.5``,
 ``estimator.lam=-1``, ``training.batch_size=0``, an unknown estimator) are checked by
 ``validate_config``, which the console entry point runs on every job of a sweep before
-Hydra starts any of them (see ``pgvar.run.main``). Every field documents itself in the
+Hydra starts any of them (see ``pgvar.cli.main``). Every field documents itself in the
 comment next to it (the estimator's knobs in ``pgvar.estimators.EstimatorConfig``,
 declared there once); ``pgvar-run --cfg job`` prints the composed values.
 

@@ -32,7 +32,8 @@ from pgvar.reference import Reference, reference_gradient
 from pgvar.rollout import rollout
 from pgvar.seeding import derive_seed
 
-ALTERNATE_INDEX = 1  # derive_seed(seed, "reference", step, 1): the alternate's own stream
+ALTERNATE_INDEX = 1
+FRESH_CRITIC_MINIBATCH = 4096  # samples per regression step of a fresh MLP critic  # derive_seed(seed, "reference", step, 1): the alternate's own stream
 
 
 def training_spec(name: str, cfg: EstimatorConfig) -> EstimatorSpec:
@@ -89,9 +90,13 @@ def critic_choices(run_cfg: RunConfig, env, policy: nn.Module, critic: nn.Module
 
 def fresh_critic(run_cfg: RunConfig, env, policy: nn.Module, step: int, n_episodes: int) -> nn.Module:
     """A critic built as the run builds its own, fitted on ``n_episodes`` fresh episodes
-    of the current policy (their own seed stream: no overlap with the measured episodes)."""
+    of the current policy (their own seed stream: no overlap with the measured episodes).
+    An MLP takes ``training.measure.critic_fit_steps`` steps on minibatches of
+    ``FRESH_CRITIC_MINIBATCH`` samples; closed-form critics solve least squares."""
     settings = run_cfg.training.critic
     critic = build_critic(env, policy, settings, derive_seed(run_cfg.seed, "critic", step, n_episodes))
+    if hasattr(critic, "minibatch"):  # MLP: a fixed cost per step whatever the data
+        critic.minibatch = FRESH_CRITIC_MINIBATCH
     batch = rollout(env, policy, n_episodes, derive_seed(run_cfg.seed, "critic_data", step, n_episodes))
     steps = max(settings.fit_steps, run_cfg.training.measure.critic_fit_steps)
     critic.fit(batch, float(env.gamma), env.objective, steps=steps, lr=settings.lr,

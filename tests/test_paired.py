@@ -276,3 +276,13 @@ def test_remeasure_asks_for_a_critic_where_the_run_had_none(tmp_path, capsys):
     remeasure_main([str(job), "--estimators", "actor_critic", "--critic-episodes", "16"])
     rows = read_paired(job)
     assert set(rows.loc[rows.estimator == "actor_critic", "critic"]) == {"fit:16"}
+
+
+def test_a_run_on_a_short_gymnasium_name_is_rebuilt():
+    """CartPole's checkpoints are loaded through run_config_from; 'cartpole' is not a
+    schema name of its own."""
+    from pgvar.config import NamedGymEnvConfig
+    from pgvar.run import run_config_from
+
+    run_cfg = run_config_from({"env": {"name": "cartpole", "horizon": 50}, "seed": 3})
+    assert isinstance(run_cfg.env, NamedGymEnvConfig) and run_cfg.env.horizon == 50
