@@ -67,6 +67,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from analysis.experiment import BY_CONSTRUCTION, TESTED  # the verdict classes, defined once
 from analysis.stats import MIN_RUNS_FOR_SEED_BOOTSTRAP, Estimate
 
 REFERENCE_ESTIMATOR = "reinforce"
@@ -92,8 +93,6 @@ class Claim:
 
 
 SEED_TABLE_ROWS = ("reinforce", "mean_baseline_episode", "actor_critic", "gae")
-TESTED = "tested"
-BY_CONSTRUCTION = "by construction"
 
 CLAIMS: dict[str, Claim] = {
     "reinforce": Claim("Vanilla REINFORCE", "None", "0", "very high", "seed table"),
