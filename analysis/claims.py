@@ -27,8 +27,15 @@ decade below a factor 2:
 A claim agrees when the whole 95% interval of r lies in the claimed band, disagrees when
 it lies wholly outside, and is inconclusive when it straddles a band edge. "Lower than
 vanilla" agrees when the interval lies below 1. Vanilla REINFORCE's own ratio is 1 by
-definition, so its "very high" claim is judged by rank: it agrees when no other row of
-the seed's table has a ratio whose interval lies above 1.
+definition (a band check of it could not fail), so its "very high" is tested against the
+other source rows instead (``judge_vanilla_variance``): it agrees when every other source
+row's paired ratio interval lies below 1 (vanilla's variance is separated above each),
+disagrees when one lies above 1, and is inconclusive when one contains 1.
+
+Every judgement is classed (``Judgement.kind``): ``tested`` when the measurement could
+have contradicted it, ``by construction`` when it could not (a bias test against a
+reference built from the tested estimator itself: "not tested (circular reference)").
+Only tested judgements count towards a row's verdict.
 
 A variance verdict rests on a bootstrap over seeds, so below
 ``MIN_RUNS_FOR_SEED_BOOTSTRAP`` (5) seeds it is 'inconclusive: too few runs (n=2 < 5)'
@@ -42,9 +49,17 @@ zero (the interval contains 0) and disagrees when it is; without a readable test
 than 16 estimates per measurement) it is inconclusive and says so. "small" agrees when
 the relative bias sqrt(pooled squared bias / pooled ||grad J||^2) has its interval below
 0.25 (the mean update still points within about 15 degrees of the true gradient) and
-disagrees when the interval is above 0.25. "tunable" agrees when the GAE rows of one
-environment at the smallest and the largest lambda have relative squared-bias intervals
-that do not overlap (lambda moves the bias), and is untested with a single lambda.
+disagrees when the interval is above 0.25. "tunable" (``judge_tunable``, per critic)
+agrees when, between the GAE rows at the smallest and the largest lambda (one-step
+actor-critic, which is GAE at lambda = 0, giving the lambda = 0 end), BOTH the bias
+falls as lambda rises (relative squared-bias intervals separated, the smaller lambda's
+above) AND the variance rises (their paired variance ratio's interval above 1); it
+disagrees when either moves the other way with separated intervals, or when the bias is
+not distinguishable from 0 at any lambda (nothing to tune: e.g. with the exact V, GAE is
+unbiased at every lambda); otherwise inconclusive. "Falls with critic data"
+(``judge_bias_trend``, a finding about actor-critic and GAE rather than a source claim)
+agrees when the relative squared bias at the fewest critic episodes is separated above
+the one at the most.
 """
 
 from __future__ import annotations
@@ -52,6 +67,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from analysis.experiment import BY_CONSTRUCTION, TESTED  # the verdict classes, defined once
 from analysis.stats import MIN_RUNS_FOR_SEED_BOOTSTRAP, Estimate
 
 REFERENCE_ESTIMATOR = "reinforce"
@@ -76,12 +92,15 @@ class Claim:
     source: str = ""  # where the words come from
 
 
-SEED_TABLE_ROWS = ("reinforce", "mean_baseline", "actor_critic", "gae")
+SEED_TABLE_ROWS = ("reinforce", "mean_baseline_episode", "actor_critic", "gae")
 
 CLAIMS: dict[str, Claim] = {
     "reinforce": Claim("Vanilla REINFORCE", "None", "0", "very high", "seed table"),
-    "mean_baseline": Claim("REINFORCE with mean baseline", "Episode mean return", "0",
-                           "moderate", "seed table"),
+    "mean_baseline_episode": Claim("REINFORCE with mean baseline", "Episode mean return", "0",
+                                   "moderate", "seed table"),
+    # the per-step batch mean of G_t: NOT the source's estimator, kept as an extra row
+    "mean_baseline": Claim("REINFORCE with per-step mean baseline (extra row)",
+                           "batch mean of G_t at each t"),
     "actor_critic": Claim("Actor-critic (one-step)", "V(s_t)", "small", "low", "seed table"),
     "gae": Claim("GAE (Schulman et al. 2016)", "V^lambda-weighted", "tunable", "very low",
                  "seed table"),
@@ -137,6 +156,7 @@ class Judgement:
     words: str
     reason: str = ""
     short: str = ""
+    kind: str = TESTED  # TESTED or BY_CONSTRUCTION (module doc); only tested ones count
 
     @property
     def cell(self) -> str:
@@ -178,8 +198,8 @@ def _band_words(claim: str, band: tuple[float, float]) -> str:
     return f"{claim} ({lo:g}-{upper}x vanilla)" if upper else f"{claim} (>= {lo:g}x vanilla)"
 
 
-def judge_variance(claim: str, ratio: Estimate, others_above_one: bool | None = None,
-                   is_reference: bool = False, n_runs: int | None = None) -> Judgement:
+def judge_variance(claim: str, ratio: Estimate, is_reference: bool = False,
+                   n_runs: int | None = None) -> Judgement:
     """Check a variance word against the ratio to vanilla REINFORCE (see module doc).
 
     ``n_runs``: the seeds behind the paired ratio (the fewer of the two rows'); below
@@ -193,15 +213,9 @@ def judge_variance(claim: str, ratio: Estimate, others_above_one: bool | None = 
     if n_runs is not None and n_runs < MIN_RUNS_FOR_SEED_BOOTSTRAP:
         return too_few_runs("variance", n_runs)
     if is_reference:
-        if others_above_one is None:
-            return inconclusive("variance: seed says very high",
-                                "no other seed-table row with enough runs to rank against",
-                                "nothing to rank")
-        if others_above_one:
-            return Judgement("disagrees", "variance: seed says very high, but another seed row "
-                                          "is higher than vanilla REINFORCE")
-        return Judgement("agrees", "variance: seed says very high, measured the highest of the "
-                                   "seed's rows (the 1x reference)")
+        return Judgement("agrees", "variance: seed says very high; vanilla REINFORCE is the 1x "
+                         "reference of the ratio (true by definition; judge_vanilla_variance "
+                         "tests it against the other rows)", kind=BY_CONSTRUCTION)
     lo = ratio.lo if math.isfinite(ratio.lo) else ratio.value
     hi = ratio.hi if math.isfinite(ratio.hi) else ratio.value
     if claim == LOWER_THAN_VANILLA:
@@ -221,11 +235,18 @@ def judge_variance(claim: str, ratio: Estimate, others_above_one: bool | None = 
 
 
 def judge_bias(claim: str, distinguishable: bool | None, rel_bias: Estimate,
-               tunable: Judgement | None = None, note: str = "", note_short: str = "") -> Judgement:
+               tunable: Judgement | None = None, note: str = "", note_short: str = "",
+               circular: bool = False) -> Judgement:
     """Check a bias word against the measured bias (see module doc). ``note`` says why
-    ``distinguishable`` is None when the bias test could not be read."""
+    ``distinguishable`` is None when the bias test could not be read. ``circular``: the
+    reference came from the tested estimator itself (no independent one existed), so the
+    test could not fail: 'not tested', by construction."""
     if not claim:
         return Judgement("no claim", "bias: no claim")
+    if circular:
+        return Judgement("not tested", f"bias: seed says {claim}; not tested (circular "
+                         "reference: built from the tested estimator)", "circular reference",
+                         "circular ref", BY_CONSTRUCTION)
     if claim == "tunable":
         return tunable or inconclusive("bias: seed says tunable", "one lambda in the sweep",
                                        "one lambda")
@@ -250,17 +271,23 @@ def judge_bias(claim: str, distinguishable: bool | None, rel_bias: Estimate,
 
 
 def combine(*judgements: Judgement) -> Judgement:
-    """One verdict for a row: disagrees if any claim does, agrees if all stated ones do,
-    else inconclusive with the reasons of the inconclusive parts."""
+    """One verdict for a row from its TESTED parts: disagrees if any does, agrees if all
+    do, else inconclusive with their reasons; 'not tested' when no stated part was tested
+    (parts true by construction are listed in the words but never counted)."""
     stated = [j for j in judgements if j.verdict != "no claim"]
+    tested = [j for j in stated if j.kind == TESTED]
     words = "; ".join(_tagged(j) for j in judgements)
     if not stated:
         return Judgement("no claim", "no claim in the seed")
-    if any(j.verdict == "disagrees" for j in stated):
+    if not tested:
+        shorts = ", ".join(dict.fromkeys(j.short for j in stated if j.short))
+        return Judgement("not tested", words, "no part of the claim was tested", shorts,
+                         BY_CONSTRUCTION)
+    if any(j.verdict == "disagrees" for j in tested):
         return Judgement("disagrees", words)
-    if all(j.verdict == "agrees" for j in stated):
+    if all(j.verdict == "agrees" for j in tested):
         return Judgement("agrees", words)
-    open_parts = [j for j in stated if j.verdict == "inconclusive"]
+    open_parts = [j for j in tested if j.verdict == "inconclusive"]
     reason = "; ".join(dict.fromkeys(j.reason for j in open_parts))
     short = ", ".join(dict.fromkeys(j.short for j in open_parts if j.short))
     return Judgement("inconclusive", words, reason, short)
@@ -273,4 +300,99 @@ def _tagged(judgement: Judgement) -> str:
     if judgement.verdict == "no claim" or not rest:
         return judgement.words
     verdict = f"{judgement.verdict}: {judgement.reason}" if judgement.reason else judgement.verdict
+    if judgement.kind != TESTED:
+        verdict += f", {judgement.kind}, not counted"
     return f"{part} ({verdict}): {rest}"
+
+
+# ----------------------------------------------------------------------------- tests across rows
+
+
+def judge_vanilla_variance(others: list[tuple[str, Estimate]]) -> Judgement:
+    """'Very high' for vanilla REINFORCE as a test that can fail: ``others`` are the other
+    source rows' (label, paired ratio Var(row) / Var(vanilla)). Agrees when every interval
+    lies below 1, disagrees when one lies above 1, inconclusive when one contains 1 or a
+    ratio rests on fewer than ``MIN_RUNS_FOR_SEED_BOOTSTRAP`` runs."""
+    others = [(label, r) for label, r in others if math.isfinite(r.value)]
+    if not others:
+        return inconclusive("variance: seed says very high", "no other source row to compare with",
+                            "nothing to rank")
+    few = [label for label, r in others if r.n < MIN_RUNS_FOR_SEED_BOOTSTRAP]
+    if few:
+        return too_few_runs("variance", min(r.n for _, r in others))
+    above = [label for label, r in others if r.lo > 1]
+    crossing = [label for label, r in others if not r.hi < 1 and not r.lo > 1]
+    ratios = ", ".join(f"{label} {_fmt_ratio(r)}" for label, r in others)
+    text = f"variance: seed says very high (above every other source row); measured {ratios}"
+    if above:
+        return Judgement("disagrees", text + f"; above vanilla: {', '.join(above)}")
+    if crossing:
+        return inconclusive(text, f"not separated from vanilla: {', '.join(crossing)}", "CIs overlap")
+    return Judgement("agrees", text)
+
+
+@dataclass(frozen=True)
+class LambdaEnd:
+    """One end of a GAE lambda sweep at one critic: lambda, the pooled relative squared
+    bias with its interval, and whether the bias is distinguishable from 0 (None: no test)."""
+
+    lam: float
+    rel_bias_sq: Estimate
+    distinguishable: bool | None
+    note: str = ""
+
+
+def judge_tunable(low: LambdaEnd, high: LambdaEnd, var_high_over_low: Estimate,
+                  any_biased: bool | None) -> Judgement:
+    """'Tunable' bias as a test that can fail (module doc): between the smallest (``low``)
+    and the largest (``high``) lambda, the bias must fall (intervals separated) AND the
+    variance rise (``var_high_over_low``, the paired ratio, above 1). ``any_biased``:
+    whether any lambda's bias is distinguishable from 0 (False: nothing to tune)."""
+    words = (f"bias: seed says tunable; relative squared bias {_fmt_est(low.rel_bias_sq)} at "
+             f"lambda={low.lam:g} vs {_fmt_est(high.rel_bias_sq)} at lambda={high.lam:g}, "
+             f"variance ratio lambda={high.lam:g}/lambda={low.lam:g} {_fmt_est(var_high_over_low)}")
+    for end in (low, high):
+        if end.distinguishable is None:
+            return inconclusive(words, f"lambda={end.lam:g}: {end.note or 'no bias test'}",
+                                "no bias test")
+    if not math.isfinite(var_high_over_low.value):
+        return inconclusive(words, "no paired variance ratio between the two lambdas", "no ratio")
+    if var_high_over_low.n < MIN_RUNS_FOR_SEED_BOOTSTRAP:
+        return too_few_runs("bias", var_high_over_low.n)
+    bias_falls = low.rel_bias_sq.lo > high.rel_bias_sq.hi
+    bias_rises = high.rel_bias_sq.lo > low.rel_bias_sq.hi
+    var_rises, var_falls = var_high_over_low.lo > 1, var_high_over_low.hi < 1
+    if any_biased is False:
+        return Judgement("disagrees", words + "; the bias is not distinguishable from 0 at any "
+                         "lambda (nothing to tune)")
+    if bias_rises or var_falls:
+        return Judgement("disagrees", words + "; lambda moves them the other way")
+    if bias_falls and var_rises:
+        return Judgement("agrees", words)
+    reason = ("the bias intervals at the two lambdas overlap" if not bias_falls
+              else "the variance ratio's interval contains 1")
+    return inconclusive(words, reason, "CIs overlap")
+
+
+def judge_bias_trend(points: list[tuple[int, Estimate]]) -> Judgement:
+    """Does the bootstrap bias fall with the critic's data? ``points``: (critic episodes,
+    relative squared bias) of one estimator at fitted critics. Agrees when the fewest
+    episodes' interval lies above the most's, disagrees when below, else inconclusive."""
+    points = sorted((n, e) for n, e in points if math.isfinite(e.value))
+    if len(points) < 2:
+        return inconclusive("bias falls with critic data", "fewer than two critic sizes",
+                            "one critic size")
+    (n_lo, few), (n_hi, many) = points[0], points[-1]
+    words = (f"bias falls with critic data: relative squared bias {_fmt_est(few)} with "
+             f"{n_lo} episodes vs {_fmt_est(many)} with {n_hi}")
+    if few.lo > many.hi:
+        return Judgement("agrees", words)
+    if many.lo > few.hi:
+        return Judgement("disagrees", words)
+    return inconclusive(words, "the intervals overlap", "CIs overlap")
+
+
+def _fmt_est(e: Estimate) -> str:
+    if math.isfinite(e.lo) and math.isfinite(e.hi):
+        return f"{e.value:.3g} [{e.lo:.3g}, {e.hi:.3g}]"
+    return f"{e.value:.3g}"

@@ -49,7 +49,8 @@ MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "h", "<", ">", "p", "d", "8"]
 
 
 def _family(label: str) -> str:
-    return label.split(" (")[0]
+    """The estimator of a row label: ``gae (lam=0.5) [fit:320]`` -> ``gae``."""
+    return re.split(r" [(\[]", label, maxsplit=1)[0]
 
 
 def _palette(labels: list[str]) -> dict[str, tuple]:
@@ -81,7 +82,8 @@ def _label_order(label: str) -> tuple:
     numbers (``gae (lam=0.5)`` before ``gae (lam=0.95)``)."""
     from analysis.table import ESTIMATOR_ORDER
 
-    family, _, rest = label.partition(" (")
+    family = _family(label)
+    rest = label[len(family):]
     rank = ESTIMATOR_ORDER.index(family) if family in ESTIMATOR_ORDER else len(ESTIMATOR_ORDER)
     parts = tuple((0, float(t), "") if _is_number(t) else (1, 0.0, t)
                   for t in re.split(r"([-+]?\d*\.?\d+(?:e[-+]?\d+)?)", rest) if t)
@@ -370,7 +372,7 @@ def plot_table_rows(table: pd.DataFrame, labels: list[str], out_dir: Path) -> li
         ax_bias.set_yticks(range(len(rows)), list(rows["label"]))
         ax_bias.invert_yaxis()
         ax_bias.set_xlabel(REL_BIAS_LABEL + "  (hollow: not distinguishable from 0)", fontsize=7)
-        ax_var.set_xlabel("variance / vanilla REINFORCE (paired by seed)", fontsize=7)
+        ax_var.set_xlabel("variance / vanilla REINFORCE (paired per run and step, or by seed)", fontsize=7)
         if spans_decades(rows["var_ratio"], decades=1.0):
             log_axis(ax_var, "x", pd.concat([rows["var_ratio"], rows["var_ratio_lo"],
                                               rows["var_ratio_hi"]]))
@@ -384,51 +386,76 @@ def plot_table_rows(table: pd.DataFrame, labels: list[str], out_dir: Path) -> li
 
 
 def plot_gae_lambda(table: pd.DataFrame, out_dir: Path, estimator: str = "gae") -> list[Path]:
-    """GAE's relative bias and relative variance against lambda, one line per env;
-    vanilla REINFORCE's variance as a dashed line for scale. Empty when < 2 lambdas."""
+    """GAE's relative bias and relative variance against lambda, one line per env (and
+    critic, when rows were measured with several); vanilla REINFORCE's variance as a
+    dashed line for scale. Empty when no line has 2 lambdas."""
     if "lam" not in table.columns:
         return []
-    gae = table[(table["estimator"] == estimator) & table["lam"].notna()]
-    envs = [e for e, g in gae.groupby("env", sort=False) if g["lam"].nunique() >= 2]
-    if not envs:
+    name = table["estimator_name"] if "estimator_name" in table.columns else table["estimator"]
+    gae = table[(name == estimator) & table["lam"].notna()].copy()
+    critic = gae["critic"].fillna("").astype(str) if "critic" in gae.columns else ""
+    gae["line"] = gae["env"] + np.where(critic != "", " [" + critic + "]", "") if len(gae) else []
+    lines = [k for k, g in gae.groupby("line", sort=False) if g["lam"].nunique() >= 2]
+    if not lines:
         return []
-    colour = _palette(envs)
+    envs = list(dict.fromkeys(gae.loc[gae["line"].isin(lines), "env"]))
+    colour, marker = _palette(lines + envs), _markers(lines)
     fig, (ax_bias, ax_var) = plt.subplots(1, 2, figsize=(PAPER_WIDTH, PANEL_HEIGHT + 0.3))
-    for env in envs:
-        rows = gae[gae["env"] == env].sort_values("lam")
+    for line in lines:
+        rows = gae[gae["line"] == line].sort_values("lam")
         for ax, col in ((ax_bias, "rel_bias"), (ax_var, "rel_variance")):
             err = np.vstack([rows[col] - rows[f"{col}_lo"], rows[f"{col}_hi"] - rows[col]]).clip(0)
-            ax.errorbar(rows["lam"], rows[col], yerr=np.nan_to_num(err), marker=_markers(envs)[env],
-                        ms=4, capsize=2, lw=1.2, color=colour[env], label=env)
-        vanilla = table[(table["env"] == env) & (table["estimator"] == "reinforce")]
+            ax.errorbar(rows["lam"], rows[col], yerr=np.nan_to_num(err), marker=marker[line],
+                        ms=4, capsize=2, lw=1.2, color=colour[line], label=line)
+    vanilla_rows = table[name == "reinforce"]
+    for env in envs:
+        vanilla = vanilla_rows[vanilla_rows["env"] == env]
         if not vanilla.empty:
             ax_var.axhline(vanilla["rel_variance"].iloc[0], color=colour[env], ls="--", lw=0.8,
                            label=f"{env}: vanilla REINFORCE")
     ax_bias.set_ylabel(REL_BIAS_LABEL)
     ax_var.set_ylabel(REL_VAR_LABEL)
-    scale_values = pd.concat([gae["rel_variance"], table.loc[table["estimator"] == "reinforce", "rel_variance"]])
+    scale_values = pd.concat([gae["rel_variance"], vanilla_rows["rel_variance"]])
     if spans_decades(scale_values, decades=1.0):
         log_axis(ax_var, "y", scale_values)
     for ax in (ax_bias, ax_var):
         ax.set_xlabel("GAE λ")
-    legend_below(fig, [ax_bias, ax_var], [*envs, *(f"{e}: vanilla REINFORCE" for e in envs)])
+    legend_below(fig, [ax_bias, ax_var], [*lines, *(f"{e}: vanilla REINFORCE" for e in envs)])
     ax_bias.set_title("GAE bias against λ (95% CI)")
     ax_var.set_title("GAE variance against λ (95% CI)")
     fig.tight_layout()
     return save_figure(fig, out_dir, "gae_lambda")
 
 
+def headline_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """The table rows the figures draw: the headline checkpoints (``analysis.table``
+    shows the unfitted-critic first checkpoint apart, in its files only)."""
+    return table[table["scope"] == "headline"] if "scope" in table.columns else table
+
+
+def trajectory_rows(measured: pd.DataFrame) -> pd.DataFrame:
+    """The measurements drawn over training: estimators without a critic or with the
+    run's own (``train``) one; fitted and exact critics are in the table figures."""
+    if "critic" not in measured.columns:
+        return measured
+    return measured[measured["critic"].fillna("").astype(str).isin(["", "train"])]
+
+
 def make_figures(table: pd.DataFrame, measured: pd.DataFrame, curves: pd.DataFrame,
                  out_dir: Path) -> list[Path]:
     """Every figure above into ``out_dir``; returns the files written."""
     apply_theme()
+    table = headline_rows(table)
     labels = sorted(dict.fromkeys(table["label"]), key=_label_order)
     envs = list(dict.fromkeys(table["env"]))
     paths: list[Path] = []
     if not curves.empty:
-        paths += plot_learning_curves(curves, labels, envs, out_dir)
+        curve_labels = sorted(dict.fromkeys(curves["label"]), key=_label_order)
+        paths += plot_learning_curves(curves, curve_labels, envs, out_dir)
+    measured = trajectory_rows(measured)
     if not measured.empty:
-        paths += plot_gradient_stats(gradient_stats_by_step(measured), labels, envs, out_dir)
+        drawn = sorted(dict.fromkeys(measured["label"]), key=_label_order)
+        paths += plot_gradient_stats(gradient_stats_by_step(measured), drawn, envs, out_dir)
         paths += plot_bias_variance(table, labels, out_dir)
         paths += plot_table_rows(table, labels, out_dir)
         paths += plot_gae_lambda(table, out_dir)

@@ -19,21 +19,26 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from analysis.validate import DamagedRun, validated_rows
+from analysis.validate import DamagedRun, validated_paired_rows, validated_rows
+from pgvar.estimators import DEFAULT_CONFIG
+from pgvar.paired import SHARED_KNOBS, parse_spec
 
 # The log schema is pgvar-run's (pgvar.runlog owns the file names, statuses and columns).
 from pgvar.runlog import (
     LEARNING_CURVE_COLUMNS,
     MEASURED_COLUMNS,
     METRICS_FILE,
+    PAIRED_FILE,
     RUN_FILE,
     STATUS_COMPLETE,
     STATUS_DIVERGED,
@@ -315,8 +320,158 @@ def save_runs(df: pd.DataFrame, out_dir: Path) -> Path:
     return path
 
 
+# ----------------------------------------------------------------------------- measurements
+#
+# The rows the table consumes: one per (run, measured step, MEASURED estimator, critic).
+# A run that logged paired measurements (paired.csv: every estimator of
+# training.measure.estimators scored at each measured step on the same episodes, against
+# one shared reference) contributes its paired rows; any other run contributes its
+# metrics.csv measured rows, which describe the training estimator (critic "", source
+# "metrics"). The choice is per run, so a sweep whose runs have paired rows is tabulated
+# from them, an older sweep exactly as before, and a run whose paired.csv is damaged
+# falls back to its metrics.csv rows with a warning naming the file.
+
+_TEXT_COLUMNS = {"estimator", "estimator_name", "critic", "critic_error_kind", "trained_with",
+                 "source", "ref_method"}
+# Columns of a training step (metrics.csv) that paired rows of the same step share.
+STEP_COLUMNS = [c for c in LEARNING_CURVE_COLUMNS if c != "wall_s"] + [
+    "return_undiscounted_mean", "episode_length_mean", "grad_norm", "critic_loss"]
+
+
+class PairedWarning(UserWarning):
+    """A run's paired.csv could not be used; its metrics.csv rows are used instead."""
+
+
 def measured_rows(df: pd.DataFrame) -> pd.DataFrame:
-    """The rows of measured iterations (where the gradient statistics are not empty)."""
+    """The measurement rows of the runs in ``df`` (the tidy frame of ``load_runs``): per
+    run its paired.csv rows when it has a usable one, else its metrics.csv measured rows
+    (see the comment above). Every row carries the run's columns (``run_dir``, ``seed``,
+    ``env.*``, ``training.*``), the measured estimator's identity (``estimator``: its
+    name; ``estimator.*``: the knobs it was measured with; ``lam``; ``critic``) and
+    ``trained_with``. A damaged paired.csv gives a ``PairedWarning`` naming the file."""
     if "grad_variance" not in df.columns:
         return df.iloc[0:0]
-    return df[np.isfinite(df["grad_variance"].to_numpy(dtype=float))]
+    own = df[np.isfinite(df["grad_variance"].to_numpy(dtype=float))]
+    if "run_dir" not in df.columns:
+        return _training_rows(own)
+    run_cols = _run_column_names(df)
+    frames = []
+    for run_dir, run in df.groupby("run_dir", sort=False):
+        paired = _paired_rows(Path(str(run_dir)), run, run_cols)
+        frames.append(paired if paired is not None else _training_rows(own[own["run_dir"] == run_dir]))
+    frames = [f for f in frames if not f.empty]
+    if not frames:
+        return _training_rows(own.iloc[0:0])
+    return pd.concat(frames, ignore_index=True, sort=False)
+
+
+RUN_IDENTITY = ["sweep", "run_id", "run_dir", "env", "seed", "preset", "elapsed_s"]
+
+
+def _run_column_names(df: pd.DataFrame) -> list[str]:
+    """The columns of ``df`` that describe a run rather than one of its steps: identity
+    and config (as recorded by ``load_runs``; else every dotted column)."""
+    config = df.attrs.get("config_columns") or [c for c in df.columns if "." in c]
+    return [c for c in dict.fromkeys(RUN_IDENTITY + list(config)) if c in df.columns]
+
+
+def _training_rows(rows: pd.DataFrame) -> pd.DataFrame:
+    """metrics.csv measured rows as measurement rows of the training estimator."""
+    rows = rows.copy()
+    name = rows["estimator"] if "estimator" in rows.columns else pd.Series("", index=rows.index)
+    defaults = {"estimator_name": name, "critic": "", "critic_episodes": 0,
+                "critic_error": math.nan, "critic_error_kind": "", "trained_with": name,
+                "is_training": True, "source": "metrics"}
+    for col, value in defaults.items():
+        if col not in rows.columns:
+            rows[col] = value
+    return rows
+
+
+def _paired_rows(run_dir: Path, run: pd.DataFrame, run_cols: list[str]) -> pd.DataFrame | None:
+    """The run's paired.csv as measurement rows, None when it has none or it is damaged
+    (then a ``PairedWarning`` says which file and why)."""
+    path = run_dir / PAIRED_FILE
+    if not path.exists():
+        return None
+    try:
+        stat = path.stat()
+        paired = _read_paired(str(path), stat.st_mtime_ns, stat.st_size)
+    except (DamagedRun, OSError) as err:
+        warnings.warn(f"{path}: unusable paired measurements ({err}); using the run's "
+                      f"{METRICS_FILE} rows (the training estimator only)", PairedWarning,
+                      stacklevel=3)
+        return None
+    return _with_run_columns(paired.copy(), run, run_cols)
+
+
+@lru_cache(maxsize=512)
+def _read_paired(path: str, mtime_ns: int, size: int) -> pd.DataFrame:
+    """paired.csv checked (``analysis.validate``) and typed; cached per file version."""
+    header, rows = validated_paired_rows(Path(path))
+    frame = pd.DataFrame(rows, columns=header).replace({"": None})
+    out = {}
+    for col in frame.columns:
+        if col in _TEXT_COLUMNS:
+            out[col] = frame[col].fillna("").astype(str)
+        else:
+            out[col] = _to_number(frame[col])
+    typed = pd.DataFrame(out)
+    typed["step"] = typed["step"].astype(int)
+    typed["is_training"] = typed["is_training"].fillna(0).astype(bool)
+    if "ref_circular" in typed.columns:
+        typed["ref_circular"] = typed["ref_circular"].fillna(0).astype(bool)
+    return typed
+
+
+def _with_run_columns(paired: pd.DataFrame, run: pd.DataFrame, run_cols: list[str]) -> pd.DataFrame:
+    """Paired rows plus the run's columns and its training step's learning-curve cells
+    (``STEP_COLUMNS``); ``estimator.*`` describe the MEASURED estimator: the run's own on
+    the training rows (which keep the run's ``label``), else the spec's knobs over the
+    training config's shared knobs over the estimator defaults (``pgvar.paired``)."""
+    first = run.iloc[0]
+    per_run = {c: first[c] for c in run_cols
+               if c not in paired.columns and not c.startswith("estimator.")
+               and c not in ("estimator", "lam")}
+    out = with_constant_columns(paired, per_run)
+    steps = [c for c in STEP_COLUMNS if c in run.columns and c not in paired.columns]
+    if steps:
+        out = out.merge(run[["step", *steps]].drop_duplicates("step"), on="step", how="left")
+    out = add_derived_columns(out)
+    trained = {c: first[c] for c in run.columns if c.startswith("estimator.")}
+    columns: dict[str, list[Any]] = {c: [] for c in trained}
+    resolved: dict[tuple[str, str], dict[str, Any]] = {}
+    for spec, name, is_training in zip(out["estimator"], out["estimator_name"], out["is_training"]):
+        if is_training:
+            knobs = trained
+        else:
+            if (spec, name) not in resolved:
+                resolved[(spec, name)] = _spec_columns(str(spec), str(name), trained)
+            knobs = resolved[(spec, name)]
+        for c in columns:
+            columns[c].append(knobs.get(c))
+    for c, values in columns.items():
+        out[c] = values
+    out["estimator_label"] = out["estimator"]
+    out["estimator"] = out["estimator_name"]
+    if "estimator.lam" in out.columns:
+        out["lam"] = out["estimator.lam"]
+    if "label" in run.columns:
+        out["label"] = np.where(out["is_training"], first["label"], None)
+    return out
+
+
+def _spec_columns(label: str, name: str, trained: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``estimator.*`` columns of a measured spec, resolved as pgvar-run resolves it
+    (``pgvar.paired.EstimatorSpec.config``: the spec's knobs over the training config's
+    shared knobs over the defaults); a label pgvar cannot parse keeps only its name."""
+    try:
+        spec = parse_spec(label)
+        knobs = asdict(spec.config(replace(DEFAULT_CONFIG, **{
+            k: trained[f"estimator.{k}"] for k in SHARED_KNOBS
+            if f"estimator.{k}" in trained and trained[f"estimator.{k}"] is not None})))
+    except (ValueError, TypeError):
+        knobs = {}
+    cols = {c: knobs.get(c.split(".", 1)[1]) for c in trained}
+    cols["estimator.name"] = name
+    return cols

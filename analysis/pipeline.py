@@ -23,7 +23,7 @@ import pandas as pd
 from analysis import curves as cv
 from analysis import figures as fg
 from analysis import table as tb
-from analysis.loader import LoadError, LoadReport, load_runs, measured_rows, save_runs
+from analysis.loader import LoadError, LoadReport, load_runs, save_runs
 
 
 @dataclass
@@ -56,7 +56,7 @@ def analyze(paths: Iterable[Path | str], out: Path | str, steps: str = "all",
     files.update({p.name: p for p in tb.write_table(table, out_dir).values()})
     curves = cv.learning_curve_iqm(df, ["env", "label"])
     files["learning_curves"] = _csv(curves, out_dir / "learning_curves.csv")
-    measured = measured_rows(df)
+    measured = fg.trajectory_rows(tb.measurement_rows(df))  # labelled; paired rows where logged
     by_step = fg.gradient_stats_by_step(measured) if not measured.empty else pd.DataFrame()
     files["gradient_stats_by_step"] = _csv(by_step, out_dir / "gradient_stats_by_step.csv")
     finals = tb.final_returns(df)

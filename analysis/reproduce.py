@@ -375,7 +375,8 @@ def run_experiment_analysis(spec: ExperimentSpec, out: Path) -> int:
     return 0
 
 
-PUBLISHED_FILES = ("table.md", "table_full.md", "table.csv", "table.tex", "returns_iqm.csv", "reproduce.json",
+PUBLISHED_FILES = ("table.md", "table_full.md", "table.csv", "table.tex", "table_critic.md",
+                   "variance_separations.csv", "returns_iqm.csv", "reproduce.json",
                    "skipped_runs.csv", "result.md", "result.csv")
 
 

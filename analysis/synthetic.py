@@ -126,3 +126,109 @@ def write_sweep(sweep_dir: Path, truths: list[TrueEstimator], seeds: range | lis
             jobs.append(job_dir)
             job += 1
     return jobs
+
+
+# ----------------------------------------------------------------------------- paired runs
+
+
+@dataclass(frozen=True)
+class PairedTruth:
+    """The ground truth of one measured (estimator spec, critic) of a paired run: its bias
+    norm and trace variance (``first_bias``: the bias at the run's first measured step,
+    e.g. a training critic that was not fitted yet; None: ``bias`` there too)."""
+
+    spec: str
+    bias: float
+    variance: float
+    critic: str = ""
+    critic_error: float = math.nan
+    first_bias: float | None = None
+    circular: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.spec.split("(")[0]
+
+    @property
+    def critic_episodes(self) -> int:
+        return int(self.critic[4:]) if self.critic.startswith("fit:") else 0
+
+
+PAIRED_SHARED_NOISE = 0.8  # fraction of each estimate's noise variance common to all specs
+
+
+def paired_measurements(truths: list[PairedTruth], seed: int, steps: list[int], trained_with: str,
+                        M: int = 32, P: int = 8, ref_norm: float = 1.0,
+                        ref_se: float = 0.0) -> pd.DataFrame:
+    """paired.csv of one run: at every step, M estimates per truth drawn from the SAME
+    episodes (a noise part shared by all truths, ``PAIRED_SHARED_NOISE`` of the variance,
+    plus an own part), statistics by ``pgvar.stats.gradient_stats`` against one reference
+    (exact, or with isotropic noise of standard error ``ref_se``)."""
+    rng = np.random.default_rng([seed, 7])
+    directions = {t: _unit(np.random.default_rng([seed, zlib.crc32(f"{t.spec}|{t.critic}".encode())]), P)
+                  for t in truths}
+    rows = []
+    for k, step in enumerate(steps):
+        g_true = _unit(rng, P) * ref_norm
+        g_ref = g_true + rng.normal(size=P) * ref_se / math.sqrt(P) if ref_se > 0 else g_true
+        common = rng.normal(size=(M, P))
+        for t in truths:
+            bias = t.first_bias if (k == 0 and t.first_bias is not None) else t.bias
+            own = rng.normal(size=(M, P))
+            noise = (math.sqrt(PAIRED_SHARED_NOISE) * common
+                     + math.sqrt(1 - PAIRED_SHARED_NOISE) * own) * math.sqrt(t.variance / P)
+            stats = gradient_statistics(g_true + bias * directions[t] + noise, g_ref, ref_se)
+            rows.append({
+                "step": step, "estimator": t.spec, "estimator_name": t.name, "critic": t.critic,
+                "critic_episodes": t.critic_episodes,
+                "critic_error": t.critic_error if t.critic else None,
+                "critic_error_kind": "exact_v_rmse" if t.critic else "",
+                "trained_with": trained_with,
+                "is_training": t.spec == trained_with and t.critic in ("train", ""),
+                **stats, "ref_exact": ref_se == 0, "ref_episodes": 0 if ref_se == 0 else 1000,
+                "ref_method": "exact" if ref_se == 0 else "monte_carlo:reinforce_rtg",
+                "ref_rel_se": ref_se / ref_norm, "ref_circular": t.circular,
+                "ref_disagreement": None if ref_se == 0 else 1.0, "source": "run", "wall_s": 0.1})
+    return pd.DataFrame(rows)
+
+
+def _unit(rng: np.random.Generator, P: int) -> np.ndarray:
+    v = rng.normal(size=P)
+    return v / np.linalg.norm(v)
+
+
+def write_paired_sweep(sweep_dir: Path, truths: list[PairedTruth], seeds: range | list[int],
+                       env: str = "tabular", trained_with: str = "value_baseline",
+                       n_iters: int = 5, measure_every: int = 2, start: int = 0,
+                       **kwargs) -> list[Path]:
+    """A multirun directory of paired runs, one per seed, all trained with
+    ``trained_with`` and measuring every truth: run.json, metrics.csv (the training
+    estimator's rows, as pgvar-run writes them) and paired.csv. Returns the job dirs."""
+    steps = [s for s in range(n_iters) if s % measure_every == 0 or s == n_iters - 1]
+    if not any(t.spec == trained_with and t.critic in ("train", "") for t in truths):
+        raise ValueError(f"no truth is the training estimator {trained_with!r} (critic 'train' or "
+                         "none): metrics.csv repeats its row")
+    jobs = []
+    for job, seed in enumerate(seeds, start=start):
+        config = {"env": {"name": env, "gamma": 0.99},
+                  "estimator": {"name": trained_with, "lam": 0.95, "ppo_lr": 0.05,
+                                "discount_weighting": True},
+                  "training": {"iterations": n_iters, "measure_every": measure_every},
+                  "seed": seed, "preset": {"name": "synthetic"}}
+        paired = paired_measurements(truths, seed, steps, trained_with, **kwargs)
+        training = paired[paired["is_training"]].set_index("step")
+        rows = []
+        for step in range(n_iters):
+            row = {"step": step, "env_steps": 100 * (step + 1), "episodes": 10 * (step + 1),
+                   "return_mean": float(step), "return_std": 1.0, "wall_s": 0.1 * step}
+            if step in training.index:
+                row.update({c: training.at[step, c] for c in training.columns
+                            if c.startswith(("grad_", "cos_", "snr", "ref_norm", "ref_se",
+                                             "n_estimates", "tail_index", "ci_reliable"))})
+                row["ref_exact"] = training.at[step, "ref_exact"]
+            rows.append(row)
+        job_dir = sweep_dir / str(job)
+        write_run(job_dir, config, pd.DataFrame(rows))
+        paired.to_csv(job_dir / "paired.csv", index=False)
+        jobs.append(job_dir)
+    return jobs

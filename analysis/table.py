@@ -1,24 +1,41 @@
-"""The bias/variance comparison table: one row per estimator (and environment).
+"""The bias/variance comparison table: one row per measured estimator (and critic, and
+environment block).
 
-Which measured steps feed it is the ``steps`` option:
+Rows come from measurement rows (``measurement_rows``: ``analysis.loader.measured_rows``,
+labelled). A run that logged paired measurements (paired.csv) contributes one row per
+(step, estimator spec, critic): every estimator of ``training.measure.estimators`` scored
+at the run's checkpoints on the SAME episodes against ONE reference. A sweep of such runs
+(one training estimator per block, as experiments/table/sweep.yaml does) therefore
+scores every row of a block at the same frozen checkpoints, and compares rows paired per
+(run, step). Runs without paired.csv contribute their metrics.csv rows (the training
+estimator along its own trajectory), and a table of such runs is built as before.
+
+A row is keyed by ``env``, ``estimator`` (the measured one's name), the settings that
+split it (``lam``, ...), its ``critic`` (``""`` none, ``train`` the run's own critic,
+``fit:N`` a fresh critic fitted on N episodes of the checkpoint's policy, ``exact`` the
+true V) and, when two blocks of one env differ in it, ``trained_with``. ``scope`` says
+which checkpoints: ``headline`` = all measured steps except, in a paired run with a
+training critic, its first, where that critic was never fitted (V at its
+initialisation); those checkpoints get their own rows, scope ``UNFITTED``, shown apart.
+
+Which measured steps feed the headline is the ``steps`` option:
 
 - ``all`` (default): every measured iteration, averaged within a run first (one value
-  per run). Each estimator is scored along its own training run, as it is used: with
-  the critic it has fitted on the run's earlier batches. Rows are at different policies
-  (each estimator trains its own), so a row mixes the estimator's noise with where it
-  led the policy; the variance ratio to vanilla REINFORCE pairs runs by seed but not by
-  parameters.
-- ``first``: the first measured iteration of every run. All estimators of a seed start
-  from the same initial parameters, so every row is scored at the same policy and rows
-  differ only by the estimator: the cleanest comparison for estimators without a
-  critic. But ``pgvar-run`` fits the critic after each iteration's step, so at the first
-  measurement the critic is still at its initialisation (the value baseline then equals
-  reward-to-go, and actor-critic and GAE bootstrap from an untrained V): not the
-  estimators the seed describes.
-- ``last``: the last measured iteration (the policy each estimator ended at).
+  per run).
+- ``first``: the first (headline) measured iteration of every run;
+- ``last``: the last measured iteration.
 
 The reference gradient is exact (or its standard error is logged and removed) at every
 step, so bias is measured correctly whichever steps are used; only comparability differs.
+Monte Carlo rows state the reference's mean relative SE (``ref_rel_se``), the estimator it
+averages (``ref_method``) and ``ref_circular`` (no reference from another estimator
+existed: the bias verdict is then 'not tested', by construction).
+
+Variance ratios (``paired_variance_ratio``): on shared checkpoints, the ratio of the
+rows' summed trace variances over the shared (run, step), with a bootstrap over runs;
+otherwise (rows from different runs) runs paired by seed. Every pair of rows of a block
+is compared the same way (``variance_separations``): ``var_rank`` and ``var_ties`` say
+which rows the intervals separate.
 
 Per row, the bias is ONE pooled quantity, and its interval and its verdict come from the
 same test, so the three cannot disagree:
@@ -44,8 +61,8 @@ same test, so the three cannot disagree:
 
 Variance: ``variance`` is the mean over runs of each run's mean trace variance with a
 bootstrap interval over runs, ``rel_variance = variance / ref_norm^2`` (ends too); the
-variance ratio to vanilla REINFORCE pairs runs by seed, and verdicts that rest on it need
-``MIN_RUNS_FOR_SEED_BOOTSTRAP`` seeds. ``analysis.claims`` turns the numbers into the
+variance ratio to vanilla REINFORCE is ``paired_variance_ratio``, and verdicts that rest
+on it need ``MIN_RUNS_FOR_SEED_BOOTSTRAP`` runs. ``analysis.claims`` turns the numbers into the
 words of the seed's table and says whether they agree, and why when it cannot tell.
 """
 
@@ -74,8 +91,8 @@ from analysis.stats import (
 )
 
 STEP_CHOICES = ("first", "last", "all")
-ESTIMATOR_ORDER = ["reinforce", "reinforce_rtg", "mean_baseline", "rloo", "value_baseline",
-                   "actor_critic", "gae", "ppo"]
+ESTIMATOR_ORDER = ["reinforce", "reinforce_rtg", "mean_baseline_episode", "mean_baseline", "rloo",
+                   "value_baseline", "actor_critic", "gae", "ppo"]
 # Config columns that never define a row: replicates, places, machinery.
 _NOT_A_ROW_KEY = re.compile(r"(^|\.)(seed|.*dir|.*path|output.*|device|hydra|log.*|"
                             r"n_jobs|num_workers|threads?|versions?)(\.|$)")
@@ -104,20 +121,25 @@ def config_columns(df: pd.DataFrame) -> list[str]:
 
 
 def row_key_columns(df: pd.DataFrame) -> list[str]:
-    """``env``, ``estimator`` and every config column that varies within one of them.
-
-    A GAE lambda sweep thus gives one row per lambda, a batch-size sweep one row per
-    size; the seed never splits rows.
-    """
+    """``env``, ``estimator`` and every setting that varies within one of them: a config
+    column (a GAE lambda sweep gives one row per lambda, a batch-size sweep one row per
+    size), the ``critic`` a measurement used (``train``, ``fit:320``, ``exact``) and the
+    estimator a run ``trained_with`` when two blocks of one environment differ in it.
+    The seed never splits rows. Works on run frames and on measurement rows."""
     keys = ["env", "estimator"]
-    runs = df.drop_duplicates("run_dir")
-    for col in config_columns(df):
-        if col in keys or _NOT_A_ROW_KEY.search(col) or col in ("env.name", "estimator.name"):
+    candidates = [*config_columns(df), "critic", "trained_with"]
+    for col in dict.fromkeys(candidates):
+        if col in keys or col not in df.columns or _NOT_A_ROW_KEY.search(col) \
+                or col in ("env.name", "estimator.name"):
             continue
-        varies = runs.groupby(["env", "estimator"], dropna=False)[col].nunique(dropna=True)
-        if (varies > 1).any():
-            keys.append(_alias_of(runs, col))
+        varies = df.groupby(["env", "estimator"], dropna=False)[col].nunique(dropna=True)
+        if (varies > 1).any() or (col == "critic" and _has_critic_labels(df)):
+            keys.append(_alias_of(df, col))
     return list(dict.fromkeys(keys))
+
+
+def _has_critic_labels(df: pd.DataFrame) -> bool:
+    return "critic" in df.columns and bool(df["critic"].fillna("").astype(str).ne("").any())
 
 
 def _alias_of(runs: pd.DataFrame, col: str) -> str:
@@ -130,15 +152,48 @@ def _alias_of(runs: pd.DataFrame, col: str) -> str:
 
 
 def add_labels(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    """A ``label`` column naming each run's row, e.g. ``gae (lam=0.9)``."""
-    runs = df.drop_duplicates("run_dir").set_index("run_dir")
-    by_run = {}
-    for _, group in runs.groupby("estimator", dropna=False, sort=False):
-        # the settings that split this estimator on any env: one label for it everywhere
-        splitting = [k for k in keys[2:] if group[k].nunique(dropna=True) > 1]
-        for run, r in group[keys].iterrows():
-            by_run[run] = row_label(r.to_dict(), ["env", "estimator"] + splitting)
-    return df.assign(label=df["run_dir"].map(by_run))
+    """A ``label`` column naming each line's row, e.g. ``gae (lam=0.9) [fit:320]``: the
+    estimator, the settings that split it on any env, and its critic in brackets."""
+    settings = [k for k in keys[2:] if k != "critic"]
+    combos = df.drop_duplicates(keys).copy()
+    by_key = {}
+    for _, group in combos.groupby("estimator", dropna=False, sort=False):
+        splitting = [k for k in settings if group[k].nunique(dropna=True) > 1]
+        for _, r in group.iterrows():
+            by_key[_key_of(r, keys)] = row_label(r.to_dict(), ["env", "estimator"] + splitting)
+    labels = [by_key[_key_of(r, keys)] for _, r in df[keys].iterrows()]
+    return df.assign(label=labels)
+
+
+def _key_of(row: pd.Series, keys: list[str]) -> tuple:
+    return tuple("<na>" if _isna(row[k]) else row[k] for k in keys)
+
+
+def measurement_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The labelled measurement rows of the runs in ``df`` (``analysis.loader.measured_rows``:
+    paired rows where a run logged them), each marked ``critic_fitted``: False on a
+    paired run's first measured step when the run has a ``train`` critic, which is then
+    still at its initialisation (pgvar-run fits it after each update). The table leaves
+    those checkpoints out of its headline and shows them apart."""
+    rows = measured_rows(df)
+    rows.attrs["config_columns"] = config_columns(df) if not df.empty else []
+    if rows.empty:
+        return rows.assign(label=pd.Series(dtype=str), critic_fitted=pd.Series(dtype=bool))
+    keys = row_key_columns(rows)
+    rows = add_labels(rows, keys)
+    rows["critic_fitted"] = ~_unfitted_checkpoints(rows)
+    rows.attrs["row_keys"] = keys
+    return rows
+
+
+def _unfitted_checkpoints(rows: pd.DataFrame) -> pd.Series:
+    """True on every row of a (run, step) where the run's training critic was never fitted:
+    the first measured step of a paired run that has ``train`` critic rows."""
+    paired = rows["source"].ne("metrics") if "source" in rows.columns else pd.Series(False, index=rows.index)
+    critic = rows["critic"].fillna("").astype(str) if "critic" in rows.columns else ""
+    has_train = (critic == "train").groupby(rows["run_dir"]).transform("any")
+    first = rows.groupby("run_dir")["step"].transform("min")
+    return paired & has_train & rows["step"].eq(first)
 
 
 def select_steps(measured: pd.DataFrame, steps: str) -> pd.DataFrame:
@@ -205,29 +260,41 @@ def _by_seed(values: pd.DataFrame, column: str) -> dict[object, float]:
 
 # ----------------------------------------------------------------------------- table
 
+HEADLINE = "headline"
+UNFITTED = "first checkpoint, training critic never fitted"
+
 
 def build_table(df: pd.DataFrame, steps: str = "all",
                 skipped: Iterable[SkippedRun] = ()) -> pd.DataFrame:
     """The comparison table as a DataFrame of numbers and words (see module doc).
 
-    ``skipped`` (the loader's report) adds, per row, how many of its runs were left out
-    and why: an estimator that diverges in 14 of 20 seeds is a finding, not a footnote.
+    One row per (row key, ``scope``): the ``headline`` scope uses the checkpoints where
+    the training critic had been fitted (all of them for runs without paired rows); a
+    block with paired ``train``-critic rows also gets every row at its unfitted first
+    checkpoint, scope ``UNFITTED``, shown apart. ``skipped`` (the loader's report) adds,
+    per row, how many of its runs were left out and why. ``separations(table)`` gives
+    every pairwise variance comparison within a block (``variance_separations``).
     """
     if df.empty:
         raise ValueError("no runs to tabulate")
-    keys = row_key_columns(df)
-    if "label" not in df.columns:
-        df = add_labels(df, keys)
-    measured = select_steps(measured_rows(df), steps)
+    rows = measurement_rows(df)
+    if rows.empty:
+        raise ValueError("no measured steps to tabulate")
+    keys = rows.attrs["row_keys"]
     finals = final_returns(df)
-    groups = {k: g for k, g in df.groupby(keys, dropna=False, sort=False)}
-    chosen = {k: measured[measured["run_dir"].isin(g["run_dir"].unique())] for k, g in groups.items()}
-    per_row = {k: per_run_values(rows) for k, rows in chosen.items()}
-    records = []
-    for key, group in groups.items():
-        record = _row_numbers(dict(zip(keys, key)), keys, per_row[key], per_row,
-                              finals[group["run_dir"].unique()], group, chosen[key])
-        records.append(record)
+    scopes = {HEADLINE: select_steps(rows[rows["critic_fitted"]], steps),
+              UNFITTED: rows[~rows["critic_fitted"]]}
+    records, separations = [], []
+    for scope, chosen in scopes.items():
+        if chosen.empty:
+            continue
+        groups = {k: g for k, g in chosen.groupby(keys, dropna=False, sort=False)}
+        for key, group in groups.items():
+            record = _row_numbers(dict(zip(keys, key)), keys, group, groups,
+                                  finals[finals.index.isin(group["run_dir"].unique())])
+            record["scope"] = scope
+            records.append(record)
+        separations.append(variance_separations(groups, keys).assign(scope=scope))
     skipped = list(skipped)
     records += _rows_without_complete_runs(records, keys, skipped)
     table = pd.DataFrame.from_records(records)
@@ -236,16 +303,20 @@ def build_table(df: pd.DataFrame, steps: str = "all",
     known = table[table["reference"] != "unknown"].groupby("env")["reference"].first()
     table["reference"] = [known.get(env, ref) if ref == "unknown" else ref
                           for env, ref in zip(table["env"], table["reference"])]
-    table = _add_judgements(table, keys)
+    pairs = pd.concat(separations, ignore_index=True) if separations else pd.DataFrame()
+    table = _add_ranks(table, pairs)
+    table = _add_judgements(table, keys, pairs)
     table["steps"] = steps
-    return _sort_rows(table, keys)
+    table = _sort_rows(table, keys)
+    table.attrs["separations"] = pairs.to_dict("records")  # records: pandas compares attrs
+    return table
 
 
 def _rows_without_complete_runs(records: list[dict], keys: list[str],
                                 skipped: list[SkippedRun]) -> list[dict]:
     """Rows for settings whose every run was left out (e.g. an estimator that diverged on
     every seed), so the table shows them with 0 runs instead of dropping them."""
-    known = [tuple(r[k] for k in keys) for r in records]
+    known = [tuple(r.get(k) for k in keys) for r in records]
     labelled = {r["estimator"] for r in records if " (" in str(r["label"])}
     extra: dict[tuple, dict] = {}
     for run in skipped:
@@ -259,33 +330,51 @@ def _rows_without_complete_runs(records: list[dict], keys: list[str],
         label_keys = keys if row["estimator"] in labelled else keys[:2]
         extra[key] = {**row, "label": row_label(row, label_keys), "variant": claim.variant,
                       "baseline": claim.baseline, "n_runs": 0, "n_measured_runs": 0,
-                      "reference": "unknown",
+                      "reference": "unknown", "scope": HEADLINE, "estimator_name": row["estimator"],
                       **{f"{n}{s}": math.nan for n in NUMBER_COLUMNS for s in ("", "_lo", "_hi")},
                       "bias_distinguishable": None, "bias_test_note": "no complete run",
-                      "n_measurements": 0, "var_ratio_n": math.nan}
+                      "n_measurements": 0, "var_ratio_n": math.nan, "ref_circular": False,
+                      "var_ratio_pairing": ""}
     return list(extra.values())
 
 
 def _left_out(row: pd.Series, keys: list[str], skipped: Iterable[SkippedRun]) -> tuple[int, str]:
-    """How many skipped runs belong to this row, as a count and as words by status."""
+    """How many skipped runs belong to this row, as a count and as words by status. A
+    skipped run belongs to the rows it would have measured: same settings, and (paired
+    rows) trained with the run's estimator."""
     counts: dict[str, int] = {}
+    trained = row.get("trained_with")
+    paired = not _isna(trained) and trained != row["estimator"]
     for run in skipped:
-        if run.columns and all(k in run.columns and _same(run.columns[k], row[k]) for k in keys):
+        if not run.columns:
+            continue
+        if paired:
+            same = (_same(run.columns.get("estimator"), trained) and all(
+                _same(run.columns.get(k), row[k]) for k in keys
+                if not _estimator_specific(k) and k in run.columns))
+        else:
+            same = all(k in run.columns and _same(run.columns[k], row[k])
+                       for k in keys if k not in ("critic", "trained_with"))
+        if same:
             counts[run.status] = counts.get(run.status, 0) + 1
     words = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
     return sum(counts.values()), words
 
 
-def _row_numbers(row: dict, keys: list[str], values: pd.DataFrame, per_row: dict,
-                 finals: pd.Series, group: pd.DataFrame, measured: pd.DataFrame) -> dict:
+def _row_numbers(row: dict, keys: list[str], measured: pd.DataFrame, groups: dict,
+                 finals: pd.Series) -> dict:
     """Every numeric column of one row, with 95% intervals, as a flat dict."""
-    claim = cl.claim_for(str(row["estimator"]))
+    name = str(measured["estimator_name"].iloc[0]) if "estimator_name" in measured else str(row["estimator"])
+    claim = cl.claim_for(name)
+    values = per_run_values(measured)
     out: dict[str, object] = dict(row)
-    out["label"] = group["label"].iloc[0]
+    out["estimator_name"] = name
+    out["label"] = measured["label"].iloc[0]
     out["variant"], out["baseline"] = claim.variant, claim.baseline
-    out["n_runs"] = int(group["run_dir"].nunique())
+    out["n_runs"] = int(measured["run_dir"].nunique())
     out["n_measured_runs"] = len(values)
     out["reference"] = reference_kind(measured)
+    out.update(_descriptive(measured))
     pooled = pooled_bias(values)
     _put(out, "bias_sq", pooled.bias_sq)
     _put(out, "rel_bias_sq", pooled.relative(pooled.bias_sq))
@@ -297,14 +386,129 @@ def _row_numbers(row: dict, keys: list[str], values: pd.DataFrame, per_row: dict
     variance = _mean_of(values, "grad_variance")
     _put(out, "variance", variance)
     _put(out, "rel_variance", pooled.relative(variance))
-    for name, col in [("mse", "grad_mse"), ("cos_ref", "cos_ref"),
+    for stat, col in [("mse", "grad_mse"), ("cos_ref", "cos_ref"),
                       ("cos_pairwise", "cos_pairwise"), ("snr", "snr")]:
-        _put(out, name, _mean_of(values, col))
-    ratio = _variance_ratio(row, keys, values, per_row)
+        _put(out, stat, _mean_of(values, col))
+    reference = _reference_key(row, keys, groups)
+    ratio, pairing = (paired_variance_ratio(measured, groups[reference]) if reference is not None
+                      else (NAN_ESTIMATE, ""))
     _put(out, "var_ratio", ratio)
     out["var_ratio_n"] = ratio.n if math.isfinite(ratio.value) else math.nan
+    out["var_ratio_pairing"] = pairing
     _put(out, "return_iqm", stratified_bootstrap_iqm({row["env"]: finals.to_numpy()}))
     return out
+
+
+def _descriptive(measured: pd.DataFrame) -> dict[str, object]:
+    """The row's reference and critic in words and numbers: the reference's mean relative
+    standard error (0 when exact), whether any measurement's bias reference was circular,
+    the mean disagreement of the two references, and the critic's data and mean error."""
+    def mean(col: str) -> float:
+        return float(measured[col].mean()) if col in measured.columns and measured[col].notna().any() else math.nan
+
+    def first(col: str, default: object = "") -> object:
+        vals = measured[col].dropna() if col in measured.columns else pd.Series(dtype=object)
+        return vals.iloc[0] if len(vals) else default
+
+    rel_se = mean("ref_rel_se")
+    if not math.isfinite(rel_se) and {"ref_se", "ref_norm"} <= set(measured.columns):
+        rel_se = float((measured["ref_se"].fillna(0) / measured["ref_norm"].where(measured["ref_norm"] > 0)).mean())
+    circular = bool(measured["ref_circular"].fillna(False).astype(bool).any()) \
+        if "ref_circular" in measured.columns else False
+    return {"ref_rel_se": rel_se, "ref_rel_se_max": float(measured["ref_rel_se"].max())
+            if "ref_rel_se" in measured.columns else math.nan,
+            "ref_method": first("ref_method"), "ref_circular": circular,
+            "ref_disagreement": mean("ref_disagreement"),
+            "critic_episodes": first("critic_episodes", 0), "critic_error": mean("critic_error"),
+            "critic_error_kind": first("critic_error_kind"),
+            "trained_with": first("trained_with")}
+
+
+def paired_variance_ratio(rows: pd.DataFrame, reference: pd.DataFrame) -> tuple[Estimate, str]:
+    """Var(rows) / Var(reference) and how it was paired.
+
+    Measurements of the same (run, step) come from the same episodes (paired rows): the
+    ratio is then sum over the shared (run, step) of tr Cov(row) over the same sum for
+    the reference, i.e. the ratio of the per-run means over the shared checkpoints
+    (equal weights per checkpoint), with a bootstrap over RUNS that resamples each run's
+    checkpoints together (a run's checkpoints lie on one trajectory and are not
+    independent): ``analysis.stats.ratio_ci`` keyed by run. A ratio of pooled means
+    rather than a mean of per-checkpoint log ratios: each checkpoint's ratio of two
+    M-sample variances is noisy and its log is biased by about the difference of the two
+    tail indices over M, which pooling over checkpoints before dividing avoids.
+
+    Rows from different runs (each estimator trained its own policy) fall back to runs
+    paired by seed, over each side's own steps (``pairing`` says ``seed``).
+    """
+    a, b = _by_checkpoint(rows), _by_checkpoint(reference)
+    shared = a.index.intersection(b.index)
+    if len(shared):
+        per_run_a = a.loc[shared].groupby(level="run_dir").mean()
+        per_run_b = b.loc[shared].groupby(level="run_dir").mean()
+        return ratio_ci(per_run_a.to_dict(), per_run_b.to_dict()), "run, step"
+    a, b = per_run_values(rows), per_run_values(reference)
+    return ratio_ci(_by_seed(a, "grad_variance"), _by_seed(b, "grad_variance")), "seed"
+
+
+def _by_checkpoint(rows: pd.DataFrame) -> pd.Series:
+    """tr Cov per (run_dir, step) (one measurement each for one table row)."""
+    return rows.groupby(["run_dir", "step"], sort=False)["grad_variance"].mean()
+
+
+def variance_separations(groups: dict, keys: list[str]) -> pd.DataFrame:
+    """Every pair of rows of one block (same env and non-estimator settings): Var(a) /
+    Var(b) as ``paired_variance_ratio`` pairs it (per (run, step) on shared checkpoints,
+    else by seed: ``paired_by``), its 95% interval, and ``separated`` when the interval
+    excludes 1 and rests on at least ``MIN_RUNS_FOR_SEED_BOOTSTRAP`` runs."""
+    records = []
+    items = list(groups.items())
+    for i, (key_a, rows_a) in enumerate(items):
+        for key_b, rows_b in items[i + 1:]:
+            if not _same_block(dict(zip(keys, key_a)), dict(zip(keys, key_b)), keys):
+                continue
+            ratio, pairing = paired_variance_ratio(rows_a, rows_b)
+            if not math.isfinite(ratio.value):
+                continue
+            records.append({"env": key_a[0], "a": rows_a["label"].iloc[0],
+                            "b": rows_b["label"].iloc[0], "ratio": ratio.value,
+                            "lo": ratio.lo, "hi": ratio.hi, "n": ratio.n, "paired_by": pairing,
+                            "separated": ratio.excludes(1.0)
+                            and ratio.n >= MIN_RUNS_FOR_SEED_BOOTSTRAP})
+    return pd.DataFrame.from_records(
+        records, columns=["env", "a", "b", "ratio", "lo", "hi", "n", "paired_by", "separated"])
+
+
+def separations(table: pd.DataFrame) -> pd.DataFrame:
+    """The pairwise variance comparisons ``build_table`` made (empty when none)."""
+    return pd.DataFrame.from_records(table.attrs.get("separations") or [])
+
+
+def _same_block(a: dict, b: dict, keys: list[str]) -> bool:
+    """Two rows of one block: the same env and settings that are not the estimator's."""
+    return all(_same(a[k], b[k]) for k in keys if not _estimator_specific(k))
+
+
+def _add_ranks(table: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
+    """From the pairwise comparisons: ``var_rank`` (1 + the number of rows of the block
+    whose variance is separated BELOW this row's by the paired interval; rank 1 = no row
+    is shown to have less variance) and ``var_ties`` (the rows it is not separated from)."""
+    ranks, ties = [], []
+    for _, row in table.iterrows():
+        mine = pairs[(pairs["env"] == row["env"]) & (pairs["scope"] == row["scope"])] \
+            if not pairs.empty else pairs
+        as_a, as_b = mine[mine["a"] == row["label"]], mine[mine["b"] == row["label"]]
+        if as_a.empty and as_b.empty:
+            ranks.append(math.nan)
+            ties.append("")
+            continue
+        below = int((as_a["separated"] & (as_a["lo"] > 1)).sum()
+                    + (as_b["separated"] & (as_b["hi"] < 1)).sum())
+        tied = list(as_a.loc[~as_a["separated"], "b"]) + list(as_b.loc[~as_b["separated"], "a"])
+        ranks.append(1 + below)
+        ties.append(", ".join(tied))
+    table["var_rank"] = ranks
+    table["var_ties"] = ties
+    return table
 
 
 def _mean_of(values: pd.DataFrame, column: str) -> Estimate:
@@ -396,20 +600,11 @@ def pooled_bias(values: pd.DataFrame) -> PooledBias:
     return PooledBias(b2, ref_sq, fewest, se_logged)
 
 
-def _variance_ratio(row: dict, keys: list[str], values: pd.DataFrame,
-                    per_row: dict) -> Estimate:
-    """Var(row) / Var(vanilla REINFORCE) on the same env and non-estimator settings,
-    paired by seed."""
-    reference = _reference_key(row, keys, per_row)
-    if reference is None:
-        return NAN_ESTIMATE
-    return ratio_ci(_by_seed(values, "grad_variance"), _by_seed(per_row[reference], "grad_variance"))
-
-
-def _reference_key(row: dict, keys: list[str], per_row: dict) -> tuple | None:
-    """The key of the vanilla REINFORCE row this row is compared with, if any."""
-    shared = [k for k in keys if k != "estimator" and not _estimator_specific(k)]
-    for key in per_row:
+def _reference_key(row: dict, keys: list[str], groups: dict) -> tuple | None:
+    """The key of the vanilla REINFORCE row this row is compared with, if any: same
+    block (env and the settings that are not the estimator's)."""
+    shared = [k for k in keys if not _estimator_specific(k)]
+    for key in groups:
         cand = dict(zip(keys, key))
         if cand["estimator"] == cl.REFERENCE_ESTIMATOR and all(
                 _same(cand[k], row[k]) for k in shared):
@@ -418,8 +613,10 @@ def _reference_key(row: dict, keys: list[str], per_row: dict) -> tuple | None:
 
 
 def _estimator_specific(column: str) -> bool:
-    """A setting of the estimator itself (``estimator.*`` or its alias, e.g. ``lam``),
-    which vanilla REINFORCE's row need not share."""
+    """A setting of the measured estimator itself (its name, ``estimator.*`` or an
+    alias such as ``lam``, its ``critic``), which vanilla REINFORCE's row need not share."""
+    if column in ("estimator", "critic"):
+        return True
     return column.startswith("estimator.") or any(
         column == alias and all(s.startswith("estimator.") for s in sources)
         for alias, sources in ALIASES.items())
@@ -434,9 +631,13 @@ def _isna(x: object) -> bool:
 
 
 def row_label(row: dict, keys: list[str]) -> str:
-    """``estimator`` plus the settings that split it, e.g. ``gae (lam=0.9)``."""
-    extras = [f"{k.split('.')[-1]}={_short(row[k])}" for k in keys[2:] if not _isna(row[k])]
-    return f"{row['estimator']} ({', '.join(extras)})" if extras else str(row["estimator"])
+    """``estimator`` plus the settings that split it and its critic, e.g.
+    ``gae (lam=0.9) [fit:320]``."""
+    extras = [f"{k.split('.')[-1]}={_short(row[k])}" for k in keys[2:]
+              if k != "critic" and not _isna(row[k])]
+    label = f"{row['estimator']} ({', '.join(extras)})" if extras else str(row["estimator"])
+    critic = row.get("critic")
+    return f"{label} [{critic}]" if isinstance(critic, str) and critic else label
 
 
 def _short(value: object) -> str:
@@ -444,13 +645,26 @@ def _short(value: object) -> str:
 
 
 def _sort_rows(table: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    """Environments with an exact reference first, then by name; estimators in the seed's
-    order; then settings (e.g. lambda)."""
+    """Headline rows first; environments with an exact reference first, then by name;
+    estimators in the seed's order; then settings (e.g. lambda); then critics (none,
+    train, fit:N by N, exact)."""
     order = {e: i for i, e in enumerate(ESTIMATOR_ORDER)}
+    table["_scope"] = table["scope"].ne(HEADLINE)
     table["_est"] = table["estimator"].map(lambda e: order.get(e, len(order)))
     table["_exact"] = table["reference"].ne("exact")
-    table = table.sort_values(["_exact", "env", "_est", "estimator"] + keys[2:], kind="stable")
-    return table.drop(columns=["_est", "_exact"]).reset_index(drop=True)
+    table["_critic"] = table["critic"].map(_critic_order) if "critic" in table.columns else 0
+    settings = [k for k in keys[2:] if k != "critic"]
+    table = table.sort_values(["_scope", "_exact", "env", "_est", "estimator", *settings, "_critic"],
+                              kind="stable")
+    return table.drop(columns=["_scope", "_est", "_exact", "_critic"]).reset_index(drop=True)
+
+
+def _critic_order(critic: object) -> float:
+    """Sort key of a critic label: none, train, fit:N by N, exact."""
+    critic = "" if _isna(critic) else str(critic)
+    if critic.startswith("fit:") and critic[4:].isdigit():
+        return 2 + int(critic[4:]) / 1e9
+    return {"": 0, "train": 1, "exact": 4}.get(critic, 5)
 
 
 def reference_kind(measured: pd.DataFrame) -> str:
@@ -465,39 +679,79 @@ def reference_kind(measured: pd.DataFrame) -> str:
 # ----------------------------------------------------------------------------- judging
 
 
-def _add_judgements(table: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+def _add_judgements(table: pd.DataFrame, keys: list[str], pairs: pd.DataFrame) -> pd.DataFrame:
     """The seed's words next to each row and whether the measurement agrees: the
-    verdict (``agreement``), in a word or two (``agreement_short``), and in words with
-    every inconclusive part's reason (``agreement_detail``)."""
-    verdicts, shorts, details, seed_bias, seed_var, measured_var = [], [], [], [], [], []
+    verdict (``agreement``), in a word or two (``agreement_short``), in words with every
+    inconclusive part's reason (``agreement_detail``), and ``verdict_kind``: ``tested``
+    when every stated part could have failed, else which parts hold by construction
+    (those are not counted). Critic-based rows at fitted critics also get
+    ``critic_trend``: does their bias fall with the critic's data (``claims.judge_bias_trend``)."""
+    verdicts, shorts, details, kinds, seed_bias, seed_var, measured_var, trends = ([] for _ in range(8))
     for _, row in table.iterrows():
-        claim = cl.claim_for(str(row["estimator"]))
-        ratio = Estimate(row["var_ratio"], row["var_ratio_lo"], row["var_ratio_hi"],
-                         int(row["var_ratio_n"]) if math.isfinite(row["var_ratio_n"]) else 0)
+        name = str(row["estimator_name"])
+        claim = cl.claim_for(name)
+        ratio = _ratio_of(row)
         rel_bias = Estimate(row["rel_bias"], row["rel_bias_lo"], row["rel_bias_hi"], 0)
-        is_ref = row["estimator"] == cl.REFERENCE_ESTIMATOR
-        variance = cl.judge_variance(claim.variance, ratio, _others_above_one(table, row),
-                                     is_reference=is_ref, n_runs=ratio.n)
+        if name == cl.REFERENCE_ESTIMATOR:
+            variance = cl.judge_vanilla_variance(_other_source_ratios(table, row, keys))
+        else:
+            variance = cl.judge_variance(claim.variance, ratio, n_runs=ratio.n)
         dist = row["bias_distinguishable"]
         bias = cl.judge_bias(claim.bias, None if _isna(dist) else bool(dist), rel_bias,
-                             _tunable(table, row) if claim.bias == "tunable" else None,
+                             _tunable(table, row, keys, pairs) if claim.bias == "tunable" else None,
                              note=row["bias_test_note"],
-                             note_short=_short_note(row["bias_test_note"]))
+                             note_short=_short_note(row["bias_test_note"]),
+                             circular=bool(row.get("ref_circular", False) is True))
         overall = cl.combine(bias, variance)
         if row["n_runs"] == 0:
             overall = cl.Judgement("no data", f"no complete run ({row['left_out']})")
         verdicts.append(overall.verdict)
         shorts.append(overall.cell)
         details.append(overall.words)
+        kinds.append(_verdict_kind(bias, variance))
         seed_bias.append(claim.bias or "-")
         seed_var.append(claim.variance or "-")
         measured_var.append(cl.variance_band(row["var_ratio"])
                             if math.isfinite(row["var_ratio"]) else "-")
+        trends.append(_critic_trend(table, row, keys))
     table["seed_bias"], table["seed_variance"] = seed_bias, seed_var
     table["measured_variance_word"] = measured_var
     table["agreement"], table["agreement_short"] = verdicts, shorts
     table["agreement_detail"] = details
+    table["verdict_kind"] = kinds
+    table["critic_trend"] = trends
     return table
+
+
+def _ratio_of(row: pd.Series) -> Estimate:
+    n = int(row["var_ratio_n"]) if math.isfinite(row["var_ratio_n"]) else 0
+    return Estimate(row["var_ratio"], row["var_ratio_lo"], row["var_ratio_hi"], n)
+
+
+def _verdict_kind(*parts: cl.Judgement) -> str:
+    """``tested`` when every stated part was tested; else names the untested parts."""
+    stated = [j for j in parts if j.verdict != "no claim"]
+    if not stated:
+        return "-"
+    untested = [j.words.partition(":")[0] for j in stated if j.kind != cl.TESTED]
+    return cl.TESTED if not untested else f"{', '.join(untested)} {cl.BY_CONSTRUCTION}"
+
+
+def _block_rows(table: pd.DataFrame, row: pd.Series, keys: list[str]) -> pd.DataFrame:
+    """The rows of ``row``'s block (same env and non-estimator settings) and scope."""
+    same = table["scope"] == row["scope"]
+    for k in keys:
+        if not _estimator_specific(k):
+            same &= np.array([_same(v, row[k]) for v in table[k]], dtype=bool)
+    return table[same]
+
+
+def _other_source_ratios(table: pd.DataFrame, row: pd.Series, keys: list[str]) -> list[tuple[str, Estimate]]:
+    """The paired variance ratios to vanilla of the block's other source-table rows."""
+    block = _block_rows(table, row, keys)
+    others = block[block["estimator_name"].isin(cl.SEED_TABLE_ROWS)
+                   & (block["estimator_name"] != cl.REFERENCE_ESTIMATOR)]
+    return [(r["label"], _ratio_of(r)) for _, r in others.iterrows()]
 
 
 def _short_note(note: object) -> str:
@@ -510,40 +764,71 @@ def _short_note(note: object) -> str:
     return "no bias test" if note else ""
 
 
-def _others_above_one(table: pd.DataFrame, row: pd.Series) -> bool | None:
-    """For the vanilla row: does another seed-table row on its env, with enough runs for
-    its ratio interval, have Var ratio > 1? None when there is no such row."""
-    others = table[(table["env"] == row["env"]) & (table["estimator"] != row["estimator"])
-                   & table["estimator"].isin(cl.SEED_TABLE_ROWS)
-                   & (table["var_ratio_n"] >= MIN_RUNS_FOR_SEED_BOOTSTRAP)]
-    lows = others["var_ratio_lo"].dropna()
-    if others.empty or lows.empty:
-        return None
-    return bool((lows > 1).any())
+def _pair_ratio(pairs: pd.DataFrame, a: str, b: str, env: str, scope: str) -> Estimate:
+    """Var(a) / Var(b) from the block's pairwise comparisons (either order), or NaN."""
+    if pairs.empty:
+        return NAN_ESTIMATE
+    mine = pairs[(pairs["env"] == env) & (pairs["scope"] == scope)]
+    hit = mine[(mine["a"] == a) & (mine["b"] == b)]
+    if not hit.empty:
+        r = hit.iloc[0]
+        return Estimate(r["ratio"], r["lo"], r["hi"], int(r["n"]))
+    hit = mine[(mine["a"] == b) & (mine["b"] == a)]
+    if not hit.empty:
+        r = hit.iloc[0]
+        return Estimate(1 / r["ratio"], 1 / r["hi"], 1 / r["lo"], int(r["n"]))
+    return NAN_ESTIMATE
 
 
-def _tunable(table: pd.DataFrame, row: pd.Series) -> cl.Judgement:
-    """Does lambda move GAE's bias on this env? Compare the relative squared-bias
-    intervals at the smallest and the largest lambda."""
-    lam_col = "lam" if "lam" in table.columns else None
-    rows = table[(table["env"] == row["env"]) & (table["estimator"] == row["estimator"])]
-    if lam_col is None or rows[lam_col].nunique() < 2:
+def _tunable(table: pd.DataFrame, row: pd.Series, keys: list[str], pairs: pd.DataFrame) -> cl.Judgement:
+    """Does lambda tune GAE's bias against its variance on this block, at this row's
+    critic? ``claims.judge_tunable`` on the smallest and largest lambda's rows (the
+    one-step actor-critic row standing for lambda = 0)."""
+    if "lam" not in table.columns:
         return cl.inconclusive("bias: seed says tunable", "one lambda in the sweep", "one lambda")
-    lo_row = rows.loc[rows[lam_col].idxmin()]
-    hi_row = rows.loc[rows[lam_col].idxmax()]
-    words = (f"bias: seed says tunable, relative bias {lo_row['rel_bias']:.3g} at "
-             f"lambda={lo_row[lam_col]:g} vs {hi_row['rel_bias']:.3g} at lambda={hi_row[lam_col]:g}")
-    for end in (lo_row, hi_row):
-        if _isna(end["bias_distinguishable"]):
-            note = end["bias_test_note"]
-            return cl.inconclusive(words, f"lambda={end[lam_col]:g}: {note}", _short_note(note))
-    relative = all(math.isfinite(r["rel_bias_sq"]) for r in (lo_row, hi_row))
-    col = "rel_bias_sq" if relative else "bias_sq"
-    apart = (lo_row[f"{col}_lo"] > hi_row[f"{col}_hi"]
-             or hi_row[f"{col}_lo"] > lo_row[f"{col}_hi"])
-    if apart:
-        return cl.Judgement("agrees", words)
-    return cl.inconclusive(words, "the intervals at the two lambdas overlap", "CIs overlap")
+    block = _block_rows(table, row, keys)
+    rows = block[(block["estimator_name"] == row["estimator_name"]) & block["lam"].notna()]
+    # one-step actor-critic IS GAE at lambda = 0 (the same advantage, delta_t): its rows
+    # give the sweep its lambda = 0 end when no gae(lam=0) row was measured
+    one_step = block[block["estimator_name"] == "actor_critic"].assign(lam=0.0)
+    if not (rows["lam"] == 0).any():
+        rows = pd.concat([rows, one_step])
+    if "critic" in rows.columns:
+        rows = rows[[_same(c, row.get("critic")) for c in rows["critic"]]]
+    if rows["lam"].nunique() < 2:
+        return cl.inconclusive("bias: seed says tunable", "one lambda in the sweep", "one lambda")
+    lo_row, hi_row = rows.loc[rows["lam"].idxmin()], rows.loc[rows["lam"].idxmax()]
+    ends = [cl.LambdaEnd(float(r["lam"]), Estimate(r["rel_bias_sq"], r["rel_bias_sq_lo"],
+                                                   r["rel_bias_sq_hi"], 0),
+                         None if _isna(r["bias_distinguishable"]) else bool(r["bias_distinguishable"]),
+                         "" if _isna(r["bias_test_note"]) else str(r["bias_test_note"]))
+            for r in (lo_row, hi_row)]
+    tested = rows["bias_distinguishable"].dropna()
+    any_biased = bool(tested.astype(bool).any()) if len(tested) == len(rows) else None
+    var = _pair_ratio(pairs, hi_row["label"], lo_row["label"], row["env"], row["scope"])
+    return cl.judge_tunable(ends[0], ends[1], var, any_biased)
+
+
+CRITIC_ESTIMATORS = ("value_baseline", "actor_critic", "gae", "ppo")
+
+
+def _critic_trend(table: pd.DataFrame, row: pd.Series, keys: list[str]) -> str:
+    """For a critic-based row at a fitted critic (``fit:N``): does the same estimator's
+    bias fall from the fewest to the most critic episodes? Empty for other rows."""
+    critic = str(row.get("critic", "") or "")
+    if row["estimator_name"] not in CRITIC_ESTIMATORS or not critic.startswith("fit:"):
+        return ""
+    block = _block_rows(table, row, keys)
+    same = block[(block["estimator_name"] == row["estimator_name"])
+                 & block["critic"].fillna("").astype(str).str.startswith("fit:")]
+    settings = [k for k in keys if _estimator_specific(k) and k not in ("estimator", "critic")]
+    for k in settings:
+        same = same[[_same(v, row[k]) for v in same[k]]]
+    points = [(int(r["critic_episodes"]), Estimate(r["rel_bias_sq"], r["rel_bias_sq_lo"],
+                                                   r["rel_bias_sq_hi"], 0))
+              for _, r in same.iterrows() if math.isfinite(float(r["critic_episodes"]))]
+    judgement = cl.judge_bias_trend(points)
+    return f"{judgement.cell}: {judgement.words}"
 
 
 # ----------------------------------------------------------------------------- writing
@@ -571,14 +856,51 @@ def _bias_verdict_cell(row: pd.Series) -> str:
     return f"n/a ({short})" if short else "-"
 
 
+def _col(table: pd.DataFrame, name: str, default: object = "") -> pd.Series:
+    return table[name] if name in table.columns else pd.Series(default, index=table.index)
+
+
+def _number_cell(value: object) -> str:
+    return "-" if _isna(value) else fmt_ci(float(value), math.nan, math.nan)
+
+
+def _critic_cell(row: pd.Series) -> str:
+    """``fit:320, error 0.12 (heldout_rmse)`` or ``-`` for rows without a critic."""
+    critic = row.get("critic")
+    if _isna(critic) or not critic:
+        return "-"
+    error = row.get("critic_error")
+    if _isna(error):
+        return str(critic)
+    return f"{critic}, error {_number_cell(error)} ({row.get('critic_error_kind') or '?'})"
+
+
+def _ref_cell(row: pd.Series) -> str:
+    """The reference behind a row: exact, or Monte Carlo with its relative SE, and a
+    circular reference flagged."""
+    if row.get("reference") == "exact":
+        return "exact"
+    method = row.get("ref_method")
+    text = f"{method}" if isinstance(method, str) and method else str(row.get("reference"))
+    text += f", rel SE {_number_cell(row.get('ref_rel_se'))}"
+    if row.get("ref_circular") is True:
+        text += ", CIRCULAR"
+    return text
+
+
 def display_table(table: pd.DataFrame) -> pd.DataFrame:
     """The full human-facing table: every column, numbers formatted with their intervals."""
     out = pd.DataFrame()
+    if table["scope"].nunique() > 1:
+        out["checkpoints"] = table["scope"]
     if table["env"].nunique() > 1:
         out["env"] = _env_column(table)
     out["estimator"] = table["label"]
     out["variant"] = table["variant"]
     out["baseline"] = table["baseline"]
+    if _has_critic_labels(table):
+        out["critic (data, error)"] = table.apply(_critic_cell, axis=1)
+    out["reference (rel SE)"] = table.apply(_ref_cell, axis=1)
     out["bias ‖E ĝ − ∇J‖ (RMS)"] = _ci_column(table, "bias")
     out["relative bias"] = _ci_column(table, "rel_bias")
     out["bias distinguishable from 0"] = table.apply(_bias_verdict_cell, axis=1)
@@ -586,43 +908,87 @@ def display_table(table: pd.DataFrame) -> pd.DataFrame:
     out["variance tr Cov"] = _ci_column(table, "variance")
     out["relative variance"] = _ci_column(table, "rel_variance")
     out["variance / vanilla"] = _ci_column(table, "var_ratio")
+    out["paired by"] = _col(table, "var_ratio_pairing")
+    out["variance rank (ties)"] = [f"{_number_cell(r)} ({t})" if t else _number_cell(r)
+                                   for r, t in zip(_col(table, "var_rank", math.nan),
+                                                   _col(table, "var_ties"))]
     out["MSE"] = table.apply(lambda r: fmt_ci(r["mse"], math.nan, math.nan), axis=1)
     out["cos(ĝ, ∇J)"] = table.apply(lambda r: fmt_ci(r["cos_ref"], math.nan, math.nan), axis=1)
     out["final return (IQM)"] = _ci_column(table, "return_iqm")
     out["runs"] = [f"{n} (+{words})" if words else str(n)
                    for n, words in zip(table["n_runs"], table["left_out"])]
     out["seed: bias / variance"] = table["seed_bias"] + " / " + table["seed_variance"]
+    out["verdict kind"] = _col(table, "verdict_kind")
     out["agrees with seed?"] = table["agreement"] + ": " + table["agreement_detail"]
+    out["bias vs critic data"] = _col(table, "critic_trend")
     return out
 
 
 def compact_table(table: pd.DataFrame) -> pd.DataFrame:
-    """The main table, read at a glance: at most 7 columns, no sentences in cells.
+    """The main table, read at a glance: the headline checkpoints, at most 7 columns, no
+    sentences in cells.
 
-    Relative bias (pooled, with its interval) and its yes/no from the same interval, the
-    variance ratio to vanilla REINFORCE with its interval, the seed's words and the
-    verdict in a word or two; ``display_table`` has everything else.
+    Relative bias (pooled, with its interval) and its yes/no from the same interval (on
+    Monte Carlo rows with the reference's relative SE), the variance ratio to vanilla
+    REINFORCE with its interval and the rank its paired intervals separate it into, the
+    seed's words and the verdict in a word or two; ``display_table`` has everything else.
     """
+    table = table[table["scope"] == HEADLINE]
     out = pd.DataFrame()
     if table["env"].nunique() > 1:
         out["env"] = _env_column(table)
     out["estimator"] = table["label"]
     out["relative bias [95% CI]"] = _ci_column(table, "rel_bias")
-    out["bias ≠ 0?"] = table.apply(_bias_verdict_cell, axis=1)
-    out["variance / vanilla [95% CI]"] = _ci_column(table, "var_ratio")
+    out["bias ≠ 0?"] = [_bias_verdict_cell(r) + _ref_note(r) for _, r in table.iterrows()]
+    ranks = _col(table, "var_rank", math.nan)
+    out["variance / vanilla [95% CI] (rank)"] = [
+        f"{cell} (#{rank:g})" if math.isfinite(rank) else cell
+        for cell, rank in zip(_ci_column(table, "var_ratio"), ranks)]
     out["seed says (bias / variance)"] = table["seed_bias"] + " / " + table["seed_variance"]
     out["agrees with seed?"] = table["agreement_short"]
     return out
 
 
+def _ref_note(row: pd.Series) -> str:
+    """`` (ref SE 0.11)`` after a Monte Carlo row's bias verdict (`` circular`` when its
+    reference was built from the tested estimator); empty on exact rows."""
+    if row.get("reference") == "exact":
+        return ""
+    circular = " circular" if row.get("ref_circular") is True else ""
+    rel_se = row.get("ref_rel_se")
+    return f" (ref SE {_number_cell(rel_se)}{circular})" if not _isna(rel_se) or circular else ""
+
+
+def critic_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Critic quality as a factor: every critic-based row with its critic's data and error,
+    relative bias, variance ratio, its verdict and whether its bias falls with critic data."""
+    rows = table[table["critic"].fillna("").astype(str).ne("")] if "critic" in table.columns else table.iloc[0:0]
+    out = pd.DataFrame()
+    out["checkpoints"] = rows["scope"]
+    out["env"] = rows["env"]
+    out["estimator"] = rows["label"]
+    out["critic (data, error)"] = rows.apply(_critic_cell, axis=1) if not rows.empty else []
+    out["relative bias [95% CI]"] = _ci_column(rows, "rel_bias") if not rows.empty else []
+    out["variance / vanilla [95% CI]"] = _ci_column(rows, "var_ratio") if not rows.empty else []
+    out["agrees with seed?"] = rows["agreement_short"]
+    out["bias vs critic data"] = _col(rows, "critic_trend")
+    return out
+
+
 COMPACT_NOTE = (
-    "Relative bias: sqrt(mean squared bias / mean ‖∇J‖²) over every measured step and run, "
+    "Headline checkpoints: every measured step of the training runs, except a run's first "
+    "when it has a training critic that was not yet fitted (those rows are in table_full.md). "
+    "Relative bias: sqrt(mean squared bias / mean ‖∇J‖²) over those checkpoints and runs, "
     "95% interval from the per-measurement standard errors; 'bias ≠ 0?' is that interval's "
-    "lower end > 0. Variance / vanilla: trace variance over vanilla REINFORCE's on the same "
-    "environment, paired by seed, 95% bootstrap interval. Verdict tags: n < {k} too few runs "
-    "for a seed bootstrap; M < {m} too few estimates per measurement for the bias test; band "
-    "edge: the interval crosses the edge of the claimed band. Every column, and each verdict "
-    "in words: table_full.md."
+    "lower end > 0; ref SE: a Monte Carlo reference's standard error over ‖∇J‖ "
+    "('circular': built from the tested estimator, so its bias is not tested). Variance / "
+    "vanilla: trace variance over vanilla REINFORCE's, paired per (run, step) on the same "
+    "episodes when the runs logged paired measurements (else by seed), 95% bootstrap "
+    "interval over runs; rank #k: 1 + the rows of the block whose variance is separated "
+    "below this row's by their paired interval. Verdict tags: n < {k} too few runs for a seed "
+    "bootstrap; M < {m} too few estimates per measurement for the bias test; band edge: the "
+    "interval crosses the edge of the claimed band. Only tested verdicts count. Every "
+    "column, and each verdict in words: table_full.md."
 )
 
 
@@ -672,7 +1038,8 @@ def to_latex(table: pd.DataFrame) -> str:
 def write_table(table: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
     """Write ``table.md`` (the compact main table), ``table_full.md`` (every column),
     ``table.csv`` (all numbers, interval ends as columns) and ``table.tex`` (every
-    column) into ``out_dir``; return their paths by name (``md``, ``full.md``, ...)."""
+    column) into ``out_dir``, and where there are critic rows / paired comparisons
+    ``table_critic.md`` and ``variance_separations.csv``; return their paths by name."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {ext: out_dir / f"table.{ext}" for ext in ("md", "csv", "tex")}
     paths["full.md"] = out_dir / "table_full.md"
@@ -680,6 +1047,14 @@ def write_table(table: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
     paths["full.md"].write_text(to_markdown(table))
     table.to_csv(paths["csv"], index=False)
     paths["tex"].write_text(to_latex(table))
+    critics = critic_table(table)
+    if not critics.empty:
+        paths["critic.md"] = out_dir / "table_critic.md"
+        paths["critic.md"].write_text(_markdown(critics))
+    pairs = separations(table)
+    if not pairs.empty:
+        paths["separations.csv"] = out_dir / "variance_separations.csv"
+        pairs.to_csv(paths["separations.csv"], index=False)
     return paths
 
 

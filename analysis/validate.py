@@ -30,6 +30,7 @@ from typing import Any
 
 from pgvar.runlog import LEARNING_CURVE_COLUMNS as CURVE_COLUMNS
 from pgvar.runlog import MEASURED_COLUMNS as GRADIENT_COLUMNS
+from pgvar.runlog import PAIRED_FILE
 
 REQUIRED_COLUMNS = CURVE_COLUMNS + GRADIENT_COLUMNS  # the schema pgvar.runlog writes
 
@@ -81,16 +82,16 @@ def measured_steps(config: Mapping[str, Any], n_steps: int) -> set[int]:
     return {s for s in range(n_steps) if s % every == 0 or s == n_steps - 1}
 
 
-def split_lines(text: str) -> list[list[str]]:
+def split_lines(text: str, name: str = "metrics.csv") -> list[list[str]]:
     """The CSV text as rows of cells; raises DamagedRun when it was cut mid-line."""
     if not text:
-        raise DamagedRun("metrics.csv is empty")
+        raise DamagedRun(f"{name} is empty")
     if not text.endswith("\n"):
-        raise DamagedRun("metrics.csv ends mid-line (the file was cut short)")
+        raise DamagedRun(f"{name} ends mid-line (the file was cut short)")
     try:
         return list(csv.reader(io.StringIO(text, newline=""), strict=True))
     except csv.Error as err:
-        raise DamagedRun(f"metrics.csv does not parse as CSV ({err})") from None
+        raise DamagedRun(f"{name} does not parse as CSV ({err})") from None
 
 
 def check_header(header: Sequence[str]) -> None:
@@ -126,11 +127,12 @@ def check_steps(steps: Sequence[str], n_steps: int) -> None:
     raise DamagedRun(f"metrics.csv's steps are not 0..{n_steps - 1} in order")
 
 
-def check_field_counts(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+def check_field_counts(header: Sequence[str], rows: Sequence[Sequence[str]],
+                       name: str = "metrics.csv") -> None:
     """Every line has as many fields as the header (two writers interleaved do not)."""
     for i, row in enumerate(rows):
         if len(row) != len(header):
-            raise DamagedRun(f"metrics.csv line {i + 2} has {len(row)} fields, the header "
+            raise DamagedRun(f"{name} line {i + 2} has {len(row)} fields, the header "
                              f"{len(header)}")
 
 
@@ -159,4 +161,52 @@ def validated_rows(path: Path, info: Mapping[str, Any]) -> tuple[list[str], list
     check_field_counts(header, rows)
     check_steps([r[header.index("step")] for r in rows], n_steps)
     check_numbers(header, rows, measured_steps(info["config"], n_steps))
+    return header, rows
+
+
+# ----------------------------------------------------------------------------- paired.csv
+
+PAIRED_NAME = PAIRED_FILE  # pgvar.runlog owns the name
+# A paired measurement row names its step, the measured estimator and its critic, and
+# holds every gradient column metrics.csv has (the format pgvar-run's paired measurement writes).
+PAIRED_IDENTITY = ("step", "estimator", "estimator_name", "critic", "trained_with", "is_training")
+PAIRED_REQUIRED = PAIRED_IDENTITY + GRADIENT_COLUMNS
+
+
+def validated_paired_rows(path: Path) -> tuple[list[str], list[list[str]]]:
+    """The header and rows of a run's paired.csv, checked whole: it ends with a line
+    break, its header holds every column of ``PAIRED_REQUIRED`` once, every line has the
+    header's field count, names an estimator, holds an integer step and a number in every
+    gradient column, and no (step, estimator, critic) appears twice. Raises ``DamagedRun``
+    naming the first problem; the loader then falls back to the run's metrics.csv."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise DamagedRun(f"{PAIRED_NAME} is not UTF-8 text") from None
+    lines = split_lines(text, PAIRED_NAME)
+    header, rows = lines[0], lines[1:]
+    twice = sorted(c for c, n in Counter(header).items() if n > 1)
+    missing = [c for c in PAIRED_REQUIRED if c not in header]
+    if twice or missing:
+        raise DamagedRun(f"{PAIRED_NAME}'s header " + (f"repeats column(s) {twice}" if twice
+                                                      else f"lacks column(s) {missing}"))
+    if not rows:
+        raise DamagedRun(f"{PAIRED_NAME} has a header but no rows")
+    check_field_counts(header, rows, PAIRED_NAME)
+    at = {c: header.index(c) for c in PAIRED_REQUIRED}
+    seen: set[tuple[str, str, str]] = set()
+    for i, row in enumerate(rows):
+        step, estimator, critic = row[at["step"]], row[at["estimator"]], row[at["critic"]]
+        if not (is_number(step) and math.isfinite(float(step)) and float(step).is_integer()):
+            raise DamagedRun(f"{PAIRED_NAME} line {i + 2} has step {step!r}, not an integer")
+        if not estimator or not row[at["estimator_name"]]:
+            raise DamagedRun(f"{PAIRED_NAME} line {i + 2} names no estimator")
+        bad = [c for c in GRADIENT_COLUMNS if not is_number(row[at[c]])]
+        if bad:
+            raise DamagedRun(f"{PAIRED_NAME} line {i + 2} (step {step}, {estimator}) has no "
+                             f"number in {bad}")
+        key = (str(int(float(step))), estimator, critic)
+        if key in seen:
+            raise DamagedRun(f"{PAIRED_NAME} repeats (step, estimator, critic) {key}")
+        seen.add(key)
     return header, rows

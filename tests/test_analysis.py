@@ -27,7 +27,7 @@ from analysis.table import build_table, select_steps, tex_escape, to_latex, to_m
 
 TRUTHS = [
     TrueEstimator("reinforce", bias=0.0, variance=8.0),
-    TrueEstimator("mean_baseline", bias=0.0, variance=2.0),
+    TrueEstimator("mean_baseline_episode", bias=0.0, variance=2.0),
     TrueEstimator("actor_critic", bias=0.3, variance=0.2),
     TrueEstimator("gae", bias=0.6, variance=0.02, lam=0.5),
     TrueEstimator("gae", bias=0.1, variance=0.5, lam=0.95),
@@ -255,7 +255,7 @@ def test_variance_ratio_to_vanilla_is_recovered(table):
 
 def test_gae_lambdas_are_separate_rows_and_labelled(table):
     labels = list(table["label"])
-    assert labels == ["reinforce", "mean_baseline", "actor_critic", "gae (lam=0.5)", "gae (lam=0.95)"]
+    assert labels == ["reinforce", "mean_baseline_episode", "actor_critic", "gae (lam=0.5)", "gae (lam=0.95)"]
 
 
 def test_agreement_column_follows_the_rule(table):
@@ -263,8 +263,8 @@ def test_agreement_column_follows_the_rule(table):
     # reinforce: unbiased, highest variance -> agrees
     assert rows["reinforce"]["agreement"] == "agrees"
     # mean baseline: variance ratio 0.25 -> 'moderate' band, unbiased -> agrees
-    assert rows["mean_baseline"]["agreement"] == "agrees"
-    assert rows["mean_baseline"]["measured_variance_word"] == "moderate"
+    assert rows["mean_baseline_episode"]["agreement"] == "agrees"
+    assert rows["mean_baseline_episode"]["measured_variance_word"] == "moderate"
     # actor-critic: ratio 0.025 -> 'low', relative bias 0.3 > 0.25 -> bias claim 'small' fails
     assert rows["actor_critic"]["measured_variance_word"] == "low"
     assert rows["actor_critic"]["agreement"] in ("disagrees", "inconclusive")
@@ -294,8 +294,8 @@ def test_rows_split_per_environment(tmp_path):
     table = build_table(df, steps="first")
     # exact-reference environments first, by name; estimators in the seed's order
     assert list(zip(table["env"], table["estimator"])) == [
-        ("chain", "reinforce"), ("tabular", "reinforce"), ("tabular", "mean_baseline"),
-        ("cartpole", "reinforce"), ("cartpole", "mean_baseline")]
+        ("chain", "reinforce"), ("tabular", "reinforce"), ("tabular", "mean_baseline_episode"),
+        ("cartpole", "reinforce"), ("cartpole", "mean_baseline_episode")]
     assert list(table["reference"]) == ["exact"] * 3 + ["Monte Carlo"] * 2
     header, _, first, *_ = to_markdown(table).splitlines()
     assert header.startswith("| env |") and first.startswith("| chain (exact ∇J) |")
@@ -414,9 +414,9 @@ def test_left_out_runs_are_counted_per_row_and_an_all_diverged_row_is_kept(tmp_p
     table = build_table(df, skipped=report.skipped)
     rows = {r["estimator"]: r for _, r in table.iterrows()}
     assert rows["reinforce"]["n_runs"] == 3 and rows["reinforce"]["left_out"] == "1 failed"
-    assert rows["mean_baseline"]["n_left_out"] == 0
+    assert rows["mean_baseline_episode"]["n_left_out"] == 0
     assert rows["ppo"]["n_runs"] == 0 and rows["ppo"]["left_out"] == "3 diverged"
     assert rows["ppo"]["agreement"] == "no data" and rows["ppo"]["reference"] == "exact"
-    assert list(table["estimator"]) == ["reinforce", "mean_baseline", "ppo"]
+    assert list(table["estimator"]) == ["reinforce", "mean_baseline_episode", "ppo"]
     md = to_markdown(table)
     assert "| 3 (+1 failed) |" in md and "| 0 (+3 diverged) |" in md

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,8 +20,21 @@ from pgvar.sweep import expand_sweep
 
 REPO = Path(__file__).resolve().parent.parent
 EXPERIMENTS = REPO / "experiments"
-TABLE_ROWS = {"reinforce", "reinforce_rtg", "mean_baseline", "rloo", "value_baseline",
-              "actor_critic", "gae", "ppo"}
+TABLE_ROWS = {"reinforce", "reinforce_rtg", "mean_baseline_episode", "mean_baseline", "rloo",
+              "value_baseline", "actor_critic", "gae", "ppo"}
+
+
+def _measured(overrides: list[str]) -> set[str]:
+    """The estimator names a sweep's runs measure: ``training.measure.estimators`` (specs
+    such as ``gae(lam=0.5)`` by their name) and the training ``estimator``."""
+    names: set[str] = set()
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if key == "training.measure.estimators":
+            names |= {spec.strip('"').split("(")[0] for spec in re.findall(r'"[^"]*"|[^,\[\]]+', value)}
+        elif key == "estimator":
+            names |= set(value.split(","))
+    return names
 
 
 def _pgvar_reproduce() -> list[str]:
@@ -48,17 +62,15 @@ def test_count_jobs_expands_like_hydra():
     assert rp.count_jobs(["estimator=gae", "estimator.lam=0.5,1.0"]) == 2
 
 
-def test_table_spec_has_every_preset_and_the_eight_rows():
+def test_table_spec_has_every_preset_and_the_nine_rows_in_every_block():
     for preset in rp.PRESETS:
         spec = rp.load_spec("table", preset, EXPERIMENTS)
         assert spec.steps in ("first", "last", "all")
-        estimators = set()
-        for overrides in spec.sweeps.values():
+        for name, overrides in spec.sweeps.items():
             assert rp.count_jobs(overrides)
-            for o in overrides:
-                if o.startswith("estimator="):
-                    estimators |= set(o.split("=", 1)[1].split(","))
-        assert TABLE_ROWS <= estimators, (preset, estimators)
+            assert TABLE_ROWS <= _measured(overrides), (preset, name, _measured(overrides))
+        if preset != "smoke":
+            assert {"tabular", "lqr", "cartpole"} <= set(spec.sweeps), preset
 
 
 @pytest.mark.parametrize("preset", rp.PRESETS)
@@ -121,7 +133,7 @@ def test_reproduce_table_smoke_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     assert lines[-1] == str(out / "table.md")
-    assert any("[16/16]" in line for line in lines)  # one progress line per finished run
+    assert any("[2/2]" in line for line in lines)  # one progress line per finished run
 
     for name in ["runs.parquet", "table.md", "table.csv", "table.tex", "learning_curves.csv",
                  "gradient_stats_by_step.csv", "returns_iqm.csv", "skipped_runs.csv",
@@ -133,21 +145,22 @@ def test_reproduce_table_smoke_end_to_end(tmp_path):
 
     table = pd.read_csv(out / "table.csv")
     assert set(table["estimator"]) == TABLE_ROWS and (table["n_runs"] == 2).all()
+    assert set(table["scope"]) == {"headline", "first checkpoint, training critic never fitted"}
     assert table["variance"].gt(0).all() and table["agreement"].notna().all()
     runs = pd.read_parquet(out / "runs.parquet")
-    assert runs["run_dir"].nunique() == 16 and set(runs["env"]) == {"tabular"}
+    assert runs["run_dir"].nunique() == 2 and set(runs["env"]) == {"tabular"}
     assert "Vanilla REINFORCE" in (out / "table_full.md").read_text()
     # 2 seeds, 4 estimates per measurement: no claim can be agreed or disagreed with
     assert set(table["agreement"]) <= {"inconclusive", "no claim"}, table["agreement_detail"]
     record = json.loads((out / "reproduce.json").read_text())
-    assert record["preset"] == "smoke" and record["sweeps"]["tabular"]["statuses"] == {"complete": 16}
+    assert record["preset"] == "smoke" and record["sweeps"]["tabular"]["statuses"] == {"complete": 2}
     assert elapsed < 180, f"smoke preset took {elapsed:.0f}s"
 
     # a second call finds every run complete and only redoes the analysis
     again = subprocess.run([*_pgvar_reproduce(), "table", "--preset", "smoke", "--out", str(out),
                             "--no-figures"], check=False, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "16 job(s) were already finished" in again.stdout
+    assert "2 job(s) were already finished" in again.stdout
 
 
 def test_a_refused_sweep_stops_before_the_analysis_in_process(tmp_path, monkeypatch, capsys):
