@@ -78,9 +78,9 @@ def parts_of(table: pd.DataFrame) -> list[ex.Finding]:
         missed = cells[cells["verdict"].str.contains(name)]
         word = "inconclusive" if cells.empty else "confirmed" if missed.empty else \
             "refuted" if len(missed) == len(cells) else "qualified"
-        parts.append(ex.Finding(claim, word, f"met in {len(cells) - len(missed)} of "
-                                     f"{len(cells)} cells with M >= {MIN_M}" + "".join(
-                                         f"; missed: {r.case} M={r.M}" for r in missed.itertuples())))
+        parts.append(ex.Finding(claim, word, f"met in {len(cells) - len(missed)} of {len(cells)} "
+                                f"cells with M >= {MIN_M}" + "".join(
+                                    f"; missed: {r.case} M={r.M}" for r in missed.itertuples())))
     return parts
 
 

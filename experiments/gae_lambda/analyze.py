@@ -151,19 +151,26 @@ def parts_of(summary: tuple) -> list[ex.Finding]:
         env, sub = t["env"], table[table["env"] == t["env"]]
         lo, hi = sub.loc[sub["lam"].idxmin()], sub.loc[sub["lam"].idxmax()]
         circular = t["reference"] == "MC value_baseline"
+        unbiased = "inconclusive" if not math.isfinite(hi["rel_bias_lo"]) else \
+            "refuted" if hi["bias_distinguishable"] else "confirmed"
         parts += [
-            ex.Finding(f"{env}: bias falls as λ grows", t["bias_word"], f"relative bias {format_columns(lo, 'rel_bias', 2)} at λ={lo['lam']:g}, "
-                            f"{format_columns(hi, 'rel_bias', 2)} at λ={hi['lam']:g}; Spearman(λ, "
-                            f"bias²) {format_columns(t, 'spearman_rel_bias_sq', 2)}"),
-            ex.Finding(f"{env}: variance rises as λ grows", t["variance_word"], f"variance ×{format_columns(t, 'variance_ratio_1_over_0', 2)} from "
-                            f"λ=0 to 1, {t['variance_direction']}; lowest at λ={t['variance_argmin']:g}"),
-            ex.Finding(f"{env}: GAE(λ=1) is unbiased", "inconclusive" if not math.isfinite(hi["rel_bias_lo"])
-                            else "refuted" if hi["bias_distinguishable"] else "confirmed", f"relative bias {format_columns(hi, 'rel_bias', 2)} against "
-                            f"{t['reference']}" + (" (GAE(1) itself)" if circular else ""), "by construction" if circular
-                            else "tested"),
-            ex.Finding(f"{env}: MSE-optimal λ at B = {lo['batch_size']:g}", "measured", f"{format_columns(t, 'mse_argmin')}; bootstrap shares "
-                            f"{t['mse_argmin_shares']}", ex.MEASURED)]
-    return parts + [ex.Finding("the MSE-optimal λ moves towards 1 with more episodes B'", "confirmed", "only the variance term of bias² + variance·B/B' shrinks with B'", ex.BY_CONSTRUCTION)] * (not tr.empty)
+            ex.Finding(f"{env}: bias falls as λ grows", t["bias_word"],
+                       f"relative bias {format_columns(lo, 'rel_bias', 2)} at λ={lo['lam']:g}, "
+                       f"{format_columns(hi, 'rel_bias', 2)} at λ={hi['lam']:g}; Spearman(λ, "
+                       f"bias²) {format_columns(t, 'spearman_rel_bias_sq', 2)}"),
+            ex.Finding(f"{env}: variance rises as λ grows", t["variance_word"],
+                       f"variance ×{format_columns(t, 'variance_ratio_1_over_0', 2)} from λ=0 to 1, "
+                       f"{t['variance_direction']}; lowest at λ={t['variance_argmin']:g}"),
+            ex.Finding(f"{env}: GAE(λ=1) is unbiased", unbiased,
+                       f"relative bias {format_columns(hi, 'rel_bias', 2)} against {t['reference']}"
+                       + (" (GAE(1) itself)" if circular else ""),
+                       ex.BY_CONSTRUCTION if circular else ex.TESTED),
+            ex.Finding(f"{env}: MSE-optimal λ at B = {lo['batch_size']:g}", ex.MEASURED,
+                       f"{format_columns(t, 'mse_argmin')}; bootstrap shares {t['mse_argmin_shares']}",
+                       ex.MEASURED)]
+    return parts + [ex.Finding(
+        "the MSE-optimal λ moves towards 1 with more episodes B'", "confirmed",
+        "only the variance term of bias² + variance·B/B' shrinks with B'", ex.BY_CONSTRUCTION)] * (not tr.empty)
 
 
 def render(summary: tuple, verdict, preset: str) -> str:

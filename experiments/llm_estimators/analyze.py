@@ -87,9 +87,14 @@ def claim_direction(table: pd.DataFrame) -> list[ex.Finding]:
     cos = lambda t: "; ".join(f"{r.policy} {r.estimator} {r.exact_mean_cos:.6f}"
                               for r in t.itertuples())
     return [
-        ex.Finding("(1) exact means of RLOO and Dr. GRPO along ∇J", word((along["exact_mean_cos"] >= 1 - EXACT_COS_TOL).all()), f"exact cos {cos(along)} (abar(1) − abar(0) is the same for every prompt)", ex.BY_CONSTRUCTION),
-        ex.Finding("(1) GRPO's exact mean is not along ∇J", word((grpo["exact_mean_cos"] < 1 - EXACT_COS_TOL).all()), f"exact cos {cos(grpo)}"),
-        ex.Finding("(1) the sampled means agree with the exact ones", word(agree(exact)), gaps(exact, "policy", "estimator"))]
+        ex.Finding("(1) exact means of RLOO and Dr. GRPO along ∇J",
+                   word((along["exact_mean_cos"] >= 1 - EXACT_COS_TOL).all()),
+                   f"exact cos {cos(along)} (abar(1) − abar(0) is the same for every prompt)",
+                   ex.BY_CONSTRUCTION),
+        ex.Finding("(1) GRPO's exact mean is not along ∇J",
+                   word((grpo["exact_mean_cos"] < 1 - EXACT_COS_TOL).all()), f"exact cos {cos(grpo)}"),
+        ex.Finding("(1) the sampled means agree with the exact ones", word(agree(exact)),
+                   gaps(exact, "policy", "estimator"))]
 
 
 def weight_slopes(frame: pd.DataFrame, sweep_prefix: str, label: str) -> pd.DataFrame:
@@ -129,8 +134,7 @@ def claim_prompt_weights(table: pd.DataFrame) -> list[ex.Finding]:
     reweights = bool((rows["slope_lo"] > 0).all())
     near_one = bool(((rows["slope_lo"] <= 1) & (rows["slope_hi"] >= 1)).any())
     grpo = table[(table["estimator"] == "grpo") & (table["setting"] != STD_ONLY)]
-    return [ex.Finding(claim, "qualified" if reweights and not near_one
-                            else word(reweights), "; ".join(
+    return [ex.Finding(claim, "qualified" if reweights and not near_one else word(reweights), "; ".join(
         [f"G = {r['G']}: weights {r['weight_min']:.3g}-{r['weight_max']:.3g}, slope of log "
          f"weight on log(1/std) {format_columns(r, 'slope')}, correlation with the exact gap "
          f"{r['corr_with_gap']:.3f}" for _, r in rows.iterrows()]
@@ -148,10 +152,9 @@ def claim_length(table: pd.DataFrame) -> list[ex.Finding]:
     parts = [f"{e}: {format_columns(by.loc[e], col)} ({kind})" for e, col, kind in
              [(e, "exact_length_bias", "exact") for e in ("grpo", "rloo", "dr_grpo")]
              + [(e, "mc_length_bias", "MC, de-noised") for e in ("dapo", "bnpo")] if e in by.index]
-    return [ex.Finding(claim, word(not g["exact_length_bias_lo"] <= 0
-                                                  <= g["exact_length_bias_hi"]), "length bias, d E|y| along the unit mean estimate minus along the "
-                            f"unit ∇J (true: {format_columns(g, 'len_slope_ref')}): "
-                            + "; ".join(parts))]
+    return [ex.Finding(claim, word(not g["exact_length_bias_lo"] <= 0 <= g["exact_length_bias_hi"]),
+                       "length bias, d E|y| along the unit mean estimate minus along the unit ∇J "
+                       f"(true: {format_columns(g, 'len_slope_ref')}): " + "; ".join(parts))]
 
 
 def group_size_table(frame: pd.DataFrame) -> pd.DataFrame:
@@ -172,7 +175,8 @@ def claim_group_size(table: pd.DataFrame) -> list[ex.Finding]:
              f"{', '.join(f'{v:.3g}' for v in g['sf_mse'])})"
              for est, g in (table.groupby("estimator") if len(table) else [])
              for best in [g.loc[g["sf_mse"].idxmin()]]]
-    return [ex.Finding("(4) variance and MSE against G at a fixed budget", "measured", "; ".join(parts) or "no group-size runs", ex.MEASURED)]
+    return [ex.Finding("(4) variance and MSE against G at a fixed budget", ex.MEASURED,
+                       "; ".join(parts) or "no group-size runs", ex.MEASURED)]
 
 
 def kl_table(frame: pd.DataFrame) -> pd.DataFrame:
@@ -190,26 +194,33 @@ def kl_table(frame: pd.DataFrame) -> pd.DataFrame:
 def claim_kl(table: pd.DataFrame) -> list[ex.Finding]:
     """(5) k3 in the loss is biased for grad (J - beta KL); k1 in the reward is not."""
     if (set(table["kl_mode"]) if len(table) else set()) != {"k1_reward", "k3_loss"}:
-        return [ex.Finding("(5) KL penalties", "inconclusive", "needs KL runs of both modes measured after the first step")]
+        return [ex.Finding("(5) KL penalties", "inconclusive",
+                           "needs KL runs of both modes measured after the first step")]
     k1, k3 = table[table["kl_mode"] == "k1_reward"], table[table["kl_mode"] == "k3_loss"]
     last = k3.iloc[-1]
     return [
-        ex.Finding("(5) k3 in the loss is biased for ∇(J − βKL)", word((k3["exact_rel_bias_lo"] > 1e-3).all()), f"at step {last['step']} (KL = {last['exact_kl']:.3g}) exact relative "
-                        f"bias {format_columns(last, 'exact_rel_bias')}; Monte Carlo bias "
-                        f"distinguishable in {last['bias_distinguishable']:.0%} of the runs"),
-        ex.Finding("(5) k1 in the reward is unbiased (exact mean)", word((k1["exact_rel_bias"] < 1e-3).all()), f"exact relative bias {k1['exact_rel_bias'].max():.1g} (the closed form "
-                        "is ∇(J − βKL))", ex.BY_CONSTRUCTION),
-        ex.Finding("(5) the sampled means agree with the exact ones (both modes)", word(agree(table)), gaps(table, "kl_mode", "step"))]
+        ex.Finding("(5) k3 in the loss is biased for ∇(J − βKL)",
+                   word((k3["exact_rel_bias_lo"] > 1e-3).all()),
+                   f"at step {last['step']} (KL = {last['exact_kl']:.3g}) exact relative bias "
+                   f"{format_columns(last, 'exact_rel_bias')}; Monte Carlo bias "
+                   f"distinguishable in {last['bias_distinguishable']:.0%} of the runs"),
+        ex.Finding("(5) k1 in the reward is unbiased (exact mean)", word((k1["exact_rel_bias"] < 1e-3).all()),
+                   f"exact relative bias {k1['exact_rel_bias'].max():.1g} (the closed form "
+                   "is ∇(J − βKL))", ex.BY_CONSTRUCTION),
+        ex.Finding("(5) the sampled means agree with the exact ones (both modes)", word(agree(table)),
+                   gaps(table, "kl_mode", "step"))]
 
 
 def claim_training(final: pd.DataFrame, start: pd.DataFrame) -> list[ex.Finding]:
     """(6) learning curves: final exact J and expected length per estimator."""
-    return [ex.Finding("(6) learning curves with expected length", "measured", "no training runs" if final.empty else
-                            f"from J = {start['exact_J'].iloc[0]:.3g}, E|y| = "
-                            f"{start['exact_length'].iloc[0]:.3g} to, after "
-                            f"{final['step'].max() + 1} updates: " + "; ".join(
-                                f"{r['estimator']}: J {format_columns(r, 'exact_J')}, E|y| "
-                                f"{format_columns(r, 'exact_length')}" for _, r in final.iterrows()), ex.MEASURED)]
+    return [ex.Finding("(6) learning curves with expected length", ex.MEASURED,
+                       "no training runs" if final.empty else
+                       f"from J = {start['exact_J'].iloc[0]:.3g}, E|y| = "
+                       f"{start['exact_length'].iloc[0]:.3g} to, after "
+                       f"{final['step'].max() + 1} updates: " + "; ".join(
+                           f"{r['estimator']}: J {format_columns(r, 'exact_J')}, E|y| "
+                           f"{format_columns(r, 'exact_length')}" for _, r in final.iterrows()),
+                       ex.MEASURED)]
 
 
 def analyze(frame: pd.DataFrame, out: Path, preset: str) -> str:

@@ -127,7 +127,8 @@ def clip_finding(runs: pd.DataFrame) -> xp.Finding:
         words.append(xp.side_of(r, 1.0, "bounded", "not bounded"))
         bits.append(f"{env}: ‖θ_K − θ_0‖ at K = {t['K'].max()}, ε = {t['clip'].min():g} over ε = "
                     f"{t['clip'].max():g}: {format_columns(xp.estimate_columns('r', r), 'r')}")
-    return xp.Finding("the clip bounds the update", xp.share_word(words, "bounded"), "; ".join(bits) or "no K > 1")
+    return xp.Finding("the clip bounds the update", xp.share_word(words, "bounded"),
+                      "; ".join(bits) or "no K > 1")
 
 
 def gain_finding(table: pd.DataFrame, column: str, claim: str, kind: str) -> xp.Finding:
@@ -152,10 +153,13 @@ def findings(summary: tuple) -> list[xp.Finding]:
     # significantly below GAE's (paired interval below 0); 1 when K = 2 already drifts
     ok = ~((t["d_cos_ref_hi"] < 0) | (t["d_cos_mean_hi"] < 0)).groupby([t["env"], t["clip"]]).cummax()
     safe = t["K"].where(ok).fillna(1).groupby([t["env"], t["clip"]], sort=False).max().astype(int).to_dict()
-    return [xp.Finding("K = 1 is GAE", "inconclusive" if math.isnan(gap) else "confirmed" if gap < 1e-6 else "refuted", f"largest |Δ cos_ref| over seeds {gap:.1e}", xp.BY_CONSTRUCTION),
+    same = "inconclusive" if math.isnan(gap) else "confirmed" if gap < 1e-6 else "refuted"
+    holds = xp.share_word(["holds" if k >= FEW_EPOCHS else "drifts" for k in safe.values()], "holds")
+    return [xp.Finding("K = 1 is GAE", same, f"largest |Δ cos_ref| over seeds {gap:.1e}", xp.BY_CONSTRUCTION),
             clip_finding(runs),
-            xp.Finding(f"direction holds for K ≤ {FEW_EPOCHS}", xp.share_word(["holds" if k >= FEW_EPOCHS else "drifts" for k in safe.values()], "holds"), "largest K with both cosines no worse than GAE's: " + ", ".join(
-                    f"{env} ε={clip:g}: {k}" for (env, clip), k in safe.items())),
+            xp.Finding(f"direction holds for K ≤ {FEW_EPOCHS}", holds,
+                       "largest K with both cosines no worse than GAE's: " + ", ".join(
+                           f"{env} ε={clip:g}: {k}" for (env, clip), k in safe.items())),
             gain_finding(table, "reuse_edge", "re-use beats a plain step of equal length", xp.TESTED),
             gain_finding(table, "over_one", "K epochs beat one epoch", xp.EXTRA)]
 
