@@ -200,4 +200,4 @@ def test_smoke_preset_end_to_end(tmp_path):
     assert "Verdict" in text
     table = pd.read_csv(tmp_path / "result.csv")
     assert set(table["estimator"]) == set(gq.ESTIMATORS_MEASURED)
-    assert (tmp_path / "figures" / "cosine_vs_pairs.png").exists()
+    assert (tmp_path / "figures" / "gradient_quality_cosine_vs_pairs.png").exists()

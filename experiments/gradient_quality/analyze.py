@@ -388,6 +388,9 @@ def ensure_trained(params: dict, run_dir: Path) -> None:
     record = run_dir / "run.json"
     if record.exists() and json.loads(record.read_text()).get("status") == "complete":
         return
+    if "train" not in params:
+        raise SystemExit(f"gradient_quality: {run_dir} holds no complete training run and the "
+                         "preset gives no `train` overrides to make one")
     cmd = [sys.executable, str(HERE / "train.py"), *[str(o) for o in params["train"]],
            f"hydra.run.dir={run_dir}"]
     print("gradient_quality: training:", " ".join(cmd[1:]), flush=True)
@@ -425,7 +428,8 @@ def simulate(out: Path, preset: str, params: dict) -> str:
         print(f"gradient_quality: {ck.label} (step {ck.step}) done: {t.pairs} pairs, "
               f"return {t.mean_return():.1f}, {format_duration(res.seconds)}", flush=True)
         # written after every checkpoint, so a long run's finished part is never lost
-        text = write_results(out, pd.DataFrame(records), pd.DataFrame(timing), preset, params,
+        text = write_results(out, pd.DataFrame(records).sort_values(["step", "n"], kind="stable"),
+                             pd.DataFrame(timing).sort_values("step"), preset, params,
                              len(checkpoints))
     return text
 
@@ -520,7 +524,7 @@ def plot_cosines(table: pd.DataFrame, out_dir: Path) -> list[Path]:
     handles, names = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, names, loc="lower center", ncol=5, fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
-    return save_figure(fig, out_dir, "cosine_vs_pairs")
+    return save_figure(fig, out_dir, "gradient_quality_cosine_vs_pairs")
 
 
 def _cell(r) -> str:
@@ -571,6 +575,6 @@ def render(table: pd.DataFrame, runs: pd.DataFrame, verdict: Verdict, preset: st
             body.append(row)
         lines += markdown_table(header, body) + [""]
     lines += [f"Stream per checkpoint: {int(float(params['total_pairs'])):,} pairs; at most "
-              f"{params['max_blocks']} blocks per n. Figure: figures/cosine_vs_pairs.png.", ""]
+              f"{params['max_blocks']} blocks per n. Figure: figures/gradient_quality_cosine_vs_pairs.png.", ""]
     return "\n".join(lines)
 
