@@ -330,6 +330,10 @@ def bench_reference(env, policy: nn.Module, n_pairs: int, repeats: int, chunk_ep
 # ------------------------------------------------------------------- Hopper (--env hopper)
 
 HOPPER_ID = "Hopper-v5"
+# Lanes of both Hopper parts. A finite stream steps every lane until the longest of its
+# last episodes ends, about lanes x (longest episode) / 2 lane-steps that yield no pair:
+# 512 lanes cost 30% at 10^5 pairs, 128 lanes about 2% at 2 x 10^5.
+HOPPER_LANES = 128
 
 
 def raw_stepping_rate(lanes: int, n_pairs: int, seed: int, actions: str = "zero") -> tuple[float, float]:
@@ -400,19 +404,20 @@ def hopper_main(args: argparse.Namespace) -> int:
     env = make_env("gym", env_id=HOPPER_ID)
     torch.manual_seed(SEED)
     policy = make_policy(env)
-    lanes = args.lanes if args.lanes else 512
-    n_pairs = 10**5 if args.quick else 10**6
+    lanes = args.lanes if args.lanes else HOPPER_LANES
+    n_pairs = args.pairs or (2 * 10**5 if args.quick else 10**6)
     repeats = args.repeats or (3 if args.quick else 5)
     chunk = min(args.chunk_episodes, 1024)
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     print(f"pgvar.bench --env hopper: {HOPPER_ID}, initial MLP policy, lanes={lanes}, "
           f"torch threads={torch.get_num_threads()}, pairs per repeat={n_pairs:.0e}, "
           f"repeats={repeats}, loadavg={load[0]:.2f},{load[1]:.2f},{load[2]:.2f}")
-    raw_wall, raw_cpu, ref_wall, ref_cpu = [], [], [], []
+    raw_wall, raw_cpu, rnd_cpu, ref_wall, ref_cpu = [], [], [], [], []
     for k in range(repeats):  # interleaved, so a change of the machine's load hits both
         w, c = raw_stepping_rate(lanes, n_pairs, seed=k)
         raw_wall.append(w)
         raw_cpu.append(c)
+        rnd_cpu.append(raw_stepping_rate(lanes, n_pairs // 4, seed=k, actions="random")[1])
         t, c0 = time.perf_counter(), time.process_time()
         ref = monte_carlo_reference(env, policy, n_pairs=n_pairs, seed=100 + k, lanes=lanes,
                                     chunk_episodes=chunk, memory_mb=args.memory_mb)
@@ -421,7 +426,8 @@ def hopper_main(args: argparse.Namespace) -> int:
     med = statistics.median
     raw_rate, ref_rate = 1 / med(raw_wall), 1 / med(ref_wall)
     print(f"raw_gymnasium_stepping: pairs_per_s={raw_rate:.0f} pairs_per_cpu_s={1 / med(raw_cpu):.0f} "
-          f"(zero actions, {lanes} lanes, one process, median of {repeats})")
+          f"(zero actions, {lanes} lanes, one process, median of {repeats}); uniformly random "
+          f"actions: pairs_per_cpu_s={1 / med(rnd_cpu):.0f} (a quarter of the pairs)")
     print(f"monte_carlo_reference: pairs_per_s={ref_rate:.0f} pairs_per_cpu_s={1 / med(ref_cpu):.0f} "
           f"(reinforce_rtg, batch_size 4, lanes {ref.info['lanes']}, chunk "
           f"{ref.info['chunk_episodes']} episodes, median of {repeats})")
@@ -475,7 +481,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--env", default="cartpole", choices=["cartpole", "hopper"],
                         help="cartpole (default): the parts above; hopper: the Monte Carlo "
                              "reference on Hopper-v5 against Gymnasium's raw stepping rate")
+    parser.add_argument("--pairs", type=count_argument(1000), default=None,
+                        help="--env hopper: pairs per timed repeat of each part (default "
+                             "10^6; 2 x 10^5 with --quick)")
     args = parser.parse_args(argv)
+    if args.pairs is not None and args.env != "hopper":
+        parser.error("--pairs: only with --env hopper")
     if args.env == "hopper":
         return hopper_main(args)
 
