@@ -1,6 +1,6 @@
 """``python -m pgvar``: the same app as the ``pgvar-run`` console script."""
 
-from pgvar.run import main
+from pgvar.cli import main
 
 if __name__ == "__main__":
     main()

@@ -5,7 +5,7 @@ checks types and unknown keys when it composes (``training.batch_size=abc`` or
 ``env.nope=1`` are refused there). Ranges and names (``env.gamma=1.5``,
 ``estimator.lam=-1``, ``training.batch_size=0``, an unknown estimator) are checked by
 ``validate_config``, which the console entry point runs on every job of a sweep before
-Hydra starts any of them (see ``pgvar.run.main``). Every field documents itself in the
+Hydra starts any of them (see ``pgvar.cli.main``). Every field documents itself in the
 comment next to it (the estimator's knobs in ``pgvar.estimators.EstimatorConfig``,
 declared there once); ``pgvar-run --cfg job`` prints the composed values.
 
@@ -37,6 +37,7 @@ from pgvar import checks, runlog
 from pgvar.critics import CRITIC_KINDS
 from pgvar.envs.base import OBJECTIVES
 from pgvar.estimators import EstimatorConfig, check_estimator_knobs
+from pgvar.paired import parse_spec
 
 POLICY_ACTIVATIONS = ("tanh", "relu")
 DEVICE_PATTERN = re.compile(r"^(cpu|cuda(:\d+)?|auto)$")
@@ -312,9 +313,16 @@ class ReferenceConfig:
     # episode per lane). 512 was fastest for 2000-episode references on CartPole here.
     lanes: int = 512
     memory_mb: float = 512.0  # what one chunk may hold; chunk and lanes shrink to fit (pgvar.reference.chunk_plan)
+    # a second reference from this DIFFERENT unbiased estimator (same budget, disjoint
+    # episodes), made only at steps where a measured row would otherwise be tested against
+    # its own estimator (pgvar.paired.is_circular); null: such rows are flagged ref_circular
+    alternate: str | None = "rloo"
 
     def check(self) -> None:
         require_positive_int("training.reference.n_episodes", self.n_episodes, 2)
+        require(self.alternate is None or self.alternate != self.estimator,
+                f"training.reference.alternate ({self.alternate}) must differ from "
+                f"training.reference.estimator ({self.estimator}), or be null")
         require_in_range("training.reference.memory_mb", self.memory_mb, 0.0, float("inf"),
                          low_open=True, high_open=True)
         if self.target_rel_se is not None:
@@ -330,6 +338,36 @@ class ReferenceConfig:
 
 
 @dataclass
+class MeasureConfig:
+    """What a measured step scores besides the training estimator (``pgvar.paired``).
+
+    Every estimator listed is scored on the same M x B episodes as the training
+    estimator and against the same reference (a paired comparison); rows go to the job's
+    paired.csv, one per estimator and critic. Cost: about one estimator's gradients per
+    row, plus ``sum(critic_episodes)`` extra episodes a measured step for fresh critics.
+    """
+
+    # estimator specs: a registry name ("gae") or name(knob=value,...) ("gae(lam=0.5)")
+    estimators: list[str] = field(default_factory=list)
+    # critic-based estimators are also scored with a fresh critic fitted on this many
+    # episodes of the measured policy each (e.g. [32, 320]): critic quality as a factor
+    critic_episodes: list[int] = field(default_factory=list)
+    critic_fit_steps: int = 200  # regression steps of a fresh MLP critic (closed-form critics ignore it)
+    exact_critic: bool = False  # tabular envs: also score critic-based estimators with the true V
+    checkpoints: bool = True  # save the policy (and critic) at each measured step (checkpoints/)
+
+    def check(self) -> None:
+        for text in self.estimators:
+            try:
+                parse_spec(text)
+            except ValueError as err:
+                raise ConfigError(f"training.measure.estimators: {err}") from None
+        for n in self.critic_episodes:
+            require_positive_int("training.measure.critic_episodes[]", n, 2)
+        require_positive_int("training.measure.critic_fit_steps", self.critic_fit_steps, 0)
+
+
+@dataclass
 class TrainingConfig:
     """The training and measurement loop (sizes come from the ``preset`` group)."""
 
@@ -340,6 +378,7 @@ class TrainingConfig:
     log_every: int = 0  # progress line every this many iterations (0: about ten lines per run)
     critic: CriticConfig = field(default_factory=CriticConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
 
     def check(self) -> None:
         require_positive_int("training.iterations", self.iterations)
@@ -349,6 +388,7 @@ class TrainingConfig:
         require_positive_int("training.log_every", self.log_every, 0)
         self.critic.check()
         self.reference.check()
+        self.measure.check()
 
 
 @dataclass
@@ -553,11 +593,28 @@ def check_names_against_registries(run_cfg: RunConfig) -> None:
     reference = run_cfg.training.reference
     unbiased = [n for n in names if ESTIMATORS[n].claimed_unbiased]
     require_choice("training.reference.estimator", reference.estimator, unbiased)
-    require(not (ESTIMATORS[reference.estimator].needs_critic
-                 and not ESTIMATORS[run_cfg.estimator.name].needs_critic),
-            f"training.reference.estimator={reference.estimator} needs the run's critic, and "
-            f"estimator {run_cfg.estimator.name} trains none; use one of "
-            f"{[n for n in unbiased if not ESTIMATORS[n].needs_critic]}")
+    if reference.alternate is not None:
+        require_choice("training.reference.alternate", reference.alternate, unbiased)
+    has_critic = run_has_critic(run_cfg)
+    for key, name in (("estimator", reference.estimator), ("alternate", reference.alternate)):
+        require(name is None or has_critic or not ESTIMATORS[name].needs_critic,
+                f"training.reference.{key}={name} needs the run's critic, and neither "
+                f"estimator {run_cfg.estimator.name} nor training.measure.estimators use one; "
+                f"use one of {[n for n in unbiased if not ESTIMATORS[n].needs_critic]}")
+
+
+def measured_specs(run_cfg: RunConfig) -> list:
+    """``training.measure.estimators`` parsed (``pgvar.paired.EstimatorSpec``)."""
+    return [parse_spec(text) for text in run_cfg.training.measure.estimators]
+
+
+def run_has_critic(run_cfg: RunConfig) -> bool:
+    """Whether the run builds and fits a critic: its training estimator or one of the
+    estimators it measures needs one."""
+    from pgvar.estimators import ESTIMATORS
+
+    return (ESTIMATORS[run_cfg.estimator.name].needs_critic
+            or any(spec.needs_critic for spec in measured_specs(run_cfg)))
 
 
 def is_sequence_estimator(name: str) -> bool:

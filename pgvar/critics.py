@@ -235,8 +235,12 @@ class MLPCritic(Critic):
 
     Integer observations are one-hot encoded when ``n_states`` is given. The network
     predicts standardised values; ``fit`` refreshes the target mean and scale from the
-    batch, then takes ``steps`` full-batch Adam steps of size ``lr`` on the squared error.
+    batch, then takes ``steps`` Adam steps of size ``lr`` on the squared error: full-batch,
+    or on ``minibatch`` random samples each when set (a fixed cost per step whatever the
+    data: a critic fitted on 320 CartPole episodes, ~150k samples, took 143 s full-batch).
     """
+
+    minibatch: int | None = None
 
     def __init__(self, obs_shape: tuple[int, ...], horizon: int, hidden: tuple[int, ...] = (64, 64),
                  time_aware: bool = True, n_states: int | None = None, activation: str = "tanh"):
@@ -281,9 +285,13 @@ class MLPCritic(Critic):
         x = self.features(obs[mask], t[mask]).detach()
         z = ((valid_y - self.target_mean) / self.target_std).detach()
         opt = torch.optim.Adam(self.net.parameters(), lr=lr)
+        n = z.shape[0]
+        sample = self.minibatch is not None and n > self.minibatch
+        draws = torch.Generator().manual_seed(n)  # deterministic: the same data, the same fit
         for _ in range(steps):
             opt.zero_grad()
-            loss = ((self.net(x).squeeze(-1) - z) ** 2).mean()
+            rows = torch.randint(n, (self.minibatch,), generator=draws) if sample else slice(None)
+            loss = ((self.net(x[rows]).squeeze(-1) - z[rows]) ** 2).mean()
             loss.backward()
             opt.step()
         with torch.no_grad():

@@ -1,7 +1,7 @@
 """Checks that ``pgvar-run`` makes before any job starts, beyond each value's range.
 
 ``pgvar.config.validate_config`` calls these on every distinct job of a command (seeds
-aside); ``pgvar.run.main`` also checks the output folder. Each failure is one line that
+aside); ``pgvar.cli.main`` also checks the output folder. Each failure is one line that
 names the setting to change:
 
 - unknown keys, also those added with Hydra's ``+`` prefix (``+training.batchsize=4``

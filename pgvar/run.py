@@ -6,6 +6,9 @@ One run (one Hydra job), for iterations i = 0..N-1 at policy parameters theta_i:
 2. on measured iterations (i = 0, every k-th, and the last): draw M fresh batches of B
    episodes, estimate M gradients, compare them with the reference gradient at theta_i
    (exact where the environment allows it, else Monte Carlo with its standard error);
+   every estimator of ``training.measure.estimators`` is scored on the same episodes
+   against the same reference (``pgvar.measured_step``: rows to paired.csv), and the
+   policy and critic are saved to ``checkpoints/`` (``pgvar.checkpoints``);
 3. estimate the training gradient from the step-1 batch, with the critic fitted on
    EARLIER batches only (so a value baseline stays unbiased), and take an Adam ascent
    step of size ``lr``;
@@ -20,9 +23,8 @@ so the rest of a sweep runs. Exit status of the process: 0 when every job ended
 re-raised to Hydra after run.json is written, and Hydra reports it once every job of the
 sweep has run); 2 when the command line is refused before any job starts.
 
-Bad overrides are refused before any job starts: ``main`` expands the sweep with
-Hydra's own override parser, composes every job's config with Hydra's compose API and
-validates each (``pgvar.config.validate_config``), and only then hands over to Hydra.
+Bad overrides are refused before any job starts: ``pgvar.cli.main`` (the console
+entry) validates every job of the command, and only then hands over to ``hydra_main``.
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import sys
 import time
 import traceback
 from collections.abc import Iterator, Mapping
@@ -45,7 +46,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from pgvar import joblock, preflight, runlog
+from pgvar import joblock, runlog
 from pgvar.config import (
     ConfigError,
     RunConfig,
@@ -54,12 +55,13 @@ from pgvar.config import (
     build_policy,
     register_configs,
     register_resolvers,
+    run_has_critic,
     validate_config,
 )
 from pgvar.policies import flatten_params
 from pgvar.progress import rate_and_remaining
 from pgvar.seeding import derive_seed
-from pgvar.sweep import expand_sweep, hydra_args_parser
+from pgvar.sweep import expand_sweep
 
 log = logging.getLogger("pgvar.run")
 
@@ -168,35 +170,38 @@ def overflow_means_divergence(step: int) -> Iterator[None]:
         raise Diverged(f"numerical overflow at step {step}: {err}") from err
 
 
-def reference_options(run_cfg: RunConfig, critic, step: int) -> dict[str, Any]:
-    """Keyword arguments of ``reference_gradient`` (only Monte Carlo envs use them)."""
-    ref = run_cfg.training.reference
-    return {"n_episodes": ref.n_episodes, "target_rel_se": ref.target_rel_se,
-            "estimator": ref.estimator, "batch_size": ref.batch_size,
-            "chunk_episodes": ref.chunk_episodes, "lanes": ref.lanes or None, "critic": critic,
-            "memory_mb": ref.memory_mb,
-            "seed": derive_seed(run_cfg.seed, "reference", step)}
-
-
-def measure_row(run_cfg: RunConfig, env, policy, critic, est_cfg, step: int) -> dict[str, Any]:
-    """Gradient statistics of M fresh batch estimates against the reference at theta_i."""
-    from pgvar.measure import measure
-    from pgvar.reference import reference_gradient
-
-    training = run_cfg.training
-    reference = reference_gradient(env, policy, **reference_options(run_cfg, critic, step))
-    result = measure(env, policy, run_cfg.estimator.name, n_batches=training.n_batches,
-                     batch_size=training.batch_size, seed=derive_seed(run_cfg.seed, "measure", step),
-                     critic=critic, cfg=est_cfg, reference=reference)
-    stats = result.stats.as_dict()
+def metrics_cells(row, step: int) -> dict[str, Any]:
+    """metrics.csv's measured cells from the training estimator's paired row; a
+    non-finite variance or MSE ends the run as diverged."""
+    stats = row.stats
     for key in ("grad_variance", "grad_mse"):
         if not math.isfinite(float(stats[key])):
             raise Diverged(f"non-finite measured {key} at step {step}")
-    row = runlog.measured_cells(stats)
+    cells = runlog.measured_cells(stats)
     warn_if_unreliable(stats, step)
-    row["ref_exact"] = bool(reference.exact)
-    row["ref_episodes"] = int(reference.n_episodes) if not reference.exact else 0
-    return row
+    cells["ref_exact"] = bool(row.reference.exact)
+    cells["ref_episodes"] = int(row.reference.n_episodes) if not row.reference.exact else 0
+    return cells
+
+
+def measure_and_record(run_cfg: RunConfig, env, policy, critic, specs, configs, step: int,
+                       job_dir: Path, paired: runlog.MetricsWriter, started: float,
+                       config: dict[str, Any]) -> dict[str, Any]:
+    """The paired measurement of a measured step (``pgvar.measured_step``): every row to
+    paired.csv, the policy and critic to a checkpoint, and the training estimator's
+    cells (its row with the run's own critic) returned for metrics.csv."""
+    from pgvar.checkpoints import save_checkpoint
+    from pgvar.measured_step import measure_step, paired_cells, step_references
+
+    references = step_references(run_cfg, env, policy, critic, step)
+    rows = measure_step(run_cfg, env, policy, critic, specs, configs, step, references=references)
+    training_row = next(r for r in rows if r.spec is specs[0]
+                        and (r.critic is None or r.critic.label == "train"))
+    for row in rows:
+        paired.write(paired_cells(row, run_cfg, step, references, "run", started))
+    if run_cfg.training.measure.checkpoints:
+        save_checkpoint(job_dir, step, policy, critic, config)
+    return metrics_cells(training_row, step)
 
 
 def warn_if_unreliable(stats: dict[str, Any], step: int) -> None:
@@ -262,17 +267,29 @@ def initial_policy(env, run_cfg: RunConfig):
     return build_policy(env, run_cfg.policy, derive_seed(run_cfg.seed, "policy"))
 
 
+def env_schema_of(env_name: str | None) -> type:
+    """The config schema of an environment name: its own (tabular, lqr, gym, ...), or the
+    named-Gymnasium one for pgvar's short Gymnasium names (cartpole, pendulum)."""
+    from pgvar.config import ENV_SCHEMAS, NamedGymEnvConfig
+    from pgvar.envs.registry import available_envs
+
+    if env_name in ENV_SCHEMAS:
+        return ENV_SCHEMAS[env_name]
+    if env_name in available_envs():
+        return NamedGymEnvConfig
+    raise ConfigError(f"env.name={env_name!r} is not one of {available_envs()}")
+
+
 def run_config_from(config: Mapping[str, Any]) -> RunConfig:
     """A typed ``RunConfig`` from a run's resolved config (``run.json``'s ``config``, or
     part of it): the given values over the schema defaults of its environment."""
-    from pgvar.config import ENV_SCHEMAS, EstimatorSettings, PolicySettings, to_run_config
+    from pgvar.config import EstimatorSettings, PolicySettings, to_run_config
 
     env_name = (config.get("env") or {}).get("name")
-    if env_name not in ENV_SCHEMAS:
-        raise ConfigError(f"env.name={env_name!r} is not one of {sorted(ENV_SCHEMAS)}")
+    schema = env_schema_of(env_name)
     # the estimator does not shape a run's environment or initial policy: a config that
     # names none gets a placeholder, so that a partial config (env, policy, seed) suffices
-    base = RunConfig(env=ENV_SCHEMAS[env_name](), estimator=EstimatorSettings(name="reinforce"),
+    base = RunConfig(env=schema(), estimator=EstimatorSettings(name="reinforce"),
                      policy=PolicySettings())
     return to_run_config(OmegaConf.merge(OmegaConf.structured(base), dict(config)))
 
@@ -285,6 +302,15 @@ def initial_env_and_policy(config: Mapping[str, Any], device: str = "cpu"):
     return env, initial_policy(env, run_cfg)
 
 
+def resolved_config(run_cfg: RunConfig, job_dir: Path) -> dict[str, Any]:
+    """The run's resolved config as run.json holds it (what checkpoints are fingerprinted
+    against), or the typed config's when there is no run.json (a direct call)."""
+    record = runlog.read_run_record(job_dir) or {}
+    config = record.get("config")
+    return config if isinstance(config, dict) else OmegaConf.to_container(
+        OmegaConf.structured(run_cfg), resolve=True)
+
+
 def log_expected_duration(run_cfg: RunConfig, env) -> None:
     """One log line with the job's estimated environment steps and duration class."""
     from pgvar.preflight import check_job_duration
@@ -295,7 +321,8 @@ def log_expected_duration(run_cfg: RunConfig, env) -> None:
 
 def train_and_measure(run_cfg: RunConfig, job_dir: Path, started: float, state: RunState) -> None:
     """The loop of the module docstring; rows go to ``job_dir/metrics.csv``."""
-    from pgvar.estimators import EstimatorConfig, get_estimator
+    from pgvar.estimators import EstimatorConfig
+    from pgvar.measured_step import run_specs
     from pgvar.rollout import rollout
 
     setup_torch(run_cfg)
@@ -311,12 +338,14 @@ def train_and_measure(run_cfg: RunConfig, job_dir: Path, started: float, state: 
     try:
         policy = initial_policy(env, run_cfg)
         est_cfg = EstimatorConfig(**run_cfg.estimator.core_kwargs())
-        needs_critic = get_estimator(run_cfg.estimator.name).needs_critic
+        specs, configs = run_specs(run_cfg, est_cfg)
         critic = (build_critic(env, policy, training.critic, derive_seed(run_cfg.seed, "critic"))
-                  if needs_critic else None)
+                  if run_has_critic(run_cfg) else None)
+        config = resolved_config(run_cfg, job_dir)
         optimizer = torch.optim.Adam(policy.parameters(), lr=run_cfg.lr, maximize=True)
         every = progress_interval(training.log_every, training.iterations)
-        with runlog.RunLog(job_dir, run_cfg.logger) as writer:
+        with runlog.RunLog(job_dir, run_cfg.logger) as writer, \
+                runlog.MetricsWriter(job_dir / runlog.PAIRED_FILE, runlog.PAIRED_COLUMNS) as paired:
             for step in range(training.iterations):
                 if step == run_cfg.debug.raise_at_step:
                     raise RuntimeError(f"debug.raise_at_step={step}: a deliberate failure")
@@ -324,7 +353,8 @@ def train_and_measure(run_cfg: RunConfig, job_dir: Path, started: float, state: 
                                 derive_seed(run_cfg.seed, "train", step))
                 row = learning_curve_row(step, batch, float(env.gamma), state)
                 if is_measured_step(step, training.iterations, training.measure_every):
-                    measured = measure_row(run_cfg, env, policy, critic, est_cfg, step)
+                    measured = measure_and_record(run_cfg, env, policy, critic, specs, configs,
+                                                  step, job_dir, paired, started, config)
                     row.update(measured)
                     state.last_measured, state.last_measured_step = measured, step
                 g = training_gradient(run_cfg, env, policy, critic, est_cfg, batch, step)
@@ -462,163 +492,3 @@ def task(cfg: DictConfig) -> str:
 
 
 hydra_main = hydra.main(config_path=str(CONF_DIR), config_name=CONFIG_NAME, version_base="1.3")(task)
-
-
-# -------------------------------------------------- command-line validation, then Hydra
-
-
-# Flags with which Hydra runs no job (help, config printing, shell completion).
-NO_JOB_FLAGS = ("help", "hydra_help", "cfg", "info", "shell_completion", "resolve")
-
-
-@dataclass
-class CommandLine:
-    """What ``main`` needs from argv: the overrides and where the configs come from."""
-
-    overrides: list[str]
-    config_name: str = CONFIG_NAME
-    conf_dir: Path = CONF_DIR
-    extra_config_dir: str | None = None
-    runs_jobs: bool = True
-    multirun: bool = False
-
-
-def resolve_config_path(config_path: str | None) -> Path:
-    """``--config-path`` as Hydra reads it: absolute, or relative to this module's folder."""
-    if not config_path:
-        return CONF_DIR
-    path = Path(config_path)
-    return path if path.is_absolute() else (Path(__file__).resolve().parent / path).resolve()
-
-
-def parse_command_line(argv: list[str]) -> CommandLine:
-    """Parse argv with Hydra's own argument parser."""
-    args = hydra_args_parser().parse_args(argv)
-    runs_jobs = not any(bool(getattr(args, flag, None)) for flag in NO_JOB_FLAGS)
-    return CommandLine(overrides=list(args.overrides), config_name=args.config_name or CONFIG_NAME,
-                       conf_dir=resolve_config_path(args.config_path),
-                       extra_config_dir=args.config_dir, runs_jobs=runs_jobs,
-                       multirun=bool(args.multirun))
-
-
-def split_seed(job: list[str]) -> tuple[tuple[str, ...], str | None]:
-    """A job's overrides without ``seed=...``, and the seed's text (None if not given).
-
-    Any integer is a valid seed, so jobs that differ only in their seed need one
-    composition between them: what makes validating a many-seed sweep cheap.
-    """
-    rest, seed = [], None
-    for override in job:
-        key, _, value = override.partition("=")
-        if key == "seed":
-            seed = value
-        else:
-            rest.append(override)
-    return tuple(rest), seed
-
-
-def check_seed_text(seed: str | None) -> None:
-    """A seed override must be an integer."""
-    if seed is None:
-        return
-    try:
-        int(seed)
-    except ValueError:
-        raise ConfigError(f"seed must be an integer, got {seed!r}") from None
-
-
-def compose_job(config_name: str, overrides: list[str]) -> DictConfig:
-    """Compose one job's config with Hydra's compose API (inside an initialized context)."""
-    from hydra import compose
-
-    return compose(config_name=config_name, overrides=overrides)
-
-
-def describe_error(err: BaseException) -> str:
-    """The error's message with those of its causes (Hydra wraps OmegaConf's), trimmed."""
-    parts: list[str] = []
-    while err is not None and len(parts) < 4:
-        text = str(err).split("Config search path:")[0].strip()
-        if text and not any(text in part for part in parts):  # a cause quoted already
-            parts.append(text)
-        err = err.__cause__
-    return "\n".join(parts)
-
-
-def job_problem(config_name: str, overrides: list[str]) -> str | None:
-    """Why one job's config is refused (composition, types or values), or None if valid."""
-    try:
-        validate_config(compose_job(config_name, overrides))
-    except Exception as err:  # noqa: BLE001 - composition, type and value errors alike
-        return describe_error(err)
-    return None
-
-
-def validate_jobs(cmd: CommandLine) -> list[str]:
-    """Compose and validate every job of the command; one message per distinct error.
-
-    Each distinct job (seeds aside, see ``split_seed``) is composed with Hydra's compose
-    API exactly as Hydra will compose it, then checked by ``validate_config``.
-    """
-    from hydra import initialize_config_dir
-
-    try:
-        jobs = expand_sweep(cmd.overrides)
-    except Exception as err:  # noqa: BLE001 - Hydra's parser errors have several types
-        return [f"cannot parse the overrides {cmd.overrides}:\n{describe_error(err)}"]
-    search = ([f"hydra.searchpath=[file://{Path(cmd.extra_config_dir).resolve()}]"]
-              if cmd.extra_config_dir else [])
-    problems: dict[str, list[str]] = {}
-    verdicts: dict[tuple[str, ...], str | None] = {}
-    with initialize_config_dir(config_dir=str(cmd.conf_dir), version_base="1.3", job_name="pgvar"):
-        for job in jobs:
-            rest, seed = split_seed(list(job))
-            try:
-                check_seed_text(seed)
-            except ConfigError as err:
-                problem: str | None = str(err)
-            else:
-                if rest not in verdicts:
-                    verdicts[rest] = job_problem(cmd.config_name, search + list(job))
-                problem = verdicts[rest]
-            if problem:
-                problems.setdefault(problem, []).append(" ".join(job))
-    return [f"{msg}\n  (in {len(bad)} of {len(jobs)} jobs, e.g. the one with overrides: {bad[0]})"
-            for msg, bad in problems.items()]
-
-
-def output_dir_problems(cmd: CommandLine) -> list[str]:
-    """The sweep folder (``-m``) or run folder must be writable; composed with Hydra's
-    own config for the first job, as Hydra will (``pgvar.preflight.output_dir_problem``)."""
-    from hydra import compose, initialize_config_dir
-
-    key = "hydra.sweep.dir" if cmd.multirun else "hydra.run.dir"
-    try:
-        first_job = list(expand_sweep(cmd.overrides)[0])
-        with initialize_config_dir(config_dir=str(cmd.conf_dir), version_base="1.3",
-                                   job_name="pgvar"):
-            cfg = compose(config_name=cmd.config_name, overrides=first_job,
-                          return_hydra_config=True)
-        folder = Path(str(OmegaConf.select(cfg, key)))
-    except Exception:  # noqa: BLE001 - Hydra then reports the problem itself
-        return []
-    problem = preflight.output_dir_problem(folder, key)
-    return [problem] if problem else []
-
-
-def main() -> None:
-    """Console entry ``pgvar-run`` (and ``python -m pgvar``): validate every job, then run Hydra."""
-    cmd = parse_command_line(sys.argv[1:])
-    if cmd.runs_jobs:
-        single = None if cmd.multirun else preflight.sweep_without_multirun(cmd.overrides)
-        problems = [single] if single else (validate_jobs(cmd) or output_dir_problems(cmd))
-        if problems:
-            print("pgvar-run: configuration refused; no job was started.", file=sys.stderr)
-            for problem in problems:
-                print(f"\nerror: {problem}", file=sys.stderr)
-            sys.exit(2)
-    hydra_main()
-
-
-if __name__ == "__main__":
-    main()

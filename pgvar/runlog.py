@@ -36,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 METRICS_FILE = "metrics.csv"
+PAIRED_FILE = "paired.csv"  # every estimator measured at a measured step (pgvar.paired)
+CHECKPOINT_DIR = "checkpoints"  # the policy (and critic) at each measured step
 RUN_FILE = "run.json"
 EVENTS_GLOB = "events.out.tfevents.*"  # TensorBoard's event files (logger=tensorboard)
 
@@ -60,6 +62,17 @@ EXTRA_COLUMNS = ("return_undiscounted_mean", "episode_length_mean", "grad_norm",
                  "zero_grad_fraction", "grad_norm_mean", "grad_variance_lo", "grad_variance_hi",
                  "tail_index", "ci_reliable", "grad_bias_sq_lo", "grad_bias_sq_hi")
 COLUMNS = LEARNING_CURVE_COLUMNS + MEASURED_COLUMNS + EXTRA_COLUMNS
+# paired.csv: one row per (measured step, estimator spec, critic); the statistics have
+# metrics.csv's names, so a reader treats both files' measured rows alike
+PAIRED_KEY = ("step", "estimator", "critic")
+PAIRED_COLUMNS = (
+    *PAIRED_KEY, "estimator_name", "critic_episodes", "critic_error", "critic_error_kind",
+    "trained_with", "is_training",
+    *MEASURED_COLUMNS, *(c for c in EXTRA_COLUMNS if c not in (
+        "return_undiscounted_mean", "episode_length_mean", "grad_norm", "critic_loss",
+        "ref_exact", "ref_episodes")),
+    "ref_exact", "ref_episodes", "ref_method", "ref_rel_se", "ref_circular", "ref_disagreement",
+    "source", "wall_s")
 
 COLUMN_DOCS: dict[str, str] = {
     "step": "training iteration i = 0..N-1; the row describes the policy theta_i before its update",
@@ -108,6 +121,28 @@ COLUMN_DOCS: dict[str, str] = {
     "grad_bias_sq_hi": "extra, measured rows: upper end of the 95% interval of the squared bias",
     "ci_reliable": "extra, measured rows: False when M < 16 or tail_index > 3, where the "
                    "calibration experiment measured the per-measurement intervals to under-cover",
+}
+
+PAIRED_COLUMN_DOCS: dict[str, str] = {
+    "estimator": "the measured estimator's label: its name, and the knobs that differ from "
+                 "the defaults, e.g. gae(lam=0.5)",
+    "estimator_name": "the measured estimator's registry name",
+    "critic": "empty (the estimator needs no critic), train (the run's critic, fitted on "
+              "earlier training batches), fit:N (fresh, fitted on N episodes of this policy) "
+              "or exact (the true V, tabular)",
+    "critic_episodes": "N of fit:N (0 otherwise)",
+    "critic_error": "the critic's RMS error on the measurement episodes (held out from its fit)",
+    "critic_error_kind": "exact_v_rmse (against the true V) or heldout_rmse (against the "
+                         "Monte Carlo returns G_t, which holds their own noise too)",
+    "trained_with": "the run's training estimator (whose checkpoints these are)",
+    "is_training": "True on the training estimator's row with the run's critic (metrics.csv's row)",
+    "ref_method": "exact, or monte_carlo:<estimator> (the reference this row is scored against)",
+    "ref_rel_se": "the reference's standard error over its norm (0 when exact)",
+    "ref_circular": "True when the only reference available averages this same estimator: "
+                    "the bias test then cannot fail and is not a finding",
+    "ref_disagreement": "||g_ref - g_alt||^2 / (se2_ref + se2_alt) of the step's two Monte "
+                        "Carlo references, when an alternate was made: about 1 when they agree",
+    "source": "run (measured while training) or remeasure (pgvar-measure, from a checkpoint)",
 }
 
 
@@ -230,6 +265,39 @@ class RunLog:
         self.close()
 
 
+def read_paired_rows(path: Path) -> list[dict[str, str]]:
+    """The rows of a paired.csv as text cells (none when the file does not exist)."""
+    if not Path(path).exists():
+        return []
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def merge_paired_rows(path: Path, new_rows: list[Mapping[str, Any]]) -> int:
+    """Add ``new_rows`` to the paired.csv at ``path``, replacing rows with the same
+    (step, estimator, critic); written atomically, so a reader sees the old file or the
+    new one and an interrupted call loses nothing. Returns the number of rows now there."""
+    path = Path(path)
+    new = [{c: format_cell(row.get(c)) for c in PAIRED_COLUMNS} for row in new_rows]
+    unknown = sorted({k for row in new_rows for k in row} - set(PAIRED_COLUMNS))
+    if unknown:
+        raise KeyError(f"paired row has unknown columns {unknown}; known: {list(PAIRED_COLUMNS)}")
+    replaced = {tuple(row[k] for k in PAIRED_KEY) for row in new}
+    kept = [row for row in read_paired_rows(path)
+            if tuple(row.get(k, "") for k in PAIRED_KEY) not in replaced]
+    rows = sorted(kept + new, key=lambda r: (int(float(r["step"] or 0)), r["estimator"], r["critic"]))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=PAIRED_COLUMNS, extrasaction="ignore",
+                                lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return len(rows)
+
+
 # --------------------------------------------------------------------------- run.json
 
 
@@ -337,11 +405,13 @@ def is_complete(record: Mapping[str, Any] | None, config: Mapping[str, Any]) -> 
 
 
 def clear_run_outputs(job_dir: Path) -> None:
-    """Delete what an earlier, unfinished attempt left: metrics.csv, run.json, TensorBoard
-    event files, temp files."""
+    """Delete what an earlier, unfinished attempt left: metrics.csv, paired.csv, run.json,
+    checkpoints, TensorBoard event files, temp files."""
     job_dir = Path(job_dir)
-    for name in (METRICS_FILE, RUN_FILE):
+    for name in (METRICS_FILE, PAIRED_FILE, RUN_FILE):
         (job_dir / name).unlink(missing_ok=True)
+    for stale in (job_dir / CHECKPOINT_DIR).glob("*.pt"):
+        stale.unlink(missing_ok=True)
     for pattern in (f".{RUN_FILE}.*.tmp", EVENTS_GLOB):
         for stale in job_dir.glob(pattern):
             stale.unlink(missing_ok=True)

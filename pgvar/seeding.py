@@ -11,10 +11,12 @@ from __future__ import annotations
 import numpy as np
 
 # Streams of derived seeds: each purpose draws from its own independent sequence.
-SEED_STREAMS = {"torch": 0, "policy": 1, "critic": 2, "train": 3, "measure": 4, "reference": 5}
+SEED_STREAMS = {"torch": 0, "policy": 1, "critic": 2, "train": 3, "measure": 4, "reference": 5,
+                "critic_data": 6}
 
 
-def derive_seed(run_seed: int, stream: str, index: int = 0) -> int:
-    """A 32-bit seed for ``(run seed, purpose, index)``, independent across the three."""
-    words = [int(run_seed) % 2**32, SEED_STREAMS[stream], int(index)]
+def derive_seed(run_seed: int, stream: str, index: int = 0, *more: int) -> int:
+    """A 32-bit seed for ``(run seed, purpose, index, *more)``, independent across them
+    (``more`` tells apart several draws of one purpose at one index, e.g. a second reference)."""
+    words = [int(run_seed) % 2**32, SEED_STREAMS[stream], int(index), *(int(m) for m in more)]
     return int(np.random.SeedSequence(words).generate_state(1)[0])

@@ -400,7 +400,9 @@ def bias_model(G, g_ref, se_ref2: float = 0.0, ref_var=None) -> BiasModel:
     tr_s = trace_variance(G)
     if not (math.isfinite(tr_s2) and tr_s2 > 0):
         tr_s2 = tr_s ** 2  # one direction: the widest the degenerate part can be
-    nu = min(max(tr_s ** 2 / tr_s2, 1.0), float(G.shape[1]))
+    # no spread at all (every estimate equal, e.g. all zero): as many directions as there
+    # are coordinates, so the skewness term vanishes with the spread
+    nu = min(max(tr_s ** 2 / tr_s2, 1.0), float(G.shape[1])) if tr_s2 > 0 else float(G.shape[1])
     kappa = linear_part_coefficient(d, u)
     v0 = 2.0 * tr_s2 / (M * (M - 1)) + 2.0 * float(se_ref2) ** 2
     slope = 4.0 * kappa / M + 4.0 * reference_spread_along(d.mean(0), float(se_ref2), ref_var)
@@ -438,6 +440,8 @@ def score_interval(model: BiasModel, level: float = 0.95) -> tuple[float, float]
     def below(theta: float) -> float:  # > 0 while theta is still below the upper end
         return u - theta - model.quantile(theta, a)
 
+    if model.v0 <= 0 and model.slope <= 0:  # no spread at any theta (all estimates equal,
+        return u, u                          # exact reference): U is the squared bias itself
     span = math.sqrt(model.variance(abs(u))) + abs(u) + _EPS
     return _root(above, u, span), _root(below, u, span)
 

@@ -176,7 +176,7 @@ def test_validation_names_the_valid_values(override, message):
 
 
 def test_sweep_validation_checks_every_job_and_knows_the_launcher_plugins():
-    from pgvar.run import CommandLine, validate_jobs
+    from pgvar.cli import CommandLine, validate_jobs
 
     slurm = ["hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu"]
     assert validate_jobs(CommandLine(["seed=range(30)", "estimator=reinforce,gae", *slurm])) == []
@@ -190,7 +190,7 @@ def test_sweep_validation_checks_every_job_and_knows_the_launcher_plugins():
 def test_bad_overrides_are_refused_in_process():
     """Every refused override of ``BAD_OVERRIDES``, with its message, as ``main`` checks
     them before Hydra starts (the command line's exit status: the subprocess tests)."""
-    from pgvar.run import CommandLine, validate_jobs
+    from pgvar.cli import CommandLine, validate_jobs
 
     for overrides, expected in BAD_OVERRIDES:
         problems = "\n".join(validate_jobs(CommandLine(["preset=smoke", "seed=0,1", *overrides])))

@@ -260,7 +260,7 @@ def test_suggestions_leave_out_ids_whose_extra_is_missing():
 
 def test_refused_gym_id_is_described_once():
     """The config error wraps the env's: the message appears once, not once per cause."""
-    from pgvar.run import CommandLine, validate_jobs
+    from pgvar.cli import CommandLine, validate_jobs
 
     problems = validate_jobs(CommandLine(["env=gym", "env.env_id=Nope-v0", "preset=smoke"]))
     assert len(problems) == 1

@@ -38,6 +38,10 @@ SWEEP = ("pgvar-run -m estimator=reinforce,mean_baseline,actor_critic,gae env=ca
 TB_SWEEP = ("pgvar-run -m estimator=reinforce,gae env=cartpole preset=smoke logger=tensorboard "
             "hydra.sweep.dir=sweeps/cartpole-tb")
 
+PAIRED_RUN = ("pgvar-run env=tabular estimator=gae preset=smoke "
+              "'training.measure.estimators=[reinforce,rloo,\"gae(lam=0.5)\"]' "
+              "'training.measure.critic_episodes=[32,320]' hydra.run.dir=runs/paired")
+
 # README command -> the command this test runs ({tmp}: a fresh folder), or None: not run.
 SHELL_FORMS: dict[str, str | None] = {
     # sets up .venv and runs the suite this test is part of: CI runs it as its first step
@@ -66,6 +70,11 @@ SHELL_FORMS: dict[str, str | None] = {
         "&& test -s sweeps/cartpole-analysis/table.md",
     TB_SWEEP: f"{TB_SWEEP} && ls sweeps/cartpole-tb/*/events.out.tfevents.*",
     "tensorboard --logdir sweeps/cartpole-tb": None,  # a server; the events: the line above
+    PAIRED_RUN: PAIRED_RUN.replace("runs/paired", "{tmp}/paired"),
+    "pgvar-measure runs/paired --estimators optimal_baseline actor_critic --critic-episodes 32":
+        f"{PAIRED_RUN.replace('runs/paired', '{tmp}/paired')} && pgvar-measure {{tmp}}/paired "
+        "--estimators optimal_baseline actor_critic --critic-episodes 32 "
+        "&& grep -q remeasure {tmp}/paired/paired.csv",
 }
 
 # Commands run in the default suite (a few seconds each); all others are slow. Each
@@ -212,7 +221,7 @@ def distinct_calls(tool: str) -> list[list[str]]:
 @pytest.mark.parametrize("args", distinct_calls("pgvar-run"), ids=" ".join)
 def test_readme_pgvar_run_arguments_validate(args, tmp_path):
     """pgvar-run's own pre-launch check on each form: every job composes and validates."""
-    from pgvar.run import parse_command_line, validate_jobs
+    from pgvar.cli import parse_command_line, validate_jobs
 
     cmd = parse_command_line([a.replace("{tmp}", str(tmp_path)) for a in args])
     if cmd.runs_jobs:

@@ -25,7 +25,8 @@ from hydra import compose, initialize_config_dir
 
 from analysis.cli import main as analyze_main
 from analysis.loader import load_runs
-from pgvar.run import CONF_DIR, CommandLine, run_job, validate_jobs
+from pgvar.cli import CommandLine, validate_jobs
+from pgvar.run import CONF_DIR, run_job
 
 BIN = Path(sys.executable).parent
 PGVAR_RUN = str(BIN / "pgvar-run") if (BIN / "pgvar-run").exists() else "pgvar-run"
@@ -282,7 +283,7 @@ def read_only_folder(tmp_path: Path) -> Path:
 
 
 def test_a_write_protected_sweep_folder_is_one_line(tmp_path):
-    from pgvar.run import output_dir_problems
+    from pgvar.cli import output_dir_problems
 
     locked = read_only_folder(tmp_path)
     sweep = locked / "sweep"

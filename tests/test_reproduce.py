@@ -187,7 +187,7 @@ def test_console_scripts_resolve():
 
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
-    assert set(scripts) == {"pgvar-run", "pgvar-analyze", "pgvar-reproduce"}
+    assert set(scripts) == {"pgvar-run", "pgvar-analyze", "pgvar-reproduce", "pgvar-measure"}
     for name, target in scripts.items():
         module, _, function = target.partition(":")
         assert callable(getattr(importlib.import_module(module), function)), name

@@ -294,3 +294,13 @@ def test_noisy_reference_is_removed_from_the_bias_and_kept_conservative():
         mean_se[use_ref_var] = np.sqrt(var_hat).mean()
     assert mean_se[True] < mean_se[False]  # the per-coordinate bound is the tighter one
     assert stats[0].ref_se == pytest.approx(math.sqrt(0.3 ** 2 + 7 * 0.1 ** 2))
+
+
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_estimates_without_spread_give_a_point_interval_against_an_exact_reference(offset):
+    """All M estimates equal (an estimator with no signal at this policy gives all-zero
+    gradients): no division by a zero spread; U is then the squared bias itself."""
+    G = torch.zeros(16, 5, dtype=torch.float64)
+    stats = gradient_stats(G, torch.full((5,), offset, dtype=torch.float64), 0.0).as_dict()
+    assert stats["grad_bias_sq_lo"] == stats["grad_bias_sq_hi"] == pytest.approx(5 * offset ** 2)
+    assert stats["bias_distinguishable"] == (offset > 0)
