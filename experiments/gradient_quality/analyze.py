@@ -29,16 +29,16 @@ Design (README.md beside this file says why):
   (``episode_score_sums``) and added into the blocks of every n and into the stream
   totals; ppo's per-batch advantage normalisation is rebuilt per block from the sums
   of the advantages and of their squares (``block_estimates``).
-* References: reinforce_rtg (primary) and vanilla reinforce (second), both unbiased;
-  block b's reference is the stream total minus block b. An estimator is scored against
-  a reference from a different estimator; reinforce_rtg is scored against reinforce.
+* References: value_baseline with the run's critic (primary) and reinforce_rtg (second),
+  both unbiased; block b's reference is the stream total minus block b. An estimator is
+  scored against a reference from a different estimator; value_baseline against
+  reinforce_rtg's.
 """
 
 from __future__ import annotations
 
 import math
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,12 +63,14 @@ from pgvar.returns import discount_weights
 
 ESTIMATORS_MEASURED = ("reinforce_rtg", "value_baseline", "gae", "ppo")
 # the per-episode score sums kept: four estimators' weights and gamma^t (ppo's normalisation)
-WEIGHTINGS = ("reinforce_rtg", "reinforce", "value_baseline", "gae", "discount")
-PRIMARY_REFERENCE, SECOND_REFERENCE = "reinforce_rtg", "reinforce"
+WEIGHTINGS = ("reinforce_rtg", "value_baseline", "gae", "discount")
+# both unbiased; value_baseline's critic is the run's, fitted on earlier data than the
+# stream. reinforce_rtg's variance grows with the episodes' length: at the trained
+# checkpoints its reference from 2 x 10^6 pairs is noise (relative SE > 1).
+PRIMARY_REFERENCE, SECOND_REFERENCE = "value_baseline", "reinforce_rtg"
 PRACTICE_PAIRS = 2048  # PPO's batch on MuJoCo in the paper's setting
 THRESHOLD = 0.5  # "correlate poorly": mean cosine to the true gradient below this
 MIN_CEILING = 0.9  # a reference noisier than this cannot decide the claim
-HERE = Path(__file__).resolve().parent
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -328,44 +330,32 @@ def measure_checkpoint(ck: Checkpoint, n_grid: list[int], total_pairs: int, max_
 
 
 def load_checkpoints(params: dict, run_dir: Path | None) -> list[Checkpoint]:
-    """The checkpoints of ``params['checkpoints']`` (label -> step). Step 0 of a run
-    that was not trained (``run_dir`` None) is its initial policy with a fresh critic."""
+    """The checkpoints of ``params['checkpoints']`` (label -> step) of the run in
+    ``run_dir`` (``pgvar.checkpoints.load_checkpoint``: the run's env, policy and critic
+    at that step). Without a run (every step 0) the initial policy of
+    ``params['initial_config']`` with a fresh critic, as ``pgvar-run`` builds them."""
+    from pgvar.checkpoints import load_checkpoint
     from pgvar.config import build_critic
     from pgvar.run import initial_env_and_policy, run_config_from
     from pgvar.seeding import derive_seed
 
-    config = run_config(params, run_dir)
-    run_cfg = run_config_from(config)
     out = []
     for label, step in params["checkpoints"].items():
-        env, policy = initial_env_and_policy(config)
-        critic = build_critic(env, policy, run_cfg.training.critic,
-                              derive_seed(run_cfg.seed, "critic"))
         if run_dir is not None:
-            state = torch.load(checkpoint_path(run_dir, int(step)), weights_only=True)
-            policy.load_state_dict(state["policy"])
-            critic.load_state_dict(state["critic"])
+            ck = load_checkpoint(run_dir, int(step))
+            env, policy, critic, run_cfg = ck.env, ck.policy, ck.critic, ck.run_cfg
+        else:
+            config = dict(params["initial_config"])
+            run_cfg = run_config_from(config)
+            env, policy = initial_env_and_policy(config)
+            critic = build_critic(env, policy, run_cfg.training.critic,
+                                  derive_seed(run_cfg.seed, "critic"))
+        if critic is None:
+            raise SystemExit(f"gradient_quality: the run in {run_dir} has no critic; train it "
+                             "with a critic-based estimator (gae)")
         cfg = EstimatorConfig(lam=float(run_cfg.estimator.lam))
         out.append(Checkpoint(str(label), int(step), env, policy, critic, cfg))
     return out
-
-
-def run_config(params: dict, run_dir: Path | None) -> dict:
-    """The training run's resolved config (its run.json), or, for the initial policy
-    alone, ``params['initial_config']`` (a partial config over the schema defaults)."""
-    import json
-
-    if run_dir is not None:
-        return json.loads((run_dir / "run.json").read_text())["config"]
-    return dict(params["initial_config"])
-
-
-def checkpoint_path(run_dir: Path, step: int) -> Path:
-    path = run_dir / "checkpoints" / f"step_{step:06d}.pt"
-    if not path.exists():
-        raise SystemExit(f"gradient_quality: no checkpoint {path}; train the run with the "
-                         "command in experiments/gradient_quality/README.md first")
-    return path
 
 
 def resolve_run_dir(params: dict, out: Path) -> Path | None:
@@ -381,18 +371,17 @@ def resolve_run_dir(params: dict, out: Path) -> Path | None:
 
 
 def ensure_trained(params: dict, run_dir: Path) -> None:
-    """Train the run (``train.py`` with ``params['train']``) unless ``run_dir`` holds a
-    complete one (a re-run reuses it)."""
-    import json
+    """Train the run (``pgvar-run`` with ``params['train']``; it saves a checkpoint at every
+    measured step) unless ``run_dir`` holds a complete one (a re-run reuses it)."""
+    from analysis.reproduce import _pgvar_run
+    from pgvar.runlog import read_run_record
 
-    record = run_dir / "run.json"
-    if record.exists() and json.loads(record.read_text()).get("status") == "complete":
+    if (read_run_record(run_dir) or {}).get("status") == "complete":
         return
     if "train" not in params:
         raise SystemExit(f"gradient_quality: {run_dir} holds no complete training run and the "
                          "preset gives no `train` overrides to make one")
-    cmd = [sys.executable, str(HERE / "train.py"), *[str(o) for o in params["train"]],
-           f"hydra.run.dir={run_dir}"]
+    cmd = [*_pgvar_run(), *[str(o) for o in params["train"]], f"hydra.run.dir={run_dir}"]
     print("gradient_quality: training:", " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, check=True)
 
@@ -411,27 +400,63 @@ def simulate(out: Path, preset: str, params: dict) -> str:
     checkpoints = load_checkpoints(params, run_dir)
     n_grid = [int(float(n)) for n in params["n_grid"]]
     total = int(float(params["total_pairs"]))
+    global _MEASURE_JOB
+    _MEASURE_JOB = (checkpoints, n_grid, total, params)
+    workers = max(1, min(int(params.get("workers", 1)), len(checkpoints)))
     records, timing, text = [], [], ""
-    for i, ck in enumerate(checkpoints):
-        res = measure_checkpoint(ck, n_grid, total, int(params["max_blocks"]),
-                                 seed=int(params.get("seed", 0)) + 1000 * i,
-                                 lanes=int(params.get("lanes", 512)),
-                                 chunk_episodes=int(params.get("chunk_episodes", 512)))
-        records += res.records
-        t = res.totals
-        timing.append({"checkpoint": ck.label, "step": ck.step, "pairs": t.pairs,
-                       "episodes": t.episodes, "mean_length": t.pairs / t.episodes,
-                       "return": t.mean_return(), "return_se": t.return_se(),
-                       "seconds": res.seconds, "cpu_s": res.info["cpu_s"],
-                       "gradient_s": res.info["gradient_s"],
-                       "pairs_per_s": t.pairs / res.seconds})
-        print(f"gradient_quality: {ck.label} (step {ck.step}) done: {t.pairs} pairs, "
-              f"return {t.mean_return():.1f}, {format_duration(res.seconds)}", flush=True)
-        # written after every checkpoint, so a long run's finished part is never lost
-        text = write_results(out, pd.DataFrame(records).sort_values(["step", "n"], kind="stable"),
-                             pd.DataFrame(timing).sort_values("step"), preset, params,
-                             len(checkpoints))
+    with _pool(workers) as pool:
+        for recs, row in pool.imap_unordered(_measure_job, range(len(checkpoints))):
+            records += recs
+            timing.append(row)
+            print(f"gradient_quality: {row['checkpoint']} (step {row['step']}) done: "
+                  f"{row['pairs']} pairs, return {row['return']:.1f}, "
+                  f"{format_duration(row['seconds'])}", flush=True)
+            # written after every checkpoint, so a long run's finished part is never lost
+            text = write_results(out, pd.DataFrame(records).sort_values(["step", "n"], kind="stable"),
+                                 pd.DataFrame(timing).sort_values("step"), preset, params,
+                                 len(checkpoints))
     return text
+
+
+_MEASURE_JOB: tuple = ()  # (checkpoints, n_grid, total pairs, params) for the workers
+
+
+class _Serial:
+    """``imap_unordered`` in this process (one worker: no fork)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    @staticmethod
+    def imap_unordered(fn, items):
+        return map(fn, items)
+
+
+def _pool(workers: int):
+    """Checkpoints measured in ``workers`` forked processes (each one thread), or here."""
+    import multiprocessing
+
+    return _Serial() if workers == 1 else multiprocessing.get_context("fork").Pool(workers)
+
+
+def _measure_job(i: int) -> tuple[list[dict], dict]:
+    """Checkpoint ``i`` of ``_MEASURE_JOB``: its records and its row of checkpoints.csv."""
+    checkpoints, n_grid, total, params = _MEASURE_JOB
+    ck = checkpoints[i]
+    torch.set_num_threads(int(params.get("threads", 1)))
+    res = measure_checkpoint(ck, n_grid, total, int(params["max_blocks"]),
+                             seed=int(params.get("seed", 0)) + 1000 * i,
+                             lanes=int(params.get("lanes", 512)),
+                             chunk_episodes=int(params.get("chunk_episodes", 512)))
+    t = res.totals
+    row = {"checkpoint": ck.label, "step": ck.step, "pairs": t.pairs, "episodes": t.episodes,
+           "mean_length": t.pairs / t.episodes, "return": t.mean_return(),
+           "return_se": t.return_se(), "seconds": res.seconds, "cpu_s": res.info["cpu_s"],
+           "gradient_s": res.info["gradient_s"], "pairs_per_s": t.pairs / res.seconds}
+    return res.records, row
 
 
 def write_results(out: Path, table: pd.DataFrame, runs: pd.DataFrame, preset: str,
@@ -547,20 +572,22 @@ def render(table: pd.DataFrame, runs: pd.DataFrame, verdict: Verdict, preset: st
         [[r.checkpoint, r.step, f"{r.pairs:,}", f"{r.episodes:,}", f"{r.mean_length:.0f}",
           f"{r['return']:.1f} ± {r.return_se:.1f}", format_duration(r.seconds),
           f"{r.pairs_per_s:.0f}"] for _, r in runs.iterrows()])
-    lines += ["", ("Cells: mean cosine over disjoint blocks of n pairs [95% bootstrap interval]. "
-                   "*to ref*: against the leave-block-out reference (reinforce_rtg's for every "
-                   "estimator except reinforce_rtg, scored against vanilla reinforce's: never "
-                   "its own estimator); *circular*: reinforce_rtg against its own estimator's "
-                   "reference, for comparison; *pairwise*: between two independent estimates; "
-                   "*ceiling*: 1/sqrt(1 + rel. SE^2) of the reference, what a perfect "
-                   "estimator would reach against it."), ""]
+    lines += ["", (f"Cells: mean cosine over disjoint blocks of n pairs [95% bootstrap interval]. "
+                   f"*to ref*: against the leave-block-out reference, from {PRIMARY_REFERENCE} "
+                   f"(the run's critic) for every estimator except {PRIMARY_REFERENCE}, which "
+                   f"is scored against {SECOND_REFERENCE}'s: never its own estimator; "
+                   f"*{PRIMARY_REFERENCE} vs own*: against its own estimator's reference (still "
+                   "unbiased for grad J, but it could not reveal a bias of its own); *pairwise*: "
+                   "between two independent estimates; *ceiling*: 1/sqrt(1 + rel. SE^2) of the "
+                   "reference, what a perfect estimator would reach against it (0: the "
+                   "reference's SE exceeds its length)."), ""]
     for label in dict.fromkeys(table["checkpoint"]):
         part = table[table["checkpoint"] == label]
         lines += [f"## {label}", ""]
         header = ["n", "blocks"]
         for est in ESTIMATORS_MEASURED:
             header += [f"{est} to ref", f"{est} pairwise"]
-        header += ["reinforce_rtg circular", "ceiling rtg / reinforce"]
+        header += [f"{PRIMARY_REFERENCE} vs own", f"ceiling {PRIMARY_REFERENCE} / {SECOND_REFERENCE}"]
         body = []
         for n, g in part.groupby("n"):
             prim = g[g["primary"]].set_index("estimator")
@@ -570,11 +597,12 @@ def render(table: pd.DataFrame, runs: pd.DataFrame, verdict: Verdict, preset: st
                 row += [_cell(r), format_columns(r, "pairwise", 2, style="f")]
             circ = g[g["circular"]].iloc[0]
             ceil = g.set_index("reference")["ceiling"]
-            row += [_cell(circ), f"{ceil[PRIMARY_REFERENCE].iloc[0]:.3f} / "
-                                 f"{ceil[SECOND_REFERENCE].iloc[0]:.3f}"]
+            row += [_cell(circ), (f"{ceil[PRIMARY_REFERENCE].iloc[0]:.3f} / "
+                                  f"{ceil[SECOND_REFERENCE].iloc[0]:.3f}")]
             body.append(row)
         lines += markdown_table(header, body) + [""]
-    lines += [f"Stream per checkpoint: {int(float(params['total_pairs'])):,} pairs; at most "
-              f"{params['max_blocks']} blocks per n. Figure: figures/gradient_quality_cosine_vs_pairs.png.", ""]
+    lines += [(f"Stream per checkpoint: {int(float(params['total_pairs'])):,} pairs; at most "
+               f"{params['max_blocks']} blocks per n. Figure: "
+               "figures/gradient_quality_cosine_vs_pairs.png."), ""]
     return "\n".join(lines)
 
