@@ -23,9 +23,9 @@ Design (README.md beside this file says why):
   block is the sum of its episodes' score sums (the cosine ignores the scale).
 * Whether episode i is in block b depends on the lengths of earlier episodes only, so
   the number of episodes in a block is a stopping time and, by Wald's identity, the
-  expected block sum is E[episodes] grad J: each block estimate points, in
-  expectation, along its estimator's mean direction.
-* Every episode's score sums for five weightings are computed once
+  expected block sum is E[episodes] times the estimator's per-episode mean (grad J for
+  the unbiased ones): no bias from cutting the stream at a pair count.
+* Every episode's score sums for four weightings are computed once
   (``episode_score_sums``) and added into the blocks of every n and into the stream
   totals; ppo's per-batch advantage normalisation is rebuilt per block from the sums
   of the advantages and of their squares (``block_estimates``).
@@ -390,7 +390,7 @@ def ensure_trained(params: dict, run_dir: Path) -> None:
 
 
 def simulate(out: Path, preset: str, params: dict) -> str:
-    """Measure every checkpoint; write result.csv, result.md, returns.csv and the figure."""
+    """Measure every checkpoint; write result.csv, result.md, checkpoints.csv and the figure."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(int(params.get("threads", 1)))
