@@ -399,13 +399,15 @@ def simulate(out: Path, preset: str, params: dict) -> str:
         ensure_trained(params, run_dir)
     checkpoints = load_checkpoints(params, run_dir)
     n_grid = [int(float(n)) for n in params["n_grid"]]
-    total = int(float(params["total_pairs"]))
     global _MEASURE_JOB
-    _MEASURE_JOB = (checkpoints, n_grid, total, params)
-    workers = max(1, min(int(params.get("workers", 1)), len(checkpoints)))
+    _MEASURE_JOB = (checkpoints, n_grid, params)
+    # ``only``: a subset of the labels, measured as in the whole preset (same seeds), to
+    # split a preset's checkpoints across invocations
+    todo = [i for i, ck in enumerate(checkpoints) if ck.label in params.get("only", [ck.label])]
+    workers = max(1, min(int(params.get("workers", 1)), len(todo)))
     records, timing, text = [], [], ""
     with _pool(workers) as pool:
-        for recs, row in pool.imap_unordered(_measure_job, range(len(checkpoints))):
+        for recs, row in pool.imap_unordered(_measure_job, todo):
             records += recs
             timing.append(row)
             print(f"gradient_quality: {row['checkpoint']} (step {row['step']}) done: "
@@ -414,11 +416,18 @@ def simulate(out: Path, preset: str, params: dict) -> str:
             # written after every checkpoint, so a long run's finished part is never lost
             text = write_results(out, pd.DataFrame(records).sort_values(["step", "n"], kind="stable"),
                                  pd.DataFrame(timing).sort_values("step"), preset, params,
-                                 len(checkpoints))
+                                 len(todo))
     return text
 
 
-_MEASURE_JOB: tuple = ()  # (checkpoints, n_grid, total pairs, params) for the workers
+_MEASURE_JOB: tuple = ()  # (checkpoints, n_grid, params) for the workers
+
+
+def pairs_of(params: dict, label: str) -> int:
+    """The stream's length at checkpoint ``label``: ``total_pairs``, a number or a
+    mapping label -> number."""
+    total = params["total_pairs"]
+    return int(float(total[label] if isinstance(total, dict) else total))
 
 
 class _Serial:
@@ -444,10 +453,10 @@ def _pool(workers: int):
 
 def _measure_job(i: int) -> tuple[list[dict], dict]:
     """Checkpoint ``i`` of ``_MEASURE_JOB``: its records and its row of checkpoints.csv."""
-    checkpoints, n_grid, total, params = _MEASURE_JOB
+    checkpoints, n_grid, params = _MEASURE_JOB
     ck = checkpoints[i]
     torch.set_num_threads(int(params.get("threads", 1)))
-    res = measure_checkpoint(ck, n_grid, total, int(params["max_blocks"]),
+    res = measure_checkpoint(ck, n_grid, pairs_of(params, ck.label), int(params["max_blocks"]),
                              seed=int(params.get("seed", 0)) + 1000 * i,
                              lanes=int(params.get("lanes", 512)),
                              chunk_episodes=int(params.get("chunk_episodes", 512)))
@@ -509,9 +518,13 @@ def decide(table: pd.DataFrame) -> Verdict:
     n = int(usable["n"].iloc[0])
     cells = "; ".join(f"{r.checkpoint}/{r.estimator} {r.cos:.2f} [{r.cos_lo:.2f}, {r.cos_hi:.2f}]"
                       for r in usable.itertuples())
+    left_out = rows.drop(usable.index)
+    skipped = "; ".join(f"{r.checkpoint}/{r.estimator} (ceiling {r.ceiling:.2f})"
+                        for r in left_out.itertuples())
     reason = (f"mean cosine to the reference at n = {n} pairs against the threshold "
               f"{THRESHOLD} ({len(usable)} cells, {words.count('confirmed')} below, "
-              f"{words.count('refuted')} above, {words.count('inconclusive')} straddling): {cells}")
+              f"{words.count('refuted')} above, {words.count('inconclusive')} straddling): {cells}"
+              + (f"; left out, reference too noisy: {skipped}" if skipped else ""))
     return Verdict(word, reason)
 
 
@@ -519,24 +532,26 @@ def decide(table: pd.DataFrame) -> Verdict:
 
 
 def plot_cosines(table: pd.DataFrame, out_dir: Path) -> list[Path]:
-    """One panel per checkpoint: cosine to the reference (solid, 95% bars) and between
-    independent estimates (dashed) against n; the band above the reference's ceiling is
-    what reference noise hides."""
-    rows = table[table["primary"]]
+    """One panel per checkpoint: cosine to the value_baseline reference (solid, 95% bars;
+    value_baseline's own against its own estimator's reference, the cross one being
+    noise at trained checkpoints) and between independent estimates (dashed) against n;
+    the band above the reference's ceiling is what reference noise hides."""
+    rows = table[table["reference"] == PRIMARY_REFERENCE]
     labels = list(dict.fromkeys(rows["checkpoint"]))
     fig, axes = plt.subplots(1, len(labels), figsize=(PAPER_WIDTH, PANEL_HEIGHT + 0.6),
                              squeeze=False, sharey=True)
     colours = dict(zip(ESTIMATORS_MEASURED, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     for ax, label in zip(axes[0], labels):
         part = rows[rows["checkpoint"] == label].sort_values("n")
-        ref = part[part["reference"] == PRIMARY_REFERENCE]
+        ref = part.drop_duplicates("n")
         ax.fill_between(ref["n"], ref["ceiling"], 1.0, color="0.85", step="mid",
                         label="reference noise (above ceiling)")
         for est in ESTIMATORS_MEASURED:
             r = part[part["estimator"] == est]
             err = np.vstack([r["cos"] - r["cos_lo"], r["cos_hi"] - r["cos"]]).clip(min=0)
             ax.errorbar(r["n"], r["cos"], yerr=np.nan_to_num(err), color=colours[est],
-                        marker="o", ms=3, lw=1.2, capsize=2, label=est)
+                        marker="o", ms=3, lw=1.2, capsize=2,
+                        label=est if est != PRIMARY_REFERENCE else f"{est} (vs own)")
             ax.plot(r["n"], r["pairwise"], color=colours[est], ls="--", lw=1)
         ax.axhline(THRESHOLD, color="0.4", lw=0.8, ls=":")
         ax.axvline(PRACTICE_PAIRS, color="0.4", lw=0.8, ls=":")
@@ -544,7 +559,8 @@ def plot_cosines(table: pd.DataFrame, out_dir: Path) -> list[Path]:
         step = int(part["step"].iloc[0])
         ax.set_title(f"{label} (step {step})")
         ax.set_xlabel("state-action pairs n")
-    axes[0][0].set_ylabel("cosine (solid: to reference;\ndashed: between estimates)")
+    axes[0][0].set_ylabel(f"cosine (solid: to {PRIMARY_REFERENCE} ref.;\n"
+                          "dashed: between estimates)")
     axes[0][0].set_ylim(min(-0.05, float(rows["pairwise"].min()) - 0.05), 1.02)
     handles, names = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, names, loc="lower center", ncol=5, fontsize=7, frameon=False)
@@ -601,8 +617,8 @@ def render(table: pd.DataFrame, runs: pd.DataFrame, verdict: Verdict, preset: st
                                   f"{ceil[SECOND_REFERENCE].iloc[0]:.3f}")]
             body.append(row)
         lines += markdown_table(header, body) + [""]
-    lines += [(f"Stream per checkpoint: {int(float(params['total_pairs'])):,} pairs; at most "
-               f"{params['max_blocks']} blocks per n. Figure: "
+    lines += [(f"At most {params['max_blocks']} blocks per n (the stream of each checkpoint: "
+               "*pairs streamed* above). Figure: "
                "figures/gradient_quality_cosine_vs_pairs.png."), ""]
     return "\n".join(lines)
 
