@@ -326,3 +326,247 @@ def percentile_ends(draws: np.ndarray, n: int, axis: int = 0) -> tuple:
     q = (1 - expanded_level(n)) / 2
     lo, hi = np.nanquantile(draws, [q, 1 - q], axis=axis)
     return lo, hi
+
+
+# --- added for gae_lambda/llm/calibration
+
+VERDICT_KINDS = ("tested", "by construction", "measured")
+
+
+@dataclass(frozen=True)
+class ClaimVerdict:
+    """One part of an experiment's claim with its verdict and its class.
+
+    ``tested``: the data could have refuted it; ``by construction``: it holds by how it is
+    measured (an identity, or a reference that shares the estimator), so it cannot fail;
+    ``measured``: a number with no yes/no claim (word ``measured``). Only tested parts make
+    the headline (``tested_headline``)."""
+
+    claim: str
+    kind: str
+    word: str
+    reason: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in VERDICT_KINDS:
+            raise ValueError(f"verdict class {self.kind!r} is not one of {', '.join(VERDICT_KINDS)}")
+        if self.word not in (*VERDICTS, "measured") or (self.word == "measured") != (self.kind == "measured"):
+            raise ValueError(f"a {self.kind!r} part cannot have the word {self.word!r}")
+
+
+def tested_headline(parts: list[ClaimVerdict]) -> Verdict:
+    """The headline: the common word of the tested parts (else ``qualified``), each named
+    with its word; ``inconclusive`` when no part is tested."""
+    tested = [p for p in parts if p.kind == "tested"]
+    if not tested:
+        return inconclusive("no part of the claim was tested (all by construction or measured)")
+    return Verdict(combined_word([p.word for p in tested]),
+                   "tested parts: " + "; ".join(f"{p.claim}: {p.word}" for p in tested))
+
+
+def claim_verdict_lines(parts: list[ClaimVerdict]) -> list[str]:
+    """result.md's table of the parts: claim, class, verdict and its reason."""
+    from analysis.render import markdown_table
+
+    return markdown_table(["claim", "class", "verdict", "why (numbers)"],
+                          [[p.claim, p.kind, f"**{p.word}**", p.reason] for p in parts])
+
+
+def means_by_group(rows: pd.DataFrame, keys: list[str], columns: list[str]) -> pd.DataFrame:
+    """Per group of ``keys``: ``runs`` (rows in it) and, per column, its mean with a 95%
+    interval (``COL``, ``COL_lo``, ``COL_hi``; NaN when absent): ``mean_ci``'s bootstrap,
+    or for a column with its logged standard errors beside it (``COL_se``: unbiased
+    estimates such as U) ``analysis.table.squared_bias_interval``'s hull of both."""
+    from analysis.table import squared_bias_interval
+
+    out = []
+    for key, g in rows.groupby(keys, sort=True):
+        rec: dict[str, object] = dict(zip(keys, key if isinstance(key, tuple) else (key,)))
+        rec["runs"] = len(g)
+        for col in columns:
+            est = Estimate(math.nan, math.nan, math.nan, 0) if col not in g else \
+                squared_bias_interval(g, col) if f"{col}_se" in g else mean_ci(g[col].to_numpy(float))
+            rec.update(estimate_columns(col, est))
+        out.append(rec)
+    return pd.DataFrame(out)
+
+
+def paired_matrix(runs: pd.DataFrame, x: str, column: str,
+                  replicate: str = "seed") -> tuple[np.ndarray, np.ndarray]:
+    """(x values [L], ``column`` [R, L]) of the replicates that have every x: a curve per
+    seed, the pairs of a paired comparison along x."""
+    wide = runs.pivot_table(index=replicate, columns=x, values=column, aggfunc="mean").dropna()
+    return wide.columns.to_numpy(float), wide.to_numpy(float)
+
+
+def _with_min_n(est: Estimate, min_n: int) -> Estimate:
+    """The estimate, without its interval when it rests on fewer than ``min_n`` replicates."""
+    return est if est.n >= min_n else Estimate(est.value, math.nan, math.nan, est.n)
+
+
+def curve_trend(xs: np.ndarray, values: np.ndarray, min_n: int = 3) -> Estimate:
+    """Spearman correlation of x with the mean curve of ``values`` [R, L], with the
+    bootstrap interval over whole replicates (curves resampled jointly across x)."""
+    from scipy import stats
+
+    n = values.shape[0]
+    if n < 1 or values.shape[1] < 3:
+        return Estimate(math.nan, math.nan, math.nan, n)
+    point = float(stats.spearmanr(xs, values.mean(0)).statistic)
+    if n < min_n:
+        return Estimate(point, math.nan, math.nan, n)
+    ranks = stats.rankdata(values[replicate_resamples(n)].mean(1), axis=1)
+    ranks -= ranks.mean(1, keepdims=True)
+    x_ranks = stats.rankdata(xs) - (len(xs) + 1) / 2
+    norms = np.sqrt((ranks ** 2).sum(1) * (x_ranks ** 2).sum())
+    rho = np.divide(ranks @ x_ranks, norms, out=np.zeros(len(ranks)), where=norms > 0)  # 0: flat
+    lo, hi = map(float, percentile_ends(rho, n))
+    return Estimate(point, lo, hi, n)
+
+
+def curve_argmin(xs: np.ndarray, values: np.ndarray, min_n: int = 3) -> dict[str, object]:
+    """The x minimising the mean curve of ``values`` [R, L], its bootstrap interval over
+    replicates and the share of resamples choosing each x (``argmin``, ``lo``, ``hi``,
+    ``shares``)."""
+    n = values.shape[0]
+    if n < 1:
+        return {"argmin": math.nan, "lo": math.nan, "hi": math.nan, "shares": {}}
+    best = float(xs[int(np.argmin(values.mean(0)))])
+    if n < min_n:
+        return {"argmin": best, "lo": math.nan, "hi": math.nan, "shares": {}}
+    picks = xs[np.argmin(values[replicate_resamples(n, seed=1)].mean(1), axis=1)]
+    lo, hi = map(float, percentile_ends(picks, n))
+    return {"argmin": best, "lo": lo, "hi": hi,
+            "shares": {float(v): float(np.mean(picks == v)) for v in xs if np.any(picks == v)}}
+
+
+def paired_ratio(xs: np.ndarray, values: np.ndarray, num: float, den: float,
+                 min_n: int = 3) -> Estimate:
+    """The curve at x=``num`` over the curve at x=``den`` (nearest x): the geometric mean
+    over replicates of the per-replicate ratios (paired, scale-free), with the interval of
+    the mean log ratio mapped back by exp."""
+    if values.shape[0] < 1 or not (math.isfinite(num) and math.isfinite(den)):
+        return Estimate(math.nan, math.nan, math.nan, 0)
+    a, b = (values[:, int(np.argmin(np.abs(xs - v)))] for v in (num, den))
+    ok = (a > 0) & (b > 0)
+    if not ok.any():
+        return Estimate(math.nan, math.nan, math.nan, 0)
+    return _with_min_n(mean_ci(np.log(a[ok] / b[ok])).map(math.exp), min_n)
+
+
+def paired_mean(values: np.ndarray, min_n: int = 3) -> Estimate:
+    """``mean_ci`` of per-replicate values, without an interval below ``min_n`` of them."""
+    return _with_min_n(mean_ci(values), min_n)
+
+
+def slope_estimate(x: np.ndarray, y: np.ndarray) -> Estimate:
+    """Least-squares slope of y on x with the paired bootstrap interval over the points
+    (NaN below three points or without spread in x)."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if len(x) < 3 or np.ptp(x) == 0:
+        return Estimate(math.nan, math.nan, math.nan, len(x))
+    lo, hi = bootstrap_interval((x, y), _slope, paired=True, seed=0)
+    return Estimate(float(_slope(x, y)), lo, hi, len(x))
+
+
+def _slope(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
+    xc = x - x.mean(axis=axis, keepdims=True)
+    return (xc * (y - y.mean(axis=axis, keepdims=True))).sum(axis) / (xc ** 2).sum(axis)
+
+
+def plot_estimate_panels(panels: list[dict], out_dir: Path, name: str, ncols: int = 3) -> list[Path]:
+    """A grid of panels, each a line per group with its 95% interval: a panel is a dict of
+    ``frame``, ``x``, ``y`` (with ``y_lo``/``y_hi`` columns), ``by`` (the lines) and
+    optionally ``title``, ``ylabel``, ``xscale``/``yscale``, ``band`` (a shaded (lo, hi)
+    target) and ``ylim``. Error bars, or a shaded band for lines of over 30 points; one
+    colour per group across panels, one legend below; ``analysis.figures.save_figure``."""
+    import matplotlib.pyplot as plt
+
+    from analysis.figures import PANEL_HEIGHT, PAPER_WIDTH, error_bars, save_figure
+
+    apply_theme()
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, squeeze=False,
+                             figsize=(PAPER_WIDTH * max(1.0, ncols / 3), PANEL_HEIGHT * nrows + 0.4))
+    labels: dict = {}
+    for ax, p in zip(axes.flat, panels):
+        if "band" in p:
+            ax.axhspan(*p["band"], color="0.85", zorder=0)
+        for key, g in p["frame"].groupby(p["by"], sort=False) if len(p["frame"]) else []:
+            g = g.sort_values(p["x"])
+            colour = f"C{list(labels).index(key) if key in labels else len(labels)}"
+            if len(g) > 30:
+                labels[key], = ax.plot(g[p["x"]], g[p["y"]], color=colour, lw=1, label=str(key))
+                ax.fill_between(g[p["x"]], g[f"{p['y']}_lo"], g[f"{p['y']}_hi"], color=colour,
+                                alpha=0.2, lw=0)
+            else:
+                labels[key] = ax.errorbar(g[p["x"]], g[p["y"]], yerr=error_bars(g, p["y"]),
+                                          marker="o", ms=2.5, capsize=2, lw=1, color=colour,
+                                          label=str(key))
+        ax.set(xlabel=p["x"], ylabel=p.get("ylabel", p["y"]), title=p.get("title", ""),
+               **{k: p[k] for k in ("xscale", "yscale", "ylim") if k in p})
+        if len(p["frame"]) and not pd.api.types.is_numeric_dtype(p["frame"][p["x"]]):
+            ax.tick_params(axis="x", labelrotation=35)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    fig.legend(list(labels.values()), [str(k) for k in labels], loc="lower center",
+               ncol=min(6, max(1, len(labels))), frameon=False, fontsize=7)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    return save_figure(fig, out_dir, name)
+
+
+# --- added for batch_size/horizon/sparse/rtg
+
+TESTED, BY_CONSTRUCTION = "tested", "by construction"
+
+
+def check(scope: str, statement: str, passed: bool | None, numbers: str,
+          kind: str = TESTED) -> dict:
+    """One checked statement: ``passed`` None when the runs cannot decide it; ``kind``
+    ``tested`` (the measurement could have failed it) or ``by construction`` (an identity
+    or algebra that holds whatever was measured, shown as a sanity check only)."""
+    if kind not in (TESTED, BY_CONSTRUCTION):
+        raise ValueError(f"check kind {kind!r} is not {TESTED!r} or {BY_CONSTRUCTION!r}")
+    return {"scope": scope, "check": statement, "kind": kind,
+            "passed": None if passed is None else bool(passed), "numbers": numbers}
+
+
+def checks_verdict(checks: pd.DataFrame, reason: str) -> Verdict:
+    """The headline verdict from the ``tested`` checks only: confirmed when all pass,
+    refuted when none does, qualified otherwise; inconclusive with no tested check or an
+    undecided one. The failed tested checks are appended to ``reason``."""
+    tested = checks[checks["kind"] == TESTED] if len(checks) else checks
+    if tested.empty or tested["passed"].isna().any():
+        return inconclusive(f"{reason}; a tested check is undecided or missing")
+    failed = tested[~tested["passed"].astype(bool)]
+    tail = ("; failed: " + "; ".join(f"{r['scope']}: {r['check']} ({r['numbers']})"
+                                     for _, r in failed.iterrows())) if len(failed) else ""
+    return Verdict(combined_word(["confirmed" if p else "refuted" for p in tested["passed"]]),
+                   reason + tail)
+
+
+def bias_columns(rows: pd.DataFrame) -> dict[str, object]:
+    """The de-noised relative squared bias of one estimator's runs across replicates
+    (``analysis.table.squared_bias_interval``), its root, and whether the bias is
+    distinguishable from 0 (absolute and relative intervals above 0, as the table
+    decides; None without an interval)."""
+    from analysis.table import per_run_values, squared_bias_interval
+
+    values = per_run_values(rows)
+    b2 = squared_bias_interval(values, "grad_bias_sq")
+    rel = squared_bias_interval(values, "grad_rel_bias_sq")
+    decided = math.isfinite(b2.lo) and math.isfinite(rel.lo)
+    return {**estimate_columns("rel_bias_sq", rel), **estimate_columns("rel_bias", sqrt_estimate(rel)),
+            "bias_distinguishable": bool(b2.lo > 0 and rel.lo > 0) if decided else None}
+
+
+def bootstrap_rows(w: np.ndarray, statistic, seed: int = 0) -> tuple[np.ndarray, ...]:
+    """``statistic(w)`` (a scalar or a vector) and its expanded-percentile 95% interval
+    from resampling the rows (replicates) of ``w`` (``replicate_resamples``); NaN ends
+    below two rows."""
+    value = np.atleast_1d(np.asarray(statistic(w), float))
+    if w.shape[0] < 2:
+        return value, np.full_like(value, math.nan), np.full_like(value, math.nan)
+    draws = np.array([np.atleast_1d(statistic(w[idx]))
+                      for idx in replicate_resamples(w.shape[0], seed)], float)
+    return (value, *percentile_ends(draws, w.shape[0]))

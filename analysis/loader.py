@@ -191,7 +191,8 @@ def _read_metrics(run_dir: Path, info: Mapping[str, Any], skip) -> pd.DataFrame 
     except OSError as err:
         skip("unreadable", f"{METRICS_FILE} cannot be read ({err})")
         return None
-    metrics = pd.DataFrame(rows, columns=header).replace({"": None})
+    # "nan": a statistic that is undefined at that step (an SNR when every batch is zero)
+    metrics = pd.DataFrame(rows, columns=header).replace({"": None, "nan": None})
     numeric = metrics.apply(_to_number)
     bad = [c for c in metrics.columns
            if metrics[c].notna().sum() > numeric[c].notna().sum()]

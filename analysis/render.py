@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 
+import numpy as np
+
 
 def format_ci(value: float, lo: float, hi: float, digits: int = 3, missing: str = "n/a",
               style: str = "g", sign: bool = False) -> str:
@@ -36,3 +38,52 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> l
     """The lines of a markdown table: the header, its rule, one line per row."""
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     return lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+
+
+# --- added for gae_lambda/llm/calibration
+
+
+def estimates_table(frame, columns: dict[str, str | tuple[str, int]], digits: int = 3,
+                    **style) -> list[str]:
+    """``frame_table`` with number formatting: one column per ``header: name`` (or
+    ``header: (name, digits)``), ``format_columns`` where ``name_lo``/``name_hi`` exist
+    beside ``name``, else the value (floats to ``digits`` significant digits, booleans as
+    yes/no); ``(no data)`` for an empty frame."""
+    if len(frame) == 0:
+        return ["(no data)"]
+
+    def cell(spec: str | tuple[str, int]):
+        name, places = spec if isinstance(spec, tuple) else (spec, digits)
+
+        def text(row) -> str:
+            if f"{name}_lo" in row.index and f"{name}_hi" in row.index:
+                return format_columns(row, name, places, **style)
+            value = row[name]
+            if isinstance(value, (bool, np.bool_)):
+                return yes_no(bool(value))
+            return f"{value:.{places}g}" if isinstance(value, float) else str(value)
+        return text
+
+    return frame_table(frame, {header: cell(spec) for header, spec in columns.items()})
+
+
+# --- added for batch_size/horizon/sparse/rtg
+
+
+def frame_table(frame, columns: dict[str, object]) -> list[str]:
+    """``markdown_table`` of a data frame: one column per ``header: spec``, the spec a
+    column name (its interval with ``format_columns`` when ``name_lo``/``name_hi`` exist,
+    else the value) or a function of the row giving the cell."""
+    def cell(row, spec):
+        if callable(spec):
+            return spec(row)
+        return format_columns(row, spec) if f"{spec}_lo" in row.index else row[spec]
+    return markdown_table(list(columns), [[cell(row, spec) for spec in columns.values()]
+                                          for _, row in frame.iterrows()])
+
+
+def checks_table(checks) -> list[str]:
+    """The checks of an experiment (``analysis.experiment.check``): what, its class
+    (``tested`` or ``by construction``), whether it passed, the deciding numbers."""
+    return frame_table(checks, {"scope": "scope", "check": "check", "class": "kind",
+                                "passed": lambda r: yes_no(r["passed"]), "numbers": "numbers"})

@@ -141,6 +141,7 @@ class LQREnvConfig(EnvConfig):
     process_noise: float = 0.1  # std of the additive state noise
     init_std: float = 0.5  # std of the initial state
     seed: int = 0  # seed of the random instance (A, B): the same system for every run seed
+    nested_actions: bool = False  # A, m_0 and B's first columns the same for every action_dim
 
     def check(self) -> None:
         super().check()

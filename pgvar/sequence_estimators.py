@@ -52,8 +52,8 @@ KL penalty of weight ``beta`` to a reference policy (``kl_mode``):
   biased for grad (J - beta KL) whenever pi != pi_ref.
 
 ``epochs = K > 1`` gives PPO's update direction on the same batch, as pgvar's ``ppo``:
-K full-batch ascent steps of size ``lr`` on the clipped surrogate (each token's term
-``min(rho A, clip(rho, 1-eps, 1+eps) A)``, rho = pi/pi_old) with the normalisers above,
+K full-batch ascent steps of size ``ppo_lr`` on the clipped surrogate (each token's term
+``min(rho A, clip(rho, 1-eps, 1+eps) A)``, eps = ``ppo_clip``, rho = pi/pi_old) with the normalisers above,
 returning ``(theta_K - theta_0) / (lr K)``; K = 1 is the plain estimator.
 """
 
@@ -67,56 +67,19 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from pgvar.envs.sequence import SequenceTask
+from pgvar.estimators import DEFAULT_CONFIG, EstimatorConfig
 from pgvar.gradients import flatten, mean_ascent_gradient, policy_params
 from pgvar.sequence_policies import SequencePolicy, flat_grad
 
-KL_MODES = ("k1_reward", "k3_loss")
-SCALE_REWARDS = ("default", "group", "none")
 STD_EPS = 1e-4  # TRL's: advantages / (std + 1e-4)
 
 
-@dataclass(frozen=True)
-class SequenceEstimatorConfig:
-    """Knobs of the sequence estimators. Validated on construction."""
-
-    group_size: int = 4          # G completions per prompt
-    kl_beta: float = 0.0         # beta >= 0: weight of KL(pi || pi_ref)
-    kl_mode: str = "k3_loss"     # k1_reward or k3_loss (see the module docstring)
-    epochs: int = 1              # K: PPO-style epochs on one batch (1: the plain estimator)
-    clip: float = 0.2            # PPO ratio clip epsilon (epochs > 1)
-    lr: float = 0.05             # inner step size (epochs > 1)
-    scale_rewards: str = "default"  # TRL's: group (divide by group std), none, or the
-                                    # estimator's default (group for grpo/dapo/bnpo)
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise ValueError naming the field and its valid range."""
-        for key, low in (("group_size", 1), ("epochs", 1)):
-            value = getattr(self, key)
-            if isinstance(value, bool) or int(value) != value or value < low:
-                raise ValueError(f"{key} must be an integer >= {low}, got {value}")
-        if not float(self.kl_beta) >= 0.0:
-            raise ValueError(f"kl_beta must be >= 0, got {self.kl_beta}")
-        if self.kl_mode not in KL_MODES:
-            raise ValueError(f"kl_mode must be one of {KL_MODES}, got {self.kl_mode!r}")
-        if self.scale_rewards not in SCALE_REWARDS:
-            raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS}, got {self.scale_rewards!r}")
-        if not (float(self.clip) > 0 and float(self.lr) > 0):
-            raise ValueError(f"clip and lr must be > 0, got {self.clip}, {self.lr}")
-
-
-def sequence_config(knobs) -> SequenceEstimatorConfig:
-    """The sequence estimators' config from ``pgvar.estimators.EstimatorConfig``'s knobs
-    (or ``pgvar.config``'s estimator settings): clip and inner step are PPO's."""
-    return SequenceEstimatorConfig(group_size=knobs.group_size, kl_beta=knobs.kl_beta,
-                                   kl_mode=knobs.kl_mode, epochs=knobs.epochs,
-                                   clip=knobs.ppo_clip, lr=knobs.ppo_lr,
-                                   scale_rewards=knobs.scale_rewards)
-
-
-DEFAULT_SEQUENCE_CONFIG = SequenceEstimatorConfig()  # frozen, so one shared default is safe
+def sequence_config(knobs) -> EstimatorConfig:
+    """The estimator knobs of a run's ``estimator`` section (``pgvar.config``) as the one
+    ``pgvar.estimators.EstimatorConfig`` the sequence estimators read: ``group_size``,
+    ``kl_beta``, ``kl_mode``, ``epochs``, ``scale_rewards``, and PPO's ``ppo_clip`` and
+    ``ppo_lr`` for ``epochs > 1`` (declared and validated there, once)."""
+    return knobs if isinstance(knobs, EstimatorConfig) else EstimatorConfig(**knobs.core_kwargs())
 
 
 # ----------------------------------------------------------------------------- batches
@@ -193,7 +156,7 @@ def standardised_advantage(R: torch.Tensor) -> torch.Tensor:
     return centred_advantage(R) / (group_std(R) + STD_EPS)
 
 
-def is_scaled(est: SequenceEstimator, cfg: SequenceEstimatorConfig) -> bool:
+def is_scaled(est: SequenceEstimator, cfg: EstimatorConfig) -> bool:
     """Whether the advantages are divided by the group std (``cfg.scale_rewards``)."""
     return est.scaled if cfg.scale_rewards == "default" else cfg.scale_rewards == "group"
 
@@ -330,7 +293,7 @@ def batch_log_probs(policy: SequencePolicy, batch: SequenceBatch) -> torch.Tenso
     return lp.reshape(M, N, L)
 
 
-def shaped_rewards(batch: SequenceBatch, cfg: SequenceEstimatorConfig, logp_old: torch.Tensor,
+def shaped_rewards(batch: SequenceBatch, cfg: EstimatorConfig, logp_old: torch.Tensor,
                    logp_ref: torch.Tensor | None) -> torch.Tensor:
     """``[M, P, G]`` rewards, minus beta times the sequence log-ratio under ``k1_reward``."""
     R = batch.rewards.to(logp_old.dtype)
@@ -341,7 +304,7 @@ def shaped_rewards(batch: SequenceBatch, cfg: SequenceEstimatorConfig, logp_old:
 
 
 def estimate_directions(name: str, task: SequenceTask, policy: SequencePolicy,
-                        batch: SequenceBatch, cfg: SequenceEstimatorConfig = DEFAULT_SEQUENCE_CONFIG,
+                        batch: SequenceBatch, cfg: EstimatorConfig = DEFAULT_CONFIG,
                         reference: SequencePolicy | None = None, chunk: int = 256) -> torch.Tensor:
     """``[M, P]``: estimator ``name`` on each of the M batches (ascent directions).
 
@@ -366,11 +329,11 @@ def estimate_directions(name: str, task: SequenceTask, policy: SequencePolicy,
 def surrogate_directions(policy: SequencePolicy, prompts: torch.Tensor, tokens: torch.Tensor,
                          mask: torch.Tensor, logp_old: torch.Tensor, logp_ref: torch.Tensor,
                          A: torch.Tensor, c: torch.Tensor, beta_k3: float,
-                         cfg: SequenceEstimatorConfig, chunk: int) -> torch.Tensor:
+                         cfg: EstimatorConfig, chunk: int) -> torch.Tensor:
     """``[M, P]`` mean of the K ascent steps' gradients of the clipped surrogate
     ``sum_{i,t} c_i [min(rho A_i, clip(rho) A_i) - beta_k3 k3_t]`` per batch (vmap over M)."""
     params0 = policy_params(policy)
-    eps, K, lr = float(cfg.clip), int(cfg.epochs), float(cfg.lr)
+    eps, K, lr = float(cfg.ppo_clip), int(cfg.epochs), float(cfg.ppo_lr)
 
     def surrogate(p, q, y, m, lo, lref, a, cc):
         lp = functional_call(policy, p, (q, y, m))
@@ -422,7 +385,7 @@ def mean_advantage(est: SequenceEstimator, p: torch.Tensor, G: int,
     return binomial_pmf(G - 1, p) @ A                           # [Q, 2]
 
 
-def has_exact_mean(name: str, cfg: SequenceEstimatorConfig) -> bool:
+def has_exact_mean(name: str, cfg: EstimatorConfig) -> bool:
     """Whether ``exact_mean`` can give E g by enumeration for this estimator and config."""
     est = get_sequence_estimator(name)
     if est.length_weight is None or int(cfg.epochs) != 1:
@@ -431,7 +394,7 @@ def has_exact_mean(name: str, cfg: SequenceEstimatorConfig) -> bool:
 
 
 def exact_mean_surrogate(name: str, task: SequenceTask, policy: SequencePolicy,
-                         cfg: SequenceEstimatorConfig, reference: SequencePolicy | None = None,
+                         cfg: EstimatorConfig, reference: SequencePolicy | None = None,
                          prompts: list[int] | None = None) -> torch.Tensor:
     """A scalar whose gradient is E g (module docstring), summed over ``prompts`` (all by
     default) and divided by Q. Only where ``has_exact_mean``."""
@@ -471,7 +434,7 @@ def exact_mean_surrogate(name: str, task: SequenceTask, policy: SequencePolicy,
 
 
 def exact_mean(name: str, task: SequenceTask, policy: SequencePolicy,
-               cfg: SequenceEstimatorConfig, reference: SequencePolicy | None = None,
+               cfg: EstimatorConfig, reference: SequencePolicy | None = None,
                prompts: list[int] | None = None) -> torch.Tensor:
     """``[P]`` E g of estimator ``name`` (the part from ``prompts``), by enumeration."""
     return flat_grad(exact_mean_surrogate(name, task, policy, cfg, reference, prompts), policy)

@@ -27,9 +27,8 @@ from dataclasses import dataclass, field
 import torch
 
 from pgvar.envs.sequence import SequenceTask
+from pgvar.estimators import DEFAULT_CONFIG, EstimatorConfig
 from pgvar.sequence_estimators import (
-    DEFAULT_SEQUENCE_CONFIG,
-    SequenceEstimatorConfig,
     cosine,
     estimate_directions,
     exact_mean,
@@ -67,7 +66,7 @@ def exact_gradients(task: SequenceTask, policy: SequencePolicy,
 
 
 def prompt_weights(name: str, task: SequenceTask, policy: SequencePolicy,
-                   cfg: SequenceEstimatorConfig, reference: SequencePolicy | None) -> list[float]:
+                   cfg: EstimatorConfig, reference: SequencePolicy | None) -> list[float]:
     """Implied weight of every prompt: <E g_q, grad J_q> / ||grad J_q||^2 with E g_q the
     exact mean of q's groups times Q (nan where grad J_q = 0)."""
     weights = []
@@ -82,7 +81,7 @@ def prompt_weights(name: str, task: SequenceTask, policy: SequencePolicy,
 
 def measure_sequence(task: SequenceTask, policy: SequencePolicy, estimator: str, n_batches: int,
                      prompts_per_batch: int, seed: int,
-                     cfg: SequenceEstimatorConfig = DEFAULT_SEQUENCE_CONFIG,
+                     cfg: EstimatorConfig = DEFAULT_CONFIG,
                      reference: SequencePolicy | None = None, with_weights: bool = True,
                      keep_estimates: bool = False) -> SequenceMeasurement:
     """M = ``n_batches`` estimates of ``prompts_per_batch`` x G completions, scored against

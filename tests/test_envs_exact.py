@@ -220,6 +220,22 @@ def test_lqr_instance_has_requested_spectral_radius() -> None:
     assert abs(float(torch.linalg.eigvals(env.A).abs().max()) - 0.7) < 1e-9
 
 
+def test_lqr_nested_actions_extend_the_smaller_system_and_default_is_unchanged() -> None:
+    """nested_actions: A, m_0 and B's first columns do not depend on action_dim; the
+    default draw (the published runs') is unchanged: B and m_0 drawn as before."""
+    small = LinearQuadratic(state_dim=4, action_dim=2, seed=5, nested_actions=True)
+    big = LinearQuadratic(state_dim=4, action_dim=8, seed=5, nested_actions=True)
+    assert torch.equal(small.A, big.A) and torch.equal(small.m0, big.m0)
+    assert torch.equal(small.B, big.B[:, :2])
+    old = LinearQuadratic(state_dim=4, action_dim=2, seed=5)
+    g = torch.Generator().manual_seed(5)
+    torch.randn(4, 4, generator=g, dtype=torch.float64)
+    B = torch.randn(4, 2, generator=g, dtype=torch.float64) / 2.0
+    assert torch.equal(old.B, B) and torch.equal(old.A, small.A)
+    assert torch.equal(old.m0, torch.randn(4, generator=g, dtype=torch.float64))
+    assert not torch.equal(old.B, small.B)
+
+
 # ------------------------------------------------------------------ seeding, device
 
 @pytest.mark.parametrize("name", ["tabular", "chain", "lqr"])

@@ -32,18 +32,23 @@ def load_module():
     return module
 
 
-def synthetic_frame(root: Path, laws: dict, seeds: int = 10) -> pd.DataFrame:
-    """pgvar-run-format runs of GAE on each env of ``laws`` (env -> law(lambda))."""
+def synthetic_frame(root: Path, laws: dict, seeds: int = 10, reference: str | None = None,
+                    ref_se: float = 0.0) -> pd.DataFrame:
+    """pgvar-run-format runs of GAE on each env of ``laws`` (env -> law(lambda)); with
+    ``reference``, a Monte Carlo reference of that estimator and standard error ``ref_se``."""
     job = 0
     for env, law in laws.items():
         for lam in LAMBDAS:
             bias, variance = law(lam)
             truth = TrueEstimator(f"gae-{env}-{lam}", bias, variance, lam)
             for seed in range(seeds):
+                training = {"batch_size": 16, **({"reference": {"estimator": reference}}
+                                                 if reference else {})}
                 config = {"env": {"name": env, "gamma": 0.99},
                           "estimator": {"name": "gae", "lam": lam},
-                          "training": {"batch_size": 16}, "seed": seed, "preset_name": "synthetic"}
-                write_run(root / str(job), config, synthetic_metrics(truth, seed, n_iters=5, M=64))
+                          "training": training, "seed": seed, "preset_name": "synthetic"}
+                write_run(root / str(job), config,
+                          synthetic_metrics(truth, seed, n_iters=5, M=64, ref_se=ref_se))
                 job += 1
     return load_runs([root])[0]
 
@@ -54,7 +59,9 @@ def test_synthetic_trends_and_argmin_are_recovered(tmp_path):
     text = m.analyze(frame, tmp_path / "out", "synthetic")
     result = pd.read_csv(tmp_path / "out" / "result.csv")
     table = result[result["section"] == "lambda"]
-    trends = result[result["section"] == "trend"].set_index("env")
+    all_levels = result[result["section"] == "trend"]
+    assert set(all_levels["level"].astype(str)) == {">= 1", "0", "2", "4"}  # pooled, each step
+    trends = all_levels[all_levels["level"] == ">= 1"].set_index("env")
     lqr = table[table["env"] == "lqr"].set_index("lam")
     for lam in LAMBDAS:
         bias, variance = tunable(lam)
@@ -63,9 +70,11 @@ def test_synthetic_trends_and_argmin_are_recovered(tmp_path):
     t = trends.loc["lqr"]
     assert t["spearman_rel_bias_sq_hi"] < 0 < t["spearman_rel_variance_lo"]
     assert t["mse_argmin"] == 0.5 and t["mse_argmin_lo"] <= 0.5 <= t["mse_argmin_hi"]
-    assert t["verdict"] == "confirmed"
-    assert trends.loc["cartpole", "verdict"] == "inconclusive"
-    assert "**lqr** confirmed" in text and "Verdict: qualified" in text
+    assert t["env_verdict"] == "confirmed"
+    assert trends.loc["cartpole", "env_verdict"] == "inconclusive"
+    assert "| lqr: variance rises as λ grows | tested | **confirmed** |" in text
+    assert "| lqr: GAE(λ=1) is unbiased | tested | **confirmed** |" in text
+    assert "Verdict: qualified" in text
     assert (tmp_path / "out" / "figures" / "gae_lambda_bias_variance.png").exists()
 
 
@@ -74,3 +83,21 @@ def test_variance_falling_with_lambda_is_refuted(tmp_path):
     backwards = {"lqr": lambda lam: (lam, 0.02 + 2.0 * (1 - lam) ** 2)}
     text = m.analyze(synthetic_frame(tmp_path / "runs", backwards, seeds=6), tmp_path / "out", "s")
     assert "Verdict: refuted" in text
+
+
+def test_lambda_one_bias_counts_only_against_a_critic_free_reference(tmp_path):
+    """A GAE whose bias stays at every lambda (a broken lambda=1): against a critic-free
+    reinforce_rtg reference the lambda=1 part is tested and refuted, and the headline with
+    it; against value_baseline with the run's critic (GAE(1) itself) it is 'by
+    construction' and left out of the headline."""
+    m = load_module()
+    biased = {"cartpole": lambda lam: (0.5, 0.02 + 2.0 * lam ** 2)}
+    texts = {}
+    for reference in ("reinforce_rtg", "value_baseline"):
+        frame = synthetic_frame(tmp_path / reference, biased, seeds=4, reference=reference,
+                                ref_se=0.05)
+        texts[reference] = m.analyze(frame, tmp_path / f"out-{reference}", "s")
+    assert "| cartpole: GAE(λ=1) is unbiased | tested | **refuted** |" in texts["reinforce_rtg"]
+    assert "| cartpole: GAE(λ=1) is unbiased | by construction | **refuted** |" in texts["value_baseline"]
+    assert "GAE(λ=1) is unbiased: refuted" in texts["reinforce_rtg"].splitlines()[-1]
+    assert "GAE(λ=1) is unbiased" not in texts["value_baseline"].splitlines()[-1]

@@ -17,26 +17,29 @@ FOLDER = REPO / "experiments" / "reward_to_go"
 
 
 def load_module(figures: bool = True):
-    """experiments/reward_to_go/analyze.py as a module; without its figures (which take
-    most of the time) when ``figures`` is False."""
+    """experiments/reward_to_go/analyze.py as a module; without its figure (most of the
+    time) when ``figures`` is False."""
     module = load_experiment_module(FOLDER)
     if not figures:
-        module.plot_variance_pairs = module.plot_bias = lambda *args, **kwargs: []
+        module.EXPERIMENT.figures = lambda *args: []
     return module
 
 
 def synthetic_frame(root: Path, truths: list[TrueEstimator], instances: int = 3,
-                    seeds: int = 5) -> pd.DataFrame:
-    """Runs in pgvar-run's format: every (instance, seed) pair holds both estimators."""
+                    seeds: int = 5, reference: str | None = None) -> pd.DataFrame:
+    """Runs in pgvar-run's format: every (instance, seed) pair holds both estimators;
+    with ``reference`` a Monte Carlo reference (standard error 0.05) of that estimator."""
     job = 0
     for truth in truths:
         for instance in range(instances):
             for seed in range(seeds):
                 config = {"env": {"name": "tabular", "gamma": 0.99, "seed": instance},
                           "estimator": {"name": truth.name},
-                          "training": {"batch_size": 16, "iterations": 1},
+                          "training": {"batch_size": 16, "iterations": 1,
+                                       "reference": {"estimator": reference or "reinforce_rtg"}},
                           "seed": seed, "preset_name": "synthetic"}
-                metrics = synthetic_metrics(truth, 100 * instance + seed, n_iters=1, M=64)
+                metrics = synthetic_metrics(truth, 100 * instance + seed, n_iters=1, M=64,
+                                            ref_se=0.05 if reference else 0.0)
                 write_run(root / str(job), config, metrics)
                 job += 1
     return load_runs([root])[0]
@@ -51,21 +54,33 @@ def test_known_ratio_and_unbiasedness_are_recovered(tmp_path):
     assert row["ratio_geo_lo"] <= 0.25 <= row["ratio_geo_hi"] < 1
     assert row["ratio_geo"] == pytest.approx(0.25, rel=0.1)
     assert row["rel_var_reinforce_lo"] <= 2.0 <= row["rel_var_reinforce_hi"]
-    assert not row["distinguishable_reinforce"] and not row["distinguishable_reinforce_rtg"]
-    assert row["verdict"] == "confirmed"
+    assert not row["reinforce_bias_distinguishable"] and not row["reinforce_rtg_bias_distinguishable"]
+    checks = pd.read_csv(tmp_path / "out" / "checks.csv")
+    assert (checks["kind"] == "tested").all() and checks["passed"].all() and len(checks) == 3
     assert "\nVerdict: confirmed — tabular: Var(rtg)/Var(full) = 0.2" in text
-    for name in ("reward_to_go_variance", "reward_to_go_bias"):
-        assert (tmp_path / "out" / "figures" / f"{name}.png").stat().st_size > 5000
+    assert (tmp_path / "out" / "figures" / "reward_to_go_pairs_bias.png").stat().st_size > 5000
 
 
-def test_a_biased_reward_to_go_is_refuted(tmp_path):
+@pytest.mark.parametrize("full_bias,rtg,word", [(0.0, (0.5, 0.5), "qualified"),  # biased rtg
+                                                (0.0, (0.0, 4.0), "qualified"),  # higher variance
+                                                (0.5, (0.5, 4.0), "refuted")])  # every check fails
+def test_the_verdict_flips_with_the_measurement(tmp_path, full_bias, rtg, word):
     m = load_module(figures=False)
-    truths = [TrueEstimator("reinforce", 0.0, 2.0), TrueEstimator("reinforce_rtg", 0.5, 0.5)]
+    truths = [TrueEstimator("reinforce", full_bias, 2.0), TrueEstimator("reinforce_rtg", *rtg)]
     text = m.analyze(synthetic_frame(tmp_path / "runs", truths), tmp_path / "out", "synthetic")
-    row = pd.read_csv(tmp_path / "out" / "result.csv").iloc[0]
-    assert row["distinguishable_reinforce_rtg"]
-    assert row["rel_bias_sq_reinforce_rtg_lo"] <= 0.25 <= row["rel_bias_sq_reinforce_rtg_hi"]
-    assert "\nVerdict: refuted" in text
+    assert f"\nVerdict: {word}" in text
+
+
+def test_a_reference_built_from_reward_to_go_is_by_construction(tmp_path):
+    """With a Monte Carlo reference averaging reinforce_rtg, its bias check cannot fail:
+    classed by construction and left out of the verdict; with rloo it is tested."""
+    m = load_module(figures=False)
+    truths = [TrueEstimator("reinforce", 0.0, 2.0), TrueEstimator("reinforce_rtg", 0.0, 0.5)]
+    for ref, kind in (("reinforce_rtg", "by construction"), ("rloo", "tested")):
+        m.analyze(synthetic_frame(tmp_path / ref, truths, reference=ref), tmp_path / f"out-{ref}", "s")
+        checks = pd.read_csv(tmp_path / f"out-{ref}" / "checks.csv").set_index("kind", drop=False)
+        rtg_check = checks[checks["check"].str.startswith("reinforce_rtg bias")].iloc[0]
+        assert rtg_check["kind"] == kind, ref
 
 
 def test_two_pairs_are_inconclusive(tmp_path):

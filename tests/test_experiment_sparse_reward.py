@@ -24,23 +24,26 @@ def analysis():
     return load_analysis()
 
 
-def synthetic_frame(analysis, horizon: int = 8, lengths=(3, 5, 7, 9), seeds: int = 4,
+def synthetic_frame(analysis, horizon: int = 16, lengths=(6, 8, 9, 10, 11, 12, 13), seeds: int = 8,
                     batches: int = 200, batch_size: int = 8, shift: float = 0.0,
-                    rng_seed: int = 0) -> pd.DataFrame:
-    """Loader-shaped rows whose zero-gradient counts are Binomial(M, (1-p)^B + shift)."""
+                    power: float = 1.0, rng_seed: int = 0) -> pd.DataFrame:
+    """Loader-shaped rows whose zero-gradient counts are Binomial(M, (1-p)^B + shift) and
+    whose episodes for SNR 1, B tr Cov / ||grad J||^2, are 2 / p^power (seed noise 10%)."""
     rng = np.random.default_rng(rng_seed)
     rows = []
     for L in lengths:
         p = analysis.reach_probability(L, horizon)
         zero_p = min(max(analysis.predicted_zero_fraction(p, batch_size) + shift, 0.0), 1.0)
+        ref_norm = p
         for seed in range(seeds):
             zeros = rng.binomial(batches, zero_p)
+            variance = 2 * p ** (2 - power) / batch_size * rng.lognormal(0, 0.1)
             rows.append({
                 "run_id": f"L{L}-s{seed}", "step": 0, "estimator": "reinforce", "seed": seed,
                 "env.horizon": horizon, "env.length": L, "env.slip": 0.0, "env.gamma": 1.0,
                 "training.batch_size": batch_size, "n_estimates": batches,
                 "zero_grad_fraction": zeros / batches, "grad_norm_mean": p + 0.01,
-                "ref_norm": p * (1 - p) + 1e-6, "grad_variance": 0.1 * (p + 1e-3), "snr": 1.0,
+                "ref_norm": ref_norm, "grad_variance": variance, "snr": 1.0,
             })
     return pd.DataFrame(rows)
 
@@ -54,30 +57,38 @@ def test_reach_probability_matches_hand_counts(analysis):
     assert analysis.predicted_zero_fraction(0.25, 3) == pytest.approx(0.75**3)
 
 
-def test_zero_fractions_drawn_at_the_prediction_are_covered(analysis):
-    cells = analysis.summarise(analysis.per_run_values(synthetic_frame(analysis)))
-    assert len(cells) == 4 and (cells["batches"] == 800).all()
+def test_zero_fractions_and_episodes_for_snr1_are_recovered(analysis):
+    s = analysis.summarise(analysis.per_run_values(synthetic_frame(analysis)))
+    cells = s["cells"]
+    assert len(cells) == 7 and (cells["batches"] == 1600).all()
     covered = (cells["zero_fraction_lo"] <= cells["predicted_zero_fraction"]) & \
               (cells["predicted_zero_fraction"] <= cells["zero_fraction_hi"])
-    assert covered.all()
+    assert covered.all() and not cells["below_prediction"].any()
     assert cells["p_reach"].is_monotonic_decreasing
-    assert not cells["below_prediction"].any()
+    n1 = 2 / cells["p_reach"]
+    assert ((cells["episodes_snr1_lo"] <= n1) & (n1 <= cells["episodes_snr1_hi"])).all()
+    slope = s["slopes"].iloc[0]
+    assert slope["points"] == 4 and slope["slope_lo"] <= 1 <= slope["slope_hi"]
 
 
-def test_verdict_follows_the_numbers(analysis):
-    matching = analysis.summarise(analysis.per_run_values(synthetic_frame(analysis)))
-    assert analysis.verdict(matching).word == "qualified"  # ||grad J|| > 0 throughout
-    too_few = analysis.summarise(analysis.per_run_values(synthetic_frame(analysis, shift=-0.2)))
-    assert analysis.verdict(too_few).word == "refuted"
-    near = analysis.summarise(analysis.per_run_values(synthetic_frame(analysis, lengths=(2, 3, 4))))
-    assert analysis.verdict(near).word == "inconclusive"  # the signal never vanishes
+@pytest.mark.parametrize("change,word", [({}, "confirmed"), ({"power": 0.5}, "refuted"),
+                                         ({"shift": -0.2}, "confirmed"),  # by construction only
+                                         ({"lengths": (2, 3, 4, 5)}, "inconclusive")])  # never sparse
+def test_the_verdict_follows_the_tested_slope_only(analysis, tmp_path, change, word):
+    """N1 ∝ 1/p_reach confirms, N1 ∝ 1/sqrt(p_reach) refutes; a zero fraction below its
+    (by construction) bound is shown failed but does not move the verdict."""
+    text = analysis.analyze(synthetic_frame(analysis, **change), tmp_path, "synthetic")
+    assert f"\nVerdict: {word}" in text
+    checks = pd.read_csv(tmp_path / "checks.csv")
+    assert list(checks["kind"]) == ["tested", "by construction"]
+    assert checks["passed"].iloc[1] == ("shift" not in change)
 
 
 def test_analyze_writes_result_files_and_figure(analysis, tmp_path):
     text = analysis.analyze(synthetic_frame(analysis), tmp_path, "smoke")
     assert "\nVerdict: " in text and (tmp_path / "result.md").read_text() == text
     result = pd.read_csv(tmp_path / "result.csv")
-    assert {"p_reach", "zero_fraction", "predicted_zero_fraction", "exact_snr"} <= set(result.columns)
+    assert {"p_reach", "zero_fraction", "predicted_zero_fraction", "episodes_snr1"} <= set(result.columns)
     assert (tmp_path / "figures" / "sparse_reward_signal.png").stat().st_size > 5000
 
 

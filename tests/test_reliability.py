@@ -138,6 +138,16 @@ def test_the_undamaged_run_loads_whole(good_run, tmp_path):
     assert df["grad_variance"].notna().sum() == 3
 
 
+def test_a_logged_nan_is_a_missing_number_not_damage(good_run, tmp_path):
+    """pgvar-run logs an undefined statistic as ``nan`` (the SNR when every batch of a
+    sparse reward is zero): the run loads whole, that cell empty."""
+    job = tmp_path / "run"
+    shutil.copytree(good_run, job)
+    set_cell(job, 1, "snr", "nan")
+    df, report = load_runs(tmp_path)
+    assert not report.skipped and len(df) == 4 and df["snr"].isna().sum() >= 1
+
+
 @pytest.mark.parametrize("damage", list(DAMAGES))
 def test_a_damaged_run_is_skipped_whole_with_its_reason(good_run, tmp_path, damage):
     job = tmp_path / "run"

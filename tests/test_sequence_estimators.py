@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from pgvar.envs.sequence import SequenceTask
+from pgvar.estimators import EstimatorConfig
 from pgvar.sequence_estimators import (
     SEQUENCE_ESTIMATORS,
-    SequenceEstimatorConfig,
     advantages,
     estimate_directions,
     exact_mean,
@@ -92,7 +92,7 @@ def loop_loss(name, task, policy, prompts, tokens, mask, rewards, G):
 @pytest.mark.parametrize("kind", ["table", "transformer"])
 def test_directions_equal_the_loss_written_with_loops(name, kind):
     task, policy, _ = setting(kind)
-    cfg = SequenceEstimatorConfig(group_size=3)
+    cfg = EstimatorConfig(group_size=3)
     batch = sample_batches(task, policy, 3, 2, 3, seed=4)
     D = estimate_directions(name, task, policy, batch, cfg)
     for m in range(3):
@@ -127,11 +127,11 @@ def test_mean_advantage_equals_enumeration_of_the_other_rewards(name):
 def test_epochs_one_is_the_plain_estimator_and_more_epochs_move_it():
     task, policy, _ = setting()
     batch = sample_batches(task, policy, 4, 2, 3, seed=0)
-    one = estimate_directions("grpo", task, policy, batch, SequenceEstimatorConfig(group_size=3))
+    one = estimate_directions("grpo", task, policy, batch, EstimatorConfig(group_size=3))
     three = estimate_directions("grpo", task, policy, batch,
-                                SequenceEstimatorConfig(group_size=3, epochs=3, lr=1.0))
+                                EstimatorConfig(group_size=3, epochs=3, ppo_lr=1.0))
     assert not torch.allclose(one, three)
-    cfg = SequenceEstimatorConfig(group_size=3, epochs=3, lr=1e-7)
+    cfg = EstimatorConfig(group_size=3, epochs=3, ppo_lr=1e-7)
     assert torch.allclose(estimate_directions("grpo", task, policy, batch, cfg), one, atol=1e-5)
 
 
@@ -139,14 +139,18 @@ def test_bad_configs_are_refused():
     task, policy, _ = setting()
     batch = sample_batches(task, policy, 2, 2, 1, seed=0)
     with pytest.raises(ValueError, match="group_size >= 2"):
-        estimate_directions("rloo", task, policy, batch, SequenceEstimatorConfig(group_size=1))
+        estimate_directions("rloo", task, policy, batch, EstimatorConfig(group_size=1))
     with pytest.raises(ValueError, match="unknown sequence estimator"):
-        estimate_directions("ppo", task, policy, batch, SequenceEstimatorConfig(group_size=1))
+        estimate_directions("ppo", task, policy, batch, EstimatorConfig(group_size=1))
     with pytest.raises(ValueError, match="kl_mode"):
-        SequenceEstimatorConfig(kl_mode="k2")
+        EstimatorConfig(kl_mode="k2")
+    with pytest.raises(ValueError, match="group_size"):
+        EstimatorConfig(group_size=0)
+    with pytest.raises(ValueError, match="scale_rewards"):
+        EstimatorConfig(scale_rewards="batch")
     with pytest.raises(ValueError, match="reference"):
         estimate_directions("reinforce", task, policy, batch,
-                            SequenceEstimatorConfig(group_size=1, kl_beta=0.1))
+                            EstimatorConfig(group_size=1, kl_beta=0.1))
 
 
 # ----------------------------------------------------------------------------- exact means
@@ -156,18 +160,18 @@ def test_exact_means_of_the_unbiased_ones_are_their_targets():
     task, policy, reference = setting()
     gJ = task.exact_gradient(policy, what="J")
     for name, G in (("reinforce", 1), ("rloo", 3), ("dr_grpo", 3)):
-        cfg = SequenceEstimatorConfig(group_size=G)
+        cfg = EstimatorConfig(group_size=G)
         scale = SEQUENCE_ESTIMATORS[name].scale(G, task.max_len)
         assert torch.allclose(exact_mean(name, task, policy, cfg), scale * gJ, atol=1e-6)
     g_beta = task.exact_gradient(policy, reference, beta=0.2)
     for name in ("reinforce", "rloo"):
-        cfg = SequenceEstimatorConfig(group_size=3, kl_beta=0.2, kl_mode="k1_reward")
+        cfg = EstimatorConfig(group_size=3, kl_beta=0.2, kl_mode="k1_reward")
         assert torch.allclose(exact_mean(name, task, policy, cfg, reference), g_beta, atol=1e-6)
 
 
 def test_exact_grpo_mean_weighs_prompts_by_mean_advantage_gap_and_is_not_along_grad_j():
     task, policy, _ = setting()
-    cfg = SequenceEstimatorConfig(group_size=4)
+    cfg = EstimatorConfig(group_size=4)
     gJ = task.exact_gradient(policy, what="J")
     mean = exact_mean("grpo", task, policy, cfg)
     cos = float(mean @ gJ / (mean.norm() * gJ.norm()))
@@ -184,7 +188,7 @@ def test_exact_grpo_mean_weighs_prompts_by_mean_advantage_gap_and_is_not_along_g
 
 def test_k3_in_the_loss_is_not_the_gradient_of_the_kl_penalty():
     task, policy, reference = setting()
-    cfg = SequenceEstimatorConfig(group_size=1, kl_beta=0.5, kl_mode="k3_loss")
+    cfg = EstimatorConfig(group_size=1, kl_beta=0.5, kl_mode="k3_loss")
     target = task.exact_gradient(policy, reference, beta=0.5)
     mean = exact_mean("reinforce", task, policy, cfg, reference)
     assert (mean - target).norm() > 0.05 * target.norm()
@@ -201,14 +205,14 @@ def test_monte_carlo_mean_matches_the_exact_mean(name, G):
     """unbiased for grad J (reinforce, rloo), (1-1/G)/L grad J (dr_grpo), and for grpo its
     exact mean, which is not along grad J (the next test)."""
     task, policy, _ = setting()
-    cfg = SequenceEstimatorConfig(group_size=G)
+    cfg = EstimatorConfig(group_size=G)
     D = mc(task, policy, name, cfg)
     assert abs(z_score(D, exact_mean(name, task, policy, cfg))) < UNBIASED_Z
 
 
 def test_grpo_is_biased_for_every_multiple_of_grad_j():
     task, policy, _ = setting()
-    cfg = SequenceEstimatorConfig(group_size=3)
+    cfg = EstimatorConfig(group_size=3)
     gJ = task.exact_gradient(policy, what="J").double()
     mean = exact_mean("grpo", task, policy, cfg).double()
     best = float(mean @ gJ / (gJ @ gJ)) * gJ  # the closest multiple of grad J
@@ -218,8 +222,8 @@ def test_grpo_is_biased_for_every_multiple_of_grad_j():
 def test_k1_in_the_reward_is_unbiased_and_k3_in_the_loss_is_biased_for_the_penalised_gradient():
     task, policy, reference = setting()
     target = task.exact_gradient(policy, reference, beta=0.5).double()
-    k1 = SequenceEstimatorConfig(group_size=3, kl_beta=0.5, kl_mode="k1_reward")
-    k3 = SequenceEstimatorConfig(group_size=3, kl_beta=0.5, kl_mode="k3_loss")
+    k1 = EstimatorConfig(group_size=3, kl_beta=0.5, kl_mode="k1_reward")
+    k3 = EstimatorConfig(group_size=3, kl_beta=0.5, kl_mode="k3_loss")
     assert abs(z_score(mc(task, policy, "rloo", k1, reference), target)) < UNBIASED_Z
     assert z_score(mc(task, policy, "rloo", k3, reference), target) > BIASED_Z
     assert abs(z_score(mc(task, policy, "rloo", k3, reference),
@@ -230,7 +234,7 @@ def test_k1_in_the_reward_is_unbiased_and_k3_in_the_loss_is_biased_for_the_penal
 @pytest.mark.parametrize("name", ["dapo", "bnpo"])
 def test_token_mean_estimators_are_biased_for_every_multiple_of_grad_j(name):
     task, policy, _ = setting()
-    cfg = SequenceEstimatorConfig(group_size=4)
+    cfg = EstimatorConfig(group_size=4)
     gJ = task.exact_gradient(policy, what="J").double()
     pilot = mc(task, policy, name, cfg, n_batches=12000, seed=1).mean(0)  # independent scale
     best = float(pilot @ gJ / (gJ @ gJ)) * gJ
@@ -239,7 +243,7 @@ def test_token_mean_estimators_are_biased_for_every_multiple_of_grad_j(name):
 
 def test_dapo_and_bnpo_differ_only_with_several_groups_per_batch():
     task, policy, _ = setting()
-    cfg = SequenceEstimatorConfig(group_size=3)
+    cfg = EstimatorConfig(group_size=3)
     one = sample_batches(task, policy, 4, 1, 3, seed=0)
     assert torch.allclose(estimate_directions("dapo", task, policy, one, cfg),
                           estimate_directions("bnpo", task, policy, one, cfg))
@@ -249,18 +253,18 @@ def test_dapo_and_bnpo_differ_only_with_several_groups_per_batch():
 
 
 def test_has_exact_mean_only_where_the_formula_holds():
-    assert has_exact_mean("grpo", SequenceEstimatorConfig())
-    assert not has_exact_mean("dapo", SequenceEstimatorConfig())
-    assert not has_exact_mean("grpo", SequenceEstimatorConfig(epochs=2))
-    assert not has_exact_mean("grpo", SequenceEstimatorConfig(kl_beta=0.1, kl_mode="k1_reward"))
-    assert has_exact_mean("rloo", SequenceEstimatorConfig(kl_beta=0.1, kl_mode="k1_reward"))
+    assert has_exact_mean("grpo", EstimatorConfig())
+    assert not has_exact_mean("dapo", EstimatorConfig())
+    assert not has_exact_mean("grpo", EstimatorConfig(epochs=2))
+    assert not has_exact_mean("grpo", EstimatorConfig(kl_beta=0.1, kl_mode="k1_reward"))
+    assert has_exact_mean("rloo", EstimatorConfig(kl_beta=0.1, kl_mode="k1_reward"))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,G", [("reinforce", 1), ("rloo", 4), ("dr_grpo", 4), ("grpo", 4)])
 def test_transformer_monte_carlo_mean_matches_the_exact_mean(name, G):
     task, policy, _ = setting("transformer")
-    cfg = SequenceEstimatorConfig(group_size=G)
+    cfg = EstimatorConfig(group_size=G)
     D = mc(task, policy, name, cfg, n_batches=4000)
     assert abs(z_score(D, exact_mean(name, task, policy, cfg))) < UNBIASED_Z
 
@@ -269,12 +273,12 @@ def test_transformer_monte_carlo_mean_matches_the_exact_mean(name, G):
 def test_transformer_grpo_and_k3_are_biased():
     task, policy, reference = setting("transformer")
     gJ = task.exact_gradient(policy, what="J").double()
-    cfg = SequenceEstimatorConfig(group_size=4)
+    cfg = EstimatorConfig(group_size=4)
     mean = exact_mean("grpo", task, policy, cfg).double()
     best = float(mean @ gJ / (gJ @ gJ)) * gJ
     assert z_score(mc(task, policy, "grpo", cfg, n_batches=4000), best) > BIASED_Z
     target = task.exact_gradient(policy, reference, beta=0.5).double()
-    k1 = SequenceEstimatorConfig(group_size=4, kl_beta=0.5, kl_mode="k1_reward")
+    k1 = EstimatorConfig(group_size=4, kl_beta=0.5, kl_mode="k1_reward")
     assert abs(z_score(mc(task, policy, "reinforce", k1, reference, n_batches=4000), target)) < UNBIASED_Z
 
 
@@ -283,7 +287,7 @@ def test_std_scaling_alone_weighs_prompts_by_the_exact_advantage_gap():
     the implied weight of prompt q is (abar_q(1) - abar_q(0)) / L exactly, and the Monte
     Carlo mean agrees with the exact one."""
     task, policy, _ = setting()
-    cfg = SequenceEstimatorConfig(group_size=4, scale_rewards="group")
+    cfg = EstimatorConfig(group_size=4, scale_rewards="group")
     m = measure_sequence(task, policy, "dr_grpo", 8, 2, 0, cfg)
     p = task.exact(policy).success.detach().double()
     gap = mean_advantage(SEQUENCE_ESTIMATORS["dr_grpo"], p, 4, scaled=True)
@@ -298,7 +302,7 @@ def test_dr_grpo_is_rloo_times_a_constant_on_every_batch():
     """r_i - mean = (G-1)/G (r_i - mean of the others), and dr_grpo's normaliser is 1/(N L):
     the two estimators differ by the factor (G-1)/(G L) batch by batch, not only in mean."""
     task, policy, _ = setting()
-    cfg = SequenceEstimatorConfig(group_size=4)
+    cfg = EstimatorConfig(group_size=4)
     batch = sample_batches(task, policy, 6, 2, 4, seed=3)
     dr = estimate_directions("dr_grpo", task, policy, batch, cfg)
     rloo = estimate_directions("rloo", task, policy, batch, cfg)
@@ -310,7 +314,7 @@ def test_k3_in_the_loss_follows_the_gradient_of_the_reverse_kl_per_prefix():
     d_pi(prefix) KL(pi_ref || pi)(prefix), the prefix distribution held fixed."""
     task, policy, reference = setting()
     beta = 0.5
-    cfg = SequenceEstimatorConfig(group_size=1, kl_beta=beta, kl_mode="k3_loss")
+    cfg = EstimatorConfig(group_size=1, kl_beta=beta, kl_mode="k3_loss")
     c = task.completions
     Q, C = task.n_prompts, task.n_completions
     prompts = torch.arange(Q).repeat_interleave(C)
@@ -323,3 +327,24 @@ def test_k3_in_the_loss_follows_the_gradient_of_the_reverse_kl_per_prefix():
     penalty = (seq_p[:, None] * reverse_kl).sum() / Q
     expected = task.exact_gradient(policy, what="J") - beta * flat_grad(penalty, policy)
     assert torch.allclose(exact_mean("reinforce", task, policy, cfg, reference), expected, atol=1e-6)
+
+
+def test_the_sequence_knobs_are_declared_once():
+    """group_size, kl_beta, kl_mode, epochs, scale_rewards live on pgvar.estimators'
+    EstimatorConfig only: the sequence estimators read that class, and a run's
+    ``estimator`` section converts into it unchanged (no second declaration to drift)."""
+    import dataclasses
+
+    import pgvar.sequence_estimators as seq
+    from pgvar.config import EstimatorSettings
+    from pgvar.sequence_estimators import sequence_config
+
+    assert not [name for name, obj in vars(seq).items()
+                if dataclasses.is_dataclass(obj) and isinstance(obj, type)
+                and {"group_size", "kl_mode"} <= {f.name for f in dataclasses.fields(obj)}
+                and obj is not EstimatorConfig]
+    settings = EstimatorSettings(name="grpo", group_size=8, kl_beta=0.3, kl_mode="k1_reward",
+                                 epochs=2, scale_rewards="none", ppo_lr=0.5)
+    cfg = sequence_config(settings)
+    assert (cfg.group_size, cfg.kl_beta, cfg.kl_mode, cfg.epochs, cfg.scale_rewards,
+            cfg.ppo_lr) == (8, 0.3, "k1_reward", 2, "none", 0.5)

@@ -1,12 +1,9 @@
 """How much gradient signal is left when a sparse reward is far (chain, uniform policy)?
-
-Each run measures once, for one (T, L, estimator, seed). Per (T, L, estimator) cell, seeds
-pooled: the fraction of batches with an exactly zero estimate (Clopper-Pearson interval)
-against ``(1 - p_reach)^B``, p_reach exact (J with gamma = 1, by the chain's dynamic
-programming). The prediction is a lower bound: with gamma = 1 the scores of episodes that
-reach the goal can also cancel exactly, so the excess is reported too. Also the mean norm
-of one estimate, ||grad J||, and two SNRs: the harness' ``||g_bar||^2 / tr Cov`` (floored
-near 1/M) and the exact per-batch ``||grad J||^2 / tr Cov`` (ratio of means over seeds).
+Per (T, L, estimator) cell, seeds pooled. By construction: the fraction of exactly zero
+batch estimates is at least (1 - p_reach)^B (no episode rewarded; p_reach exact by DP).
+Tested: the text's reading that signal comes only from rewarded episodes, so the episodes
+needed for SNR 1, N1 = B tr Cov / ||grad J||^2, grow as 1/p_reach: the slope of log N1 on
+log(1/p_reach) over the sparse cells (bootstrap over seeds) must hold 1.
 """
 
 from __future__ import annotations
@@ -16,36 +13,29 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-import seaborn as sns
 import torch
-from matplotlib.lines import Line2D
-from matplotlib.ticker import MaxNLocator
 from scipy.stats import binomtest
 
 from analysis.experiment import (
-    Experiment,
-    Verdict,
-    estimate_columns,
-    first_measurements,
-    inconclusive,
-)
-from analysis.figures import PAPER_WIDTH, error_bars, log_axis, save_figure
-from analysis.render import format_columns, markdown_table
+    BY_CONSTRUCTION, Experiment, check, checks_verdict, estimate_columns, first_measurements,
+    percentile_ends, replicate_resamples)
+from analysis.figures import PAPER_WIDTH, error_bars, save_figure
+from analysis.render import checks_table, format_columns, frame_table
 from analysis.stats import NAN_ESTIMATE, mean_ci, ratio_ci
+from pgvar.envs.registry import make_env
 
 CLAIM = ("\"Sparse rewards. If reward appears only at episode termination (e.g., winning a "
          "game), REINFORCE receives no gradient signal until an episode completes. Random "
          "exploration rarely stumbles onto rewarding trajectories, and without reward, the "
          "gradient is zero everywhere.\" (source text, *When it falls down*)")
-ALPHA = 0.05
-VANISHED = 0.9  # a zero-gradient fraction above this: the signal has all but vanished
+SPARSE = 0.1  # cells with p_reach at most this are the sparse regime the slope is fitted on
+MIN_POINTS = 3  # sparse cells a slope needs
+MIN_HITS = 10  # rewarded episodes a seed expects in a cell (p M B) for its N1 to be measured
 
 
 def reach_probability(length: int, horizon: int, slip: float = 0.0) -> float:
     """P(an episode of the uniform policy enters the goal within ``horizon`` steps), exactly:
     J with gamma = 1 on the chain, by the environment's dynamic programming."""
-    from pgvar.envs.registry import make_env
-
     env = make_env("chain", length=int(length), horizon=int(horizon), gamma=1.0, slip=float(slip))
     uniform = torch.full((env.n_states, env.n_actions), 1.0 / env.n_actions, dtype=torch.float64)
     return float(env.objective_from_probs(uniform))
@@ -57,25 +47,10 @@ def predicted_zero_fraction(p_reach: float, batch_size: int) -> float:
 
 
 def per_run_values(frame: pd.DataFrame) -> pd.DataFrame:
-    """One row per run: its first measured step with the chain's settings and statistics."""
-    first = first_measurements(frame)
-    slip = first["env.slip"].astype(float) if "env.slip" in first else 0.0
-    runs = pd.DataFrame({
-        "estimator": first["estimator"].astype(str),
-        "T": first["env.horizon"].astype(int),
-        "L": first["env.length"].astype(int),
-        "slip": slip,
-        "gamma": first["env.gamma"].astype(float),
-        "seed": first["seed"].astype(int),
-        "B": first["training.batch_size"].astype(int),
-        "M": first["n_estimates"].astype(int),
-        "zero_grad_fraction": first["zero_grad_fraction"].astype(float),
-        "grad_norm_mean": first["grad_norm_mean"].astype(float),
-        "ref_norm": first["ref_norm"].astype(float),
-        "grad_variance": first["grad_variance"].astype(float),
-        "snr": first["snr"].astype(float),
-    })
-    runs["distance"] = runs["L"] - 1
+    """One row per run: its first measurement with the chain's settings and statistics."""
+    names = {"env.horizon": "T", "env.length": "L", "training.batch_size": "B", "n_estimates": "M"}
+    runs = first_measurements(frame).rename(columns=names).astype({c: int for c in ("T", "L", "B", "M", "seed")})
+    runs = runs.assign(slip=runs["env.slip"].astype(float) if "env.slip" in runs else 0.0, distance=runs["L"] - 1)
     runs["zeros"] = np.rint(runs["zero_grad_fraction"] * runs["M"]).astype(int)
     return runs.reset_index(drop=True)
 
@@ -86,33 +61,65 @@ def cell_summary(cell: pd.DataFrame) -> dict:
     p_reach = reach_probability(first["L"], first["T"], first["slip"])
     predicted = predicted_zero_fraction(p_reach, int(first["B"]))
     k, n = int(cell["zeros"].sum()), int(cell["M"].sum())
-    test = binomtest(k, n, min(max(predicted, 0.0), 1.0))
-    ci = test.proportion_ci(confidence_level=1 - ALPHA, method="exact")
-    norm = mean_ci(cell["grad_norm_mean"].to_numpy())
-    snr = mean_ci(cell["snr"].to_numpy())
-    by_seed_ref = dict(zip(cell["seed"], cell["ref_norm"] ** 2))
-    by_seed_var = dict(zip(cell["seed"], cell["grad_variance"]))
-    exact_snr = (ratio_ci(by_seed_ref, by_seed_var) if cell["grad_variance"].sum() > 0
-                 else None)
-    return {
-        "T": int(first["T"]), "L": int(first["L"]), "distance": int(first["distance"]),
-        "estimator": first["estimator"], "B": int(first["B"]), "seeds": int(cell["seed"].nunique()),
-        "p_reach": p_reach, "batches": n, "zero_batches": k,
-        "zero_fraction": k / n, "zero_fraction_lo": float(ci.low), "zero_fraction_hi": float(ci.high),
-        "predicted_zero_fraction": predicted, "excess": k / n - predicted,
-        "binom_pvalue": float(test.pvalue),
-        "below_prediction": bool(ci.high < predicted), "above_prediction": bool(ci.low > predicted),
-        "ref_norm": float(cell["ref_norm"].mean()),
-        **estimate_columns("grad_norm_mean", norm), **estimate_columns("snr", snr),
-        # every batch exactly zero: no spread to measure, so no SNR either (NaN)
-        **estimate_columns("exact_snr", exact_snr or NAN_ESTIMATE),
-    }
+    ci = binomtest(k, n, min(max(predicted, 0.0), 1.0)).proportion_ci(0.95, method="exact")
+    by_seed = lambda col: dict(zip(cell["seed"], cell[col]))
+    exact_snr = (ratio_ci(by_seed("ref_sq"), by_seed("grad_variance"))  # every batch zero: no SNR
+                 if cell["grad_variance"].sum() > 0 else NAN_ESTIMATE)
+    return {"T": int(first["T"]), "L": int(first["L"]), "distance": int(first["distance"]),
+            "estimator": first["estimator"], "B": int(first["B"]), "seeds": cell["seed"].nunique(),
+            "p_reach": p_reach, "batches": n, "zero_batches": k, "zero_fraction": k / n,
+            "zero_fraction_lo": ci.low, "zero_fraction_hi": ci.high,
+            "predicted_zero_fraction": predicted, "excess": k / n - predicted,
+            "below_prediction": bool(ci.high < predicted), "above_prediction": bool(ci.low > predicted),
+            "ref_norm": cell["ref_norm"].mean(),
+            **estimate_columns("grad_norm_mean", mean_ci(cell["grad_norm_mean"].to_numpy())),
+            **estimate_columns("exact_snr", exact_snr),
+            # episodes for SNR 1: B / SNR (its interval the inverted one)
+            "episodes_snr1": first["B"] / exact_snr.value, "episodes_snr1_lo": first["B"] / exact_snr.hi,
+            "episodes_snr1_hi": first["B"] / exact_snr.lo if exact_snr.lo > 0 else np.inf}
 
 
-def summarise(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per (T, estimator, L), sorted."""
-    rows = [cell_summary(cell) for _, cell in runs.groupby(["T", "estimator", "L"], sort=True)]
-    return pd.DataFrame(rows)
+def sparsity_slope(runs: pd.DataFrame) -> dict:
+    """Slope s of log N1 = log(B mean tr Cov / ||grad J||^2) on log(1/p_reach) over one
+    (T, estimator)'s sparse cells where each seed expects MIN_HITS rewarded episodes (a
+    cell kept only when a rare hit happened would bias N1 up), with its bootstrap over
+    seeds (the same draws for every cell); NaN below MIN_POINTS cells."""
+    wide = runs.pivot_table(index="seed", columns="L", values="grad_variance").dropna(axis=1)
+    p = pd.Series({L: reach_probability(L, runs["T"].iloc[0], runs["slip"].iloc[0]) for L in wide.columns})
+    hits = p * (runs["M"] * runs["B"]).min()
+    keep = [L for L in wide.columns if MIN_HITS <= hits[L] and p[L] <= SPARSE and wide[L].sum() > 0]
+    if len(keep) < MIN_POINTS:
+        return {"slope": np.nan, "slope_lo": np.nan, "slope_hi": np.nan, "points": len(keep)}
+    x = np.log(1 / p[keep].to_numpy())
+    ref_sq = runs.groupby("L")["ref_norm"].mean()[keep].to_numpy() ** 2
+    v = wide[keep].to_numpy()
+
+    def slope(var):  # least squares, closed form along the last axis (NaN stays NaN)
+        y = np.log(np.where(var > 0, var, np.nan) / ref_sq)
+        return ((x - x.mean()) * (y - y.mean(axis=-1, keepdims=True))).sum(-1) / ((x - x.mean()) ** 2).sum()
+    lo, hi = percentile_ends(slope(v[replicate_resamples(len(v))].mean(axis=1)), len(v))
+    return {"slope": float(slope(v.mean(axis=0))), "slope_lo": lo, "slope_hi": hi, "points": len(keep)}
+
+
+def checks(cells: pd.DataFrame, slopes: pd.DataFrame) -> pd.DataFrame:
+    """Tested: N1 ∝ 1/p_reach per (T, estimator); by construction: the zero-fraction bound."""
+    out = [check(f"T = {r['T']}, {r['estimator']}", "episodes for SNR 1 grow as 1/p_reach: slope 1 in the interval",
+                 None if np.isnan(r["slope_lo"]) else bool(r["slope_lo"] <= 1 <= r["slope_hi"]),
+                 f"s = {format_columns(r, 'slope')} over {r['points']} cells with p_reach ≤ {SPARSE}")
+           for _, r in slopes.iterrows()]
+    below = cells[cells["below_prediction"]]
+    return pd.DataFrame(out + [check("all cells", "zero-gradient fraction not below (1 − p_reach)^B", below.empty,
+                                     f"{len(below)} of {len(cells)} cells below, "
+                                     f"{int(cells['above_prediction'].sum())} above", BY_CONSTRUCTION)])
+
+
+def summarise(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """One row per (T, estimator, L), sorted; the slopes per (T, estimator); the checks."""
+    runs = runs.assign(ref_sq=runs["ref_norm"] ** 2)
+    cells = pd.DataFrame([cell_summary(c) for _, c in runs.groupby(["T", "estimator", "L"], sort=True)])
+    slopes = pd.DataFrame([{"T": T, "estimator": est, **sparsity_slope(g)}
+                           for (T, est), g in runs.groupby(["T", "estimator"], sort=True)])
+    return {"cells": cells, "slopes": slopes, "checks": checks(cells, slopes)}
 
 
 def main_horizon(cells: pd.DataFrame) -> int:
@@ -120,159 +127,78 @@ def main_horizon(cells: pd.DataFrame) -> int:
     return int(cells.groupby("T")["L"].nunique().idxmax())
 
 
-def verdict(cells: pd.DataFrame) -> Verdict:
-    """The verdict, computed from the cell table."""
-    if cells.empty:
-        return inconclusive("no measured runs")
+def verdict(s: dict):
+    """From the tested checks, with the zero fractions and the episodes needed for SNR 1."""
+    cells = s["cells"]
     T = main_horizon(cells)
-    est = "reinforce" if "reinforce" in set(cells["estimator"]) else cells["estimator"].iloc[0]
-    main = cells[(cells["T"] == T) & (cells["estimator"] == est)].sort_values("distance")
-    reachable = main[main["p_reach"] > 0]
-    below = cells[cells["below_prediction"]]
-    above = cells[cells["above_prediction"]]
-    if reachable.empty:
-        return inconclusive(f"no cell at T = {T} where the goal is reachable")
-    far = reachable.iloc[-1]
-    low = reachable.loc[reachable["zero_fraction"].idxmin()]
-    inside = int((~cells["below_prediction"] & ~cells["above_prediction"]).sum())
-    law = (f"the fraction of batches (B = {int(far['B'])}) with an exactly zero {est} gradient "
-           f"matches (1 - p_reach)^B (prediction inside the 95% interval in {inside} of "
-           f"{len(cells)} cells, the observed fraction never below it), rising from {low['zero_fraction']:.3f} at "
-           f"distance {int(low['distance'])} to {format_columns(far, 'zero_fraction', style='f')} "
-           f"at distance "
-           f"{int(far['distance'])} (predicted {far['predicted_zero_fraction']:.3f}, "
-           f"p_reach = {far['p_reach']:.1e}, T = {T})")
-    if not below.empty:
-        worst = below.iloc[0]
-        return Verdict("refuted", f"the zero-gradient fraction falls below its exact lower "
-                f"bound (1 - p_reach)^B in {len(below)} cell(s), e.g. T = {worst['T']}, "
-                f"L = {worst['L']}: {worst['zero_fraction']:.3f} < {worst['predicted_zero_fraction']:.3f}.")
-    if far["zero_fraction_lo"] < VANISHED or cells["seeds"].min() < 2:
-        return inconclusive(f"{law}; the farthest cell's interval does not "
-                f"clear {VANISHED} or there are too few seeds.")
-    peak = reachable.loc[reachable["ref_norm"].idxmax()]
-    measurable = reachable[np.isfinite(reachable["exact_snr"])]
-    snr_peak = measurable.loc[measurable["exact_snr"].idxmax()]
-    snr_far = measurable.iloc[-1]
-    unmeasured = reachable[~np.isfinite(reachable["exact_snr"])]
-    all_zero = (f" (beyond it every batch was exactly zero, distance "
-                f"{int(unmeasured['distance'].min())}+)" if len(unmeasured)
-                and unmeasured["distance"].min() > snr_far["distance"] else "")
-    cancel = (f"; {len(above)} cell(s) have more zero batches than predicted: batches that "
-              f"reach the goal but whose scores cancel exactly"
-              if len(above) else "")
-    if far["ref_norm"] > 0:
-        return Verdict("qualified", f"{law}{cancel}; but the exact gradient is not zero while "
-                f"p_reach > 0, only small: ||∇J|| = {far['ref_norm']:.1e} at distance "
-                f"{int(far['distance'])}, {peak['ref_norm'] / far['ref_norm']:.0f}x below its peak "
-                f"{peak['ref_norm']:.2f} at distance {int(peak['distance'])}, and the per-batch "
-                f"SNR ||∇J||²/trCov falls from {snr_peak['exact_snr']:.1f} (distance "
-                f"{int(snr_peak['distance'])}) to {snr_far['exact_snr']:.1e} (distance "
-                f"{int(snr_far['distance'])}){all_zero}: the signal is rare, not absent, and "
-                f"comes back once B·p_reach ≳ 1.")
-    return Verdict("confirmed", f"{law}{cancel}")
+    main = cells[(cells["T"] == T) & (cells["estimator"] == cells["estimator"].min())]
+    finite = main[main["p_reach"] * main["batches"] / main["seeds"] * main["B"] >= MIN_HITS]  # N1 measurable
+    far = finite.iloc[-1] if len(finite) else main.iloc[-1]
+    return checks_verdict(s["checks"], (
+        f"at T = {T} ({far['estimator']}) the fraction of batches (B = {far['B']}) with an exactly "
+        f"zero gradient rises to {format_columns(main.iloc[-1], 'zero_fraction', style='f')} at "
+        f"distance {main.iloc[-1]['distance']} (predicted {main.iloc[-1]['predicted_zero_fraction']:.3f}); "
+        f"the episodes needed for SNR 1 reach {format_columns(far, 'episodes_snr1')} at distance "
+        f"{far['distance']} (p_reach = {far['p_reach']:.1e}, 1/p_reach = {1 / far['p_reach']:.3g}); "
+        "slope of log N1 on log(1/p_reach): " + ", ".join(
+            f"T = {r['T']} {r['estimator']} {format_columns(r, 'slope')}" for _, r in s["slopes"].iterrows())))
 
 
-def markdown(cells: pd.DataFrame, verdict: Verdict, preset: str) -> str:
-    """result.md: the claim, the setup, the fixed-horizon table and the verdict."""
-    T = main_horizon(cells) if not cells.empty else 0
+def render(s: dict, verdict, preset: str) -> str:
+    """result.md: the claim, the setup, the fixed-horizon table, the checks, the verdict."""
+    cells = s["cells"]
+    T = main_horizon(cells)
     main = cells[cells["T"] == T].sort_values(["estimator", "distance"])
-    header = ["estimator", "distance", "p_reach", "zero-grad fraction [95% CI]", "predicted",
-              "‖∇J‖", "mean ‖ĝ‖", "SNR ‖ĝ̄‖²/trCov", "SNR ‖∇J‖²/trCov"]
-    rows = [[c["estimator"], c["distance"], f"{c['p_reach']:.2e}",
-             format_columns(c, "zero_fraction", style="f"),
-             f"{c['predicted_zero_fraction']:.3f}", f"{c['ref_norm']:.2e}",
-             f"{c['grad_norm_mean']:.2e}", _snr(c["snr"]), _snr(c["exact_snr"])]
-            for _, c in main.iterrows()]
     return "\n".join([
         "# Sparse rewards: gradient signal against the distance to the reward (chain)", "",
         f"**Claim.** {CLAIM}", "",
-        (f"**Measured** (preset `{preset}`): the sparse chain, uniform initial policy, gamma = 1, "
-         f"horizons T ∈ {{{', '.join(str(t) for t in sorted(cells['T'].unique()))}}}, goal 1 to "
-         f"{int(cells['distance'].max())} steps away, M batches of B = {int(cells['B'].max())} "
-         f"episodes per run, {int(cells['seeds'].max())} seeds pooled. Prediction of the "
-         "zero-gradient fraction: (1 - p_reach)^B with p_reach exact (DP). Intervals: "
-         "Clopper-Pearson for fractions, bootstrap over seeds otherwise."), "",
-        f"Fixed horizon T = {T}:", "", *markdown_table(header, rows), "",
-        (f"All {len(cells)} cells (every horizon) are in `result.csv`; cells whose "
-         f"zero fraction lies above its prediction: {int(cells['above_prediction'].sum())}, "
-         f"below: {int(cells['below_prediction'].sum())}."), "", verdict.line(), ""])
+        f"**Measured** (preset `{preset}`): the sparse chain, uniform policy, gamma = 1, T ∈ "
+        f"{sorted(cells['T'].unique())}, B = {cells['B'].max()}, {cells['seeds'].max()} seeds pooled; "
+        "p_reach exact (DP); Clopper-Pearson intervals for fractions, bootstrap over seeds otherwise.",
+        "", f"Fixed horizon T = {T}:", "",
+        *frame_table(main, {"estimator": "estimator", "distance": "distance",
+                            "p_reach": lambda c: f"{c['p_reach']:.2e}",
+                            "zero-grad fraction [95% CI]": lambda c: format_columns(c, "zero_fraction", style="f"),
+                            "predicted": lambda c: f"{c['predicted_zero_fraction']:.3f}",
+                            "‖∇J‖": lambda c: f"{c['ref_norm']:.2e}",
+                            "mean ‖ĝ‖": lambda c: f"{c['grad_norm_mean']:.2e}",
+                            "SNR ‖∇J‖²/trCov": lambda c: format_columns(c, "exact_snr", 2, "– (all ĝ = 0)"),
+                            "episodes for SNR 1": lambda c: format_columns(c, "episodes_snr1", 2),
+                            "1/p_reach": lambda c: f"{1 / c['p_reach']:.2g}" if c["p_reach"] > 0 else "∞"}), "",
+        f"All {len(cells)} cells (every horizon) are in `result.csv`; cells whose zero fraction "
+        f"lies above its prediction: {int(cells['above_prediction'].sum())}, below: "
+        f"{int(cells['below_prediction'].sum())}.", "",
+        f"Episodes for SNR 1: N1 = B·tr Cov/‖∇J‖² (ratio of means over seeds); its slope s on "
+        f"log(1/p_reach) over the cells with p_reach ≤ {SPARSE} (bootstrap over seeds):", "",
+        *frame_table(s["slopes"], {"T": "T", "estimator": "estimator", "cells": "points", "slope s": "slope"}),
+        "", "Checks (only `tested` ones count toward the verdict):", "", *checks_table(s["checks"]),
+        "", verdict.line(), ""])
 
 
-def _snr(value: float) -> str:
-    """An SNR for the table; NaN when every batch was zero (nothing to measure)."""
-    return f"{value:.2g}" if np.isfinite(value) else "– (all ĝ = 0)"
-
-
-def _series_style(cells: pd.DataFrame) -> dict[tuple[int, str], dict]:
-    """Colour by horizon, line style by estimator."""
-    horizons = sorted(cells["T"].unique())
-    colours = dict(zip(horizons, sns.color_palette("viridis", len(horizons) + 1)))
-    dashes = {"reinforce": "-", "rloo": ":", "reinforce_rtg": "-."}
-    markers = {"reinforce": "o", "rloo": "s", "reinforce_rtg": "^"}
-    return {(T, est): {"color": colours[T], "ls": dashes.get(est, "--"),
-                       "marker": markers.get(est, "D")}
-            for T, est in cells[["T", "estimator"]].drop_duplicates().itertuples(index=False)}
-
-
-def plot_signal(cells: pd.DataFrame, out_dir: Path) -> list[Path]:
-    """Four panels against the distance to the goal: zero-gradient fraction with its
-    prediction, observed against predicted, gradient norms, and SNR."""
-    style = _series_style(cells)
-    fig, axes = plt.subplots(2, 2, figsize=(PAPER_WIDTH, 5.6))
-    ax_zero, ax_pred, ax_norm, ax_snr = axes.flat
-    handles: list[Line2D] = []
-    # REINFORCE last, so its filled markers sit on top of the baselines' open ones
-    for (T, est), kw in sorted(style.items(), key=lambda item: (item[0][1] == "reinforce", item[0])):
-        c = cells[(cells["T"] == T) & (cells["estimator"] == est)].sort_values("distance")
-        label = f"T = {T}, {est}"
-        err = error_bars(c, "zero_fraction")
-        ax_zero.errorbar(c["distance"], c["zero_fraction"], yerr=err, fmt=kw["marker"], ms=3,
-                         capsize=2, color=kw["color"], mfc="none" if est != "reinforce" else None)
-        ax_zero.plot(c["distance"], c["predicted_zero_fraction"], color=kw["color"], ls=kw["ls"], lw=1)
-        ax_pred.errorbar(c["predicted_zero_fraction"], c["zero_fraction"], yerr=err,
-                         fmt=kw["marker"], ms=3, capsize=2, color=kw["color"],
-                         mfc="none" if est != "reinforce" else None)
-        handles.append(Line2D([], [], color=kw["color"], ls=kw["ls"], marker=kw["marker"], ms=4,
-                              mfc="none" if est != "reinforce" else kw["color"], label=label))
-        pos = c[c["ref_norm"] > 0]
-        ax_norm.plot(pos["distance"], pos["ref_norm"], color=kw["color"], ls=kw["ls"], lw=1.2)
-        ax_norm.plot(pos["distance"], pos["grad_norm_mean"], color=kw["color"], ls="none",
-                     marker=kw["marker"], ms=3, mfc="none" if est != "reinforce" else None)
-        snr = pos[np.isfinite(pos["exact_snr"]) & (pos["exact_snr"] > 0)]
-        ax_snr.plot(snr["distance"], snr["exact_snr"], color=kw["color"], ls=kw["ls"],
-                    marker=kw["marker"], ms=3, lw=1.2, mfc="none" if est != "reinforce" else None)
-    ax_zero.set_xlabel("distance to the reward (steps)")
-    ax_zero.set_ylabel("fraction of batches with ĝ = 0")
-    ax_zero.set_title("zero-gradient batches (dots, 95% CI)\nand (1 − p_reach)^B (lines)")
-    ax_pred.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
-    ax_pred.set_xlabel("predicted  (1 − p_reach)^B")
-    ax_pred.set_ylabel("observed fraction with ĝ = 0")
-    ax_pred.set_title("observed against exact prediction")
-    ax_norm.set_xlabel("distance to the reward (steps)")
-    ax_norm.set_ylabel("gradient norm")
-    ax_norm.set_title("‖∇J‖ exact (lines), mean ‖ĝ‖ per batch (dots)")
-    ax_snr.set_xlabel("distance to the reward (steps)")
-    ax_snr.set_ylabel("per-batch SNR  ‖∇J‖² / tr Cov[ĝ]")
-    ax_snr.set_title("signal-to-noise ratio of one batch")
-    positive = pd.concat([cells.loc[cells["ref_norm"] > 0, "ref_norm"],
-                          cells.loc[cells["ref_norm"] > 0, "grad_norm_mean"]])
-    if positive.size:
-        log_axis(ax_norm, "y", positive)
-    finite_snr = cells["exact_snr"][np.isfinite(cells["exact_snr"]) & (cells["exact_snr"] > 0)]
-    if finite_snr.size:
-        log_axis(ax_snr, "y", finite_snr)
-    for ax in (ax_zero, ax_norm, ax_snr):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    handles.sort(key=lambda h: (int(h.get_label().split(",")[0].removeprefix("T = ")), h.get_label()))
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 4), frameon=False,
-               bbox_to_anchor=(0.5, -0.05))
+def figures(s: dict, runs: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """One line per (T, estimator): the zero-gradient fraction (points, 95% CI) with its
+    prediction (lines) against the distance, and the episodes for SNR 1 against 1/p_reach."""
+    cells = s["cells"]
+    fig, (ax_zero, ax_snr) = plt.subplots(1, 2, figsize=(PAPER_WIDTH, 2.8))
+    for (T, est), c in cells.groupby(["T", "estimator"]):
+        line, = ax_zero.plot(c["distance"], c["predicted_zero_fraction"], lw=1, label=f"T = {T}, {est}")
+        ax_zero.errorbar(c["distance"], c["zero_fraction"], yerr=error_bars(c, "zero_fraction"),
+                         fmt="o", ms=3, capsize=2, color=line.get_color())
+        n1 = c[np.isfinite(c["episodes_snr1"]) & (c["p_reach"] < 1)]
+        ax_snr.errorbar(1 / n1["p_reach"], n1["episodes_snr1"], yerr=error_bars(n1, "episodes_snr1"),
+                        marker="o", ms=3, capsize=2, color=line.get_color())
+    grid = np.geomspace(1, (1 / cells.loc[cells["p_reach"] > 0, "p_reach"]).max(), 20)
+    ax_snr.plot(grid, grid, color="0.4", ls="--", lw=0.8, label="N1 = 1/p_reach")
+    ax_snr.set(xscale="log", yscale="log", xlabel="1 / p_reach", ylabel="episodes for SNR 1 (95% CI)")
+    ax_zero.set(xlabel="distance to the reward (steps)", ylabel="fraction of batches with ĝ = 0",
+                title="zero-gradient batches and (1 − p_reach)^B")
+    ax_zero.legend(fontsize=7, frameon=False)
     fig.tight_layout()
     return save_figure(fig, out_dir, "sparse_reward_signal")
 
 
-EXPERIMENT = Experiment(
-    "Sparse rewards: gradient signal against the distance to the reward (chain)", summarise,
-    verdict, markdown, per_run=per_run_values,
-    figures=lambda cells, runs, out_dir: plot_signal(cells, out_dir))
+EXPERIMENT = Experiment("Sparse rewards: gradient signal against the distance to the reward (chain)",
+                        summarise, verdict, render, per_run=per_run_values, figures=figures,
+                        result_frame=lambda s: s["cells"],
+                        more_tables=lambda s: {"slopes": s["slopes"], "checks": s["checks"]})
 analyze = EXPERIMENT.analyze

@@ -29,7 +29,10 @@ ValueError says so.
 The random instance (from ``seed``): A = spectral_radius * G / rho(G) with G having
 i.i.d. N(0, 1) entries (so the open loop has exactly that spectral radius);
 B has i.i.d. N(0, 1/n) entries; m_0 ~ N(0, I); Q = I, R = control_cost * I,
-W = process_noise^2 I, S_0 = init_std^2 I.
+W = process_noise^2 I, S_0 = init_std^2 I. With ``nested_actions=True`` m_0 is drawn
+before B and B column by column, so that A, m_0 and B's first columns are the same for
+every action dimension of one seed (the system with d actuators extends the one with
+fewer; used to vary d alone). The default keeps the original draw order.
 """
 
 from __future__ import annotations
@@ -73,7 +76,7 @@ class LinearQuadratic:
                  gamma: float = 0.99, objective: str = "finite", spectral_radius: float = 0.9,
                  control_cost: float = 0.1, process_noise: float = 0.1, init_std: float = 0.5,
                  seed: int = 0, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, nested_actions: bool = False):
         require_int("state_dim", state_dim, 1)
         require_int("action_dim", action_dim, 1)
         check_objective_constants(horizon, gamma, objective)
@@ -93,7 +96,9 @@ class LinearQuadratic:
         self.obs_shape = (state_dim,)
         self.obs_dtype = dtype
         self.action_spec = ActionSpec("continuous", dim=action_dim)
-        A, B, m0 = self.draw_instance(state_dim, action_dim, float(spectral_radius), seed)
+        self.nested_actions = bool(nested_actions)
+        A, B, m0 = self.draw_instance(state_dim, action_dim, float(spectral_radius), seed,
+                                      self.nested_actions)
         to = {"device": self.device, "dtype": EXACT_DTYPE}
         self.A, self.B, self.m0 = A.to(**to), B.to(**to), m0.to(**to)
         self.Q = torch.eye(state_dim, **to)
@@ -105,13 +110,21 @@ class LinearQuadratic:
         self._generator: torch.Generator | None = None
 
     @staticmethod
-    def draw_instance(state_dim: int, action_dim: int, radius: float, seed: int
+    def draw_instance(state_dim: int, action_dim: int, radius: float, seed: int,
+                      nested_actions: bool = False
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(A, B, m_0) in float64 from a CPU generator seeded by ``seed``."""
+        """(A, B, m_0) in float64 from a CPU generator seeded by ``seed``; nested: m_0
+        before B, B drawn column after column (its first columns do not depend on d)."""
         g = torch.Generator().manual_seed(int(seed))
         G = torch.randn(state_dim, state_dim, generator=g, dtype=EXACT_DTYPE)
         rho = spectral_radius(G)
         A = radius * G / rho if rho > 0 else torch.zeros_like(G)
+        if nested_actions:
+            m0 = torch.randn(state_dim, generator=g, dtype=EXACT_DTYPE)
+            # one call per column: torch draws a tensor of 16+ entries differently
+            columns = [torch.randn(state_dim, generator=g, dtype=EXACT_DTYPE)
+                       for _ in range(action_dim)]
+            return A, torch.stack(columns, dim=1) / state_dim**0.5, m0
         B = torch.randn(state_dim, action_dim, generator=g, dtype=EXACT_DTYPE) / state_dim**0.5
         m0 = torch.randn(state_dim, generator=g, dtype=EXACT_DTYPE)
         return A, B, m0
