@@ -201,3 +201,21 @@ def test_smoke_preset_end_to_end(tmp_path):
     table = pd.read_csv(tmp_path / "result.csv")
     assert set(table["estimator"]) == set(gq.ESTIMATORS_MEASURED)
     assert (tmp_path / "figures" / "gradient_quality_cosine_vs_pairs.png").exists()
+
+
+def test_render_shows_the_primary_reference_estimator_against_its_own():
+    """The "vs own" column is value_baseline against its own estimator's reference (not
+    the other same-estimator row, reinforce_rtg against reinforce_rtg)."""
+    b, totals = known_blocks(0.6, 16)
+    rtg = gq.WEIGHTINGS.index("reinforce_rtg")
+    b.sums[:, rtg] = torch.randn(b.sums[:, rtg].shape, generator=torch.Generator().manual_seed(0),
+                                 dtype=torch.float64)  # reinforce_rtg vs its own: ~0
+    table = pd.DataFrame(gq.summarise_blocks([b], totals, "ck", 0))
+    runs = pd.DataFrame([{"checkpoint": "ck", "step": 0, "pairs": 1, "episodes": 1,
+                          "mean_length": 1.0, "return": 0.0, "return_se": 0.0, "seconds": 1.0,
+                          "pairs_per_s": 1.0}])
+    own = table[table["circular"] & (table["estimator"] == gq.PRIMARY_REFERENCE)].iloc[0]
+    assert own["cos"] > 0.4
+    text = gq.render(table, runs, gq.decide(table), "test", {"max_blocks": 16})
+    row = next(line for line in text.splitlines() if line.startswith("| 2,048"))
+    assert row.split(" | ")[-2] == gq.format_columns(own, "cos", 2, style="f")

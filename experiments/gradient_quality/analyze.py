@@ -611,7 +611,7 @@ def render(table: pd.DataFrame, runs: pd.DataFrame, verdict: Verdict, preset: st
             for est in ESTIMATORS_MEASURED:
                 r = prim.loc[est]
                 row += [_cell(r), format_columns(r, "pairwise", 2, style="f")]
-            circ = g[g["circular"]].iloc[0]
+            circ = g[g["circular"] & (g["estimator"] == PRIMARY_REFERENCE)].iloc[0]
             ceil = g.set_index("reference")["ceiling"]
             row += [_cell(circ), (f"{ceil[PRIMARY_REFERENCE].iloc[0]:.3f} / "
                                   f"{ceil[SECOND_REFERENCE].iloc[0]:.3f}")]
