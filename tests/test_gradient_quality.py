@@ -174,6 +174,7 @@ def test_verdict_flips_with_the_cosines(cos_target, word):
     table = pd.DataFrame(records)
     prim = table[table["primary"]]
     assert np.allclose(prim["cos"], cos_target, atol=0.05)
+    assert np.allclose(prim["cos_true"], cos_target, atol=0.05)
     verdict = gq.decide(table)
     if word == "qualified":
         assert verdict.word in ("qualified", "inconclusive")
@@ -184,8 +185,25 @@ def test_verdict_flips_with_the_cosines(cos_target, word):
 def test_verdict_is_inconclusive_against_a_noisy_reference():
     b, totals = known_blocks(0.3, 16)
     table = pd.DataFrame(gq.summarise_blocks([b], totals, "ck", 0))
-    table["ceiling"] = 0.5
+    table["ceiling"] = 0.3
     assert gq.decide(table).word == "inconclusive"
+
+
+def test_cosine_to_a_noisy_reference_over_its_ceiling_is_the_cosine_to_the_truth():
+    """Estimates with cosine 0.4 to g against references g + e with rel. SE 1 (ceiling
+    0.71): the raw mean cosine is ~0.28, the corrected one ~0.4 (4 standard errors)."""
+    rng = np.random.default_rng(3)
+    P, k = 3000, 400
+    g = np.zeros(P)
+    g[0] = 1.0
+    tan = math.tan(math.acos(0.4))
+    est = g + rng.normal(size=(k, P)) * tan / math.sqrt(P)
+    ref = g + rng.normal(size=(k, P)) / math.sqrt(P)
+    cos = (est * ref).sum(1) / np.linalg.norm(est, axis=1) / np.linalg.norm(ref, axis=1)
+    ceiling = gq.reference_ceiling(1.0)
+    se = cos.std(ddof=1) / math.sqrt(k)
+    assert abs(cos.mean() - 0.4) > 4 * se  # the raw cosine is pulled down
+    assert abs(gq.corrected_cosine(cos.mean(), ceiling) - 0.4) < 4 * se / ceiling + 5.0 / P
 
 
 @pytest.mark.slow
