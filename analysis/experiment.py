@@ -570,3 +570,127 @@ def bootstrap_rows(w: np.ndarray, statistic, seed: int = 0) -> tuple[np.ndarray,
     draws = np.array([np.atleast_1d(statistic(w[idx]))
                       for idx in replicate_resamples(w.shape[0], seed)], float)
     return (value, *percentile_ends(draws, w.shape[0]))
+
+
+# --- added for baselines/ppo_clip/practice_biases
+
+
+def geometric_mean_ratio(numerator: dict, denominator: dict, min_n: int = 3) -> Estimate:
+    """Geometric mean over the keys both hold (seeds) of ``numerator[k] / denominator[k]``,
+    with the interval of the mean log ratio (``mean_ci``) mapped back by exp: paired and
+    scale-free, so every replicate weighs the same (a ratio of means is dominated by the
+    replicate with the largest values). Non-positive pairs are left out; no interval below
+    ``min_n`` pairs; NaN with none."""
+    keys = [k for k in numerator if k in denominator and numerator[k] > 0 and denominator[k] > 0]
+    if not keys:
+        return Estimate(math.nan, math.nan, math.nan, 0)
+    est = mean_ci(np.log([numerator[k] / denominator[k] for k in keys])).map(math.exp)
+    return est if len(keys) >= min_n else Estimate(est.value, math.nan, math.nan, est.n)
+
+
+def side_of(est: Estimate, at: float, below: str, above: str,
+            same: str = "indistinguishable") -> str:
+    """``below`` / ``above`` when the 95% interval lies entirely on that side of ``at``,
+    ``same`` when it holds ``at``, ``inconclusive`` when it has no finite ends."""
+    if not (math.isfinite(est.lo) and math.isfinite(est.hi)):
+        return "inconclusive"
+    return below if est.hi < at else above if est.lo > at else same
+
+
+EXTRA = "extra"  # beside TESTED and BY_CONSTRUCTION (above)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One claim's verdict and its class: ``tested`` (the data could have contradicted it;
+    counts toward the experiment's verdict), ``by construction`` (an identity or algebra:
+    shown as a check, never counted) or ``extra`` (tested, but not a claim of the source
+    text: shown, not counted)."""
+
+    claim: str
+    verdict: Verdict
+    kind: str = TESTED
+
+    def __post_init__(self) -> None:
+        if self.kind not in (TESTED, BY_CONSTRUCTION, EXTRA):
+            raise ValueError(f"finding class {self.kind!r} is not one of {TESTED}, "
+                             f"{BY_CONSTRUCTION}, {EXTRA}")
+
+    @property
+    def counted(self) -> bool:
+        return self.kind == TESTED
+
+
+def headline_verdict(findings: list[Finding]) -> Verdict:
+    """The experiment's verdict: ``combined_word`` of its tested findings that are decided
+    (not inconclusive), naming each; inconclusive when none is decided."""
+    decided = [f for f in findings if f.counted and f.verdict.word != "inconclusive"]
+    if not decided:
+        return inconclusive("no tested claim could be decided ("
+                            + "; ".join(f"{f.claim}: {f.verdict.reason}" for f in findings
+                                        if f.counted) + ")")
+    return Verdict(combined_word([f.verdict.word for f in decided]),
+                   "tested claims: " + ", ".join(f"{f.claim} {f.verdict.word}" for f in decided)
+                   + " (checks by construction and extras are not counted)")
+
+
+def findings_section(findings: list[Finding], verdict: Verdict) -> list[str]:
+    """result.md's closing lines: a table of every finding (claim, class, counted, verdict,
+    reason), then the experiment's verdict."""
+    from analysis.render import markdown_table, yes_no
+
+    return ["## Findings", "", ("Only *tested* findings count toward the verdict; *by "
+                                "construction* and *extra* ones are shown, not counted."), "",
+            *markdown_table(["claim", "class", "counted", "verdict", "reason"],
+                            [[f.claim, f.kind, yes_no(f.counted), f.verdict.word, f.verdict.reason]
+                             for f in findings]), "", verdict.line(), ""]
+
+
+def share_word(words: list[str], good: str, undecided: tuple[str, ...] = ("inconclusive",)) -> str:
+    """A claim's verdict from the words of its comparisons: confirmed when every one is
+    ``good``, qualified when some are, refuted when none is; inconclusive when every word
+    is ``undecided``."""
+    if all(w in undecided for w in words):
+        return "inconclusive"
+    return "confirmed" if set(words) == {good} else "qualified" if good in words else "refuted"
+
+
+def mean_columns(runs: pd.DataFrame, metrics) -> dict[str, float]:
+    """``estimate_columns`` of the mean across runs (``mean_ci``) of each of ``metrics``."""
+    return {k: v for m in metrics for k, v in
+            estimate_columns(m, mean_ci(runs[m].to_numpy(float))).items()}
+
+
+def exact_objective_at(env, policy, theta) -> float:
+    """The exact J of ``policy`` with its parameters replaced by the flat vector ``theta``
+    (``policy.parameters()`` order); the policy itself is left as it was."""
+    import copy
+
+    import torch
+    from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+    moved = copy.deepcopy(policy)
+    vector_to_parameters(theta.to(parameters_to_vector(policy.parameters()).dtype),
+                         moved.parameters())
+    with torch.no_grad():
+        return float(env.exact_objective(moved))
+
+
+def logged_bool(value: object) -> bool | None:
+    """A boolean config value as logged (True/False, or the text 'true'/'false'); None when
+    the run did not log it (NaN or None)."""
+    if isinstance(value, str):
+        return value.strip().lower() == "true"
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else bool(value)
+
+
+def held_out_critic(run_cfg, env, policy, index: int, episodes: int):
+    """A critic independent of any batch it will serve: the exact V where the environment
+    has one (tabular), else the run's kind of critic fitted on ``episodes`` fresh episodes
+    of ``policy`` (``pgvar.measured_step.fresh_critic`` at step ``index``)."""
+    from pgvar.critics import make_critic
+    from pgvar.measured_step import fresh_critic
+
+    if callable(getattr(env, "exact_values", None)):
+        return make_critic(env, "exact", policy=policy)
+    return fresh_critic(run_cfg, env, policy, index, episodes)

@@ -433,3 +433,61 @@ def make_figures(table: pd.DataFrame, measured: pd.DataFrame, curves: pd.DataFra
         paths += plot_table_rows(table, labels, out_dir)
         paths += plot_gae_lambda(table, out_dir)
     return paths
+
+
+# --- added for baselines/ppo_clip/practice_biases
+
+
+def interval_grid(table: pd.DataFrame, panels: str, x: str, rows: list[tuple[str, str]],
+                  out_dir: Path, name: str, hue: str | None = None, log_x: bool = False,
+                  log_y: tuple[str, ...] = (), levels: dict[str, float] | None = None,
+                  marks: dict[str, str] | None = None) -> list[Path]:
+    """An experiment's summary as points with 95% intervals: one column of panels per value
+    of ``panels``, one row per ``(column, y label)`` of ``rows``, ``column`` against ``x``
+    (its interval from ``column_lo``/``column_hi``), one colour per value of ``hue``.
+
+    A text ``x`` is categorical (evenly spaced ticks, the hues side by side); a numeric
+    ``x`` is joined by lines (log base 2 with ``log_x``). ``levels`` draws a dashed
+    reference level per column, ``marks`` a black cross per row at the value of another
+    column (a theory or exact value: ``{"rel_bias": "pred_rel_bias"}``)."""
+    levels, marks = levels or {}, marks or {}
+    cols = list(dict.fromkeys(table[panels]))
+    hues = list(dict.fromkeys(table[hue])) if hue else [None]
+    colours = dict(zip(hues, sns.color_palette("viridis" if len(hues) > 2 else "tab10", len(hues))))
+    fig, axes = plt.subplots(len(rows), len(cols), squeeze=False,
+                             figsize=(PAPER_WIDTH, PANEL_HEIGHT * len(rows)))
+    for j, panel in enumerate(cols):
+        t = table[table[panels] == panel]
+        categorical = not pd.api.types.is_numeric_dtype(t[x])
+        ticks = list(dict.fromkeys(t[x])) if categorical else sorted(t[x].unique())
+        for i, (col, ylabel) in enumerate(rows):
+            ax = axes[i][j]
+            for k, h in enumerate(hues):
+                s = (t if h is None else t[t[hue] == h]).sort_values(x, key=lambda v: v.map(
+                    ticks.index) if categorical else v)
+                shift = k - (len(hues) - 1) / 2
+                pos = (s[x].map(ticks.index) + 0.6 * shift / len(hues) if categorical
+                       else s[x] * 2.0 ** (0.04 * shift))
+                ax.errorbar(pos, s[col], yerr=np.nan_to_num(error_bars(s, col)), marker="o", ms=3.5,
+                            capsize=2, lw=0 if categorical else 1.2, elinewidth=1, color=colours[h],
+                            label=f"{hue} = {h}" if hue else None)
+                if col in marks:
+                    ax.plot(pos, s[marks[col]], "x", color="k", ms=5, label="exact / theory")
+            if col in levels:
+                ax.axhline(levels[col], color="0.4", lw=0.8, ls="--")
+            if categorical:  # long one-line labels tilted
+                tilt = len(ticks) > 4 and not any("\n" in str(v) for v in ticks)
+                ax.set_xticks(range(len(ticks)), [str(v) for v in ticks], fontsize=7,
+                              rotation=30 if tilt else 0, ha="right" if tilt else "center")
+            elif log_x:
+                ax.set_xscale("log", base=2)
+                ax.xaxis.set_major_locator(ticker.FixedLocator(ticks))
+                ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+                ax.xaxis.set_minor_locator(ticker.NullLocator())
+            if col in log_y:
+                log_axis(ax, "y", pd.concat([t[col], t[f"{col}_lo"], t[f"{col}_hi"]]))
+            ax.set(ylabel=ylabel if j == 0 else "", title=str(panel) if i == 0 else "",
+                   xlabel=x if i == len(rows) - 1 and not categorical else "")
+    legend_below(fig, axes.flat, ncol=4)
+    fig.tight_layout()
+    return save_figure(fig, out_dir, name)

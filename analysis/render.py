@@ -87,3 +87,18 @@ def checks_table(checks) -> list[str]:
     (``tested`` or ``by construction``), whether it passed, the deciding numbers."""
     return frame_table(checks, {"scope": "scope", "check": "check", "class": "kind",
                                 "passed": lambda r: yes_no(r["passed"]), "numbers": "numbers"})
+
+
+# --- added for baselines/ppo_clip/practice_biases
+
+
+def interval_table(rows, lead: Sequence[tuple[str, str]], columns: Sequence[tuple[str, str]],
+                   digits: int = 3, **style) -> list[str]:
+    """The markdown lines of a table of ``rows`` (records or a frame's ``iterrows``):
+    the ``lead`` columns as they are, then each of ``columns`` as ``format_ci`` of it and
+    its ``_lo``/``_hi`` ends (``—`` where a row lacks it). Both are ``(column, header)``
+    pairs."""
+    nan = float("nan")
+    return markdown_table([h for _, h in (*lead, *columns)], [
+        [r[c] for c, _ in lead] + [format_ci(r.get(c, nan), r.get(f"{c}_lo", nan), r.get(f"{c}_hi", nan),
+                                             digits, "—", **style) for c, _ in columns] for r in rows])

@@ -147,3 +147,68 @@ def test_replicate_resamples_share_draws_and_percentile_ends_skip_nan():
     assert lo < 3.0 < hi and 1.0 < lo and hi < 5.0
     # wider than the plain 95% percentiles: the ends are expanded for 5 replicates
     assert hi - lo > np.diff(np.percentile(means, [2.5, 97.5]))[0]
+
+
+# ----------------------------------------------------------------------------- added for
+# baselines/ppo_clip/practice_biases: classed findings and their shared helpers
+
+
+def test_only_tested_findings_make_the_headline():
+    tested = ex.Finding("a", Verdict("confirmed", "x = 1"))
+    check = ex.Finding("b", Verdict("refuted", "identity broken"), ex.BY_CONSTRUCTION)
+    extra = ex.Finding("c", Verdict("refuted", "not the text's"), ex.EXTRA)
+    assert ex.headline_verdict([tested, check, extra]).word == "confirmed"
+    assert ex.headline_verdict([tested, ex.Finding("d", Verdict("refuted", "y"))]).word == "qualified"
+    assert ex.headline_verdict([check, extra]).word == "inconclusive"
+    lines = ex.findings_section([tested, check], Verdict("confirmed", "z"))
+    assert "| b | by construction | no | refuted | identity broken |" in lines
+    assert lines[-2] == "Verdict: confirmed — z."
+    with pytest.raises(ValueError, match="not one of"):
+        ex.Finding("e", Verdict("confirmed", "x"), "obvious")
+
+
+@pytest.mark.parametrize("words, want", [
+    (["lower", "lower"], "confirmed"), (["lower", "higher"], "qualified"),
+    (["higher", "indistinguishable"], "refuted"), (["inconclusive"], "inconclusive"),
+    ([], "inconclusive")])
+def test_share_word(words, want):
+    assert ex.share_word(words, "lower") == want
+
+
+def test_geometric_mean_ratio_and_side_of():
+    r = ex.geometric_mean_ratio({s: 2.0 * (1 + 0.01 * s) for s in range(6)},
+                                {s: 1.0 + 0.01 * s for s in range(6)})
+    assert r.value == pytest.approx(2.0) and r.lo == pytest.approx(2.0) and r.n == 6
+    assert ex.side_of(r, 1.0, "below", "above") == "above"
+    few = ex.geometric_mean_ratio({0: 1.0, 1: 2.0}, {0: 1.0, 1: 1.0, 2: 5.0})
+    assert few.n == 2 and math.isnan(few.lo) and ex.side_of(few, 1.0, "b", "a") == "inconclusive"
+    assert math.isnan(ex.geometric_mean_ratio({0: -1.0}, {0: 1.0}).value)
+
+
+def test_interval_table_formats_intervals_and_marks_missing_ones():
+    from analysis.render import interval_table
+
+    lines = interval_table([{"name": "a", "x": 1.0, "x_lo": 0.5, "x_hi": 2.0}, {"name": "b"}],
+                           [("name", "row")], [("x", "x, 95% CI")])
+    assert lines == ["| row | x, 95% CI |", "| --- | --- |", "| a | 1 [0.5, 2] |", "| b | — |"]
+
+
+def test_logged_bool_and_the_exact_objective_at_a_parameter_vector():
+    from torch.nn.utils import parameters_to_vector
+
+    assert ex.logged_bool("False") is False and ex.logged_bool(True) is True
+    assert ex.logged_bool(float("nan")) is None
+    env, policy = ex_initial_tabular()
+    theta = parameters_to_vector(policy.parameters()).detach()
+    before = float(env.exact_objective(policy).detach())
+    assert ex.exact_objective_at(env, policy, theta) == pytest.approx(before)
+    assert ex.exact_objective_at(env, policy, theta + 1.0) == pytest.approx(before)  # softmax shift
+    ex.exact_objective_at(env, policy, theta * 0)
+    assert float(env.exact_objective(policy).detach()) == pytest.approx(before)  # untouched
+
+
+def ex_initial_tabular():
+    from pgvar.run import initial_env_and_policy
+
+    return initial_env_and_policy({"env": {"name": "tabular"}, "policy": {"init_scale": 1.0},
+                                   "seed": 0})

@@ -23,15 +23,22 @@ def load_analysis():
 # ----------------------------------------------------------------------------- synthetic sweeps
 
 
-def synthetic_frame(seeds: int = 8) -> tuple[pd.DataFrame, dict]:
+# habit -> (a, b): its expected estimate is (1 + a, b) against g = (1, 0)
+TRUTH = {"drop gamma^t": (0.3, 0.2), "normalise advantages": (-0.5, 0.0),
+         "truncation as termination": (0.0, 0.0)}
+# every tested finding holds: dropping gamma^t and truncation add bias, normalising turns E g
+HOLDS = {"drop gamma^t": (0.3, 0.2), "normalise advantages": (-0.5, 0.4),
+         "truncation as termination": (0.2, 0.1)}
+# none holds: no added bias, and normalising only rescales (a bias by construction)
+FAILS = {"drop gamma^t": (0.0, 0.0), "normalise advantages": (-0.5, 0.0),
+         "truncation as termination": (0.0, 0.0)}
+
+
+def synthetic_frame(truth: dict = TRUTH, seeds: int = 8) -> tuple[pd.DataFrame, dict]:
     """Runs on a non-tabular env (no exact prediction): each habit's run has expected
-    estimate (1 + a, b) against g = (1, 0); its control is unbiased. The gamma habit is
-    biased (a=0.3, b=0.2), normalisation only rescales (a=-0.5, b=0), truncation does
-    nothing (a=b=0)."""
+    estimate (1 + a, b) against g = (1, 0) (``truth``); its control is unbiased."""
     rng = np.random.default_rng(1)
     M, var = 64, 0.2
-    truth = {"drop gamma^t": (0.3, 0.2), "normalise advantages": (-0.5, 0.0),
-             "truncation as termination": (0.0, 0.0)}
     flags = {"drop gamma^t": ("estimator.discount_weighting", False),
              "normalise advantages": ("estimator.normalize_advantages", True),
              "truncation as termination": ("estimator.truncation_as_termination", True)}
@@ -57,7 +64,7 @@ def synthetic_frame(seeds: int = 8) -> tuple[pd.DataFrame, dict]:
     return pd.DataFrame(rows), truth
 
 
-def test_analysis_recovers_known_biases_and_verdicts(tmp_path: Path) -> None:
+def test_analysis_recovers_known_biases_and_classes_its_findings(tmp_path: Path) -> None:
     mod = load_analysis()
     frame, truth = synthetic_frame()
     text = mod.analyze(frame, tmp_path, "synthetic")
@@ -69,13 +76,23 @@ def test_analysis_recovers_known_biases_and_verdicts(tmp_path: Path) -> None:
         want_cos = (1 + a) / math.hypot(1 + a, b)
         assert row["cos_mean_lo"] - 1e-3 <= want_cos <= row["cos_mean_hi"] + 1e-3, (habit, row)
         assert abs(row["scale"] - (1 + a)) < 0.02
-    assert "Verdict (drop gamma^t): confirmed" in text
-    assert "Verdict (normalise advantages): confirmed" in text
-    assert "Verdict (truncation as termination): refuted" in text
+    assert "| drop gamma^t: adds bias | tested | yes | confirmed |" in text
+    assert "| drop gamma^t: turns E ĝ | extra | no | confirmed |" in text
+    assert "| normalise advantages: adds bias | by construction | no | confirmed |" in text
+    assert "| normalise advantages: turns E ĝ | tested | yes | refuted |" in text
+    assert "| truncation as termination: adds bias | tested | yes | refuted |" in text
     assert "\nVerdict: qualified" in text
     assert (tmp_path / "figures" / "practice_biases_bias.png").exists()
 
 
+def test_the_verdict_flips_with_the_data(tmp_path: Path) -> None:
+    mod = load_analysis()
+    holds = mod.analyze(synthetic_frame(HOLDS)[0], tmp_path / "holds", "synthetic")
+    assert "| normalise advantages: turns E ĝ | tested | yes | confirmed |" in holds
+    assert "\nVerdict: confirmed" in holds
+    fails = mod.analyze(synthetic_frame(FAILS)[0], tmp_path / "fails", "synthetic")
+    assert "| normalise advantages: adds bias | by construction | no | confirmed |" in fails
+    assert "\nVerdict: refuted" in fails  # the rescaling, by construction, does not count
 
 
 def test_a_configuration_run_twice_counts_once() -> None:

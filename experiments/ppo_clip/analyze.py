@@ -1,354 +1,214 @@
-"""PPO's update direction against the exact gradient, by epochs K and clip epsilon.
+"""PPO's update against the exact gradient and the exact objective, by epochs K and clip ε.
 
-Measured iterations from ``MIN_STEP`` on (critic fitted), one number per run and statistic
-(the mean over them), bootstrap intervals across seeds. Per (env, K, epsilon), against
-g = grad J: ``cos_ref`` (one batch's direction), ``cos_mean`` = cos(E d, g) (the expected
-direction, from the logged statistics by ``analysis.experiment.direction_columns`` and
-``pooled_cosine``), ``rel_bias``, ``rel_variance``, ``reuse_gain`` = K <E d, g>/||g||^2
-(the first-order gain of PPO's whole update in units of one plain step of size ppo_lr)
-and ``displacement`` = ppo_lr K mean ||d||; paired differences from GAE (same seed).
+From the runs' logs, per (env, K, ε): d's cosines with ∇J, bias, variance, displacement,
+paired with GAE. ``exact_steps``: the exact J after PPO's K epochs on a batch against one
+step as long along its gradient and along ∇J (re-use against step length); ``findings``.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-import seaborn as sns
-from matplotlib import ticker
+import torch
+from torch.nn.utils import parameters_to_vector
 
-from analysis.experiment import (
-    Experiment,
-    Verdict,
-    direction_columns,
-    inconclusive,
-    paired_difference,
-    pooled_cosine,
-    pooled_cosine_difference,
-    sqrt_estimate,
-)
-from analysis.figures import (
-    PANEL_HEIGHT,
-    PAPER_WIDTH,
-    REL_BIAS_LABEL,
-    REL_VAR_LABEL,
-    error_bars,
-    legend_below,
-    log_axis,
-    save_figure,
-)
-from analysis.loader import measured_rows
-from analysis.render import format_ci, format_columns, markdown_table
-from analysis.stats import mean_ci
+from analysis import experiment as xp
+from analysis.figures import REL_BIAS_LABEL, REL_VAR_LABEL, interval_grid
+from analysis.render import format_columns, interval_table
+from analysis.stats import Estimate, mean_ci
+from pgvar.envs.base import is_exact
+from pgvar.estimators import EstimatorConfig, estimate_gradients
+from pgvar.reference import exact_reference
+from pgvar.rollout import rollout
+from pgvar.run import initial_env_and_policy, run_config_from
+from pgvar.seeding import derive_seed
 
-NAME = "ppo_clip"
+NAME, GAE_LABEL = "ppo_clip", "GAE"
 MIN_STEP = 1  # measured iterations used: from the first one after the critic's first fit
 MIN_SEEDS = 3  # fewer seeds than this: no verdict (inconclusive)
-GAE_LABEL = "GAE"
+FEW_EPOCHS = 4  # "a few gradient steps"
+REUSE_BATCHES = 8  # fresh batches per run for the exact-J comparison
+REUSE_INDEX = 10 ** 6  # their episodes: the measure stream at an index no run step reaches
+CRITIC_EPISODES = 512  # held-out episodes that fit the critic where no exact V exists (LQR)
 CLAIM = ("“The clip operation stops any single update from moving the policy too far, "
-         "while importance sampling allows re-use of old data for a few gradient steps.” "
-         "(source text, on PPO's clipped surrogate)")
-METRICS = ("cos_ref", "rel_bias_sq", "rel_variance", "reuse_gain", "displacement")
+         "while importance sampling allows re-use of old data for a few gradient steps.”")
+GAINS = {"gain_one": "one epoch", "gain_ppo": "PPO, K epochs",
+         "gain_plain": "plain step, same length", "gain_exact": "exact ∇J, same length",
+         "reuse_edge": "PPO − plain (re-use)", "over_one": "PPO − one epoch"}
+METRICS = ("cos_ref", "rel_variance", "displacement", *GAINS)
 
 
-def config_columns(df: pd.DataFrame) -> pd.DataFrame:
-    """``K`` (1 for GAE), ``clip`` (NaN where it cannot act: GAE and K = 1), ``ppo_lr``
-    (NaN for GAE) and a row ``label``."""
-    df = df.copy()
-    is_ppo = df["estimator"] == "ppo"
-    df["K"] = np.where(is_ppo, df.get("estimator.ppo_epochs", 1), 1).astype(int)
-    df["clip"] = np.where(is_ppo & (df["K"] > 1), df.get("estimator.ppo_clip", np.nan), np.nan)
-    df["ppo_lr"] = np.where(is_ppo, df.get("estimator.ppo_lr", np.nan), np.nan)
-    df["label"] = [row_label(e, k, c) for e, k, c in zip(df["estimator"], df["K"], df["clip"])]
-    return df
-
-
-def row_label(estimator: str, K: int, clip: float) -> str:
-    """``GAE``, ``PPO K=1`` or ``PPO K=4, eps=0.2``."""
-    if estimator != "ppo":
-        return GAE_LABEL
-    return f"PPO K={K}" if not np.isfinite(clip) else f"PPO K={K}, eps={clip:g}"
-
-
-def per_run(frame: pd.DataFrame, min_step: int = MIN_STEP) -> pd.DataFrame:
-    """One row per run: the mean of each statistic over its measured iterations >= min_step
-    (all of them when a run has none there, e.g. smoke runs)."""
-    measured = measured_rows(frame)
-    measured = measured[measured["estimator"].isin(["ppo", "gae"])]
-    if measured.empty:
-        return pd.DataFrame()
-    late = measured[measured["step"] >= min_step]
-    if not late.empty:
-        measured = late
-    df = config_columns(direction_columns(measured))
+def per_run(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per run: each statistic's mean over its measured iterations >= MIN_STEP
+    (``late_measurements``), ``K`` (1 for GAE), ``clip`` (NaN where it cannot act: GAE,
+    K = 1), ``ppo_lr``, a ``label`` and, for PPO, ``exact_steps``."""
+    rows = xp.late_measurements(frame, MIN_STEP)
+    df = xp.direction_columns(rows[rows["estimator"].isin(["ppo", "gae"])])
+    ppo = df["estimator"] == "ppo"
+    df["K"] = np.where(ppo, df.get("estimator.ppo_epochs", 1), 1).astype(int)
+    df["clip"] = np.where(ppo & (df["K"] > 1), df.get("estimator.ppo_clip", np.nan), np.nan)
+    df["ppo_lr"] = np.where(ppo, df.get("estimator.ppo_lr", np.nan), np.nan)
+    df["label"] = [GAE_LABEL if e != "ppo" else f"PPO K={k}" if not np.isfinite(c)
+                   else f"PPO K={k}, eps={c:g}" for e, k, c in zip(df["estimator"], df["K"], df["clip"])]
+    df = df.assign(rel_variance=df["grad_rel_variance"], rel_bias_sq=df["grad_rel_bias_sq"])
     keys = ["env", "label", "estimator", "K", "clip", "ppo_lr", "seed", "run_id"]
-    df["rel_variance"] = df["grad_rel_variance"]
-    df["rel_bias_sq"] = df["grad_rel_bias_sq"]
-    agg = (df.groupby(keys, dropna=False)[["cos_ref", "rel_proj", "rel_perp_sq", "rel_variance",
-                                           "rel_bias_sq", "grad_norm_mean"]]
-           .mean().reset_index())
-    # K = 1 runs that differ only in the (then inactive) clip are the same run, and so is a
-    # configuration run twice (a sweep re-run into new job folders): keep one
-    agg = agg.drop_duplicates(subset=["env", "label", "seed"], keep="first")
-    agg["reuse_gain"] = agg["K"] * agg["rel_proj"]
-    agg["displacement"] = agg["ppo_lr"] * agg["K"] * agg["grad_norm_mean"]
-    return agg
+    runs = (df.groupby(keys, dropna=False)[["cos_ref", "rel_proj", "rel_perp_sq", "rel_variance",
+                                            "rel_bias_sq", "grad_norm_mean"]].mean().reset_index()
+            # K = 1 runs differing only in the inactive clip, or a run repeated, count once
+            .drop_duplicates(subset=["env", "label", "seed"], keep="first"))
+    runs["displacement"] = runs["ppo_lr"] * runs["K"] * runs["grad_norm_mean"]
+    first = df.drop_duplicates("run_id").set_index("run_id")
+    gains = [exact_steps(xp.config_of(first.loc[r])) if e == "ppo" else {}
+             for r, e in zip(runs["run_id"], runs["estimator"])]
+    return pd.concat([runs, pd.DataFrame(gains, index=runs.index, columns=list(GAINS))], axis=1)
 
 
-def baseline_runs(runs: pd.DataFrame, env: str) -> pd.DataFrame:
-    """The env's GAE runs, or its PPO K=1 runs (identical by construction) if it has none."""
-    env_runs = runs[runs["env"] == env]
-    gae = env_runs[env_runs["label"] == GAE_LABEL]
-    return gae if not gae.empty else env_runs[env_runs["K"] == 1]
+@torch.no_grad()
+def exact_steps(config: dict) -> dict[str, float]:
+    """At the run's initial policy, mean over REUSE_BATCHES fresh batches, the exact gain
+    J(θ') − J(θ_0) of one epoch (a plain step ppo_lr along the batch gradient), of PPO's K
+    epochs and of one step as long as PPO's update along the batch gradient and along ∇J
+    (``GAINS``). Advantages from the exact V (tabular) or a critic fitted on
+    CRITIC_EPISODES other episodes; {} where J is not exact."""
+    run_cfg, (env, policy) = run_config_from(config), initial_env_and_policy(config)
+    if not is_exact(env):
+        return {}
+    seed, B = run_cfg.seed, run_cfg.training.batch_size
+    critic = xp.held_out_critic(run_cfg, env, policy, REUSE_INDEX, CRITIC_EPISODES)
+    batch = rollout(env, policy, REUSE_BATCHES * B, derive_seed(seed, "measure", REUSE_INDEX))
+    cfg = EstimatorConfig(**run_cfg.estimator.core_kwargs())
+    with torch.enable_grad():
+        d, g1 = (estimate_gradients("ppo", env, policy, batch, REUSE_BATCHES, critic, c).double()
+                 for c in (cfg, replace(cfg, ppo_epochs=1)))
+    g = exact_reference(env, policy).grad.double()
+    theta0 = parameters_to_vector(policy.parameters()).detach().double()
+    length = (step := cfg.ppo_lr * cfg.ppo_epochs * d).norm(dim=1, keepdim=True)
+    j0 = xp.exact_objective_at(env, policy, theta0)
+    moves = {"gain_one": cfg.ppo_lr * g1, "gain_ppo": step,
+             "gain_plain": length * g1 / g1.norm(dim=1, keepdim=True), "gain_exact": length * g / g.norm()}
+    out = {k: float(np.mean([xp.exact_objective_at(env, policy, theta0 + m) - j0 for m in v]))
+           for k, v in moves.items()}
+    return {**out, "reuse_edge": out["gain_ppo"] - out["gain_plain"],
+            "over_one": out["gain_ppo"] - out["gain_one"]}
 
 
-def summarise(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per (env, label): each metric's mean across seeds with its 95% interval, and
-    the paired difference of cos_ref and cos_mean from GAE (same seed)."""
+def summarise(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(one row per (env, label): each metric's mean across seeds with its interval, the
+    expected direction's cosine and both cosines' paired differences from GAE, GAE first,
+    then by clip and K; the runs)."""
     records = []
     for (env, label), g in runs.groupby(["env", "label"], sort=False):
-        first = g.iloc[0]
-        rec = {"env": env, "label": label, "K": int(first["K"]), "clip": first["clip"],
-               "ppo_lr": first["ppo_lr"], "n_seeds": int(g["seed"].nunique())}
-        for metric in METRICS:
-            est = mean_ci(g[metric].to_numpy())
-            if metric == "rel_bias_sq":
-                est, metric = sqrt_estimate(est), "rel_bias"
-            rec.update({metric: est.value, f"{metric}_lo": est.lo, f"{metric}_hi": est.hi})
-        base = baseline_runs(runs, env)
-        diffs = {"cos_ref": paired_difference(g, base, "cos_ref"),
-                 "cos_mean": pooled_cosine_difference(g, base)}
-        for metric, est in (("cos_mean", pooled_cosine(g)), *((f"d_{m}", d) for m, d in diffs.items())):
-            rec.update({metric: est.value, f"{metric}_lo": est.lo, f"{metric}_hi": est.hi})
-        records.append(rec)
+        env_runs = runs[runs["env"] == env]
+        base = env_runs[env_runs["label"] == GAE_LABEL]
+        base = base if len(base) else env_runs[env_runs["K"] == 1]  # the same by construction
+        root = xp.sqrt_estimate(mean_ci(g["rel_bias_sq"].to_numpy()))
+        records.append({"env": env, "label": label, **g.iloc[0][["K", "clip", "ppo_lr"]].to_dict(),
+                        "n_seeds": g["seed"].nunique(), **xp.mean_columns(g, METRICS),
+                        **xp.estimate_columns("rel_bias", root),
+                        **xp.estimate_columns("cos_mean", xp.pooled_cosine(g)),
+                        **xp.estimate_columns("d_cos_ref", xp.paired_difference(g, base, "cos_ref")),
+                        **xp.estimate_columns("d_cos_mean", xp.pooled_cosine_difference(g, base))})
     table = pd.DataFrame.from_records(records)
-    order = table["label"].ne(GAE_LABEL).astype(int)
-    return (table.assign(_o=order, _c=table["clip"].fillna(-1))
-            .sort_values(["env", "_o", "_c", "K"]).drop(columns=["_o", "_c"]).reset_index(drop=True))
+    table = table.assign(_o=table["label"].ne(GAE_LABEL), _c=table["clip"].fillna(-1))
+    return table.sort_values(["env", "_o", "_c", "K"]).drop(columns=["_o", "_c"]), runs
 
 
-def k1_matches_gae(runs: pd.DataFrame) -> float:
-    """Largest |cos_ref(PPO K=1) - cos_ref(GAE)| over envs and seeds (0 when they coincide,
-    as they must); NaN when either is missing."""
-    k1 = runs[(runs["estimator"] == "ppo") & (runs["K"] == 1)]
-    gae = runs[runs["label"] == GAE_LABEL]
-    joined = k1.merge(gae, on=["env", "seed"], suffixes=("_k1", "_gae"))
-    if joined.empty:
-        return math.nan
-    return float((joined["cos_ref_k1"] - joined["cos_ref_gae"]).abs().max())
+def clip_finding(runs: pd.DataFrame) -> xp.Finding:
+    """At the largest K, ‖θ_K − θ_0‖ at the smallest ε over the largest lies below 1."""
+    words, bits = [], []
+    for env, t in runs[runs["K"] == runs.groupby("env")["K"].transform("max")].groupby("env", sort=False):
+        lo, hi = (t[t["clip"] == c] for c in (t["clip"].min(), t["clip"].max()))
+        r = xp.geometric_mean_ratio(dict(zip(lo["seed"], lo["displacement"])),
+                                    dict(zip(hi["seed"], hi["displacement"])), MIN_SEEDS)
+        words.append(xp.side_of(r, 1.0, "bounded", "not bounded"))
+        bits.append(f"{env}: ‖θ_K − θ_0‖ at K = {t['K'].max()}, ε = {t['clip'].min():g} over ε = "
+                    f"{t['clip'].max():g}: {format_columns(xp.estimate_columns('r', r), 'r')}")
+    return xp.Finding("the clip bounds the update", xp.Verdict(xp.share_word(words, "bounded"),
+                                                               "; ".join(bits) or "no K > 1"))
 
 
-FEW_EPOCHS = 4  # "a few gradient steps": the claim holds if K up to this keeps the direction
+def gain_finding(table: pd.DataFrame, column: str, claim: str, kind: str) -> xp.Finding:
+    """An exact-J difference above 0 for every (env, 1 < K <= FEW_EPOCHS, ε): ``share_word``."""
+    t = table[(table["K"] > 1) & (table["K"] <= FEW_EPOCHS)]
+    words = [xp.side_of(Estimate(r[column], r[f"{column}_lo"], r[f"{column}_hi"], 0), 0.0,
+                        "worse", "beats", "tie") for _, r in t.iterrows()]
+    return xp.Finding(claim, xp.Verdict(xp.share_word(words, "beats"), "ΔJ " + "; ".join(
+        f"{r['env']} {r['label']}: {format_columns(r, column, 2, sign=True)}" for _, r in t.iterrows())
+        if len(t) else "no PPO run with 1 < K ≤ 4"), kind)
 
 
-def safe_epochs(t: pd.DataFrame) -> int:
-    """The largest K such that no K' <= K (of one clip) has cos_ref or cos_mean
-    significantly below GAE's (paired interval entirely below 0); 1 when K = 2 already
-    drifts."""
-    safe = 1
-    for r in t.sort_values("K").itertuples():
-        if any(np.isfinite(hi) and hi < 0 for hi in (r.d_cos_ref_hi, r.d_cos_mean_hi)):
-            break
-        safe = int(r.K)
-    return safe
-
-
-def env_findings(table: pd.DataFrame, env: str) -> dict[str, object]:
-    """The numbers a verdict rests on, for one env: the best re-use gain over K > 1 (and
-    whether its interval lies above 1), per clip the safe number of epochs and the cos_ref
-    change at the largest K, and how the displacement grows with K per clip."""
-    t = table[(table["env"] == env) & (table["K"] > 1)]
-    if t.empty:
-        return {"env": env, "n": 0}
-    best = t.loc[t["reuse_gain"].idxmax()]
-    per_clip = {clip: {"safe": safe_epochs(g), "last": g.sort_values("K").iloc[-1]}
-                for clip, g in t.groupby("clip")}
-    return {"env": env, "n": int(t["n_seeds"].min()), "best_gain": best,
-            "gain_above_1": bool(np.isfinite(best["reuse_gain_lo"]) and best["reuse_gain_lo"] > 1),
-            "per_clip": per_clip, "saturation": displacement_saturation(t)}
-
-
-def displacement_saturation(t: pd.DataFrame) -> pd.DataFrame:
-    """Per clip: displacement at the largest K over displacement at the smallest K > 1, next
-    to the ratio of those K (what an unclipped, undiminished direction would give)."""
-    rows = []
-    for clip, g in t.groupby("clip"):
-        g = g.sort_values("K")
-        if len(g) < 2:
-            continue
-        lo, hi = g.iloc[0], g.iloc[-1]
-        rows.append({"clip": clip, "K_from": int(lo["K"]), "K_to": int(hi["K"]),
-                     "growth": hi["displacement"] / lo["displacement"],
-                     "free_growth": hi["K"] / lo["K"]})
-    return pd.DataFrame(rows)
-
-
-def _env_sentence(f: dict[str, object]) -> str:
-    b = f["best_gain"]
-    safe = ", ".join(f"{c['safe']} (ε={clip:g})" for clip, c in f["per_clip"].items())
-    last = "; ".join(f"ε={clip:g}: {_delta(c['last'], 'd_cos_ref')} per batch, "
-                     f"{_delta(c['last'], 'd_cos_mean')} expected"
-                     for clip, c in f["per_clip"].items())
-    k_max = int(max(c["last"]["K"] for c in f["per_clip"].values()))
-    return (f"{f['env']}: re-use gain up to {format_columns(b, 'reuse_gain', 2, style='f')} "
-            f"plain steps per batch ({b['label']}); cosine with ∇J "
-            f"(per batch and expected) no worse than GAE's up to K = {safe}; at K = {k_max} "
-            f"the cosine minus GAE's is {last}")
-
-
-def _delta(row: pd.Series, col: str) -> str:
-    return format_columns(row, col, 3, style="f", sign=True)
-
-
-def verdict(summary: tuple) -> Verdict:
-    """The verdict from the intervals. confirmed: in every env PPO's epochs gain more
-    than one plain step (re-use gain's interval above 1) and, for every clip, FEW_EPOCHS
-    epochs leave cos_ref indistinguishable from GAE's or better; refuted: no env shows a
-    gain above 1; qualified: otherwise."""
-    table = summary[0]
-    found = [env_findings(table, e) for e in dict.fromkeys(table["env"])]
-    found = [f for f in found if f.get("n", 0) >= MIN_SEEDS]
-    if not found:
-        return inconclusive("too few seeds or no PPO run with K > 1")
-    gains = [f["gain_above_1"] for f in found]
-    few_ok = [all(c["safe"] >= FEW_EPOCHS for c in f["per_clip"].values()) for f in found]
-    if all(gains) and all(few_ok):
-        word = "confirmed"
-    elif not any(gains):
-        word = "refuted"
-    else:
-        word = "qualified"
-    return Verdict(word, "; ".join(_env_sentence(f) for f in found))
-
-
-def env_table(table: pd.DataFrame, env: str) -> str:
-    """The rows of one env as a markdown table."""
-    cols = [("cos_ref", "cos(d, ∇J), per batch"), ("d_cos_ref", "Δ vs GAE"),
-            ("cos_mean", "cos(E d, ∇J)"), ("d_cos_mean", "Δ vs GAE"),
-            ("rel_bias", "‖E d − ∇J‖/‖∇J‖"), ("rel_variance", "tr Cov/‖∇J‖²"),
-            ("reuse_gain", "re-use gain K⟨E d,∇J⟩/‖∇J‖²"), ("displacement", "‖θ_K − θ_0‖")]
-    rows = [[r["label"], *(format_ci(r[c], r[f"{c}_lo"], r[f"{c}_hi"], 2 if c.startswith("d_") else 3,
-                                     missing="—") for c, _ in cols)]
-            for _, r in table[table["env"] == env].iterrows()]
-    return "\n".join(markdown_table(["row", *(h for _, h in cols)], rows))
-
-
-def saturation_lines(table: pd.DataFrame) -> list[str]:
-    """One sentence per env on how the clip bounds the displacement."""
-    lines = []
-    for env in dict.fromkeys(table["env"]):
-        sat = displacement_saturation(table[(table["env"] == env) & (table["K"] > 1)])
-        if sat.empty:
-            continue
-        bits = ", ".join(f"×{r.growth:.2f} at ε = {r.clip:g}" for r in sat.itertuples())
-        r0 = next(sat.itertuples())
-        lines.append(f"- {env}: from K = {int(r0.K_from)} to K = {int(r0.K_to)} (×{r0.free_growth:g} "
-                     f"the epochs) the parameter displacement per batch grows {bits}.")
-    return lines
-
-
-def markdown(summary: tuple, verdict: Verdict, preset: str) -> str:
-    """result.md: the claim, one table per env, the checks and the verdict."""
+def findings(summary: tuple) -> list[xp.Finding]:
+    """K = 1 is GAE (by construction); the clip bounds the update, the direction holds for a
+    few epochs, re-use beats a longer step (tested); K epochs beat one (extra: step length)."""
     table, runs = summary
-    lrs = runs.dropna(subset=["ppo_lr"]).groupby("env")["ppo_lr"].first()
+    k1 = runs[(runs["estimator"] == "ppo") & (runs["K"] == 1)].merge(
+        runs[runs["label"] == GAE_LABEL], on=["env", "seed"], suffixes=("", "_gae"))
+    gap = float((k1["cos_ref"] - k1["cos_ref_gae"]).abs().max()) if len(k1) else math.nan
+    t = table[(table["K"] > 1) & (table["n_seeds"] >= MIN_SEEDS)].sort_values("K")
+    # per (env, ε): the largest K with no K' <= K whose cosine (per batch or expected) is
+    # significantly below GAE's (paired interval below 0); 1 when K = 2 already drifts
+    ok = ~((t["d_cos_ref_hi"] < 0) | (t["d_cos_mean_hi"] < 0)).groupby([t["env"], t["clip"]]).cummax()
+    safe = t["K"].where(ok).fillna(1).groupby([t["env"], t["clip"]], sort=False).max().astype(int).to_dict()
+    return [xp.Finding("K = 1 is GAE", xp.Verdict(
+                "inconclusive" if math.isnan(gap) else "confirmed" if gap < 1e-6 else "refuted",
+                f"largest |Δ cos_ref| over seeds {gap:.1e}"), xp.BY_CONSTRUCTION),
+            clip_finding(runs),
+            xp.Finding(f"direction holds for K ≤ {FEW_EPOCHS}", xp.Verdict(
+                xp.share_word(["holds" if k >= FEW_EPOCHS else "drifts" for k in safe.values()], "holds"),
+                "largest K with both cosines no worse than GAE's: " + ", ".join(
+                    f"{env} ε={clip:g}: {k}" for (env, clip), k in safe.items()))),
+            gain_finding(table, "reuse_edge", "re-use beats a plain step of equal length", xp.TESTED),
+            gain_finding(table, "over_one", "K epochs beat one epoch", xp.EXTRA)]
+
+
+def markdown(summary: tuple, verdict: xp.Verdict, preset: str) -> str:
+    """result.md: the claim, per env the direction table and the exact-J table, findings."""
+    table, runs = summary
     n = runs.groupby(["env", "label"])["seed"].nunique()
-    out = [f"# PPO's update direction against the exact gradient ({preset} preset)", "",
+    out = [f"# PPO's update against the exact gradient and objective ({preset} preset)", "",
            f"Claim: {CLAIM}", "",
-           ("d = (θ_K − θ_0)/(ppo_lr·K) after K full-batch epochs on the clipped surrogate "
-            "(GAE(λ) advantages); K = 1 is GAE itself. Mean over seeds with 95% bootstrap "
-            "intervals; Δ is the paired difference from GAE (same seed). Measured iterations "
-            f">= {MIN_STEP} of each run (critic fitted). Seeds per row: {n.min()}–{n.max()}."), ""]
-    for env in dict.fromkeys(table["env"]):
-        lr = lrs.get(env, math.nan)
-        out += [f"## {env} (ppo_lr = {lr:g})", "", env_table(table, env), ""]
-    gap = k1_matches_gae(runs)
-    if np.isfinite(gap):
-        out += [(f"Check: PPO with K = 1 and GAE give the same cos_ref to within {gap:.1e} "
-                "(same seeds), as they must."), ""]
-    sat = saturation_lines(table)
-    if sat:
-        out += ["How the clip bounds the update:", "", *sat, ""]
-    out += [verdict.line(), ""]
-    return "\n".join(out)
+           ("d = (θ_K − θ_0)/(ppo_lr·K) after K epochs on the clipped surrogate (GAE(λ) "
+            f"advantages); K = 1 is GAE. Mean over {n.min()}–{n.max()} seeds, 95% intervals; "
+            f"Δ: paired difference from GAE; measured iterations >= {MIN_STEP}. Exact gains "
+            f"J(θ') − J(θ_0) at each run's initial policy, mean over {REUSE_BATCHES} fresh "
+            "batches: one epoch, PPO's K epochs, one step as long as PPO's along the batch's "
+            "gradient and along ∇J (advantages from the exact or a fitted V)."), ""]
+    for env, t in table.groupby("env", sort=False):
+        out += [f"## {env} (ppo_lr = {runs.loc[runs['env'] == env, 'ppo_lr'].max():g})", "",
+                *interval_table((r for _, r in t.iterrows()), [("label", "row")], [
+                    ("cos_ref", "cos(d, ∇J), per batch"), ("d_cos_ref", "Δ vs GAE"),
+                    ("cos_mean", "cos(E d, ∇J)"), ("d_cos_mean", "Δ vs GAE"),
+                    ("rel_bias", "‖E d − ∇J‖/‖∇J‖"), ("rel_variance", "tr Cov/‖∇J‖²"),
+                    ("displacement", "‖θ_K − θ_0‖")]), "", "Exact gains J(θ') − J(θ_0):", "",
+                *interval_table((r for _, r in t[t["gain_ppo"].notna()].iterrows()),
+                                [("label", "row")], list(GAINS.items()), sign=True), ""]
+    return "\n".join(out + xp.findings_section(findings(summary), verdict))
 
 
-def _k_axis(ax, ks: list[int]) -> None:
-    ax.set_xscale("log", base=2)
-    ax.xaxis.set_major_locator(ticker.FixedLocator(ks))
-    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda x, _: f"{x:g}"))
-    ax.xaxis.set_minor_locator(ticker.NullLocator())
-    ax.set_xlabel("PPO epochs K per batch")
-
-
-def plot_metric_grid(table: pd.DataFrame, rows: list[tuple[str, str, bool]], name: str,
-                     out_dir: Path) -> list[Path]:
-    """One row of panels per metric (column, y label, log y), one column per env: the metric
-    against K, one line per clip epsilon (K = 1, where the clip is inactive, starts every
-    line), GAE as a dashed line with its band."""
-    envs = list(dict.fromkeys(table["env"]))
-    fig, axes = plt.subplots(len(rows), len(envs), squeeze=False,
-                             figsize=(PAPER_WIDTH, PANEL_HEIGHT * len(rows)))
-    clips = sorted(c for c in table["clip"].dropna().unique())
-    colours = dict(zip(clips, sns.color_palette("viridis", len(clips))))
-    for j, env in enumerate(envs):
-        t = table[table["env"] == env]
-        k1 = t[(t["K"] == 1) & (t["label"] != GAE_LABEL)]
-        gae = t[t["label"] == GAE_LABEL]
-        ks = sorted(t["K"].unique())
-        for i, (col, ylabel, log) in enumerate(rows):
-            ax = axes[i][j]
-            if not gae.empty and np.isfinite(gae[col].iloc[0]):
-                g = gae.iloc[0]
-                ax.axhline(g[col], color="0.3", ls="--", lw=1, label="GAE (95% CI)")
-                if np.isfinite(g[f"{col}_lo"]):
-                    ax.axhspan(g[f"{col}_lo"], g[f"{col}_hi"], color="0.5", alpha=0.15, lw=0)
-            if col == "reuse_gain":
-                ax.plot(ks, ks, color="0.6", ls=":", lw=1, label="K (K plain steps of ∇J)")
-            for n_clip, clip in enumerate(clips):
-                line = pd.concat([k1, t[t["clip"] == clip]]).sort_values("K")
-                line = line[np.isfinite(line[col])]
-                if line.empty:
-                    continue
-                err = error_bars(line, col)
-                jitter = 2.0 ** (0.04 * (n_clip - (len(clips) - 1) / 2))  # keep bars apart
-                ax.errorbar(line["K"] * jitter, line[col], yerr=np.nan_to_num(err), marker="o",
-                            ms=3.5, capsize=2, lw=1.2, color=colours[clip],
-                            label=f"PPO, ε = {clip:g}")
-            _k_axis(ax, ks)
-            if log:
-                log_axis(ax, "y", pd.concat([t[col], t[f"{col}_lo"], t[f"{col}_hi"]]))
-            ax.set_ylabel(ylabel)
-            ax.set_title(env)
-    legend_below(fig, axes.flat, ncol=3)
-    fig.tight_layout()
-    return save_figure(fig, out_dir, name)
+FIGURES = {"cosine": [("cos_ref", "cos(d, ∇J): one batch"), ("cos_mean", "cos(E d, ∇J)")],
+           "bias_variance": [("rel_bias", REL_BIAS_LABEL), ("rel_variance", REL_VAR_LABEL)],
+           "reuse": [("displacement", "‖θ_K − θ_0‖ per batch"),
+                     ("reuse_edge", "ΔJ: PPO − plain step\nof the same length")]}
 
 
 def make_figures(table: pd.DataFrame, out_dir: Path) -> list[Path]:
-    """The direction figure (cosines), the bias/variance figure and the re-use figure."""
-    figures = out_dir
-    paths = plot_metric_grid(table, [("cos_ref", "cos(d, ∇J): one batch, mean", False),
-                                     ("cos_mean", "cos(E d, ∇J): expected direction", False)],
-                             f"{NAME}_cosine", figures)
-    paths += plot_metric_grid(table, [("rel_bias", REL_BIAS_LABEL, False),
-                                      ("rel_variance", REL_VAR_LABEL, True)],
-                              f"{NAME}_bias_variance", figures)
-    paths += plot_metric_grid(table, [("reuse_gain", "re-use gain  K⟨E d, ∇J⟩ / ‖∇J‖²", True),
-                                      ("displacement", "‖θ_K − θ_0‖ per batch (parameters)",
-                                       True)],
-                              f"{NAME}_reuse", figures)
-    return paths
+    """Each FIGURES pair against K, one line per ε (PPO's K = 1 rows, where ε cannot act,
+    repeated under every ε so each line starts there; GAE is K = 1)."""
+    ppo = table[table["label"] != GAE_LABEL]
+    rows = pd.concat([ppo[ppo["K"] > 1], *(ppo[ppo["K"] == 1].assign(clip=c) for c in ppo["clip"].dropna().unique())])
+    rows = rows.rename(columns={"clip": "ε", "K": "epochs K"}).sort_values("ε")
+    return [p for name, panels in FIGURES.items() for p in interval_grid(
+        rows, "env", "epochs K", panels, out_dir, f"{NAME}_{name}", hue="ε", log_x=True,
+        log_y=("rel_variance", "displacement"), levels={"reuse_edge": 0.0})]
 
 
-EXPERIMENT = Experiment(
-    "PPO's update direction", lambda runs: (summarise(runs), runs), verdict, markdown,
-    select=per_run, result_frame=lambda summary: summary[0],
-    figures=lambda summary, runs, out_dir: make_figures(summary[0], out_dir),
-    empty_reason="no measured PPO or GAE run")
+EXPERIMENT = xp.Experiment(
+    "PPO's update against the exact gradient and objective", summarise,
+    lambda summary: xp.headline_verdict(findings(summary)), markdown, select=per_run,
+    result_frame=lambda summary: summary[0], empty_reason="no measured PPO or GAE run",
+    figures=lambda summary, runs, out_dir: make_figures(summary[0], out_dir))
 analyze = EXPERIMENT.analyze
