@@ -20,6 +20,13 @@ fraction of the machine's float32 matmul rate (timed here on a large square matm
 that the policy-network work reaches: a pair costs one forward while sampling, one
 forward and one backward for its gradient (``policy_flops_per_pair``).
 
+``--env hopper`` times instead, on Hopper-v5 (MuJoCo) at its initial MLP policy, the
+Monte Carlo reference (``monte_carlo_reference``, reinforce_rtg) next to Gymnasium's own
+vector env stepping the same number of lanes with zero actions in the same process
+(repeats interleaved, medians), and prints their ratio: the simulator, not pgvar, should
+bound the reference (target >= 0.8). A finite stream wastes about lanes x (longest
+episode) / 2 lane-steps at its end, so the default is 128 lanes.
+
 Timings depend on the load of the machine: the header prints the load average, and every
 part also reports its process CPU time (``cpu_s``, ``pairs_per_cpu_s``), which other
 processes on the machine disturb much less than wall-clock time.
@@ -327,6 +334,122 @@ def bench_reference(env, policy: nn.Module, n_pairs: int, repeats: int, chunk_ep
                 statistics.median(cpu))
 
 
+# ------------------------------------------------------------------- Hopper (--env hopper)
+
+HOPPER_ID = "Hopper-v5"
+# Lanes of both Hopper parts. A finite stream steps every lane until the longest of its
+# last episodes ends, about lanes x (longest episode) / 2 lane-steps that yield no pair:
+# 512 lanes cost 30% at 10^5 pairs, 128 lanes about 2% at 2 x 10^5.
+HOPPER_LANES = 128
+
+
+def raw_stepping_rate(lanes: int, n_pairs: int, seed: int, actions: str = "zero") -> tuple[float, float]:
+    """(wall s, CPU s) per pair of Gymnasium's own vector env stepping ``lanes`` Hopper
+    copies with zero (or uniformly random) actions for about ``n_pairs`` steps: the
+    simulator's rate with nothing of pgvar around it (its autoreset starts new episodes)."""
+    import gymnasium
+
+    from pgvar.envs.gym import gym_spec, vectorization_mode_for
+
+    vec = gymnasium.make_vec(HOPPER_ID, num_envs=lanes,
+                             vectorization_mode=vectorization_mode_for(gym_spec(HOPPER_ID)))
+    vec.reset(seed=seed)
+    rng = np.random.default_rng(seed)
+    low, high = vec.single_action_space.low, vec.single_action_space.high
+    zero = np.zeros((lanes, *vec.single_action_space.shape), dtype=np.float32)
+    steps = max(1, n_pairs // lanes)
+    t, c = time.perf_counter(), time.process_time()
+    for _ in range(steps):
+        a = zero if actions == "zero" else rng.uniform(low, high, size=zero.shape).astype(np.float32)
+        vec.step(a)
+    wall, cpu = time.perf_counter() - t, time.process_time() - c
+    vec.close()
+    return wall / (steps * lanes), cpu / (steps * lanes)
+
+
+def stream_rate(env, policy: nn.Module, lanes: int, n_pairs: int, seed: int,
+                chunk_episodes: int) -> tuple[float, float]:
+    """(wall s, CPU s) per pair of ``pgvar.refill.rollout_stream`` alone: the simulator,
+    the policy's sampling forward and the stream's bookkeeping, no gradients."""
+    from pgvar.refill import rollout_stream
+
+    sizes = iter(lambda: chunk_episodes, None)
+    t, c, pairs = time.perf_counter(), time.process_time(), 0
+    for batch in rollout_stream(env, policy, sizes, seed, lanes=lanes, max_pairs=n_pairs):
+        pairs += batch.n_steps
+        if pairs >= n_pairs:
+            break
+    return (time.perf_counter() - t) / pairs, (time.process_time() - c) / pairs
+
+
+def gradient_rate(env, policy: nn.Module, lanes: int, seed: int, chunk_episodes: int,
+                  batch_size: int) -> tuple[float, float]:
+    """(wall s, CPU s) per pair of the reference's gradient work on one chunk (the
+    reinforce_rtg sub-batch gradients, reduced as ``monte_carlo_reference`` does)."""
+    from pgvar.estimators import estimate_gradient_blocks
+    from pgvar.reference import RunningMoments
+    from pgvar.refill import rollout_stream
+
+    batch = next(rollout_stream(env, policy, iter(lambda: chunk_episodes, None), seed, lanes=lanes))
+    n_sub = batch.n_episodes // batch_size
+    batch = batch.select(slice(0, n_sub * batch_size))
+    moments = RunningMoments()
+    t, c = time.perf_counter(), time.process_time()
+    for rows in estimate_gradient_blocks("reinforce_rtg", env, policy, batch, n_sub):
+        moments.update(rows)
+    return (time.perf_counter() - t) / batch.n_steps, (time.process_time() - c) / batch.n_steps
+
+
+def hopper_main(args: argparse.Namespace) -> int:
+    """``--env hopper``: the Monte Carlo reference's pairs/s on Hopper-v5 next to
+    Gymnasium's raw stepping rate with the same lanes, in one process, and their ratio;
+    then where the reference's time goes (stream without gradients, gradients alone)."""
+    from pgvar.envs.registry import make_env, make_policy
+    from pgvar.reference import monte_carlo_reference
+
+    torch.set_num_threads(1 if args.threads == "auto" else int(args.threads))
+    env = make_env("gym", env_id=HOPPER_ID)
+    torch.manual_seed(SEED)
+    policy = make_policy(env)
+    lanes = args.lanes if args.lanes else HOPPER_LANES
+    n_pairs = args.pairs or (2 * 10**5 if args.quick else 10**6)
+    repeats = args.repeats or (3 if args.quick else 5)
+    chunk = min(args.chunk_episodes, 1024)
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    print(f"pgvar.bench --env hopper: {HOPPER_ID}, initial MLP policy, lanes={lanes}, "
+          f"torch threads={torch.get_num_threads()}, pairs per repeat={n_pairs:.0e}, "
+          f"repeats={repeats}, loadavg={load[0]:.2f},{load[1]:.2f},{load[2]:.2f}")
+    raw_wall, raw_cpu, rnd_cpu, ref_wall, ref_cpu = [], [], [], [], []
+    for k in range(repeats):  # interleaved, so a change of the machine's load hits both
+        w, c = raw_stepping_rate(lanes, n_pairs, seed=k)
+        raw_wall.append(w)
+        raw_cpu.append(c)
+        rnd_cpu.append(raw_stepping_rate(lanes, n_pairs // 4, seed=k, actions="random")[1])
+        t, c0 = time.perf_counter(), time.process_time()
+        ref = monte_carlo_reference(env, policy, n_pairs=n_pairs, seed=100 + k, lanes=lanes,
+                                    chunk_episodes=chunk, memory_mb=args.memory_mb)
+        ref_wall.append((time.perf_counter() - t) / ref.n_pairs)
+        ref_cpu.append((time.process_time() - c0) / ref.n_pairs)
+    med = statistics.median
+    raw_rate, ref_rate = 1 / med(raw_wall), 1 / med(ref_wall)
+    print(f"raw_gymnasium_stepping: pairs_per_s={raw_rate:.0f} pairs_per_cpu_s={1 / med(raw_cpu):.0f} "
+          f"(zero actions, {lanes} lanes, one process, median of {repeats}); uniformly random "
+          f"actions: pairs_per_cpu_s={1 / med(rnd_cpu):.0f} (a quarter of the pairs)")
+    print(f"monte_carlo_reference: pairs_per_s={ref_rate:.0f} pairs_per_cpu_s={1 / med(ref_cpu):.0f} "
+          f"(reinforce_rtg, batch_size 4, lanes {ref.info['lanes']}, chunk "
+          f"{ref.info['chunk_episodes']} episodes, median of {repeats})")
+    print(f"reference_over_raw_stepping: {ref_rate / raw_rate:.2f} (wall) "
+          f"{med(raw_cpu) / med(ref_cpu):.2f} (CPU); target >= 0.8")
+    _, s_cpu = stream_rate(env, policy, lanes, n_pairs, 7, chunk)
+    _, g_cpu = gradient_rate(env, policy, lanes, 8, chunk, 4)
+    print(f"where_the_time_goes (CPU us per pair, one run each, noisy under load): reference "
+          f"{1e6 * med(ref_cpu):.0f}; Gymnasium stepping alone {1e6 * med(raw_cpu):.0f}; the "
+          f"refill stream without gradients (simulator, policy sampling, bookkeeping, idle "
+          f"lanes at the stream's end) {1e6 * s_cpu:.0f}; the gradients {1e6 * g_cpu:.1f}")
+    env.close()
+    return 0
+
+
 # ------------------------------------------------------------------------------- main
 
 
@@ -361,7 +484,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="memory budget of one reference chunk; the chunk and lanes shrink "
                              "to fit it, and the line prints those used (default "
                              f"{BENCH_MEMORY_MB:g}: room for --chunk-episodes 8192 on CartPole)")
+    parser.add_argument("--env", default="cartpole", choices=["cartpole", "hopper"],
+                        help="cartpole (default): the parts above; hopper: the Monte Carlo "
+                             "reference on Hopper-v5 against Gymnasium's raw stepping rate")
+    parser.add_argument("--pairs", type=count_argument(1000), default=None,
+                        help="--env hopper: pairs per timed repeat of each part (default "
+                             "10^6; 2 x 10^5 with --quick)")
     args = parser.parse_args(argv)
+    if args.pairs is not None and args.env != "hopper":
+        parser.error("--pairs: only with --env hopper")
+    if args.env == "hopper":
+        return hopper_main(args)
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
