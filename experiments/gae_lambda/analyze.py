@@ -38,7 +38,9 @@ def usable_measurements(frame: pd.DataFrame) -> pd.DataFrame:
     ``critic_loss`` of the iteration before, the fit that made the measuring critic."""
     frame = frame.sort_values(["run_dir", "step"])
     loss = frame["critic_loss"] if "critic_loss" in frame else pd.Series(np.nan, frame.index)
-    rows = measured_rows(frame.assign(critic_fit_loss=loss.groupby(frame["run_dir"]).shift(1)))
+    fit_loss = frame[["run_dir", "step"]].assign(
+        critic_fit_loss=loss.groupby(frame["run_dir"]).shift(1))
+    rows = measured_rows(frame).merge(fit_loss, on=["run_dir", "step"], how="left")
     return rows[(rows["estimator"] == "gae") & rows["lam"].notna()].copy()
 
 
