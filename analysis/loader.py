@@ -448,8 +448,8 @@ def _with_run_columns(paired: pd.DataFrame, run: pd.DataFrame, run_cols: list[st
             if (spec, name) not in resolved:
                 resolved[(spec, name)] = _spec_columns(str(spec), str(name), trained)
             knobs = resolved[(spec, name)]
-        for c in columns:
-            columns[c].append(knobs.get(c))
+        for c, values in columns.items():
+            values.append(knobs.get(c))
     for c, values in columns.items():
         out[c] = values
     out["estimator_label"] = out["estimator"]
