@@ -429,8 +429,12 @@ def plot_gae_lambda(table: pd.DataFrame, out_dir: Path, estimator: str = "gae") 
 
 def headline_rows(table: pd.DataFrame) -> pd.DataFrame:
     """The table rows the figures draw: the headline checkpoints (``analysis.table``
-    shows the unfitted-critic first checkpoint apart, in its files only)."""
-    return table[table["scope"] == "headline"] if "scope" in table.columns else table
+    shows the unfitted-critic first checkpoint apart, in its files only); every row when
+    no checkpoint is a headline one (a run measured only before its critic's first fit)."""
+    if "scope" not in table.columns:
+        return table
+    headline = table[table["scope"] == "headline"]
+    return headline if not headline.empty else table
 
 
 def trajectory_rows(measured: pd.DataFrame) -> pd.DataFrame:

@@ -501,9 +501,11 @@ def _add_ranks(table: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
             ranks.append(math.nan)
             ties.append("")
             continue
-        below = int((as_a["separated"] & (as_a["lo"] > 1)).sum()
-                    + (as_b["separated"] & (as_b["hi"] < 1)).sum())
-        tied = list(as_a.loc[~as_a["separated"], "b"]) + list(as_b.loc[~as_b["separated"], "a"])
+        # undecided comparisons (no interval with too few runs) count as not separated
+        sep_a = as_a["separated"].astype("boolean").fillna(False).astype(bool)
+        sep_b = as_b["separated"].astype("boolean").fillna(False).astype(bool)
+        below = int((sep_a & (as_a["lo"] > 1)).sum() + (sep_b & (as_b["hi"] < 1)).sum())
+        tied = list(as_a.loc[~sep_a, "b"]) + list(as_b.loc[~sep_b, "a"])
         ranks.append(1 + below)
         ties.append(", ".join(tied))
     table["var_rank"] = ranks

@@ -266,3 +266,25 @@ def test_figures_draw_the_headline_and_critic_lines(table, frame, tmp_path):
     paths = fg.plot_gae_lambda(table, tmp_path)
     assert any(p.suffix == ".png" for p in paths)
     assert np.isfinite(table["var_ratio"]).all()
+
+
+def test_ranks_treat_an_undecided_comparison_as_not_separated():
+    """With too few runs a pairwise comparison has no interval (separated is None): the
+    ranks must still be computed (a 2-seed smoke sweep crashed on ~None)."""
+    from analysis.table import _add_ranks
+
+    table = pd.DataFrame({"env": ["e", "e"], "scope": ["headline"] * 2, "label": ["a", "b"]})
+    pairs = pd.DataFrame({"env": ["e"], "scope": ["headline"], "a": ["a"], "b": ["b"],
+                          "separated": pd.Series([None], dtype=object), "lo": [math.nan],
+                          "hi": [math.nan]})
+    ranked = _add_ranks(table, pairs)
+    assert list(ranked["var_rank"]) == [1, 1] and list(ranked["var_ties"]) == ["b", "a"]
+
+
+def test_figures_fall_back_to_every_row_without_a_headline_checkpoint():
+    from analysis.figures import headline_rows
+
+    table = pd.DataFrame({"scope": ["first checkpoint (unfitted critic)"], "env": ["e"]})
+    assert len(headline_rows(table)) == 1
+    both = pd.DataFrame({"scope": ["headline", "first checkpoint (unfitted critic)"]})
+    assert list(headline_rows(both)["scope"]) == ["headline"]
