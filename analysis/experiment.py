@@ -666,3 +666,74 @@ def plot_estimate_panels(panels: list[dict], out_dir: Path, name: str, ncols: in
                ncol=min(6, max(1, len(labels))), frameon=False, fontsize=7)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     return save_figure(fig, out_dir, name)
+
+
+# ----------------------------------------------------------------------------- shared helpers (appended)
+
+
+def run_env_and_policy(row: pd.Series):
+    """The environment and initial policy of the run ``row`` comes from, rebuilt as pgvar-run
+    built them (``pgvar.run.initial_env_and_policy`` of ``config_of(row)``)."""
+    from pgvar.run import initial_env_and_policy
+
+    return initial_env_and_policy(config_of(row))
+
+
+def initial_exact_objective(row: pd.Series) -> float:
+    """The exact J of the initial policy of the run ``row`` comes from (``run_env_and_policy``):
+    the return's scale, which a variance divided by J² is free of."""
+    import torch
+
+    env, policy = run_env_and_policy(row)
+    with torch.no_grad():
+        return float(env.exact_objective(policy))
+
+
+def interval_check(record, name: str, test: Callable[[float, float], bool | None],
+                   n: int = 0, min_n: int = 0) -> bool | None:
+    """``test(lo, hi)`` on the 95% interval of ``name`` in ``record`` (``name_lo``,
+    ``name_hi``): a check's outcome, None (undecided) when the interval has no finite ends
+    or rests on fewer than ``min_n`` replicates (``n``)."""
+    lo, hi = record[f"{name}_lo"], record[f"{name}_hi"]
+    if n < min_n or not (math.isfinite(lo) and math.isfinite(hi)):
+        return None
+    return test(lo, hi)
+
+
+def _log_design(rows: pd.DataFrame, factors: dict[str, str]) -> np.ndarray:
+    """Columns 1 and log x for every factor column x."""
+    return np.column_stack([np.ones(len(rows)), *(np.log(rows[c].to_numpy()) for c in factors.values())])
+
+
+def _replicate_least_squares(rows: pd.DataFrame, y: str, factors: dict[str, str],
+                             replicate: str) -> tuple[np.ndarray, np.ndarray]:
+    """Expanded-percentile 95% ends of ``log_linear_fit``'s coefficients when whole
+    replicates (with all their rows) are resampled (NaN below two). Least squares is
+    additive over replicates in XᵀX and Xᵀy, so a resample is a count-weighted sum of the
+    replicates' parts: all resamples are solved at once."""
+    keys = np.array(sorted(rows[replicate].unique()))
+    if len(keys) < 2:
+        return np.full(len(factors) + 1, np.nan), np.full(len(factors) + 1, np.nan)
+    parts = [(X.T @ X, X.T @ np.log(g[y].to_numpy()))
+             for g in (rows[rows[replicate] == k] for k in keys)
+             for X in [_log_design(g, factors)]]
+    counts = np.stack([np.bincount(p, minlength=len(keys)) for p in replicate_resamples(len(keys))])
+    A = np.einsum("rs,sij->rij", counts.astype(float), np.array([p[0] for p in parts]))
+    b = counts @ np.array([p[1] for p in parts])
+    ok = np.linalg.matrix_rank(A) == len(factors) + 1
+    return percentile_ends(np.linalg.solve(A[ok], b[ok][..., None])[..., 0], len(keys))
+
+
+def log_linear_fit(rows: pd.DataFrame, y: str, factors: dict[str, str],
+                   replicate: str = "seed") -> dict[str, float]:
+    """The power law y ∝ Π x^k fitted as ``log y = c + Σ k log x`` by least squares over
+    ``rows`` (``factors`` maps each exponent's name to its column x; y > 0): every exponent
+    with its 95% interval from resampling whole replicates (``name``, ``name_lo``,
+    ``name_hi``), then the intercept ``c`` and ``r2`` on the log scale."""
+    X, log_y = _log_design(rows, factors), np.log(rows[y].to_numpy())
+    beta = np.linalg.lstsq(X, log_y, rcond=None)[0]
+    lo, hi = _replicate_least_squares(rows, y, factors, replicate)
+    r2 = 1 - ((log_y - X @ beta) ** 2).sum() / ((log_y - log_y.mean()) ** 2).sum()
+    exponents = {f"{name}{end}": ends[i] for i, name in enumerate(factors, start=1)
+                 for end, ends in (("", beta), ("_lo", lo), ("_hi", hi))}
+    return {**exponents, "c": beta[0], "r2": r2}

@@ -522,3 +522,21 @@ def interval_grid(table: pd.DataFrame, panels: str, x: str, rows: list[tuple[str
     legend_below(fig, axes.flat, ncol=4)
     fig.tight_layout()
     return save_figure(fig, out_dir, name)
+
+
+def interval_rows(table: pd.DataFrame, panels: list[tuple[str, str, str]], labels: list[str],
+                  out_dir: Path, name: str, level: float | None = None) -> list[Path]:
+    """A forest plot: one line per row of ``table`` (named by ``labels``, first at the top),
+    one panel per ``(column, x label, title)`` of ``panels``, each point with its 95%
+    interval (``column_lo``/``column_hi``), and a dashed line at ``level`` (a law's value)."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(PAPER_WIDTH, 0.26 * len(table) + 1.3),
+                             sharey=True, squeeze=False)
+    y = np.arange(len(table))[::-1]
+    for ax, (column, xlabel, title) in zip(axes[0], panels):
+        ax.errorbar(table[column], y, xerr=error_bars(table, column), fmt="o", ms=4, capsize=2)
+        if level is not None:
+            ax.axvline(level, color="tab:red", ls="--", lw=1)
+        ax.set(xlabel=xlabel, title=title)
+    axes[0][0].set_yticks(y, labels)
+    fig.tight_layout()
+    return save_figure(fig, out_dir, name)
