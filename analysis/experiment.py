@@ -737,3 +737,25 @@ def log_linear_fit(rows: pd.DataFrame, y: str, factors: dict[str, str],
     exponents = {f"{name}{end}": ends[i] for i, name in enumerate(factors, start=1)
                  for end, ends in (("", beta), ("_lo", lo), ("_hi", hi))}
     return {**exponents, "c": beta[0], "r2": r2}
+
+
+def reciprocal(est: Estimate, numerator: float = 1.0) -> Estimate:
+    """``numerator / est`` (numerator > 0) with the interval inverted: the lower end from
+    the upper one, the upper end infinite when the interval reaches 0 (a rate's interval
+    turned into one of the count it takes)."""
+    return Estimate(numerator / est.value, numerator / est.hi,
+                    numerator / est.lo if est.lo > 0 else math.inf, est.n)
+
+
+def paired_columns(rows: pd.DataFrame, keys: list[str], by: str, values: list[str],
+                   arms: tuple) -> pd.DataFrame:
+    """One line per replicate (``keys``: the runs that share episodes) with every one of
+    ``values`` for every arm (a value of ``by``, such as the estimator) as ``VALUE_ARM``
+    columns; replicates missing an arm's first value dropped (an empty frame with the
+    ``keys`` when an arm has no run)."""
+    wide = rows.pivot_table(index=keys, columns=by, values=values, aggfunc="mean")
+    wide.columns = [f"{value}_{arm}" for value, arm in wide.columns]
+    needed = [f"{values[0]}_{arm}" for arm in arms]
+    if not set(needed) <= set(wide.columns):
+        return pd.DataFrame(columns=keys)
+    return wide.dropna(subset=needed).reset_index()

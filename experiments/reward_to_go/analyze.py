@@ -1,11 +1,5 @@
-"""Reward-to-go against the full return. Runs of ``reinforce`` (R on every step) and
-``reinforce_rtg`` (gamma^t G_t) with the same env, instance and seed share policy and
-episodes: a *pair*. Per environment: the variance ratio rtg/full (geometric mean of the
-per-pair ratios, bootstrap over pairs; the ratio of means beside it) and both relative
-squared biases. Tested: the ratio's interval below 1, neither bias distinguishable from 0;
-an estimator's bias against a Monte Carlo reference averaging that same estimator
-(``training.reference.estimator``) holds by construction: shown, not counted.
-"""
+"""Reward-to-go against the full return, per environment over *pairs* (runs of both
+estimators on the same env instance, seed and episodes); the design is in README.md."""
 
 from __future__ import annotations
 
@@ -18,9 +12,10 @@ import pandas as pd
 
 from analysis.experiment import (
     BY_CONSTRUCTION, Experiment, bias_columns, check, estimate_columns, findings_frame,
-    findings_section, first_measurements, headline_verdict, instance_column)
+    findings_section, first_measurements, geometric_mean_ratio, headline_verdict, instance_column,
+    interval_check, paired_columns)
 from analysis.figures import PANEL_HEIGHT, PAPER_WIDTH, error_bars, save_figure
-from analysis.render import format_ci, format_columns, frame_table, yes_no
+from analysis.render import format_columns, frame_table, yes_no
 from analysis.stats import mean_ci, ratio_ci
 from analysis.table import reference_kind
 
@@ -40,11 +35,8 @@ def select(frame: pd.DataFrame) -> pd.DataFrame:
 
 def paired_variances(rows: pd.DataFrame) -> pd.DataFrame:
     """One line per pair (env, instance, seed) with both estimators' (relative) variance."""
-    wide = rows.pivot_table(index=["env", "instance", "seed"], columns="estimator",
-                            values=["grad_variance", "grad_rel_variance"], aggfunc="mean")
-    wide.columns = [f"{stat}_{est}" for stat, est in wide.columns]
-    needed = [f"grad_variance_{e}" for e in ESTIMATORS]
-    return wide.dropna(subset=needed).reset_index() if set(needed) <= set(wide.columns) else pd.DataFrame(columns=["env"])
+    return paired_columns(rows, ["env", "instance", "seed"], "estimator",
+                          ["grad_variance", "grad_rel_variance"], ESTIMATORS)
 
 
 def reference_estimator(rows: pd.DataFrame) -> str | None:
@@ -57,17 +49,17 @@ def reference_estimator(rows: pd.DataFrame) -> str | None:
 def env_checks(env: str, record: dict, ref_estimator: str | None) -> list:
     """The ratio below 1 and both biases not distinguishable, for one environment."""
     enough = record["n_pairs"] >= MIN_PAIRS
-    lo, hi = record["ratio_geo_lo"], record["ratio_geo_hi"]
-    out = [check(env, "Var(rtg)/Var(full) < 1: the interval below 1",
-                 (hi < 1 if hi < 1 or lo > 1 else None) if enough and math.isfinite(lo) else None,
-                 f"ratio {format_ci(record['ratio_geo'], lo, hi, 2)} over {record['n_pairs']} pairs")]
+    below = interval_check(record, "ratio_geo", lambda lo, hi: hi < 1 if hi < 1 or lo > 1 else None,
+                           record["n_pairs"], MIN_PAIRS)
+    out = [check(env, "Var(rtg)/Var(full) < 1: the interval below 1", below,
+                 f"ratio {format_columns(record, 'ratio_geo', 2)} over {record['n_pairs']} pairs")]
     for est in ESTIMATORS:
         flag = record[f"{est}_bias_distinguishable"]
         circular = est == ref_estimator
         out.append(check(env, f"{est} bias not distinguishable from 0"
                               + (f" (reference: Monte Carlo mean of {est} itself)" if circular else ""),
                          None if flag is None or not enough else not flag,
-                         f"rel. squared bias {format_ci(record[f'{est}_rel_bias_sq'], record[f'{est}_rel_bias_sq_lo'], record[f'{est}_rel_bias_sq_hi'], 2)}",
+                         f"rel. squared bias {format_columns(record, f'{est}_rel_bias_sq', 2)}",
                          BY_CONSTRUCTION if circular else "tested"))
     return out
 
@@ -75,16 +67,16 @@ def env_checks(env: str, record: dict, ref_estimator: str | None) -> list:
 def summarise_env(env: str, rows: pd.DataFrame, pairs: pd.DataFrame) -> dict[str, object]:
     """Every number of one environment's row of result.csv."""
     rtg, full = pairs[f"grad_variance_{RTG}"], pairs[f"grad_variance_{FULL}"]
-    geo = mean_ci(np.log(rtg / full).to_numpy()).map(math.exp)
     keys = list(zip(pairs["instance"], pairs["seed"]))
+    by_pair = {RTG: dict(zip(keys, rtg)), FULL: dict(zip(keys, full))}
     episodes = rows["ref_episodes"].max() if "ref_episodes" in rows else math.nan
     kind = reference_kind(rows) + (f" ({episodes:.0f} episodes of {reference_estimator(rows)})"
                                    if math.isfinite(episodes) and episodes else "")
     record = {"env": env, "reference": kind, "n_pairs": len(pairs),
               "n_instances": pairs["instance"].nunique(),
               "M x B": f"{int(rows['n_estimates'].median())} x {int(rows['training.batch_size'].median())}",
-              **estimate_columns("ratio_geo", geo),
-              **estimate_columns("ratio_means", ratio_ci(dict(zip(keys, rtg)), dict(zip(keys, full)))),
+              **estimate_columns("ratio_geo", geometric_mean_ratio(by_pair[RTG], by_pair[FULL], 1)),
+              **estimate_columns("ratio_means", ratio_ci(by_pair[RTG], by_pair[FULL])),
               "frac_pairs_rtg_lower": float((rtg / full < 1).mean()), "max_pair_ratio": (rtg / full).max()}
     for est in ESTIMATORS:
         record.update(estimate_columns(f"rel_var_{est}", mean_ci(pairs[f"grad_rel_variance_{est}"].to_numpy())))
