@@ -759,3 +759,21 @@ def paired_columns(rows: pd.DataFrame, keys: list[str], by: str, values: list[st
     if not set(needed) <= set(wide.columns):
         return pd.DataFrame(columns=keys)
     return wide.dropna(subset=needed).reset_index()
+
+
+def paired_difference_columns(runs: pd.DataFrame, baseline: pd.DataFrame, metrics,
+                              proj: str = "rel_proj") -> dict[str, float]:
+    """``estimate_columns`` ``d_METRIC`` of each metric's ``paired_difference`` from the
+    baseline's runs of the same seeds, then ``d_cos_mean``, the paired change of
+    cos(E ĝ, ∇J) (``pooled_cosine_difference``)."""
+    return {**{k: v for m in metrics
+               for k, v in estimate_columns(f"d_{m}", paired_difference(runs, baseline, m)).items()},
+            **estimate_columns("d_cos_mean", pooled_cosine_difference(runs, baseline, proj))}
+
+
+def one_run_each(rows: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """The rows of the first run of every configuration ``keys``: a configuration run
+    twice (a sweep re-run into new job folders) counts once."""
+    run = "run_dir" if "run_dir" in rows.columns else "run_id"
+    first = rows.drop_duplicates(run).drop_duplicates(keys)
+    return rows[rows[run].isin(first[run])]
