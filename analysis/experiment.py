@@ -510,14 +510,14 @@ def paired_matrix(runs: pd.DataFrame, x: str, column: str,
     return wide.columns.to_numpy(float), wide.to_numpy(float)
 
 
-def _with_min_n(est: Estimate, min_n: int) -> Estimate:
+def with_min_n(est: Estimate, min_n: int) -> Estimate:
     """The estimate, without its interval when it rests on fewer than ``min_n`` replicates."""
     return est if est.n >= min_n else Estimate(est.value, math.nan, math.nan, est.n)
 
 
 def paired_mean(values: np.ndarray, min_n: int = 3) -> Estimate:
     """``mean_ci`` of per-replicate values, without an interval below ``min_n`` of them."""
-    return _with_min_n(mean_ci(values), min_n)
+    return with_min_n(mean_ci(values), min_n)
 
 
 def geometric_mean_ratio(numerator: dict, denominator: dict, min_n: int = 3) -> Estimate:
@@ -529,7 +529,7 @@ def geometric_mean_ratio(numerator: dict, denominator: dict, min_n: int = 3) -> 
     keys = [k for k in numerator if k in denominator and numerator[k] > 0 and denominator[k] > 0]
     if not keys:
         return Estimate(math.nan, math.nan, math.nan, 0)
-    return _with_min_n(mean_ci(np.log([numerator[k] / denominator[k] for k in keys])).map(math.exp),
+    return with_min_n(mean_ci(np.log([numerator[k] / denominator[k] for k in keys])).map(math.exp),
                        min_n)
 
 

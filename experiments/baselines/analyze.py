@@ -1,9 +1,5 @@
-"""Baselines: bias and variance of REINFORCE with each baseline, paired at the same policy.
-
-The policy is held fixed (``lr=1e-12``) while the learned critic is fitted, so the rows of
-a seed are measured at the same policy on the same episodes (steps >= ``MIN_STEP``).
-``CLAIMS``: the text's (tested, counted) and the extras (tested, not counted).
-"""
+"""Baselines: bias and variance of REINFORCE with each baseline, paired at the same policy,
+held fixed while the learned critic is fitted (README.md: the design; ``CLAIMS``)."""
 
 from __future__ import annotations
 
@@ -60,8 +56,7 @@ def usable_measurements(frame: pd.DataFrame) -> pd.DataFrame:
     rows["label"] = [(EXACT_V if k == "exact" else LEARNED_V) if e == "value_baseline" else e
                      for e, k in zip(rows["estimator"], kind)]
     rows["batch_size"] = rows.get("training.batch_size", np.nan)
-    first = rows.drop_duplicates("run_dir").drop_duplicates(["env", "label", "batch_size", "seed"])
-    return rows[rows["run_dir"].isin(first["run_dir"])]
+    return xp.one_run_each(rows, ["env", "label", "batch_size", "seed"])
 
 
 def per_run(rows: pd.DataFrame) -> pd.DataFrame:
@@ -90,8 +85,7 @@ def paired_ratio(group: pd.DataFrame, num: str, den: str, column: str = "grad_va
 def row_numbers(group: pd.DataFrame, label: str) -> dict:
     """One row of the table with 95% intervals; ``bias_verdict`` (un)biased, or (not) 1/B."""
     sel = group[group["label"] == label]
-    b2 = squared_bias_interval(sel, "grad_rel_bias_sq")
-    b2 = b2 if len(sel) >= MIN_SEEDS else Estimate(b2.value, math.nan, math.nan, b2.n)
+    b2 = xp.with_min_n(squared_bias_interval(sel, "grad_rel_bias_sq"), MIN_SEEDS)
     batch = float(sel["batch_size"].iloc[0]) if sel["batch_size"].notna().any() else math.nan
     expected = 1.0 / batch if label in BATCH_MEAN_ROWS and batch > 0 else 0.0
     word = ("inconclusive" if not math.isfinite(b2.lo) else ("biased" if b2.lo > 0 else "unbiased")
