@@ -630,9 +630,11 @@ def held_out_critic(run_cfg, env, policy, index: int, episodes: int):
 def plot_estimate_panels(panels: list[dict], out_dir: Path, name: str, ncols: int = 3) -> list[Path]:
     """A grid of panels, each a line per group with its 95% interval: a panel is a dict of
     ``frame``, ``x``, ``y`` (with ``y_lo``/``y_hi`` columns), ``by`` (the lines) and
-    optionally ``title``, ``ylabel``, ``xscale``/``yscale``, ``band`` (a shaded (lo, hi)
-    target) and ``ylim``. Error bars, or a shaded band for lines of over 30 points; one
-    colour per group across panels, one legend below; ``analysis.figures.save_figure``."""
+    optionally ``title``, ``xlabel``, ``ylabel``, ``xscale``/``yscale``, ``band`` (a shaded
+    (lo, hi) target), ``ylim``, ``prediction`` (a column drawn as a dotted line per group: a
+    law's value) and ``diagonal`` (the dashed y = x over an (lo, hi) range). Error bars, or
+    a shaded band for lines of over 30 points; one colour per group across panels, one
+    legend below; ``analysis.figures.save_figure``."""
     import matplotlib.pyplot as plt
 
     from analysis.figures import PANEL_HEIGHT, PAPER_WIDTH, error_bars, save_figure
@@ -656,7 +658,11 @@ def plot_estimate_panels(panels: list[dict], out_dir: Path, name: str, ncols: in
                 labels[key] = ax.errorbar(g[p["x"]], g[p["y"]], yerr=error_bars(g, p["y"]),
                                           marker="o", ms=2.5, capsize=2, lw=1, color=colour,
                                           label=str(key))
-        ax.set(xlabel=p["x"], ylabel=p.get("ylabel", p["y"]), title=p.get("title", ""),
+            if "prediction" in p:
+                ax.plot(g[p["x"]], g[p["prediction"]], color=colour, lw=1, ls=":")
+        if "diagonal" in p:
+            ax.plot(p["diagonal"], p["diagonal"], color="0.4", ls="--", lw=0.8)
+        ax.set(xlabel=p.get("xlabel", p["x"]), ylabel=p.get("ylabel", p["y"]), title=p.get("title", ""),
                **{k: p[k] for k in ("xscale", "yscale", "ylim") if k in p})
         if len(p["frame"]) and not pd.api.types.is_numeric_dtype(p["frame"][p["x"]]):
             ax.tick_params(axis="x", labelrotation=35)

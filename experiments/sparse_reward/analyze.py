@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
@@ -13,8 +12,7 @@ from scipy.stats import binomtest
 
 from analysis.experiment import (
     BY_CONSTRUCTION, Experiment, bootstrap_rows, check, estimate_columns, findings_frame,
-    findings_section, first_measurements, headline_verdict, reciprocal)
-from analysis.figures import PAPER_WIDTH, error_bars, save_figure
+    findings_section, first_measurements, headline_verdict, plot_estimate_panels, reciprocal)
 from analysis.render import format_columns, frame_table
 from analysis.stats import NAN_ESTIMATE, mean_ci, ratio_ci
 from pgvar.envs.registry import make_env
@@ -167,25 +165,19 @@ def render(s: dict, verdict, preset: str) -> str:
 
 
 def figures(s: dict, runs: pd.DataFrame, out_dir: Path) -> list[Path]:
-    """One line per (T, estimator): the zero-gradient fraction (points, 95% CI) with its
-    prediction (lines) against the distance, and the episodes for SNR 1 against 1/p_reach."""
-    cells = s["cells"]
-    fig, (ax_zero, ax_snr) = plt.subplots(1, 2, figsize=(PAPER_WIDTH, 2.8))
-    for (T, est), c in cells.groupby(["T", "estimator"]):
-        line, = ax_zero.plot(c["distance"], c["predicted_zero_fraction"], lw=1, label=f"T = {T}, {est}")
-        ax_zero.errorbar(c["distance"], c["zero_fraction"], yerr=error_bars(c, "zero_fraction"),
-                         fmt="o", ms=3, capsize=2, color=line.get_color())
-        n1 = c[np.isfinite(c["episodes_snr1"]) & (c["p_reach"] < 1)]
-        ax_snr.errorbar(1 / n1["p_reach"], n1["episodes_snr1"], yerr=error_bars(n1, "episodes_snr1"),
-                        marker="o", ms=3, capsize=2, color=line.get_color())
-    grid = np.geomspace(1, (1 / cells.loc[cells["p_reach"] > 0, "p_reach"]).max(), 20)
-    ax_snr.plot(grid, grid, color="0.4", ls="--", lw=0.8, label="N1 = 1/p_reach")
-    ax_snr.set(xscale="log", yscale="log", xlabel="1 / p_reach", ylabel="episodes for SNR 1 (95% CI)")
-    ax_zero.set(xlabel="distance to the reward (steps)", ylabel="fraction of batches with ĝ = 0",
-                title="zero-gradient batches and (1 − p_reach)^B")
-    ax_zero.legend(fontsize=7, frameon=False)
-    fig.tight_layout()
-    return save_figure(fig, out_dir, "sparse_reward_signal")
+    """One line per (T, estimator): the zero-gradient fraction (95% CI) with its prediction
+    (dotted) against the distance, and the episodes for SNR 1 against 1/p_reach (dashed)."""
+    cells = s["cells"].assign(inverse_p=1 / s["cells"]["p_reach"], line=[
+        f"T = {T}, {est}" for T, est in zip(s["cells"]["T"], s["cells"]["estimator"])])
+    n1 = cells[np.isfinite(cells["episodes_snr1"]) & (cells["p_reach"] < 1)]
+    return plot_estimate_panels([
+        {"frame": cells, "x": "distance", "y": "zero_fraction", "by": "line",
+         "prediction": "predicted_zero_fraction", "xlabel": "distance to the reward (steps)",
+         "ylabel": "fraction of batches with ĝ = 0", "title": "zero-gradient batches; dotted: (1 − p_reach)^B"},
+        {"frame": n1, "x": "inverse_p", "y": "episodes_snr1", "by": "line", "xscale": "log",
+         "yscale": "log", "diagonal": (1, cells.loc[cells["p_reach"] > 0, "inverse_p"].max()),
+         "xlabel": "1 / p_reach", "ylabel": "episodes for SNR 1 (95% CI)", "title": "dashed: N1 = 1/p_reach"}],
+        out_dir, "sparse_reward_signal", ncols=2)
 
 
 EXPERIMENT = Experiment("Sparse rewards: gradient signal against the distance to the reward (chain)",
