@@ -540,3 +540,26 @@ def interval_rows(table: pd.DataFrame, panels: list[tuple[str, str, str]], label
     axes[0][0].set_yticks(y, labels)
     fig.tight_layout()
     return save_figure(fig, out_dir, name)
+
+
+def scatter_with_identity(ax, x: pd.Series, y: pd.Series, xlabel: str, ylabel: str,
+                          title: str = "") -> None:
+    """Paired values, y against x, as points on log axes (``log_axis``) with the dashed
+    line y = x across their span: a point below it is a pair whose y is the smaller."""
+    both = pd.concat([x, y])
+    ax.scatter(x, y, s=10)
+    ax.plot([both.min(), both.max()], [both.min(), both.max()], color="0.4", ls="--", lw=0.8)
+    log_axis(ax, "x", both)
+    log_axis(ax, "y", both)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+
+
+def category_intervals(ax, record, columns: dict[str, str], ylabel: str, title: str = "",
+                       level: float = 0.0) -> None:
+    """One point per category with its 95% interval: ``columns`` maps a tick label to the
+    column of ``record`` (with ``_lo``/``_hi``) it shows; a solid line at ``level``."""
+    for j, column in enumerate(columns.values()):
+        ax.errorbar(j, record[column], yerr=error_bars(record, column), fmt="o", capsize=3)
+    ax.axhline(level, color="0.3", lw=0.8)
+    ax.set_xticks(range(len(columns)), list(columns))
+    ax.set(xlim=(-0.6, len(columns) - 0.4), ylabel=ylabel, title=title)

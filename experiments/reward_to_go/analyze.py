@@ -7,14 +7,14 @@ import math
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-import numpy as np
 import pandas as pd
 
 from analysis.experiment import (
     BY_CONSTRUCTION, Experiment, bias_columns, check, estimate_columns, findings_frame,
     findings_section, first_measurements, geometric_mean_ratio, headline_verdict, instance_column,
     interval_check, paired_columns)
-from analysis.figures import PANEL_HEIGHT, PAPER_WIDTH, error_bars, save_figure
+from analysis.figures import (
+    PANEL_HEIGHT, PAPER_WIDTH, category_intervals, save_figure, scatter_with_identity)
 from analysis.render import format_columns, frame_table, yes_no
 from analysis.stats import mean_ci, ratio_ci
 from analysis.table import reference_kind
@@ -130,17 +130,11 @@ def figures(s: dict, runs: pd.DataFrame, out_dir: Path) -> list[Path]:
     fig, axes = plt.subplots(2, len(result), figsize=(PAPER_WIDTH, 2 * PANEL_HEIGHT + 0.6), squeeze=False)
     for (ax_var, ax_bias), (_, r) in zip(axes.T, result.iterrows()):
         p = pairs[pairs["env"] == r["env"]]
-        x, y = p[f"grad_rel_variance_{FULL}"], p[f"grad_rel_variance_{RTG}"]
-        ax_var.scatter(x, y, s=10)
-        span = np.array([min(x.min(), y.min()), max(x.max(), y.max())])
-        ax_var.plot(span, span, color="0.4", ls="--", lw=0.8)
-        ax_var.set(xscale="log", yscale="log", xlabel="rel. variance, full R", ylabel="rel. variance, rtg",
-                   title=f"{r['env']}: ratio {format_columns(r, 'ratio_geo', 2)}")
-        for j, est in enumerate(ESTIMATORS):
-            ax_bias.errorbar(j, r[f"{est}_rel_bias_sq"], yerr=error_bars(r, f"{est}_rel_bias_sq"), fmt="o", capsize=3)
-        ax_bias.axhline(0, color="0.3", lw=0.8)
-        ax_bias.set_xticks([0, 1], ["full R", "reward-to-go"])
-        ax_bias.set(xlim=(-0.6, 1.6), ylabel="rel. squared bias (95% CI)", title=f"{r['env']} ({r['reference']})")
+        scatter_with_identity(ax_var, p[f"grad_rel_variance_{FULL}"], p[f"grad_rel_variance_{RTG}"],
+                              "rel. variance, full R", "rel. variance, rtg",
+                              f"{r['env']}: ratio {format_columns(r, 'ratio_geo', 2)}")
+        category_intervals(ax_bias, r, {"full R": f"{FULL}_rel_bias_sq", "reward-to-go": f"{RTG}_rel_bias_sq"},
+                           "rel. squared bias (95% CI)", f"{r['env']} ({r['reference']})")
     fig.tight_layout()
     return save_figure(fig, out_dir, "reward_to_go_pairs_bias")
 
