@@ -783,3 +783,11 @@ def one_run_each(rows: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     run = "run_dir" if "run_dir" in rows.columns else "run_id"
     first = rows.drop_duplicates(run).drop_duplicates(keys)
     return rows[rows[run].isin(first[run])]
+
+
+def relative_mse(rows: pd.DataFrame) -> pd.Series:
+    """Per measured row, the mean squared error of a batch estimate relative to ‖∇J‖²,
+    the reference's own noise taken out: (grad_mse − SE_ref²) / ‖∇J‖² (SE_ref 0 where
+    the reference is exact or its standard error was not logged)."""
+    ref_se = rows["ref_se"].fillna(0.0) if "ref_se" in rows else pd.Series(0.0, rows.index)
+    return (rows["grad_mse"] - ref_se ** 2) / rows["ref_norm"] ** 2

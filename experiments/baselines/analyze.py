@@ -64,8 +64,7 @@ def per_run(rows: pd.DataFrame) -> pd.DataFrame:
     derived ``LOO_R`` rows: R_i - mean_j R_j = (1 - 1/B)(R_i - mean_{j != i} R_j), so the
     leave-one-out mean of R has the variance (and, unbiased, the MSE) of
     ``mean_baseline_episode`` divided by (1 - 1/B)^2."""
-    rows = rows.assign(grad_rel_mse=(rows["grad_mse"] - rows["ref_se"].fillna(0.0) ** 2)
-                       / rows["ref_norm"] ** 2)
+    rows = rows.assign(grad_rel_mse=xp.relative_mse(rows))
     first = rows.groupby("run_dir", sort=False)
     runs = per_run_values(rows).assign(grad_rel_mse=first["grad_rel_mse"].mean(), **{
         c: first[c].first() for c in ("env", "label", "batch_size")}).reset_index()

@@ -1,11 +1,5 @@
-"""Does gradient variance scale as horizon x action dimension (LQR)? One measurement per
-(gamma, estimator, horizon T, action dimension d, seed) at the initial policy; each seed a
-random system nested in d (``env.nested_actions``). Per quantity, ``log y = c + a log T +
-b log d`` is fitted over every cell with a bootstrap over seeds (whole systems). Tested:
-a = 1 and b = 1 on the scale-free tr Cov / (J^2 P) (J exact, P = d (n + 2) parameters);
-the raw variance, tr Cov / J^2 and tr Cov / ||grad J||^2 are reported, not tested (the raw
-exponents are mostly the return's scale, E R^2 ~ T^2 at gamma = 1, and P).
-"""
+"""Does gradient variance scale as horizon x action dimension (LQR)? Per quantity, the
+exponents of T and d over every cell; tested on tr Cov / (J² P) (README.md: the design)."""
 
 from __future__ import annotations
 
