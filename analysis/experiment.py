@@ -791,3 +791,23 @@ def relative_mse(rows: pd.DataFrame) -> pd.Series:
     the reference is exact or its standard error was not logged)."""
     ref_se = rows["ref_se"].fillna(0.0) if "ref_se" in rows else pd.Series(0.0, rows.index)
     return (rows["grad_mse"] - ref_se ** 2) / rows["ref_norm"] ** 2
+
+
+def reference_estimator(rows: pd.DataFrame) -> str | None:
+    """The estimator a Monte Carlo reference gradient averaged
+    (``training.reference.estimator``, reward-to-go where unset); None for an exact one."""
+    from analysis.table import reference_kind
+
+    if reference_kind(rows) == "exact" or "training.reference.estimator" not in rows:
+        return None
+    return str(rows["training.reference.estimator"].fillna("reinforce_rtg").iloc[0])
+
+
+def reference_label(rows: pd.DataFrame) -> str:
+    """How the reference gradient of ``rows`` was obtained, for a table: 'exact', or
+    'Monte Carlo (N episodes of ESTIMATOR)' (``analysis.table.reference_kind``)."""
+    from analysis.table import reference_kind
+
+    episodes = rows["ref_episodes"].max() if "ref_episodes" in rows else math.nan
+    return reference_kind(rows) + (f" ({episodes:.0f} episodes of {reference_estimator(rows)})"
+                                   if math.isfinite(episodes) and episodes else "")

@@ -3,7 +3,6 @@ estimators on the same env instance, seed and episodes); the design is in README
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -12,12 +11,11 @@ import pandas as pd
 from analysis.experiment import (
     BY_CONSTRUCTION, Experiment, bias_columns, check, estimate_columns, findings_frame,
     findings_section, first_measurements, geometric_mean_ratio, headline_verdict, instance_column,
-    interval_check, paired_columns)
+    interval_check, paired_columns, reference_estimator, reference_label)
 from analysis.figures import (
     PANEL_HEIGHT, PAPER_WIDTH, category_intervals, save_figure, scatter_with_identity)
 from analysis.render import format_columns, frame_table, yes_no
 from analysis.stats import mean_ci, ratio_ci
-from analysis.table import reference_kind
 
 FULL, RTG = "reinforce", "reinforce_rtg"
 ESTIMATORS = (FULL, RTG)
@@ -37,13 +35,6 @@ def paired_variances(rows: pd.DataFrame) -> pd.DataFrame:
     """One line per pair (env, instance, seed) with both estimators' (relative) variance."""
     return paired_columns(rows, ["env", "instance", "seed"], "estimator",
                           ["grad_variance", "grad_rel_variance"], ESTIMATORS)
-
-
-def reference_estimator(rows: pd.DataFrame) -> str | None:
-    """The estimator a Monte Carlo reference averaged (None for an exact reference)."""
-    if reference_kind(rows) == "exact" or "training.reference.estimator" not in rows:
-        return None
-    return str(rows["training.reference.estimator"].fillna("reinforce_rtg").iloc[0])
 
 
 def env_checks(env: str, record: dict, ref_estimator: str | None) -> list:
@@ -69,10 +60,7 @@ def summarise_env(env: str, rows: pd.DataFrame, pairs: pd.DataFrame) -> dict[str
     rtg, full = pairs[f"grad_variance_{RTG}"], pairs[f"grad_variance_{FULL}"]
     keys = list(zip(pairs["instance"], pairs["seed"]))
     by_pair = {RTG: dict(zip(keys, rtg)), FULL: dict(zip(keys, full))}
-    episodes = rows["ref_episodes"].max() if "ref_episodes" in rows else math.nan
-    kind = reference_kind(rows) + (f" ({episodes:.0f} episodes of {reference_estimator(rows)})"
-                                   if math.isfinite(episodes) and episodes else "")
-    record = {"env": env, "reference": kind, "n_pairs": len(pairs),
+    record = {"env": env, "reference": reference_label(rows), "n_pairs": len(pairs),
               "n_instances": pairs["instance"].nunique(),
               "M x B": f"{int(rows['n_estimates'].median())} x {int(rows['training.batch_size'].median())}",
               **estimate_columns("ratio_geo", geometric_mean_ratio(by_pair[RTG], by_pair[FULL], 1)),
