@@ -811,3 +811,32 @@ def reference_label(rows: pd.DataFrame) -> str:
     episodes = rows["ref_episodes"].max() if "ref_episodes" in rows else math.nan
     return reference_kind(rows) + (f" ({episodes:.0f} episodes of {reference_estimator(rows)})"
                                    if math.isfinite(episodes) and episodes else "")
+
+
+def per_run_table(rows: pd.DataFrame, first=(), mean=()) -> pd.DataFrame:
+    """One line per run: its mean statistics (``analysis.table.per_run_values``), the run's
+    first value of each ``first`` column (its settings) and its mean of each ``mean``
+    column (statistics an experiment derived per measured row)."""
+    from analysis.table import per_run_values
+
+    groups = rows.groupby("run_dir", sort=False)
+    return per_run_values(rows).join(groups[list(first)].first()).join(
+        groups[list(mean)].mean()).reset_index()
+
+
+def paired_geometric_ratio(runs: pd.DataFrame, baseline: pd.DataFrame, metric: str,
+                           min_n: int = 3) -> Estimate:
+    """``geometric_mean_ratio`` of metric(run) / metric(baseline run of the same seed): the
+    ratio counterpart of ``paired_difference``."""
+    return geometric_mean_ratio(dict(zip(runs["seed"], runs[metric])),
+                                dict(zip(baseline["seed"], baseline[metric])), min_n)
+
+
+def closeness(est: Estimate, factor: float) -> str:
+    """``close`` when a ratio's 95% interval lies within [1/factor, factor], ``not close``
+    when it lies entirely outside, else (or without finite ends) ``inconclusive``."""
+    if not (math.isfinite(est.lo) and math.isfinite(est.hi)):
+        return "inconclusive"
+    if 1 / factor <= est.lo and est.hi <= factor:
+        return "close"
+    return "not close" if est.lo > factor or est.hi < 1 / factor else "inconclusive"

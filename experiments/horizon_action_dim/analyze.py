@@ -12,7 +12,7 @@ from analysis.experiment import (
     Experiment, check, findings_frame, findings_section, first_measurements, headline_verdict,
     initial_exact_objective, interval_check, log_linear_fit)
 from analysis.figures import interval_rows
-from analysis.render import format_ci, frame_table
+from analysis.render import format_columns, frame_table
 
 HEADLINE = "grad_variance_per_J2P"
 QUANTITIES = {HEADLINE: "variance / (J² P)", "grad_variance": "variance",
@@ -70,10 +70,6 @@ def all_fits(runs: pd.DataFrame) -> pd.DataFrame:
                          for q in QUANTITIES for fit in [fit_power_law(group, q)] if fit is not None])
 
 
-def _ci(r, name: str) -> str:
-    return format_ci(r[name], r[f"{name}_lo"], r[f"{name}_hi"], 2, style="f")
-
-
 def checks(fits: pd.DataFrame) -> list:
     """On the headline quantity, per estimator at the largest gamma: grows with T and with
     d (interval above 0), and the product law's a = 1 and b = 1."""
@@ -81,7 +77,7 @@ def checks(fits: pd.DataFrame) -> list:
     grows = lambda r, name: interval_check(r, name, lambda lo, hi: lo > 0, r["n_seeds"], MIN_SEEDS)
     return [check(f"{NAMES.get(r['estimator'], r['estimator'])}, γ = {r['gamma']:g}",
                                f"{QUANTITIES[HEADLINE]} ∝ T^a d^b with {name} {law}", test(r, name),
-                               f"{name} = {_ci(r, name)} over {r['n_seeds']} systems")
+                               f"{name} = {format_columns(r, name, 2, style='f')} over {r['n_seeds']} systems")
                          for _, r in main.iterrows() for name in "ab"
                          for law, test in (("> 0", grows), ("= 1", exponent_is_one))]
 
@@ -93,7 +89,8 @@ def verdict(s: tuple) -> object:
         return headline_verdict(s[2], "no fit: the runs do not vary both T and d")
     main = fits[fits["gamma"] == fits["gamma"].max()]
     summary = "; ".join(f"{NAMES.get(r['estimator'], r['estimator'])} {r['quantity_label']}: "
-                        f"a = {_ci(r, 'a')}, b = {_ci(r, 'b')}" for _, r in main.iterrows())
+                        f"a = {format_columns(r, 'a', 2, style='f')}, "
+                        f"b = {format_columns(r, 'b', 2, style='f')}" for _, r in main.iterrows())
     return headline_verdict(s[2], f"gamma = {main['gamma'].iloc[0]:g}, 95% bootstrap over "
                                 f"{main['n_seeds'].max()} systems: {summary}")
 
@@ -115,9 +112,8 @@ def render(s: tuple, verdict, preset: str) -> str:
         "return's scale, E R² ~ T² at gamma = 1, and the parameter count).", "",
         *frame_table(fits, {"gamma": lambda r: f"{r['gamma']:g}",
                             "estimator": lambda r: NAMES.get(r["estimator"], r["estimator"]),
-                            "quantity": "quantity_label", "a (T exponent)": lambda r: _ci(r, "a"),
-                            "b (d exponent)": lambda r: _ci(r, "b"),
-                            "R²": lambda r: f"{r['r2']:.3f}"}),
+                            "quantity": "quantity_label", "a (T exponent)": ("a", 2),
+                            "b (d exponent)": ("b", 2), "R²": lambda r: f"{r['r2']:.3f}"}, style="f"),
         "", *findings_section(tests, verdict)])
 
 

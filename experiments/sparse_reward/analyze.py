@@ -8,13 +8,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from scipy.stats import binomtest
 
 from analysis.experiment import (
     BY_CONSTRUCTION, Experiment, bootstrap_rows, check, estimate_columns, findings_frame,
     findings_section, first_measurements, headline_verdict, plot_estimate_panels, reciprocal)
 from analysis.render import format_columns, frame_table
-from analysis.stats import NAN_ESTIMATE, mean_ci, ratio_ci
+from analysis.stats import NAN_ESTIMATE, mean_ci, proportion_ci, ratio_ci
 from pgvar.envs.registry import make_env
 
 CLAIM = ("\"Sparse rewards. If reward appears only at episode termination (e.g., winning a "
@@ -53,17 +52,17 @@ def cell_summary(cell: pd.DataFrame) -> dict:
     first = cell.iloc[0]
     p_reach = reach_probability(first["L"], first["T"], first["slip"])
     predicted = predicted_zero_fraction(p_reach, int(first["B"]))
-    k, n = int(cell["zeros"].sum()), int(cell["M"].sum())
-    ci = binomtest(k, n, min(max(predicted, 0.0), 1.0)).proportion_ci(0.95, method="exact")
+    k = int(cell["zeros"].sum())
+    zero = proportion_ci(k, int(cell["M"].sum()))  # Clopper-Pearson
     by_seed = lambda col: dict(zip(cell["seed"], cell[col]))
     exact_snr = (ratio_ci(by_seed("ref_sq"), by_seed("grad_variance"))  # every batch zero: no SNR
                  if cell["grad_variance"].sum() > 0 else NAN_ESTIMATE)
     return {"T": int(first["T"]), "L": int(first["L"]), "distance": int(first["distance"]),
             "estimator": first["estimator"], "B": int(first["B"]), "seeds": cell["seed"].nunique(),
-            "p_reach": p_reach, "batches": n, "zero_batches": k, "zero_fraction": k / n,
-            "zero_fraction_lo": ci.low, "zero_fraction_hi": ci.high,
-            "predicted_zero_fraction": predicted, "excess": k / n - predicted,
-            "below_prediction": bool(ci.high < predicted), "above_prediction": bool(ci.low > predicted),
+            "p_reach": p_reach, "batches": zero.n, "zero_batches": k,
+            **estimate_columns("zero_fraction", zero), "predicted_zero_fraction": predicted,
+            "excess": zero.value - predicted, "below_prediction": bool(zero.hi < predicted),
+            "above_prediction": bool(zero.lo > predicted),
             "ref_norm": cell["ref_norm"].mean(),
             **estimate_columns("grad_norm_mean", mean_ci(cell["grad_norm_mean"].to_numpy())),
             **estimate_columns("exact_snr", exact_snr),
