@@ -1,8 +1,5 @@
-"""Calibration of the per-measurement intervals: ``simulate(out, preset, params)``, called by
-``pgvar-reproduce calibration``. The machinery is ``analysis.calibration``; this file holds
-the grid (which estimators at which environments stand for 'no', 'small' and 'large'
-bias), its verdicts and its figure.
-"""
+"""Calibration of the per-measurement intervals (``simulate``, for ``pgvar-reproduce``): the
+grid, its verdicts and its figure; the machinery is ``analysis.calibration``."""
 
 from __future__ import annotations
 
@@ -70,9 +67,6 @@ def parts_of(table: pd.DataFrame) -> list[ex.Finding]:
 
 def render(table: pd.DataFrame, verdict: ex.Verdict, preset: str) -> str:
     """result.md: the verdicts, then the coverage table in percent."""
-    shares = [c for c in table.columns if table[c].dtype.kind == "f" and c.endswith(
-        ("coverage", "coverage_lo", "coverage_hi", "positive", "positive_lo", "positive_hi",
-         "below", "above", "flagged", "unflagged", "pooled", "pooled_t"))]
     return "\n".join([
         f"# Calibration of the per-measurement intervals ({preset} preset)", "",
         verdict.line(), "", *ex.findings_table(parts_of(table)), "",
@@ -80,7 +74,7 @@ def render(table: pd.DataFrame, verdict: ex.Verdict, preset: str) -> str:
          f"interval; false positives of the bias verdict {100 * cal.FP_TARGET[0]:.1f}-"
          f"{100 * cal.FP_TARGET[1]:.1f}% where the bias is 0. Percentages; brackets: Wilson 95% "
          "binomial intervals over the repeats; the columns are explained in README.md."), "",
-        *frame_table(table.assign(**{c: 100 * table[c] for c in shares}), {
+        *frame_table(cal.in_percent(table), {
             "case": "case", "M": "M", "repeats": "repeats", "squared bias": "bias_sq_coverage",
             "truth below": "bias_sq_below", "truth above": "bias_sq_above",
             "false positives": "false_positive", "variance": "variance_coverage",
