@@ -674,7 +674,41 @@ def plot_estimate_panels(panels: list[dict], out_dir: Path, name: str, ncols: in
     return save_figure(fig, out_dir, name)
 
 
-# ----------------------------------------------------------------------------- shared helpers (appended)
+# ----------------------------------------------------------------------------- runs and references
+# Selecting and pairing runs, a run's rebuilt policy and exact J, its reference gradient.
+
+
+def one_run_each(rows: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """The rows of the first run of every configuration ``keys``: a configuration run
+    twice (a sweep re-run into new job folders) counts once."""
+    run = "run_dir" if "run_dir" in rows.columns else "run_id"
+    first = rows.drop_duplicates(run).drop_duplicates(keys)
+    return rows[rows[run].isin(first[run])]
+
+
+def paired_columns(rows: pd.DataFrame, keys: list[str], by: str, values: list[str],
+                   arms: tuple) -> pd.DataFrame:
+    """One line per replicate (``keys``: the runs that share episodes) with every one of
+    ``values`` for every arm (a value of ``by``, such as the estimator) as ``VALUE_ARM``
+    columns; replicates missing an arm's first value dropped (an empty frame with the
+    ``keys`` when an arm has no run)."""
+    wide = rows.pivot_table(index=keys, columns=by, values=values, aggfunc="mean")
+    wide.columns = [f"{value}_{arm}" for value, arm in wide.columns]
+    needed = [f"{values[0]}_{arm}" for arm in arms]
+    if not set(needed) <= set(wide.columns):
+        return pd.DataFrame(columns=keys)
+    return wide.dropna(subset=needed).reset_index()
+
+
+def per_run_table(rows: pd.DataFrame, first=(), mean=()) -> pd.DataFrame:
+    """One line per run: its mean statistics (``analysis.table.per_run_values``), the run's
+    first value of each ``first`` column (its settings) and its mean of each ``mean``
+    column (statistics an experiment derived per measured row)."""
+    from analysis.table import per_run_values
+
+    groups = rows.groupby("run_dir", sort=False)
+    return per_run_values(rows).join(groups[list(first)].first()).join(
+        groups[list(mean)].mean()).reset_index()
 
 
 def run_env_and_policy(row: pd.Series):
@@ -695,6 +729,38 @@ def initial_exact_objective(row: pd.Series) -> float:
         return float(env.exact_objective(policy))
 
 
+def relative_mse(rows: pd.DataFrame) -> pd.Series:
+    """Per measured row, the mean squared error of a batch estimate relative to ‖∇J‖²,
+    the reference's own noise taken out: (grad_mse − SE_ref²) / ‖∇J‖² (SE_ref 0 where
+    the reference is exact or its standard error was not logged)."""
+    ref_se = rows["ref_se"].fillna(0.0) if "ref_se" in rows else pd.Series(0.0, rows.index)
+    return (rows["grad_mse"] - ref_se ** 2) / rows["ref_norm"] ** 2
+
+
+def reference_estimator(rows: pd.DataFrame) -> str | None:
+    """The estimator a Monte Carlo reference gradient averaged
+    (``training.reference.estimator``, reward-to-go where unset); None for an exact one."""
+    from analysis.table import reference_kind
+
+    if reference_kind(rows) == "exact" or "training.reference.estimator" not in rows:
+        return None
+    return str(rows["training.reference.estimator"].fillna("reinforce_rtg").iloc[0])
+
+
+def reference_label(rows: pd.DataFrame) -> str:
+    """How the reference gradient of ``rows`` was obtained, for a table: 'exact', or
+    'Monte Carlo (N episodes of ESTIMATOR)' (``analysis.table.reference_kind``)."""
+    from analysis.table import reference_kind
+
+    episodes = rows["ref_episodes"].max() if "ref_episodes" in rows else math.nan
+    return reference_kind(rows) + (f" ({episodes:.0f} episodes of {reference_estimator(rows)})"
+                                   if math.isfinite(episodes) and episodes else "")
+
+
+# ----------------------------------------------------------------------------- more statistics
+# Yes/no tests on an interval, paired ratios and differences, a power law's exponents.
+
+
 def interval_check(record, name: str, test: Callable[[float, float], bool | None],
                    n: int = 0, min_n: int = 0) -> bool | None:
     """``test(lo, hi)`` on the 95% interval of ``name`` in ``record`` (``name_lo``,
@@ -704,6 +770,42 @@ def interval_check(record, name: str, test: Callable[[float, float], bool | None
     if n < min_n or not (math.isfinite(lo) and math.isfinite(hi)):
         return None
     return test(lo, hi)
+
+
+def closeness(est: Estimate, factor: float) -> str:
+    """``close`` when a ratio's 95% interval lies within [1/factor, factor], ``not close``
+    when it lies entirely outside, else (or without finite ends) ``inconclusive``."""
+    if not (math.isfinite(est.lo) and math.isfinite(est.hi)):
+        return "inconclusive"
+    if 1 / factor <= est.lo and est.hi <= factor:
+        return "close"
+    return "not close" if est.lo > factor or est.hi < 1 / factor else "inconclusive"
+
+
+def reciprocal(est: Estimate, numerator: float = 1.0) -> Estimate:
+    """``numerator / est`` (numerator > 0) with the interval inverted: the lower end from
+    the upper one, the upper end infinite when the interval reaches 0 (a rate's interval
+    turned into one of the count it takes)."""
+    return Estimate(numerator / est.value, numerator / est.hi,
+                    numerator / est.lo if est.lo > 0 else math.inf, est.n)
+
+
+def paired_difference_columns(runs: pd.DataFrame, baseline: pd.DataFrame, metrics,
+                              proj: str = "rel_proj") -> dict[str, float]:
+    """``estimate_columns`` ``d_METRIC`` of each metric's ``paired_difference`` from the
+    baseline's runs of the same seeds, then ``d_cos_mean``, the paired change of
+    cos(E ĝ, ∇J) (``pooled_cosine_difference``)."""
+    return {**{k: v for m in metrics
+               for k, v in estimate_columns(f"d_{m}", paired_difference(runs, baseline, m)).items()},
+            **estimate_columns("d_cos_mean", pooled_cosine_difference(runs, baseline, proj))}
+
+
+def paired_geometric_ratio(runs: pd.DataFrame, baseline: pd.DataFrame, metric: str,
+                           min_n: int = 3) -> Estimate:
+    """``geometric_mean_ratio`` of metric(run) / metric(baseline run of the same seed): the
+    ratio counterpart of ``paired_difference``."""
+    return geometric_mean_ratio(dict(zip(runs["seed"], runs[metric])),
+                                dict(zip(baseline["seed"], baseline[metric])), min_n)
 
 
 def _log_design(rows: pd.DataFrame, factors: dict[str, str]) -> np.ndarray:
@@ -743,100 +845,3 @@ def log_linear_fit(rows: pd.DataFrame, y: str, factors: dict[str, str],
     exponents = {f"{name}{end}": ends[i] for i, name in enumerate(factors, start=1)
                  for end, ends in (("", beta), ("_lo", lo), ("_hi", hi))}
     return {**exponents, "c": beta[0], "r2": r2}
-
-
-def reciprocal(est: Estimate, numerator: float = 1.0) -> Estimate:
-    """``numerator / est`` (numerator > 0) with the interval inverted: the lower end from
-    the upper one, the upper end infinite when the interval reaches 0 (a rate's interval
-    turned into one of the count it takes)."""
-    return Estimate(numerator / est.value, numerator / est.hi,
-                    numerator / est.lo if est.lo > 0 else math.inf, est.n)
-
-
-def paired_columns(rows: pd.DataFrame, keys: list[str], by: str, values: list[str],
-                   arms: tuple) -> pd.DataFrame:
-    """One line per replicate (``keys``: the runs that share episodes) with every one of
-    ``values`` for every arm (a value of ``by``, such as the estimator) as ``VALUE_ARM``
-    columns; replicates missing an arm's first value dropped (an empty frame with the
-    ``keys`` when an arm has no run)."""
-    wide = rows.pivot_table(index=keys, columns=by, values=values, aggfunc="mean")
-    wide.columns = [f"{value}_{arm}" for value, arm in wide.columns]
-    needed = [f"{values[0]}_{arm}" for arm in arms]
-    if not set(needed) <= set(wide.columns):
-        return pd.DataFrame(columns=keys)
-    return wide.dropna(subset=needed).reset_index()
-
-
-def paired_difference_columns(runs: pd.DataFrame, baseline: pd.DataFrame, metrics,
-                              proj: str = "rel_proj") -> dict[str, float]:
-    """``estimate_columns`` ``d_METRIC`` of each metric's ``paired_difference`` from the
-    baseline's runs of the same seeds, then ``d_cos_mean``, the paired change of
-    cos(E ĝ, ∇J) (``pooled_cosine_difference``)."""
-    return {**{k: v for m in metrics
-               for k, v in estimate_columns(f"d_{m}", paired_difference(runs, baseline, m)).items()},
-            **estimate_columns("d_cos_mean", pooled_cosine_difference(runs, baseline, proj))}
-
-
-def one_run_each(rows: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    """The rows of the first run of every configuration ``keys``: a configuration run
-    twice (a sweep re-run into new job folders) counts once."""
-    run = "run_dir" if "run_dir" in rows.columns else "run_id"
-    first = rows.drop_duplicates(run).drop_duplicates(keys)
-    return rows[rows[run].isin(first[run])]
-
-
-def relative_mse(rows: pd.DataFrame) -> pd.Series:
-    """Per measured row, the mean squared error of a batch estimate relative to ‖∇J‖²,
-    the reference's own noise taken out: (grad_mse − SE_ref²) / ‖∇J‖² (SE_ref 0 where
-    the reference is exact or its standard error was not logged)."""
-    ref_se = rows["ref_se"].fillna(0.0) if "ref_se" in rows else pd.Series(0.0, rows.index)
-    return (rows["grad_mse"] - ref_se ** 2) / rows["ref_norm"] ** 2
-
-
-def reference_estimator(rows: pd.DataFrame) -> str | None:
-    """The estimator a Monte Carlo reference gradient averaged
-    (``training.reference.estimator``, reward-to-go where unset); None for an exact one."""
-    from analysis.table import reference_kind
-
-    if reference_kind(rows) == "exact" or "training.reference.estimator" not in rows:
-        return None
-    return str(rows["training.reference.estimator"].fillna("reinforce_rtg").iloc[0])
-
-
-def reference_label(rows: pd.DataFrame) -> str:
-    """How the reference gradient of ``rows`` was obtained, for a table: 'exact', or
-    'Monte Carlo (N episodes of ESTIMATOR)' (``analysis.table.reference_kind``)."""
-    from analysis.table import reference_kind
-
-    episodes = rows["ref_episodes"].max() if "ref_episodes" in rows else math.nan
-    return reference_kind(rows) + (f" ({episodes:.0f} episodes of {reference_estimator(rows)})"
-                                   if math.isfinite(episodes) and episodes else "")
-
-
-def per_run_table(rows: pd.DataFrame, first=(), mean=()) -> pd.DataFrame:
-    """One line per run: its mean statistics (``analysis.table.per_run_values``), the run's
-    first value of each ``first`` column (its settings) and its mean of each ``mean``
-    column (statistics an experiment derived per measured row)."""
-    from analysis.table import per_run_values
-
-    groups = rows.groupby("run_dir", sort=False)
-    return per_run_values(rows).join(groups[list(first)].first()).join(
-        groups[list(mean)].mean()).reset_index()
-
-
-def paired_geometric_ratio(runs: pd.DataFrame, baseline: pd.DataFrame, metric: str,
-                           min_n: int = 3) -> Estimate:
-    """``geometric_mean_ratio`` of metric(run) / metric(baseline run of the same seed): the
-    ratio counterpart of ``paired_difference``."""
-    return geometric_mean_ratio(dict(zip(runs["seed"], runs[metric])),
-                                dict(zip(baseline["seed"], baseline[metric])), min_n)
-
-
-def closeness(est: Estimate, factor: float) -> str:
-    """``close`` when a ratio's 95% interval lies within [1/factor, factor], ``not close``
-    when it lies entirely outside, else (or without finite ends) ``inconclusive``."""
-    if not (math.isfinite(est.lo) and math.isfinite(est.hi)):
-        return "inconclusive"
-    if 1 / factor <= est.lo and est.hi <= factor:
-        return "close"
-    return "not close" if est.lo > factor or est.hi < 1 / factor else "inconclusive"
