@@ -761,6 +761,12 @@ def reference_label(rows: pd.DataFrame) -> str:
 # Yes/no tests on an interval, paired ratios and differences, a power law's exponents.
 
 
+def estimate_of(record, name: str, n: int = 0) -> Estimate:
+    """The ``Estimate`` a record holds as ``name``, ``name_lo`` and ``name_hi`` (the inverse
+    of ``estimate_columns``), to judge a summary's interval again."""
+    return Estimate(record[name], record[f"{name}_lo"], record[f"{name}_hi"], n)
+
+
 def interval_check(record, name: str, test: Callable[[float, float], bool | None],
                    n: int = 0, min_n: int = 0) -> bool | None:
     """``test(lo, hi)`` on the 95% interval of ``name`` in ``record`` (``name_lo``,

@@ -34,6 +34,8 @@ def test_interval_check_is_undecided_without_an_interval_or_replicates():
     assert ex.interval_check(record, "x", below_one) is True
     assert ex.interval_check(record, "x", below_one, n=2, min_n=3) is None
     assert ex.interval_check({**record, "x_lo": math.nan}, "x", below_one) is None
+    assert ex.estimate_of(record, "x", 4) == Estimate(0.5, 0.2, 0.8, 4)
+    assert ex.estimate_of(record, "x").excludes(0.0) and not ex.estimate_of(record, "x").excludes(0.5)
 
 
 def test_closeness_and_reciprocal_read_a_ratio_interval():

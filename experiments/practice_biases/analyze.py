@@ -116,8 +116,7 @@ def bias_verdict(table: pd.DataFrame, habit: str) -> xp.Verdict:
     hab, ctl = habit_rows(table, habit), table[(table["habit"] == habit) & (table["arm"] == "control")]
     if hab is None:
         return xp.inconclusive("too few seeds or no control")
-    shows = [bool(np.isfinite(lo) and (lo > 0 or hi < 0))
-             for lo, hi in zip(hab["d_rel_bias_sq_lo"], hab["d_rel_bias_sq_hi"])]
+    shows = [xp.estimate_of(r, "d_rel_bias_sq").excludes(0.0) for _, r in hab.iterrows()]
     big = [np.isfinite(a) and a >= SMALL_REL_BIAS for a in hab.get("pred_added_bias", [])]
     clean = not ctl.empty and not ctl["bias_distinguishable"].any()
     word = "refuted" if not any(shows) else "confirmed" if all(shows) and (
