@@ -101,7 +101,7 @@ def render(s: tuple, verdict, preset: str) -> str:
     values = lambda col: "{" + ", ".join(f"{v:g}" for v in sorted(runs[col].unique())) + "}"
     return "\n".join([
         "# Gradient variance against horizon and action dimension (LQR)", "", f"**Claim.** {CLAIM}", "",
-        f"**Measured** (preset `{preset}`): linear-quadratic control, state dimension "
+        (f"**Measured** (preset `{preset}`): linear-quadratic control, state dimension "
         f"{values('state_dim')}, at the initial policy (K = 0, k = 0, log σ = -0.5), horizons "
         f"T ∈ {values('T')}, action dimensions d ∈ {values('d')}, gamma ∈ {values('gamma')}; "
         f"M = {int(runs['M'].median())} batches of B = {int(runs['B'].median())} episodes per "
@@ -109,7 +109,7 @@ def render(s: tuple, verdict, preset: str) -> str:
         "Fit `log y = c + a log T + b log d` over all cells and seeds; 95% intervals from a "
         "bootstrap over systems. The product law is a = b = 1, tested on the scale-free "
         f"{QUANTITIES[HEADLINE]} (P = d·(n + 2) parameters; the other quantities carry the "
-        "return's scale, E R² ~ T² at gamma = 1, and the parameter count).", "",
+        "return's scale, E R² ~ T² at gamma = 1, and the parameter count)."), "",
         *frame_table(fits, {"gamma": lambda r: f"{r['gamma']:g}",
                             "estimator": lambda r: NAMES.get(r["estimator"], r["estimator"]),
                             "quantity": "quantity_label", "a (T exponent)": ("a", 2),

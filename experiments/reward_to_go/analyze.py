@@ -93,9 +93,9 @@ def render(s: dict, verdict, preset: str) -> str:
     """result.md: the claim, the table of numbers, the checks, the verdict line."""
     return "\n".join([
         f"# Reward-to-go against the full return ({preset} preset)", "", f"Claim (source text): {CLAIM}", "",
-        "Pairs: one env instance and seed, both estimators on the same episodes; 95% bootstrap "
+        ("Pairs: one env instance and seed, both estimators on the same episodes; 95% bootstrap "
         "intervals over pairs. Relative squared bias: de-noised ‖E ĝ − ∇J‖² / ‖∇J‖² (may be "
-        "negative); the root of its upper end bounds the relative bias.", "",
+        "negative); the root of its upper end bounds the relative bias."), "",
         *frame_table(s["result"], {
             "env": "env", "reference": "reference", "pairs": "n_pairs", "M x B": "M x B",
             "rel. variance, full R": f"rel_var_{FULL}", "rel. variance, reward-to-go": f"rel_var_{RTG}",

@@ -141,9 +141,9 @@ def render(s: dict, verdict, preset: str) -> str:
     return "\n".join([
         "# Sparse rewards: gradient signal against the distance to the reward (chain)", "",
         f"**Claim.** {CLAIM}", "",
-        f"**Measured** (preset `{preset}`): the sparse chain, uniform policy, gamma = 1, T ∈ "
+        (f"**Measured** (preset `{preset}`): the sparse chain, uniform policy, gamma = 1, T ∈ "
         f"{sorted(cells['T'].unique())}, B = {cells['B'].max()}, {cells['seeds'].max()} seeds pooled; "
-        "p_reach exact (DP); Clopper-Pearson intervals for fractions, bootstrap over seeds otherwise.",
+        "p_reach exact (DP); Clopper-Pearson intervals for fractions, bootstrap over seeds otherwise."),
         "", f"Fixed horizon T = {T}:", "",
         *frame_table(main, {"estimator": "estimator", "distance": "distance",
                             "p_reach": lambda c: f"{c['p_reach']:.2e}",
@@ -154,11 +154,11 @@ def render(s: dict, verdict, preset: str) -> str:
                             "SNR ‖∇J‖²/trCov": lambda c: format_columns(c, "exact_snr", 2, "– (all ĝ = 0)"),
                             "episodes for SNR 1": lambda c: format_columns(c, "episodes_snr1", 2),
                             "1/p_reach": lambda c: f"{1 / c['p_reach']:.2g}" if c["p_reach"] > 0 else "∞"}), "",
-        f"All {len(cells)} cells (every horizon) are in `result.csv`; cells whose zero fraction "
+        (f"All {len(cells)} cells (every horizon) are in `result.csv`; cells whose zero fraction "
         f"lies above its prediction: {int(cells['above_prediction'].sum())}, below: "
-        f"{int(cells['below_prediction'].sum())}.", "",
-        f"Episodes for SNR 1: N1 = B·tr Cov/‖∇J‖² (ratio of means over seeds); its slope s on "
-        f"log(1/p_reach) over the cells with p_reach ≤ {SPARSE} (bootstrap over seeds):", "",
+        f"{int(cells['below_prediction'].sum())}."), "",
+        (f"Episodes for SNR 1: N1 = B·tr Cov/‖∇J‖² (ratio of means over seeds); its slope s on "
+        f"log(1/p_reach) over the cells with p_reach ≤ {SPARSE} (bootstrap over seeds):"), "",
         *frame_table(s["slopes"], {"T": "T", "estimator": "estimator", "cells": "points", "slope s": "slope"}),
         "", *findings_section(s["checks"], verdict)])
 
