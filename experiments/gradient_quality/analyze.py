@@ -1,19 +1,11 @@
-"""Gradient quality against the sample size (Ilyas et al. 2020): ``simulate(out, preset, params)``.
+"""Gradient quality against the sample size (Ilyas et al. 2020): ``simulate(out, preset, params)``,
+called by ``pgvar-reproduce gradient_quality`` (``kind: simulation``: no sweep).
 
-Called by ``pgvar-reproduce gradient_quality`` (``kind: simulation`` in sweep.yaml: this
-experiment runs no sweep). At a few checkpoints of ONE training run it streams
-state-action pairs of the checkpoint policy (``pgvar.sample_size``: blocks of n pairs cut
-from one stream, each with a leave-block-out reference) and measures, for sample sizes n
-from 10^3 to 10^6 pairs,
-
-* the cosine between an estimate from n pairs and a reference gradient built from all
-  the other pairs of the stream (estimate and reference never share an episode), and
-* the mean cosine between two independent estimates from n pairs each,
-
-for reinforce_rtg, value_baseline, gae and ppo (the critic-based ones with the run's
-critic at that checkpoint). References: value_baseline with the run's critic (primary)
-and reinforce_rtg (second), both unbiased; an estimator is scored against a reference
-from a different estimator, value_baseline against reinforce_rtg's.
+At the checkpoints of one training run, estimates from n state-action pairs
+(``pgvar.sample_size``: blocks cut from one stream, each with a leave-block-out
+reference) are scored by their cosine to a reference from a different unbiased estimator
+(value_baseline with the run's critic; reinforce_rtg's for value_baseline itself) and to
+each other; README.md beside this file gives the design and the verdict's rule.
 """
 
 from __future__ import annotations
