@@ -237,6 +237,26 @@ def _no_figures(summary, runs: pd.DataFrame, out_dir: Path) -> list[Path]:
     return []
 
 
+def estimate_of(record, name: str, n: int = 0) -> Estimate:
+    """A record's ``name``, ``name_lo`` and ``name_hi`` entries as an ``Estimate`` (the
+    inverse of ``estimate_columns``), for judging a summary row's interval."""
+    return Estimate(record[name], record[f"{name}_lo"], record[f"{name}_hi"], n)
+
+
+def in_interval(rows, name: str, value: float):
+    """Whether ``value`` lies in ``name``'s 95% interval (``name_lo`` to ``name_hi``): a
+    bool for a record, a boolean Series for a table; False where an end is NaN."""
+    return (rows[f"{name}_lo"] <= value) & (rows[f"{name}_hi"] >= value)
+
+
+def interval_check(record, name: str, value: float, n: int, min_n: int) -> bool | None:
+    """A ``check``'s outcome for 'the interval of ``name`` holds ``value``': None (undecided)
+    below ``min_n`` replicates ``n`` or without finite interval ends."""
+    if n < min_n or not (math.isfinite(record[f"{name}_lo"]) and math.isfinite(record[f"{name}_hi"])):
+        return None
+    return bool(in_interval(record, name, value))
+
+
 @dataclass
 class Experiment:
     """An experiment's five steps (module doc); ``analyze`` runs them and writes
@@ -490,22 +510,24 @@ def percentile_ends(draws: np.ndarray, n: int, axis: int = 0) -> tuple:
     return lo, hi
 
 
-def bootstrap_rows(w: np.ndarray, statistic, seed: int = 0) -> tuple[np.ndarray, ...]:
-    """``statistic(w)`` (a scalar or a vector) and its expanded-percentile 95% interval
-    from resampling the rows (replicates) of ``w`` (``replicate_resamples``); NaN ends
-    below two rows."""
+def bootstrap_rows(w: np.ndarray, statistic, seed: int = 0) -> list[Estimate]:
+    """``statistic(w)`` (a scalar or a vector), one ``Estimate`` per entry, with its
+    expanded-percentile 95% interval from resampling the rows (replicates) of ``w``
+    (``replicate_resamples``); NaN ends below two rows."""
+    n = w.shape[0]
     value = np.atleast_1d(np.asarray(statistic(w), float))
-    if w.shape[0] < 2:
-        return value, np.full_like(value, math.nan), np.full_like(value, math.nan)
-    draws = np.array([np.atleast_1d(statistic(w[idx]))
-                      for idx in replicate_resamples(w.shape[0], seed)], float)
-    return (value, *percentile_ends(draws, w.shape[0]))
+    if n < 2:
+        return [Estimate(float(v), math.nan, math.nan, n) for v in value]
+    draws = np.array([np.atleast_1d(statistic(w[idx])) for idx in replicate_resamples(n, seed)], float)
+    return [Estimate(float(v), float(lo), float(hi), n)
+            for v, lo, hi in zip(value, *percentile_ends(draws, n))]
 
 
 def paired_matrix(runs: pd.DataFrame, x: str, column: str,
-                  replicate: str = "seed") -> tuple[np.ndarray, np.ndarray]:
-    """(x values [L], ``column`` [R, L]) of the replicates that have every x: a curve per
-    seed, the pairs of a paired comparison along x."""
+                  replicate: str | list[str] = "seed") -> tuple[np.ndarray, np.ndarray]:
+    """(x values [L], ``column`` [R, L]) of the replicates (a column, or several that
+    together name one, such as instance and seed) that have every x: a curve per
+    replicate, the pairs of a paired comparison along x."""
     wide = runs.pivot_table(index=replicate, columns=x, values=column, aggfunc="mean").dropna()
     return wide.columns.to_numpy(float), wide.to_numpy(float)
 
