@@ -257,6 +257,29 @@ def interval_check(record, name: str, value: float, n: int, min_n: int) -> bool 
     return bool(in_interval(record, name, value))
 
 
+def exact_gains(env, policy, moves: dict[str, Any]) -> dict[str, float]:
+    """Per named set of moves (rows of flat parameter displacements in
+    ``policy.parameters()`` order), the mean over its rows of the exact J(θ_0 + move) −
+    J(θ_0), θ_0 the policy's parameters (``exact_objective_at``; the policy is left as it
+    was): what a step buys on the objective itself rather than on an estimate of it."""
+    from torch.nn.utils import parameters_to_vector
+
+    theta0 = parameters_to_vector(policy.parameters()).detach().double()
+    j0 = exact_objective_at(env, policy, theta0)
+    return {name: float(np.mean([exact_objective_at(env, policy, theta0 + m) - j0 for m in rows]))
+            for name, rows in moves.items()}
+
+
+def run_means(rows: pd.DataFrame, first: list[str], mean: list[str]) -> pd.DataFrame:
+    """One line per run: ``analysis.table.per_run_values`` (its statistics' means and
+    standard errors), the first value of each ``first`` column (a setting of the run) and
+    the mean of each ``mean`` column over the run's rows."""
+    from analysis.table import per_run_values
+
+    by_run = rows.groupby("run_dir", sort=False)
+    return per_run_values(rows).join(by_run[first].first()).join(by_run[mean].mean())
+
+
 @dataclass
 class Experiment:
     """An experiment's five steps (module doc); ``analyze`` runs them and writes
@@ -386,9 +409,11 @@ def estimate_columns(name: str, est: Estimate) -> dict[str, float]:
 
 
 def mean_columns(runs: pd.DataFrame, metrics) -> dict[str, float]:
-    """``estimate_columns`` of the mean across runs (``mean_ci``) of each of ``metrics``."""
-    return {k: v for m in metrics for k, v in
-            estimate_columns(m, mean_ci(runs[m].to_numpy(float))).items()}
+    """``estimate_columns`` of the mean across runs (``mean_ci``) of each of ``metrics``:
+    column names, or ``{name in the record: column}``."""
+    named = metrics if isinstance(metrics, dict) else {m: m for m in metrics}
+    return {k: v for name, m in named.items() for k, v in
+            estimate_columns(name, mean_ci(runs[m].to_numpy(float))).items()}
 
 
 def means_by_group(rows: pd.DataFrame, keys: list[str], columns: list[str]) -> pd.DataFrame:
@@ -532,14 +557,15 @@ def paired_matrix(runs: pd.DataFrame, x: str, column: str,
     return wide.columns.to_numpy(float), wide.to_numpy(float)
 
 
-def _with_min_n(est: Estimate, min_n: int) -> Estimate:
-    """The estimate, without its interval when it rests on fewer than ``min_n`` replicates."""
+def with_min_n(est: Estimate, min_n: int) -> Estimate:
+    """The estimate, without its interval when it rests on fewer than ``min_n`` replicates
+    (a bootstrap over so few says nothing, so a verdict on it stays inconclusive)."""
     return est if est.n >= min_n else Estimate(est.value, math.nan, math.nan, est.n)
 
 
 def paired_mean(values: np.ndarray, min_n: int = 3) -> Estimate:
     """``mean_ci`` of per-replicate values, without an interval below ``min_n`` of them."""
-    return _with_min_n(mean_ci(values), min_n)
+    return with_min_n(mean_ci(values), min_n)
 
 
 def geometric_mean_ratio(numerator: dict, denominator: dict, min_n: int = 3) -> Estimate:
@@ -551,7 +577,7 @@ def geometric_mean_ratio(numerator: dict, denominator: dict, min_n: int = 3) -> 
     keys = [k for k in numerator if k in denominator and numerator[k] > 0 and denominator[k] > 0]
     if not keys:
         return Estimate(math.nan, math.nan, math.nan, 0)
-    return _with_min_n(mean_ci(np.log([numerator[k] / denominator[k] for k in keys])).map(math.exp),
+    return with_min_n(mean_ci(np.log([numerator[k] / denominator[k] for k in keys])).map(math.exp),
                        min_n)
 
 
@@ -585,20 +611,21 @@ def curve_trend(xs: np.ndarray, values: np.ndarray, min_n: int = 3) -> Estimate:
     return Estimate(point, lo, hi, n)
 
 
-def curve_argmin(xs: np.ndarray, values: np.ndarray, min_n: int = 3) -> dict[str, object]:
-    """The x minimising the mean curve of ``values`` [R, L], its bootstrap interval over
-    replicates and the share of resamples choosing each x (``argmin``, ``lo``, ``hi``,
-    ``shares``)."""
+def curve_argmin(xs: np.ndarray, values: np.ndarray,
+                 min_n: int = 3) -> tuple[Estimate, dict[float, float]]:
+    """The x minimising the mean curve of ``values`` [R, L] with its bootstrap interval
+    over replicates (no interval below ``min_n``; NaN without replicates), and the share
+    of resamples choosing each x."""
     n = values.shape[0]
     if n < 1:
-        return {"argmin": math.nan, "lo": math.nan, "hi": math.nan, "shares": {}}
+        return Estimate(math.nan, math.nan, math.nan, 0), {}
     best = float(xs[int(np.argmin(values.mean(0)))])
     if n < min_n:
-        return {"argmin": best, "lo": math.nan, "hi": math.nan, "shares": {}}
+        return Estimate(best, math.nan, math.nan, n), {}
     picks = xs[np.argmin(values[replicate_resamples(n, seed=1)].mean(1), axis=1)]
     lo, hi = map(float, percentile_ends(picks, n))
-    return {"argmin": best, "lo": lo, "hi": hi,
-            "shares": {float(v): float(np.mean(picks == v)) for v in xs if np.any(picks == v)}}
+    return Estimate(best, lo, hi, n), {float(v): float(np.mean(picks == v)) for v in xs
+                                       if np.any(picks == v)}
 
 
 def slope_estimate(x: np.ndarray, y: np.ndarray) -> Estimate:

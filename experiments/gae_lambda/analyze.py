@@ -19,8 +19,8 @@ import pandas as pd
 from analysis import experiment as ex
 from analysis.loader import measured_rows
 from analysis.render import format_columns, frame_table
-from analysis.stats import Estimate, mean_ci
-from analysis.table import per_run_values, squared_bias_interval
+from analysis.stats import NAN_ESTIMATE, mean_ci
+from analysis.table import squared_bias_interval
 
 MIN_STEP = 1
 POOLED = f">= {MIN_STEP}"  # the critic level of all fitted steps pooled (the claim's)
@@ -55,29 +55,24 @@ def per_run(rows: pd.DataFrame) -> pd.DataFrame:
                            "training.batch_size", np.nan),
                        reference=np.where(exact, "exact ∇J", "MC " + ref))
     step = rows["step"].astype(int).astype(str)
-    out = []
-    for part in (rows[rows["step"] >= MIN_STEP].assign(level=POOLED),
-                 rows.assign(level=step, run_dir=rows["run_dir"].astype(str) + "@" + step)):
-        groups = part.groupby("run_dir", sort=False)
-        out.append(per_run_values(part).join(groups[["env", "lam", "level", "reference",
-                                                     "batch_size"]].first()).join(groups[[
-            "grad_rel_mse", "critic_fit_loss", "ref_rel_se"]].mean()).reset_index())
-    return pd.concat(out, ignore_index=True)
+    pooled = rows[rows["step"] >= MIN_STEP].assign(level=POOLED)
+    each_step = rows.assign(level=step, run_dir=rows["run_dir"].astype(str) + "@" + step)
+    return pd.concat([ex.run_means(part, ["env", "lam", "level", "reference", "batch_size"],
+                                   ["grad_rel_mse", "critic_fit_loss", "ref_rel_se"]).reset_index()
+                      for part in (pooled, each_step)], ignore_index=True)
 
 
 def lambda_table(runs: pd.DataFrame) -> pd.DataFrame:
     """One line per (env, lambda): relative bias, variance, MSE and cosine, 95% intervals."""
     records = []
     for (env, lam), sel in runs.groupby(["env", "lam"], sort=True):
-        b2 = squared_bias_interval(sel, "grad_rel_bias_sq")
-        b2 = b2 if b2.n >= MIN_SEEDS else Estimate(b2.value, math.nan, math.nan, b2.n)
-        rec = {"env": env, "estimator": "gae", "lam": lam, "n_runs": len(sel),
-               "batch_size": sel["batch_size"].iloc[0], "bias_distinguishable": b2.lo > 0,
-               **ex.estimate_columns("rel_bias_sq", b2),
-               **ex.estimate_columns("rel_bias", ex.sqrt_estimate(b2))}
-        for name in ("rel_variance", "rel_mse", "cos_ref"):
-            rec.update(ex.estimate_columns(name, mean_ci(sel[RUN_COLUMNS[name]].to_numpy(float))))
-        records.append(rec)
+        b2 = ex.with_min_n(squared_bias_interval(sel, "grad_rel_bias_sq"), MIN_SEEDS)
+        records.append({"env": env, "estimator": "gae", "lam": lam, "n_runs": len(sel),
+                        "batch_size": sel["batch_size"].iloc[0], "bias_distinguishable": b2.lo > 0,
+                        **ex.estimate_columns("rel_bias_sq", b2),
+                        **ex.estimate_columns("rel_bias", ex.sqrt_estimate(b2)),
+                        **ex.mean_columns(sel, {name: RUN_COLUMNS[name]
+                                                for name in ("rel_variance", "rel_mse", "cos_ref")})})
     return pd.DataFrame.from_records(records)
 
 
@@ -103,15 +98,14 @@ def trend_record(sel: pd.DataFrame) -> dict[str, object]:
                                        ex.paired_ratio(lams, var, num, den, MIN_SEEDS)))
     rec.update(ex.estimate_columns("bias_sq_drop_0_minus_1",
                                    ex.paired_mean(b2[:, 0] - b2[:, -1], MIN_SEEDS)))
-    best = ex.curve_argmin(lams, mse, MIN_SEEDS)
-    rec.update(mse_argmin=best["argmin"], mse_argmin_lo=best["lo"], mse_argmin_hi=best["hi"],
-               mse_argmin_shares=";".join(f"{k:g}:{v:.2f}" for k, v in best["shares"].items()))
+    best, shares = ex.curve_argmin(lams, mse, MIN_SEEDS)
+    rec.update(**ex.estimate_columns("mse_argmin", best),
+               mse_argmin_shares=";".join(f"{k:g}:{v:.2f}" for k, v in shares.items()))
     batch = float(sel["batch_size"].iloc[0])
     for other in OTHER_BATCH_SIZES:  # MSE of a mean of B' episodes: bias^2 + trCov_B * B / B'
-        best = ex.curve_argmin(lams, b2 + var * batch / other, MIN_SEEDS) \
-            if math.isfinite(batch) else {}
-        for key, end in (("", "argmin"), ("_lo", "lo"), ("_hi", "hi")):
-            rec[f"mse_argmin_B{other}{key}"] = best.get(end, math.nan)
+        best = ex.curve_argmin(lams, b2 + var * batch / other, MIN_SEEDS)[0] \
+            if math.isfinite(batch) else NAN_ESTIMATE
+        rec.update(ex.estimate_columns(f"mse_argmin_B{other}", best))
     return rec
 
 

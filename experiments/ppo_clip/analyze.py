@@ -14,12 +14,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from torch.nn.utils import parameters_to_vector
 
 from analysis import experiment as xp
 from analysis.figures import REL_BIAS_LABEL, REL_VAR_LABEL, interval_grid
 from analysis.render import format_columns, frame_table
-from analysis.stats import Estimate, mean_ci
+from analysis.stats import mean_ci
 from pgvar.envs.base import is_exact
 from pgvar.estimators import EstimatorConfig, estimate_gradients
 from pgvar.reference import exact_reference
@@ -85,13 +84,10 @@ def exact_steps(config: dict) -> dict[str, float]:
         d, g1 = (estimate_gradients("ppo", env, policy, batch, REUSE_BATCHES, critic, c).double()
                  for c in (cfg, replace(cfg, ppo_epochs=1)))
     g = exact_reference(env, policy).grad.double()
-    theta0 = parameters_to_vector(policy.parameters()).detach().double()
     length = (step := cfg.ppo_lr * cfg.ppo_epochs * d).norm(dim=1, keepdim=True)
-    j0 = xp.exact_objective_at(env, policy, theta0)
-    moves = {"gain_one": cfg.ppo_lr * g1, "gain_ppo": step,
-             "gain_plain": length * g1 / g1.norm(dim=1, keepdim=True), "gain_exact": length * g / g.norm()}
-    out = {k: float(np.mean([xp.exact_objective_at(env, policy, theta0 + m) - j0 for m in v]))
-           for k, v in moves.items()}
+    out = xp.exact_gains(env, policy, {
+        "gain_one": cfg.ppo_lr * g1, "gain_ppo": step,
+        "gain_plain": length * g1 / g1.norm(dim=1, keepdim=True), "gain_exact": length * g / g.norm()})
     return {**out, "reuse_edge": out["gain_ppo"] - out["gain_plain"],
             "over_one": out["gain_ppo"] - out["gain_one"]}
 
@@ -134,8 +130,8 @@ def clip_finding(runs: pd.DataFrame) -> xp.Finding:
 def gain_finding(table: pd.DataFrame, column: str, claim: str, kind: str) -> xp.Finding:
     """An exact-J difference above 0 for every (env, 1 < K <= FEW_EPOCHS, ε): ``share_word``."""
     t = table[(table["K"] > 1) & (table["K"] <= FEW_EPOCHS)]
-    words = [xp.side_of(Estimate(r[column], r[f"{column}_lo"], r[f"{column}_hi"], 0), 0.0,
-                        "worse", "beats", "tie") for _, r in t.iterrows()]
+    words = [xp.side_of(xp.estimate_of(r, column), 0.0, "worse", "beats", "tie")
+             for _, r in t.iterrows()]
     return xp.Finding(claim, xp.share_word(words, "beats"), "ΔJ " + "; ".join(
         f"{r['env']} {r['label']}: {format_columns(r, column, 2, sign=True)}" for _, r in t.iterrows())
         if len(t) else "no PPO run with 1 < K ≤ 4", kind)
