@@ -1,13 +1,6 @@
-"""GAE(lambda): bias, variance and MSE of the gradient against lambda, with a fitted critic.
-
-The policy is held fixed (``lr=1e-12``) while the critic is fitted on every training batch;
-one seed's runs share policy, critic, episodes and reference, so lambdas are compared
-paired over seeds: measured steps >= ``MIN_STEP`` pooled (the claim), and each measured
-step alone (the critic after that many fits: the verdict against the critic's quality).
-Parts: bias falls, variance rises (tested); GAE(1) unbiased (tested, but by construction
-against ``value_baseline`` with the run's critic, which *is* GAE(1)); the MSE-optimal
-lambda (measured) and its move with the batch size (by construction: only variance scales).
-"""
+"""GAE(lambda): bias, variance and MSE of the gradient against lambda, with a fitted critic
+held the same for every lambda (README.md beside this file: the claim, the paired design,
+the critic levels and the classes of the verdict's parts)."""
 
 from __future__ import annotations
 

@@ -1,12 +1,8 @@
-"""Language-model fine-tuning estimators against the exact gradient: one verdict per claim.
-
-A run's sweep is the first folder of its ``run_id``. Each ``claim_*`` returns its parts
-(``analysis.experiment.Finding``); only tested parts make the headline. The exact
-columns come from the closed-form mean of ``pgvar.sequence_estimators.exact_mean``,
-which rests on the derivation the claims restate: where a claim is that derivation's
-identity (RLOO's mean is grad J, k1's is grad (J - beta KL)) its exact verdict is *by
-construction*, and the sampled estimator tests it (``mc_bias_gap``).
-"""
+"""Language-model fine-tuning estimators against the exact gradient: one finding per claim
+of README.md beside this file (``claim_*``), from the sweep named by the first folder of a
+run's ``run_id``. Where a claim restates the identity the exact columns are computed from
+(``pgvar.sequence_estimators.exact_mean``) its exact finding is *by construction*, and the
+sampled estimator tests it (``mc_bias_gap``)."""
 
 from __future__ import annotations
 

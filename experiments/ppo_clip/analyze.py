@@ -1,9 +1,5 @@
-"""PPO's update against the exact gradient and the exact objective, by epochs K and clip ε.
-
-From the runs' logs, per (env, K, ε): d's cosines with ∇J, bias, variance, displacement,
-paired with GAE. ``exact_steps``: the exact J after PPO's K epochs on a batch against one
-step as long along its gradient and along ∇J (re-use against step length); ``findings``.
-"""
+"""PPO's update against the exact gradient and the exact objective, by epochs K and clip ε
+(README.md beside this file: the claim, the statistics and the classes of the findings)."""
 
 from __future__ import annotations
 
