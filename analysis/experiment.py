@@ -280,6 +280,31 @@ def run_means(rows: pd.DataFrame, first: list[str], mean: list[str]) -> pd.DataF
     return per_run_values(rows).join(by_run[first].first()).join(by_run[mean].mean())
 
 
+def interval_sign(record, name: str, at: float = 0.0) -> int:
+    """1 when ``name``'s 95% interval (``name_lo`` to ``name_hi``) of a record lies above
+    ``at``, -1 when below, 0 when it holds ``at`` or an end is missing or NaN."""
+    lo, hi = record.get(f"{name}_lo", math.nan), record.get(f"{name}_hi", math.nan)
+    return 1 if lo > at else -1 if hi < at else 0
+
+
+def measured_with_previous(frame: pd.DataFrame, column: str, name: str) -> pd.DataFrame:
+    """The measured rows (``measured_rows``) with, as ``name``, their run's ``column`` as
+    logged at the iteration before (NaN where there is none): what an iteration's
+    measurement inherits, such as the fit that made its critic (``critic_loss``)."""
+    frame = frame.sort_values(["run_dir", "step"])
+    logged = frame[column] if column in frame else pd.Series(np.nan, frame.index)
+    previous = frame[["run_dir", "step"]].assign(**{name: logged.groupby(frame["run_dir"]).shift(1)})
+    return measured_rows(frame).merge(previous, on=["run_dir", "step"], how="left")
+
+
+def paired_geometric_ratio(runs: pd.DataFrame, baseline: pd.DataFrame, metric: str,
+                           min_n: int = 3) -> Estimate:
+    """``geometric_mean_ratio`` over seeds of metric(run) / metric(baseline run of the same
+    seed): the scale-free counterpart of ``paired_difference``."""
+    return geometric_mean_ratio(dict(zip(runs["seed"], runs[metric])),
+                                dict(zip(baseline["seed"], baseline[metric])), min_n)
+
+
 @dataclass
 class Experiment:
     """An experiment's five steps (module doc); ``analyze`` runs them and writes

@@ -27,6 +27,11 @@ def format_columns(record, name: str, digits: int = 3, missing: str = "n/a", **s
                      **style)
 
 
+def format_estimate(est, digits: int = 3, missing: str = "n/a", **style) -> str:
+    """``format_ci`` of an ``analysis.stats.Estimate``'s value and interval."""
+    return format_ci(est.value, est.lo, est.hi, digits, missing, **style)
+
+
 def yes_no(flag: object) -> str:
     """``yes`` / ``no``, or ``n/a`` for an undecided (None or NaN) flag."""
     if flag is None or (isinstance(flag, float) and math.isnan(flag)):

@@ -5,12 +5,12 @@ the critic levels and the classes of the verdict's parts)."""
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import numpy as np
 import pandas as pd
 
 from analysis import experiment as ex
-from analysis.loader import measured_rows
 from analysis.render import format_columns, frame_table
 from analysis.stats import NAN_ESTIMATE, mean_ci
 from analysis.table import squared_bias_interval
@@ -29,11 +29,7 @@ RUN_COLUMNS = {"rel_bias_sq": "grad_rel_bias_sq", "rel_variance": "grad_rel_vari
 def usable_measurements(frame: pd.DataFrame) -> pd.DataFrame:
     """GAE's measured rows with a known lambda, each with ``critic_fit_loss``: the logged
     ``critic_loss`` of the iteration before, the fit that made the measuring critic."""
-    frame = frame.sort_values(["run_dir", "step"])
-    loss = frame["critic_loss"] if "critic_loss" in frame else pd.Series(np.nan, frame.index)
-    fit_loss = frame[["run_dir", "step"]].assign(
-        critic_fit_loss=loss.groupby(frame["run_dir"]).shift(1))
-    rows = measured_rows(frame).merge(fit_loss, on=["run_dir", "step"], how="left")
+    rows = ex.measured_with_previous(frame, "critic_loss", "critic_fit_loss")
     return rows[(rows["estimator"] == "gae") & rows["lam"].notna()].copy()
 
 
@@ -106,9 +102,7 @@ def judged(t: dict) -> dict[str, str]:
     """Bias falls: Spearman CI below 0 and bias²(0) − bias²(1) above 0; variance rises:
     Spearman CI above 0 and the λ=1/λ=0 ratio above 1; U-shaped: falls to an inner
     minimum and rises from it (both ratio intervals excluding 1)."""
-    def side(name: str, zero: float = 0.0) -> int:  # interval above (1) / below (-1) zero
-        lo, hi = t.get(f"{name}_lo", math.nan), t.get(f"{name}_hi", math.nan)
-        return 1 if lo > zero else -1 if hi < zero else 0
+    side = partial(ex.interval_sign, t)  # the interval above (1) / below (-1) a level
     b_rank, b_end = side("spearman_rel_bias_sq"), side("bias_sq_drop_0_minus_1")
     v_rank, v_end = side("spearman_rel_variance"), side("variance_ratio_1_over_0", 1.0)
     bias = "falls" if (b_rank, b_end) == (-1, 1) else \

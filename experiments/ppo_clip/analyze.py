@@ -13,7 +13,7 @@ import torch
 
 from analysis import experiment as xp
 from analysis.figures import REL_BIAS_LABEL, REL_VAR_LABEL, interval_grid
-from analysis.render import format_columns, frame_table
+from analysis.render import format_columns, format_estimate, frame_table
 from analysis.stats import mean_ci
 from pgvar.envs.base import is_exact
 from pgvar.estimators import EstimatorConfig, estimate_gradients
@@ -114,11 +114,10 @@ def clip_finding(runs: pd.DataFrame) -> xp.Finding:
     words, bits = [], []
     for env, t in runs[runs["K"] == runs.groupby("env")["K"].transform("max")].groupby("env", sort=False):
         lo, hi = (t[t["clip"] == c] for c in (t["clip"].min(), t["clip"].max()))
-        r = xp.geometric_mean_ratio(dict(zip(lo["seed"], lo["displacement"])),
-                                    dict(zip(hi["seed"], hi["displacement"])), MIN_SEEDS)
+        r = xp.paired_geometric_ratio(lo, hi, "displacement", MIN_SEEDS)
         words.append(xp.side_of(r, 1.0, "bounded", "not bounded"))
         bits.append(f"{env}: ‖θ_K − θ_0‖ at K = {t['K'].max()}, ε = {t['clip'].min():g} over ε = "
-                    f"{t['clip'].max():g}: {format_columns(xp.estimate_columns('r', r), 'r')}")
+                    f"{t['clip'].max():g}: {format_estimate(r)}")
     return xp.Finding("the clip bounds the update", xp.share_word(words, "bounded"),
                       "; ".join(bits) or "no K > 1")
 
