@@ -249,7 +249,7 @@ def in_interval(rows, name: str, value: float):
     return (rows[f"{name}_lo"] <= value) & (rows[f"{name}_hi"] >= value)
 
 
-def interval_check(record, name: str, value: float, n: int, min_n: int) -> bool | None:
+def interval_holds(record, name: str, value: float, n: int, min_n: int) -> bool | None:
     """A ``check``'s outcome for 'the interval of ``name`` holds ``value``': None (undecided)
     below ``min_n`` replicates ``n`` or without finite interval ends."""
     if n < min_n or not (math.isfinite(record[f"{name}_lo"]) and math.isfinite(record[f"{name}_hi"])):
@@ -278,6 +278,13 @@ def run_means(rows: pd.DataFrame, first: list[str], mean: list[str]) -> pd.DataF
 
     by_run = rows.groupby("run_dir", sort=False)
     return per_run_values(rows).join(by_run[first].first()).join(by_run[mean].mean())
+
+
+def bootstrap_estimates(w: np.ndarray, statistic, seed: int = 0) -> list[Estimate]:
+    """``bootstrap_rows`` as one ``Estimate`` per entry of the statistic (a curve's points,
+    a fit's coefficients), for ``estimate_columns``."""
+    return [Estimate(float(v), float(lo), float(hi), w.shape[0])
+            for v, lo, hi in zip(*bootstrap_rows(w, statistic, seed))]
 
 
 def interval_sign(record, name: str, at: float = 0.0) -> int:
@@ -560,17 +567,16 @@ def percentile_ends(draws: np.ndarray, n: int, axis: int = 0) -> tuple:
     return lo, hi
 
 
-def bootstrap_rows(w: np.ndarray, statistic, seed: int = 0) -> list[Estimate]:
-    """``statistic(w)`` (a scalar or a vector), one ``Estimate`` per entry, with its
-    expanded-percentile 95% interval from resampling the rows (replicates) of ``w``
-    (``replicate_resamples``); NaN ends below two rows."""
-    n = w.shape[0]
+def bootstrap_rows(w: np.ndarray, statistic, seed: int = 0) -> tuple[np.ndarray, ...]:
+    """``statistic(w)`` (a scalar or a vector) and its expanded-percentile 95% interval
+    from resampling the rows (replicates) of ``w`` (``replicate_resamples``); NaN ends
+    below two rows."""
     value = np.atleast_1d(np.asarray(statistic(w), float))
-    if n < 2:
-        return [Estimate(float(v), math.nan, math.nan, n) for v in value]
-    draws = np.array([np.atleast_1d(statistic(w[idx])) for idx in replicate_resamples(n, seed)], float)
-    return [Estimate(float(v), float(lo), float(hi), n)
-            for v, lo, hi in zip(value, *percentile_ends(draws, n))]
+    if w.shape[0] < 2:
+        return value, np.full_like(value, math.nan), np.full_like(value, math.nan)
+    draws = np.array([np.atleast_1d(statistic(w[idx]))
+                      for idx in replicate_resamples(w.shape[0], seed)], float)
+    return (value, *percentile_ends(draws, w.shape[0]))
 
 
 def paired_matrix(runs: pd.DataFrame, x: str, column: str,
@@ -583,8 +589,7 @@ def paired_matrix(runs: pd.DataFrame, x: str, column: str,
 
 
 def with_min_n(est: Estimate, min_n: int) -> Estimate:
-    """The estimate, without its interval when it rests on fewer than ``min_n`` replicates
-    (a bootstrap over so few says nothing, so a verdict on it stays inconclusive)."""
+    """The estimate, without its interval when it rests on fewer than ``min_n`` replicates."""
     return est if est.n >= min_n else Estimate(est.value, math.nan, math.nan, est.n)
 
 

@@ -20,25 +20,25 @@ def test_interval_tests_on_a_record_and_on_a_table():
     assert ex.estimate_of(record, "k") == Estimate(-0.9, -1.1, -0.7, 0)
     assert ex.estimate_columns("k", ex.estimate_of(record, "k")) == record
     assert ex.in_interval(record, "k", -1) and not ex.in_interval(record, "k", 0)
-    assert ex.interval_check(record, "k", -1, n=5, min_n=3) is True
-    assert ex.interval_check(record, "k", 0, n=5, min_n=3) is False
-    assert ex.interval_check(record, "k", -1, n=2, min_n=3) is None  # too few replicates
-    assert ex.interval_check({**record, "k_hi": math.nan}, "k", -1, n=5, min_n=3) is None
+    assert ex.interval_holds(record, "k", -1, n=5, min_n=3) is True
+    assert ex.interval_holds(record, "k", 0, n=5, min_n=3) is False
+    assert ex.interval_holds(record, "k", -1, n=2, min_n=3) is None  # too few replicates
+    assert ex.interval_holds({**record, "k_hi": math.nan}, "k", -1, n=5, min_n=3) is None
     assert [ex.interval_sign(record, "k", at) for at in (-2, -1, 0)] == [1, 0, -1]
     assert ex.interval_sign({}, "k") == 0  # no interval: no side
     table = pd.DataFrame({"g_lo": [-1.0, 0.5, math.nan], "g_hi": [1.0, 2.0, 1.0]})
     assert list(ex.in_interval(table, "g", 0)) == [True, False, False]
 
 
-def test_bootstrap_rows_gives_one_estimate_per_entry_of_the_statistic():
+def test_bootstrap_estimates_give_one_estimate_per_entry_of_the_statistic():
     rng = np.random.default_rng(0)
     w = rng.normal([1.0, 5.0], 0.1, size=(12, 2))
-    est = ex.bootstrap_rows(w, lambda x: x.mean(axis=0))
+    est = ex.bootstrap_estimates(w, lambda x: x.mean(axis=0))
     assert [e.n for e in est] == [12, 12]
     for e, want in zip(est, (1.0, 5.0)):
         assert e.value == pytest.approx(w[:, int(want > 1)].mean())
         assert e.lo < e.value < e.hi and e.hi - e.lo < 0.3 and e.lo < want < e.hi
-    one = ex.bootstrap_rows(w[:1], lambda x: x.mean(axis=0))
+    one = ex.bootstrap_estimates(w[:1], lambda x: x.mean(axis=0))
     assert all(math.isnan(e.lo) and math.isnan(e.hi) and e.n == 1 for e in one)
 
 

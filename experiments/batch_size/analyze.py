@@ -72,7 +72,7 @@ def per_batch_size(rows: pd.DataFrame) -> pd.DataFrame:
     records = []
     for (env, est), g_est in rows.groupby(["env", "estimator"], sort=True):
         bs, w = variance_matrix(g_est)
-        norm = dict(zip(bs.astype(int), xp.bootstrap_rows(w, partial(normalised_curve, bs))))
+        norm = dict(zip(bs.astype(int), xp.bootstrap_estimates(w, partial(normalised_curve, bs))))
         for b, g in g_est.groupby("B", sort=True):
             records.append({"env": env, "estimator": est, "B": int(b), "n_replicates": len(g),
                             "grad_variance": g["grad_variance"].mean(),
@@ -91,7 +91,7 @@ def exponents(rows: pd.DataFrame) -> pd.DataFrame:
         record = {"env": env, "estimator": est, "n_replicates": w.shape[0],  # the batch mean: no U law
                   **xp.estimate_columns("ustat_gap", NAN_ESTIMATE)}
         for name, fit in list(fits.items())[:1 if est == MEAN else 2]:
-            record.update(xp.estimate_columns(name, xp.bootstrap_rows(w, fit)[0]))
+            record.update(xp.estimate_columns(name, xp.bootstrap_estimates(w, fit)[0]))
         records.append(record)
     return pd.DataFrame.from_records(records)
 
@@ -104,17 +104,17 @@ def checks(exps: pd.DataFrame, by_b: pd.DataFrame) -> list:
         e = e.set_index("estimator")
         r, u = e.loc[RTG], e.loc[RLOO]
         records.append(xp.check(env, f"Var({RTG}) ~ 1/B: k = -1 in the interval",
-                                xp.interval_check(r, "k", -1, r["n_replicates"], MIN_REPLICATES),
+                                xp.interval_holds(r, "k", -1, r["n_replicates"], MIN_REPLICATES),
                                 f"k = {format_columns(r, 'k')}"))
         records.append(xp.check(env, "Var(rloo) follows its U-statistic law: the law through the smallest "
                                      "and largest B predicts the others (mean log gap 0 in the interval)",
-                                xp.interval_check(u, "ustat_gap", 0, u["n_replicates"], MIN_REPLICATES),
+                                xp.interval_holds(u, "ustat_gap", 0, u["n_replicates"], MIN_REPLICATES),
                                 f"gap = {format_columns(u, 'ustat_gap')}"))
         b = by_b[by_b["env"] == env].set_index(["estimator", "B"])
         m = b.loc[MEAN].iloc[0]
         enough = m["n_replicates"] >= MIN_REPLICATES
         records.append(xp.check(env, f"mean_baseline relative bias at B={m.name} covers 1/B",
-                                xp.interval_check(m, "rel_bias", 1 / m.name, m["n_replicates"], MIN_REPLICATES),
+                                xp.interval_holds(m, "rel_bias", 1 / m.name, m["n_replicates"], MIN_REPLICATES),
                                 f"{format_columns(m, 'rel_bias')}, 1/B = {1 / m.name:.3g}", xp.BY_CONSTRUCTION))
         biased = list(b.loc[RLOO].index[b.loc[RLOO]["bias_distinguishable"].eq(True)])
         records.append(xp.check(env, "rloo bias not distinguishable at any B", not biased if enough else None,
