@@ -127,7 +127,7 @@ def summarise(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def parts_of(summary: tuple) -> list[ex.Finding]:
-    """The claim's parts per env, fitted steps pooled (module doc)."""
+    """The claim's parts per env, fitted steps pooled (their classes: README.md)."""
     table, tr = summary
     parts = []
     for _, t in tr[tr["level"] == POOLED].iterrows():
