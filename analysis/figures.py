@@ -33,6 +33,7 @@ import seaborn as sns
 from matplotlib import ticker
 
 from analysis.stats import mean_ci
+from analysis.validate import is_number
 
 PAPER_WIDTH = 7.0
 PANEL_HEIGHT = 2.6
@@ -85,17 +86,9 @@ def _label_order(label: str) -> tuple:
     family = _family(label)
     rest = label[len(family):]
     rank = ESTIMATOR_ORDER.index(family) if family in ESTIMATOR_ORDER else len(ESTIMATOR_ORDER)
-    parts = tuple((0, float(t), "") if _is_number(t) else (1, 0.0, t)
+    parts = tuple((0, float(t), "") if is_number(t) else (1, 0.0, t)
                   for t in re.split(r"([-+]?\d*\.?\d+(?:e[-+]?\d+)?)", rest) if t)
     return (rank, family, parts)
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 def log_axis(ax, which: str, values) -> None:

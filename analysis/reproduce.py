@@ -31,6 +31,7 @@ that are already complete (pgvar-run's own rule).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -38,6 +39,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,7 +50,7 @@ from analysis.loader import LoadError, load_runs
 from analysis.pipeline import analyze
 from pgvar.preflight import count_argument, output_dir_problem
 from pgvar.progress import rate_and_remaining
-from pgvar.runlog import FINAL_STATUSES, RUN_FILE
+from pgvar.runlog import FINAL_STATUSES, RUN_FILE, read_run_record
 from pgvar.sweep import expand_sweep
 
 PRESETS = ("smoke", "quick", "full")
@@ -331,6 +333,54 @@ def run_simulation(spec: ExperimentSpec, out: Path, args: argparse.Namespace,
     print(f"total {time.perf_counter() - started:.0f}s")
     print(out / "result.md")
     return 0
+
+
+@contextlib.contextmanager
+def forked_map(fn: Callable[[Any], Any], items: list, workers: int) -> Iterator[Iterator[Any]]:
+    """``fn`` over ``items`` for a simulation experiment: in ``workers`` forked processes,
+    results in the order they finish (what ``fn`` reads from module globals set before the
+    call reaches the workers through fork), or here, in order, with one worker."""
+    if workers <= 1:
+        yield map(fn, items)
+        return
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        yield pool.imap_unordered(fn, items)
+
+
+def ensure_trained_run(name: str, run_dir: Path, overrides: list[str] | None) -> None:
+    """Train one run into ``run_dir`` (``pgvar-run`` with ``overrides``) for a simulation
+    experiment that measures its checkpoints, unless ``run_dir`` holds a complete run (a
+    re-run reuses it)."""
+    if (read_run_record(run_dir) or {}).get("status") == "complete":
+        return
+    if not overrides:
+        raise SystemExit(f"{name}: {run_dir} holds no complete training run and the preset "
+                         "gives no `train` overrides to make one")
+    cmd = [*_pgvar_run(), *[str(o) for o in overrides], f"hydra.run.dir={run_dir}"]
+    print(f"{name}: training:", " ".join(cmd[1:]), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def run_checkpoints(name: str, params: dict, out: Path) -> list[tuple[str, Any]]:
+    """(label, ``pgvar.checkpoints.Checkpoint``) for a simulation that measures the
+    checkpoints of one training run. Preset keys: ``checkpoints`` (label -> step);
+    ``run_dir`` (relative to ``out``) and ``train`` (``pgvar-run`` overrides that make the
+    run, skipped when a complete one is there); without ``run_dir`` every step must be 0
+    and the initial state of ``initial_config`` is used, as ``pgvar-run`` builds it."""
+    from pgvar.checkpoints import initial_checkpoint, load_checkpoint
+
+    steps = {str(label): int(step) for label, step in params["checkpoints"].items()}
+    if "run_dir" not in params:
+        if any(steps.values()):
+            raise SystemExit(f"{name}: checkpoints after step 0 need a run_dir (and train "
+                             "overrides) in the preset")
+        return [(label, initial_checkpoint(params["initial_config"])) for label in steps]
+    run_dir = Path(params["run_dir"])
+    run_dir = run_dir if run_dir.is_absolute() else out / run_dir
+    ensure_trained_run(name, run_dir, params.get("train"))
+    return [(label, load_checkpoint(run_dir, step)) for label, step in steps.items()]
 
 
 def load_experiment_module(folder: Path):

@@ -89,7 +89,7 @@ class Checkpoint:
     run_cfg: Any
     config: dict[str, Any]
     step: int
-    path: Path
+    path: Path | None  # None: ``initial_checkpoint``, built from a config, no file
 
 
 def read_payload(path: Path, device: str = "cpu") -> dict[str, Any]:
@@ -155,3 +155,17 @@ def load_checkpoint(job_dir: Path, step: int, device: str = "cpu") -> Checkpoint
         if callable(refresh):  # an exact critic follows the loaded policy
             refresh()
     return Checkpoint(env, policy, critic, run_cfg, config, int(step), path)
+
+
+def initial_checkpoint(config: Mapping[str, Any], device: str = "cpu") -> Checkpoint:
+    """A run's step-0 state built from its resolved ``config`` alone, as ``pgvar-run``
+    builds it: the initial policy and the critic it starts from (built from the config's
+    critic section even where the run's estimators would not fit one)."""
+    from pgvar.config import build_critic
+    from pgvar.run import initial_env_and_policy, run_config_from
+    from pgvar.seeding import derive_seed
+
+    run_cfg = run_config_from(dict(config))
+    env, policy = initial_env_and_policy(config, device)
+    critic = build_critic(env, policy, run_cfg.training.critic, derive_seed(run_cfg.seed, "critic"))
+    return Checkpoint(env, policy, critic, run_cfg, dict(config), 0, None)

@@ -29,7 +29,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                                                "pgvar/reference.py", "pgvar/stats.py",
                                                "pgvar/exact_mean.py",
                                                "pgvar/measure.py", "pgvar/__init__.py",
-                                               "pgvar/paired.py",
+                                               "pgvar/paired.py", "pgvar/sample_size.py",
                                                "pgvar/sequence_estimators.py",
                                                "pgvar/sequence_measure.py")),
     ("run", ("pgvar/config.py", "pgvar/run.py", "pgvar/runlog.py", "pgvar/sweep.py",

@@ -207,6 +207,38 @@ def test_a_checkpoint_rebuilds_the_measured_policy(paired_run):
     assert last.critic is not None  # gae is measured, so the run fitted a critic
 
 
+def test_the_initial_checkpoint_is_the_saved_step_0_and_simulations_find_both(paired_run, tmp_path):
+    """A run's step-0 state built from its config alone equals its saved step-0
+    checkpoint (policy and critic); ``analysis.reproduce.run_checkpoints`` hands out
+    either, and refuses a later step without a run."""
+    from analysis.reproduce import run_checkpoints
+    from pgvar.checkpoints import initial_checkpoint
+
+    config = runlog.read_run_record(paired_run)["config"]
+    built, saved = initial_checkpoint(config), load_checkpoint(paired_run, 0)
+    assert built.step == 0 and built.path is None
+    for module in ("policy", "critic"):
+        for a, b in zip(getattr(built, module).parameters(), getattr(saved, module).parameters()):
+            assert torch.equal(a, b)
+    (label, from_config), = run_checkpoints("t", {"checkpoints": {"start": 0},
+                                                  "initial_config": config}, tmp_path)
+    assert label == "start" and from_config.path is None
+    (_, from_run), = run_checkpoints("t", {"checkpoints": {"start": 0}, "run_dir": str(paired_run)},
+                                     tmp_path)
+    assert from_run.path == checkpoint_path(paired_run, 0)
+    with pytest.raises(SystemExit, match="need a run_dir"):
+        run_checkpoints("t", {"checkpoints": {"late": 5}, "initial_config": config}, tmp_path)
+
+
+def test_forked_workers_give_the_serial_results():
+    from analysis.reproduce import forked_map
+
+    with forked_map(abs, [-3, -1, 2], 1) as serial:
+        assert list(serial) == [3, 1, 2]
+    with forked_map(abs, [-3, -1, 2], 2) as forked:
+        assert sorted(forked) == [1, 2, 3]
+
+
 def test_a_checkpoint_of_another_config_is_refused(paired_run, tmp_path):
     import shutil
 
