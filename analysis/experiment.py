@@ -226,15 +226,7 @@ def findings_section(findings: list[Finding], verdict: Verdict) -> list[str]:
             "", *findings_table(findings), "", verdict.line(), ""]
 
 
-# ----------------------------------------------------------------------------- the protocol
-
-
-def _same(x):
-    return x
-
-
-def _no_figures(summary, runs: pd.DataFrame, out_dir: Path) -> list[Path]:
-    return []
+# ----------------------------------------------------------------------------- intervals of records, per-run reductions, exact gains
 
 
 def estimate_of(record, name: str, n: int = 0) -> Estimate:
@@ -310,6 +302,17 @@ def paired_geometric_ratio(runs: pd.DataFrame, baseline: pd.DataFrame, metric: s
     seed): the scale-free counterpart of ``paired_difference``."""
     return geometric_mean_ratio(dict(zip(runs["seed"], runs[metric])),
                                 dict(zip(baseline["seed"], baseline[metric])), min_n)
+
+
+# ----------------------------------------------------------------------------- the protocol
+
+
+def _same(x):
+    return x
+
+
+def _no_figures(summary, runs: pd.DataFrame, out_dir: Path) -> list[Path]:
+    return []
 
 
 @dataclass
