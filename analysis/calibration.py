@@ -291,3 +291,14 @@ def cell_verdict(row: dict) -> str:
     if row["flagged"] > 0.5:
         words += f" (flagged in {100 * row['flagged']:.0f}%: heavy tails or small M)"
     return f"outside target (M < 16); {words}" if row["M"] < 16 else words
+
+
+SHARE_SUFFIXES = ("coverage", "coverage_lo", "coverage_hi", "positive", "positive_lo",
+                  "positive_hi", "below", "above", "flagged", "unflagged", "pooled", "pooled_t")
+
+
+def in_percent(table: pd.DataFrame) -> pd.DataFrame:
+    """``coverage_table`` with every share (the coverages, false-positive rates and flagged
+    shares, with their interval ends) in percent, for a report."""
+    shares = [c for c in table.columns if table[c].dtype.kind == "f" and c.endswith(SHARE_SUFFIXES)]
+    return table.assign(**{c: 100 * table[c] for c in shares})

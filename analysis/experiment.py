@@ -712,9 +712,11 @@ def held_out_critic(run_cfg, env, policy, index: int, episodes: int):
 def plot_estimate_panels(panels: list[dict], out_dir: Path, name: str, ncols: int = 3) -> list[Path]:
     """A grid of panels, each a line per group with its 95% interval: a panel is a dict of
     ``frame``, ``x``, ``y`` (with ``y_lo``/``y_hi`` columns), ``by`` (the lines) and
-    optionally ``title``, ``ylabel``, ``xscale``/``yscale``, ``band`` (a shaded (lo, hi)
-    target) and ``ylim``. Error bars, or a shaded band for lines of over 30 points; one
-    colour per group across panels, one legend below; ``analysis.figures.save_figure``."""
+    optionally ``title``, ``xlabel``, ``ylabel``, ``xscale``/``yscale``, ``band`` (a shaded
+    (lo, hi) target), ``ylim``, ``prediction`` (a column drawn as a dotted line per group: a
+    law's value) and ``diagonal`` (the dashed y = x over an (lo, hi) range). Error bars, or
+    a shaded band for lines of over 30 points; one colour per group across panels, one
+    legend below; ``analysis.figures.save_figure``."""
     import matplotlib.pyplot as plt
 
     from analysis.figures import PANEL_HEIGHT, PAPER_WIDTH, error_bars, save_figure
@@ -738,7 +740,11 @@ def plot_estimate_panels(panels: list[dict], out_dir: Path, name: str, ncols: in
                 labels[key] = ax.errorbar(g[p["x"]], g[p["y"]], yerr=error_bars(g, p["y"]),
                                           marker="o", ms=2.5, capsize=2, lw=1, color=colour,
                                           label=str(key))
-        ax.set(xlabel=p["x"], ylabel=p.get("ylabel", p["y"]), title=p.get("title", ""),
+            if "prediction" in p:
+                ax.plot(g[p["x"]], g[p["prediction"]], color=colour, lw=1, ls=":")
+        if "diagonal" in p:
+            ax.plot(p["diagonal"], p["diagonal"], color="0.4", ls="--", lw=0.8)
+        ax.set(xlabel=p.get("xlabel", p["x"]), ylabel=p.get("ylabel", p["y"]), title=p.get("title", ""),
                **{k: p[k] for k in ("xscale", "yscale", "ylim") if k in p})
         if len(p["frame"]) and not pd.api.types.is_numeric_dtype(p["frame"][p["x"]]):
             ax.tick_params(axis="x", labelrotation=35)
@@ -748,3 +754,182 @@ def plot_estimate_panels(panels: list[dict], out_dir: Path, name: str, ncols: in
                ncol=min(6, max(1, len(labels))), frameon=False, fontsize=7)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     return save_figure(fig, out_dir, name)
+
+
+# ----------------------------------------------------------------------------- runs and references
+# Selecting and pairing runs, a run's rebuilt policy and exact J, its reference gradient.
+
+
+def one_run_each(rows: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """The rows of the first run of every configuration ``keys``: a configuration run
+    twice (a sweep re-run into new job folders) counts once."""
+    run = "run_dir" if "run_dir" in rows.columns else "run_id"
+    first = rows.drop_duplicates(run).drop_duplicates(keys)
+    return rows[rows[run].isin(first[run])]
+
+
+def paired_columns(rows: pd.DataFrame, keys: list[str], by: str, values: list[str],
+                   arms: tuple) -> pd.DataFrame:
+    """One line per replicate (``keys``: the runs that share episodes) with every one of
+    ``values`` for every arm (a value of ``by``, such as the estimator) as ``VALUE_ARM``
+    columns; replicates missing an arm's first value dropped (an empty frame with the
+    ``keys`` when an arm has no run)."""
+    wide = rows.pivot_table(index=keys, columns=by, values=values, aggfunc="mean")
+    wide.columns = [f"{value}_{arm}" for value, arm in wide.columns]
+    needed = [f"{values[0]}_{arm}" for arm in arms]
+    if not set(needed) <= set(wide.columns):
+        return pd.DataFrame(columns=keys)
+    return wide.dropna(subset=needed).reset_index()
+
+
+def per_run_table(rows: pd.DataFrame, first=(), mean=()) -> pd.DataFrame:
+    """One line per run: its mean statistics (``analysis.table.per_run_values``), the run's
+    first value of each ``first`` column (its settings) and its mean of each ``mean``
+    column (statistics an experiment derived per measured row)."""
+    from analysis.table import per_run_values
+
+    groups = rows.groupby("run_dir", sort=False)
+    return per_run_values(rows).join(groups[list(first)].first()).join(
+        groups[list(mean)].mean()).reset_index()
+
+
+def run_env_and_policy(row: pd.Series):
+    """The environment and initial policy of the run ``row`` comes from, rebuilt as pgvar-run
+    built them (``pgvar.run.initial_env_and_policy`` of ``config_of(row)``)."""
+    from pgvar.run import initial_env_and_policy
+
+    return initial_env_and_policy(config_of(row))
+
+
+def initial_exact_objective(row: pd.Series) -> float:
+    """The exact J of the initial policy of the run ``row`` comes from (``run_env_and_policy``):
+    the return's scale, which a variance divided by J² is free of."""
+    import torch
+
+    env, policy = run_env_and_policy(row)
+    with torch.no_grad():
+        return float(env.exact_objective(policy))
+
+
+def relative_mse(rows: pd.DataFrame) -> pd.Series:
+    """Per measured row, the mean squared error of a batch estimate relative to ‖∇J‖²,
+    the reference's own noise taken out: (grad_mse − SE_ref²) / ‖∇J‖² (SE_ref 0 where
+    the reference is exact or its standard error was not logged)."""
+    ref_se = rows["ref_se"].fillna(0.0) if "ref_se" in rows else pd.Series(0.0, rows.index)
+    return (rows["grad_mse"] - ref_se ** 2) / rows["ref_norm"] ** 2
+
+
+def reference_estimator(rows: pd.DataFrame) -> str | None:
+    """The estimator a Monte Carlo reference gradient averaged
+    (``training.reference.estimator``, reward-to-go where unset); None for an exact one."""
+    from analysis.table import reference_kind
+
+    if reference_kind(rows) == "exact" or "training.reference.estimator" not in rows:
+        return None
+    return str(rows["training.reference.estimator"].fillna("reinforce_rtg").iloc[0])
+
+
+def reference_label(rows: pd.DataFrame) -> str:
+    """How the reference gradient of ``rows`` was obtained, for a table: 'exact', or
+    'Monte Carlo (N episodes of ESTIMATOR)' (``analysis.table.reference_kind``)."""
+    from analysis.table import reference_kind
+
+    episodes = rows["ref_episodes"].max() if "ref_episodes" in rows else math.nan
+    return reference_kind(rows) + (f" ({episodes:.0f} episodes of {reference_estimator(rows)})"
+                                   if math.isfinite(episodes) and episodes else "")
+
+
+# ----------------------------------------------------------------------------- more statistics
+# Yes/no tests on an interval, paired ratios and differences, a power law's exponents.
+
+
+def estimate_of(record, name: str, n: int = 0) -> Estimate:
+    """The ``Estimate`` a record holds as ``name``, ``name_lo`` and ``name_hi`` (the inverse
+    of ``estimate_columns``), to judge a summary's interval again."""
+    return Estimate(record[name], record[f"{name}_lo"], record[f"{name}_hi"], n)
+
+
+def interval_check(record, name: str, test: Callable[[float, float], bool | None],
+                   n: int = 0, min_n: int = 0) -> bool | None:
+    """``test(lo, hi)`` on the 95% interval of ``name`` in ``record`` (``name_lo``,
+    ``name_hi``): a check's outcome, None (undecided) when the interval has no finite ends
+    or rests on fewer than ``min_n`` replicates (``n``)."""
+    lo, hi = record[f"{name}_lo"], record[f"{name}_hi"]
+    if n < min_n or not (math.isfinite(lo) and math.isfinite(hi)):
+        return None
+    return test(lo, hi)
+
+
+def closeness(est: Estimate, factor: float) -> str:
+    """``close`` when a ratio's 95% interval lies within [1/factor, factor], ``not close``
+    when it lies entirely outside, else (or without finite ends) ``inconclusive``."""
+    if not (math.isfinite(est.lo) and math.isfinite(est.hi)):
+        return "inconclusive"
+    if 1 / factor <= est.lo and est.hi <= factor:
+        return "close"
+    return "not close" if est.lo > factor or est.hi < 1 / factor else "inconclusive"
+
+
+def reciprocal(est: Estimate, numerator: float = 1.0) -> Estimate:
+    """``numerator / est`` (numerator > 0) with the interval inverted: the lower end from
+    the upper one, the upper end infinite when the interval reaches 0 (a rate's interval
+    turned into one of the count it takes)."""
+    return Estimate(numerator / est.value, numerator / est.hi,
+                    numerator / est.lo if est.lo > 0 else math.inf, est.n)
+
+
+def paired_difference_columns(runs: pd.DataFrame, baseline: pd.DataFrame, metrics,
+                              proj: str = "rel_proj") -> dict[str, float]:
+    """``estimate_columns`` ``d_METRIC`` of each metric's ``paired_difference`` from the
+    baseline's runs of the same seeds, then ``d_cos_mean``, the paired change of
+    cos(E ĝ, ∇J) (``pooled_cosine_difference``)."""
+    return {**{k: v for m in metrics
+               for k, v in estimate_columns(f"d_{m}", paired_difference(runs, baseline, m)).items()},
+            **estimate_columns("d_cos_mean", pooled_cosine_difference(runs, baseline, proj))}
+
+
+def paired_geometric_ratio(runs: pd.DataFrame, baseline: pd.DataFrame, metric: str,
+                           min_n: int = 3) -> Estimate:
+    """``geometric_mean_ratio`` of metric(run) / metric(baseline run of the same seed): the
+    ratio counterpart of ``paired_difference``."""
+    return geometric_mean_ratio(dict(zip(runs["seed"], runs[metric])),
+                                dict(zip(baseline["seed"], baseline[metric])), min_n)
+
+
+def _log_design(rows: pd.DataFrame, factors: dict[str, str]) -> np.ndarray:
+    """Columns 1 and log x for every factor column x."""
+    return np.column_stack([np.ones(len(rows)), *(np.log(rows[c].to_numpy()) for c in factors.values())])
+
+
+def _replicate_least_squares(rows: pd.DataFrame, y: str, factors: dict[str, str],
+                             replicate: str) -> tuple[np.ndarray, np.ndarray]:
+    """Expanded-percentile 95% ends of ``log_linear_fit``'s coefficients when whole
+    replicates (with all their rows) are resampled (NaN below two). Least squares is
+    additive over replicates in XᵀX and Xᵀy, so a resample is a count-weighted sum of the
+    replicates' parts: all resamples are solved at once."""
+    keys = np.array(sorted(rows[replicate].unique()))
+    if len(keys) < 2:
+        return np.full(len(factors) + 1, np.nan), np.full(len(factors) + 1, np.nan)
+    parts = [(X.T @ X, X.T @ np.log(g[y].to_numpy()))
+             for g in (rows[rows[replicate] == k] for k in keys)
+             for X in [_log_design(g, factors)]]
+    counts = np.stack([np.bincount(p, minlength=len(keys)) for p in replicate_resamples(len(keys))])
+    A = np.einsum("rs,sij->rij", counts.astype(float), np.array([p[0] for p in parts]))
+    b = counts @ np.array([p[1] for p in parts])
+    ok = np.linalg.matrix_rank(A) == len(factors) + 1
+    return percentile_ends(np.linalg.solve(A[ok], b[ok][..., None])[..., 0], len(keys))
+
+
+def log_linear_fit(rows: pd.DataFrame, y: str, factors: dict[str, str],
+                   replicate: str = "seed") -> dict[str, float]:
+    """The power law y ∝ Π x^k fitted as ``log y = c + Σ k log x`` by least squares over
+    ``rows`` (``factors`` maps each exponent's name to its column x; y > 0): every exponent
+    with its 95% interval from resampling whole replicates (``name``, ``name_lo``,
+    ``name_hi``), then the intercept ``c`` and ``r2`` on the log scale."""
+    X, log_y = _log_design(rows, factors), np.log(rows[y].to_numpy())
+    beta = np.linalg.lstsq(X, log_y, rcond=None)[0]
+    lo, hi = _replicate_least_squares(rows, y, factors, replicate)
+    r2 = 1 - ((log_y - X @ beta) ** 2).sum() / ((log_y - log_y.mean()) ** 2).sum()
+    exponents = {f"{name}{end}": ends[i] for i, name in enumerate(factors, start=1)
+                 for end, ends in (("", beta), ("_lo", lo), ("_hi", hi))}
+    return {**exponents, "c": beta[0], "r2": r2}

@@ -515,3 +515,44 @@ def interval_grid(table: pd.DataFrame, panels: str, x: str, rows: list[tuple[str
     legend_below(fig, axes.flat, ncol=4)
     fig.tight_layout()
     return save_figure(fig, out_dir, name)
+
+
+def interval_rows(table: pd.DataFrame, panels: list[tuple[str, str, str]], labels: list[str],
+                  out_dir: Path, name: str, level: float | None = None) -> list[Path]:
+    """A forest plot: one line per row of ``table`` (named by ``labels``, first at the top),
+    one panel per ``(column, x label, title)`` of ``panels``, each point with its 95%
+    interval (``column_lo``/``column_hi``), and a dashed line at ``level`` (a law's value)."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(PAPER_WIDTH, 0.26 * len(table) + 1.3),
+                             sharey=True, squeeze=False)
+    y = np.arange(len(table))[::-1]
+    for ax, (column, xlabel, title) in zip(axes[0], panels):
+        ax.errorbar(table[column], y, xerr=error_bars(table, column), fmt="o", ms=4, capsize=2)
+        if level is not None:
+            ax.axvline(level, color="tab:red", ls="--", lw=1)
+        ax.set(xlabel=xlabel, title=title)
+    axes[0][0].set_yticks(y, labels)
+    fig.tight_layout()
+    return save_figure(fig, out_dir, name)
+
+
+def scatter_with_identity(ax, x: pd.Series, y: pd.Series, xlabel: str, ylabel: str,
+                          title: str = "") -> None:
+    """Paired values, y against x, as points on log axes (``log_axis``) with the dashed
+    line y = x across their span: a point below it is a pair whose y is the smaller."""
+    both = pd.concat([x, y])
+    ax.scatter(x, y, s=10)
+    ax.plot([both.min(), both.max()], [both.min(), both.max()], color="0.4", ls="--", lw=0.8)
+    log_axis(ax, "x", both)
+    log_axis(ax, "y", both)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+
+
+def category_intervals(ax, record, columns: dict[str, str], ylabel: str, title: str = "",
+                       level: float = 0.0) -> None:
+    """One point per category with its 95% interval: ``columns`` maps a tick label to the
+    column of ``record`` (with ``_lo``/``_hi``) it shows; a solid line at ``level``."""
+    for j, column in enumerate(columns.values()):
+        ax.errorbar(j, record[column], yerr=error_bars(record, column), fmt="o", capsize=3)
+    ax.axhline(level, color="0.3", lw=0.8)
+    ax.set_xticks(range(len(columns)), list(columns))
+    ax.set(xlim=(-0.6, len(columns) - 0.4), ylabel=ylabel, title=title)

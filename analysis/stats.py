@@ -222,3 +222,9 @@ def stratified_bootstrap_iqm(scores_by_task: Mapping[object, Sequence[float]],
     q = (1 - CONFIDENCE) / 2
     lo, hi = np.quantile(boot, [q, 1 - q])
     return Estimate(point, float(lo), float(hi), int(pooled.size))
+
+
+def proportion_ci(k: int, n: int) -> Estimate:
+    """The share k / n of n trials with its exact (Clopper-Pearson) 95% interval."""
+    ci = stats.binomtest(k, n).proportion_ci(CONFIDENCE, method="exact")
+    return Estimate(k / n, float(ci.low), float(ci.high), n)

@@ -296,6 +296,10 @@ class CriticConfig:
                          high_open=True)
 
 
+# the alternate reference's estimators for ``alternate: auto``, in order: critic-free, unbiased
+AUTO_ALTERNATES = ("rloo", "reinforce_rtg")
+
+
 @dataclass
 class ReferenceConfig:
     """The Monte Carlo reference gradient of environments without an exact one.
@@ -316,12 +320,19 @@ class ReferenceConfig:
     memory_mb: float = 512.0  # what one chunk may hold; chunk and lanes shrink to fit (pgvar.reference.chunk_plan)
     # a second reference from this DIFFERENT unbiased estimator (same budget, disjoint
     # episodes), made only at steps where a measured row would otherwise be tested against
-    # its own estimator (pgvar.paired.is_circular); null: such rows are flagged ref_circular
-    alternate: str | None = "rloo"
+    # its own estimator (pgvar.paired.is_circular); auto: the first of AUTO_ALTERNATES
+    # that is not ``estimator``; null: such rows are flagged ref_circular
+    alternate: str | None = "auto"
+
+    def alternate_estimator(self) -> str | None:
+        """The alternate reference's estimator, ``auto`` resolved (None: no alternate)."""
+        if self.alternate == "auto":
+            return next(name for name in AUTO_ALTERNATES if name != self.estimator)
+        return self.alternate
 
     def check(self) -> None:
         require_positive_int("training.reference.n_episodes", self.n_episodes, 2)
-        require(self.alternate is None or self.alternate != self.estimator,
+        require(self.alternate_estimator() != self.estimator,
                 f"training.reference.alternate ({self.alternate}) must differ from "
                 f"training.reference.estimator ({self.estimator}), or be null")
         require_in_range("training.reference.memory_mb", self.memory_mb, 0.0, float("inf"),
@@ -594,10 +605,11 @@ def check_names_against_registries(run_cfg: RunConfig) -> None:
     reference = run_cfg.training.reference
     unbiased = [n for n in names if ESTIMATORS[n].claimed_unbiased]
     require_choice("training.reference.estimator", reference.estimator, unbiased)
-    if reference.alternate is not None:
-        require_choice("training.reference.alternate", reference.alternate, unbiased)
+    alternate = reference.alternate_estimator()
+    if alternate is not None:
+        require_choice("training.reference.alternate", alternate, unbiased)
     has_critic = run_has_critic(run_cfg)
-    for key, name in (("estimator", reference.estimator), ("alternate", reference.alternate)):
+    for key, name in (("estimator", reference.estimator), ("alternate", alternate)):
         require(name is None or has_critic or not ESTIMATORS[name].needs_critic,
                 f"training.reference.{key}={name} needs the run's critic, and neither "
                 f"estimator {run_cfg.estimator.name} nor training.measure.estimators use one; "

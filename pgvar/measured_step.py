@@ -51,7 +51,7 @@ def reference_options(run_cfg: RunConfig, critic: nn.Module | None, step: int,
     seed = (derive_seed(run_cfg.seed, "reference", step, ALTERNATE_INDEX) if alternate
             else derive_seed(run_cfg.seed, "reference", step))
     return {"n_episodes": ref.n_episodes, "target_rel_se": ref.target_rel_se,
-            "estimator": ref.alternate if alternate else ref.estimator,
+            "estimator": ref.alternate_estimator() if alternate else ref.estimator,
             "batch_size": ref.batch_size, "chunk_episodes": ref.chunk_episodes,
             "lanes": ref.lanes or None, "critic": critic, "memory_mb": ref.memory_mb,
             "seed": seed}
@@ -62,7 +62,7 @@ def step_references(run_cfg: RunConfig, env, policy: nn.Module, critic: nn.Modul
     """The step's reference, and its alternate made on demand (``pgvar.paired``)."""
     primary = reference_gradient(env, policy, **reference_options(run_cfg, critic, step))
     make_alternate = None
-    if not primary.exact and run_cfg.training.reference.alternate is not None:
+    if not primary.exact and run_cfg.training.reference.alternate_estimator() is not None:
         def make_alternate() -> Reference:
             return reference_gradient(env, policy,
                                       **reference_options(run_cfg, critic, step, alternate=True))

@@ -239,6 +239,14 @@ class StreamResult:
     seconds: float
     info: dict = field(default_factory=dict)
 
+    def summary(self) -> dict[str, float]:
+        """The stream in one record: pairs, episodes, mean length, the undiscounted
+        return with its standard error, wall and CPU seconds, and throughput."""
+        t = self.totals
+        return {"pairs": t.pairs, "episodes": t.episodes, "mean_length": t.pairs / t.episodes,
+                "return": t.mean_return(), "return_se": t.return_se(), "seconds": self.seconds,
+                **self.info, "pairs_per_s": t.pairs / self.seconds}
+
 
 def block_counts(n_grid: list[int], total_pairs: int, max_blocks: int) -> dict[int, int]:
     """Blocks kept per n: as many as fit in the stream, at most ``max_blocks``."""
@@ -265,4 +273,4 @@ def stream_blocks(env, policy: nn.Module, critic: nn.Module, cfg: EstimatorConfi
         bar.update(batch.n_steps)
     bar.close()
     return StreamResult(blocks, totals, time.perf_counter() - started,
-                        {"gradient_s": t_grad, "cpu_s": time.process_time() - cpu})
+                        {"cpu_s": time.process_time() - cpu, "gradient_s": t_grad})

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from analysis.experiment import initial_exact_objective
 from analysis.reproduce import load_experiment_module
 
 REPO = Path(__file__).resolve().parent.parent
@@ -23,7 +24,6 @@ def synthetic_frame(a: float, b: float, seeds: int = 6, noise: float = 0.1,
                     horizons=(5, 10, 20, 40), dims=(1, 2, 4), rng_seed: int = 0) -> pd.DataFrame:
     """A loader-shaped frame: one measured row per run whose variance per parameter per
     squared return (J exact, from the config) is C_s T^a d^b e^noise, ||grad J||^2 = T d."""
-    analysis = load_analysis()
     rng = np.random.default_rng(rng_seed)
     rows = []
     for seed in range(seeds):
@@ -35,7 +35,7 @@ def synthetic_frame(a: float, b: float, seeds: int = 6, noise: float = 0.1,
                        "env.name": "lqr", "env.gamma": 1.0, "env.horizon": T, "env.action_dim": d,
                        "env.state_dim": 2, "env.objective": "finite", "env.seed": seed,
                        "env.nested_actions": True, "policy.init_gain_scale": 0.0}
-                J = analysis.exact_objective(pd.Series(row))
+                J = initial_exact_objective(pd.Series(row))
                 var = scale * T**a * d**b * np.exp(rng.normal(0, noise)) * J**2 * d * 4
                 rows.append({**row, "grad_variance": var, "grad_rel_variance": var / (T * d),
                              "ref_norm": np.sqrt(T * d)})

@@ -87,6 +87,25 @@ def test_a_bad_spec_in_the_config_is_refused_before_any_job(tmp_path):
         validate_config(cfg)
 
 
+def test_the_default_alternate_reference_differs_from_the_reference_estimator():
+    """``alternate: auto`` is rloo, or reinforce_rtg when the reference is rloo itself
+    (reward_to_go's CartPole sweep); an explicit alternate equal to it is refused."""
+    from pgvar.config import ConfigError, validate_config
+    from pgvar.run import run_config_from
+
+    def resolved(*overrides: str):
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=["preset=smoke", "env=cartpole", *overrides])
+        validate_config(cfg)
+        return run_config_from(cfg).training.reference.alternate_estimator()
+
+    assert resolved() == "rloo"
+    assert resolved("training.reference.estimator=rloo") == "reinforce_rtg"
+    assert resolved("training.reference.alternate=null") is None
+    with pytest.raises(ConfigError, match="must differ from training.reference.estimator"):
+        resolved("training.reference.estimator=rloo", "training.reference.alternate=rloo")
+
+
 # ------------------------------------------------------------------------- references
 
 

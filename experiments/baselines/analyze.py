@@ -1,9 +1,5 @@
-"""Baselines: bias and variance of REINFORCE with each baseline, paired at the same policy.
-
-The policy is held fixed (``lr=1e-12``) while the learned critic is fitted, so the rows of
-a seed are measured at the same policy on the same episodes (steps >= ``MIN_STEP``).
-``CLAIMS``: the text's (tested, counted) and the extras (tested, not counted).
-"""
+"""Baselines: bias and variance of REINFORCE with each baseline, paired at the same policy,
+held fixed while the learned critic is fitted (README.md: the design; ``CLAIMS``)."""
 
 from __future__ import annotations
 
@@ -17,7 +13,7 @@ from analysis.figures import interval_grid
 from analysis.loader import measured_rows
 from analysis.render import format_columns, frame_table
 from analysis.stats import Estimate, mean_ci
-from analysis.table import per_run_values, squared_bias_interval
+from analysis.table import squared_bias_interval
 from pgvar.estimators import ESTIMATORS
 
 MIN_STEP = 1
@@ -60,8 +56,7 @@ def usable_measurements(frame: pd.DataFrame) -> pd.DataFrame:
     rows["label"] = [(EXACT_V if k == "exact" else LEARNED_V) if e == "value_baseline" else e
                      for e, k in zip(rows["estimator"], kind)]
     rows["batch_size"] = rows.get("training.batch_size", np.nan)
-    first = rows.drop_duplicates("run_dir").drop_duplicates(["env", "label", "batch_size", "seed"])
-    return rows[rows["run_dir"].isin(first["run_dir"])]
+    return xp.one_run_each(rows, ["env", "label", "batch_size", "seed"])
 
 
 def per_run(rows: pd.DataFrame) -> pd.DataFrame:
@@ -69,11 +64,8 @@ def per_run(rows: pd.DataFrame) -> pd.DataFrame:
     derived ``LOO_R`` rows: R_i - mean_j R_j = (1 - 1/B)(R_i - mean_{j != i} R_j), so the
     leave-one-out mean of R has the variance (and, unbiased, the MSE) of
     ``mean_baseline_episode`` divided by (1 - 1/B)^2."""
-    rows = rows.assign(grad_rel_mse=(rows["grad_mse"] - rows["ref_se"].fillna(0.0) ** 2)
-                       / rows["ref_norm"] ** 2)
-    first = rows.groupby("run_dir", sort=False)
-    runs = per_run_values(rows).assign(grad_rel_mse=first["grad_rel_mse"].mean(), **{
-        c: first[c].first() for c in ("env", "label", "batch_size")}).reset_index()
+    runs = xp.per_run_table(rows.assign(grad_rel_mse=xp.relative_mse(rows)),
+                            first=("env", "label", "batch_size"), mean=("grad_rel_mse",))
     mbe = runs[runs["label"] == "mean_baseline_episode"]
     shrink = (1.0 - 1.0 / mbe["batch_size"]) ** 2
     return pd.concat([runs, mbe.assign(label=LOO_R, grad_variance=mbe["grad_variance"] / shrink,
@@ -83,15 +75,13 @@ def per_run(rows: pd.DataFrame) -> pd.DataFrame:
 def paired_ratio(group: pd.DataFrame, num: str, den: str, column: str = "grad_variance") -> Estimate:
     """Geometric mean over seeds of ``column(num) / column(den)`` (paired, scale-free)."""
     a, b = (group[group["label"] == x] for x in (num, den))
-    return xp.geometric_mean_ratio(dict(zip(a["seed"], a[column])), dict(zip(b["seed"], b[column])),
-                                   MIN_SEEDS)
+    return xp.paired_geometric_ratio(a, b, column, MIN_SEEDS)
 
 
 def row_numbers(group: pd.DataFrame, label: str) -> dict:
     """One row of the table with 95% intervals; ``bias_verdict`` (un)biased, or (not) 1/B."""
     sel = group[group["label"] == label]
-    b2 = squared_bias_interval(sel, "grad_rel_bias_sq")
-    b2 = b2 if len(sel) >= MIN_SEEDS else Estimate(b2.value, math.nan, math.nan, b2.n)
+    b2 = xp.with_min_n(squared_bias_interval(sel, "grad_rel_bias_sq"), MIN_SEEDS)
     batch = float(sel["batch_size"].iloc[0]) if sel["batch_size"].notna().any() else math.nan
     expected = 1.0 / batch if label in BATCH_MEAN_ROWS and batch > 0 else 0.0
     word = ("inconclusive" if not math.isfinite(b2.lo) else ("biased" if b2.lo > 0 else "unbiased")
@@ -114,9 +104,8 @@ def comparisons(runs: pd.DataFrame) -> pd.DataFrame:
             for num, den in [p for p in pairs if p[0] in has and p[1] in has]:
                 r = paired_ratio(group, num, den, column)
                 word = xp.side_of(r, 1.0, "lower", "higher")
-                if claim == "b* close to V" and word != "inconclusive":
-                    word = ("close" if 1 / CLOSE <= r.lo and r.hi <= CLOSE else "not close"
-                            if r.lo > CLOSE or r.hi < 1 / CLOSE else "inconclusive")
+                if claim == "b* close to V":
+                    word = xp.closeness(r, CLOSE)
                 if claim == "V MSE-optimal" and word == "lower" and num in BATCH_MEAN_ROWS:
                     word = "biased, lower"  # trades bias for variance: not a counter-example
                 records.append({"env": env, "batch_size": batch, "claim": claim, "class": kind,

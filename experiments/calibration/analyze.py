@@ -1,12 +1,5 @@
-"""Calibration of the per-measurement intervals: ``simulate(out, preset, params)``.
-
-Called by ``pgvar-reproduce calibration`` (``kind: simulation`` in sweep.yaml: no runs).
-The machinery is ``analysis.calibration``; this file holds the experiment's grid (which
-estimators at which environments stand for 'no', 'small' and 'large' bias), its verdicts
-and its figure. Every part is tested: the truths are exact (autograd of J, and the
-identity E g = (1 - 1/B) grad J of mean_baseline) or independent of the measurements (a
-200k-episode CartPole reference), so an interval that misses is counted as missing.
-"""
+"""Calibration of the per-measurement intervals (``simulate``, for ``pgvar-reproduce``): the
+grid, its verdicts and its figure; the machinery is ``analysis.calibration``."""
 
 from __future__ import annotations
 
@@ -53,17 +46,6 @@ def simulate(out: Path, preset: str, params: dict) -> str:
     return report(records, out, preset)
 
 
-def report(records: pd.DataFrame, out: Path, preset: str) -> str:
-    """result.csv, the figure and result.md of the measurements in ``records``."""
-    table = cal.coverage_table(records)
-    out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / "result.csv", index=False)
-    plot_coverage(table, out / "figures")
-    text = render(table, preset)
-    (out / "result.md").write_text(text)
-    return text
-
-
 def parts_of(table: pd.DataFrame) -> list[ex.Finding]:
     """Per interval (and the bias verdict's false positives): confirmed when every cell
     with M >= MIN_M meets its target, refuted when none does, else qualified."""
@@ -76,28 +58,23 @@ def parts_of(table: pd.DataFrame) -> list[ex.Finding]:
     for name, claim in claims.items():
         cells = judged[judged["bias"] == "zero"] if name == "false positives" else judged
         missed = cells[cells["verdict"].str.contains(name)]
-        word = "inconclusive" if cells.empty else "confirmed" if missed.empty else \
-            "refuted" if len(missed) == len(cells) else "qualified"
+        word = ex.share_word(["missed"] * len(missed) + ["met"] * (len(cells) - len(missed)), "met")
         parts.append(ex.Finding(claim, word, f"met in {len(cells) - len(missed)} of {len(cells)} "
                                 f"cells with M >= {MIN_M}" + "".join(
                                     f"; missed: {r.case} M={r.M}" for r in missed.itertuples())))
     return parts
 
 
-def render(table: pd.DataFrame, preset: str) -> str:
+def render(table: pd.DataFrame, verdict: ex.Verdict, preset: str) -> str:
     """result.md: the verdicts, then the coverage table in percent."""
-    shares = [c for c in table.columns if table[c].dtype.kind == "f" and c.endswith(
-        ("coverage", "coverage_lo", "coverage_hi", "positive", "positive_lo", "positive_hi",
-         "below", "above", "flagged", "unflagged", "pooled", "pooled_t"))]
-    parts = parts_of(table)
     return "\n".join([
         f"# Calibration of the per-measurement intervals ({preset} preset)", "",
-        ex.headline_verdict(parts).line(), "", *ex.findings_table(parts), "",
+        verdict.line(), "", *ex.findings_table(parts_of(table)), "",
         (f"Target: coverage {100 * cal.NOMINAL:.0f}% ± {100 * cal.TOLERANCE:.0f} points for every "
          f"interval; false positives of the bias verdict {100 * cal.FP_TARGET[0]:.1f}-"
          f"{100 * cal.FP_TARGET[1]:.1f}% where the bias is 0. Percentages; brackets: Wilson 95% "
          "binomial intervals over the repeats; the columns are explained in README.md."), "",
-        *frame_table(table.assign(**{c: 100 * table[c] for c in shares}), {
+        *frame_table(cal.in_percent(table), {
             "case": "case", "M": "M", "repeats": "repeats", "squared bias": "bias_sq_coverage",
             "truth below": "bias_sq_below", "truth above": "bias_sq_above",
             "false positives": "false_positive", "variance": "variance_coverage",
@@ -119,3 +96,10 @@ def plot_coverage(table: pd.DataFrame, fig_dir: Path) -> list[Path]:
               for name, title in INTERVALS.items() for panel, sub in table.groupby("panel", sort=False)]
     return ex.plot_estimate_panels(panels, fig_dir, "calibration_coverage",
                                    ncols=table["panel"].nunique())
+
+
+EXPERIMENT = ex.Experiment(
+    "Calibration of the per-measurement intervals", cal.coverage_table,
+    lambda table: ex.headline_verdict(parts_of(table)), render, select=lambda records: records,
+    figures=lambda table, records, fig_dir: plot_coverage(table, fig_dir))
+report = EXPERIMENT.analyze  # result.csv, the figure and result.md of the measurements in records

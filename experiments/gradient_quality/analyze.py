@@ -140,12 +140,8 @@ def _measure_job(i: int) -> tuple[list[dict], dict]:
                         lanes=int(params.get("lanes", 512)),
                         chunk_episodes=int(params.get("chunk_episodes", 512)),
                         label=f"gradient_quality {label} (step {ck.step})")
-    t = res.totals
-    row = {"checkpoint": label, "step": ck.step, "pairs": t.pairs, "episodes": t.episodes,
-           "mean_length": t.pairs / t.episodes, "return": t.mean_return(),
-           "return_se": t.return_se(), "seconds": res.seconds, "cpu_s": res.info["cpu_s"],
-           "gradient_s": res.info["gradient_s"], "pairs_per_s": t.pairs / res.seconds}
-    return summarise_blocks(res.blocks, t, label, ck.step), row
+    row = {"checkpoint": label, "step": ck.step, **res.summary()}
+    return summarise_blocks(res.blocks, res.totals, label, ck.step), row
 
 
 def write_results(out: Path, table: pd.DataFrame, runs: pd.DataFrame, preset: str,

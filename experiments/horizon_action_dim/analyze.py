@@ -1,27 +1,18 @@
-"""Does gradient variance scale as horizon x action dimension (LQR)? One measurement per
-(gamma, estimator, horizon T, action dimension d, seed) at the initial policy; each seed a
-random system nested in d (``env.nested_actions``). Per quantity, ``log y = c + a log T +
-b log d`` is fitted over every cell with a bootstrap over seeds (whole systems). Tested:
-a = 1 and b = 1 on the scale-free tr Cov / (J^2 P) (J exact, P = d (n + 2) parameters);
-the raw variance, tr Cov / J^2 and tr Cov / ||grad J||^2 are reported, not tested (the raw
-exponents are mostly the return's scale, E R^2 ~ T^2 at gamma = 1, and P).
-"""
+"""Does gradient variance scale as horizon x action dimension (LQR)? Per quantity, the
+exponents of T and d over every cell; tested on tr Cov / (J² P) (README.md: the design)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-import torch
 
 from analysis.experiment import (
-    Experiment, check, config_of, findings_frame, findings_section, first_measurements,
-    headline_verdict, percentile_ends, replicate_resamples)
-from analysis.figures import PAPER_WIDTH, error_bars, save_figure
-from analysis.render import format_ci, frame_table
-from pgvar.run import initial_env_and_policy
+    Experiment, check, findings_frame, findings_section, first_measurements, headline_verdict,
+    initial_exact_objective, interval_check, log_linear_fit)
+from analysis.figures import interval_rows
+from analysis.render import format_columns, frame_table
 
 HEADLINE = "grad_variance_per_J2P"
 QUANTITIES = {HEADLINE: "variance / (J² P)", "grad_variance": "variance",
@@ -44,55 +35,21 @@ def per_run_values(frame: pd.DataFrame) -> pd.DataFrame:
         "grad_variance": first["grad_variance"].astype(float),
         "grad_rel_variance": first["grad_rel_variance"].astype(float),
         "M": first["n_estimates"].astype(float), "B": first["training.batch_size"].astype(int),
-        "J": [exact_objective(row) for _, row in first.iterrows()]})
+        "J": [initial_exact_objective(row) for _, row in first.iterrows()]})
     runs["grad_variance_per_J2"] = runs["grad_variance"] / runs["J"] ** 2
     runs[HEADLINE] = runs["grad_variance_per_J2"] / (runs["d"] * (runs["state_dim"] + 2))
     return runs.reset_index(drop=True)
 
 
-def exact_objective(row: pd.Series) -> float:
-    """J at the run's initial policy, exactly (moment propagation), the policy rebuilt as
-    pgvar-run built it: the return scale that variance / J^2 divides out."""
-    env, policy = initial_env_and_policy(config_of(row))
-    with torch.no_grad():
-        return float(env.exact_objective(policy))
-
-
-def design(T, d) -> np.ndarray:
-    """Columns 1, log T, log d."""
-    return np.column_stack([np.ones(len(T)), np.log(T), np.log(d)])
-
-
-def seed_bootstrap(group: pd.DataFrame, quantity: str) -> tuple:
-    """Expanded-percentile 95% interval of the fit's coefficients when whole seeds
-    (systems, with all their cells) are resampled. Least squares is additive over seeds
-    in X^T X and X^T y, so a resample is a count-weighted sum: all solved at once."""
-    seeds = np.array(sorted(group["seed"].unique()))
-    if len(seeds) < 2:
-        return np.full(3, np.nan), np.full(3, np.nan)
-    parts = [(X.T @ X, X.T @ np.log(g[quantity].to_numpy()))
-             for g in (group[group["seed"] == s] for s in seeds)
-             for X in [design(g["T"].to_numpy(), g["d"].to_numpy())]]
-    counts = np.stack([np.bincount(p, minlength=len(seeds)) for p in replicate_resamples(len(seeds))])
-    A = np.einsum("rs,sij->rij", counts.astype(float), np.array([p[0] for p in parts]))
-    b = counts @ np.array([p[1] for p in parts])
-    ok = np.linalg.matrix_rank(A) == 3
-    return percentile_ends(np.linalg.solve(A[ok], b[ok][..., None])[..., 0], len(seeds))
-
-
 def fit_power_law(group: pd.DataFrame, quantity: str) -> dict | None:
-    """The fit of one (gamma, estimator, quantity); None when T and d do not both vary."""
+    """The fit of one (gamma, estimator, quantity), bootstrap over seeds (whole systems);
+    None when T and d do not both vary."""
     group = group[np.isfinite(group[quantity]) & (group[quantity] > 0)]
     if group["T"].nunique() < 2 or group["d"].nunique() < 2:
         return None
-    T, d, y = group["T"].to_numpy(), group["d"].to_numpy(), np.log(group[quantity].to_numpy())
-    beta = np.linalg.lstsq(design(T, d), y, rcond=None)[0]
-    lo, hi = seed_bootstrap(group, quantity)
-    r2 = 1 - ((y - design(T, d) @ beta) ** 2).sum() / ((y - y.mean()) ** 2).sum()
     return {"gamma": float(group["gamma"].iloc[0]), "estimator": group["estimator"].iloc[0],
             "quantity": quantity, "quantity_label": QUANTITIES[quantity],
-            "a": beta[1], "a_lo": lo[1], "a_hi": hi[1], "b": beta[2], "b_lo": lo[2], "b_hi": hi[2],
-            "c": beta[0], "r2": r2, "n_points": len(group),
+            **log_linear_fit(group, quantity, {"a": "T", "b": "d"}), "n_points": len(group),
             "n_seeds": int(group["seed"].nunique())}
 
 
@@ -113,18 +70,14 @@ def all_fits(runs: pd.DataFrame) -> pd.DataFrame:
                          for q in QUANTITIES for fit in [fit_power_law(group, q)] if fit is not None])
 
 
-def _ci(r, name: str) -> str:
-    return format_ci(r[name], r[f"{name}_lo"], r[f"{name}_hi"], 2, style="f")
-
-
 def checks(fits: pd.DataFrame) -> list:
     """On the headline quantity, per estimator at the largest gamma: grows with T and with
     d (interval above 0), and the product law's a = 1 and b = 1."""
     main = fits[(fits["gamma"] == fits["gamma"].max()) & (fits["quantity"] == HEADLINE)]
-    grows = lambda r, name: None if r["n_seeds"] < MIN_SEEDS or not np.isfinite(r[f"{name}_lo"]) else r[f"{name}_lo"] > 0
+    grows = lambda r, name: interval_check(r, name, lambda lo, hi: lo > 0, r["n_seeds"], MIN_SEEDS)
     return [check(f"{NAMES.get(r['estimator'], r['estimator'])}, γ = {r['gamma']:g}",
                                f"{QUANTITIES[HEADLINE]} ∝ T^a d^b with {name} {law}", test(r, name),
-                               f"{name} = {_ci(r, name)} over {r['n_seeds']} systems")
+                               f"{name} = {format_columns(r, name, 2, style='f')} over {r['n_seeds']} systems")
                          for _, r in main.iterrows() for name in "ab"
                          for law, test in (("> 0", grows), ("= 1", exponent_is_one))]
 
@@ -136,7 +89,8 @@ def verdict(s: tuple) -> object:
         return headline_verdict(s[2], "no fit: the runs do not vary both T and d")
     main = fits[fits["gamma"] == fits["gamma"].max()]
     summary = "; ".join(f"{NAMES.get(r['estimator'], r['estimator'])} {r['quantity_label']}: "
-                        f"a = {_ci(r, 'a')}, b = {_ci(r, 'b')}" for _, r in main.iterrows())
+                        f"a = {format_columns(r, 'a', 2, style='f')}, "
+                        f"b = {format_columns(r, 'b', 2, style='f')}" for _, r in main.iterrows())
     return headline_verdict(s[2], f"gamma = {main['gamma'].iloc[0]:g}, 95% bootstrap over "
                                 f"{main['n_seeds'].max()} systems: {summary}")
 
@@ -147,7 +101,7 @@ def render(s: tuple, verdict, preset: str) -> str:
     values = lambda col: "{" + ", ".join(f"{v:g}" for v in sorted(runs[col].unique())) + "}"
     return "\n".join([
         "# Gradient variance against horizon and action dimension (LQR)", "", f"**Claim.** {CLAIM}", "",
-        f"**Measured** (preset `{preset}`): linear-quadratic control, state dimension "
+        (f"**Measured** (preset `{preset}`): linear-quadratic control, state dimension "
         f"{values('state_dim')}, at the initial policy (K = 0, k = 0, log σ = -0.5), horizons "
         f"T ∈ {values('T')}, action dimensions d ∈ {values('d')}, gamma ∈ {values('gamma')}; "
         f"M = {int(runs['M'].median())} batches of B = {int(runs['B'].median())} episodes per "
@@ -155,12 +109,11 @@ def render(s: tuple, verdict, preset: str) -> str:
         "Fit `log y = c + a log T + b log d` over all cells and seeds; 95% intervals from a "
         "bootstrap over systems. The product law is a = b = 1, tested on the scale-free "
         f"{QUANTITIES[HEADLINE]} (P = d·(n + 2) parameters; the other quantities carry the "
-        "return's scale, E R² ~ T² at gamma = 1, and the parameter count).", "",
+        "return's scale, E R² ~ T² at gamma = 1, and the parameter count)."), "",
         *frame_table(fits, {"gamma": lambda r: f"{r['gamma']:g}",
                             "estimator": lambda r: NAMES.get(r["estimator"], r["estimator"]),
-                            "quantity": "quantity_label", "a (T exponent)": lambda r: _ci(r, "a"),
-                            "b (d exponent)": lambda r: _ci(r, "b"),
-                            "R²": lambda r: f"{r['r2']:.3f}"}),
+                            "quantity": "quantity_label", "a (T exponent)": ("a", 2),
+                            "b (d exponent)": ("b", 2), "R²": lambda r: f"{r['r2']:.3f}"}, style="f"),
         "", *findings_section(tests, verdict)])
 
 
@@ -170,16 +123,11 @@ def figures(s: tuple, runs: pd.DataFrame, out_dir: Path) -> list[Path]:
     fits = s[0]
     if fits.empty:
         return []
-    fig, axes = plt.subplots(1, 2, figsize=(PAPER_WIDTH, 0.26 * len(fits) + 1.3), sharey=True)
-    y = np.arange(len(fits))[::-1]
-    for ax, name in zip(axes, "ab"):
-        ax.errorbar(fits[name], y, xerr=error_bars(fits, name), fmt="o", ms=4, capsize=2)
-        ax.axvline(1.0, color="tab:red", ls="--", lw=1)
-        ax.set(xlabel=f"{name} in  y ∝ T^a · d^b  (95% CI)", title=f"exponent of {'horizon T' if name == 'a' else 'action dimension d'}")
-    axes[0].set_yticks(y, [f"{NAMES.get(r['estimator'], r['estimator'])}, {r['quantity_label']}, "
-                           f"γ = {r['gamma']:g}" for _, r in fits.iterrows()])
-    fig.tight_layout()
-    return save_figure(fig, out_dir, "horizon_action_dim_exponents")
+    return interval_rows(fits, [(name, f"{name} in  y ∝ T^a · d^b  (95% CI)", f"exponent of {what}")
+                                for name, what in (("a", "horizon T"), ("b", "action dimension d"))],
+                         [f"{NAMES.get(r['estimator'], r['estimator'])}, {r['quantity_label']}, "
+                          f"γ = {r['gamma']:g}" for _, r in fits.iterrows()],
+                         out_dir, "horizon_action_dim_exponents", level=1.0)
 
 
 EXPERIMENT = Experiment(

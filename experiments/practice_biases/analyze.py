@@ -1,9 +1,5 @@
-"""The bias of three habits of common policy-gradient code, against the exact gradient.
-
-Each run measured once, at its initial policy; within a *cell* (env, estimator, critic,
-init) a habit's runs are paired by seed with the control's. Across seeds: bias, scale, cos(E
-ĝ, ∇J), paired differences, exact expectations (``pgvar.exact_mean``); ``FINDINGS``.
-"""
+"""The bias of three habits of common policy-gradient code against the exact gradient, each
+habit's runs paired by seed with its control's within a *cell* (README.md: the design)."""
 
 from __future__ import annotations
 
@@ -17,7 +13,6 @@ from analysis.figures import interval_grid
 from analysis.render import format_ci, format_columns, frame_table
 from analysis.stats import mean_ci
 from pgvar.exact_mean import ENVS_WITH_EXACT_MEAN, exact_gradient, expected_gradient
-from pgvar.run import initial_env_and_policy
 from pgvar.stats import sqrt_clipped
 
 FLAGS = {  # habit -> (config column, value that switches the habit on)
@@ -57,7 +52,7 @@ def per_run(frame: pd.DataFrame) -> pd.DataFrame:
                    cell=[cell_label(r) for _, r in df.iterrows()],
                    cell_key=df[[k for k in CELL_KEYS if k in df]].astype(str).agg("|".join, axis=1),
                    rel_bias_sq=df["grad_rel_bias_sq"], rel_variance=df["grad_rel_variance"])
-    return df[df["habit"] != "mixed"].drop_duplicates(subset=["cell_key", "habit", "seed"])
+    return xp.one_run_each(df[df["habit"] != "mixed"], ["cell_key", "habit", "seed"])
 
 
 def prediction(row: pd.Series) -> dict:
@@ -69,7 +64,7 @@ def prediction(row: pd.Series) -> dict:
     if row["step"] != 0 or row["env"] not in ENVS_WITH_EXACT_MEAN or not known or xp.logged_bool(
             row.get("estimator.normalize_advantages")):
         return {"pred_rel_bias_sq": math.nan, "pred_added_sq": math.nan}
-    env, policy = initial_env_and_policy(xp.config_of(row))
+    env, policy = xp.run_env_and_policy(row)
     lam = float(row["lam"]) if np.isfinite(row.get("lam", np.nan)) else 0.95
     g = exact_gradient(env, policy)
     e = expected_gradient(env, policy, row["estimator"], lam,
@@ -84,8 +79,7 @@ def arm_record(g: pd.DataFrame, h: pd.DataFrame, control: pd.DataFrame, arm: str
     """One (habit, cell, arm) row: means and intervals; the habit arm adds the paired
     differences from the control and the exact added bias."""
     b2 = mean_ci(g["rel_bias_sq"].to_numpy())
-    mean_root = {c: sqrt_clipped(float(g[c].mean())) if g[c].notna().any() else math.nan
-                 for c in ("pred_rel_bias_sq", "pred_added_sq")}
+    mean_root = {c: sqrt_clipped(float(g[c].mean())) for c in ("pred_rel_bias_sq", "pred_added_sq")}
     rec = {**h.iloc[0][["habit", "cell", "env", "estimator"]].to_dict(), "arm": arm,
            "n_seeds": int(g["seed"].nunique()), **xp.estimate_columns("rel_bias", xp.sqrt_estimate(b2)),
            "bias_distinguishable": bool(np.isfinite(b2.lo) and b2.lo > 0),
@@ -95,9 +89,7 @@ def arm_record(g: pd.DataFrame, h: pd.DataFrame, control: pd.DataFrame, arm: str
            "pred_rel_bias": mean_root["pred_rel_bias_sq"]}
     if arm == "habit" and not control.empty:
         rec.update({"pred_added_bias": mean_root["pred_added_sq"],
-                    **{k: v for m in ("rel_bias_sq", "cos_ref") for k, v in xp.estimate_columns(
-                        f"d_{m}", xp.paired_difference(h, control, m)).items()},
-                    **xp.estimate_columns("d_cos_mean", xp.pooled_cosine_difference(h, control, "scale"))})
+                    **xp.paired_difference_columns(h, control, ("rel_bias_sq", "cos_ref"), "scale")})
     return rec
 
 
@@ -124,8 +116,7 @@ def bias_verdict(table: pd.DataFrame, habit: str) -> xp.Verdict:
     hab, ctl = habit_rows(table, habit), table[(table["habit"] == habit) & (table["arm"] == "control")]
     if hab is None:
         return xp.inconclusive("too few seeds or no control")
-    shows = [bool(np.isfinite(lo) and (lo > 0 or hi < 0))
-             for lo, hi in zip(hab["d_rel_bias_sq_lo"], hab["d_rel_bias_sq_hi"])]
+    shows = [xp.estimate_of(r, "d_rel_bias_sq").excludes(0.0) for _, r in hab.iterrows()]
     big = [np.isfinite(a) and a >= SMALL_REL_BIAS for a in hab.get("pred_added_bias", [])]
     clean = not ctl.empty and not ctl["bias_distinguishable"].any()
     word = "refuted" if not any(shows) else "confirmed" if all(shows) and (

@@ -1,28 +1,21 @@
-"""Reward-to-go against the full return. Runs of ``reinforce`` (R on every step) and
-``reinforce_rtg`` (gamma^t G_t) with the same env, instance and seed share policy and
-episodes: a *pair*. Per environment: the variance ratio rtg/full (geometric mean of the
-per-pair ratios, bootstrap over pairs; the ratio of means beside it) and both relative
-squared biases. Tested: the ratio's interval below 1, neither bias distinguishable from 0;
-an estimator's bias against a Monte Carlo reference averaging that same estimator
-(``training.reference.estimator``) holds by construction: shown, not counted.
-"""
+"""Reward-to-go against the full return, per environment over *pairs* (runs of both
+estimators on the same env instance, seed and episodes); the design is in README.md."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-import numpy as np
 import pandas as pd
 
 from analysis.experiment import (
     BY_CONSTRUCTION, Experiment, bias_columns, check, estimate_columns, findings_frame,
-    findings_section, first_measurements, headline_verdict, instance_column)
-from analysis.figures import PANEL_HEIGHT, PAPER_WIDTH, error_bars, save_figure
-from analysis.render import format_ci, format_columns, frame_table, yes_no
+    findings_section, first_measurements, geometric_mean_ratio, headline_verdict, instance_column,
+    interval_check, paired_columns, reference_estimator, reference_label)
+from analysis.figures import (
+    PANEL_HEIGHT, PAPER_WIDTH, category_intervals, save_figure, scatter_with_identity)
+from analysis.render import format_columns, frame_table, yes_no
 from analysis.stats import mean_ci, ratio_ci
-from analysis.table import reference_kind
 
 FULL, RTG = "reinforce", "reinforce_rtg"
 ESTIMATORS = (FULL, RTG)
@@ -40,34 +33,24 @@ def select(frame: pd.DataFrame) -> pd.DataFrame:
 
 def paired_variances(rows: pd.DataFrame) -> pd.DataFrame:
     """One line per pair (env, instance, seed) with both estimators' (relative) variance."""
-    wide = rows.pivot_table(index=["env", "instance", "seed"], columns="estimator",
-                            values=["grad_variance", "grad_rel_variance"], aggfunc="mean")
-    wide.columns = [f"{stat}_{est}" for stat, est in wide.columns]
-    needed = [f"grad_variance_{e}" for e in ESTIMATORS]
-    return wide.dropna(subset=needed).reset_index() if set(needed) <= set(wide.columns) else pd.DataFrame(columns=["env"])
-
-
-def reference_estimator(rows: pd.DataFrame) -> str | None:
-    """The estimator a Monte Carlo reference averaged (None for an exact reference)."""
-    if reference_kind(rows) == "exact" or "training.reference.estimator" not in rows:
-        return None
-    return str(rows["training.reference.estimator"].fillna("reinforce_rtg").iloc[0])
+    return paired_columns(rows, ["env", "instance", "seed"], "estimator",
+                          ["grad_variance", "grad_rel_variance"], ESTIMATORS)
 
 
 def env_checks(env: str, record: dict, ref_estimator: str | None) -> list:
     """The ratio below 1 and both biases not distinguishable, for one environment."""
     enough = record["n_pairs"] >= MIN_PAIRS
-    lo, hi = record["ratio_geo_lo"], record["ratio_geo_hi"]
-    out = [check(env, "Var(rtg)/Var(full) < 1: the interval below 1",
-                 (hi < 1 if hi < 1 or lo > 1 else None) if enough and math.isfinite(lo) else None,
-                 f"ratio {format_ci(record['ratio_geo'], lo, hi, 2)} over {record['n_pairs']} pairs")]
+    below = interval_check(record, "ratio_geo", lambda lo, hi: hi < 1 if hi < 1 or lo > 1 else None,
+                           record["n_pairs"], MIN_PAIRS)
+    out = [check(env, "Var(rtg)/Var(full) < 1: the interval below 1", below,
+                 f"ratio {format_columns(record, 'ratio_geo', 2)} over {record['n_pairs']} pairs")]
     for est in ESTIMATORS:
         flag = record[f"{est}_bias_distinguishable"]
         circular = est == ref_estimator
         out.append(check(env, f"{est} bias not distinguishable from 0"
                               + (f" (reference: Monte Carlo mean of {est} itself)" if circular else ""),
                          None if flag is None or not enough else not flag,
-                         f"rel. squared bias {format_ci(record[f'{est}_rel_bias_sq'], record[f'{est}_rel_bias_sq_lo'], record[f'{est}_rel_bias_sq_hi'], 2)}",
+                         f"rel. squared bias {format_columns(record, f'{est}_rel_bias_sq', 2)}",
                          BY_CONSTRUCTION if circular else "tested"))
     return out
 
@@ -75,16 +58,13 @@ def env_checks(env: str, record: dict, ref_estimator: str | None) -> list:
 def summarise_env(env: str, rows: pd.DataFrame, pairs: pd.DataFrame) -> dict[str, object]:
     """Every number of one environment's row of result.csv."""
     rtg, full = pairs[f"grad_variance_{RTG}"], pairs[f"grad_variance_{FULL}"]
-    geo = mean_ci(np.log(rtg / full).to_numpy()).map(math.exp)
     keys = list(zip(pairs["instance"], pairs["seed"]))
-    episodes = rows["ref_episodes"].max() if "ref_episodes" in rows else math.nan
-    kind = reference_kind(rows) + (f" ({episodes:.0f} episodes of {reference_estimator(rows)})"
-                                   if math.isfinite(episodes) and episodes else "")
-    record = {"env": env, "reference": kind, "n_pairs": len(pairs),
+    by_pair = {RTG: dict(zip(keys, rtg)), FULL: dict(zip(keys, full))}
+    record = {"env": env, "reference": reference_label(rows), "n_pairs": len(pairs),
               "n_instances": pairs["instance"].nunique(),
               "M x B": f"{int(rows['n_estimates'].median())} x {int(rows['training.batch_size'].median())}",
-              **estimate_columns("ratio_geo", geo),
-              **estimate_columns("ratio_means", ratio_ci(dict(zip(keys, rtg)), dict(zip(keys, full)))),
+              **estimate_columns("ratio_geo", geometric_mean_ratio(by_pair[RTG], by_pair[FULL], 1)),
+              **estimate_columns("ratio_means", ratio_ci(by_pair[RTG], by_pair[FULL])),
               "frac_pairs_rtg_lower": float((rtg / full < 1).mean()), "max_pair_ratio": (rtg / full).max()}
     for est in ESTIMATORS:
         record.update(estimate_columns(f"rel_var_{est}", mean_ci(pairs[f"grad_rel_variance_{est}"].to_numpy())))
@@ -113,9 +93,9 @@ def render(s: dict, verdict, preset: str) -> str:
     """result.md: the claim, the table of numbers, the checks, the verdict line."""
     return "\n".join([
         f"# Reward-to-go against the full return ({preset} preset)", "", f"Claim (source text): {CLAIM}", "",
-        "Pairs: one env instance and seed, both estimators on the same episodes; 95% bootstrap "
+        ("Pairs: one env instance and seed, both estimators on the same episodes; 95% bootstrap "
         "intervals over pairs. Relative squared bias: de-noised ‖E ĝ − ∇J‖² / ‖∇J‖² (may be "
-        "negative); the root of its upper end bounds the relative bias.", "",
+        "negative); the root of its upper end bounds the relative bias."), "",
         *frame_table(s["result"], {
             "env": "env", "reference": "reference", "pairs": "n_pairs", "M x B": "M x B",
             "rel. variance, full R": f"rel_var_{FULL}", "rel. variance, reward-to-go": f"rel_var_{RTG}",
@@ -138,17 +118,11 @@ def figures(s: dict, runs: pd.DataFrame, out_dir: Path) -> list[Path]:
     fig, axes = plt.subplots(2, len(result), figsize=(PAPER_WIDTH, 2 * PANEL_HEIGHT + 0.6), squeeze=False)
     for (ax_var, ax_bias), (_, r) in zip(axes.T, result.iterrows()):
         p = pairs[pairs["env"] == r["env"]]
-        x, y = p[f"grad_rel_variance_{FULL}"], p[f"grad_rel_variance_{RTG}"]
-        ax_var.scatter(x, y, s=10)
-        span = np.array([min(x.min(), y.min()), max(x.max(), y.max())])
-        ax_var.plot(span, span, color="0.4", ls="--", lw=0.8)
-        ax_var.set(xscale="log", yscale="log", xlabel="rel. variance, full R", ylabel="rel. variance, rtg",
-                   title=f"{r['env']}: ratio {format_columns(r, 'ratio_geo', 2)}")
-        for j, est in enumerate(ESTIMATORS):
-            ax_bias.errorbar(j, r[f"{est}_rel_bias_sq"], yerr=error_bars(r, f"{est}_rel_bias_sq"), fmt="o", capsize=3)
-        ax_bias.axhline(0, color="0.3", lw=0.8)
-        ax_bias.set_xticks([0, 1], ["full R", "reward-to-go"])
-        ax_bias.set(xlim=(-0.6, 1.6), ylabel="rel. squared bias (95% CI)", title=f"{r['env']} ({r['reference']})")
+        scatter_with_identity(ax_var, p[f"grad_rel_variance_{FULL}"], p[f"grad_rel_variance_{RTG}"],
+                              "rel. variance, full R", "rel. variance, rtg",
+                              f"{r['env']}: ratio {format_columns(r, 'ratio_geo', 2)}")
+        category_intervals(ax_bias, r, {"full R": f"{FULL}_rel_bias_sq", "reward-to-go": f"{RTG}_rel_bias_sq"},
+                           "rel. squared bias (95% CI)", f"{r['env']} ({r['reference']})")
     fig.tight_layout()
     return save_figure(fig, out_dir, "reward_to_go_pairs_bias")
 

@@ -1,27 +1,19 @@
 """How much gradient signal is left when a sparse reward is far (chain, uniform policy)?
-Per (T, L, estimator) cell, seeds pooled. By construction: the fraction of exactly zero
-batch estimates is at least (1 - p_reach)^B (no episode rewarded; p_reach exact by DP).
-Tested: the text's reading that signal comes only from rewarded episodes, so the episodes
-needed for SNR 1, N1 = B tr Cov / ||grad J||^2, grow as 1/p_reach: the slope of log N1 on
-log(1/p_reach) over the sparse cells (bootstrap over seeds) must hold 1.
-"""
+Per (T, L, estimator) cell, seeds pooled; README.md states the bound and the tested slope."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
-from scipy.stats import binomtest
 
 from analysis.experiment import (
-    BY_CONSTRUCTION, Experiment, check, estimate_columns, findings_frame, findings_section,
-    first_measurements, headline_verdict, percentile_ends, replicate_resamples)
-from analysis.figures import PAPER_WIDTH, error_bars, save_figure
+    BY_CONSTRUCTION, Experiment, bootstrap_rows, check, estimate_columns, findings_frame,
+    findings_section, first_measurements, headline_verdict, plot_estimate_panels, reciprocal)
 from analysis.render import format_columns, frame_table
-from analysis.stats import NAN_ESTIMATE, mean_ci, ratio_ci
+from analysis.stats import NAN_ESTIMATE, mean_ci, proportion_ci, ratio_ci
 from pgvar.envs.registry import make_env
 
 CLAIM = ("\"Sparse rewards. If reward appears only at episode termination (e.g., winning a "
@@ -60,23 +52,21 @@ def cell_summary(cell: pd.DataFrame) -> dict:
     first = cell.iloc[0]
     p_reach = reach_probability(first["L"], first["T"], first["slip"])
     predicted = predicted_zero_fraction(p_reach, int(first["B"]))
-    k, n = int(cell["zeros"].sum()), int(cell["M"].sum())
-    ci = binomtest(k, n, min(max(predicted, 0.0), 1.0)).proportion_ci(0.95, method="exact")
+    k = int(cell["zeros"].sum())
+    zero = proportion_ci(k, int(cell["M"].sum()))  # Clopper-Pearson
     by_seed = lambda col: dict(zip(cell["seed"], cell[col]))
     exact_snr = (ratio_ci(by_seed("ref_sq"), by_seed("grad_variance"))  # every batch zero: no SNR
                  if cell["grad_variance"].sum() > 0 else NAN_ESTIMATE)
     return {"T": int(first["T"]), "L": int(first["L"]), "distance": int(first["distance"]),
             "estimator": first["estimator"], "B": int(first["B"]), "seeds": cell["seed"].nunique(),
-            "p_reach": p_reach, "batches": n, "zero_batches": k, "zero_fraction": k / n,
-            "zero_fraction_lo": ci.low, "zero_fraction_hi": ci.high,
-            "predicted_zero_fraction": predicted, "excess": k / n - predicted,
-            "below_prediction": bool(ci.high < predicted), "above_prediction": bool(ci.low > predicted),
+            "p_reach": p_reach, "batches": zero.n, "zero_batches": k,
+            **estimate_columns("zero_fraction", zero), "predicted_zero_fraction": predicted,
+            "excess": zero.value - predicted, "below_prediction": bool(zero.hi < predicted),
+            "above_prediction": bool(zero.lo > predicted),
             "ref_norm": cell["ref_norm"].mean(),
             **estimate_columns("grad_norm_mean", mean_ci(cell["grad_norm_mean"].to_numpy())),
             **estimate_columns("exact_snr", exact_snr),
-            # episodes for SNR 1: B / SNR (its interval the inverted one)
-            "episodes_snr1": first["B"] / exact_snr.value, "episodes_snr1_lo": first["B"] / exact_snr.hi,
-            "episodes_snr1_hi": first["B"] / exact_snr.lo if exact_snr.lo > 0 else np.inf}
+            **estimate_columns("episodes_snr1", reciprocal(exact_snr, first["B"]))}  # B / SNR
 
 
 def sparsity_slope(runs: pd.DataFrame) -> dict:
@@ -89,16 +79,15 @@ def sparsity_slope(runs: pd.DataFrame) -> dict:
     hits = p * (runs["M"] * runs["B"]).min()
     keep = [L for L in wide.columns if MIN_HITS <= hits[L] and p[L] <= SPARSE and wide[L].sum() > 0]
     if len(keep) < MIN_POINTS:
-        return {"slope": np.nan, "slope_lo": np.nan, "slope_hi": np.nan, "points": len(keep)}
+        return {**estimate_columns("slope", NAN_ESTIMATE), "points": len(keep)}
     x = np.log(1 / p[keep].to_numpy())
     ref_sq = runs.groupby("L")["ref_norm"].mean()[keep].to_numpy() ** 2
-    v = wide[keep].to_numpy()
 
-    def slope(var):  # least squares, closed form along the last axis (NaN stays NaN)
+    def slope(var):  # least squares on the seeds' mean variance (NaN stays NaN)
         y = np.log(np.where(var > 0, var, np.nan) / ref_sq)
-        return ((x - x.mean()) * (y - y.mean(axis=-1, keepdims=True))).sum(-1) / ((x - x.mean()) ** 2).sum()
-    lo, hi = percentile_ends(slope(v[replicate_resamples(len(v))].mean(axis=1)), len(v))
-    return {"slope": float(slope(v.mean(axis=0))), "slope_lo": lo, "slope_hi": hi, "points": len(keep)}
+        return ((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum()
+    (value,), (lo,), (hi,) = bootstrap_rows(wide[keep].to_numpy(), lambda v: slope(v.mean(axis=0)))
+    return {"slope": float(value), "slope_lo": lo, "slope_hi": hi, "points": len(keep)}
 
 
 def checks(cells: pd.DataFrame, slopes: pd.DataFrame) -> list:
@@ -152,9 +141,9 @@ def render(s: dict, verdict, preset: str) -> str:
     return "\n".join([
         "# Sparse rewards: gradient signal against the distance to the reward (chain)", "",
         f"**Claim.** {CLAIM}", "",
-        f"**Measured** (preset `{preset}`): the sparse chain, uniform policy, gamma = 1, T ∈ "
+        (f"**Measured** (preset `{preset}`): the sparse chain, uniform policy, gamma = 1, T ∈ "
         f"{sorted(cells['T'].unique())}, B = {cells['B'].max()}, {cells['seeds'].max()} seeds pooled; "
-        "p_reach exact (DP); Clopper-Pearson intervals for fractions, bootstrap over seeds otherwise.",
+        "p_reach exact (DP); Clopper-Pearson intervals for fractions, bootstrap over seeds otherwise."),
         "", f"Fixed horizon T = {T}:", "",
         *frame_table(main, {"estimator": "estimator", "distance": "distance",
                             "p_reach": lambda c: f"{c['p_reach']:.2e}",
@@ -165,35 +154,29 @@ def render(s: dict, verdict, preset: str) -> str:
                             "SNR ‖∇J‖²/trCov": lambda c: format_columns(c, "exact_snr", 2, "– (all ĝ = 0)"),
                             "episodes for SNR 1": lambda c: format_columns(c, "episodes_snr1", 2),
                             "1/p_reach": lambda c: f"{1 / c['p_reach']:.2g}" if c["p_reach"] > 0 else "∞"}), "",
-        f"All {len(cells)} cells (every horizon) are in `result.csv`; cells whose zero fraction "
+        (f"All {len(cells)} cells (every horizon) are in `result.csv`; cells whose zero fraction "
         f"lies above its prediction: {int(cells['above_prediction'].sum())}, below: "
-        f"{int(cells['below_prediction'].sum())}.", "",
-        f"Episodes for SNR 1: N1 = B·tr Cov/‖∇J‖² (ratio of means over seeds); its slope s on "
-        f"log(1/p_reach) over the cells with p_reach ≤ {SPARSE} (bootstrap over seeds):", "",
+        f"{int(cells['below_prediction'].sum())}."), "",
+        (f"Episodes for SNR 1: N1 = B·tr Cov/‖∇J‖² (ratio of means over seeds); its slope s on "
+        f"log(1/p_reach) over the cells with p_reach ≤ {SPARSE} (bootstrap over seeds):"), "",
         *frame_table(s["slopes"], {"T": "T", "estimator": "estimator", "cells": "points", "slope s": "slope"}),
         "", *findings_section(s["checks"], verdict)])
 
 
 def figures(s: dict, runs: pd.DataFrame, out_dir: Path) -> list[Path]:
-    """One line per (T, estimator): the zero-gradient fraction (points, 95% CI) with its
-    prediction (lines) against the distance, and the episodes for SNR 1 against 1/p_reach."""
-    cells = s["cells"]
-    fig, (ax_zero, ax_snr) = plt.subplots(1, 2, figsize=(PAPER_WIDTH, 2.8))
-    for (T, est), c in cells.groupby(["T", "estimator"]):
-        line, = ax_zero.plot(c["distance"], c["predicted_zero_fraction"], lw=1, label=f"T = {T}, {est}")
-        ax_zero.errorbar(c["distance"], c["zero_fraction"], yerr=error_bars(c, "zero_fraction"),
-                         fmt="o", ms=3, capsize=2, color=line.get_color())
-        n1 = c[np.isfinite(c["episodes_snr1"]) & (c["p_reach"] < 1)]
-        ax_snr.errorbar(1 / n1["p_reach"], n1["episodes_snr1"], yerr=error_bars(n1, "episodes_snr1"),
-                        marker="o", ms=3, capsize=2, color=line.get_color())
-    grid = np.geomspace(1, (1 / cells.loc[cells["p_reach"] > 0, "p_reach"]).max(), 20)
-    ax_snr.plot(grid, grid, color="0.4", ls="--", lw=0.8, label="N1 = 1/p_reach")
-    ax_snr.set(xscale="log", yscale="log", xlabel="1 / p_reach", ylabel="episodes for SNR 1 (95% CI)")
-    ax_zero.set(xlabel="distance to the reward (steps)", ylabel="fraction of batches with ĝ = 0",
-                title="zero-gradient batches and (1 − p_reach)^B")
-    ax_zero.legend(fontsize=7, frameon=False)
-    fig.tight_layout()
-    return save_figure(fig, out_dir, "sparse_reward_signal")
+    """One line per (T, estimator): the zero-gradient fraction (95% CI) with its prediction
+    (dotted) against the distance, and the episodes for SNR 1 against 1/p_reach (dashed)."""
+    cells = s["cells"].assign(inverse_p=1 / s["cells"]["p_reach"], line=[
+        f"T = {T}, {est}" for T, est in zip(s["cells"]["T"], s["cells"]["estimator"])])
+    n1 = cells[np.isfinite(cells["episodes_snr1"]) & (cells["p_reach"] < 1)]
+    return plot_estimate_panels([
+        {"frame": cells, "x": "distance", "y": "zero_fraction", "by": "line",
+         "prediction": "predicted_zero_fraction", "xlabel": "distance to the reward (steps)",
+         "ylabel": "fraction of batches with ĝ = 0", "title": "zero-gradient batches; dotted: (1 − p_reach)^B"},
+        {"frame": n1, "x": "inverse_p", "y": "episodes_snr1", "by": "line", "xscale": "log",
+         "yscale": "log", "diagonal": (1, cells.loc[cells["p_reach"] > 0, "inverse_p"].max()),
+         "xlabel": "1 / p_reach", "ylabel": "episodes for SNR 1 (95% CI)", "title": "dashed: N1 = 1/p_reach"}],
+        out_dir, "sparse_reward_signal", ncols=2)
 
 
 EXPERIMENT = Experiment("Sparse rewards: gradient signal against the distance to the reward (chain)",
