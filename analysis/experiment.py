@@ -229,24 +229,15 @@ def findings_section(findings: list[Finding], verdict: Verdict) -> list[str]:
 # ----------------------------------------------------------------------------- intervals of records, per-run reductions, exact gains
 
 
-def estimate_of(record, name: str, n: int = 0) -> Estimate:
-    """A record's ``name``, ``name_lo`` and ``name_hi`` entries as an ``Estimate`` (the
-    inverse of ``estimate_columns``), for judging a summary row's interval."""
-    return Estimate(record[name], record[f"{name}_lo"], record[f"{name}_hi"], n)
-
-
 def in_interval(rows, name: str, value: float):
     """Whether ``value`` lies in ``name``'s 95% interval (``name_lo`` to ``name_hi``): a
     bool for a record, a boolean Series for a table; False where an end is NaN."""
     return (rows[f"{name}_lo"] <= value) & (rows[f"{name}_hi"] >= value)
 
 
-def interval_holds(record, name: str, value: float, n: int, min_n: int) -> bool | None:
-    """A ``check``'s outcome for 'the interval of ``name`` holds ``value``': None (undecided)
-    below ``min_n`` replicates ``n`` or without finite interval ends."""
-    if n < min_n or not (math.isfinite(record[f"{name}_lo"]) and math.isfinite(record[f"{name}_hi"])):
-        return None
-    return bool(in_interval(record, name, value))
+def holds(value: float) -> Callable[[float, float], bool]:
+    """The test ``interval_check`` applies for 'the 95% interval holds ``value``'."""
+    return lambda lo, hi: bool(lo <= value <= hi)
 
 
 def exact_gains(env, policy, moves: dict[str, Any]) -> dict[str, float]:
@@ -260,16 +251,6 @@ def exact_gains(env, policy, moves: dict[str, Any]) -> dict[str, float]:
     j0 = exact_objective_at(env, policy, theta0)
     return {name: float(np.mean([exact_objective_at(env, policy, theta0 + m) - j0 for m in rows]))
             for name, rows in moves.items()}
-
-
-def run_means(rows: pd.DataFrame, first: list[str], mean: list[str]) -> pd.DataFrame:
-    """One line per run: ``analysis.table.per_run_values`` (its statistics' means and
-    standard errors), the first value of each ``first`` column (a setting of the run) and
-    the mean of each ``mean`` column over the run's rows."""
-    from analysis.table import per_run_values
-
-    by_run = rows.groupby("run_dir", sort=False)
-    return per_run_values(rows).join(by_run[first].first()).join(by_run[mean].mean())
 
 
 def bootstrap_estimates(w: np.ndarray, statistic, seed: int = 0) -> list[Estimate]:
@@ -294,14 +275,6 @@ def measured_with_previous(frame: pd.DataFrame, column: str, name: str) -> pd.Da
     logged = frame[column] if column in frame else pd.Series(np.nan, frame.index)
     previous = frame[["run_dir", "step"]].assign(**{name: logged.groupby(frame["run_dir"]).shift(1)})
     return measured_rows(frame).merge(previous, on=["run_dir", "step"], how="left")
-
-
-def paired_geometric_ratio(runs: pd.DataFrame, baseline: pd.DataFrame, metric: str,
-                           min_n: int = 3) -> Estimate:
-    """``geometric_mean_ratio`` over seeds of metric(run) / metric(baseline run of the same
-    seed): the scale-free counterpart of ``paired_difference``."""
-    return geometric_mean_ratio(dict(zip(runs["seed"], runs[metric])),
-                                dict(zip(baseline["seed"], baseline[metric])), min_n)
 
 
 # ----------------------------------------------------------------------------- the protocol

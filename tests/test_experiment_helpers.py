@@ -20,10 +20,9 @@ def test_interval_tests_on_a_record_and_on_a_table():
     assert ex.estimate_of(record, "k") == Estimate(-0.9, -1.1, -0.7, 0)
     assert ex.estimate_columns("k", ex.estimate_of(record, "k")) == record
     assert ex.in_interval(record, "k", -1) and not ex.in_interval(record, "k", 0)
-    assert ex.interval_holds(record, "k", -1, n=5, min_n=3) is True
-    assert ex.interval_holds(record, "k", 0, n=5, min_n=3) is False
-    assert ex.interval_holds(record, "k", -1, n=2, min_n=3) is None  # too few replicates
-    assert ex.interval_holds({**record, "k_hi": math.nan}, "k", -1, n=5, min_n=3) is None
+    assert ex.interval_check(record, "k", ex.holds(-1), n=5, min_n=3) is True
+    assert ex.interval_check(record, "k", ex.holds(0), n=5, min_n=3) is False
+    assert ex.interval_check(record, "k", ex.holds(-1), n=2, min_n=3) is None  # too few
     assert [ex.interval_sign(record, "k", at) for at in (-2, -1, 0)] == [1, 0, -1]
     assert ex.interval_sign({}, "k") == 0  # no interval: no side
     table = pd.DataFrame({"g_lo": [-1.0, 0.5, math.nan], "g_hi": [1.0, 2.0, 1.0]})
@@ -75,7 +74,7 @@ def test_paired_geometric_ratio_pairs_runs_by_seed():
     assert r.value == pytest.approx(2.0) and r.n == 4 and r.lo == pytest.approx(2.0)
 
 
-def test_measured_rows_carry_the_previous_iterations_value_and_runs_their_means():
+def test_measured_rows_carry_the_previous_iterations_value():
     frame = pd.DataFrame([
         {"run_dir": f"/nonexistent/run{r}", "run_id": f"run{r}", "seed": r, "env": "tabular",
          "step": step, "critic_loss": 10.0 * r + step,
@@ -87,7 +86,7 @@ def test_measured_rows_carry_the_previous_iterations_value_and_runs_their_means(
     assert rows["step"].tolist() == [0, 2, 0, 2]
     assert rows["fit_loss"].tolist()[1::2] == [1.0, 11.0]  # the loss logged at step 1
     assert rows["fit_loss"].isna().tolist()[::2] == [True, True]  # nothing before step 0
-    runs = ex.run_means(rows, first=["env"], mean=["fit_loss"])
+    runs = ex.per_run_table(rows, first=["env"], mean=["fit_loss"])
     assert runs["env"].tolist() == ["tabular"] * 2 and runs["fit_loss"].tolist() == [1.0, 11.0]
     assert runs["grad_variance"].tolist() == [2.0, 3.0] and runs["seed"].tolist() == [0, 1]
 

@@ -104,17 +104,17 @@ def checks(exps: pd.DataFrame, by_b: pd.DataFrame) -> list:
         e = e.set_index("estimator")
         r, u = e.loc[RTG], e.loc[RLOO]
         records.append(xp.check(env, f"Var({RTG}) ~ 1/B: k = -1 in the interval",
-                                xp.interval_holds(r, "k", -1, r["n_replicates"], MIN_REPLICATES),
+                                xp.interval_check(r, "k", xp.holds(-1), r["n_replicates"], MIN_REPLICATES),
                                 f"k = {format_columns(r, 'k')}"))
         records.append(xp.check(env, "Var(rloo) follows its U-statistic law: the law through the smallest "
                                      "and largest B predicts the others (mean log gap 0 in the interval)",
-                                xp.interval_holds(u, "ustat_gap", 0, u["n_replicates"], MIN_REPLICATES),
+                                xp.interval_check(u, "ustat_gap", xp.holds(0), u["n_replicates"], MIN_REPLICATES),
                                 f"gap = {format_columns(u, 'ustat_gap')}"))
         b = by_b[by_b["env"] == env].set_index(["estimator", "B"])
         m = b.loc[MEAN].iloc[0]
         enough = m["n_replicates"] >= MIN_REPLICATES
         records.append(xp.check(env, f"mean_baseline relative bias at B={m.name} covers 1/B",
-                                xp.interval_holds(m, "rel_bias", 1 / m.name, m["n_replicates"], MIN_REPLICATES),
+                                xp.interval_check(m, "rel_bias", xp.holds(1 / m.name), m["n_replicates"], MIN_REPLICATES),
                                 f"{format_columns(m, 'rel_bias')}, 1/B = {1 / m.name:.3g}", xp.BY_CONSTRUCTION))
         biased = list(b.loc[RLOO].index[b.loc[RLOO]["bias_distinguishable"].eq(True)])
         records.append(xp.check(env, "rloo bias not distinguishable at any B", not biased if enough else None,

@@ -39,15 +39,15 @@ def per_run(rows: pd.DataFrame) -> pd.DataFrame:
     ref_se = rows["ref_se"].fillna(0.0) if "ref_se" in rows else pd.Series(0.0, rows.index)
     ref = rows.get("training.reference.estimator", pd.Series("?", rows.index)).astype(str)
     exact = rows["ref_exact"].astype(str).isin(["True", "true", "1", "1.0"])
-    rows = rows.assign(grad_rel_mse=(rows["grad_mse"] - ref_se ** 2) / rows["ref_norm"] ** 2,
+    rows = rows.assign(grad_rel_mse=ex.relative_mse(rows),
                        ref_rel_se=ref_se / rows["ref_norm"], batch_size=rows.get(
                            "training.batch_size", np.nan),
                        reference=np.where(exact, "exact ∇J", "MC " + ref))
     step = rows["step"].astype(int).astype(str)
     pooled = rows[rows["step"] >= MIN_STEP].assign(level=POOLED)
     each_step = rows.assign(level=step, run_dir=rows["run_dir"].astype(str) + "@" + step)
-    return pd.concat([ex.run_means(part, ["env", "lam", "level", "reference", "batch_size"],
-                                   ["grad_rel_mse", "critic_fit_loss", "ref_rel_se"]).reset_index()
+    return pd.concat([ex.per_run_table(part, ["env", "lam", "level", "reference", "batch_size"],
+                                       ["grad_rel_mse", "critic_fit_loss", "ref_rel_se"])
                       for part in (pooled, each_step)], ignore_index=True)
 
 

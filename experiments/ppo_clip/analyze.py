@@ -102,8 +102,7 @@ def summarise(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
                         "n_seeds": g["seed"].nunique(), **xp.mean_columns(g, METRICS),
                         **xp.estimate_columns("rel_bias", root),
                         **xp.estimate_columns("cos_mean", xp.pooled_cosine(g)),
-                        **xp.estimate_columns("d_cos_ref", xp.paired_difference(g, base, "cos_ref")),
-                        **xp.estimate_columns("d_cos_mean", xp.pooled_cosine_difference(g, base))})
+                        **xp.paired_difference_columns(g, base, ["cos_ref"])})
     table = pd.DataFrame.from_records(records)
     table = table.assign(_o=table["label"].ne(GAE_LABEL), _c=table["clip"].fillna(-1))
     return table.sort_values(["env", "_o", "_c", "K"]).drop(columns=["_o", "_c"]), runs
