@@ -226,6 +226,57 @@ def findings_section(findings: list[Finding], verdict: Verdict) -> list[str]:
             "", *findings_table(findings), "", verdict.line(), ""]
 
 
+# ----------------------------------------------------------------------------- intervals of records, per-run reductions, exact gains
+
+
+def in_interval(rows, name: str, value: float):
+    """Whether ``value`` lies in ``name``'s 95% interval (``name_lo`` to ``name_hi``): a
+    bool for a record, a boolean Series for a table; False where an end is NaN."""
+    return (rows[f"{name}_lo"] <= value) & (rows[f"{name}_hi"] >= value)
+
+
+def holds(value: float) -> Callable[[float, float], bool]:
+    """The test ``interval_check`` applies for 'the 95% interval holds ``value``'."""
+    return lambda lo, hi: bool(lo <= value <= hi)
+
+
+def exact_gains(env, policy, moves: dict[str, Any]) -> dict[str, float]:
+    """Per named set of moves (rows of flat parameter displacements in
+    ``policy.parameters()`` order), the mean over its rows of the exact J(θ_0 + move) −
+    J(θ_0), θ_0 the policy's parameters (``exact_objective_at``; the policy is left as it
+    was): what a step buys on the objective itself rather than on an estimate of it."""
+    from torch.nn.utils import parameters_to_vector
+
+    theta0 = parameters_to_vector(policy.parameters()).detach().double()
+    j0 = exact_objective_at(env, policy, theta0)
+    return {name: float(np.mean([exact_objective_at(env, policy, theta0 + m) - j0 for m in rows]))
+            for name, rows in moves.items()}
+
+
+def bootstrap_estimates(w: np.ndarray, statistic, seed: int = 0) -> list[Estimate]:
+    """``bootstrap_rows`` as one ``Estimate`` per entry of the statistic (a curve's points,
+    a fit's coefficients), for ``estimate_columns``."""
+    return [Estimate(float(v), float(lo), float(hi), w.shape[0])
+            for v, lo, hi in zip(*bootstrap_rows(w, statistic, seed))]
+
+
+def interval_sign(record, name: str, at: float = 0.0) -> int:
+    """1 when ``name``'s 95% interval (``name_lo`` to ``name_hi``) of a record lies above
+    ``at``, -1 when below, 0 when it holds ``at`` or an end is missing or NaN."""
+    lo, hi = record.get(f"{name}_lo", math.nan), record.get(f"{name}_hi", math.nan)
+    return 1 if lo > at else -1 if hi < at else 0
+
+
+def measured_with_previous(frame: pd.DataFrame, column: str, name: str) -> pd.DataFrame:
+    """The measured rows (``measured_rows``) with, as ``name``, their run's ``column`` as
+    logged at the iteration before (NaN where there is none): what an iteration's
+    measurement inherits, such as the fit that made its critic (``critic_loss``)."""
+    frame = frame.sort_values(["run_dir", "step"])
+    logged = frame[column] if column in frame else pd.Series(np.nan, frame.index)
+    previous = frame[["run_dir", "step"]].assign(**{name: logged.groupby(frame["run_dir"]).shift(1)})
+    return measured_rows(frame).merge(previous, on=["run_dir", "step"], how="left")
+
+
 # ----------------------------------------------------------------------------- the protocol
 
 
@@ -366,9 +417,11 @@ def estimate_columns(name: str, est: Estimate) -> dict[str, float]:
 
 
 def mean_columns(runs: pd.DataFrame, metrics) -> dict[str, float]:
-    """``estimate_columns`` of the mean across runs (``mean_ci``) of each of ``metrics``."""
-    return {k: v for m in metrics for k, v in
-            estimate_columns(m, mean_ci(runs[m].to_numpy(float))).items()}
+    """``estimate_columns`` of the mean across runs (``mean_ci``) of each of ``metrics``:
+    column names, or ``{name in the record: column}``."""
+    named = metrics if isinstance(metrics, dict) else {m: m for m in metrics}
+    return {k: v for name, m in named.items() for k, v in
+            estimate_columns(name, mean_ci(runs[m].to_numpy(float))).items()}
 
 
 def means_by_group(rows: pd.DataFrame, keys: list[str], columns: list[str]) -> pd.DataFrame:
@@ -503,9 +556,10 @@ def bootstrap_rows(w: np.ndarray, statistic, seed: int = 0) -> tuple[np.ndarray,
 
 
 def paired_matrix(runs: pd.DataFrame, x: str, column: str,
-                  replicate: str = "seed") -> tuple[np.ndarray, np.ndarray]:
-    """(x values [L], ``column`` [R, L]) of the replicates that have every x: a curve per
-    seed, the pairs of a paired comparison along x."""
+                  replicate: str | list[str] = "seed") -> tuple[np.ndarray, np.ndarray]:
+    """(x values [L], ``column`` [R, L]) of the replicates (a column, or several that
+    together name one, such as instance and seed) that have every x: a curve per
+    replicate, the pairs of a paired comparison along x."""
     wide = runs.pivot_table(index=replicate, columns=x, values=column, aggfunc="mean").dropna()
     return wide.columns.to_numpy(float), wide.to_numpy(float)
 
@@ -563,20 +617,21 @@ def curve_trend(xs: np.ndarray, values: np.ndarray, min_n: int = 3) -> Estimate:
     return Estimate(point, lo, hi, n)
 
 
-def curve_argmin(xs: np.ndarray, values: np.ndarray, min_n: int = 3) -> dict[str, object]:
-    """The x minimising the mean curve of ``values`` [R, L], its bootstrap interval over
-    replicates and the share of resamples choosing each x (``argmin``, ``lo``, ``hi``,
-    ``shares``)."""
+def curve_argmin(xs: np.ndarray, values: np.ndarray,
+                 min_n: int = 3) -> tuple[Estimate, dict[float, float]]:
+    """The x minimising the mean curve of ``values`` [R, L] with its bootstrap interval
+    over replicates (no interval below ``min_n``; NaN without replicates), and the share
+    of resamples choosing each x."""
     n = values.shape[0]
     if n < 1:
-        return {"argmin": math.nan, "lo": math.nan, "hi": math.nan, "shares": {}}
+        return Estimate(math.nan, math.nan, math.nan, 0), {}
     best = float(xs[int(np.argmin(values.mean(0)))])
     if n < min_n:
-        return {"argmin": best, "lo": math.nan, "hi": math.nan, "shares": {}}
+        return Estimate(best, math.nan, math.nan, n), {}
     picks = xs[np.argmin(values[replicate_resamples(n, seed=1)].mean(1), axis=1)]
     lo, hi = map(float, percentile_ends(picks, n))
-    return {"argmin": best, "lo": lo, "hi": hi,
-            "shares": {float(v): float(np.mean(picks == v)) for v in xs if np.any(picks == v)}}
+    return Estimate(best, lo, hi, n), {float(v): float(np.mean(picks == v)) for v in xs
+                                       if np.any(picks == v)}
 
 
 def slope_estimate(x: np.ndarray, y: np.ndarray) -> Estimate:

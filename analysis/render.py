@@ -27,6 +27,11 @@ def format_columns(record, name: str, digits: int = 3, missing: str = "n/a", **s
                      **style)
 
 
+def format_estimate(est, digits: int = 3, missing: str = "n/a", **style) -> str:
+    """``format_ci`` of an ``analysis.stats.Estimate``'s value and interval."""
+    return format_ci(est.value, est.lo, est.hi, digits, missing, **style)
+
+
 def yes_no(flag: object) -> str:
     """``yes`` / ``no``, or ``n/a`` for an undecided (None or NaN) flag."""
     if flag is None or (isinstance(flag, float) and math.isnan(flag)):
@@ -40,13 +45,22 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> l
     return lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
 
 
-def frame_table(rows, columns: dict[str, object], digits: int = 3, missing: str = "n/a",
-                **style) -> list[str]:
+def table_sections(sections: Iterable[tuple[str, object, object]], heading: str = "##") -> list[str]:
+    """Titled tables for result.md: per ``(title, rows, columns)`` a ``heading title`` line,
+    a blank line, ``frame_table(rows, columns)`` and a blank line."""
+    return [line for title, rows, columns in sections
+            for line in [f"{heading} {title}", "", *frame_table(rows, columns), ""]]
+
+
+def frame_table(rows, columns: dict[str, object] | Sequence[str], digits: int = 3,
+                missing: str = "n/a", **style) -> list[str]:
     """``markdown_table`` of a data frame's rows (or of records), one column per
-    ``header: spec``. A spec is a function of the row giving the cell, or a column name (or
-    ``(name, digits)``): ``format_ci`` of it and its ``name_lo``/``name_hi`` where those
-    exist, else its value (booleans yes/no, floats to ``digits`` significant digits,
-    ``missing`` where absent or NaN). ``(no data)`` when there are no rows."""
+    ``header: spec`` (a list of column names: each its own header and spec). A spec is a
+    function of the row giving the cell, or a column name (or ``(name, digits)``):
+    ``format_ci`` of it and its ``name_lo``/``name_hi`` where those exist, else its value
+    (booleans yes/no, floats to ``digits`` significant digits, ``missing`` where absent or
+    NaN). ``(no data)`` when there are no rows."""
+    columns = columns if isinstance(columns, dict) else {name: name for name in columns}
     records = rows.to_dict("records") if hasattr(rows, "to_dict") else \
         [r.to_dict() if hasattr(r, "to_dict") else r for r in rows]
     if not records:

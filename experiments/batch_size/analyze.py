@@ -1,31 +1,23 @@
-"""Variance and bias against the batch size B (exact reference; a *replicate* is one env,
-instance ``env.seed`` and seed measured at every B). Tested: reward-to-go's exponent k of
-Var ~ B^k is -1 (an i.i.d. mean), and RLOO follows its own law, Hoeffding's for an order-2
-U-statistic, ``Var = (4 (B-2) zeta_1 + 2 zeta_2) / (B (B-1))``: its constants solved from
-the smallest and largest B predict every B between. By construction (estimator algebra):
-the batch mean's E g = (1 - 1/B) grad J (c^2 = 1), its variance (1 - 1/B)^2 RLOO's, and
-RLOO's zero bias.
-"""
+"""Variance and bias against the batch size B, with an exact reference. The claim, the
+design (a *replicate*: one env, instance ``env.seed`` and seed measured at every B) and
+every check with its class are in README.md beside this file."""
 
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from analysis.experiment import (
-    BY_CONSTRUCTION, Experiment, bias_columns, bootstrap_rows, check, estimate_columns,
-    findings_frame, findings_section, first_measurements, headline_verdict, instance_column)
-from analysis.figures import PANEL_HEIGHT, PAPER_WIDTH, error_bars, legend_below, save_figure
+from analysis import experiment as xp
+from analysis.figures import interval_grid
 from analysis.render import format_columns, frame_table, yes_no
 from analysis.stats import NAN_ESTIMATE, mean_ci
 
 RTG, RLOO, MEAN = "reinforce_rtg", "rloo", "mean_baseline"
 ESTIMATORS = (RTG, RLOO, MEAN)
-COLOURS = {RTG: "tab:orange", RLOO: "tab:green", MEAN: "tab:red"}
 MIN_REPLICATES = 3  # fewer: a bootstrap interval means nothing, the checks stay undecided
 CLAIM = ("the variance of a batch estimate falls as 1/B for i.i.d. episodes, and a "
          "baseline that is the batch mean of the returns is biased by O(1/B) "
@@ -35,16 +27,15 @@ CLAIM = ("the variance of a batch estimate falls as 1/B for i.i.d. episodes, and
 
 def select(frame: pd.DataFrame) -> pd.DataFrame:
     """The first measurement of every run of the three estimators, with ``B`` and ``instance``."""
-    rows = first_measurements(frame, ESTIMATORS)
-    return rows.assign(instance=instance_column(rows), B=rows["training.batch_size"].astype(int))
+    rows = xp.first_measurements(frame, ESTIMATORS)
+    return rows.assign(instance=xp.instance_column(rows), B=rows["training.batch_size"].astype(int))
 
 
 def variance_matrix(rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """(batch sizes, V [replicates, batch sizes]) of one (env, estimator), replicates
     missing a B dropped; each row divided by its scale mean_B(B V(B)), so every replicate
     weighs the same whatever its variance."""
-    wide = rows.pivot_table(index=["instance", "seed"], columns="B", values="grad_variance").dropna()
-    bs, v = wide.columns.to_numpy(float), wide.to_numpy(float)
+    bs, v = xp.paired_matrix(rows, "B", "grad_variance", ["instance", "seed"])
     return bs, v / (bs * v).mean(axis=1, keepdims=True)
 
 
@@ -81,14 +72,13 @@ def per_batch_size(rows: pd.DataFrame) -> pd.DataFrame:
     records = []
     for (env, est), g_est in rows.groupby(["env", "estimator"], sort=True):
         bs, w = variance_matrix(g_est)
-        norm = dict(zip(bs.astype(int), zip(*bootstrap_rows(w, lambda x: normalised_curve(bs, x)))))
+        norm = dict(zip(bs.astype(int), xp.bootstrap_estimates(w, partial(normalised_curve, bs))))
         for b, g in g_est.groupby("B", sort=True):
-            nv = norm.get(int(b), (math.nan,) * 3)
             records.append({"env": env, "estimator": est, "B": int(b), "n_replicates": len(g),
                             "grad_variance": g["grad_variance"].mean(),
-                            **estimate_columns("rel_variance", mean_ci(g["grad_rel_variance"])),
-                            "norm_variance": nv[0], "norm_variance_lo": nv[1],
-                            "norm_variance_hi": nv[2], **bias_columns(g)})
+                            **xp.estimate_columns("rel_variance", mean_ci(g["grad_rel_variance"])),
+                            **xp.estimate_columns("norm_variance", norm.get(int(b), NAN_ESTIMATE)),
+                            **xp.bias_columns(g)})
     return pd.DataFrame.from_records(records)
 
 
@@ -97,46 +87,41 @@ def exponents(rows: pd.DataFrame) -> pd.DataFrame:
     records = []
     for (env, est), g in rows.groupby(["env", "estimator"], sort=False):
         bs, w = variance_matrix(g)
-        fits = {"k": lambda x: pooled_exponent(bs, x), "ustat_gap": lambda x: ustat_prediction_gap(bs, x)}
+        fits = {"k": partial(pooled_exponent, bs), "ustat_gap": partial(ustat_prediction_gap, bs)}
         record = {"env": env, "estimator": est, "n_replicates": w.shape[0],  # the batch mean: no U law
-                  **estimate_columns("ustat_gap", NAN_ESTIMATE)}
+                  **xp.estimate_columns("ustat_gap", NAN_ESTIMATE)}
         for name, fit in list(fits.items())[:1 if est == MEAN else 2]:
-            value, lo, hi = bootstrap_rows(w, fit)
-            record.update({name: value[0], f"{name}_lo": lo[0], f"{name}_hi": hi[0]})
+            record.update(xp.estimate_columns(name, xp.bootstrap_estimates(w, fit)[0]))
         records.append(record)
     return pd.DataFrame.from_records(records)
 
 
-def _decided(flag: bool | None, n: int) -> bool | None:
-    """A check's outcome, or None below MIN_REPLICATES replicates or without an interval."""
-    return None if n < MIN_REPLICATES or flag is None or pd.isna(flag) else bool(flag)
-
-
 def checks(exps: pd.DataFrame, by_b: pd.DataFrame) -> list:
-    """Each statement per environment: pass, fail or None (undecided), and its class."""
+    """Each statement per environment: pass, fail or None (undecided: fewer than
+    MIN_REPLICATES replicates, or no interval), and its class."""
     records = []
     for env, e in exps.groupby("env", sort=False):
         e = e.set_index("estimator")
         r, u = e.loc[RTG], e.loc[RLOO]
-        records.append(check(env, f"Var({RTG}) ~ 1/B: k = -1 in the interval",
-                             _decided(r["k_lo"] <= -1 <= r["k_hi"] if np.isfinite(r["k_lo"]) else None,
-                                      r["n_replicates"]), f"k = {format_columns(r, 'k')}"))
-        records.append(check(env, "Var(rloo) follows its U-statistic law: the law through the smallest "
-                                  "and largest B predicts the others (mean log gap 0 in the interval)",
-                             _decided(u["ustat_gap_lo"] <= 0 <= u["ustat_gap_hi"] if np.isfinite(u["ustat_gap_lo"])
-                                      else None, u["n_replicates"]), f"gap = {format_columns(u, 'ustat_gap')}"))
+        records.append(xp.check(env, f"Var({RTG}) ~ 1/B: k = -1 in the interval",
+                                xp.interval_check(r, "k", xp.holds(-1), r["n_replicates"], MIN_REPLICATES),
+                                f"k = {format_columns(r, 'k')}"))
+        records.append(xp.check(env, "Var(rloo) follows its U-statistic law: the law through the smallest "
+                                     "and largest B predicts the others (mean log gap 0 in the interval)",
+                                xp.interval_check(u, "ustat_gap", xp.holds(0), u["n_replicates"], MIN_REPLICATES),
+                                f"gap = {format_columns(u, 'ustat_gap')}"))
         b = by_b[by_b["env"] == env].set_index(["estimator", "B"])
         m = b.loc[MEAN].iloc[0]
-        records.append(check(env, f"mean_baseline relative bias at B={m.name} covers 1/B",
-                             _decided(m["rel_bias_lo"] <= 1 / m.name <= m["rel_bias_hi"], m["n_replicates"]),
-                             f"{format_columns(m, 'rel_bias')}, 1/B = {1 / m.name:.3g}", BY_CONSTRUCTION))
-        records.append(check(env, "rloo bias not distinguishable at any B", _decided(
-            not b.loc[RLOO]["bias_distinguishable"].eq(True).any(), m["n_replicates"]),
-            f"distinguishable at B = {list(b.loc[RLOO].index[b.loc[RLOO]['bias_distinguishable'].eq(True)])}",
-            BY_CONSTRUCTION))
+        enough = m["n_replicates"] >= MIN_REPLICATES
+        records.append(xp.check(env, f"mean_baseline relative bias at B={m.name} covers 1/B",
+                                xp.interval_check(m, "rel_bias", xp.holds(1 / m.name), m["n_replicates"], MIN_REPLICATES),
+                                f"{format_columns(m, 'rel_bias')}, 1/B = {1 / m.name:.3g}", xp.BY_CONSTRUCTION))
+        biased = list(b.loc[RLOO].index[b.loc[RLOO]["bias_distinguishable"].eq(True)])
+        records.append(xp.check(env, "rloo bias not distinguishable at any B", not biased if enough else None,
+                                f"distinguishable at B = {biased}", xp.BY_CONSTRUCTION))
         gap = (b.loc[MEAN]["grad_variance"] / b.loc[RLOO]["grad_variance"] / (1 - 1 / b.loc[MEAN].index) ** 2 - 1).abs().max()
-        records.append(check(env, "Var(mean)/Var(rloo) = (1 − 1/B)² at every B", gap < 1e-4,  # float32 estimates
-                             f"largest relative gap {gap:.1e}", BY_CONSTRUCTION))
+        records.append(xp.check(env, "Var(mean)/Var(rloo) = (1 − 1/B)² at every B", gap < 1e-4,  # float32 estimates
+                                f"largest relative gap {gap:.1e}", xp.BY_CONSTRUCTION))
     return records
 
 
@@ -149,7 +134,7 @@ def summarise(rows: pd.DataFrame) -> dict[str, pd.DataFrame]:
 def verdict(s: dict) -> object:
     """From the checks (``headline_verdict``), with the exponents and the bias at B = 2."""
     e, m = s["exps"].set_index(["env", "estimator"]), s["by_b"].set_index(["env", "estimator", "B"])
-    return headline_verdict(s["checks"], "; ".join(
+    return xp.headline_verdict(s["checks"], "; ".join(
         f"{env}: k({RTG}) = {format_columns(e.loc[(env, RTG)], 'k')}, rloo's gap to its U-statistic "
         f"law {format_columns(e.loc[(env, RLOO)], 'ustat_gap')} (k = {format_columns(e.loc[(env, RLOO)], 'k')}), "
         f"mean_baseline rel. bias at B={m.loc[(env, MEAN)].index[0]} "
@@ -164,10 +149,10 @@ def render(s: dict, verdict, preset: str) -> str:
                       for e in (MEAN, RLOO)], axis=1).reset_index()
     return "\n".join([
         f"# Variance and bias against batch size B ({preset} preset)", "", f"Claim: {CLAIM}.", "",
-        "One measurement per run at a random initial policy, exact gradient; 95% bootstrap intervals "
-        "over replicates (env instance, seed). k: slope of log tr Cov on log B; gap: mean over the "
-        "inner B of log(measured / predicted) variance, the U-statistic law Var(B) = (4(B−2)ζ₁ + "
-        "2ζ₂)/(B(B−1)) with ζ₁, ζ₂ solved from the smallest and largest B.", "",
+        ("One measurement per run at a random initial policy, exact gradient; 95% bootstrap intervals "
+         "over replicates (env instance, seed). k: slope of log tr Cov on log B; gap: mean over the "
+         "inner B of log(measured / predicted) variance, the U-statistic law Var(B) = (4(B−2)ζ₁ + "
+         "2ζ₂)/(B(B−1)) with ζ₁, ζ₂ solved from the smallest and largest B."), "",
         *frame_table(exps, {"env": "env", "estimator": "estimator", "replicates": "n_replicates",
                             "k": "k", "gap to the U law": "ustat_gap"}),
         "", "## Relative bias ‖E ĝ − ∇J‖ / ‖∇J‖ and variance against B", "",
@@ -179,39 +164,24 @@ def render(s: dict, verdict, preset: str) -> str:
                             "Var(mean)/Var(rloo)": lambda r: f"{r[f'{MEAN}_grad_variance'] / r[f'{RLOO}_grad_variance']:.3g}",
                             "theory (1-1/B)²": lambda r: f"{(1 - 1 / r['B']) ** 2:.3g}",
                             "B·Var(B) / (B_max·Var(B_max)), rloo": f"{RLOO}_norm_variance"}),
-        "", *findings_section(s["checks"], verdict)])
+        "", *xp.findings_section(s["checks"], verdict)])
 
 
 def figures(s: dict, rows: pd.DataFrame, out_dir: Path) -> list[Path]:
     """Per environment: B Var(B) / (B_max Var(B_max)) (1 = exact 1/B) and the relative
-    bias against B (theory 1/B for the batch mean)."""
+    bias against B, the batch mean's theory 1/B as crosses."""
     by_b = s["by_b"]
-    envs = list(dict.fromkeys(by_b["env"]))
-    fig, axes = plt.subplots(len(envs), 2, figsize=(PAPER_WIDTH, (PANEL_HEIGHT + 0.2) * len(envs)), squeeze=False)
-    for (ax_var, ax_bias), env in zip(axes, envs):
-        for est in ESTIMATORS:
-            d = by_b[(by_b["env"] == env) & (by_b["estimator"] == est)].sort_values("B")
-            ax_var.errorbar(d["B"], d["norm_variance"], yerr=error_bars(d, "norm_variance"), marker="o",
-                            ms=3, capsize=2, color=COLOURS[est], label=est)
-            if est != RTG:
-                ax_bias.errorbar(d["B"], d["rel_bias"], yerr=error_bars(d, "rel_bias"), fmt="o", ms=3,
-                                 capsize=2, color=COLOURS[est])
-        bs = np.sort(by_b.loc[by_b["env"] == env, "B"].unique()).astype(float)
-        ax_bias.plot(bs, 1 / bs, color="0.3", ls="--", lw=1, label="1/B (batch-mean theory)")
-        ax_var.axhline(1.0, color="0.4", ls=":", lw=1)
-        ax_var.set(xscale="log", xlabel="batch size B", ylabel="B·Var(B) / (B_max·Var(B_max))",
-                   title=f"{env}: departure from 1/B")
-        ax_bias.set(xscale="log", xlabel="batch size B", ylabel="relative bias (95% CI)",
-                    title=f"{env}: bias of mean_baseline and rloo")
-    legend_below(fig, axes.flat, ncol=3)
-    fig.tight_layout()
-    return save_figure(fig, out_dir, "batch_size_variance")
+    theory = np.where(by_b["estimator"] == MEAN, 1 / by_b["B"], np.nan)
+    return interval_grid(by_b.assign(theory_rel_bias=theory), "env", "B", [
+        ("norm_variance", "B·Var(B) / (B_max·Var(B_max))"), ("rel_bias", "relative bias (95% CI)")],
+        out_dir, "batch_size_variance", hue="estimator", log_x=True,
+        levels={"norm_variance": 1.0}, marks={"rel_bias": "theory_rel_bias"})
 
 
-EXPERIMENT = Experiment("Variance and bias against batch size B", summarise, verdict, render,
+EXPERIMENT = xp.Experiment("Variance and bias against batch size B", summarise, verdict, render,
                         select=select, figures=figures,
                         result_frame=lambda s: s["by_b"].merge(s["exps"].drop(columns="n_replicates"),
                                                                on=["env", "estimator"], how="left"),
-                        more_tables=lambda s: {"checks": findings_frame(s["checks"])},
+                        more_tables=lambda s: {"checks": xp.findings_frame(s["checks"])},
                         empty_reason="no run of reinforce_rtg, rloo or mean_baseline")
 analyze = EXPERIMENT.analyze

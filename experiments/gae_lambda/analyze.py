@@ -1,26 +1,19 @@
-"""GAE(lambda): bias, variance and MSE of the gradient against lambda, with a fitted critic.
-
-The policy is held fixed (``lr=1e-12``) while the critic is fitted on every training batch;
-one seed's runs share policy, critic, episodes and reference, so lambdas are compared
-paired over seeds: measured steps >= ``MIN_STEP`` pooled (the claim), and each measured
-step alone (the critic after that many fits: the verdict against the critic's quality).
-Parts: bias falls, variance rises (tested); GAE(1) unbiased (tested, but by construction
-against ``value_baseline`` with the run's critic, which *is* GAE(1)); the MSE-optimal
-lambda (measured) and its move with the batch size (by construction: only variance scales).
-"""
+"""GAE(lambda): bias, variance and MSE of the gradient against lambda, with a fitted critic
+held the same for every lambda (README.md beside this file: the claim, the paired design,
+the critic levels and the classes of the verdict's parts)."""
 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import numpy as np
 import pandas as pd
 
 from analysis import experiment as ex
-from analysis.loader import measured_rows
 from analysis.render import format_columns, frame_table
-from analysis.stats import Estimate, mean_ci
-from analysis.table import per_run_values, squared_bias_interval
+from analysis.stats import NAN_ESTIMATE, mean_ci
+from analysis.table import squared_bias_interval
 
 MIN_STEP = 1
 POOLED = f">= {MIN_STEP}"  # the critic level of all fitted steps pooled (the claim's)
@@ -36,11 +29,7 @@ RUN_COLUMNS = {"rel_bias_sq": "grad_rel_bias_sq", "rel_variance": "grad_rel_vari
 def usable_measurements(frame: pd.DataFrame) -> pd.DataFrame:
     """GAE's measured rows with a known lambda, each with ``critic_fit_loss``: the logged
     ``critic_loss`` of the iteration before, the fit that made the measuring critic."""
-    frame = frame.sort_values(["run_dir", "step"])
-    loss = frame["critic_loss"] if "critic_loss" in frame else pd.Series(np.nan, frame.index)
-    fit_loss = frame[["run_dir", "step"]].assign(
-        critic_fit_loss=loss.groupby(frame["run_dir"]).shift(1))
-    rows = measured_rows(frame).merge(fit_loss, on=["run_dir", "step"], how="left")
+    rows = ex.measured_with_previous(frame, "critic_loss", "critic_fit_loss")
     return rows[(rows["estimator"] == "gae") & rows["lam"].notna()].copy()
 
 
@@ -50,34 +39,29 @@ def per_run(rows: pd.DataFrame) -> pd.DataFrame:
     ref_se = rows["ref_se"].fillna(0.0) if "ref_se" in rows else pd.Series(0.0, rows.index)
     ref = rows.get("training.reference.estimator", pd.Series("?", rows.index)).astype(str)
     exact = rows["ref_exact"].astype(str).isin(["True", "true", "1", "1.0"])
-    rows = rows.assign(grad_rel_mse=(rows["grad_mse"] - ref_se ** 2) / rows["ref_norm"] ** 2,
+    rows = rows.assign(grad_rel_mse=ex.relative_mse(rows),
                        ref_rel_se=ref_se / rows["ref_norm"], batch_size=rows.get(
                            "training.batch_size", np.nan),
                        reference=np.where(exact, "exact ∇J", "MC " + ref))
     step = rows["step"].astype(int).astype(str)
-    out = []
-    for part in (rows[rows["step"] >= MIN_STEP].assign(level=POOLED),
-                 rows.assign(level=step, run_dir=rows["run_dir"].astype(str) + "@" + step)):
-        groups = part.groupby("run_dir", sort=False)
-        out.append(per_run_values(part).join(groups[["env", "lam", "level", "reference",
-                                                     "batch_size"]].first()).join(groups[[
-            "grad_rel_mse", "critic_fit_loss", "ref_rel_se"]].mean()).reset_index())
-    return pd.concat(out, ignore_index=True)
+    pooled = rows[rows["step"] >= MIN_STEP].assign(level=POOLED)
+    each_step = rows.assign(level=step, run_dir=rows["run_dir"].astype(str) + "@" + step)
+    return pd.concat([ex.per_run_table(part, ["env", "lam", "level", "reference", "batch_size"],
+                                       ["grad_rel_mse", "critic_fit_loss", "ref_rel_se"])
+                      for part in (pooled, each_step)], ignore_index=True)
 
 
 def lambda_table(runs: pd.DataFrame) -> pd.DataFrame:
     """One line per (env, lambda): relative bias, variance, MSE and cosine, 95% intervals."""
     records = []
     for (env, lam), sel in runs.groupby(["env", "lam"], sort=True):
-        b2 = squared_bias_interval(sel, "grad_rel_bias_sq")
-        b2 = b2 if b2.n >= MIN_SEEDS else Estimate(b2.value, math.nan, math.nan, b2.n)
-        rec = {"env": env, "estimator": "gae", "lam": lam, "n_runs": len(sel),
-               "batch_size": sel["batch_size"].iloc[0], "bias_distinguishable": b2.lo > 0,
-               **ex.estimate_columns("rel_bias_sq", b2),
-               **ex.estimate_columns("rel_bias", ex.sqrt_estimate(b2))}
-        for name in ("rel_variance", "rel_mse", "cos_ref"):
-            rec.update(ex.estimate_columns(name, mean_ci(sel[RUN_COLUMNS[name]].to_numpy(float))))
-        records.append(rec)
+        b2 = ex.with_min_n(squared_bias_interval(sel, "grad_rel_bias_sq"), MIN_SEEDS)
+        records.append({"env": env, "estimator": "gae", "lam": lam, "n_runs": len(sel),
+                        "batch_size": sel["batch_size"].iloc[0], "bias_distinguishable": b2.lo > 0,
+                        **ex.estimate_columns("rel_bias_sq", b2),
+                        **ex.estimate_columns("rel_bias", ex.sqrt_estimate(b2)),
+                        **ex.mean_columns(sel, {name: RUN_COLUMNS[name]
+                                                for name in ("rel_variance", "rel_mse", "cos_ref")})})
     return pd.DataFrame.from_records(records)
 
 
@@ -103,15 +87,14 @@ def trend_record(sel: pd.DataFrame) -> dict[str, object]:
                                        ex.paired_ratio(lams, var, num, den, MIN_SEEDS)))
     rec.update(ex.estimate_columns("bias_sq_drop_0_minus_1",
                                    ex.paired_mean(b2[:, 0] - b2[:, -1], MIN_SEEDS)))
-    best = ex.curve_argmin(lams, mse, MIN_SEEDS)
-    rec.update(mse_argmin=best["argmin"], mse_argmin_lo=best["lo"], mse_argmin_hi=best["hi"],
-               mse_argmin_shares=";".join(f"{k:g}:{v:.2f}" for k, v in best["shares"].items()))
+    best, shares = ex.curve_argmin(lams, mse, MIN_SEEDS)
+    rec.update(**ex.estimate_columns("mse_argmin", best),
+               mse_argmin_shares=";".join(f"{k:g}:{v:.2f}" for k, v in shares.items()))
     batch = float(sel["batch_size"].iloc[0])
     for other in OTHER_BATCH_SIZES:  # MSE of a mean of B' episodes: bias^2 + trCov_B * B / B'
-        best = ex.curve_argmin(lams, b2 + var * batch / other, MIN_SEEDS) \
-            if math.isfinite(batch) else {}
-        for key, end in (("", "argmin"), ("_lo", "lo"), ("_hi", "hi")):
-            rec[f"mse_argmin_B{other}{key}"] = best.get(end, math.nan)
+        best = ex.curve_argmin(lams, b2 + var * batch / other, MIN_SEEDS)[0] \
+            if math.isfinite(batch) else NAN_ESTIMATE
+        rec.update(ex.estimate_columns(f"mse_argmin_B{other}", best))
     return rec
 
 
@@ -119,9 +102,7 @@ def judged(t: dict) -> dict[str, str]:
     """Bias falls: Spearman CI below 0 and bias²(0) − bias²(1) above 0; variance rises:
     Spearman CI above 0 and the λ=1/λ=0 ratio above 1; U-shaped: falls to an inner
     minimum and rises from it (both ratio intervals excluding 1)."""
-    def side(name: str, zero: float = 0.0) -> int:  # interval above (1) / below (-1) zero
-        lo, hi = t.get(f"{name}_lo", math.nan), t.get(f"{name}_hi", math.nan)
-        return 1 if lo > zero else -1 if hi < zero else 0
+    side = partial(ex.interval_sign, t)  # the interval above (1) / below (-1) a level
     b_rank, b_end = side("spearman_rel_bias_sq"), side("bias_sq_drop_0_minus_1")
     v_rank, v_end = side("spearman_rel_variance"), side("variance_ratio_1_over_0", 1.0)
     bias = "falls" if (b_rank, b_end) == (-1, 1) else \
@@ -146,7 +127,7 @@ def summarise(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def parts_of(summary: tuple) -> list[ex.Finding]:
-    """The claim's parts per env, fitted steps pooled (module doc)."""
+    """The claim's parts per env, fitted steps pooled (their classes: README.md)."""
     table, tr = summary
     parts = []
     for _, t in tr[tr["level"] == POOLED].iterrows():

@@ -1,12 +1,8 @@
-"""Language-model fine-tuning estimators against the exact gradient: one verdict per claim.
-
-A run's sweep is the first folder of its ``run_id``. Each ``claim_*`` returns its parts
-(``analysis.experiment.Finding``); only tested parts make the headline. The exact
-columns come from the closed-form mean of ``pgvar.sequence_estimators.exact_mean``,
-which rests on the derivation the claims restate: where a claim is that derivation's
-identity (RLOO's mean is grad J, k1's is grad (J - beta KL)) its exact verdict is *by
-construction*, and the sampled estimator tests it (``mc_bias_gap``).
-"""
+"""Language-model fine-tuning estimators against the exact gradient: one finding per claim
+of README.md beside this file (``claim_*``), from the sweep named by the first folder of a
+run's ``run_id``. Where a claim restates the identity the exact columns are computed from
+(``pgvar.sequence_estimators.exact_mean``) its exact finding is *by construction*, and the
+sampled estimator tests it (``mc_bias_gap``)."""
 
 from __future__ import annotations
 
@@ -18,7 +14,7 @@ import pandas as pd
 
 from analysis import experiment as ex
 from analysis.loader import measured_rows
-from analysis.render import format_columns, frame_table
+from analysis.render import format_columns, table_sections
 
 TITLE = "Language-model fine-tuning estimators against the exact gradient"
 ORDER = {e: i for i, e in enumerate(["reinforce", "rloo", "grpo", "dr_grpo", "dapo", "bnpo"])}
@@ -26,16 +22,10 @@ EXACT_COS_TOL = 1e-4  # float32 enumeration: an exact cosine within this of 1 is
 STD_ONLY = "std scaling only (dr_grpo, scale_rewards=group)"
 
 
-def word(holds: bool) -> str:
-    return "confirmed" if holds else "refuted"
-
-
 def first_rows(frame: pd.DataFrame, sweep_prefix: str) -> pd.DataFrame:
     """The first measured row of every run of the sweeps whose name starts with the prefix
     (``denoised``)."""
-    rows = measured_rows(frame)
-    rows = rows[rows["sweep_name"].str.startswith(sweep_prefix)]
-    return denoised(rows[rows["step"] == rows.groupby("run_dir")["step"].transform("min")])
+    return denoised(ex.first_measurements(frame[frame["sweep_name"].str.startswith(sweep_prefix)]))
 
 
 def denoised(rows: pd.DataFrame) -> pd.DataFrame:
@@ -66,12 +56,8 @@ def direction_table(frame: pd.DataFrame) -> pd.DataFrame:
                              if c.name == "estimator" else c) if len(table) else table
 
 
-def agree(t: pd.DataFrame) -> bool:
-    """Whether every line's sampled mean agrees with its exact one (gap interval holds 0)."""
-    return bool(((t["mc_bias_gap_lo"] <= 0) & (t["mc_bias_gap_hi"] >= 0)).all())
-
-
 def gaps(t: pd.DataFrame, *keys: str) -> str:
+    """Each line's sampled-exact bias gap, whose interval holds 0 when the two means agree."""
     return "U/‖∇J‖² − exact relative bias² (0 when they agree): " + "; ".join(
         f"{' '.join(str(r[k]) for k in keys)} {format_columns(r, 'mc_bias_gap', 2)}"
         for _, r in t.iterrows())
@@ -87,14 +73,14 @@ def claim_direction(table: pd.DataFrame) -> list[ex.Finding]:
     cos = lambda t: "; ".join(f"{r.policy} {r.estimator} {r.exact_mean_cos:.6f}"
                               for r in t.itertuples())
     return [
-        ex.Finding("(1) exact means of RLOO and Dr. GRPO along ∇J",
-                   word((along["exact_mean_cos"] >= 1 - EXACT_COS_TOL).all()),
-                   f"exact cos {cos(along)} (abar(1) − abar(0) is the same for every prompt)",
-                   ex.BY_CONSTRUCTION),
-        ex.Finding("(1) GRPO's exact mean is not along ∇J",
-                   word((grpo["exact_mean_cos"] < 1 - EXACT_COS_TOL).all()), f"exact cos {cos(grpo)}"),
-        ex.Finding("(1) the sampled means agree with the exact ones", word(agree(exact)),
-                   gaps(exact, "policy", "estimator"))]
+        ex.check("", "(1) exact means of RLOO and Dr. GRPO along ∇J",
+                 (along["exact_mean_cos"] >= 1 - EXACT_COS_TOL).all(),
+                 f"exact cos {cos(along)} (abar(1) − abar(0) is the same for every prompt)",
+                 ex.BY_CONSTRUCTION),
+        ex.check("", "(1) GRPO's exact mean is not along ∇J",
+                 (grpo["exact_mean_cos"] < 1 - EXACT_COS_TOL).all(), f"exact cos {cos(grpo)}"),
+        ex.check("", "(1) the sampled means agree with the exact ones",
+                 ex.in_interval(exact, "mc_bias_gap", 0).all(), gaps(exact, "policy", "estimator"))]
 
 
 def weight_slopes(frame: pd.DataFrame, sweep_prefix: str, label: str) -> pd.DataFrame:
@@ -132,9 +118,10 @@ def claim_prompt_weights(table: pd.DataFrame) -> list[ex.Finding]:
     if rows.empty:
         return [ex.Finding(claim, "inconclusive", "no std-scaling runs")]
     reweights = bool((rows["slope_lo"] > 0).all())
-    near_one = bool(((rows["slope_lo"] <= 1) & (rows["slope_hi"] >= 1)).any())
+    near_one = bool(ex.in_interval(rows, "slope", 1).any())
     grpo = table[(table["estimator"] == "grpo") & (table["setting"] != STD_ONLY)]
-    return [ex.Finding(claim, "qualified" if reweights and not near_one else word(reweights), "; ".join(
+    verdict = "qualified" if reweights and not near_one else "confirmed" if reweights else "refuted"
+    return [ex.Finding(claim, verdict, "; ".join(
         [f"G = {r['G']}: weights {r['weight_min']:.3g}-{r['weight_max']:.3g}, slope of log "
          f"weight on log(1/std) {format_columns(r, 'slope')}, correlation with the exact gap "
          f"{r['corr_with_gap']:.3f}" for _, r in rows.iterrows()]
@@ -152,9 +139,9 @@ def claim_length(table: pd.DataFrame) -> list[ex.Finding]:
     parts = [f"{e}: {format_columns(by.loc[e], col)} ({kind})" for e, col, kind in
              [(e, "exact_length_bias", "exact") for e in ("grpo", "rloo", "dr_grpo")]
              + [(e, "mc_length_bias", "MC, de-noised") for e in ("dapo", "bnpo")] if e in by.index]
-    return [ex.Finding(claim, word(not g["exact_length_bias_lo"] <= 0 <= g["exact_length_bias_hi"]),
-                       "length bias, d E|y| along the unit mean estimate minus along the unit ∇J "
-                       f"(true: {format_columns(g, 'len_slope_ref')}): " + "; ".join(parts))]
+    return [ex.check("", claim, not ex.in_interval(g, "exact_length_bias", 0),
+                     "length bias, d E|y| along the unit mean estimate minus along the unit ∇J "
+                     f"(true: {format_columns(g, 'len_slope_ref')}): " + "; ".join(parts))]
 
 
 def group_size_table(frame: pd.DataFrame) -> pd.DataFrame:
@@ -199,16 +186,16 @@ def claim_kl(table: pd.DataFrame) -> list[ex.Finding]:
     k1, k3 = table[table["kl_mode"] == "k1_reward"], table[table["kl_mode"] == "k3_loss"]
     last = k3.iloc[-1]
     return [
-        ex.Finding("(5) k3 in the loss is biased for ∇(J − βKL)",
-                   word((k3["exact_rel_bias_lo"] > 1e-3).all()),
-                   f"at step {last['step']} (KL = {last['exact_kl']:.3g}) exact relative bias "
-                   f"{format_columns(last, 'exact_rel_bias')}; Monte Carlo bias "
-                   f"distinguishable in {last['bias_distinguishable']:.0%} of the runs"),
-        ex.Finding("(5) k1 in the reward is unbiased (exact mean)", word((k1["exact_rel_bias"] < 1e-3).all()),
-                   f"exact relative bias {k1['exact_rel_bias'].max():.1g} (the closed form "
-                   "is ∇(J − βKL))", ex.BY_CONSTRUCTION),
-        ex.Finding("(5) the sampled means agree with the exact ones (both modes)", word(agree(table)),
-                   gaps(table, "kl_mode", "step"))]
+        ex.check("", "(5) k3 in the loss is biased for ∇(J − βKL)",
+                 (k3["exact_rel_bias_lo"] > 1e-3).all(),
+                 f"at step {last['step']} (KL = {last['exact_kl']:.3g}) exact relative bias "
+                 f"{format_columns(last, 'exact_rel_bias')}; Monte Carlo bias "
+                 f"distinguishable in {last['bias_distinguishable']:.0%} of the runs"),
+        ex.check("", "(5) k1 in the reward is unbiased (exact mean)", (k1["exact_rel_bias"] < 1e-3).all(),
+                 f"exact relative bias {k1['exact_rel_bias'].max():.1g} (the closed form "
+                 "is ∇(J − βKL))", ex.BY_CONSTRUCTION),
+        ex.check("", "(5) the sampled means agree with the exact ones (both modes)",
+                 ex.in_interval(table, "mc_bias_gap", 0).all(), gaps(table, "kl_mode", "step"))]
 
 
 def claim_training(final: pd.DataFrame, start: pd.DataFrame) -> list[ex.Finding]:
@@ -251,16 +238,14 @@ def analyze(frame: pd.DataFrame, out: Path, preset: str) -> str:
     sections = [
         ("Per estimator at random initial policies (G = 4, 16 per batch)", direction, heads),
         ("Prompt weights (table policy)", weights,
-         "setting estimator G points weight_min weight_max slope corr_with_gap"),
+         ["setting", "estimator", "G", "points", "weight_min", "weight_max", "slope", "corr_with_gap"]),
         ("Group size at 16 completions per batch", group,
-         "estimator G prompts_per_batch runs grad_rel_variance rel_mse sf_mse"),
+         ["estimator", "G", "prompts_per_batch", "runs", "grad_rel_variance", "rel_mse", "sf_mse"]),
         ("KL penalty (beta = 0.2): bias against ∇(J − βKL)", kl,
-         "kl_mode step runs exact_kl exact_rel_bias grad_rel_bias bias_distinguishable"),
-        ("Training (final update)", final, "estimator step runs exact_J exact_length")]
-    text = "\n".join([f"# {TITLE} ({preset} preset)", "", *(
-        line for head, table, cols in sections for line in [f"## {head}", "", *frame_table(
-            table, cols if isinstance(cols, dict) else {c: c for c in cols.split()}), ""]),
-        *ex.findings_section(parts, ex.headline_verdict(parts))])
+         ["kl_mode", "step", "runs", "exact_kl", "exact_rel_bias", "grad_rel_bias", "bias_distinguishable"]),
+        ("Training (final update)", final, ["estimator", "step", "runs", "exact_J", "exact_length"])]
+    text = "\n".join([f"# {TITLE} ({preset} preset)", "", *table_sections(sections),
+                      *ex.findings_section(parts, ex.headline_verdict(parts))])
     (out / "result.md").write_text(text)
     ex.plot_estimate_panels([{"frame": frame, "x": x, "y": y, "by": by, **more} for frame, x, y, by, more in [
         (direction, "estimator", "mc_cos", "policy", {"ylabel": "cos(E ĝ, ∇J), Monte Carlo"}),

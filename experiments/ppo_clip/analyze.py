@@ -1,9 +1,5 @@
-"""PPO's update against the exact gradient and the exact objective, by epochs K and clip ε.
-
-From the runs' logs, per (env, K, ε): d's cosines with ∇J, bias, variance, displacement,
-paired with GAE. ``exact_steps``: the exact J after PPO's K epochs on a batch against one
-step as long along its gradient and along ∇J (re-use against step length); ``findings``.
-"""
+"""PPO's update against the exact gradient and the exact objective, by epochs K and clip ε
+(README.md beside this file: the claim, the statistics and the classes of the findings)."""
 
 from __future__ import annotations
 
@@ -14,12 +10,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from torch.nn.utils import parameters_to_vector
 
 from analysis import experiment as xp
 from analysis.figures import REL_BIAS_LABEL, REL_VAR_LABEL, interval_grid
-from analysis.render import format_columns, frame_table
-from analysis.stats import Estimate, mean_ci
+from analysis.render import format_columns, format_estimate, frame_table
+from analysis.stats import mean_ci
 from pgvar.envs.base import is_exact
 from pgvar.estimators import EstimatorConfig, estimate_gradients
 from pgvar.reference import exact_reference
@@ -85,13 +80,10 @@ def exact_steps(config: dict) -> dict[str, float]:
         d, g1 = (estimate_gradients("ppo", env, policy, batch, REUSE_BATCHES, critic, c).double()
                  for c in (cfg, replace(cfg, ppo_epochs=1)))
     g = exact_reference(env, policy).grad.double()
-    theta0 = parameters_to_vector(policy.parameters()).detach().double()
     length = (step := cfg.ppo_lr * cfg.ppo_epochs * d).norm(dim=1, keepdim=True)
-    j0 = xp.exact_objective_at(env, policy, theta0)
-    moves = {"gain_one": cfg.ppo_lr * g1, "gain_ppo": step,
-             "gain_plain": length * g1 / g1.norm(dim=1, keepdim=True), "gain_exact": length * g / g.norm()}
-    out = {k: float(np.mean([xp.exact_objective_at(env, policy, theta0 + m) - j0 for m in v]))
-           for k, v in moves.items()}
+    out = xp.exact_gains(env, policy, {
+        "gain_one": cfg.ppo_lr * g1, "gain_ppo": step,
+        "gain_plain": length * g1 / g1.norm(dim=1, keepdim=True), "gain_exact": length * g / g.norm()})
     return {**out, "reuse_edge": out["gain_ppo"] - out["gain_plain"],
             "over_one": out["gain_ppo"] - out["gain_one"]}
 
@@ -110,8 +102,7 @@ def summarise(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
                         "n_seeds": g["seed"].nunique(), **xp.mean_columns(g, METRICS),
                         **xp.estimate_columns("rel_bias", root),
                         **xp.estimate_columns("cos_mean", xp.pooled_cosine(g)),
-                        **xp.estimate_columns("d_cos_ref", xp.paired_difference(g, base, "cos_ref")),
-                        **xp.estimate_columns("d_cos_mean", xp.pooled_cosine_difference(g, base))})
+                        **xp.paired_difference_columns(g, base, ["cos_ref"])})
     table = pd.DataFrame.from_records(records)
     table = table.assign(_o=table["label"].ne(GAE_LABEL), _c=table["clip"].fillna(-1))
     return table.sort_values(["env", "_o", "_c", "K"]).drop(columns=["_o", "_c"]), runs
@@ -122,11 +113,10 @@ def clip_finding(runs: pd.DataFrame) -> xp.Finding:
     words, bits = [], []
     for env, t in runs[runs["K"] == runs.groupby("env")["K"].transform("max")].groupby("env", sort=False):
         lo, hi = (t[t["clip"] == c] for c in (t["clip"].min(), t["clip"].max()))
-        r = xp.geometric_mean_ratio(dict(zip(lo["seed"], lo["displacement"])),
-                                    dict(zip(hi["seed"], hi["displacement"])), MIN_SEEDS)
+        r = xp.paired_geometric_ratio(lo, hi, "displacement", MIN_SEEDS)
         words.append(xp.side_of(r, 1.0, "bounded", "not bounded"))
         bits.append(f"{env}: ‖θ_K − θ_0‖ at K = {t['K'].max()}, ε = {t['clip'].min():g} over ε = "
-                    f"{t['clip'].max():g}: {format_columns(xp.estimate_columns('r', r), 'r')}")
+                    f"{t['clip'].max():g}: {format_estimate(r)}")
     return xp.Finding("the clip bounds the update", xp.share_word(words, "bounded"),
                       "; ".join(bits) or "no K > 1")
 
@@ -134,8 +124,8 @@ def clip_finding(runs: pd.DataFrame) -> xp.Finding:
 def gain_finding(table: pd.DataFrame, column: str, claim: str, kind: str) -> xp.Finding:
     """An exact-J difference above 0 for every (env, 1 < K <= FEW_EPOCHS, ε): ``share_word``."""
     t = table[(table["K"] > 1) & (table["K"] <= FEW_EPOCHS)]
-    words = [xp.side_of(Estimate(r[column], r[f"{column}_lo"], r[f"{column}_hi"], 0), 0.0,
-                        "worse", "beats", "tie") for _, r in t.iterrows()]
+    words = [xp.side_of(xp.estimate_of(r, column), 0.0, "worse", "beats", "tie")
+             for _, r in t.iterrows()]
     return xp.Finding(claim, xp.share_word(words, "beats"), "ΔJ " + "; ".join(
         f"{r['env']} {r['label']}: {format_columns(r, column, 2, sign=True)}" for _, r in t.iterrows())
         if len(t) else "no PPO run with 1 < K ≤ 4", kind)
