@@ -682,12 +682,25 @@ def held_out_critic(run_cfg, env, policy, index: int, episodes: int):
 # ----------------------------------------------------------------------------- figures
 
 
+def shade_band(ax, frame: pd.DataFrame, x: str, lo: float | str, hi: float | str) -> None:
+    """Shade the region between ``lo`` and ``hi`` behind a panel's lines: constant ends as a
+    horizontal span, a column name as an end that follows ``frame``'s value at each x."""
+    if isinstance(lo, str) or isinstance(hi, str):
+        edge = frame.drop_duplicates(x).sort_values(x)
+        ends = [edge[v] if isinstance(v, str) else v for v in (lo, hi)]
+        ax.fill_between(edge[x], *ends, color="0.85", step="mid", zorder=0, lw=0)
+    else:
+        ax.axhspan(lo, hi, color="0.85", zorder=0)
+
+
 def plot_estimate_panels(panels: list[dict], out_dir: Path, name: str, ncols: int = 3) -> list[Path]:
     """A grid of panels, each a line per group with its 95% interval: a panel is a dict of
     ``frame``, ``x``, ``y`` (with ``y_lo``/``y_hi`` columns), ``by`` (the lines) and
     optionally ``title``, ``xlabel``, ``ylabel``, ``xscale``/``yscale``, ``band`` (a shaded
-    (lo, hi) target), ``ylim``, ``prediction`` (a column drawn as a dotted line per group: a
-    law's value) and ``diagonal`` (the dashed y = x over an (lo, hi) range). Error bars, or
+    (lo, hi) region: numbers, or column names for ends that change with x), ``ylim``,
+    ``prediction`` (a column drawn as a dotted line per group: a law's value, or a second
+    series), ``diagonal`` (the dashed y = x over an (lo, hi) range) and ``hlines`` /
+    ``vlines`` (dotted reference levels: a threshold, a typical size). Error bars, or
     a shaded band for lines of over 30 points; one colour per group across panels, one
     legend below; ``analysis.figures.save_figure``."""
     import matplotlib.pyplot as plt
@@ -701,7 +714,11 @@ def plot_estimate_panels(panels: list[dict], out_dir: Path, name: str, ncols: in
     labels: dict = {}
     for ax, p in zip(axes.flat, panels):
         if "band" in p:
-            ax.axhspan(*p["band"], color="0.85", zorder=0)
+            shade_band(ax, p["frame"], p["x"], *p["band"])
+        for level in p.get("hlines", ()):
+            ax.axhline(level, color="0.4", lw=0.8, ls=":")
+        for level in p.get("vlines", ()):
+            ax.axvline(level, color="0.4", lw=0.8, ls=":")
         for key, g in p["frame"].groupby(p["by"], sort=False) if len(p["frame"]) else []:
             g = g.sort_values(p["x"])
             colour = f"C{list(labels).index(key) if key in labels else len(labels)}"

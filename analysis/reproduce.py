@@ -49,7 +49,7 @@ import yaml
 from analysis.loader import LoadError, load_runs
 from analysis.pipeline import analyze
 from pgvar.preflight import count_argument, output_dir_problem
-from pgvar.progress import rate_and_remaining
+from pgvar.progress import format_duration, rate_and_remaining
 from pgvar.runlog import FINAL_STATUSES, RUN_FILE, read_run_record
 from pgvar.sweep import expand_sweep
 
@@ -363,12 +363,14 @@ def ensure_trained_run(name: str, run_dir: Path, overrides: list[str] | None) ->
     subprocess.run(cmd, check=True)
 
 
-def run_checkpoints(name: str, params: dict, out: Path) -> list[tuple[str, Any]]:
+def run_checkpoints(name: str, params: dict, out: Path,
+                    need_critic: bool = False) -> list[tuple[str, Any]]:
     """(label, ``pgvar.checkpoints.Checkpoint``) for a simulation that measures the
     checkpoints of one training run. Preset keys: ``checkpoints`` (label -> step);
     ``run_dir`` (relative to ``out``) and ``train`` (``pgvar-run`` overrides that make the
     run, skipped when a complete one is there); without ``run_dir`` every step must be 0
-    and the initial state of ``initial_config`` is used, as ``pgvar-run`` builds it."""
+    and the initial state of ``initial_config`` is used, as ``pgvar-run`` builds it.
+    ``need_critic``: refuse a run without a critic (the error says how to get one)."""
     from pgvar.checkpoints import initial_checkpoint, load_checkpoint
 
     steps = {str(label): int(step) for label, step in params["checkpoints"].items()}
@@ -376,11 +378,69 @@ def run_checkpoints(name: str, params: dict, out: Path) -> list[tuple[str, Any]]
         if any(steps.values()):
             raise SystemExit(f"{name}: checkpoints after step 0 need a run_dir (and train "
                              "overrides) in the preset")
-        return [(label, initial_checkpoint(params["initial_config"])) for label in steps]
-    run_dir = Path(params["run_dir"])
-    run_dir = run_dir if run_dir.is_absolute() else out / run_dir
-    ensure_trained_run(name, run_dir, params.get("train"))
-    return [(label, load_checkpoint(run_dir, step)) for label, step in steps.items()]
+        points = [(label, initial_checkpoint(params["initial_config"])) for label in steps]
+    else:
+        run_dir = Path(params["run_dir"])
+        run_dir = run_dir if run_dir.is_absolute() else out / run_dir
+        ensure_trained_run(name, run_dir, params.get("train"))
+        points = [(label, load_checkpoint(run_dir, step)) for label, step in steps.items()]
+    if need_critic and any(point.critic is None for _, point in points):
+        raise SystemExit(f"{name}: the run has no critic; train it with a critic-based "
+                         "estimator (estimator=gae in the preset's train overrides)")
+    return points
+
+
+def per_checkpoint(params: dict, key: str, label: str) -> Any:
+    """A preset value that may differ per checkpoint: ``params[key]`` itself, or its entry
+    for ``label`` when it is a mapping label -> value."""
+    value = params[key]
+    return value[label] if isinstance(value, dict) else value
+
+
+MeasureCheckpoint = Callable[[int, str, Any], tuple[list[dict], dict]]
+_CHECKPOINT_JOB: tuple = ()  # (checkpoints, measure, threads): what forked workers read
+
+
+def _measure_checkpoint(i: int) -> tuple[int, tuple[list[dict], dict]]:
+    import torch
+
+    checkpoints, measure, threads = _CHECKPOINT_JOB
+    torch.set_num_threads(threads)
+    label, point = checkpoints[i]
+    return i, measure(i, label, point)
+
+
+def measure_checkpoints(name: str, params: dict, out: Path, measure: MeasureCheckpoint,
+                        write: Callable[[list[dict], list[dict], int], str],
+                        need_critic: bool = False) -> str:
+    """A simulation over the checkpoints of one run (``run_checkpoints``): ``measure(i,
+    label, checkpoint)`` gives each one's records and its summary row (with ``step`` and
+    ``seconds``), in ``params['workers']`` forked processes of ``params['threads']``
+    threads (default 1 and 1); ``params['only']`` names a subset, measured as in the whole
+    preset (index ``i`` unchanged), to split a long preset across invocations. ``write(records,
+    rows, n_checkpoints)`` runs after every checkpoint (records and rows in the checkpoints'
+    order, whichever worker finished first), so a long run's finished part is never lost;
+    returns its last text. ``need_critic``: as in ``run_checkpoints``."""
+    import torch
+
+    global _CHECKPOINT_JOB
+    out.mkdir(parents=True, exist_ok=True)
+    threads = int(params.get("threads", 1))
+    torch.set_num_threads(threads)
+    checkpoints = run_checkpoints(name, params, out, need_critic)
+    _CHECKPOINT_JOB = (checkpoints, measure, threads)
+    todo = [i for i, (label, _) in enumerate(checkpoints) if label in params.get("only", [label])]
+    workers = max(1, min(int(params.get("workers", 1)), len(todo)))
+    done: dict[int, tuple[list[dict], dict]] = {}
+    text = ""
+    with forked_map(_measure_checkpoint, todo, workers) as results:
+        for i, (recs, row) in results:
+            done[i] = recs, row
+            print(f"{name}: {len(done)} of {len(todo)} checkpoints done (step {row['step']}, "
+                  f"{format_duration(row['seconds'])})", flush=True)
+            ordered = [done[j] for j in sorted(done)]  # the checkpoints' order, whichever finished first
+            text = write([r for recs, _ in ordered for r in recs], [row for _, row in ordered], len(todo))
+    return text
 
 
 def load_experiment_module(folder: Path):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from analysis.reproduce import load_experiment_module
-from pgvar.sample_size import WEIGHTINGS, Blocks, Totals
+from pgvar.sample_size import BLOCK_ESTIMATORS, WEIGHTINGS, Blocks, Totals
 
 REPO = Path(__file__).resolve().parent.parent
 FOLDER = REPO / "experiments" / "gradient_quality"
@@ -79,7 +79,7 @@ def test_smoke_preset_end_to_end(tmp_path):
     assert text.startswith("# Gradient quality")
     assert "Verdict" in text
     table = pd.read_csv(tmp_path / "result.csv")
-    assert set(table["estimator"]) == set(gq.ESTIMATORS_MEASURED)
+    assert set(table["estimator"]) == set(BLOCK_ESTIMATORS)
     assert (tmp_path / "figures" / "gradient_quality_cosine_vs_pairs.png").exists()
 
 
@@ -96,6 +96,19 @@ def test_render_shows_the_primary_reference_estimator_against_its_own():
                           "pairs_per_s": 1.0}])
     own = table[table["circular"] & (table["estimator"] == gq.PRIMARY_REFERENCE)].iloc[0]
     assert own["cos"] > 0.4
-    text = gq.render(table, runs, gq.decide(table), "test", {"max_blocks": 16})
+    text = gq.render(table, runs, gq.decide(table), "test", {"max_blocks": 16}, 1)
     row = next(line for line in text.splitlines() if line.startswith("| 2,048"))
     assert row.split(" | ")[-2] == gq.format_columns(own, "cos", 2, style="f")
+
+
+def test_forked_checkpoints_measure_as_one_process(tmp_path):
+    """Two checkpoints measured in two forked workers give the result.csv of one process
+    (CartPole's initial policy: seconds, no MuJoCo)."""
+    params = {"initial_config": {"env": {"name": "cartpole"}}, "checkpoints": {"a": 0, "b": 0},
+              "n_grid": [100, 200], "total_pairs": {"a": 800, "b": 1000}, "max_blocks": 4,
+              "lanes": 16, "chunk_episodes": 16}
+    gq.simulate(tmp_path / "one", "test", params)
+    gq.simulate(tmp_path / "two", "test", {**params, "workers": 2})
+    one, two = (pd.read_csv(tmp_path / d / "result.csv") for d in ("one", "two"))
+    assert set(one["checkpoint"]) == {"a", "b"} and len(one) > 0
+    pd.testing.assert_frame_equal(one, two)

@@ -8,9 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.experiment import (
-    Experiment, check, findings_frame, findings_section, first_measurements, headline_verdict,
-    initial_exact_objective, interval_check, log_linear_fit)
+from analysis import experiment as xp
 from analysis.figures import interval_rows
 from analysis.render import format_columns, frame_table
 
@@ -27,7 +25,7 @@ MAX_CI_WIDTH = 1.0  # an exponent interval wider than this cannot tell 1 from 2
 
 def per_run_values(frame: pd.DataFrame) -> pd.DataFrame:
     """One row per run (its first measurement): T, d, gamma, seed, the statistics and J."""
-    first = first_measurements(frame)
+    first = xp.first_measurements(frame)
     runs = pd.DataFrame({
         "gamma": first["env.gamma"].astype(float), "estimator": first["estimator"].astype(str),
         "T": first["env.horizon"].astype(int), "d": first["env.action_dim"].astype(int),
@@ -35,7 +33,7 @@ def per_run_values(frame: pd.DataFrame) -> pd.DataFrame:
         "grad_variance": first["grad_variance"].astype(float),
         "grad_rel_variance": first["grad_rel_variance"].astype(float),
         "M": first["n_estimates"].astype(float), "B": first["training.batch_size"].astype(int),
-        "J": [initial_exact_objective(row) for _, row in first.iterrows()]})
+        "J": [xp.initial_exact_objective(row) for _, row in first.iterrows()]})
     runs["grad_variance_per_J2"] = runs["grad_variance"] / runs["J"] ** 2
     runs[HEADLINE] = runs["grad_variance_per_J2"] / (runs["d"] * (runs["state_dim"] + 2))
     return runs.reset_index(drop=True)
@@ -49,7 +47,7 @@ def fit_power_law(group: pd.DataFrame, quantity: str) -> dict | None:
         return None
     return {"gamma": float(group["gamma"].iloc[0]), "estimator": group["estimator"].iloc[0],
             "quantity": quantity, "quantity_label": QUANTITIES[quantity],
-            **log_linear_fit(group, quantity, {"a": "T", "b": "d"}), "n_points": len(group),
+            **xp.log_linear_fit(group, quantity, {"a": "T", "b": "d"}), "n_points": len(group),
             "n_seeds": int(group["seed"].nunique())}
 
 
@@ -74,8 +72,8 @@ def checks(fits: pd.DataFrame) -> list:
     """On the headline quantity, per estimator at the largest gamma: grows with T and with
     d (interval above 0), and the product law's a = 1 and b = 1."""
     main = fits[(fits["gamma"] == fits["gamma"].max()) & (fits["quantity"] == HEADLINE)]
-    grows = lambda r, name: interval_check(r, name, lambda lo, hi: lo > 0, r["n_seeds"], MIN_SEEDS)
-    return [check(f"{NAMES.get(r['estimator'], r['estimator'])}, γ = {r['gamma']:g}",
+    grows = lambda r, name: xp.interval_check(r, name, lambda lo, hi: lo > 0, r["n_seeds"], MIN_SEEDS)
+    return [xp.check(f"{NAMES.get(r['estimator'], r['estimator'])}, γ = {r['gamma']:g}",
                                f"{QUANTITIES[HEADLINE]} ∝ T^a d^b with {name} {law}", test(r, name),
                                f"{name} = {format_columns(r, name, 2, style='f')} over {r['n_seeds']} systems")
                          for _, r in main.iterrows() for name in "ab"
@@ -86,12 +84,12 @@ def verdict(s: tuple) -> object:
     """From the tested checks, with every quantity's exponents at the largest gamma."""
     fits = s[0]
     if fits.empty:
-        return headline_verdict(s[2], "no fit: the runs do not vary both T and d")
+        return xp.headline_verdict(s[2], "no fit: the runs do not vary both T and d")
     main = fits[fits["gamma"] == fits["gamma"].max()]
     summary = "; ".join(f"{NAMES.get(r['estimator'], r['estimator'])} {r['quantity_label']}: "
                         f"a = {format_columns(r, 'a', 2, style='f')}, "
                         f"b = {format_columns(r, 'b', 2, style='f')}" for _, r in main.iterrows())
-    return headline_verdict(s[2], f"gamma = {main['gamma'].iloc[0]:g}, 95% bootstrap over "
+    return xp.headline_verdict(s[2], f"gamma = {main['gamma'].iloc[0]:g}, 95% bootstrap over "
                                 f"{main['n_seeds'].max()} systems: {summary}")
 
 
@@ -114,7 +112,7 @@ def render(s: tuple, verdict, preset: str) -> str:
                             "estimator": lambda r: NAMES.get(r["estimator"], r["estimator"]),
                             "quantity": "quantity_label", "a (T exponent)": ("a", 2),
                             "b (d exponent)": ("b", 2), "R²": lambda r: f"{r['r2']:.3f}"}, style="f"),
-        "", *findings_section(tests, verdict)])
+        "", *xp.findings_section(tests, verdict)])
 
 
 def figures(s: tuple, runs: pd.DataFrame, out_dir: Path) -> list[Path]:
@@ -130,10 +128,10 @@ def figures(s: tuple, runs: pd.DataFrame, out_dir: Path) -> list[Path]:
                          out_dir, "horizon_action_dim_exponents", level=1.0)
 
 
-EXPERIMENT = Experiment(
+EXPERIMENT = xp.Experiment(
     "Gradient variance against horizon and action dimension (LQR)",
     lambda runs: (fits := all_fits(runs), runs, checks(fits) if len(fits) else []),
     verdict, render,
     per_run=per_run_values, figures=figures, result_frame=lambda s: s[0],
-    more_tables=lambda s: {"runs": s[1], "checks": findings_frame(s[2])})
+    more_tables=lambda s: {"runs": s[1], "checks": xp.findings_frame(s[2])})
 analyze = EXPERIMENT.analyze

@@ -8,10 +8,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from analysis.experiment import (
-    BY_CONSTRUCTION, Experiment, bias_columns, check, estimate_columns, findings_frame,
-    findings_section, first_measurements, geometric_mean_ratio, headline_verdict, instance_column,
-    interval_check, paired_columns, reference_estimator, reference_label)
+from analysis import experiment as xp
 from analysis.figures import (
     PANEL_HEIGHT, PAPER_WIDTH, category_intervals, save_figure, scatter_with_identity)
 from analysis.render import format_columns, frame_table, yes_no
@@ -27,31 +24,31 @@ CLAIM = ("“Using reward-to-go rather than the full trajectory return reduces v
 
 def select(frame: pd.DataFrame) -> pd.DataFrame:
     """The first measurement of every run of the two estimators, with its instance."""
-    rows = first_measurements(frame, ESTIMATORS)
-    return rows.assign(instance=instance_column(rows))
+    rows = xp.first_measurements(frame, ESTIMATORS)
+    return rows.assign(instance=xp.instance_column(rows))
 
 
 def paired_variances(rows: pd.DataFrame) -> pd.DataFrame:
     """One line per pair (env, instance, seed) with both estimators' (relative) variance."""
-    return paired_columns(rows, ["env", "instance", "seed"], "estimator",
+    return xp.paired_columns(rows, ["env", "instance", "seed"], "estimator",
                           ["grad_variance", "grad_rel_variance"], ESTIMATORS)
 
 
 def env_checks(env: str, record: dict, ref_estimator: str | None) -> list:
     """The ratio below 1 and both biases not distinguishable, for one environment."""
     enough = record["n_pairs"] >= MIN_PAIRS
-    below = interval_check(record, "ratio_geo", lambda lo, hi: hi < 1 if hi < 1 or lo > 1 else None,
+    below = xp.interval_check(record, "ratio_geo", lambda lo, hi: hi < 1 if hi < 1 or lo > 1 else None,
                            record["n_pairs"], MIN_PAIRS)
-    out = [check(env, "Var(rtg)/Var(full) < 1: the interval below 1", below,
+    out = [xp.check(env, "Var(rtg)/Var(full) < 1: the interval below 1", below,
                  f"ratio {format_columns(record, 'ratio_geo', 2)} over {record['n_pairs']} pairs")]
     for est in ESTIMATORS:
         flag = record[f"{est}_bias_distinguishable"]
         circular = est == ref_estimator
-        out.append(check(env, f"{est} bias not distinguishable from 0"
+        out.append(xp.check(env, f"{est} bias not distinguishable from 0"
                               + (f" (reference: Monte Carlo mean of {est} itself)" if circular else ""),
                          None if flag is None or not enough else not flag,
                          f"rel. squared bias {format_columns(record, f'{est}_rel_bias_sq', 2)}",
-                         BY_CONSTRUCTION if circular else "tested"))
+                         xp.BY_CONSTRUCTION if circular else "tested"))
     return out
 
 
@@ -60,16 +57,16 @@ def summarise_env(env: str, rows: pd.DataFrame, pairs: pd.DataFrame) -> dict[str
     rtg, full = pairs[f"grad_variance_{RTG}"], pairs[f"grad_variance_{FULL}"]
     keys = list(zip(pairs["instance"], pairs["seed"]))
     by_pair = {RTG: dict(zip(keys, rtg)), FULL: dict(zip(keys, full))}
-    record = {"env": env, "reference": reference_label(rows), "n_pairs": len(pairs),
+    record = {"env": env, "reference": xp.reference_label(rows), "n_pairs": len(pairs),
               "n_instances": pairs["instance"].nunique(),
               "M x B": f"{int(rows['n_estimates'].median())} x {int(rows['training.batch_size'].median())}",
-              **estimate_columns("ratio_geo", geometric_mean_ratio(by_pair[RTG], by_pair[FULL], 1)),
-              **estimate_columns("ratio_means", ratio_ci(by_pair[RTG], by_pair[FULL])),
+              **xp.estimate_columns("ratio_geo", xp.geometric_mean_ratio(by_pair[RTG], by_pair[FULL], 1)),
+              **xp.estimate_columns("ratio_means", ratio_ci(by_pair[RTG], by_pair[FULL])),
               "frac_pairs_rtg_lower": float((rtg / full < 1).mean()), "max_pair_ratio": (rtg / full).max()}
     for est in ESTIMATORS:
-        record.update(estimate_columns(f"rel_var_{est}", mean_ci(pairs[f"grad_rel_variance_{est}"].to_numpy())))
-        record.update({f"{est}_{k}": v for k, v in bias_columns(rows[rows["estimator"] == est]).items()})
-    return {**record, "reference_estimator": reference_estimator(rows)}
+        record.update(xp.estimate_columns(f"rel_var_{est}", mean_ci(pairs[f"grad_rel_variance_{est}"].to_numpy())))
+        record.update({f"{est}_{k}": v for k, v in xp.bias_columns(rows[rows["estimator"] == est]).items()})
+    return {**record, "reference_estimator": xp.reference_estimator(rows)}
 
 
 def summarise(rows: pd.DataFrame) -> dict[str, pd.DataFrame]:
@@ -83,7 +80,7 @@ def summarise(rows: pd.DataFrame) -> dict[str, pd.DataFrame]:
 
 def verdict(s: dict):
     """From the tested checks, with every environment's ratio and biases."""
-    return headline_verdict(s["checks"], "; ".join(
+    return xp.headline_verdict(s["checks"], "; ".join(
         f"{r['env']}: Var(rtg)/Var(full) = {format_columns(r, 'ratio_geo', 2)} over {r['n_pairs']} pairs, bias "
         f"distinguishable from 0: full {yes_no(r[f'{FULL}_bias_distinguishable'])}, rtg "
         f"{yes_no(r[f'{RTG}_bias_distinguishable'])}" for _, r in s["result"].iterrows()))
@@ -108,7 +105,7 @@ def render(s: dict, verdict, preset: str) -> str:
                 lambda r: " / ".join(yes_no(r[f"{e}_bias_distinguishable"]) for e in ESTIMATORS),
             "rel. bias 95% upper bound (full / rtg)":
                 lambda r: " / ".join(f"{r[f'{e}_rel_bias_hi']:.2g}" for e in ESTIMATORS)}),
-        "", *findings_section(s["checks"], verdict)])
+        "", *xp.findings_section(s["checks"], verdict)])
 
 
 def figures(s: dict, runs: pd.DataFrame, out_dir: Path) -> list[Path]:
@@ -127,7 +124,7 @@ def figures(s: dict, runs: pd.DataFrame, out_dir: Path) -> list[Path]:
     return save_figure(fig, out_dir, "reward_to_go_pairs_bias")
 
 
-EXPERIMENT = Experiment("Reward-to-go against the full return", summarise, verdict, render,
+EXPERIMENT = xp.Experiment("Reward-to-go against the full return", summarise, verdict, render,
                         select=select, figures=figures, result_frame=lambda s: s["result"],
-                        more_tables=lambda s: {"checks": findings_frame(s["checks"])}, empty_reason="no environment has two paired runs of both estimators")
+                        more_tables=lambda s: {"checks": xp.findings_frame(s["checks"])}, empty_reason="no environment has two paired runs of both estimators")
 analyze = EXPERIMENT.analyze

@@ -9,9 +9,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from analysis.experiment import (
-    BY_CONSTRUCTION, Experiment, bootstrap_rows, check, estimate_columns, findings_frame,
-    findings_section, first_measurements, headline_verdict, plot_estimate_panels, reciprocal)
+from analysis import experiment as xp
 from analysis.render import format_columns, frame_table
 from analysis.stats import NAN_ESTIMATE, mean_ci, proportion_ci, ratio_ci
 from pgvar.envs.registry import make_env
@@ -41,7 +39,7 @@ def predicted_zero_fraction(p_reach: float, batch_size: int) -> float:
 def per_run_values(frame: pd.DataFrame) -> pd.DataFrame:
     """One row per run: its first measurement with the chain's settings and statistics."""
     names = {"env.horizon": "T", "env.length": "L", "training.batch_size": "B", "n_estimates": "M"}
-    runs = first_measurements(frame).rename(columns=names).astype({c: int for c in ("T", "L", "B", "M", "seed")})
+    runs = xp.first_measurements(frame).rename(columns=names).astype({c: int for c in ("T", "L", "B", "M", "seed")})
     runs = runs.assign(slip=runs["env.slip"].astype(float) if "env.slip" in runs else 0.0, distance=runs["L"] - 1)
     runs["zeros"] = np.rint(runs["zero_grad_fraction"] * runs["M"]).astype(int)
     return runs.reset_index(drop=True)
@@ -60,13 +58,13 @@ def cell_summary(cell: pd.DataFrame) -> dict:
     return {"T": int(first["T"]), "L": int(first["L"]), "distance": int(first["distance"]),
             "estimator": first["estimator"], "B": int(first["B"]), "seeds": cell["seed"].nunique(),
             "p_reach": p_reach, "batches": zero.n, "zero_batches": k,
-            **estimate_columns("zero_fraction", zero), "predicted_zero_fraction": predicted,
+            **xp.estimate_columns("zero_fraction", zero), "predicted_zero_fraction": predicted,
             "excess": zero.value - predicted, "below_prediction": bool(zero.hi < predicted),
             "above_prediction": bool(zero.lo > predicted),
             "ref_norm": cell["ref_norm"].mean(),
-            **estimate_columns("grad_norm_mean", mean_ci(cell["grad_norm_mean"].to_numpy())),
-            **estimate_columns("exact_snr", exact_snr),
-            **estimate_columns("episodes_snr1", reciprocal(exact_snr, first["B"]))}  # B / SNR
+            **xp.estimate_columns("grad_norm_mean", mean_ci(cell["grad_norm_mean"].to_numpy())),
+            **xp.estimate_columns("exact_snr", exact_snr),
+            **xp.estimate_columns("episodes_snr1", xp.reciprocal(exact_snr, first["B"]))}  # B / SNR
 
 
 def sparsity_slope(runs: pd.DataFrame) -> dict:
@@ -79,27 +77,27 @@ def sparsity_slope(runs: pd.DataFrame) -> dict:
     hits = p * (runs["M"] * runs["B"]).min()
     keep = [L for L in wide.columns if MIN_HITS <= hits[L] and p[L] <= SPARSE and wide[L].sum() > 0]
     if len(keep) < MIN_POINTS:
-        return {**estimate_columns("slope", NAN_ESTIMATE), "points": len(keep)}
+        return {**xp.estimate_columns("slope", NAN_ESTIMATE), "points": len(keep)}
     x = np.log(1 / p[keep].to_numpy())
     ref_sq = runs.groupby("L")["ref_norm"].mean()[keep].to_numpy() ** 2
 
     def slope(var):  # least squares on the seeds' mean variance (NaN stays NaN)
         y = np.log(np.where(var > 0, var, np.nan) / ref_sq)
         return ((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum()
-    (value,), (lo,), (hi,) = bootstrap_rows(wide[keep].to_numpy(), lambda v: slope(v.mean(axis=0)))
+    (value,), (lo,), (hi,) = xp.bootstrap_rows(wide[keep].to_numpy(), lambda v: slope(v.mean(axis=0)))
     return {"slope": float(value), "slope_lo": lo, "slope_hi": hi, "points": len(keep)}
 
 
 def checks(cells: pd.DataFrame, slopes: pd.DataFrame) -> list:
     """Tested: N1 ∝ 1/p_reach per (T, estimator); by construction: the zero-fraction bound."""
-    out = [check(f"T = {r['T']}, {r['estimator']}", "episodes for SNR 1 grow as 1/p_reach: slope 1 in the interval",
+    out = [xp.check(f"T = {r['T']}, {r['estimator']}", "episodes for SNR 1 grow as 1/p_reach: slope 1 in the interval",
                  None if np.isnan(r["slope_lo"]) else bool(r["slope_lo"] <= 1 <= r["slope_hi"]),
                  f"s = {format_columns(r, 'slope')} over {r['points']} cells with p_reach ≤ {SPARSE}")
            for _, r in slopes.iterrows()]
     below = cells[cells["below_prediction"]]
-    return out + [check("all cells", "zero-gradient fraction not below (1 − p_reach)^B", below.empty,
+    return out + [xp.check("all cells", "zero-gradient fraction not below (1 − p_reach)^B", below.empty,
                                      f"{len(below)} of {len(cells)} cells below, "
-                                     f"{int(cells['above_prediction'].sum())} above", BY_CONSTRUCTION)]
+                                     f"{int(cells['above_prediction'].sum())} above", xp.BY_CONSTRUCTION)]
 
 
 def summarise(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
@@ -123,7 +121,7 @@ def verdict(s: dict):
     main = cells[(cells["T"] == T) & (cells["estimator"] == cells["estimator"].min())]
     finite = main[main["p_reach"] * main["batches"] / main["seeds"] * main["B"] >= MIN_HITS]  # N1 measurable
     far = finite.iloc[-1] if len(finite) else main.iloc[-1]
-    return headline_verdict(s["checks"], (
+    return xp.headline_verdict(s["checks"], (
         f"at T = {T} ({far['estimator']}) the fraction of batches (B = {far['B']}) with an exactly "
         f"zero gradient rises to {format_columns(main.iloc[-1], 'zero_fraction', style='f')} at "
         f"distance {main.iloc[-1]['distance']} (predicted {main.iloc[-1]['predicted_zero_fraction']:.3f}); "
@@ -160,7 +158,7 @@ def render(s: dict, verdict, preset: str) -> str:
         (f"Episodes for SNR 1: N1 = B·tr Cov/‖∇J‖² (ratio of means over seeds); its slope s on "
         f"log(1/p_reach) over the cells with p_reach ≤ {SPARSE} (bootstrap over seeds):"), "",
         *frame_table(s["slopes"], {"T": "T", "estimator": "estimator", "cells": "points", "slope s": "slope"}),
-        "", *findings_section(s["checks"], verdict)])
+        "", *xp.findings_section(s["checks"], verdict)])
 
 
 def figures(s: dict, runs: pd.DataFrame, out_dir: Path) -> list[Path]:
@@ -169,7 +167,7 @@ def figures(s: dict, runs: pd.DataFrame, out_dir: Path) -> list[Path]:
     cells = s["cells"].assign(inverse_p=1 / s["cells"]["p_reach"], line=[
         f"T = {T}, {est}" for T, est in zip(s["cells"]["T"], s["cells"]["estimator"])])
     n1 = cells[np.isfinite(cells["episodes_snr1"]) & (cells["p_reach"] < 1)]
-    return plot_estimate_panels([
+    return xp.plot_estimate_panels([
         {"frame": cells, "x": "distance", "y": "zero_fraction", "by": "line",
          "prediction": "predicted_zero_fraction", "xlabel": "distance to the reward (steps)",
          "ylabel": "fraction of batches with ĝ = 0", "title": "zero-gradient batches; dotted: (1 − p_reach)^B"},
@@ -179,8 +177,8 @@ def figures(s: dict, runs: pd.DataFrame, out_dir: Path) -> list[Path]:
         out_dir, "sparse_reward_signal", ncols=2)
 
 
-EXPERIMENT = Experiment("Sparse rewards: gradient signal against the distance to the reward (chain)",
+EXPERIMENT = xp.Experiment("Sparse rewards: gradient signal against the distance to the reward (chain)",
                         summarise, verdict, render, per_run=per_run_values, figures=figures,
                         result_frame=lambda s: s["cells"],
-                        more_tables=lambda s: {"slopes": s["slopes"], "checks": findings_frame(s["checks"])})
+                        more_tables=lambda s: {"slopes": s["slopes"], "checks": xp.findings_frame(s["checks"])})
 analyze = EXPERIMENT.analyze
