@@ -226,57 +226,6 @@ def findings_section(findings: list[Finding], verdict: Verdict) -> list[str]:
             "", *findings_table(findings), "", verdict.line(), ""]
 
 
-# ----------------------------------------------------------------------------- intervals of records, per-run reductions, exact gains
-
-
-def in_interval(rows, name: str, value: float):
-    """Whether ``value`` lies in ``name``'s 95% interval (``name_lo`` to ``name_hi``): a
-    bool for a record, a boolean Series for a table; False where an end is NaN."""
-    return (rows[f"{name}_lo"] <= value) & (rows[f"{name}_hi"] >= value)
-
-
-def holds(value: float) -> Callable[[float, float], bool]:
-    """The test ``interval_check`` applies for 'the 95% interval holds ``value``'."""
-    return lambda lo, hi: bool(lo <= value <= hi)
-
-
-def exact_gains(env, policy, moves: dict[str, Any]) -> dict[str, float]:
-    """Per named set of moves (rows of flat parameter displacements in
-    ``policy.parameters()`` order), the mean over its rows of the exact J(θ_0 + move) −
-    J(θ_0), θ_0 the policy's parameters (``exact_objective_at``; the policy is left as it
-    was): what a step buys on the objective itself rather than on an estimate of it."""
-    from torch.nn.utils import parameters_to_vector
-
-    theta0 = parameters_to_vector(policy.parameters()).detach().double()
-    j0 = exact_objective_at(env, policy, theta0)
-    return {name: float(np.mean([exact_objective_at(env, policy, theta0 + m) - j0 for m in rows]))
-            for name, rows in moves.items()}
-
-
-def bootstrap_estimates(w: np.ndarray, statistic, seed: int = 0) -> list[Estimate]:
-    """``bootstrap_rows`` as one ``Estimate`` per entry of the statistic (a curve's points,
-    a fit's coefficients), for ``estimate_columns``."""
-    return [Estimate(float(v), float(lo), float(hi), w.shape[0])
-            for v, lo, hi in zip(*bootstrap_rows(w, statistic, seed))]
-
-
-def interval_sign(record, name: str, at: float = 0.0) -> int:
-    """1 when ``name``'s 95% interval (``name_lo`` to ``name_hi``) of a record lies above
-    ``at``, -1 when below, 0 when it holds ``at`` or an end is missing or NaN."""
-    lo, hi = record.get(f"{name}_lo", math.nan), record.get(f"{name}_hi", math.nan)
-    return 1 if lo > at else -1 if hi < at else 0
-
-
-def measured_with_previous(frame: pd.DataFrame, column: str, name: str) -> pd.DataFrame:
-    """The measured rows (``measured_rows``) with, as ``name``, their run's ``column`` as
-    logged at the iteration before (NaN where there is none): what an iteration's
-    measurement inherits, such as the fit that made its critic (``critic_loss``)."""
-    frame = frame.sort_values(["run_dir", "step"])
-    logged = frame[column] if column in frame else pd.Series(np.nan, frame.index)
-    previous = frame[["run_dir", "step"]].assign(**{name: logged.groupby(frame["run_dir"]).shift(1)})
-    return measured_rows(frame).merge(previous, on=["run_dir", "step"], how="left")
-
-
 # ----------------------------------------------------------------------------- the protocol
 
 
@@ -345,7 +294,9 @@ def sections_frame(**sections: pd.DataFrame) -> pd.DataFrame:
     return both[["section"] + [c for c in both.columns if c != "section"]]
 
 
-# ----------------------------------------------------------------------------- selecting runs
+# ----------------------------------------------------------------------------- selecting and pairing runs
+# The rows a claim is about, one row per run or per paired replicate, a run's config and
+# rebuilt initial policy.
 
 
 def first_measurements(frame: pd.DataFrame, estimators=None) -> pd.DataFrame:
@@ -402,7 +353,133 @@ def logged_bool(value: object) -> bool | None:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else bool(value)
 
 
-# ----------------------------------------------------------------------------- statistics
+def one_run_each(rows: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """The rows of the first run of every configuration ``keys``: a configuration run
+    twice (a sweep re-run into new job folders) counts once."""
+    run = "run_dir" if "run_dir" in rows.columns else "run_id"
+    first = rows.drop_duplicates(run).drop_duplicates(keys)
+    return rows[rows[run].isin(first[run])]
+
+
+def paired_columns(rows: pd.DataFrame, keys: list[str], by: str, values: list[str],
+                   arms: tuple) -> pd.DataFrame:
+    """One line per replicate (``keys``: the runs that share episodes) with every one of
+    ``values`` for every arm (a value of ``by``, such as the estimator) as ``VALUE_ARM``
+    columns; replicates missing an arm's first value dropped (an empty frame with the
+    ``keys`` when an arm has no run)."""
+    wide = rows.pivot_table(index=keys, columns=by, values=values, aggfunc="mean")
+    wide.columns = [f"{value}_{arm}" for value, arm in wide.columns]
+    needed = [f"{values[0]}_{arm}" for arm in arms]
+    if not set(needed) <= set(wide.columns):
+        return pd.DataFrame(columns=keys)
+    return wide.dropna(subset=needed).reset_index()
+
+
+def per_run_table(rows: pd.DataFrame, first=(), mean=()) -> pd.DataFrame:
+    """One line per run: its mean statistics (``analysis.table.per_run_values``), the run's
+    first value of each ``first`` column (its settings) and its mean of each ``mean``
+    column (statistics an experiment derived per measured row)."""
+    from analysis.table import per_run_values
+
+    groups = rows.groupby("run_dir", sort=False)
+    return per_run_values(rows).join(groups[list(first)].first()).join(
+        groups[list(mean)].mean()).reset_index()
+
+
+def measured_with_previous(frame: pd.DataFrame, column: str, name: str) -> pd.DataFrame:
+    """The measured rows (``measured_rows``) with, as ``name``, their run's ``column`` as
+    logged at the iteration before (NaN where there is none): what an iteration's
+    measurement inherits, such as the fit that made its critic (``critic_loss``)."""
+    frame = frame.sort_values(["run_dir", "step"])
+    logged = frame[column] if column in frame else pd.Series(np.nan, frame.index)
+    previous = frame[["run_dir", "step"]].assign(**{name: logged.groupby(frame["run_dir"]).shift(1)})
+    return measured_rows(frame).merge(previous, on=["run_dir", "step"], how="left")
+
+
+def run_env_and_policy(row: pd.Series):
+    """The environment and initial policy of the run ``row`` comes from, rebuilt as pgvar-run
+    built them (``pgvar.run.initial_env_and_policy`` of ``config_of(row)``)."""
+    from pgvar.run import initial_env_and_policy
+
+    return initial_env_and_policy(config_of(row))
+
+
+# ----------------------------------------------------------------------------- references and exact quantities
+# Which reference a run was scored against; exact J at parameters, exact gains, a held-out critic.
+
+
+def reference_estimator(rows: pd.DataFrame) -> str | None:
+    """The estimator a Monte Carlo reference gradient averaged
+    (``training.reference.estimator``, reward-to-go where unset); None for an exact one."""
+    from analysis.table import reference_kind
+
+    if reference_kind(rows) == "exact" or "training.reference.estimator" not in rows:
+        return None
+    return str(rows["training.reference.estimator"].fillna("reinforce_rtg").iloc[0])
+
+
+def reference_label(rows: pd.DataFrame) -> str:
+    """How the reference gradient of ``rows`` was obtained, for a table: 'exact', or
+    'Monte Carlo (N episodes of ESTIMATOR)' (``analysis.table.reference_kind``)."""
+    from analysis.table import reference_kind
+
+    episodes = rows["ref_episodes"].max() if "ref_episodes" in rows else math.nan
+    return reference_kind(rows) + (f" ({episodes:.0f} episodes of {reference_estimator(rows)})"
+                                   if math.isfinite(episodes) and episodes else "")
+
+
+def exact_objective_at(env, policy, theta) -> float:
+    """The exact J of ``policy`` with its parameters replaced by the flat vector ``theta``
+    (``policy.parameters()`` order); the policy itself is left as it was."""
+    import copy
+
+    import torch
+    from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+    moved = copy.deepcopy(policy)
+    vector_to_parameters(theta.to(parameters_to_vector(policy.parameters()).dtype),
+                         moved.parameters())
+    with torch.no_grad():
+        return float(env.exact_objective(moved))
+
+
+def initial_exact_objective(row: pd.Series) -> float:
+    """The exact J of the initial policy of the run ``row`` comes from (``run_env_and_policy``):
+    the return's scale, which a variance divided by J² is free of."""
+    import torch
+
+    env, policy = run_env_and_policy(row)
+    with torch.no_grad():
+        return float(env.exact_objective(policy))
+
+
+def exact_gains(env, policy, moves: dict[str, Any]) -> dict[str, float]:
+    """Per named set of moves (rows of flat parameter displacements in
+    ``policy.parameters()`` order), the mean over its rows of the exact J(θ_0 + move) −
+    J(θ_0), θ_0 the policy's parameters (``exact_objective_at``; the policy is left as it
+    was): what a step buys on the objective itself rather than on an estimate of it."""
+    from torch.nn.utils import parameters_to_vector
+
+    theta0 = parameters_to_vector(policy.parameters()).detach().double()
+    j0 = exact_objective_at(env, policy, theta0)
+    return {name: float(np.mean([exact_objective_at(env, policy, theta0 + m) - j0 for m in rows]))
+            for name, rows in moves.items()}
+
+
+def held_out_critic(run_cfg, env, policy, index: int, episodes: int):
+    """A critic independent of any batch it will serve: the exact V where the environment
+    has one (tabular), else the run's kind of critic fitted on ``episodes`` fresh episodes
+    of ``policy`` (``pgvar.measured_step.fresh_critic`` at step ``index``)."""
+    from pgvar.critics import make_critic
+    from pgvar.measured_step import fresh_critic
+
+    if callable(getattr(env, "exact_values", None)):
+        return make_critic(env, "exact", policy=policy)
+    return fresh_critic(run_cfg, env, policy, index, episodes)
+
+
+# ----------------------------------------------------------------------------- estimates and their intervals
+# An Estimate as columns and back, means with intervals, and tests on an interval.
 
 
 def sqrt_estimate(est: Estimate) -> Estimate:
@@ -414,6 +491,12 @@ def sqrt_estimate(est: Estimate) -> Estimate:
 def estimate_columns(name: str, est: Estimate) -> dict[str, float]:
     """``{name: value, name_lo: lo, name_hi: hi}`` for a summary record."""
     return {name: est.value, f"{name}_lo": est.lo, f"{name}_hi": est.hi}
+
+
+def estimate_of(record, name: str, n: int = 0) -> Estimate:
+    """The ``Estimate`` a record holds as ``name``, ``name_lo`` and ``name_hi`` (the inverse
+    of ``estimate_columns``), to judge a summary's interval again."""
+    return Estimate(record[name], record[f"{name}_lo"], record[f"{name}_hi"], n)
 
 
 def mean_columns(runs: pd.DataFrame, metrics) -> dict[str, float]:
@@ -458,11 +541,63 @@ def bias_columns(rows: pd.DataFrame) -> dict[str, object]:
             "bias_distinguishable": bool(b2.lo > 0 and rel.lo > 0) if decided else None}
 
 
-def paired_difference(runs: pd.DataFrame, baseline: pd.DataFrame, metric: str) -> Estimate:
-    """Mean over seeds of metric(run) - metric(baseline run of the same seed), 95% CI."""
-    both = runs.set_index("seed")[metric].to_frame("x").join(
-        baseline.set_index("seed")[metric].rename("b"), how="inner")
-    return mean_ci((both["x"] - both["b"]).to_numpy())
+def relative_mse(rows: pd.DataFrame) -> pd.Series:
+    """Per measured row, the mean squared error of a batch estimate relative to ‖∇J‖²,
+    the reference's own noise taken out: (grad_mse − SE_ref²) / ‖∇J‖² (SE_ref 0 where
+    the reference is exact or its standard error was not logged)."""
+    ref_se = rows["ref_se"].fillna(0.0) if "ref_se" in rows else pd.Series(0.0, rows.index)
+    return (rows["grad_mse"] - ref_se ** 2) / rows["ref_norm"] ** 2
+
+
+def in_interval(rows, name: str, value: float):
+    """Whether ``value`` lies in ``name``'s 95% interval (``name_lo`` to ``name_hi``): a
+    bool for a record, a boolean Series for a table; False where an end is NaN."""
+    return (rows[f"{name}_lo"] <= value) & (rows[f"{name}_hi"] >= value)
+
+
+def holds(value: float) -> Callable[[float, float], bool]:
+    """The test ``interval_check`` applies for 'the 95% interval holds ``value``'."""
+    return lambda lo, hi: bool(lo <= value <= hi)
+
+
+def interval_check(record, name: str, test: Callable[[float, float], bool | None],
+                   n: int = 0, min_n: int = 0) -> bool | None:
+    """``test(lo, hi)`` on the 95% interval of ``name`` in ``record`` (``name_lo``,
+    ``name_hi``): a check's outcome, None (undecided) when the interval has no finite ends
+    or rests on fewer than ``min_n`` replicates (``n``)."""
+    lo, hi = record[f"{name}_lo"], record[f"{name}_hi"]
+    if n < min_n or not (math.isfinite(lo) and math.isfinite(hi)):
+        return None
+    return test(lo, hi)
+
+
+def interval_sign(record, name: str, at: float = 0.0) -> int:
+    """1 when ``name``'s 95% interval (``name_lo`` to ``name_hi``) of a record lies above
+    ``at``, -1 when below, 0 when it holds ``at`` or an end is missing or NaN."""
+    lo, hi = record.get(f"{name}_lo", math.nan), record.get(f"{name}_hi", math.nan)
+    return 1 if lo > at else -1 if hi < at else 0
+
+
+def closeness(est: Estimate, factor: float) -> str:
+    """``close`` when a ratio's 95% interval lies within [1/factor, factor], ``not close``
+    when it lies entirely outside, else (or without finite ends) ``inconclusive``."""
+    if not (math.isfinite(est.lo) and math.isfinite(est.hi)):
+        return "inconclusive"
+    if 1 / factor <= est.lo and est.hi <= factor:
+        return "close"
+    return "not close" if est.lo > factor or est.hi < 1 / factor else "inconclusive"
+
+
+def reciprocal(est: Estimate, numerator: float = 1.0) -> Estimate:
+    """``numerator / est`` (numerator > 0) with the interval inverted: the lower end from
+    the upper one, the upper end infinite when the interval reaches 0 (a rate's interval
+    turned into one of the count it takes)."""
+    return Estimate(numerator / est.value, numerator / est.hi,
+                    numerator / est.lo if est.lo > 0 else math.inf, est.n)
+
+
+# ----------------------------------------------------------------------------- directions
+# cos(E ĝ, ∇J) re-derived from the logged statistics, pooled over runs and paired.
 
 
 def direction_columns(rows: pd.DataFrame) -> pd.DataFrame:
@@ -522,7 +657,8 @@ def pooled_cosine_difference(runs: pd.DataFrame, baseline: pd.DataFrame,
     return _paired_estimate(arrays, _cosine_difference)
 
 
-# ----------------------------------------------------------------------------- paired replicates
+# ----------------------------------------------------------------------------- paired replicates and bootstraps
+# Statistics over replicates (seeds, instances) paired across the settings they share.
 
 
 def replicate_resamples(n: int, seed: int = 0, n_resamples: int = N_RESAMPLES) -> np.ndarray:
@@ -555,6 +691,13 @@ def bootstrap_rows(w: np.ndarray, statistic, seed: int = 0) -> tuple[np.ndarray,
     return (value, *percentile_ends(draws, w.shape[0]))
 
 
+def bootstrap_estimates(w: np.ndarray, statistic, seed: int = 0) -> list[Estimate]:
+    """``bootstrap_rows`` as one ``Estimate`` per entry of the statistic (a curve's points,
+    a fit's coefficients), for ``estimate_columns``."""
+    return [Estimate(float(v), float(lo), float(hi), w.shape[0])
+            for v, lo, hi in zip(*bootstrap_rows(w, statistic, seed))]
+
+
 def paired_matrix(runs: pd.DataFrame, x: str, column: str,
                   replicate: str | list[str] = "seed") -> tuple[np.ndarray, np.ndarray]:
     """(x values [L], ``column`` [R, L]) of the replicates (a column, or several that
@@ -574,6 +717,23 @@ def paired_mean(values: np.ndarray, min_n: int = 3) -> Estimate:
     return with_min_n(mean_ci(values), min_n)
 
 
+def paired_difference(runs: pd.DataFrame, baseline: pd.DataFrame, metric: str) -> Estimate:
+    """Mean over seeds of metric(run) - metric(baseline run of the same seed), 95% CI."""
+    both = runs.set_index("seed")[metric].to_frame("x").join(
+        baseline.set_index("seed")[metric].rename("b"), how="inner")
+    return mean_ci((both["x"] - both["b"]).to_numpy())
+
+
+def paired_difference_columns(runs: pd.DataFrame, baseline: pd.DataFrame, metrics,
+                              proj: str = "rel_proj") -> dict[str, float]:
+    """``estimate_columns`` ``d_METRIC`` of each metric's ``paired_difference`` from the
+    baseline's runs of the same seeds, then ``d_cos_mean``, the paired change of
+    cos(E ĝ, ∇J) (``pooled_cosine_difference``)."""
+    return {**{k: v for m in metrics
+               for k, v in estimate_columns(f"d_{m}", paired_difference(runs, baseline, m)).items()},
+            **estimate_columns("d_cos_mean", pooled_cosine_difference(runs, baseline, proj))}
+
+
 def geometric_mean_ratio(numerator: dict, denominator: dict, min_n: int = 3) -> Estimate:
     """Geometric mean over the keys both hold (seeds) of ``numerator[k] / denominator[k]``,
     with the interval of the mean log ratio (``mean_ci``) mapped back by exp: paired and
@@ -585,6 +745,14 @@ def geometric_mean_ratio(numerator: dict, denominator: dict, min_n: int = 3) -> 
         return Estimate(math.nan, math.nan, math.nan, 0)
     return with_min_n(mean_ci(np.log([numerator[k] / denominator[k] for k in keys])).map(math.exp),
                        min_n)
+
+
+def paired_geometric_ratio(runs: pd.DataFrame, baseline: pd.DataFrame, metric: str,
+                           min_n: int = 3) -> Estimate:
+    """``geometric_mean_ratio`` of metric(run) / metric(baseline run of the same seed): the
+    ratio counterpart of ``paired_difference``."""
+    return geometric_mean_ratio(dict(zip(runs["seed"], runs[metric])),
+                                dict(zip(baseline["seed"], baseline[metric])), min_n)
 
 
 def paired_ratio(xs: np.ndarray, values: np.ndarray, num: float, den: float,
@@ -649,34 +817,43 @@ def _slope(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
     return (xc * (y - y.mean(axis=axis, keepdims=True))).sum(axis) / (xc ** 2).sum(axis)
 
 
-# ----------------------------------------------------------------------------- exact references
+def _log_design(rows: pd.DataFrame, factors: dict[str, str]) -> np.ndarray:
+    """Columns 1 and log x for every factor column x."""
+    return np.column_stack([np.ones(len(rows)), *(np.log(rows[c].to_numpy()) for c in factors.values())])
 
 
-def exact_objective_at(env, policy, theta) -> float:
-    """The exact J of ``policy`` with its parameters replaced by the flat vector ``theta``
-    (``policy.parameters()`` order); the policy itself is left as it was."""
-    import copy
+def _replicate_least_squares(rows: pd.DataFrame, y: str, factors: dict[str, str],
+                             replicate: str) -> tuple[np.ndarray, np.ndarray]:
+    """Expanded-percentile 95% ends of ``log_linear_fit``'s coefficients when whole
+    replicates (with all their rows) are resampled (NaN below two). Least squares is
+    additive over replicates in XᵀX and Xᵀy, so a resample is a count-weighted sum of the
+    replicates' parts: all resamples are solved at once."""
+    keys = np.array(sorted(rows[replicate].unique()))
+    if len(keys) < 2:
+        return np.full(len(factors) + 1, np.nan), np.full(len(factors) + 1, np.nan)
+    parts = [(X.T @ X, X.T @ np.log(g[y].to_numpy()))
+             for g in (rows[rows[replicate] == k] for k in keys)
+             for X in [_log_design(g, factors)]]
+    counts = np.stack([np.bincount(p, minlength=len(keys)) for p in replicate_resamples(len(keys))])
+    A = np.einsum("rs,sij->rij", counts.astype(float), np.array([p[0] for p in parts]))
+    b = counts @ np.array([p[1] for p in parts])
+    ok = np.linalg.matrix_rank(A) == len(factors) + 1
+    return percentile_ends(np.linalg.solve(A[ok], b[ok][..., None])[..., 0], len(keys))
 
-    import torch
-    from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-    moved = copy.deepcopy(policy)
-    vector_to_parameters(theta.to(parameters_to_vector(policy.parameters()).dtype),
-                         moved.parameters())
-    with torch.no_grad():
-        return float(env.exact_objective(moved))
-
-
-def held_out_critic(run_cfg, env, policy, index: int, episodes: int):
-    """A critic independent of any batch it will serve: the exact V where the environment
-    has one (tabular), else the run's kind of critic fitted on ``episodes`` fresh episodes
-    of ``policy`` (``pgvar.measured_step.fresh_critic`` at step ``index``)."""
-    from pgvar.critics import make_critic
-    from pgvar.measured_step import fresh_critic
-
-    if callable(getattr(env, "exact_values", None)):
-        return make_critic(env, "exact", policy=policy)
-    return fresh_critic(run_cfg, env, policy, index, episodes)
+def log_linear_fit(rows: pd.DataFrame, y: str, factors: dict[str, str],
+                   replicate: str = "seed") -> dict[str, float]:
+    """The power law y ∝ Π x^k fitted as ``log y = c + Σ k log x`` by least squares over
+    ``rows`` (``factors`` maps each exponent's name to its column x; y > 0): every exponent
+    with its 95% interval from resampling whole replicates (``name``, ``name_lo``,
+    ``name_hi``), then the intercept ``c`` and ``r2`` on the log scale."""
+    X, log_y = _log_design(rows, factors), np.log(rows[y].to_numpy())
+    beta = np.linalg.lstsq(X, log_y, rcond=None)[0]
+    lo, hi = _replicate_least_squares(rows, y, factors, replicate)
+    r2 = 1 - ((log_y - X @ beta) ** 2).sum() / ((log_y - log_y.mean()) ** 2).sum()
+    exponents = {f"{name}{end}": ends[i] for i, name in enumerate(factors, start=1)
+                 for end, ends in (("", beta), ("_lo", lo), ("_hi", hi))}
+    return {**exponents, "c": beta[0], "r2": r2}
 
 
 # ----------------------------------------------------------------------------- figures
@@ -744,182 +921,3 @@ def plot_estimate_panels(panels: list[dict], out_dir: Path, name: str, ncols: in
                ncol=min(6, max(1, len(labels))), frameon=False, fontsize=7)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     return save_figure(fig, out_dir, name)
-
-
-# ----------------------------------------------------------------------------- runs and references
-# Selecting and pairing runs, a run's rebuilt policy and exact J, its reference gradient.
-
-
-def one_run_each(rows: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    """The rows of the first run of every configuration ``keys``: a configuration run
-    twice (a sweep re-run into new job folders) counts once."""
-    run = "run_dir" if "run_dir" in rows.columns else "run_id"
-    first = rows.drop_duplicates(run).drop_duplicates(keys)
-    return rows[rows[run].isin(first[run])]
-
-
-def paired_columns(rows: pd.DataFrame, keys: list[str], by: str, values: list[str],
-                   arms: tuple) -> pd.DataFrame:
-    """One line per replicate (``keys``: the runs that share episodes) with every one of
-    ``values`` for every arm (a value of ``by``, such as the estimator) as ``VALUE_ARM``
-    columns; replicates missing an arm's first value dropped (an empty frame with the
-    ``keys`` when an arm has no run)."""
-    wide = rows.pivot_table(index=keys, columns=by, values=values, aggfunc="mean")
-    wide.columns = [f"{value}_{arm}" for value, arm in wide.columns]
-    needed = [f"{values[0]}_{arm}" for arm in arms]
-    if not set(needed) <= set(wide.columns):
-        return pd.DataFrame(columns=keys)
-    return wide.dropna(subset=needed).reset_index()
-
-
-def per_run_table(rows: pd.DataFrame, first=(), mean=()) -> pd.DataFrame:
-    """One line per run: its mean statistics (``analysis.table.per_run_values``), the run's
-    first value of each ``first`` column (its settings) and its mean of each ``mean``
-    column (statistics an experiment derived per measured row)."""
-    from analysis.table import per_run_values
-
-    groups = rows.groupby("run_dir", sort=False)
-    return per_run_values(rows).join(groups[list(first)].first()).join(
-        groups[list(mean)].mean()).reset_index()
-
-
-def run_env_and_policy(row: pd.Series):
-    """The environment and initial policy of the run ``row`` comes from, rebuilt as pgvar-run
-    built them (``pgvar.run.initial_env_and_policy`` of ``config_of(row)``)."""
-    from pgvar.run import initial_env_and_policy
-
-    return initial_env_and_policy(config_of(row))
-
-
-def initial_exact_objective(row: pd.Series) -> float:
-    """The exact J of the initial policy of the run ``row`` comes from (``run_env_and_policy``):
-    the return's scale, which a variance divided by J² is free of."""
-    import torch
-
-    env, policy = run_env_and_policy(row)
-    with torch.no_grad():
-        return float(env.exact_objective(policy))
-
-
-def relative_mse(rows: pd.DataFrame) -> pd.Series:
-    """Per measured row, the mean squared error of a batch estimate relative to ‖∇J‖²,
-    the reference's own noise taken out: (grad_mse − SE_ref²) / ‖∇J‖² (SE_ref 0 where
-    the reference is exact or its standard error was not logged)."""
-    ref_se = rows["ref_se"].fillna(0.0) if "ref_se" in rows else pd.Series(0.0, rows.index)
-    return (rows["grad_mse"] - ref_se ** 2) / rows["ref_norm"] ** 2
-
-
-def reference_estimator(rows: pd.DataFrame) -> str | None:
-    """The estimator a Monte Carlo reference gradient averaged
-    (``training.reference.estimator``, reward-to-go where unset); None for an exact one."""
-    from analysis.table import reference_kind
-
-    if reference_kind(rows) == "exact" or "training.reference.estimator" not in rows:
-        return None
-    return str(rows["training.reference.estimator"].fillna("reinforce_rtg").iloc[0])
-
-
-def reference_label(rows: pd.DataFrame) -> str:
-    """How the reference gradient of ``rows`` was obtained, for a table: 'exact', or
-    'Monte Carlo (N episodes of ESTIMATOR)' (``analysis.table.reference_kind``)."""
-    from analysis.table import reference_kind
-
-    episodes = rows["ref_episodes"].max() if "ref_episodes" in rows else math.nan
-    return reference_kind(rows) + (f" ({episodes:.0f} episodes of {reference_estimator(rows)})"
-                                   if math.isfinite(episodes) and episodes else "")
-
-
-# ----------------------------------------------------------------------------- more statistics
-# Yes/no tests on an interval, paired ratios and differences, a power law's exponents.
-
-
-def estimate_of(record, name: str, n: int = 0) -> Estimate:
-    """The ``Estimate`` a record holds as ``name``, ``name_lo`` and ``name_hi`` (the inverse
-    of ``estimate_columns``), to judge a summary's interval again."""
-    return Estimate(record[name], record[f"{name}_lo"], record[f"{name}_hi"], n)
-
-
-def interval_check(record, name: str, test: Callable[[float, float], bool | None],
-                   n: int = 0, min_n: int = 0) -> bool | None:
-    """``test(lo, hi)`` on the 95% interval of ``name`` in ``record`` (``name_lo``,
-    ``name_hi``): a check's outcome, None (undecided) when the interval has no finite ends
-    or rests on fewer than ``min_n`` replicates (``n``)."""
-    lo, hi = record[f"{name}_lo"], record[f"{name}_hi"]
-    if n < min_n or not (math.isfinite(lo) and math.isfinite(hi)):
-        return None
-    return test(lo, hi)
-
-
-def closeness(est: Estimate, factor: float) -> str:
-    """``close`` when a ratio's 95% interval lies within [1/factor, factor], ``not close``
-    when it lies entirely outside, else (or without finite ends) ``inconclusive``."""
-    if not (math.isfinite(est.lo) and math.isfinite(est.hi)):
-        return "inconclusive"
-    if 1 / factor <= est.lo and est.hi <= factor:
-        return "close"
-    return "not close" if est.lo > factor or est.hi < 1 / factor else "inconclusive"
-
-
-def reciprocal(est: Estimate, numerator: float = 1.0) -> Estimate:
-    """``numerator / est`` (numerator > 0) with the interval inverted: the lower end from
-    the upper one, the upper end infinite when the interval reaches 0 (a rate's interval
-    turned into one of the count it takes)."""
-    return Estimate(numerator / est.value, numerator / est.hi,
-                    numerator / est.lo if est.lo > 0 else math.inf, est.n)
-
-
-def paired_difference_columns(runs: pd.DataFrame, baseline: pd.DataFrame, metrics,
-                              proj: str = "rel_proj") -> dict[str, float]:
-    """``estimate_columns`` ``d_METRIC`` of each metric's ``paired_difference`` from the
-    baseline's runs of the same seeds, then ``d_cos_mean``, the paired change of
-    cos(E ĝ, ∇J) (``pooled_cosine_difference``)."""
-    return {**{k: v for m in metrics
-               for k, v in estimate_columns(f"d_{m}", paired_difference(runs, baseline, m)).items()},
-            **estimate_columns("d_cos_mean", pooled_cosine_difference(runs, baseline, proj))}
-
-
-def paired_geometric_ratio(runs: pd.DataFrame, baseline: pd.DataFrame, metric: str,
-                           min_n: int = 3) -> Estimate:
-    """``geometric_mean_ratio`` of metric(run) / metric(baseline run of the same seed): the
-    ratio counterpart of ``paired_difference``."""
-    return geometric_mean_ratio(dict(zip(runs["seed"], runs[metric])),
-                                dict(zip(baseline["seed"], baseline[metric])), min_n)
-
-
-def _log_design(rows: pd.DataFrame, factors: dict[str, str]) -> np.ndarray:
-    """Columns 1 and log x for every factor column x."""
-    return np.column_stack([np.ones(len(rows)), *(np.log(rows[c].to_numpy()) for c in factors.values())])
-
-
-def _replicate_least_squares(rows: pd.DataFrame, y: str, factors: dict[str, str],
-                             replicate: str) -> tuple[np.ndarray, np.ndarray]:
-    """Expanded-percentile 95% ends of ``log_linear_fit``'s coefficients when whole
-    replicates (with all their rows) are resampled (NaN below two). Least squares is
-    additive over replicates in XᵀX and Xᵀy, so a resample is a count-weighted sum of the
-    replicates' parts: all resamples are solved at once."""
-    keys = np.array(sorted(rows[replicate].unique()))
-    if len(keys) < 2:
-        return np.full(len(factors) + 1, np.nan), np.full(len(factors) + 1, np.nan)
-    parts = [(X.T @ X, X.T @ np.log(g[y].to_numpy()))
-             for g in (rows[rows[replicate] == k] for k in keys)
-             for X in [_log_design(g, factors)]]
-    counts = np.stack([np.bincount(p, minlength=len(keys)) for p in replicate_resamples(len(keys))])
-    A = np.einsum("rs,sij->rij", counts.astype(float), np.array([p[0] for p in parts]))
-    b = counts @ np.array([p[1] for p in parts])
-    ok = np.linalg.matrix_rank(A) == len(factors) + 1
-    return percentile_ends(np.linalg.solve(A[ok], b[ok][..., None])[..., 0], len(keys))
-
-
-def log_linear_fit(rows: pd.DataFrame, y: str, factors: dict[str, str],
-                   replicate: str = "seed") -> dict[str, float]:
-    """The power law y ∝ Π x^k fitted as ``log y = c + Σ k log x`` by least squares over
-    ``rows`` (``factors`` maps each exponent's name to its column x; y > 0): every exponent
-    with its 95% interval from resampling whole replicates (``name``, ``name_lo``,
-    ``name_hi``), then the intercept ``c`` and ``r2`` on the log scale."""
-    X, log_y = _log_design(rows, factors), np.log(rows[y].to_numpy())
-    beta = np.linalg.lstsq(X, log_y, rcond=None)[0]
-    lo, hi = _replicate_least_squares(rows, y, factors, replicate)
-    r2 = 1 - ((log_y - X @ beta) ** 2).sum() / ((log_y - log_y.mean()) ** 2).sum()
-    exponents = {f"{name}{end}": ends[i] for i, name in enumerate(factors, start=1)
-                 for end, ends in (("", beta), ("_lo", lo), ("_hi", hi))}
-    return {**exponents, "c": beta[0], "r2": r2}
