@@ -60,7 +60,8 @@ A test feeds ``analyze`` synthetic frames on which the verdict must flip (see
 
 Shared per-run quantities live here too: ``direction_columns`` and ``pooled_cosine``
 re-derive cos(E ĝ, ∇J) from the logged statistics, ``paired_difference`` pairs runs by
-seed; a run's initial environment and policy come from ``initial_env_and_policy``.
+seed; a run's initial environment and policy come from ``run_env_and_policy`` (its config
+through ``pgvar.run.initial_env_and_policy``, the one builder).
 """
 
 from __future__ import annotations
