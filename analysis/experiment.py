@@ -573,10 +573,11 @@ def interval_check(record, name: str, test: Callable[[float, float], bool | None
 
 
 def interval_sign(record, name: str, at: float = 0.0) -> int:
-    """1 when ``name``'s 95% interval (``name_lo`` to ``name_hi``) of a record lies above
-    ``at``, -1 when below, 0 when it holds ``at`` or an end is missing or NaN."""
-    lo, hi = record.get(f"{name}_lo", math.nan), record.get(f"{name}_hi", math.nan)
-    return 1 if lo > at else -1 if hi < at else 0
+    """``side_of`` as a number for a record's ``name`` interval (``name_lo`` to ``name_hi``):
+    1 when it lies above ``at``, -1 when below, 0 when it holds ``at`` or an end is missing
+    or NaN."""
+    est = Estimate(math.nan, record.get(f"{name}_lo", math.nan), record.get(f"{name}_hi", math.nan), 0)
+    return {"below": -1, "above": 1}.get(side_of(est, at, "below", "above"), 0)
 
 
 def closeness(est: Estimate, factor: float) -> str:
