@@ -145,10 +145,10 @@ def measure_pool(case: Case, pool: Pool, Ms: Sequence[int], repeats: int,
                                  f"{repeats} repeats of M={M}")
             if references:
                 ref = references[r]
-                g_ref, se2, var = ref.grad.double(), float(ref.se2), ref.var
+                g_ref, se2, var, sample = ref.grad.double(), float(ref.se2), ref.var, ref.noise_sample
             else:
-                g_ref, se2, var = pool.grad_true, 0.0, None
-            s = gradient_stats(G, g_ref, se2, var)
+                g_ref, se2, var, sample = pool.grad_true, 0.0, None, None
+            s = gradient_stats(G, g_ref, se2, var, sample)
             ratio, ratio_lo, ratio_hi = variance_ratio_interval(G, pool.G_base[r * M:(r + 1) * M])
             rows.append({
                 "case": case.label, "env": case.env, "estimator": case.estimator,

@@ -395,7 +395,7 @@ def gradient_rate(env, policy: nn.Module, lanes: int, seed: int, chunk_episodes:
     batch = batch.select(slice(0, n_sub * batch_size))
     moments = RunningMoments()
     t, c = time.perf_counter(), time.process_time()
-    for rows in estimate_gradient_blocks("reinforce_rtg", env, policy, batch, n_sub):
+    for _, rows in estimate_gradient_blocks("reinforce_rtg", env, policy, batch, n_sub):
         moments.update(rows)
     return (time.perf_counter() - t) / batch.n_steps, (time.process_time() - c) / batch.n_steps
 

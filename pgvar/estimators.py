@@ -464,8 +464,11 @@ def score_inputs(est: Estimator, x: EstimatorInputs
 def estimate_gradient_blocks(name: str, env, policy: nn.Module, batch: Batch, n_batches: int,
                              critic: nn.Module | None = None,
                              cfg: EstimatorConfig = DEFAULT_CONFIG, chunk: int = 64
-                             ) -> Iterator[torch.Tensor]:
-    """The rows of ``estimate_gradients`` in blocks ``[k, P]``, in no particular order.
+                             ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The rows of ``estimate_gradients`` as blocks ``(indices [k], rows [k, P])``: row i
+    of a block is estimate number ``indices[i]``. Blocks come in no particular order (they
+    follow the packing of pairs, so neighbouring rows share episode lengths): a consumer
+    that wants a random sample of the rows selects them by index.
 
     For consumers that reduce the rows (a running mean and variance) without holding
     all ``[n_batches, P]`` of them; estimators with a direction of their own (PPO, the
@@ -473,7 +476,7 @@ def estimate_gradient_blocks(name: str, env, policy: nn.Module, batch: Batch, n_
     """
     est, x = checked_inputs(name, env, batch, n_batches, critic, cfg)
     if est.direction is not None:
-        yield est.direction(x, policy, chunk)
+        rows = est.direction(x, policy, chunk)
+        yield torch.arange(rows.shape[0], device=rows.device), rows
         return
-    for _, rows in score_gradient_blocks(policy, *score_inputs(est, x), chunk):
-        yield rows
+    yield from score_gradient_blocks(policy, *score_inputs(est, x), chunk)

@@ -130,7 +130,8 @@ def measure_many(env, policy: nn.Module, estimators: Sequence[str], n_batches: i
         G = G.detach().to(torch.float64).cpu()
         out[name] = Measurement(
             estimator=name,
-            stats=gradient_stats(G, reference.grad, reference.se2, reference.var),
+            stats=gradient_stats(G, reference.grad, reference.se2, reference.var,
+                                 reference.noise_sample),
             reference=reference,
             n_batches=int(n_batches),
             batch_size=int(batch_size),

@@ -279,7 +279,7 @@ def measure_paired(env, policy: nn.Module, specs: Sequence[EstimatorSpec],
                                    choice.critic if choice else None, cfg, chunk)
             ref, circular = references.for_spec(spec)
             stats = gradient_stats(G.detach().to(torch.float64).cpu(), ref.grad, ref.se2,
-                                   ref.var).as_dict()
+                                   ref.var, ref.noise_sample).as_dict()
             row = PairedRow(spec_label(spec.name, cfg), spec, choice, stats, ref, circular)
             rows.append(row)
             if on_row is not None:

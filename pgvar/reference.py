@@ -45,6 +45,7 @@ from pgvar.rollout import rollout_chunks
 DEFAULT_MC_EPISODES = 10_000
 DEFAULT_LANES = 4096  # refill lanes (pgvar.refill) where the environment can refill them
 DEFAULT_MEMORY_MB = 512  # what one chunk of a Monte Carlo reference may hold (chunk_plan)
+NOISE_SAMPLE_ROWS = 256  # sub-batch gradients kept to measure the shape of the noise
 _SEED_TAG = 0x5EF0_9E3D  # distinguishes reference seeds from measurement seeds
 
 
@@ -56,7 +57,12 @@ class Reference:
     exact); ``n_episodes``/``n_pairs`` the episodes and state-action pairs it used;
     ``n_estimates`` the number of i.i.d. sub-batch gradients averaged (0 if exact);
     ``var`` ``[P]`` the variance of each coordinate of ``grad`` (sums to se2; None if
-    exact), which lets ``pgvar.stats`` bound the reference's noise more tightly.
+    exact), which lets ``pgvar.stats`` bound the reference's noise more tightly;
+    ``noise_sample`` ``[k, P]`` (k <= ``NOISE_SAMPLE_ROWS``; None if exact) k of its
+    sub-batch gradients (``SubBatchSample``) divided by sqrt(n_estimates): rows whose
+    sample covariance estimates the covariance of ``grad``'s error, so ``pgvar.stats``
+    measures the shape of that noise (tr Sigma_r^2, its spread along the bias) instead of
+    assuming the worst.
     ``objective`` is J (exact), or the mean sampled return sum_t gamma^t r_t over the
     horizon with ``objective_se`` its standard error (Monte Carlo).
     """
@@ -69,6 +75,7 @@ class Reference:
     method: str
     n_estimates: int = 0
     var: torch.Tensor | None = None
+    noise_sample: torch.Tensor | None = None
     objective: float = math.nan
     objective_se: float = 0.0
     info: dict = field(default_factory=dict)
@@ -157,6 +164,40 @@ class RunningMoments:
         if self.n < 2:
             return torch.full_like(self.m2, math.inf)
         return self.m2 / ((self.n - 1) * self.n)
+
+
+@dataclass
+class SubBatchSample:
+    """Up to ``limit`` sub-batch gradients of a stream of chunks, kept in float64 on the
+    CPU: those with the lowest indices within each chunk, chunk after chunk.
+
+    Sub-batches within a chunk are i.i.d. in index order, so these are a random sample;
+    the order the rows arrive in is not (``estimate_gradient_blocks`` packs them by
+    episode length, and on the chain environment the first 256 rows to arrive had 1.4x
+    the variance of all of them). ``limit`` bounds the memory (256 rows of P numbers)."""
+
+    limit: int
+    rows: list = field(default_factory=list)
+    count: int = 0  # rows kept so far
+    quota: int = 0  # indices below this are kept from the current chunk
+
+    def start_chunk(self) -> None:
+        self.quota = self.limit - self.count
+
+    def update(self, indices: torch.Tensor, rows: torch.Tensor) -> None:
+        if self.quota <= 0:
+            return
+        keep = indices < self.quota
+        if bool(keep.any()):
+            self.rows.append(rows[keep].detach().to(torch.float64).cpu())
+            self.count += int(keep.sum())
+
+    def scaled(self, n_total: int) -> torch.Tensor | None:
+        """The rows divided by sqrt(n_total): their covariance is that of the mean of
+        n_total rows. None with fewer than 2 rows (no spread to measure)."""
+        if self.count < 2:
+            return None
+        return torch.cat(self.rows) / math.sqrt(n_total)
 
 
 def step_bytes(env) -> int:
@@ -299,6 +340,7 @@ def monte_carlo_reference(env, policy: nn.Module, n_episodes: int | None = None,
             done, index = done + n_sub * batch_size, index + 1
 
     grads, returns = RunningMoments(), RunningMoments()
+    sample = SubBatchSample(NOISE_SAMPLE_ROWS)
     used_episodes = used_pairs = index = 0
     stopped_early = False
     # the next chunk is rolled out in a background thread while this one is reduced
@@ -313,8 +355,11 @@ def monte_carlo_reference(env, policy: nn.Module, n_episodes: int | None = None,
     for batch in chunks:
         bar.update(batch.n_episodes)
         n_sub = batch.n_episodes // batch_size
-        for rows in estimate_gradient_blocks(estimator, env, policy, batch, n_sub, critic, cfg, chunk):
+        sample.start_chunk()
+        for indices, rows in estimate_gradient_blocks(estimator, env, policy, batch, n_sub,
+                                                      critic, cfg, chunk):
             grads.update(rows)
+            sample.update(indices, rows)
         returns.update(batch.episode_returns(float(env.gamma)).unsqueeze(1))
         used_episodes += batch.n_episodes
         used_pairs += batch.n_steps
@@ -328,7 +373,8 @@ def monte_carlo_reference(env, policy: nn.Module, n_episodes: int | None = None,
 
     return Reference(grad=grads.mean, se2=grads.se2, n_episodes=used_episodes,
                      n_pairs=used_pairs, exact=False, method=f"monte_carlo:{estimator}",
-                     n_estimates=grads.n, var=grads.mean_var, objective=float(returns.mean[0]),
+                     n_estimates=grads.n, var=grads.mean_var,
+                     noise_sample=sample.scaled(grads.n), objective=float(returns.mean[0]),
                      objective_se=math.sqrt(returns.se2),
                      info={"batch_size": batch_size, "n_chunks": index,
                            "stopped_early": stopped_early, "chunk_episodes": chunk_episodes,

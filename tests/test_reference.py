@@ -23,14 +23,17 @@ from pgvar.critics import make_critic
 from pgvar.envs.registry import make_env, make_policy
 from pgvar.estimators import EstimatorConfig
 from pgvar.reference import (
+    NOISE_SAMPLE_ROWS,
     Reference,
     RunningMoments,
+    SubBatchSample,
     chunk_seed,
     exact_reference,
     monte_carlo_reference,
     reference_gradient,
 )
 from pgvar.rollout import rollout
+from pgvar.stats import tail_index, trace_variance
 
 ENVS = {
     "tabular": {"n_states": 5, "n_actions": 3, "horizon": 10},
@@ -97,6 +100,12 @@ def test_monte_carlo_converges_to_exact_within_its_standard_error(name):
     assert error_ratio(mc, exact) < 9.0, (error_ratio(mc, exact), mc.rel_se)
     # the sampled objective converges too: |J_mc - J| < 3 SE fails with probability 0.27%
     assert abs(mc.objective - exact.objective) < 3 * mc.objective_se
+    # the noise sample's covariance estimates the reference's: its trace is se2 up to the
+    # sampling error of a 256-row trace (relative SE sqrt((kurtosis - 1) / 255))
+    sample = mc.noise_sample
+    assert sample.shape == (NOISE_SAMPLE_ROWS, exact.grad.numel())
+    rel_se = math.sqrt((tail_index(sample) - 1.0) / (NOISE_SAMPLE_ROWS - 1))
+    assert abs(math.log(trace_variance(sample) / mc.se2)) < 4 * rel_se
 
 
 def test_standard_error_is_calibrated_over_independent_references():
@@ -116,6 +125,8 @@ def test_other_unbiased_estimators_and_tiny_chunks_give_valid_references():
     mc = monte_carlo_reference(env, policy, n_episodes=1000, seed=1, estimator="rloo",
                                batch_size=2, chunk_episodes=2)
     assert mc.info["n_chunks"] == 500 and mc.n_estimates == 500 and mc.n_episodes == 1000
+    # the first 256 sub-batches, gathered across 256 one-sub-batch chunks
+    assert mc.noise_sample.shape == (NOISE_SAMPLE_ROWS, exact.grad.numel())
     assert error_ratio(mc, exact) < 9.0
     # value baseline with a critic fitted on other episodes
     critic = make_critic(env)
@@ -228,3 +239,24 @@ def test_a_small_memory_budget_shrinks_the_chunks_not_the_reference():
     assert ref.info["chunk_bytes"] <= 8 * 2 ** 20
     assert ref.info["chunk_episodes"] < 256 and ref.n_episodes == 256
     assert ref.info["n_chunks"] > 1
+
+
+def test_sub_batch_sample_selects_by_index_not_by_arrival():
+    # blocks arrive in any order (packed by episode length); the sample keeps the rows
+    # with the lowest indices of each chunk until it holds its limit
+    sample = SubBatchSample(limit=5)
+    sample.start_chunk()
+    for idx in ([3, 0, 2], [1, 4, 5]):  # chunk 1 of 6 sub-batches, out of order
+        indices = torch.tensor(idx)
+        sample.update(indices, indices.to(torch.float64).unsqueeze(1))
+    assert sample.count == 5
+    sample.start_chunk()  # full: nothing more is kept
+    sample.update(torch.tensor([0]), torch.zeros(1, 1))
+    rows = sample.scaled(4) * 2.0  # scaled by 1 / sqrt(4)
+    assert sorted(rows.squeeze(1).tolist()) == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+    spread = SubBatchSample(limit=4)  # chunks of 2 sub-batches: 2 rows from each
+    for _ in range(3):
+        spread.start_chunk()
+        spread.update(torch.tensor([1, 0]), torch.ones(2, 1))
+    assert spread.count == 4

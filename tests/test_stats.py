@@ -19,10 +19,12 @@ from pgvar.stats import (
     GradStats,
     cos_pairwise,
     cos_ref,
+    cross_noise_trace,
     frobenius_cov_sq,
     gradient_stats,
     jackknife_variance_u,
     mse,
+    reference_noise_sq,
     reference_noise_variance,
     relative_variance,
     snr,
@@ -294,6 +296,71 @@ def test_noisy_reference_is_removed_from_the_bias_and_kept_conservative():
         mean_se[use_ref_var] = np.sqrt(var_hat).mean()
     assert mean_se[True] < mean_se[False]  # the per-coordinate bound is the tighter one
     assert stats[0].ref_se == pytest.approx(math.sqrt(0.3 ** 2 + 7 * 0.1 ** 2))
+
+
+def noisy_reference_replicates(R: int, M: int, P: int, ref_scale: float, bias: float,
+                               seed: int, with_sample: bool):
+    """R measurements of M estimates g ~ N(b, I_P) (b = ``bias`` along the first axis)
+    against a reference N(0, ref_scale^2 I_P), whose noise is described by its
+    per-coordinate variances and, ``with_sample``, by 256 rows of the same covariance."""
+    gen = torch.Generator().manual_seed(seed)
+    b = torch.zeros(P, dtype=torch.float64)
+    b[0] = bias
+    ref_var = torch.full((P,), ref_scale ** 2, dtype=torch.float64)
+    out = []
+    for _ in range(R):
+        G = b + torch.randn(M, P, generator=gen, dtype=torch.float64)
+        ref = ref_scale * torch.randn(P, generator=gen, dtype=torch.float64)
+        sample = ref_scale * torch.randn(256, P, generator=gen, dtype=torch.float64)
+        out.append(gradient_stats(G, ref, float(ref_var.sum()), ref_var,
+                                  sample if with_sample else None))
+    return out
+
+
+def test_a_sample_of_the_reference_noise_restores_the_verdict_where_that_noise_dominates():
+    # M = 128 estimates against a reference whose noise equals the estimates' own noise
+    # floor (tr Sigma_r = tr Sigma / M) spread over P = 20 directions: the worst-case bound
+    # 2 se_ref2^2 is 20x the true 2 tr(Sigma_r^2) and the verdict almost never fires; with
+    # a sample of the reference's noise its rate is the nominal one-sided 2.5%.
+    R, M, P = 2000, 128, 20
+    scale = 1.0 / math.sqrt(M)
+    rate = {}
+    for with_sample in (False, True):
+        stats = noisy_reference_replicates(R, M, P, scale, 0.0, seed=11, with_sample=with_sample)
+        rate[with_sample] = np.mean([s.bias_distinguishable for s in stats])
+    assert rate[False] < 0.01, rate
+    assert abs(rate[True] - 0.025) < binomial_tolerance(0.025, R), rate
+    # and a bias is covered at least at its level: b = 0.3 along one axis, ||b||^2 = 0.09
+    # (measured 98.5%: the lower end is the Wald one, whose reference term stays
+    # conservative, b replaced by g_bar - g_ref)
+    stats = noisy_reference_replicates(R, M, P, scale, 0.3, seed=12, with_sample=True)
+    inside = np.mean([s.grad_bias_sq_lo <= 0.09 <= s.grad_bias_sq_hi for s in stats])
+    assert inside > 0.95 - binomial_tolerance(0.95, R), inside
+
+
+def test_reference_noise_terms_are_unbiased_for_their_traces():
+    # Sigma_r = diag(s^2) and Sigma = diag(t^2): tr(Sigma_r^2) = sum s^4 and
+    # tr(Sigma Sigma_r) = sum s^2 t^2, each estimated without bias from samples
+    gen = torch.Generator().manual_seed(5)
+    P, R = 6, 3000
+    s_r = torch.linspace(0.2, 1.0, P, dtype=torch.float64)
+    t = torch.linspace(1.0, 0.5, P, dtype=torch.float64)
+    sq, cross = [], []
+    for _ in range(R):
+        sample = s_r * torch.randn(32, P, generator=gen, dtype=torch.float64)
+        G = t * torch.randn(16, P, generator=gen, dtype=torch.float64)
+        se2 = float((s_r ** 2).sum())
+        # no floor from ref_var and a cap far away: the raw estimate
+        sq.append(frobenius_cov_sq(sample))
+        cross.append(cross_noise_trace(G, sample))
+    for values, truth in ((sq, float((s_r ** 4).sum())), (cross, float((s_r ** 2 * t ** 2).sum()))):
+        values = np.asarray(values)
+        assert values.mean() == pytest.approx(truth, abs=4 * values.std() / math.sqrt(R))
+    # the clipped version stays within what the diagonal and the trace allow
+    one = s_r * torch.randn(8, P, generator=gen, dtype=torch.float64)
+    est = reference_noise_sq(se2, s_r ** 2, one)
+    assert float((s_r ** 4).sum()) <= est <= se2 ** 2
+    assert reference_noise_sq(se2) == se2 ** 2  # no sample: the worst case
 
 
 @pytest.mark.parametrize("offset", [0.0, 1.0])
