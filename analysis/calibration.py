@@ -118,36 +118,56 @@ def _trace_cov(G: torch.Tensor) -> float:
     return float(G.var(0, unbiased=True).sum())
 
 
-def measurement_references(case: Case, n: int, seed: int) -> list:
-    """``n`` independent Monte Carlo references for a case at its pool's policy (empty
-    for an exact case: its exact reference is used)."""
+class FreshReferences(Sequence):
+    """``n`` independent Monte Carlo references for a case at its pool's policy, each
+    drawn when it is asked for: 600 CartPole references held at once, each with its
+    256-row noise sample, took 5.6 GB."""
+
+    def __init__(self, case: Case, n: int, seed: int):
+        self.case, self.n, self.seed = case, n, seed
+        self.env = make_env(case.env, **case.env_kwargs)
+        torch.manual_seed(seed)
+        self.policy = make_policy(self.env)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, r: int):
+        if not 0 <= r < self.n:
+            raise IndexError(f"reference {r} of {self.n}")
+        return reference_gradient(self.env, self.policy, method="monte_carlo",
+                                  n_episodes=self.case.ref_episodes,
+                                  seed=self.seed * 7919 + 100_000 + r)
+
+
+def measurement_references(case: Case, n: int, seed: int) -> Sequence:
+    """``n`` independent Monte Carlo references for a case at its pool's policy, drawn on
+    demand (``FreshReferences``); empty for an exact case (its exact reference is used)."""
     if case.reference == "exact":
         return []
-    env = make_env(case.env, **case.env_kwargs)
-    torch.manual_seed(seed)
-    policy = make_policy(env)
-    return [reference_gradient(env, policy, method="monte_carlo", n_episodes=case.ref_episodes,
-                               seed=seed * 7919 + 100_000 + r) for r in range(n)]
+    return FreshReferences(case, n, seed)
 
 
 def measure_pool(case: Case, pool: Pool, Ms: Sequence[int], repeats: int,
                  references: Sequence = ()) -> pd.DataFrame:
-    """One row per (M, repeat): the statistics a run would log, and the truth."""
+    """One row per (M, repeat): the statistics a run would log, and the truth. Repeat r
+    of every M is scored against the same reference ``references[r]``, drawn once."""
     c = case.mean_factor()
     true_bias = (c - 1.0) * pool.grad_true
     truth_b2 = float((true_bias ** 2).sum())
+    if pool.G.shape[0] < max(Ms) * repeats:
+        raise ValueError(f"pool of {pool.G.shape[0]} estimates is too small for "
+                         f"{repeats} repeats of M={max(Ms)}")
     rows = []
-    for M in Ms:
-        for r in range(repeats):
+    for r in range(repeats):
+        if references:
+            ref = references[r]
+            g_ref, se2, var, sample = (ref.grad.double(), float(ref.se2), ref.var,
+                                       ref.noise_sample)
+        else:
+            g_ref, se2, var, sample = pool.grad_true, 0.0, None, None
+        for M in Ms:
             G = pool.G[r * M:(r + 1) * M]
-            if G.shape[0] < M:
-                raise ValueError(f"pool of {pool.G.shape[0]} estimates is too small for "
-                                 f"{repeats} repeats of M={M}")
-            if references:
-                ref = references[r]
-                g_ref, se2, var, sample = ref.grad.double(), float(ref.se2), ref.var, ref.noise_sample
-            else:
-                g_ref, se2, var, sample = pool.grad_true, 0.0, None, None
             s = gradient_stats(G, g_ref, se2, var, sample)
             ratio, ratio_lo, ratio_hi = variance_ratio_interval(G, pool.G_base[r * M:(r + 1) * M])
             rows.append({
@@ -165,7 +185,8 @@ def measure_pool(case: Case, pool: Pool, Ms: Sequence[int], repeats: int,
                 "ref_rel_se": s.ref_se / max(s.ref_norm, 1e-300),
                 "truth_se2": pool.grad_true_se2,
             })
-    return pd.DataFrame.from_records(rows)
+    frame = pd.DataFrame.from_records(rows)
+    return frame.sort_values(["M", "repeat"], kind="stable", ignore_index=True)
 
 
 def run_calibration(cases: Iterable[Case], Ms: Sequence[int], repeats: int,
