@@ -38,7 +38,7 @@ from pgvar.envs.base import is_exact
 from pgvar.estimators import estimate_gradients
 from pgvar.reference import reference_gradient
 from pgvar.rollout import rollout
-from pgvar.stats import Z_95, gradient_stats, variance_ratio_interval
+from pgvar.stats import Z_95, gradient_stats, run_intervals_reliable, variance_ratio_interval
 
 NOMINAL = 0.95
 TOLERANCE = 0.02  # the target: coverage within 95% +- 2 points
@@ -251,40 +251,64 @@ def _holds(est, truth: float) -> bool:
     return bool(est.lo <= truth <= est.hi)
 
 
+INTERVAL_COLUMNS = [("bias_sq", "bias_sq_lo", "bias_sq_hi", "truth_bias_sq"),
+                    ("variance", "variance_lo", "variance_hi", "truth_variance"),
+                    ("ratio", "ratio_lo", "ratio_hi", "truth_ratio")]
+MIN_UNFLAGGED = 0.1  # below this share of unflagged measurements a cell is 'flagged'
+QUIET_FLAG = 0.1  # where every interval meets its target the flag fires in at most this share
+
+
+def with_run_flags(records: pd.DataFrame, k: int = POOLED_K) -> pd.DataFrame:
+    """``records`` with ``reliable_run``: each block of ``k`` consecutive repeats of a
+    (case, M) read as the measured steps of one run, judged together by
+    ``pgvar.stats.run_intervals_reliable``, as ``analysis.loader`` judges a run's series."""
+    block = records["repeat"] // k
+    keys = [records["case"], records["M"], block]
+    mean_tail = records.groupby(keys)["tail_index"].transform("mean")
+    reliable = [run_intervals_reliable([t], int(m)) for t, m in zip(mean_tail, records["M"])]
+    return records.assign(reliable_run=reliable)
+
+
+def coverage_cells(g: pd.DataFrame, suffix: str = "") -> dict:
+    """Coverage of the three intervals (with Wilson intervals and which side the truth
+    missed on) and, for a zero bias, the verdict's false-positive rate, over the
+    measurements ``g``; every key ends with ``suffix``."""
+    n = len(g)
+    row = {}
+    for name, lo, hi, truth in INTERVAL_COLUMNS:
+        k = int(_covers(g[lo], g[hi], g[truth]).sum())
+        row[f"{name}_coverage"] = k / n if n else math.nan
+        row[f"{name}_coverage_lo"], row[f"{name}_coverage_hi"] = wilson_interval(k, n)
+        row[f"{name}_below"] = float((g[truth] < g[lo]).mean()) if n else math.nan
+        row[f"{name}_above"] = float((g[truth] > g[hi]).mean()) if n else math.nan
+    fp = int(g["distinguishable"].astype(bool).sum())
+    zero = n > 0 and g["bias"].iloc[0] == "zero"
+    row["false_positive"] = fp / n if zero else math.nan
+    row["false_positive_lo"], row["false_positive_hi"] = (
+        wilson_interval(fp, n) if zero else (math.nan, math.nan))
+    return {f"{key}{suffix}": value for key, value in row.items()}
+
+
 def coverage_table(records: pd.DataFrame) -> pd.DataFrame:
     """Per (case, M): coverage of the squared-bias, variance and variance-ratio intervals
-    with Wilson intervals, the verdict's false-positive rate where the bias is 0, how
-    often the measurement flags itself unreliable and the coverage among the rest."""
+    with Wilson intervals and the verdict's false-positive rate where the bias is 0, over
+    all measurements and over those whose run is not flagged (``with_run_flags``), the
+    shares flagged by the run and by the step, and the pooled (table) coverage."""
     out = []
     keys = ["case", "env", "estimator", "batch_size", "bias", "reference", "M"]
-    for key, g in records.groupby(keys, sort=False):
-        n = len(g)
-        row = dict(zip(keys, key))
-        row["repeats"] = n
-        for name, lo, hi, truth in [("bias_sq", "bias_sq_lo", "bias_sq_hi", "truth_bias_sq"),
-                                    ("variance", "variance_lo", "variance_hi", "truth_variance"),
-                                    ("ratio", "ratio_lo", "ratio_hi", "truth_ratio")]:
-            covered = _covers(g[lo], g[hi], g[truth])
-            k = int(covered.sum())
-            row[f"{name}_coverage"] = k / n
-            row[f"{name}_coverage_lo"], row[f"{name}_coverage_hi"] = wilson_interval(k, n)
-            row[f"{name}_below"] = float((g[truth] < g[lo]).mean())  # truth under the interval
-            row[f"{name}_above"] = float((g[truth] > g[hi]).mean())
-        fp = int(g["distinguishable"].astype(bool).sum())
-        zero = row["bias"] == "zero"
-        row["false_positive"] = fp / n if zero else math.nan
-        row["false_positive_lo"], row["false_positive_hi"] = (
-            wilson_interval(fp, n) if zero else (math.nan, math.nan))
-        row["flagged"] = float((~g["ci_reliable"].astype(bool)).mean())
-        kept = g[g["ci_reliable"].astype(bool)]
-        row["bias_sq_coverage_unflagged"] = (
-            float(_covers(kept["bias_sq_lo"], kept["bias_sq_hi"], kept["truth_bias_sq"]).mean())
-            if len(kept) else math.nan)
+    for key, g in with_run_flags(records).groupby(keys, sort=False):
+        row = {**dict(zip(keys, key)), "repeats": len(g), **coverage_cells(g)}
+        kept = g[g["reliable_run"]]
+        row.update(coverage_cells(kept, "_unflagged"))
+        row["flagged"] = 1.0 - len(kept) / len(g)
+        row["flagged_step"] = float((~g["ci_reliable"].astype(bool)).mean())
         row["bias_sq_coverage_pooled"], row["bias_sq_coverage_pooled_t"] = pooled_coverage(g)
         row["tail_index_median"] = float(g["tail_index"].median())
         row["ref_rel_se"] = float(g["ref_rel_se"].median())
         row["truth_rel_bias_sq"] = float(g["truth_rel_bias_sq"].iloc[0])
         row["verdict"] = cell_verdict(row)
+        row["verdict_unflagged"] = (cell_verdict(row, "_unflagged")
+                                    if 1.0 - row["flagged"] >= MIN_UNFLAGGED else "flagged")
         out.append(row)
     return pd.DataFrame.from_records(out)
 
@@ -295,16 +319,17 @@ def _consistent(lo: float, hi: float, target: tuple[float, float]) -> bool:
     return hi >= target[0] and lo <= target[1]
 
 
-def cell_verdict(row: dict) -> str:
-    """'meets' when every interval's coverage is consistent with 95% +- 2 points (its
-    Wilson interval reaches that band) and, for a zero bias, the false-positive rate with
-    1.5-3.5%; else what misses, and how often the measurements flagged themselves
-    (M < 16 is outside the target and says so)."""
+def cell_verdict(row: dict, suffix: str = "") -> str:
+    """'meets' when every interval's coverage (the columns ending in ``suffix``) is
+    consistent with 95% +- 2 points (its Wilson interval reaches that band) and, for a
+    zero bias, the false-positive rate with 1.5-3.5%; else what misses, and how often the
+    runs flagged themselves (M < 16 is outside the target and says so)."""
     band = (NOMINAL - TOLERANCE, NOMINAL + TOLERANCE)
-    misses = [name for name in ("bias_sq", "variance", "ratio")
-              if not _consistent(row[f"{name}_coverage_lo"], row[f"{name}_coverage_hi"], band)]
-    if math.isfinite(row["false_positive"]) and not _consistent(
-            row["false_positive_lo"], row["false_positive_hi"], FP_TARGET):
+    misses = [name for name, *_ in INTERVAL_COLUMNS
+              if not _consistent(row[f"{name}_coverage_lo{suffix}"],
+                                 row[f"{name}_coverage_hi{suffix}"], band)]
+    if math.isfinite(row[f"false_positive{suffix}"]) and not _consistent(
+            row[f"false_positive_lo{suffix}"], row[f"false_positive_hi{suffix}"], FP_TARGET):
         misses.append("false positives")
     if not misses:
         return "meets"
@@ -314,8 +339,37 @@ def cell_verdict(row: dict) -> str:
     return f"outside target (M < 16); {words}" if row["M"] < 16 else words
 
 
+def quiet_flag(table: pd.DataFrame) -> tuple[str, list[str], str]:
+    """The flag's own claim over the cells of ``table``: (claim, one word per cell that
+    meets every target, 'quiet' or 'loud', and why in numbers). A flag that fired
+    everywhere would make 'covers where unflagged' hold trivially; this is what keeps
+    that claim from being vacuous."""
+    held = table[table["verdict"] == "meets"]
+    loud = held[held["flagged"] > QUIET_FLAG]
+    claim = (f"the run flag fires in at most {100 * QUIET_FLAG:.0f}% of the measurements of "
+             "cells that meet every target")
+    why = f"quiet in {len(held) - len(loud)} of {len(held)} such cells" + "".join(
+        f"; loud: {r.case} M={r.M} ({100 * r.flagged:.0f}%)" for r in loud.itertuples())
+    return claim, ["loud"] * len(loud) + ["quiet"] * (len(held) - len(loud)), why
+
+
+REPORT_COLUMNS = {  # result.md's coverage table: heading -> column of coverage_table
+    "case": "case", "M": "M", "repeats": "repeats", "squared bias": "bias_sq_coverage",
+    "truth below": "bias_sq_below", "truth above": "bias_sq_above",
+    "false positives": "false_positive", "variance": "variance_coverage",
+    "variance ratio": "ratio_coverage", "flagged (run)": "flagged",
+    "flagged (step)": "flagged_step", "unflagged: squared bias": "bias_sq_coverage_unflagged",
+    "unflagged: variance": "variance_coverage_unflagged",
+    "unflagged: ratio": "ratio_coverage_unflagged",
+    "unflagged: false positives": "false_positive_unflagged",
+    "pooled over 10: table": "bias_sq_coverage_pooled",
+    "pooled over 10: t": "bias_sq_coverage_pooled_t", "tail index": "tail_index_median",
+    "verdict": "verdict", "verdict where unflagged": "verdict_unflagged"}
+
+
 SHARE_SUFFIXES = ("coverage", "coverage_lo", "coverage_hi", "positive", "positive_lo",
-                  "positive_hi", "below", "above", "flagged", "unflagged", "pooled", "pooled_t")
+                  "positive_hi", "below", "above", "flagged", "flagged_step", "unflagged",
+                  "pooled", "pooled_t")
 
 
 def in_percent(table: pd.DataFrame) -> pd.DataFrame:

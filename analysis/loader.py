@@ -45,6 +45,7 @@ from pgvar.runlog import (
     STATUS_FAILED,
     STATUS_RUNNING,
 )
+from pgvar.stats import run_intervals_reliable
 
 # Config keys that become short alias columns; the first one present wins.
 ALIASES: dict[str, list[str]] = {
@@ -362,7 +363,23 @@ def measured_rows(df: pd.DataFrame) -> pd.DataFrame:
     frames = [f for f in frames if not f.empty]
     if not frames:
         return _training_rows(own.iloc[0:0])
-    return pd.concat(frames, ignore_index=True, sort=False)
+    return with_run_reliability(pd.concat(frames, ignore_index=True, sort=False))
+
+
+def with_run_reliability(rows: pd.DataFrame) -> pd.DataFrame:
+    """``rows`` with ``ci_reliable_run``: whether the per-measurement intervals of each
+    series (one estimator with one critic in one run) can be trusted, judged from all its
+    measured steps together (``pgvar.stats.run_intervals_reliable``); the per-step
+    ``ci_reliable`` misses the measurements whose sample missed the tail. Logs without
+    ``tail_index`` are returned unchanged."""
+    if rows.empty or "tail_index" not in rows.columns or "n_estimates" not in rows.columns:
+        return rows
+    label = "estimator_label" if "estimator_label" in rows.columns else "estimator"
+    keys = [c for c in ("run_dir", label, "critic") if c in rows.columns]
+    flags = rows.groupby(keys, sort=False, dropna=False).apply(
+        lambda g: run_intervals_reliable(g["tail_index"], int(g["n_estimates"].min())),
+        include_groups=False).rename("ci_reliable_run")
+    return rows.join(flags, on=keys)
 
 
 RUN_IDENTITY = ["sweep", "run_id", "run_dir", "env", "seed", "preset", "elapsed_s"]

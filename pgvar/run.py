@@ -113,6 +113,7 @@ class RunState:
     steps_completed: int = 0
     last_measured: dict[str, Any] = field(default_factory=dict)
     last_measured_step: int | None = None
+    tail_indices: list[float] = field(default_factory=list)  # the training estimator's
 
 
 def is_measured_step(step: int, n_iterations: int, every: int) -> bool:
@@ -178,7 +179,6 @@ def metrics_cells(row, step: int) -> dict[str, Any]:
         if not math.isfinite(float(stats[key])):
             raise Diverged(f"non-finite measured {key} at step {step}")
     cells = runlog.measured_cells(stats)
-    warn_if_unreliable(stats, step)
     cells["ref_exact"] = bool(row.reference.exact)
     cells["ref_episodes"] = int(row.reference.n_episodes) if not row.reference.exact else 0
     return cells
@@ -204,14 +204,25 @@ def measure_and_record(run_cfg: RunConfig, env, policy, critic, specs, configs, 
     return metrics_cells(training_row, step)
 
 
-def warn_if_unreliable(stats: dict[str, Any], step: int) -> None:
-    """A log warning when a measurement's intervals cannot be trusted (``ci_reliable``
-    False: M < 16 or heavy tails); metrics.csv keeps the flag in its own column."""
-    if not stats.get("ci_reliable", True):
-        log.warning("step %d: per-measurement intervals flagged unreliable (M=%d, tail_index="
-                    "%.2f; they under-cover with M < 16 or tail_index > 3): raise "
-                    "training.n_batches, and read bias verdicts from the pooled table",
-                    step, stats["n_estimates"], stats["tail_index"])
+def warn_if_unreliable(cells: dict[str, Any], step: int, state: RunState) -> None:
+    """A log warning when the training estimator's per-measurement intervals cannot be
+    trusted: this step's ``ci_reliable`` is False (M < 16 or heavy tails), or the mean
+    tail_index of the run's measured steps so far is above
+    ``pgvar.stats.RUN_HEAVY_TAIL_INDEX`` (``run_intervals_reliable``: single steps that
+    missed the tail look light-tailed). metrics.csv keeps the step's flag; the analysis
+    adds the whole run's (``ci_reliable_run``)."""
+    from pgvar.stats import RUN_HEAVY_TAIL_INDEX, run_intervals_reliable
+
+    state.tail_indices.append(float(cells["tail_index"]))
+    run_ok = run_intervals_reliable(state.tail_indices, int(cells["n_estimates"]))
+    if cells.get("ci_reliable", True) and run_ok:
+        return
+    mean_tail = sum(state.tail_indices) / len(state.tail_indices)
+    log.warning("step %d: per-measurement intervals flagged unreliable (M=%d, tail_index %.2f, "
+                "mean over the %d measured steps so far %.2f; they under-cover with M < 16, "
+                "a step's tail_index > 3 or a run's mean > %.1f): raise training.n_batches, "
+                "and read bias verdicts from the pooled table", step, cells["n_estimates"],
+                cells["tail_index"], len(state.tail_indices), mean_tail, RUN_HEAVY_TAIL_INDEX)
 
 
 def training_gradient(run_cfg: RunConfig, env, policy, critic, est_cfg, batch, step: int) -> torch.Tensor:
@@ -357,6 +368,7 @@ def train_and_measure(run_cfg: RunConfig, job_dir: Path, started: float, state: 
                                                   step, job_dir, paired, started, config)
                     row.update(measured)
                     state.last_measured, state.last_measured_step = measured, step
+                    warn_if_unreliable(measured, step, state)
                 g = training_gradient(run_cfg, env, policy, critic, est_cfg, batch, step)
                 with overflow_means_divergence(step):
                     ascent_step(optimizer, policy, g)

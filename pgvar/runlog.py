@@ -120,7 +120,9 @@ COLUMN_DOCS: dict[str, str] = {
                        "(score interval; may be < 0); bias_distinguishable is grad_bias_sq_lo > 0",
     "grad_bias_sq_hi": "extra, measured rows: upper end of the 95% interval of the squared bias",
     "ci_reliable": "extra, measured rows: False when M < 16 or tail_index > 3, where the "
-                   "calibration experiment measured the per-measurement intervals to under-cover",
+                   "calibration experiment measured the per-measurement intervals to under-cover; "
+                   "a step that missed the tail passes, so the analysis adds ci_reliable_run "
+                   "(the mean tail_index of the series' measured steps <= 2.5)",
 }
 
 PAIRED_COLUMN_DOCS: dict[str, str] = {

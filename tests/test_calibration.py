@@ -30,6 +30,7 @@ from pgvar.stats import (
     gradient_stats,
     interval_reliable,
     leave_one_out_trace_variance,
+    run_intervals_reliable,
     score_interval,
     tail_index,
     trace_variance,
@@ -86,6 +87,44 @@ def test_tail_index_by_hand():
                                               (0.9 ** 2 + 9 * 0.1 ** 2) ** 2, rel=1e-6)
     assert not interval_reliable(10, 1.0) and interval_reliable(16, 1.0)
     assert not interval_reliable(64, HEAVY_TAIL_INDEX + 0.1)
+
+
+def test_run_flag_needs_enough_estimates_and_light_tails_on_average():
+    assert run_intervals_reliable([1.5, 2.0, 2.4], 16)
+    assert not run_intervals_reliable([1.5, 2.0, 2.4], 8)  # too few estimates per step
+    assert not run_intervals_reliable([1.5, 2.0, 5.0], 32)  # mean 2.83 > 2.5
+    assert run_intervals_reliable([2.0, float("nan")], 16)  # a missing value is skipped
+    assert not run_intervals_reliable([], 16)  # nothing measured: nothing to trust
+
+
+def test_run_flag_catches_the_heavy_tailed_measurements_the_step_flag_leaves_silent():
+    """LQR (mean_baseline at B = 2, tails of kurtosis ~48): a measurement of M = 16 that
+    the step flag passes is one that missed the tail, so the passed ones under-cover the
+    variance badly; judged over runs of 10 measurements (the run flag) almost all are
+    flagged. On the light-tailed tabular MDP (rloo) the run flag stays quiet."""
+    M, K, runs = 16, 10, 60
+    lqr = draw_pool(Case("lqr", "mean_baseline", 2, "large",
+                         env_kwargs={"state_dim": 2, "action_dim": 1, "horizon": 20}),
+                    M * K * runs, seed=2, with_base=False)
+    passed, covered, run_flagged = 0, 0, 0
+    for r in range(runs):
+        block = [lqr.G[(r * K + k) * M:(r * K + k + 1) * M] for k in range(K)]
+        tails = [tail_index(G) for G in block]
+        run_flagged += K * (not run_intervals_reliable(tails, M))
+        for G, tail in zip(block, tails):
+            if interval_reliable(M, tail):
+                lo, hi = variance_interval(G, tail=tail)
+                passed += 1
+                covered += lo <= lqr.trcov_true <= hi
+    n = K * runs
+    assert passed >= 0.1 * n  # the step flag passes many measurements (21% here)...
+    assert covered / passed < 0.95 - 5 * binomial_sd(0.95, passed)  # ...which cover 28%
+    assert run_flagged / n > 0.9  # 100% here
+    light = draw_pool(Case("tabular", "rloo", 4, "zero", env_kwargs=TABULAR), M * K * runs,
+                      seed=3, with_base=False)
+    quiet = sum(run_intervals_reliable([tail_index(light.G[(r * K + k) * M:(r * K + k + 1) * M])
+                                        for k in range(K)], M) for r in range(runs))
+    assert quiet / runs > 0.9
 
 
 def test_score_interval_holds_u_and_excludes_zero_for_a_clear_bias():
@@ -189,3 +228,20 @@ def test_coverage_on_a_tabular_grid_cell_with_a_monte_carlo_reference():
         row = coverage_table(measure_pool(case, pool, [M], n, refs)).iloc[0]
         slack = 0.02 + 3 * binomial_sd(0.95, n)
         assert abs(row["bias_sq_coverage"] - 0.95) <= slack, (case.label, row["bias_sq_coverage"])
+
+
+def test_the_run_log_warns_once_the_mean_tail_of_the_run_is_heavy(caplog):
+    # each step alone passes (tail_index <= 3, M = 16); the run's mean so far is 2.0,
+    # 2.4, 2.57 (above 2.5: a warning) and 2.18
+    from pgvar.run import RunState, warn_if_unreliable
+
+    state = RunState()
+    warned = []
+    for step, tail in enumerate([2.0, 2.8, 2.9, 1.0]):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="pgvar.run"):
+            warn_if_unreliable({"tail_index": tail, "n_estimates": 16, "ci_reliable": True},
+                               step, state)
+        warned.append(any("flagged unreliable" in r.getMessage() for r in caplog.records))
+    assert warned == [False, False, True, False]
+    assert state.tail_indices == [2.0, 2.8, 2.9, 1.0]

@@ -21,6 +21,7 @@ from analysis import table as tb
 from analysis.loader import PairedWarning, load_runs, measured_rows
 from analysis.stats import Estimate
 from analysis.synthetic import PairedTruth, TrueEstimator, write_paired_sweep, write_sweep
+from pgvar.stats import run_intervals_reliable
 
 SEEDS = range(8)
 BONFERRONI = 2.87 / 1.96  # a 95% interval's half-width scaled to 1 - 0.05/12 (normal)
@@ -85,6 +86,10 @@ def test_loader_gives_one_row_per_run_step_estimator_and_critic(frame):
     assert set(rows.loc[rows["estimator_label"] == "gae", "lam"]) == {0.95}  # the default
     training = rows[rows["is_training"]]
     assert set(zip(training["estimator"], training["critic"])) == {("value_baseline", "train")}
+    # each series (run, estimator, critic) carries one flag judged from all its steps
+    for _, series in rows.groupby(["run_dir", "estimator_label", "critic"]):
+        expected = run_intervals_reliable(series["tail_index"], int(series["n_estimates"].min()))
+        assert set(series["ci_reliable_run"]) == {expected}
 
 
 def test_a_run_without_paired_csv_keeps_its_metrics_rows(tmp_path):
