@@ -304,6 +304,7 @@ def coverage_table(records: pd.DataFrame) -> pd.DataFrame:
         row["flagged_step"] = float((~g["ci_reliable"].astype(bool)).mean())
         row["bias_sq_coverage_pooled"], row["bias_sq_coverage_pooled_t"] = pooled_coverage(g)
         row["tail_index_median"] = float(g["tail_index"].median())
+        row.update(variance_pivot(g))
         row["ref_rel_se"] = float(g["ref_rel_se"].median())
         row["truth_rel_bias_sq"] = float(g["truth_rel_bias_sq"].iloc[0])
         row["verdict"] = cell_verdict(row)
@@ -311,6 +312,17 @@ def coverage_table(records: pd.DataFrame) -> pd.DataFrame:
                                     if 1.0 - row["flagged"] >= MIN_UNFLAGGED else "flagged")
         out.append(row)
     return pd.DataFrame.from_records(out)
+
+
+def variance_pivot(g: pd.DataFrame) -> dict:
+    """What the spread of s^2 / sigma^2 (a measurement's trCov over the truth) says about
+    any variance interval in a cell: its median, and ``variance_oracle_width`` = its 97.5%
+    over its 2.5% quantile, the ratio of the ends of the interval [s^2 / q97.5, s^2 / q2.5]
+    that covers 95% when those quantiles are known. A method that does not know them must
+    still reach that width from the M estimates alone."""
+    ratio = (g["variance"] / g["truth_variance"]).to_numpy(dtype=float)
+    lo, median, hi = np.quantile(ratio, [0.025, 0.5, 0.975])
+    return {"variance_median_ratio": float(median), "variance_oracle_width": float(hi / lo)}
 
 
 def _consistent(lo: float, hi: float, target: tuple[float, float]) -> bool:
@@ -364,6 +376,8 @@ REPORT_COLUMNS = {  # result.md's coverage table: heading -> column of coverage_
     "unflagged: false positives": "false_positive_unflagged",
     "pooled over 10: table": "bias_sq_coverage_pooled",
     "pooled over 10: t": "bias_sq_coverage_pooled_t", "tail index": "tail_index_median",
+    "median trCov / truth": "variance_median_ratio",
+    "oracle variance interval width": "variance_oracle_width",
     "verdict": "verdict", "verdict where unflagged": "verdict_unflagged"}
 
 

@@ -76,7 +76,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from analysis.figures import apply_theme
+from analysis.figures import apply_theme, log_axis
 from analysis.loader import measured_rows
 from analysis.stats import N_RESAMPLES, Estimate, bootstrap_interval, expanded_level, mean_ci
 from pgvar.stats import sqrt_clipped
@@ -914,7 +914,11 @@ def plot_estimate_panels(panels: list[dict], out_dir: Path, name: str, ncols: in
         if "diagonal" in p:
             ax.plot(p["diagonal"], p["diagonal"], color="0.4", ls="--", lw=0.8)
         ax.set(xlabel=p.get("xlabel", p["x"]), ylabel=p.get("ylabel", p["y"]), title=p.get("title", ""),
-               **{k: p[k] for k in ("xscale", "yscale", "ylim") if k in p})
+               **{k: p[k] for k in ("yscale", "ylim") if k in p})
+        if p.get("xscale") == "log":  # plain-number ticks, no crowded minor labels
+            log_axis(ax, "x", p["frame"][p["x"]])
+        elif "xscale" in p:
+            ax.set_xscale(p["xscale"])
         if len(p["frame"]) and not pd.api.types.is_numeric_dtype(p["frame"][p["x"]]):
             ax.tick_params(axis="x", labelrotation=35)
     for ax in axes.flat[len(panels):]:

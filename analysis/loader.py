@@ -376,10 +376,11 @@ def with_run_reliability(rows: pd.DataFrame) -> pd.DataFrame:
         return rows
     label = "estimator_label" if "estimator_label" in rows.columns else "estimator"
     keys = [c for c in ("run_dir", label, "critic") if c in rows.columns]
-    flags = rows.groupby(keys, sort=False, dropna=False).apply(
-        lambda g: run_intervals_reliable(g["tail_index"], int(g["n_estimates"].min())),
-        include_groups=False).rename("ci_reliable_run")
-    return rows.join(flags, on=keys)
+    series = rows.groupby(keys, sort=False, dropna=False)
+    mean_tail = series["tail_index"].transform("mean")  # the mean of a series' steps
+    fewest = series["n_estimates"].transform("min").fillna(0)
+    return rows.assign(ci_reliable_run=[run_intervals_reliable([t], int(n))
+                                        for t, n in zip(mean_tail, fewest)])
 
 
 RUN_IDENTITY = ["sweep", "run_id", "run_dir", "env", "seed", "preset", "elapsed_s"]
