@@ -32,13 +32,14 @@ import pandas as pd
 import torch
 from scipy import stats as sst
 
+from analysis.loader import series_reliability
 from analysis.stats import mean_with_known_se
 from pgvar import make_env, make_policy
 from pgvar.envs.base import is_exact
 from pgvar.estimators import estimate_gradients
 from pgvar.reference import reference_gradient
 from pgvar.rollout import rollout
-from pgvar.stats import Z_95, gradient_stats, run_intervals_reliable, variance_ratio_interval
+from pgvar.stats import Z_95, gradient_stats, variance_ratio_interval
 
 NOMINAL = 0.95
 TOLERANCE = 0.02  # the target: coverage within 95% +- 2 points
@@ -260,13 +261,10 @@ QUIET_FLAG = 0.1  # where every interval meets its target the flag fires in at m
 
 def with_run_flags(records: pd.DataFrame, k: int = POOLED_K) -> pd.DataFrame:
     """``records`` with ``reliable_run``: each block of ``k`` consecutive repeats of a
-    (case, M) read as the measured steps of one run, judged together by
-    ``pgvar.stats.run_intervals_reliable``, as ``analysis.loader`` judges a run's series."""
-    block = records["repeat"] // k
-    keys = [records["case"], records["M"], block]
-    mean_tail = records.groupby(keys)["tail_index"].transform("mean")
-    reliable = [run_intervals_reliable([t], int(m)) for t, m in zip(mean_tail, records["M"])]
-    return records.assign(reliable_run=reliable)
+    (case, M) read as the measured steps of one run, judged together as
+    ``analysis.loader`` judges a run's series (``series_reliability``)."""
+    blocks = records.assign(block=records["repeat"] // k, n_estimates=records["M"])
+    return records.assign(reliable_run=series_reliability(blocks, ["case", "M", "block"]))
 
 
 def coverage_cells(g: pd.DataFrame, suffix: str = "") -> dict:

@@ -369,18 +369,23 @@ def measured_rows(df: pd.DataFrame) -> pd.DataFrame:
 def with_run_reliability(rows: pd.DataFrame) -> pd.DataFrame:
     """``rows`` with ``ci_reliable_run``: whether the per-measurement intervals of each
     series (one estimator with one critic in one run) can be trusted, judged from all its
-    measured steps together (``pgvar.stats.run_intervals_reliable``); the per-step
-    ``ci_reliable`` misses the measurements whose sample missed the tail. Logs without
-    ``tail_index`` are returned unchanged."""
+    measured steps together (``series_reliability``); the per-step ``ci_reliable`` misses
+    the measurements whose sample missed the tail. Logs without ``tail_index`` are
+    returned unchanged."""
     if rows.empty or "tail_index" not in rows.columns or "n_estimates" not in rows.columns:
         return rows
     label = "estimator_label" if "estimator_label" in rows.columns else "estimator"
     keys = [c for c in ("run_dir", label, "critic") if c in rows.columns]
-    series = rows.groupby(keys, sort=False, dropna=False)
-    mean_tail = series["tail_index"].transform("mean")  # the mean of a series' steps
-    fewest = series["n_estimates"].transform("min").fillna(0)
-    return rows.assign(ci_reliable_run=[run_intervals_reliable([t], int(n))
-                                        for t, n in zip(mean_tail, fewest)])
+    return rows.assign(ci_reliable_run=series_reliability(rows, keys))
+
+
+def series_reliability(rows: pd.DataFrame, keys: list[str]) -> np.ndarray:
+    """Per row, ``pgvar.stats.run_intervals_reliable`` of its series (the rows sharing
+    ``keys``): its steps' ``tail_index`` values and their smallest ``n_estimates``."""
+    groups = rows.groupby(keys, sort=False, dropna=False)
+    flags = [run_intervals_reliable(g["tail_index"], int(g["n_estimates"].fillna(0).min()))
+             for _, g in groups]
+    return np.asarray(flags, dtype=bool)[groups.ngroup().to_numpy()]
 
 
 RUN_IDENTITY = ["sweep", "run_id", "run_dir", "env", "seed", "preset", "elapsed_s"]
