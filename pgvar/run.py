@@ -113,7 +113,7 @@ class RunState:
     steps_completed: int = 0
     last_measured: dict[str, Any] = field(default_factory=dict)
     last_measured_step: int | None = None
-    tail_indices: list[float] = field(default_factory=list)  # the training estimator's
+    tail_indices: list[float] = field(default_factory=list)  # per measured step (run flag)
 
 
 def is_measured_step(step: int, n_iterations: int, every: int) -> bool:

@@ -481,10 +481,11 @@ def cross_noise_trace(G, ref_sample=None) -> float:
         return 0.0
     G, sample = as_matrix(G), as_matrix(ref_sample)
     X, Y = G - G.mean(0), sample - sample.mean(0)
-    cross = (X @ Y.T) if X.shape[1] > max(X.shape[0], Y.shape[0]) else None
-    if cross is None:  # through the P x P covariances where P is the small side
-        return float(((X.T @ X) * (Y.T @ Y)).sum()) / ((G.shape[0] - 1) * (sample.shape[0] - 1))
-    return float((cross ** 2).sum()) / ((G.shape[0] - 1) * (sample.shape[0] - 1))
+    if X.shape[1] <= max(X.shape[0], Y.shape[0]):  # few coordinates: the P x P products
+        total = float(((X.T @ X) * (Y.T @ Y)).sum())
+    else:  # tr(X'X Y'Y) = ||X Y'||_F^2, through the M x k matrix
+        total = float(((X @ Y.T) ** 2).sum())
+    return total / ((G.shape[0] - 1) * (sample.shape[0] - 1))
 
 
 def reference_dimension(se_ref2: float, tr_r2: float, ref_sample=None) -> float:

@@ -356,6 +356,13 @@ def test_reference_noise_terms_are_unbiased_for_their_traces():
     for values, truth in ((sq, float((s_r ** 4).sum())), (cross, float((s_r ** 2 * t ** 2).sum()))):
         values = np.asarray(values)
         assert values.mean() == pytest.approx(truth, abs=4 * values.std() / math.sqrt(R))
+    # both ways of computing it (P x P, or M x k when P is the larger) equal the direct
+    # tr(S_G S_r) of the two sample covariances
+    for P_, M_, k_ in ((3, 8, 10), (40, 8, 10)):
+        G = torch.randn(M_, P_, generator=gen, dtype=torch.float64)
+        S = torch.randn(k_, P_, generator=gen, dtype=torch.float64)
+        direct = float((torch.cov(G.T).reshape(P_, P_) * torch.cov(S.T).reshape(P_, P_)).sum())
+        assert cross_noise_trace(G, S) == pytest.approx(direct)
     # the clipped version stays within what the diagonal and the trace allow
     one = s_r * torch.randn(8, P, generator=gen, dtype=torch.float64)
     est = reference_noise_sq(se2, s_r ** 2, one)
