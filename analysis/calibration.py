@@ -267,24 +267,26 @@ def with_run_flags(records: pd.DataFrame, k: int = POOLED_K) -> pd.DataFrame:
     return records.assign(reliable_run=series_reliability(blocks, ["case", "M", "block"]))
 
 
-def coverage_cells(g: pd.DataFrame, suffix: str = "") -> dict:
+def coverage_cells(g: pd.DataFrame, scope: str = "") -> dict:
     """Coverage of the three intervals (with Wilson intervals and which side the truth
     missed on) and, for a zero bias, the verdict's false-positive rate, over the
-    measurements ``g``; every key ends with ``suffix``."""
+    measurements ``g``; each name carries ``scope`` before its ``_lo``/``_hi`` ends
+    (``bias_sq_coverage_unflagged_lo``), as ``analysis.figures.error_bars`` reads them."""
     n = len(g)
     row = {}
     for name, lo, hi, truth in INTERVAL_COLUMNS:
         k = int(_covers(g[lo], g[hi], g[truth]).sum())
-        row[f"{name}_coverage"] = k / n if n else math.nan
-        row[f"{name}_coverage_lo"], row[f"{name}_coverage_hi"] = wilson_interval(k, n)
-        row[f"{name}_below"] = float((g[truth] < g[lo]).mean()) if n else math.nan
-        row[f"{name}_above"] = float((g[truth] > g[hi]).mean()) if n else math.nan
+        cov = f"{name}_coverage{scope}"
+        row[cov] = k / n if n else math.nan
+        row[f"{cov}_lo"], row[f"{cov}_hi"] = wilson_interval(k, n)
+        row[f"{name}_below{scope}"] = float((g[truth] < g[lo]).mean()) if n else math.nan
+        row[f"{name}_above{scope}"] = float((g[truth] > g[hi]).mean()) if n else math.nan
     fp = int(g["distinguishable"].astype(bool).sum())
     zero = n > 0 and g["bias"].iloc[0] == "zero"
-    row["false_positive"] = fp / n if zero else math.nan
-    row["false_positive_lo"], row["false_positive_hi"] = (
+    row[f"false_positive{scope}"] = fp / n if zero else math.nan
+    row[f"false_positive{scope}_lo"], row[f"false_positive{scope}_hi"] = (
         wilson_interval(fp, n) if zero else (math.nan, math.nan))
-    return {f"{key}{suffix}": value for key, value in row.items()}
+    return row
 
 
 def coverage_table(records: pd.DataFrame) -> pd.DataFrame:
@@ -336,10 +338,10 @@ def cell_verdict(row: dict, suffix: str = "") -> str:
     runs flagged themselves (M < 16 is outside the target and says so)."""
     band = (NOMINAL - TOLERANCE, NOMINAL + TOLERANCE)
     misses = [name for name, *_ in INTERVAL_COLUMNS
-              if not _consistent(row[f"{name}_coverage_lo{suffix}"],
-                                 row[f"{name}_coverage_hi{suffix}"], band)]
+              if not _consistent(row[f"{name}_coverage{suffix}_lo"],
+                                 row[f"{name}_coverage{suffix}_hi"], band)]
     if math.isfinite(row[f"false_positive{suffix}"]) and not _consistent(
-            row[f"false_positive_lo{suffix}"], row[f"false_positive_hi{suffix}"], FP_TARGET):
+            row[f"false_positive{suffix}_lo"], row[f"false_positive{suffix}_hi"], FP_TARGET):
         misses.append("false positives")
     if not misses:
         return "meets"
@@ -381,7 +383,7 @@ REPORT_COLUMNS = {  # result.md's coverage table: heading -> column of coverage_
 
 SHARE_SUFFIXES = ("coverage", "coverage_lo", "coverage_hi", "positive", "positive_lo",
                   "positive_hi", "below", "above", "flagged", "flagged_step", "unflagged",
-                  "pooled", "pooled_t")
+                  "unflagged_lo", "unflagged_hi", "pooled", "pooled_t")
 
 
 def in_percent(table: pd.DataFrame) -> pd.DataFrame:

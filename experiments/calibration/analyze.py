@@ -83,21 +83,23 @@ def render(table: pd.DataFrame, verdict: ex.Verdict, preset: str) -> str:
         *frame_table(cal.in_percent(table), cal.REPORT_COLUMNS), ""])
 
 
-def plot_coverage(table: pd.DataFrame, fig_dir: Path) -> list[Path]:
-    """Coverage against M, one panel per (interval, environment and reference), a line
-    per bias size; the grey band is the target, error bars Wilson 95% intervals."""
+def plot_coverage(table: pd.DataFrame, fig_dir: Path, suffix: str = "") -> list[Path]:
+    """Coverage against M, one panel per (interval, environment and reference), a line per
+    bias size; grey band: the target; error bars: Wilson 95% intervals. ``suffix``
+    "_unflagged": where the run is not flagged (gaps: all flagged; long bars: few left)."""
     table = table.assign(panel=table["env"] + table["reference"].map(
         lambda r: " (exact ∇J)" if r == "exact" else " (Monte Carlo ∇J)"))
     band = (cal.NOMINAL - cal.TOLERANCE, cal.NOMINAL + cal.TOLERANCE)
-    panels = [{"frame": sub, "x": "M", "y": f"{name}_coverage", "by": "bias", "title": panel,
+    panels = [{"frame": sub, "x": "M", "y": f"{name}_coverage{suffix}", "by": "bias", "title": panel,
                "ylabel": f"coverage: {title}", "band": band, "ylim": (0.6, 1.005), "xscale": "log"}
               for name, title in INTERVALS.items() for panel, sub in table.groupby("panel", sort=False)]
-    return ex.plot_estimate_panels(panels, fig_dir, "calibration_coverage",
+    return ex.plot_estimate_panels(panels, fig_dir, f"calibration_coverage{suffix}",
                                    ncols=table["panel"].nunique())
 
 
 EXPERIMENT = ex.Experiment(
     "Calibration of the per-measurement intervals", cal.coverage_table,
     lambda table: ex.headline_verdict(parts_of(table)), render, select=lambda records: records,
-    figures=lambda table, records, fig_dir: plot_coverage(table, fig_dir))
+    figures=lambda table, _, fig_dir: [*plot_coverage(table, fig_dir), *plot_coverage(
+        table, fig_dir, "_unflagged")])
 report = EXPERIMENT.analyze  # result.csv, the figure and result.md of the measurements in records
