@@ -89,15 +89,21 @@ class Pool:
     ratio_true: float
 
 
+def case_policy(case: Case, seed: int):
+    """The case's environment and its fixed policy, the one every pool and reference of
+    ``seed`` is drawn at (the policy's initial parameters come from torch's seed)."""
+    env = make_env(case.env, **case.env_kwargs)
+    torch.manual_seed(seed)
+    return env, make_policy(env)
+
+
 def draw_pool(case: Case, n_batches: int, seed: int, truth_episodes: int = 200_000,
               with_base: bool = True) -> Pool:
     """``n_batches`` estimates of the case's estimator and (``with_base``) of REINFORCE on
     the same batches, drawn in rollouts of about 8192 episodes. Where the gradient is not
     exact, the truth is a Monte Carlo reference of ``truth_episodes`` episodes (200k:
     seconds on a tabular MDP, about a minute of CartPole on 2 cores)."""
-    env = make_env(case.env, **case.env_kwargs)
-    torch.manual_seed(seed)
-    policy = make_policy(env)
+    env, policy = case_policy(case, seed)
     B = case.batch_size
     per = max(8192 // B, 1)
     G, G_base = [], []
@@ -126,9 +132,7 @@ class FreshReferences(Sequence):
 
     def __init__(self, case: Case, n: int, seed: int):
         self.case, self.n, self.seed = case, n, seed
-        self.env = make_env(case.env, **case.env_kwargs)
-        torch.manual_seed(seed)
-        self.policy = make_policy(self.env)
+        self.env, self.policy = case_policy(case, seed)
 
     def __len__(self) -> int:
         return self.n
