@@ -32,14 +32,23 @@ import pandas as pd
 import torch
 from scipy import stats as sst
 
-from analysis.loader import series_reliability
+from analysis.loader import with_series_intervals
 from analysis.stats import mean_with_known_se
 from pgvar import make_env, make_policy
 from pgvar.envs.base import is_exact
 from pgvar.estimators import estimate_gradients
 from pgvar.reference import reference_gradient
 from pgvar.rollout import rollout
-from pgvar.stats import Z_95, gradient_stats, variance_ratio_interval
+from pgvar.stats import (
+    Z_95,
+    cross_spread_moment,
+    gradient_stats,
+    pooled_cross_kurtosis,
+    pooled_spread_kurtosis,
+    spread_moments,
+    variance_ratio_interval,
+    variance_ratio_interval_from,
+)
 
 NOMINAL = 0.95
 TOLERANCE = 0.02  # the target: coverage within 95% +- 2 points
@@ -187,11 +196,21 @@ def measure_pool(case: Case, pool: Pool, Ms: Sequence[int], repeats: int,
                 "variance_lo": s.grad_variance_lo, "variance_hi": s.grad_variance_hi,
                 "truth_ratio": pool.ratio_true, "ratio": ratio, "ratio_lo": ratio_lo,
                 "ratio_hi": ratio_hi, "tail_index": s.tail_index, "ci_reliable": s.ci_reliable,
+                "spread_z_mean": s.spread_z_mean, "spread_z_sq_mean": s.spread_z_sq_mean,
+                **base_moments(G, pool.G_base[r * M:(r + 1) * M]),
                 "ref_rel_se": s.ref_se / max(s.ref_norm, 1e-300),
                 "truth_se2": pool.grad_true_se2,
             })
     frame = pd.DataFrame.from_records(rows)
     return frame.sort_values(["M", "repeat"], kind="stable", ignore_index=True)
+
+
+def base_moments(G, G_base) -> dict:
+    """What the run-pooled ratio interval needs of the base estimator on the same batches:
+    its ``spread_moments`` and the cross moment with ``G`` (``cross_spread_moment``)."""
+    z_mean, z_sq_mean = spread_moments(G_base)
+    return {"base_spread_z_mean": z_mean, "base_spread_z_sq_mean": z_sq_mean,
+            "spread_z_cross": cross_spread_moment(G, G_base)}
 
 
 def run_calibration(cases: Iterable[Case], Ms: Sequence[int], repeats: int,
@@ -257,18 +276,48 @@ def _holds(est, truth: float) -> bool:
 
 
 INTERVAL_COLUMNS = [("bias_sq", "bias_sq_lo", "bias_sq_hi", "truth_bias_sq"),
-                    ("variance", "variance_lo", "variance_hi", "truth_variance"),
-                    ("ratio", "ratio_lo", "ratio_hi", "truth_ratio")]
+                    ("variance", "variance_run_lo", "variance_run_hi", "truth_variance"),
+                    ("ratio", "ratio_run_lo", "ratio_run_hi", "truth_ratio")]
+# the intervals from one step alone (metrics.csv's variance interval, the paired jackknife
+# on the log ratio): reported beside the run's, not judged
+STEP_INTERVALS = [("variance_step", "variance_lo", "variance_hi", "truth_variance"),
+                  ("ratio_step", "ratio_lo", "ratio_hi", "truth_ratio")]
 MIN_UNFLAGGED = 0.1  # below this share of unflagged measurements a cell is 'flagged'
 QUIET_FLAG = 0.1  # where every interval meets its target the flag fires in at most this share
 
 
 def with_run_flags(records: pd.DataFrame, k: int = POOLED_K) -> pd.DataFrame:
-    """``records`` with ``reliable_run``: each block of ``k`` consecutive repeats of a
-    (case, M) read as the measured steps of one run, judged together as
-    ``analysis.loader`` judges a run's series (``series_reliability``)."""
-    blocks = records.assign(block=records["repeat"] // k, n_estimates=records["M"])
-    return records.assign(reliable_run=series_reliability(blocks, ["case", "M", "block"]))
+    """``records`` with ``reliable_run`` and the intervals ``variance_run_lo`` / ``_hi``
+    and ``ratio_run_lo`` / ``_hi``: each block of ``k`` consecutive repeats of a (case, M)
+    read as the measured steps of one run, judged together as ``analysis.loader`` judges
+    a run's series (``with_series_intervals``, ``with_training_ratio``). Records without
+    the spread moments (written before them) keep the step's own intervals."""
+    keys = ["case", "M", "block"]
+    blocks = records.assign(block=records["repeat"] // k, n_estimates=records["M"],
+                            grad_variance=records["variance"])
+    judged = with_series_intervals(blocks, keys)
+    if "spread_z_cross" not in records.columns:
+        return records.assign(reliable_run=judged["ci_reliable_run"].to_numpy(),
+                              variance_run_lo=records["variance_lo"], variance_run_hi=records["variance_hi"],
+                              ratio_run_lo=records["ratio_lo"], ratio_run_hi=records["ratio_hi"])
+    return records.assign(reliable_run=judged["ci_reliable_run"].to_numpy(),
+                          variance_run_lo=judged["grad_variance_run_lo"].to_numpy(),
+                          variance_run_hi=judged["grad_variance_run_hi"].to_numpy(),
+                          **run_ratio_interval(blocks, keys))
+
+
+def run_ratio_interval(blocks: pd.DataFrame, keys: list[str]) -> dict[str, np.ndarray]:
+    """``ratio_run_lo`` / ``_hi`` per record: ``variance_ratio_interval_from`` with the two
+    estimators' kurtoses and their joint one pooled over the record's block (``keys``)."""
+    lo, hi = np.full(len(blocks), math.nan), np.full(len(blocks), math.nan)
+    for where in blocks.groupby(keys, sort=False).indices.values():
+        b = blocks.iloc[where]
+        kappas = (pooled_spread_kurtosis(b["spread_z_mean"], b["spread_z_sq_mean"]),
+                  pooled_spread_kurtosis(b["base_spread_z_mean"], b["base_spread_z_sq_mean"]),
+                  pooled_cross_kurtosis(b["spread_z_mean"], b["base_spread_z_mean"], b["spread_z_cross"]))
+        for i, ratio, M in zip(where, b["ratio"].to_numpy(dtype=float), b["M"].to_numpy()):
+            lo[i], hi[i] = variance_ratio_interval_from(float(ratio), int(M), *kappas)
+    return {"ratio_run_lo": lo, "ratio_run_hi": hi}
 
 
 def coverage_cells(g: pd.DataFrame, scope: str = "") -> dict:
@@ -278,7 +327,7 @@ def coverage_cells(g: pd.DataFrame, scope: str = "") -> dict:
     (``bias_sq_coverage_unflagged_lo``), as ``analysis.figures.error_bars`` reads them."""
     n = len(g)
     row = {}
-    for name, lo, hi, truth in INTERVAL_COLUMNS:
+    for name, lo, hi, truth in [*INTERVAL_COLUMNS, *STEP_INTERVALS]:
         k = int(_covers(g[lo], g[hi], g[truth]).sum())
         cov = f"{name}_coverage{scope}"
         row[cov] = k / n if n else math.nan
@@ -373,7 +422,8 @@ REPORT_COLUMNS = {  # result.md's coverage table: heading -> column of coverage_
     "case": "case", "M": "M", "repeats": "repeats", "squared bias": "bias_sq_coverage",
     "truth below": "bias_sq_below", "truth above": "bias_sq_above",
     "false positives": "false_positive", "variance": "variance_coverage",
-    "variance ratio": "ratio_coverage", "flagged (run)": "flagged",
+    "variance (step alone)": "variance_step_coverage",
+    "variance ratio": "ratio_coverage", "variance ratio (step alone)": "ratio_step_coverage", "flagged (run)": "flagged",
     "flagged (step)": "flagged_step", "unflagged: squared bias": "bias_sq_coverage_unflagged",
     "unflagged: variance": "variance_coverage_unflagged",
     "unflagged: ratio": "ratio_coverage_unflagged",

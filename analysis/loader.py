@@ -45,7 +45,14 @@ from pgvar.runlog import (
     STATUS_FAILED,
     STATUS_RUNNING,
 )
-from pgvar.stats import run_intervals_reliable
+from pgvar.stats import (
+    pooled_cross_kurtosis,
+    pooled_spread_kurtosis,
+    pooled_tail_index,
+    run_intervals_reliable,
+    variance_interval_from,
+    variance_ratio_interval_from,
+)
 
 # Config keys that become short alias columns; the first one present wins.
 ALIASES: dict[str, list[str]] = {
@@ -367,23 +374,86 @@ def measured_rows(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def with_run_reliability(rows: pd.DataFrame) -> pd.DataFrame:
-    """``rows`` with ``ci_reliable_run``: whether the per-measurement intervals of each
-    series (one estimator with one critic in one run) can be trusted, judged from all its
-    measured steps together (``series_reliability``); the per-step ``ci_reliable`` misses
-    the measurements whose sample missed the tail. Logs without ``tail_index`` are
-    returned unchanged."""
+    """``rows`` with what each series (one estimator with one critic in one run) says
+    about its per-measurement intervals, judged from all its measured steps together (one
+    step's sample misses the tail that the series holds):
+
+    - ``ci_reliable_run``: whether they can be trusted (``series_reliability``);
+    - ``kurtosis_run``: the series' kurtosis (``pgvar.stats.pooled_tail_index``);
+    - ``grad_variance_run_lo`` / ``_run_hi``: the variance interval of each step widened
+      with that kurtosis (``pgvar.stats.variance_interval_from``); metrics.csv keeps the
+      step's own ``grad_variance_lo`` / ``_hi``.
+
+    Logs without ``tail_index`` are returned unchanged."""
     if rows.empty or "tail_index" not in rows.columns or "n_estimates" not in rows.columns:
         return rows
     label = "estimator_label" if "estimator_label" in rows.columns else "estimator"
     keys = [c for c in ("run_dir", label, "critic") if c in rows.columns]
-    return rows.assign(ci_reliable_run=series_reliability(rows, keys))
+    return with_training_ratio(with_series_intervals(rows, keys), keys)
+
+
+RATIO_INPUTS = {"is_training", "step", "run_dir", "grad_variance", "n_estimates", "spread_z_mean",
+                "spread_z_sq_mean", "spread_z_cross"}
+
+
+def with_training_ratio(rows: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """``rows`` with ``var_ratio_training`` and its interval ``_lo`` / ``_hi``: each
+    step's tr Cov over the training estimator's on the same batches (paired rows), the
+    interval from the kurtoses of the two series and their joint one over all the run's
+    steps (``pgvar.stats.variance_ratio_interval_from``). Logs without ``spread_z_cross``
+    are returned unchanged."""
+    if not RATIO_INPUTS <= set(rows.columns):
+        return rows
+    cols = ["grad_variance", "spread_z_mean", "spread_z_sq_mean"]
+    training = rows[rows["is_training"].astype(bool)].drop_duplicates(["run_dir", "step"])
+    partner = rows[["run_dir", "step"]].merge(
+        training[["run_dir", "step", *cols]], on=["run_dir", "step"], how="left")
+    ratio = rows["grad_variance"].to_numpy(dtype=float) / partner["grad_variance"].to_numpy(dtype=float)
+    lo, hi = np.full(len(rows), math.nan), np.full(len(rows), math.nan)
+    for where in rows.groupby(keys, sort=False, dropna=False).indices.values():
+        own, other = rows.iloc[where], partner.iloc[where]
+        kappas = (pooled_spread_kurtosis(own["spread_z_mean"], own["spread_z_sq_mean"]),
+                  pooled_spread_kurtosis(other["spread_z_mean"], other["spread_z_sq_mean"]),
+                  pooled_cross_kurtosis(own["spread_z_mean"], other["spread_z_mean"],
+                                        own["spread_z_cross"]))
+        for i in where:
+            lo[i], hi[i] = variance_ratio_interval_from(
+                float(ratio[i]), int(np.nan_to_num(rows["n_estimates"].iat[i])), *kappas)
+    return rows.assign(var_ratio_training=ratio, var_ratio_training_lo=lo, var_ratio_training_hi=hi)
+
+
+def with_series_intervals(rows: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """``rows`` with ``ci_reliable_run``, ``kurtosis_run`` and ``grad_variance_run_lo``
+    / ``_hi`` (see ``with_run_reliability``) for the series sharing ``keys``; needs
+    ``tail_index``, ``n_estimates`` and, for the interval, ``grad_variance``."""
+    groups = rows.groupby(keys, sort=False, dropna=False)
+    pooled = np.array([series_kurtosis(g) for _, g in groups], dtype=float)[groups.ngroup().to_numpy()]
+    out = rows.assign(ci_reliable_run=series_reliability(rows, keys), kurtosis_run=pooled)
+    if "grad_variance" not in rows.columns:
+        return out
+    ends = [variance_interval_from(float(v), int(m), float(k)) if np.isfinite(m) else (math.nan,) * 2
+            for v, m, k in zip(rows["grad_variance"].to_numpy(dtype=float),
+                               rows["n_estimates"].to_numpy(dtype=float), pooled)]
+    lo, hi = (np.array([e[i] for e in ends], dtype=float) for i in (0, 1))
+    return out.assign(grad_variance_run_lo=lo, grad_variance_run_hi=hi)
+
+
+def series_kurtosis(series: pd.DataFrame) -> float:
+    """The kurtosis of one series' squared deviations over all its measured steps:
+    ``pgvar.stats.pooled_spread_kurtosis`` of its ``spread_z_mean`` / ``spread_z_sq_mean``
+    (logs before those columns: the mean ``tail_index``, which under-states heavy tails)."""
+    if {"spread_z_mean", "spread_z_sq_mean"} <= set(series.columns):
+        kappa = pooled_spread_kurtosis(series["spread_z_mean"], series["spread_z_sq_mean"])
+        if math.isfinite(kappa):
+            return kappa
+    return pooled_tail_index(series["tail_index"])
 
 
 def series_reliability(rows: pd.DataFrame, keys: list[str]) -> np.ndarray:
     """Per row, ``pgvar.stats.run_intervals_reliable`` of its series (the rows sharing
-    ``keys``): its steps' ``tail_index`` values and their smallest ``n_estimates``."""
+    ``keys``): its kurtosis (``series_kurtosis``) and its steps' smallest ``n_estimates``."""
     groups = rows.groupby(keys, sort=False, dropna=False)
-    flags = [run_intervals_reliable(g["tail_index"], int(g["n_estimates"].fillna(0).min()))
+    flags = [run_intervals_reliable(series_kurtosis(g), int(g["n_estimates"].fillna(0).min()))
              for _, g in groups]
     return np.asarray(flags, dtype=bool)[groups.ngroup().to_numpy()]
 

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from pgvar.runlog import METRICS_FILE, RUN_FILE, STATUS_COMPLETE, measured_cells
-from pgvar.stats import gradient_stats
+from pgvar.stats import cross_spread_moment, gradient_stats
 
 
 @dataclass(frozen=True)
@@ -172,24 +173,34 @@ def paired_measurements(truths: list[PairedTruth], seed: int, steps: list[int], 
         g_true = _unit(rng, P) * ref_norm
         g_ref = g_true + rng.normal(size=P) * ref_se / math.sqrt(P) if ref_se > 0 else g_true
         common = rng.normal(size=(M, P))
+        estimates = {}
         for t in truths:
             bias = t.first_bias if (k == 0 and t.first_bias is not None) else t.bias
             own = rng.normal(size=(M, P))
             noise = (math.sqrt(PAIRED_SHARED_NOISE) * common
                      + math.sqrt(1 - PAIRED_SHARED_NOISE) * own) * math.sqrt(t.variance / P)
-            stats = gradient_statistics(g_true + bias * directions[t] + noise, g_ref, ref_se)
+            estimates[t] = g_true + bias * directions[t] + noise
+        first = next((G for t, G in estimates.items() if _is_training(t, trained_with)),
+                     next(iter(estimates.values())))
+        for t, G in estimates.items():
+            stats = gradient_statistics(G, g_ref, ref_se)
+            stats["spread_z_cross"] = cross_spread_moment(torch.as_tensor(G), torch.as_tensor(first))
             rows.append({
                 "step": step, "estimator": t.spec, "estimator_name": t.name, "critic": t.critic,
                 "critic_episodes": t.critic_episodes,
                 "critic_error": t.critic_error if t.critic else None,
                 "critic_error_kind": "exact_v_rmse" if t.critic else "",
                 "trained_with": trained_with,
-                "is_training": t.spec == trained_with and t.critic in ("train", ""),
+                "is_training": _is_training(t, trained_with),
                 **stats, "ref_exact": ref_se == 0, "ref_episodes": 0 if ref_se == 0 else 1000,
                 "ref_method": "exact" if ref_se == 0 else "monte_carlo:reinforce_rtg",
                 "ref_rel_se": ref_se / ref_norm, "ref_circular": t.circular,
                 "ref_disagreement": None if ref_se == 0 else 1.0, "source": "run", "wall_s": 0.1})
     return pd.DataFrame(rows)
+
+
+def _is_training(truth: PairedTruth, trained_with: str) -> bool:
+    return truth.spec == trained_with and truth.critic in ("train", "")
 
 
 def _unit(rng: np.random.Generator, P: int) -> np.ndarray:

@@ -45,7 +45,7 @@ from pgvar.estimators import (
     get_estimator,
 )
 from pgvar.reference import Reference
-from pgvar.stats import gradient_stats
+from pgvar.stats import cross_spread_moment, gradient_stats
 
 # Knobs a measured spec inherits from the training estimator's config unless it sets them:
 # they say how the run's objective is read, not which estimator it is.
@@ -273,13 +273,16 @@ def measure_paired(env, policy: nn.Module, specs: Sequence[EstimatorSpec],
             env, policy, choice.critic, batch,
             truncation_as_termination=bool(configs[0].truncation_as_termination) if configs else False)
     rows: list[PairedRow] = []
+    first = None  # the first row's estimates: the training estimator's in a run
     for spec, cfg in zip(specs, configs):
         for choice in (critics if spec.needs_critic else [None]):
             G = estimate_gradients(spec.name, env, policy, batch, int(n_batches),
                                    choice.critic if choice else None, cfg, chunk)
+            G = G.detach().to(torch.float64).cpu()
+            first = G if first is None else first
             ref, circular = references.for_spec(spec)
-            stats = gradient_stats(G.detach().to(torch.float64).cpu(), ref.grad, ref.se2,
-                                   ref.var, ref.noise_sample).as_dict()
+            stats = gradient_stats(G, ref.grad, ref.se2, ref.var, ref.noise_sample).as_dict()
+            stats["spread_z_cross"] = cross_spread_moment(G, first)
             row = PairedRow(spec_label(spec.name, cfg), spec, choice, stats, ref, circular)
             rows.append(row)
             if on_row is not None:

@@ -113,7 +113,7 @@ class RunState:
     steps_completed: int = 0
     last_measured: dict[str, Any] = field(default_factory=dict)
     last_measured_step: int | None = None
-    tail_indices: list[float] = field(default_factory=list)  # per measured step (run flag)
+    spread_moments: list[tuple[float, float]] = field(default_factory=list)  # per measured step (run flag)
 
 
 def is_measured_step(step: int, n_iterations: int, every: int) -> bool:
@@ -206,23 +206,23 @@ def measure_and_record(run_cfg: RunConfig, env, policy, critic, specs, configs, 
 
 def warn_if_unreliable(cells: dict[str, Any], step: int, state: RunState) -> None:
     """A log warning when the training estimator's per-measurement intervals cannot be
-    trusted: this step's ``ci_reliable`` is False (M < 16 or heavy tails), or the mean
-    tail_index of the run's measured steps so far is above
-    ``pgvar.stats.RUN_HEAVY_TAIL_INDEX`` (``run_intervals_reliable``: single steps that
-    missed the tail look light-tailed). metrics.csv keeps the step's flag; the analysis
-    adds the whole run's (``ci_reliable_run``)."""
-    from pgvar.stats import RUN_HEAVY_TAIL_INDEX, run_intervals_reliable
+    trusted: this step's ``ci_reliable`` is False (M < 16 or heavy tails), or the
+    kurtosis of the run's measured steps so far is too heavy for M
+    (``pgvar.stats.run_intervals_reliable``: single steps that missed the tail look
+    light-tailed). metrics.csv keeps the step's flag; the analysis adds the whole run's
+    (``ci_reliable_run``)."""
+    from pgvar.stats import RUN_HEAVY_TAILS, pooled_spread_kurtosis, run_intervals_reliable
 
-    state.tail_indices.append(float(cells["tail_index"]))
-    run_ok = run_intervals_reliable(state.tail_indices, int(cells["n_estimates"]))
-    if cells.get("ci_reliable", True) and run_ok:
+    state.spread_moments.append((float(cells["spread_z_mean"]), float(cells["spread_z_sq_mean"])))
+    kappa = pooled_spread_kurtosis(*zip(*state.spread_moments))
+    M = int(cells["n_estimates"])
+    if cells.get("ci_reliable", True) and run_intervals_reliable(kappa, M):
         return
-    mean_tail = sum(state.tail_indices) / len(state.tail_indices)
     log.warning("step %d: per-measurement intervals flagged unreliable (M=%d, tail_index %.2f, "
-                "mean over the %d measured steps so far %.2f; they under-cover with M < 16, "
-                "a step's tail_index > 3 or a run's mean > %.1f): raise training.n_batches, "
-                "and read bias verdicts from the pooled table", step, cells["n_estimates"],
-                cells["tail_index"], len(state.tail_indices), mean_tail, RUN_HEAVY_TAIL_INDEX)
+                "kurtosis over the %d measured steps so far %.2f; they under-cover with "
+                "M < 16, a step's tail_index > 3 or (kurtosis - 1) / M > %.2f): raise "
+                "training.n_batches, and read bias verdicts from the pooled table", step, M,
+                cells["tail_index"], len(state.spread_moments), kappa, RUN_HEAVY_TAILS)
 
 
 def training_gradient(run_cfg: RunConfig, env, policy, critic, est_cfg, batch, step: int) -> torch.Tensor:

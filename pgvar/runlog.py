@@ -60,7 +60,8 @@ EXTRA_COLUMNS = ("return_undiscounted_mean", "episode_length_mean", "grad_norm",
                  "grad_rel_variance", "grad_rel_bias", "grad_bias_sq", "grad_bias_sq_se",
                  "bias_distinguishable", "n_estimates", "ref_exact", "ref_episodes",
                  "zero_grad_fraction", "grad_norm_mean", "grad_variance_lo", "grad_variance_hi",
-                 "tail_index", "ci_reliable", "grad_bias_sq_lo", "grad_bias_sq_hi")
+                 "tail_index", "ci_reliable", "grad_bias_sq_lo", "grad_bias_sq_hi",
+                 "spread_z_mean", "spread_z_sq_mean")
 COLUMNS = LEARNING_CURVE_COLUMNS + MEASURED_COLUMNS + EXTRA_COLUMNS
 # paired.csv: one row per (measured step, estimator spec, critic); the statistics have
 # metrics.csv's names, so a reader treats both files' measured rows alike
@@ -71,7 +72,7 @@ PAIRED_COLUMNS = (
     *MEASURED_COLUMNS, *(c for c in EXTRA_COLUMNS if c not in (
         "return_undiscounted_mean", "episode_length_mean", "grad_norm", "critic_loss",
         "ref_exact", "ref_episodes")),
-    "ref_exact", "ref_episodes", "ref_method", "ref_rel_se", "ref_circular", "ref_disagreement",
+    "spread_z_cross", "ref_exact", "ref_episodes", "ref_method", "ref_rel_se", "ref_circular", "ref_disagreement",
     "source", "wall_s")
 
 COLUMN_DOCS: dict[str, str] = {
@@ -112,17 +113,23 @@ COLUMN_DOCS: dict[str, str] = {
     "zero_grad_fraction": "extra, measured rows: fraction of the M batch estimates that are exactly zero (no signal)",
     "grad_norm_mean": "extra, measured rows: mean norm of one batch estimate, mean_m ||g_m||",
     "grad_variance_lo": "extra, measured rows: lower end of the 95% interval of grad_variance "
-                        "(jackknife on the log scale)",
+                        "from this step's estimates alone (Bonett, kurtosis tail_index); the "
+                        "analysis adds grad_variance_run_lo/_hi, with the kurtosis of the run's "
+                        "whole series, which hold their level where this one under-covers",
     "grad_variance_hi": "extra, measured rows: upper end of the 95% interval of grad_variance",
     "tail_index": "extra, measured rows: M sum ||r_m||^4 / (sum ||r_m||^2)^2, r_m = g_m - g_bar: "
                   "1 when the spread is shared evenly, large when a few estimates hold it (heavy tails)",
+    "spread_z_mean": "extra, measured rows: mean of z_m = ||r_m||^2 / (mean of the other "
+                     "estimates' ||r||^2): with spread_z_sq_mean, what the analysis pools into the "
+                     "run's kurtosis (pgvar.stats.pooled_spread_kurtosis)",
+    "spread_z_sq_mean": "extra, measured rows: mean of z_m^2 (see spread_z_mean)",
     "grad_bias_sq_lo": "extra, measured rows: lower end of the 95% interval of the squared bias "
                        "(score interval; may be < 0); bias_distinguishable is grad_bias_sq_lo > 0",
     "grad_bias_sq_hi": "extra, measured rows: upper end of the 95% interval of the squared bias",
     "ci_reliable": "extra, measured rows: False when M < 16 or tail_index > 3, where the "
                    "calibration experiment measured the per-measurement intervals to under-cover; "
                    "a step that missed the tail passes, so the analysis adds ci_reliable_run "
-                   "(the mean tail_index of the series' measured steps <= 2.5)",
+                   "(M >= 16 and (kurtosis of the series' measured steps - 1) / M <= 0.1)",
 }
 
 PAIRED_COLUMN_DOCS: dict[str, str] = {
@@ -138,6 +145,9 @@ PAIRED_COLUMN_DOCS: dict[str, str] = {
                          "Monte Carlo returns G_t, which holds their own noise too)",
     "trained_with": "the run's training estimator (whose checkpoints these are)",
     "is_training": "True on the training estimator's row with the run's critic (metrics.csv's row)",
+    "spread_z_cross": "mean_m z_m z'_m, z as in spread_z_mean and z' the same for the step's "
+                      "first row (the training estimator's) on the same batches: the analysis "
+                      "pools it into the interval of var_ratio_training",
     "ref_method": "exact, or monte_carlo:<estimator> (the reference this row is scored against)",
     "ref_rel_se": "the reference's standard error over its norm (0 when exact)",
     "ref_circular": "True when the only reference available averages this same estimator: "

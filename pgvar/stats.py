@@ -16,15 +16,18 @@ verdict "distinguishable from zero" asks whether the 95% interval on ``U`` exclu
 
 How far these intervals can be trusted is measured, not assumed
 (``experiments/calibration``: coverage over hundreds of repeats where the truth is known).
-Policy-gradient estimates are skewed and often heavy-tailed; with heavy tails no interval
-computed from M estimates alone holds its level at moderate M (the spread of the M
-estimates under-represents the tail they come from: on LQR the median of M = 16 sample
-variances is 0.57 of the truth, and an interval that covered 95% would have to span a
-factor of 37), so every measurement also reports ``tail_index`` and ``ci_reliable``
-(M >= 16 and tails light enough). A step whose sample missed the tail looks light-tailed,
-so a run's series is judged on all its steps together (``run_intervals_reliable``): a
-flag, never a silent 75%. Pooling many measurements (the comparison table pools steps
-and seeds) is where such environments get calibrated intervals.
+Policy-gradient estimates are skewed and often heavy-tailed; one step's M estimates
+rarely hold their own tail (on LQR the median of M = 16 sample variances is 0.57 of the
+truth), so an interval built from them alone is too narrow exactly when the tail was
+missed. The tail's *shape* changes far less from step to step than its scale, so a run
+pools it: each step logs ``spread_moments`` (its squared deviations, each scaled by the
+mean of the others', so one far estimate counts in full) and the analysis widens every
+step's variance and variance-ratio interval with the kurtosis of the run's whole series
+(``pooled_spread_kurtosis``, ``variance_interval_from``, ``variance_ratio_interval_from``:
+93-98% where a step alone gave 70-97%). The squared-bias interval is still a step's own;
+the run flag (``run_intervals_reliable``) says where it may under-cover: a flag, never
+a silent 75%. Pooling many measurements (the comparison table pools steps and seeds)
+also gives calibrated bias intervals.
 
 A Monte Carlo reference's own noise enters U; its shape is measured from a sample of
 the reference's sub-batches (``Reference.noise_sample``: tr Sigma_r^2, the spread along
@@ -45,7 +48,7 @@ Z_95 = 1.959963984540054  # two-sided 95% normal quantile
 _EPS = 1e-300
 MIN_RELIABLE_M = 16  # below this many estimates no interval here reaches its level (measured)
 HEAVY_TAIL_INDEX = 3.0  # tail_index above this: the intervals under-cover (measured)
-RUN_HEAVY_TAIL_INDEX = 2.5  # mean tail_index of a run's measured steps above this: flagged
+RUN_HEAVY_TAILS = 0.1  # (a run's kurtosis - 1) / M above this: the run's intervals flagged
 
 
 def safe_ratio(a: float, b: float) -> float:
@@ -122,28 +125,37 @@ def leave_one_out_trace_variance(G) -> torch.Tensor:
 
 
 def variance_interval(G, level: float = 0.95, tail: float | None = None) -> tuple[float, float]:
-    """Interval for trCov, after Bonett (2006, for the variance of non-normal data):
-    log(c trCov) -/+ z c sqrt((kappa - (M-3)/M) / (M-1)), c = M / (M - z), with
-    kappa = ``tail_index`` (the kurtosis of the estimates' squared distances from their
-    mean). The log scale takes the right skew of a variance; c undoes the downward bias of
-    log trCov; kappa widens it for heavy tails. (nan, nan) with M < 4 or zero spread.
-    ``tail``: ``tail_index(G)`` when already known.
+    """Interval for trCov of ``G`` from its own M estimates (``variance_interval_from``
+    with kappa = ``tail_index(G)``, or ``tail`` when already known). (nan, nan) with M < 4
+    or zero spread.
 
     Measured (experiments/calibration): 93-97% on the tabular MDP at M = 16..128, where a
-    log-scale jackknife gave 92-94%; heavy tails (LQR) still under-cover and are flagged.
+    log-scale jackknife gave 92-94%; but one step's M estimates under-state heavier tails
+    (CartPole 86-93%, LQR 70-84%): ``analysis.loader`` widens it with the kurtosis of the
+    run's whole series (``pooled_spread_kurtosis``).
     """
+    G = as_matrix(G)
+    return variance_interval_from(trace_variance(G), G.shape[0],
+                                  tail_index(G) if tail is None else tail, level)
+
+
+def variance_interval_from(trace_var: float, n_estimates: int, kappa: float,
+                           level: float = 0.95) -> tuple[float, float]:
+    """Interval for trCov from its estimate over M = ``n_estimates`` estimates and the
+    kurtosis kappa of their squared distances from their mean, after Bonett (2006, for the
+    variance of non-normal data): log(c trCov) -/+ z c sqrt((kappa - (M-3)/M) / (M-1)),
+    c = M / (M - z). The log scale takes the right skew of a variance; c undoes the
+    downward bias of log trCov; kappa widens it for heavy tails. (nan, nan) with M < 4,
+    zero spread or an unknown kappa."""
     from scipy.special import ndtri
 
-    G = as_matrix(G)
-    M = G.shape[0]
-    tv = trace_variance(G)
-    if M < 4 or not tv > 0:
+    M = int(n_estimates)
+    if M < 4 or not trace_var > 0 or not math.isfinite(kappa):
         return math.nan, math.nan
     z = float(ndtri(0.5 + level / 2))
     c = M / (M - z)
-    kappa = tail_index(G) if tail is None else tail
     se = c * math.sqrt(max(kappa - (M - 3) / M, _EPS) / (M - 1))
-    centre = math.log(c * tv)
+    centre = math.log(c * trace_var)
     return math.exp(centre - z * se), math.exp(centre + z * se)
 
 
@@ -194,24 +206,103 @@ def interval_reliable(n_estimates: int, tail: float) -> bool:
     return n_estimates >= MIN_RELIABLE_M and tail <= HEAVY_TAIL_INDEX
 
 
-def run_intervals_reliable(tail_indices, n_estimates: int) -> bool:
-    """Whether one estimator's per-measurement intervals can be trusted across a run:
-    M >= ``MIN_RELIABLE_M`` and the mean ``tail_index`` of its measured steps at most
-    ``RUN_HEAVY_TAIL_INDEX``.
+def run_intervals_reliable(kappa: float, n_estimates: int) -> bool:
+    """Whether one estimator's per-measurement intervals can be trusted across a run, from
+    the kurtosis of all its measured steps (``pooled_spread_kurtosis``): M >= 
+    ``MIN_RELIABLE_M`` and (kappa - 1) / M at most ``RUN_HEAVY_TAILS``.
 
-    Why a run and not a step: one measurement's tail_index is low exactly when its M
-    estimates missed the tail, which is when its intervals are too narrow; flagged step
-    by step, LQR's unflagged measurements covered the variance in 0-66% per cell (the
-    squared bias in 61-100%). The mean over steps is the kurtosis of all the steps'
-    squared deviations, each scaled by its own mean, so it sees the tail that most single
-    steps miss. Threshold from the calibration
-    experiment (blocks of 10 measurements as a run): it flags the heavy-tailed cells
-    (LQR, most of CartPole, the tabular MDP at B = 2, whose intervals under-cover) and
-    none of the light-tailed ones."""
+    (kappa - 1) / M is the relative variance of a variance estimated from M estimates,
+    and every interval here rests on one (the squared bias's on the spread of the
+    estimates along the bias): at 0.1 that spread is known to about +-30% (one standard
+    deviation). Why a run and not a step: one measurement's own tail index is low exactly
+    when its M estimates missed the tail, which is when its intervals are too narrow.
+    Threshold chosen on the calibration experiment's seed-0 draws (of 0.1-0.5, the one
+    whose unflagged cells met their targets most often) and checked on fresh ones."""
+    return bool(n_estimates >= MIN_RELIABLE_M and math.isfinite(kappa)
+                and (kappa - 1.0) / n_estimates <= RUN_HEAVY_TAILS)
+
+
+def pooled_tail_index(tail_indices) -> float:
+    """The mean ``tail_index`` of a series' measured steps, nan when none is finite: the
+    run's kurtosis for logs written before ``spread_moments`` was logged. Each step's
+    value is capped by M, so this under-states heavy tails (on LQR at M = 16 it is about
+    5 where ``pooled_spread_kurtosis`` gives 13)."""
     tails = np.asarray(list(tail_indices), dtype=float)
     tails = tails[np.isfinite(tails)]
-    return bool(n_estimates >= MIN_RELIABLE_M and tails.size > 0
-                and tails.mean() <= RUN_HEAVY_TAIL_INDEX)
+    return float(tails.mean()) if tails.size else math.nan
+
+
+def spread_moments(G) -> tuple[float, float]:
+    """(mean z, mean z^2) over the M estimates (``spread_z``): one step's share of a run's
+    kurtosis (``pooled_spread_kurtosis``). (nan, nan) with M < 3 or when the others have
+    no spread."""
+    z = spread_z(G)
+    return (float(z.mean()), float((z ** 2).mean())) if z is not None else (math.nan, math.nan)
+
+
+def spread_z(G) -> torch.Tensor | None:
+    """z_m = ||r_m||^2 / (the mean of the other M - 1 squared distances), r_m = g_m - g_bar,
+    ``[M]``; None with M < 3 or when the others have no spread.
+
+    Why leave one out: scaled by a mean that includes it, one far estimate can count at
+    most M (``tail_index`` is capped by M), so a step that caught the tail still reports
+    it too light; scaled by the others alone, it counts in full."""
+    G = as_matrix(G)
+    M = G.shape[0]
+    if M < 3:
+        return None
+    sq = ((G - G.mean(0)) ** 2).sum(1)
+    others = (sq.sum() - sq) / (M - 1)
+    return sq / others if bool((others > 0).all()) else None
+
+
+def cross_spread_moment(G_a, G_b) -> float:
+    """mean_m z_a,m z_b,m (``spread_z``) of two estimators scored on the same M batches:
+    one step's share of their joint kurtosis (``variance_ratio_interval_from``); nan where
+    either has no ``spread_z``."""
+    za, zb = spread_z(G_a), spread_z(G_b)
+    if za is None or zb is None or za.shape != zb.shape:
+        return math.nan
+    return float((za * zb).mean())
+
+
+def pooled_spread_kurtosis(z_means, z_sq_means) -> float:
+    """The kurtosis of a series' squared deviations from all its measured steps'
+    ``spread_moments``: mean(z^2) / mean(z)^2 over every estimate of every step (steps of
+    equal M), nan when no step has both. Each z is free of its step's scale, so steps
+    whose gradients differ in size pool; the tail that one step of M estimates rarely
+    holds is held by the series."""
+    m1, m2 = (np.asarray(list(v), dtype=float) for v in (z_means, z_sq_means))
+    ok = np.isfinite(m1) & np.isfinite(m2)
+    return float(m2[ok].mean() / m1[ok].mean() ** 2) if ok.any() else math.nan
+
+
+
+def pooled_cross_kurtosis(a_z_means, b_z_means, cross_means) -> float:
+    """mean(z_a z_b) / (mean z_a mean z_b) over every step of a pair of series measured
+    on the same batches (``cross_spread_moment``), nan when no step has all three: how
+    much of their tails the two estimators share."""
+    m_a, m_b, m_ab = (np.asarray(list(v), dtype=float) for v in (a_z_means, b_z_means, cross_means))
+    ok = np.isfinite(m_a) & np.isfinite(m_b) & np.isfinite(m_ab)
+    return float(m_ab[ok].mean() / (m_a[ok].mean() * m_b[ok].mean())) if ok.any() else math.nan
+
+
+def variance_ratio_interval_from(ratio: float, n_estimates: int, kappa_a: float, kappa_b: float,
+                                 kappa_ab: float, level: float = 0.95) -> tuple[float, float]:
+    """Interval for trCov(a) / trCov(b) of two estimators scored on the same M batches,
+    from the ratio, the kurtosis of each (``pooled_spread_kurtosis``) and their joint one
+    (``pooled_cross_kurtosis``): log ratio -/+ z sqrt((kappa_a + kappa_b - 2 kappa_ab) /
+    (M - 1)), the delta method on the log of two paired variances (their shared episodes
+    cancel through kappa_ab). Pooled over a run's steps, these kurtoses see the tails a
+    step's jackknife (``variance_ratio_interval``) misses. (nan, nan) when undefined."""
+    from scipy.special import ndtri
+
+    M = int(n_estimates)
+    spread = kappa_a + kappa_b - 2.0 * kappa_ab
+    if M < 4 or not (math.isfinite(ratio) and ratio > 0 and math.isfinite(spread)):
+        return math.nan, math.nan
+    half = float(ndtri(0.5 + level / 2)) * math.sqrt(max(spread, 0.0) / (M - 1))
+    return ratio * math.exp(-half), ratio * math.exp(half)
 
 
 # ----------------------------------------------------------------------------- bias
@@ -701,6 +792,8 @@ class GradStats:
     zero_grad_fraction: float  # fraction of the M estimates that are exactly 0
     grad_norm_mean: float  # mean ||g_m||
     tail_index: float  # M sum ||r||^4 / (sum ||r||^2)^2: 1 even spread, large = heavy tails
+    spread_z_mean: float  # mean z, z = ||r_m||^2 / mean of the others' (spread_moments)
+    spread_z_sq_mean: float  # mean z^2: with spread_z_mean, this step's share of the run's kurtosis
     ci_reliable: bool  # M >= 16 and tail_index <= 3: the intervals hold their level (measured)
 
     def as_dict(self) -> dict[str, float | bool | int]:
@@ -728,6 +821,7 @@ def gradient_stats(G, g_ref, se_ref2: float = 0.0, ref_var=None,
                                        ref_sample=ref_sample, ref_sq=ref_sq)
     bias = sqrt_clipped(u)
     var_lo, var_hi = variance_interval(G, tail=tail)
+    z_mean, z_sq_mean = spread_moments(G)
     return GradStats(
         grad_variance=trace_variance(G),
         grad_variance_lo=var_lo,
@@ -752,5 +846,7 @@ def gradient_stats(G, g_ref, se_ref2: float = 0.0, ref_var=None,
         zero_grad_fraction=zero_fraction(G),
         grad_norm_mean=mean_norm(G),
         tail_index=tail,
+        spread_z_mean=z_mean,
+        spread_z_sq_mean=z_sq_mean,
         ci_reliable=interval_reliable(int(G.shape[0]), tail),
     )

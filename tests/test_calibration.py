@@ -30,11 +30,15 @@ from pgvar.stats import (
     gradient_stats,
     interval_reliable,
     leave_one_out_trace_variance,
+    pooled_spread_kurtosis,
+    pooled_tail_index,
     run_intervals_reliable,
     score_interval,
+    spread_moments,
     tail_index,
     trace_variance,
     variance_interval,
+    variance_interval_from,
     variance_ratio_interval,
 )
 
@@ -89,28 +93,80 @@ def test_tail_index_by_hand():
     assert not interval_reliable(64, HEAVY_TAIL_INDEX + 0.1)
 
 
-def test_run_flag_needs_enough_estimates_and_light_tails_on_average():
-    assert run_intervals_reliable([1.5, 2.0, 2.4], 16)
-    assert not run_intervals_reliable([1.5, 2.0, 2.4], 8)  # too few estimates per step
-    assert not run_intervals_reliable([1.5, 2.0, 5.0], 32)  # mean 2.83 > 2.5
-    assert run_intervals_reliable([2.0, float("nan")], 16)  # a missing value is skipped
-    assert not run_intervals_reliable([], 16)  # nothing measured: nothing to trust
+def test_run_flag_needs_enough_estimates_and_tails_light_for_their_number():
+    assert run_intervals_reliable(2.5, 16)  # (2.5 - 1) / 16 = 0.094 <= 0.1
+    assert not run_intervals_reliable(2.5, 8)  # too few estimates per step
+    assert not run_intervals_reliable(3.0, 16)  # 0.125: the spread known to +-35%
+    assert run_intervals_reliable(3.0, 32)  # the same tails with twice the estimates
+    assert not run_intervals_reliable(float("nan"), 64)  # nothing measured: nothing to trust
 
 
-def test_run_flag_catches_the_heavy_tailed_measurements_the_step_flag_leaves_silent():
+def _run_kurtosis(blocks) -> float:
+    return pooled_spread_kurtosis(*zip(*(spread_moments(G) for G in blocks)))
+
+
+M_HEAVY, K_HEAVY, RUNS_HEAVY = 16, 10, 60
+
+
+@pytest.fixture(scope="module")
+def lqr_heavy():
+    """LQR, mean_baseline at B = 2 (tails of kurtosis ~48): 60 runs of 10 steps of M = 16."""
+    return draw_pool(Case("lqr", "mean_baseline", 2, "large",
+                          env_kwargs={"state_dim": 2, "action_dim": 1, "horizon": 20}),
+                     M_HEAVY * K_HEAVY * RUNS_HEAVY, seed=2, with_base=False)
+
+
+def test_spread_moments_by_hand_and_their_pooled_kurtosis():
+    G = torch.tensor([[3.0, 0.0], [-1.0, 0.0], [-1.0, 0.0], [-1.0, 0.0]], dtype=torch.float64)
+    sq = torch.tensor([9.0, 1.0, 1.0, 1.0])  # squared distances from the mean (0, 0)
+    z = sq / ((sq.sum() - sq) / 3)  # each over the mean of the other three
+    assert spread_moments(G) == pytest.approx((float(z.mean()), float((z ** 2).mean())))
+    # the leave-one-out kurtosis is not capped by M the way tail_index is
+    assert float((z ** 2).mean() / z.mean() ** 2) > tail_index(G)
+    assert all(math.isnan(x) for x in spread_moments(torch.zeros(4, 2)))  # no spread
+    # pooled over steps of any scale: mean z^2 over mean z squared; nan steps skipped
+    assert pooled_spread_kurtosis([1.0, 2.0, math.nan], [3.0, 5.0, 1.0]) == pytest.approx(4.0 / 1.5 ** 2)
+    assert math.isnan(pooled_spread_kurtosis([], []))
+    assert pooled_tail_index([2.0, 4.0, math.nan]) == pytest.approx(3.0)
+
+
+def test_variance_interval_from_its_summary_is_the_one_from_the_estimates():
+    G = torch.randn(24, 5, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    assert variance_interval_from(trace_variance(G), 24, tail_index(G)) == pytest.approx(variance_interval(G))
+    assert all(math.isnan(x) for x in variance_interval_from(1.0, 24, math.nan))
+
+
+def test_the_runs_pooled_kurtosis_makes_the_variance_interval_cover_on_heavy_tails(lqr_heavy):
+    """Where one step's own kurtosis leaves the variance interval at ~70% (LQR, M = 16),
+    the kurtosis pooled over the run's 10 steps by leave-one-out scaling (what
+    ``analysis.loader`` gives each step) covers 95% +- 2 points, within binomial error."""
+    M, K = M_HEAVY, K_HEAVY
+    own = pooled = 0
+    for r in range(RUNS_HEAVY):
+        block = [lqr_heavy.G[(r * K + k) * M:(r * K + k + 1) * M] for k in range(K)]
+        kappa = _run_kurtosis(block)
+        for G in block:
+            lo, hi = variance_interval(G)
+            own += lo <= lqr_heavy.trcov_true <= hi
+            lo, hi = variance_interval_from(trace_variance(G), M, kappa)
+            pooled += lo <= lqr_heavy.trcov_true <= hi
+    n = K * RUNS_HEAVY
+    sd = binomial_sd(0.95, n)
+    assert own / n < 0.95 - 5 * sd  # the step alone: 70% here
+    assert abs(pooled / n - 0.95) <= 0.02 + 3 * sd, pooled / n
+
+
+def test_run_flag_catches_the_heavy_tailed_measurements_the_step_flag_leaves_silent(lqr_heavy):
     """LQR (mean_baseline at B = 2, tails of kurtosis ~48): a measurement of M = 16 that
     the step flag passes is one that missed the tail, so the passed ones under-cover the
     variance badly; judged over runs of 10 measurements (the run flag) almost all are
     flagged. On the light-tailed tabular MDP (rloo) the run flag stays quiet."""
-    M, K, runs = 16, 10, 60
-    lqr = draw_pool(Case("lqr", "mean_baseline", 2, "large",
-                         env_kwargs={"state_dim": 2, "action_dim": 1, "horizon": 20}),
-                    M * K * runs, seed=2, with_base=False)
+    M, K, runs, lqr = M_HEAVY, K_HEAVY, RUNS_HEAVY, lqr_heavy
     passed, covered, run_flagged = 0, 0, 0
     for r in range(runs):
         block = [lqr.G[(r * K + k) * M:(r * K + k + 1) * M] for k in range(K)]
         tails = [tail_index(G) for G in block]
-        run_flagged += K * (not run_intervals_reliable(tails, M))
+        run_flagged += K * (not run_intervals_reliable(_run_kurtosis(block), M))
         for G, tail in zip(block, tails):
             if interval_reliable(M, tail):
                 lo, hi = variance_interval(G, tail=tail)
@@ -122,8 +178,8 @@ def test_run_flag_catches_the_heavy_tailed_measurements_the_step_flag_leaves_sil
     assert run_flagged / n > 0.9  # 100% here
     light = draw_pool(Case("tabular", "rloo", 4, "zero", env_kwargs=TABULAR), M * K * runs,
                       seed=3, with_base=False)
-    quiet = sum(run_intervals_reliable([tail_index(light.G[(r * K + k) * M:(r * K + k + 1) * M])
-                                        for k in range(K)], M) for r in range(runs))
+    quiet = sum(run_intervals_reliable(_run_kurtosis(
+        [light.G[(r * K + k) * M:(r * K + k + 1) * M] for k in range(K)]), M) for r in range(runs))
     assert quiet / runs > 0.9
 
 
@@ -230,18 +286,34 @@ def test_coverage_on_a_tabular_grid_cell_with_a_monte_carlo_reference():
         assert abs(row["bias_sq_coverage"] - 0.95) <= slack, (case.label, row["bias_sq_coverage"])
 
 
-def test_the_run_log_warns_once_the_mean_tail_of_the_run_is_heavy(caplog):
-    # each step alone passes (tail_index <= 3, M = 16); the run's mean so far is 2.0,
-    # 2.4, 2.57 (above 2.5: a warning) and 2.18
+def test_the_runs_pooled_kurtosis_makes_the_paired_ratio_cover_on_heavy_tails():
+    """LQR, rloo at B = 4 against REINFORCE on the same batches, M = 32, runs of 10: the
+    paired jackknife of one step covers the true variance ratio in ~84%; with the two
+    estimators' kurtoses and their joint one pooled over the run (what the calibration
+    judges, as ``analysis.loader`` gives a run's steps) it covers 95% +- 2 points, within
+    binomial error. The variance interval likewise."""
+    case = Case("lqr", "rloo", 4, "zero", env_kwargs={"state_dim": 2, "action_dim": 1, "horizon": 20})
+    n, M = 400, 32
+    row = coverage_table(measure_pool(case, draw_pool(case, n * M, seed=5), [M], n)).iloc[0]
+    sd = binomial_sd(0.95, n)
+    assert row["ratio_step_coverage"] < 0.95 - 5 * sd, row["ratio_step_coverage"]
+    assert row["variance_step_coverage"] < 0.95 - 5 * sd, row["variance_step_coverage"]
+    for name in ("ratio_coverage", "variance_coverage"):
+        assert abs(row[name] - 0.95) <= 0.02 + 3 * sd, (name, row[name])
+
+
+def test_the_run_log_warns_once_the_kurtosis_of_the_run_is_heavy(caplog):
+    # each step alone passes (M = 16); the run's kurtosis so far, mean z^2 / (mean z)^2,
+    # is 2.0, 2.5 (0.094 <= 0.1), 3.0 (0.125 > 0.1: a warning) and 2.5 again
     from pgvar.run import RunState, warn_if_unreliable
 
     state = RunState()
     warned = []
-    for step, tail in enumerate([2.0, 2.8, 2.9, 1.0]):
+    for step, z_sq in enumerate([2.0, 3.0, 4.0, 1.0]):
         caplog.clear()
         with caplog.at_level("WARNING", logger="pgvar.run"):
-            warn_if_unreliable({"tail_index": tail, "n_estimates": 16, "ci_reliable": True},
-                               step, state)
+            warn_if_unreliable({"tail_index": 2.0, "spread_z_mean": 1.0, "spread_z_sq_mean": z_sq,
+                                "n_estimates": 16, "ci_reliable": True}, step, state)
         warned.append(any("flagged unreliable" in r.getMessage() for r in caplog.records))
     assert warned == [False, False, True, False]
-    assert state.tail_indices == [2.0, 2.8, 2.9, 1.0]
+    assert state.spread_moments == [(1.0, 2.0), (1.0, 3.0), (1.0, 4.0), (1.0, 1.0)]

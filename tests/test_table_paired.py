@@ -21,7 +21,13 @@ from analysis import table as tb
 from analysis.loader import PairedWarning, load_runs, measured_rows
 from analysis.stats import Estimate
 from analysis.synthetic import PairedTruth, TrueEstimator, write_paired_sweep, write_sweep
-from pgvar.stats import run_intervals_reliable
+from pgvar.stats import (
+    pooled_cross_kurtosis,
+    pooled_spread_kurtosis,
+    run_intervals_reliable,
+    variance_interval_from,
+    variance_ratio_interval_from,
+)
 
 SEEDS = range(8)
 BONFERRONI = 2.87 / 1.96  # a 95% interval's half-width scaled to 1 - 0.05/12 (normal)
@@ -88,8 +94,42 @@ def test_loader_gives_one_row_per_run_step_estimator_and_critic(frame):
     assert set(zip(training["estimator"], training["critic"])) == {("value_baseline", "train")}
     # each series (run, estimator, critic) carries one flag judged from all its steps
     for _, series in rows.groupby(["run_dir", "estimator_label", "critic"]):
-        expected = run_intervals_reliable(series["tail_index"], int(series["n_estimates"].min()))
+        kappa = pooled_spread_kurtosis(series["spread_z_mean"], series["spread_z_sq_mean"])
+        expected = run_intervals_reliable(kappa, int(series["n_estimates"].min()))
         assert set(series["ci_reliable_run"]) == {expected}
+        # the kurtosis of all its steps also sets each step's variance interval
+        assert np.allclose(series["kurtosis_run"], kappa)
+        row = series.iloc[-1]
+        assert np.allclose([row["grad_variance_run_lo"], row["grad_variance_run_hi"]],
+                           variance_interval_from(row["grad_variance"], int(row["n_estimates"]), kappa))
+
+
+def test_loader_gives_each_step_its_variance_ratio_to_the_training_estimator(frame):
+    """var_ratio_training: tr Cov over the training row's on the same batches, with the
+    interval from the pooled kurtoses of the two series (their steps together), which
+    covers the true ratio (each truth's variance over value_baseline's 1.0) at its level."""
+    rows = measured_rows(frame)
+    training = rows[rows["is_training"]].set_index(["run_dir", "step"])
+    series = rows[(rows["estimator_label"] == "reinforce")]
+    for run_dir, one in series.groupby("run_dir"):
+        mine = training.loc[run_dir]
+        assert np.allclose(one["var_ratio_training"],
+                           one["grad_variance"].to_numpy() / mine.loc[one["step"], "grad_variance"].to_numpy())
+        kappas = (pooled_spread_kurtosis(one["spread_z_mean"], one["spread_z_sq_mean"]),
+                  pooled_spread_kurtosis(mine["spread_z_mean"], mine["spread_z_sq_mean"]),
+                  pooled_cross_kurtosis(one["spread_z_mean"], mine.loc[one["step"], "spread_z_mean"],
+                                        one["spread_z_cross"]))
+        r = one.iloc[0]
+        assert np.allclose([r["var_ratio_training_lo"], r["var_ratio_training_hi"]],
+                           variance_ratio_interval_from(r["var_ratio_training"], int(r["n_estimates"]), *kappas))
+    assert np.allclose(rows.loc[rows["is_training"], ["var_ratio_training", "var_ratio_training_lo",
+                                                     "var_ratio_training_hi"]], 1.0)
+    others = rows[~rows["is_training"]]
+    truth = others.apply(lambda r: next(t.variance for t in TRUTHS if t.spec == r["estimator_label"]
+                                        and t.critic == r["critic"]), axis=1) / 1.0
+    covered = ((others["var_ratio_training_lo"] <= truth) & (truth <= others["var_ratio_training_hi"])).mean()
+    n = len(others)
+    assert abs(covered - 0.95) <= 0.02 + 3 * math.sqrt(0.95 * 0.05 / n), covered
 
 
 def test_a_run_without_paired_csv_keeps_its_metrics_rows(tmp_path):
