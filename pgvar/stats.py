@@ -24,7 +24,7 @@ pools it: each step logs ``spread_moments`` (its squared deviations, each scaled
 mean of the others', so one far estimate counts in full) and the analysis widens every
 step's variance and variance-ratio interval with the kurtosis of the run's whole series
 (``pooled_spread_kurtosis``, ``variance_interval_from``, ``variance_ratio_interval_from``:
-93-98% where a step alone gave 70-97%). The squared-bias interval is still a step's own;
+92-98% where a step alone gave 70-97%). The squared-bias interval is still a step's own;
 the run flag (``run_intervals_reliable``) says where it may under-cover: a flag, never
 a silent 75%. Pooling many measurements (the comparison table pools steps and seeds)
 also gives calibrated bias intervals.
