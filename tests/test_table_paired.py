@@ -18,12 +18,13 @@ import pytest
 
 from analysis import claims as cl
 from analysis import table as tb
-from analysis.loader import PairedWarning, load_runs, measured_rows
+from analysis.loader import PairedWarning, load_runs, measured_rows, with_run_reliability
 from analysis.stats import Estimate
 from analysis.synthetic import PairedTruth, TrueEstimator, write_paired_sweep, write_sweep
 from pgvar.stats import (
     pooled_cross_kurtosis,
     pooled_spread_kurtosis,
+    pooled_tail_index,
     run_intervals_reliable,
     variance_interval_from,
     variance_ratio_interval_from,
@@ -130,6 +131,18 @@ def test_loader_gives_each_step_its_variance_ratio_to_the_training_estimator(fra
     covered = ((others["var_ratio_training_lo"] <= truth) & (truth <= others["var_ratio_training_hi"])).mean()
     n = len(others)
     assert abs(covered - 0.95) <= 0.02 + 3 * math.sqrt(0.95 * 0.05 / n), covered
+
+
+def test_logs_from_before_the_spread_moments_fall_back_to_the_mean_tail_index(frame):
+    derived = ["ci_reliable_run", "kurtosis_run", "grad_variance_run_lo", "grad_variance_run_hi",
+               "var_ratio_training", "var_ratio_training_lo", "var_ratio_training_hi"]
+    old = measured_rows(frame).drop(columns=derived + ["spread_z_mean", "spread_z_sq_mean",
+                                                        "spread_z_cross"])
+    rows = with_run_reliability(old)
+    assert "var_ratio_training" not in rows.columns  # no cross moments: no paired ratio
+    for _, series in rows.groupby(["run_dir", "estimator_label", "critic"]):
+        assert np.allclose(series["kurtosis_run"], pooled_tail_index(series["tail_index"]))
+        assert np.isfinite(series["grad_variance_run_lo"]).all()
 
 
 def test_a_run_without_paired_csv_keeps_its_metrics_rows(tmp_path):
