@@ -37,6 +37,7 @@ from analysis.stats import mean_with_known_se
 from pgvar import make_env, make_policy
 from pgvar.envs.base import is_exact
 from pgvar.estimators import estimate_gradients
+from pgvar.progress import Progress
 from pgvar.reference import reference_gradient
 from pgvar.rollout import rollout
 from pgvar.stats import (
@@ -173,7 +174,9 @@ def measure_pool(case: Case, pool: Pool, Ms: Sequence[int], repeats: int,
         raise ValueError(f"pool of {pool.G.shape[0]} estimates is too small for "
                          f"{repeats} repeats of M={max(Ms)}")
     rows = []
+    bar = Progress(repeats, f"{case.label}: scoring", unit="repeats")
     for r in range(repeats):
+        bar.update()
         if references:
             ref = references[r]
             g_ref, se2, var, sample = (ref.grad.double(), float(ref.se2), ref.var,
@@ -201,6 +204,7 @@ def measure_pool(case: Case, pool: Pool, Ms: Sequence[int], repeats: int,
                 "ref_rel_se": s.ref_se / max(s.ref_norm, 1e-300),
                 "truth_se2": pool.grad_true_se2,
             })
+    bar.close()
     frame = pd.DataFrame.from_records(rows)
     return frame.sort_values(["M", "repeat"], kind="stable", ignore_index=True)
 
@@ -220,6 +224,7 @@ def run_calibration(cases: Iterable[Case], Ms: Sequence[int], repeats: int,
     frames = []
     cases = list(cases)
     started = time.perf_counter()
+    seconds: dict[tuple[str, str], list[float]] = {}  # per (env, reference) kind: cases' times
     for i, case in enumerate(cases):
         t0 = time.perf_counter()
         exact = case.reference == "exact"
@@ -228,12 +233,26 @@ def run_calibration(cases: Iterable[Case], Ms: Sequence[int], repeats: int,
         pool = draw_pool(case, max(case_Ms) * n_rep, seed + i)
         refs = measurement_references(case, n_rep, seed + i)
         frames.append(measure_pool(case, pool, case_Ms, n_rep, refs))
+        took = time.perf_counter() - t0
+        seconds.setdefault((case.env, case.reference), []).append(took)
         done = time.perf_counter() - started
-        eta = done / (i + 1) * (len(cases) - i - 1)
         log(f"[{i + 1}/{len(cases)}] {case.label}: {n_rep} repeats x M in {case_Ms} "
-            f"in {time.perf_counter() - t0:.0f}s (elapsed {done:.0f}s, about {eta:.0f}s left)")
+            f"in {took:.0f}s (elapsed {done:.0f}s, {time_left(cases[i + 1:], seconds)})")
         sys.stdout.flush()
     return pd.concat(frames, ignore_index=True)
+
+
+def time_left(remaining: Sequence[Case], seconds: dict[tuple[str, str], list[float]]) -> str:
+    """'about Ns left': each remaining case at the mean time of the cases of its kind
+    (environment and reference) done so far; cases of a kind not seen yet make it a lower
+    bound (a Monte Carlo CartPole case takes minutes where a tabular one takes seconds)."""
+    seen = [t for times in seconds.values() for t in times]
+    known = [float(np.mean(seconds[(c.env, c.reference)])) for c in remaining
+             if (c.env, c.reference) in seconds]
+    unseen = len(remaining) - len(known)
+    total = sum(known) + unseen * float(np.mean(seen))
+    return f"about {total:.0f}s left" + (f", more if the {unseen} case(s) of a kind not run yet are slower"
+                                         if unseen else "")
 
 
 # ----------------------------------------------------------------------------- summary
