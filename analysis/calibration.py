@@ -200,6 +200,8 @@ def measure_pool(case: Case, pool: Pool, Ms: Sequence[int], repeats: int,
                 "truth_ratio": pool.ratio_true, "ratio": ratio, "ratio_lo": ratio_lo,
                 "ratio_hi": ratio_hi, "tail_index": s.tail_index, "ci_reliable": s.ci_reliable,
                 "spread_z_mean": s.spread_z_mean, "spread_z_sq_mean": s.spread_z_sq_mean,
+                "bias_v0": s.bias_v0, "bias_slope": s.bias_slope, "bias_skew0": s.bias_skew0,
+                "proj_z_mean": s.proj_z_mean, "proj_z_sq_mean": s.proj_z_sq_mean,
                 **base_moments(G, pool.G_base[r * M:(r + 1) * M]),
                 "ref_rel_se": s.ref_se / max(s.ref_norm, 1e-300),
                 "truth_se2": pool.grad_true_se2,
@@ -294,12 +296,13 @@ def _holds(est, truth: float) -> bool:
     return bool(est.lo <= truth <= est.hi)
 
 
-INTERVAL_COLUMNS = [("bias_sq", "bias_sq_lo", "bias_sq_hi", "truth_bias_sq"),
+INTERVAL_COLUMNS = [("bias_sq", "bias_sq_run_lo", "bias_sq_run_hi", "truth_bias_sq"),
                     ("variance", "variance_run_lo", "variance_run_hi", "truth_variance"),
                     ("ratio", "ratio_run_lo", "ratio_run_hi", "truth_ratio")]
 # the intervals from one step alone (metrics.csv's variance interval, the paired jackknife
 # on the log ratio): reported beside the run's, not judged
-STEP_INTERVALS = [("variance_step", "variance_lo", "variance_hi", "truth_variance"),
+STEP_INTERVALS = [("bias_sq_step", "bias_sq_lo", "bias_sq_hi", "truth_bias_sq"),
+                  ("variance_step", "variance_lo", "variance_hi", "truth_variance"),
                   ("ratio_step", "ratio_lo", "ratio_hi", "truth_ratio")]
 MIN_UNFLAGGED = 0.1  # below this share of unflagged measurements a cell is 'flagged'
 QUIET_FLAG = 0.1  # where every interval meets its target the flag fires in at most this share
@@ -313,15 +316,21 @@ def with_run_flags(records: pd.DataFrame, k: int = POOLED_K) -> pd.DataFrame:
     the spread moments (written before them) keep the step's own intervals."""
     keys = ["case", "M", "block"]
     blocks = records.assign(block=records["repeat"] // k, n_estimates=records["M"],
-                            grad_variance=records["variance"])
+                            grad_variance=records["variance"], grad_bias_sq=records["bias_sq"],
+                            grad_bias_sq_se=records["bias_sq_se"])
     judged = with_series_intervals(blocks, keys)
     if "spread_z_cross" not in records.columns:
         return records.assign(reliable_run=judged["ci_reliable_run"].to_numpy(),
                               variance_run_lo=records["variance_lo"], variance_run_hi=records["variance_hi"],
-                              ratio_run_lo=records["ratio_lo"], ratio_run_hi=records["ratio_hi"])
+                              ratio_run_lo=records["ratio_lo"], ratio_run_hi=records["ratio_hi"],
+                              bias_sq_run_lo=records["bias_sq_lo"], bias_sq_run_hi=records["bias_sq_hi"],
+                              distinguishable_run=records["distinguishable"])
     return records.assign(reliable_run=judged["ci_reliable_run"].to_numpy(),
                           variance_run_lo=judged["grad_variance_run_lo"].to_numpy(),
                           variance_run_hi=judged["grad_variance_run_hi"].to_numpy(),
+                          bias_sq_run_lo=judged["grad_bias_sq_run_lo"].to_numpy(),
+                          bias_sq_run_hi=judged["grad_bias_sq_run_hi"].to_numpy(),
+                          distinguishable_run=judged["bias_distinguishable_run"].to_numpy(),
                           **run_ratio_interval(blocks, keys))
 
 
@@ -353,11 +362,12 @@ def coverage_cells(g: pd.DataFrame, scope: str = "") -> dict:
         row[f"{cov}_lo"], row[f"{cov}_hi"] = wilson_interval(k, n)
         row[f"{name}_below{scope}"] = float((g[truth] < g[lo]).mean()) if n else math.nan
         row[f"{name}_above{scope}"] = float((g[truth] > g[hi]).mean()) if n else math.nan
-    fp = int(g["distinguishable"].astype(bool).sum())
     zero = n > 0 and g["bias"].iloc[0] == "zero"
-    row[f"false_positive{scope}"] = fp / n if zero else math.nan
-    row[f"false_positive{scope}_lo"], row[f"false_positive{scope}_hi"] = (
-        wilson_interval(fp, n) if zero else (math.nan, math.nan))
+    for name, column in (("false_positive", "distinguishable_run"), ("false_positive_step", "distinguishable")):
+        fp = int(g[column].astype(bool).sum()) if column in g.columns else 0
+        row[f"{name}{scope}"] = fp / n if zero and column in g.columns else math.nan
+        row[f"{name}{scope}_lo"], row[f"{name}{scope}_hi"] = (
+            wilson_interval(fp, n) if zero and column in g.columns else (math.nan, math.nan))
     return row
 
 
@@ -440,7 +450,9 @@ def quiet_flag(table: pd.DataFrame) -> tuple[str, list[str], str]:
 REPORT_COLUMNS = {  # result.md's coverage table: heading -> column of coverage_table
     "case": "case", "M": "M", "repeats": "repeats", "squared bias": "bias_sq_coverage",
     "truth below": "bias_sq_below", "truth above": "bias_sq_above",
-    "false positives": "false_positive", "variance": "variance_coverage",
+    "squared bias (step alone)": "bias_sq_step_coverage",
+    "false positives": "false_positive", "false positives (step alone)": "false_positive_step",
+    "variance": "variance_coverage",
     "variance (step alone)": "variance_step_coverage",
     "variance ratio": "ratio_coverage", "variance ratio (step alone)": "ratio_step_coverage", "flagged (run)": "flagged",
     "flagged (step)": "flagged_step", "unflagged: squared bias": "bias_sq_coverage_unflagged",
@@ -454,7 +466,8 @@ REPORT_COLUMNS = {  # result.md's coverage table: heading -> column of coverage_
     "verdict": "verdict", "verdict where unflagged": "verdict_unflagged"}
 
 
-SHARE_SUFFIXES = ("coverage", "coverage_lo", "coverage_hi", "positive", "positive_lo",
+SHARE_SUFFIXES = ("coverage", "coverage_lo", "coverage_hi", "positive", "positive_lo", "positive_step",
+                  "positive_step_lo", "positive_step_hi",
                   "positive_hi", "below", "above", "flagged", "flagged_step", "unflagged",
                   "unflagged_lo", "unflagged_hi", "pooled", "pooled_t")
 

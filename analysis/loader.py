@@ -46,10 +46,14 @@ from pgvar.runlog import (
     STATUS_RUNNING,
 )
 from pgvar.stats import (
+    HEAVY_TAIL_INDEX,
+    BiasModel,
+    bias_interval_from,
     pooled_cross_kurtosis,
     pooled_spread_kurtosis,
     pooled_tail_index,
     run_intervals_reliable,
+    run_widening,
     variance_interval_from,
     variance_ratio_interval_from,
 )
@@ -382,11 +386,18 @@ def with_run_reliability(rows: pd.DataFrame) -> pd.DataFrame:
     - ``kurtosis_run``: the series' kurtosis (``pgvar.stats.pooled_tail_index``);
     - ``grad_variance_run_lo`` / ``_run_hi``: the variance interval of each step widened
       with that kurtosis (``pgvar.stats.variance_interval_from``); metrics.csv keeps the
-      step's own ``grad_variance_lo`` / ``_hi``.
+      step's own ``grad_variance_lo`` / ``_hi``;
+    - ``grad_bias_sq_run_lo`` / ``_run_hi`` and ``bias_distinguishable_run``: the
+      squared-bias interval rebuilt with it and the kurtosis along the bias
+      (``run_bias_intervals``), and its verdict;
+    - ``var_ratio_training`` and its interval (``with_training_ratio``).
 
     Logs without ``tail_index`` are returned unchanged."""
     if rows.empty or "tail_index" not in rows.columns or "n_estimates" not in rows.columns:
         return rows
+    # extra columns are not validated on load: a damaged cell reads as missing, not as text
+    rows = rows.assign(**{c: pd.to_numeric(rows[c], errors="coerce") for c in SERIES_INPUTS
+                          if c in rows.columns})
     label = "estimator_label" if "estimator_label" in rows.columns else "estimator"
     keys = [c for c in ("run_dir", label, "critic") if c in rows.columns]
     return with_training_ratio(with_series_intervals(rows, keys), keys)
@@ -423,9 +434,10 @@ def with_training_ratio(rows: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
 
 
 def with_series_intervals(rows: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    """``rows`` with ``ci_reliable_run``, ``kurtosis_run`` and ``grad_variance_run_lo``
-    / ``_hi`` (see ``with_run_reliability``) for the series sharing ``keys``; needs
-    ``tail_index``, ``n_estimates`` and, for the interval, ``grad_variance``."""
+    """``rows`` with ``ci_reliable_run``, ``kurtosis_run``, ``grad_variance_run_lo`` /
+    ``_hi`` and ``grad_bias_sq_run_lo`` / ``_hi`` (see ``with_run_reliability``) for the
+    series sharing ``keys``; needs ``tail_index``, ``n_estimates`` and, for the
+    intervals, ``grad_variance`` and the score model's columns (``BIAS_INPUTS``)."""
     groups = rows.groupby(keys, sort=False, dropna=False)
     pooled = np.array([series_kurtosis(g) for _, g in groups], dtype=float)[groups.ngroup().to_numpy()]
     out = rows.assign(ci_reliable_run=series_reliability(rows, keys), kurtosis_run=pooled)
@@ -435,7 +447,42 @@ def with_series_intervals(rows: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
             for v, m, k in zip(rows["grad_variance"].to_numpy(dtype=float),
                                rows["n_estimates"].to_numpy(dtype=float), pooled)]
     lo, hi = (np.array([e[i] for e in ends], dtype=float) for i in (0, 1))
-    return out.assign(grad_variance_run_lo=lo, grad_variance_run_hi=hi)
+    out = out.assign(grad_variance_run_lo=lo, grad_variance_run_hi=hi)
+    if not BIAS_INPUTS <= set(rows.columns):
+        return out
+    along = np.array([pooled_spread_kurtosis(g["proj_z_mean"], g["proj_z_sq_mean"]) for _, g in groups],
+                     dtype=float)[groups.ngroup().to_numpy()]
+    lo, hi = run_bias_intervals(rows, pooled, along)
+    return out.assign(grad_bias_sq_run_lo=lo, grad_bias_sq_run_hi=hi, bias_distinguishable_run=lo > 0)
+
+
+SERIES_INPUTS = ["tail_index", "n_estimates", "spread_z_mean", "spread_z_sq_mean", "spread_z_cross",
+                 "grad_variance", "grad_bias_sq", "grad_bias_sq_se", "bias_v0", "bias_slope",
+                 "bias_skew0", "proj_z_mean", "proj_z_sq_mean"]
+BIAS_INPUTS = {"grad_bias_sq", "grad_bias_sq_se", "bias_v0", "bias_slope", "bias_skew0",
+               "proj_z_mean", "proj_z_sq_mean", "tail_index", "n_estimates"}
+
+
+def run_bias_intervals(rows: pd.DataFrame, kappa: np.ndarray, kappa_along: np.ndarray
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's squared-bias interval rebuilt from its logged score model, its linear
+    part widened by the run's kurtosis along the bias (``kappa_along``) and its degenerate
+    part by the run's kurtosis (``kappa``): ``pgvar.stats.bias_interval_from`` with
+    ``run_widening``. Heavy-tailed steps (tail_index > 3) and M < 4 keep the Wald form,
+    its SE widened the same way."""
+    lo, hi = np.full(len(rows), math.nan), np.full(len(rows), math.nan)
+    cols = [rows[c].to_numpy(dtype=float) for c in ("grad_bias_sq", "grad_bias_sq_se", "bias_v0",
+                                                     "bias_slope", "bias_skew0", "tail_index",
+                                                     "n_estimates")]
+    for i, (u, se, v0, slope, skew0, tail, M) in enumerate(zip(*cols)):
+        if not (np.isfinite(u) and np.isfinite(se) and np.isfinite(M)):
+            continue
+        model = BiasModel(u=u, v0=v0, slope=slope, skew0=skew0 if np.isfinite(skew0) else 0.0) \
+            if M >= 4 and np.isfinite(v0) and np.isfinite(slope) else None
+        lo[i], hi[i] = bias_interval_from(u, se, model, heavy=not tail <= HEAVY_TAIL_INDEX,
+                                          widen_linear=run_widening(kappa_along[i], int(M)),
+                                          widen_degenerate=run_widening(kappa[i], int(M)))
+    return lo, hi
 
 
 def series_kurtosis(series: pd.DataFrame) -> float:

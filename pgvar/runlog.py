@@ -61,7 +61,8 @@ EXTRA_COLUMNS = ("return_undiscounted_mean", "episode_length_mean", "grad_norm",
                  "bias_distinguishable", "n_estimates", "ref_exact", "ref_episodes",
                  "zero_grad_fraction", "grad_norm_mean", "grad_variance_lo", "grad_variance_hi",
                  "tail_index", "ci_reliable", "grad_bias_sq_lo", "grad_bias_sq_hi",
-                 "spread_z_mean", "spread_z_sq_mean")
+                 "spread_z_mean", "spread_z_sq_mean", "bias_v0", "bias_slope", "bias_skew0",
+                 "proj_z_mean", "proj_z_sq_mean")
 COLUMNS = LEARNING_CURVE_COLUMNS + MEASURED_COLUMNS + EXTRA_COLUMNS
 # paired.csv: one row per (measured step, estimator spec, critic); the statistics have
 # metrics.csv's names, so a reader treats both files' measured rows alike
@@ -123,6 +124,14 @@ COLUMN_DOCS: dict[str, str] = {
                      "estimates' ||r||^2): with spread_z_sq_mean, what the analysis pools into the "
                      "run's kurtosis (pgvar.stats.pooled_spread_kurtosis)",
     "spread_z_sq_mean": "extra, measured rows: mean of z_m^2 (see spread_z_mean)",
+    "bias_v0": "extra, measured rows: the squared bias's score model, Var(U | theta) = bias_v0 + "
+               "bias_slope * theta with skewness bias_skew0 at theta = 0 (nan when M < 4): "
+               "what the analysis needs to rebuild the interval with the run's kurtosis",
+    "bias_slope": "extra, measured rows: see bias_v0",
+    "bias_skew0": "extra, measured rows: see bias_v0",
+    "proj_z_mean": "extra, measured rows: spread_z_mean of the estimates projected on the "
+                   "estimated bias direction g_bar - g_ref",
+    "proj_z_sq_mean": "extra, measured rows: spread_z_sq_mean of those projections",
     "grad_bias_sq_lo": "extra, measured rows: lower end of the 95% interval of the squared bias "
                        "(score interval; may be < 0); bias_distinguishable is grad_bias_sq_lo > 0",
     "grad_bias_sq_hi": "extra, measured rows: upper end of the 95% interval of the squared bias",

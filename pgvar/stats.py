@@ -39,7 +39,7 @@ large M, where that noise dominates.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -264,6 +264,18 @@ def cross_spread_moment(G_a, G_b) -> float:
     if za is None or zb is None or za.shape != zb.shape:
         return math.nan
     return float((za * zb).mean())
+
+
+def projection_moments(G, g_ref) -> tuple[float, float]:
+    """``spread_moments`` of the M estimates projected on the estimated bias direction
+    g_bar - g_ref: a step's share of the run's kurtosis along the bias, what the linear
+    part of the squared bias's spread rests on. (nan, nan) when g_bar = g_ref."""
+    G = as_matrix(G)
+    d = G.mean(0) - as_vector(g_ref, G.shape[1])
+    norm = float(d.norm())
+    if not norm > 0:
+        return math.nan, math.nan
+    return spread_moments((G @ (d / norm)).unsqueeze(1))
 
 
 def pooled_spread_kurtosis(z_means, z_sq_means) -> float:
@@ -653,18 +665,21 @@ def score_interval(model: BiasModel, level: float = 0.95) -> tuple[float, float]
 
 def _root(fn, centre: float, span: float) -> float:
     """The root of a function that decreases through 0 near ``centre``, by bracketing
-    outwards in steps of ``span`` and then bisection (brentq)."""
+    outwards in steps that start at ``span`` and double, then bisection (brentq)."""
     from scipy.optimize import brentq
 
-    lo, hi = centre - span, centre + span
-    for _ in range(60):
+    lo, hi, step = centre - span, centre + span, span
+    for _ in range(200):  # steps double: a widened model's root may lie far out
         if fn(lo) > 0:
             break
-        lo -= span * 2
-    for _ in range(60):
+        step *= 2
+        lo -= step
+    step = span
+    for _ in range(200):
         if fn(hi) < 0:
             break
-        hi += span * 2
+        step *= 2
+        hi += step
     return float(brentq(fn, lo, hi, xtol=span * 1e-10))
 
 
@@ -686,20 +701,52 @@ def measurement_bias_interval(G, g_ref, se_ref2: float = 0.0, ref_var=None,
     ``tail_index(G)`` when already known; ``ref_sample``: see ``reference_noise_sq``, and
     ``ref_sq`` its value when already known.
     """
-    from scipy.special import ndtri
-
     G = as_matrix(G)
     u = squared_bias_estimate(G, g_ref, se_ref2)
     if se is None:
         se = math.sqrt(squared_bias_variance(G, g_ref, se_ref2, ref_var, ref_sample, ref_sq))
+    heavy = G.shape[0] < 4 or (tail_index(G) if tail is None else tail) > HEAVY_TAIL_INDEX
+    model = None if heavy else bias_model(G, g_ref, se_ref2, ref_var, ref_sample, ref_sq)
+    return bias_interval_from(u, se, model, heavy, level)
+
+
+def bias_interval_from(u: float, se: float, model: BiasModel | None, heavy: bool,
+                       level: float = 0.95, widen_linear: float = 1.0,
+                       widen_degenerate: float = 1.0) -> tuple[float, float]:
+    """The squared-bias interval from U, its corrected-jackknife SE and its score model
+    (``heavy`` or no model: the Wald interval U -/+ z SE alone, for heavy tails or M < 4);
+    see ``measurement_bias_interval``. ``widen_linear`` / ``widen_degenerate`` scale the
+    variance of U's linear and degenerate parts, in the SE too (``run_widening``: what a
+    run's pooled kurtosis says one step's estimate of them misses); 1 is the step alone."""
+    from scipy.special import ndtri
+
+    extra = 0.0 if model is None else (
+        (widen_linear - 1.0) * model.slope * max(u, 0.0) + (widen_degenerate - 1.0) * model.v0)
+    se = math.sqrt(se ** 2 + max(extra, 0.0))
     wald_lo, wald_hi = bias_confidence_interval(u, se, float(ndtri(0.5 + level / 2)))
-    if G.shape[0] < 4 or (tail_index(G) if tail is None else tail) > HEAVY_TAIL_INDEX:
+    if heavy or model is None:
         return wald_lo, wald_hi
-    score_lo, score_hi = score_interval(
-        bias_model(G, g_ref, se_ref2, ref_var, ref_sample, ref_sq), level)
+    score_lo, score_hi = score_interval(replace(model, slope=model.slope * widen_linear,
+                                                v0=model.v0 * widen_degenerate), level)
     if score_lo <= 0:
         return score_lo, score_hi
     return max(min(score_lo, wald_lo), _SMALLEST_POSITIVE), score_hi
+
+
+def run_widening(kappa: float, n_estimates: int, level: float = 0.95) -> float:
+    """(t_nu / t_{M-1})^2, at least 1, with nu = 2M / (kappa - 1 + 2/(M-1)): how much wider
+    a quantile must be when a variance estimated from M estimates of kurtosis kappa is
+    itself that uncertain (the degrees of freedom of a chi-square with its relative
+    variance, Satterthwaite); Gaussian tails (kappa = 3 for one coordinate) give 1. nan
+    kappa or M < 3: 1."""
+    from scipy.special import stdtrit
+
+    M = int(n_estimates)
+    if M < 3 or not math.isfinite(kappa):
+        return 1.0
+    nu = max(2.0 * M / max(kappa - 1.0 + 2.0 / (M - 1), 1e-9), 1.0)  # below 1: t explodes
+    q = 0.5 + level / 2
+    return max((float(stdtrit(nu, q)) / float(stdtrit(M - 1, q))) ** 2, 1.0)
 
 
 _SMALLEST_POSITIVE = 5e-324
@@ -794,6 +841,11 @@ class GradStats:
     tail_index: float  # M sum ||r||^4 / (sum ||r||^2)^2: 1 even spread, large = heavy tails
     spread_z_mean: float  # mean z, z = ||r_m||^2 / mean of the others' (spread_moments)
     spread_z_sq_mean: float  # mean z^2: with spread_z_mean, this step's share of the run's kurtosis
+    bias_v0: float  # the squared bias's score model (BiasModel: v0, slope, skew0; nan for M < 4),
+    bias_slope: float  # logged so that the analysis can rebuild the interval with the run's
+    bias_skew0: float  # kurtosis (bias_interval_from)
+    proj_z_mean: float  # spread_moments of the projections on the estimated bias direction
+    proj_z_sq_mean: float  # (projection_moments): the run's kurtosis along the bias
     ci_reliable: bool  # M >= 16 and tail_index <= 3: the intervals hold their level (measured)
 
     def as_dict(self) -> dict[str, float | bool | int]:
@@ -817,11 +869,12 @@ def gradient_stats(G, g_ref, se_ref2: float = 0.0, ref_var=None,
     ref_sq = reference_noise_sq(float(se_ref2), ref_var, ref_sample)  # once: ~35 ms at P = 4610
     u_se = math.sqrt(squared_bias_variance(G, g_ref, se_ref2, ref_var, ref_sample, ref_sq))
     tail = tail_index(G)
-    lo, hi = measurement_bias_interval(G, g_ref, se_ref2, ref_var, se=u_se, tail=tail,
-                                       ref_sample=ref_sample, ref_sq=ref_sq)
+    model = bias_model(G, g_ref, se_ref2, ref_var, ref_sample, ref_sq) if G.shape[0] >= 4 else None
+    lo, hi = bias_interval_from(u, u_se, model, model is None or tail > HEAVY_TAIL_INDEX)
     bias = sqrt_clipped(u)
     var_lo, var_hi = variance_interval(G, tail=tail)
     z_mean, z_sq_mean = spread_moments(G)
+    proj_mean, proj_sq_mean = projection_moments(G, g_ref)
     return GradStats(
         grad_variance=trace_variance(G),
         grad_variance_lo=var_lo,
@@ -848,5 +901,10 @@ def gradient_stats(G, g_ref, se_ref2: float = 0.0, ref_var=None,
         tail_index=tail,
         spread_z_mean=z_mean,
         spread_z_sq_mean=z_sq_mean,
+        bias_v0=model.v0 if model else math.nan,
+        bias_slope=model.slope if model else math.nan,
+        bias_skew0=model.skew0 if model else math.nan,
+        proj_z_mean=proj_mean,
+        proj_z_sq_mean=proj_sq_mean,
         ci_reliable=interval_reliable(int(G.shape[0]), tail),
     )

@@ -26,6 +26,8 @@ from analysis.calibration import (
 from pgvar.stats import (
     HEAVY_TAIL_INDEX,
     Z_95,
+    BiasModel,
+    bias_interval_from,
     bias_model,
     gradient_stats,
     interval_reliable,
@@ -33,6 +35,7 @@ from pgvar.stats import (
     pooled_spread_kurtosis,
     pooled_tail_index,
     run_intervals_reliable,
+    run_widening,
     score_interval,
     spread_moments,
     tail_index,
@@ -300,6 +303,41 @@ def test_the_runs_pooled_kurtosis_makes_the_paired_ratio_cover_on_heavy_tails():
     assert row["variance_step_coverage"] < 0.95 - 5 * sd, row["variance_step_coverage"]
     for name in ("ratio_coverage", "variance_coverage"):
         assert abs(row[name] - 0.95) <= 0.02 + 3 * sd, (name, row[name])
+
+
+def test_bias_interval_from_its_logged_model_is_the_steps_own_when_not_widened():
+    gen = torch.Generator().manual_seed(6)
+    for shift, M in ((0.0, 32), (0.5, 32), (0.5, 8)):
+        G = shift + torch.randn(M, 6, generator=gen, dtype=torch.float64)
+        G[0] *= 1.0 if M == 32 else 30.0  # the last case: heavy tails, the Wald form
+        s = gradient_stats(G, torch.zeros(6, dtype=torch.float64))
+        model = BiasModel(u=s.grad_bias_sq, v0=s.bias_v0, slope=s.bias_slope, skew0=s.bias_skew0)
+        rebuilt = bias_interval_from(s.grad_bias_sq, s.grad_bias_sq_se, model, s.tail_index > HEAVY_TAIL_INDEX)
+        assert rebuilt == pytest.approx((s.grad_bias_sq_lo, s.grad_bias_sq_hi))
+        wider = bias_interval_from(s.grad_bias_sq, s.grad_bias_sq_se, model, s.tail_index > HEAVY_TAIL_INDEX,
+                                   widen_linear=3.0, widen_degenerate=3.0)
+        assert wider[0] <= rebuilt[0] and wider[1] >= rebuilt[1]
+
+
+def test_run_widening_is_one_for_gaussian_tails_and_grows_with_the_kurtosis():
+    assert run_widening(3.0, 16) == pytest.approx(1.0, abs=1e-9)  # nu = M - 1 exactly
+    assert run_widening(1.5, 16) == 1.0  # lighter than Gaussian: never narrower
+    assert 1.0 < run_widening(6.0, 16) < run_widening(20.0, 16) <= run_widening(1e9, 16)
+    assert run_widening(20.0, 128) < run_widening(20.0, 16)  # more estimates, less doubt
+    assert run_widening(math.nan, 16) == 1.0
+
+
+def test_the_runs_pooled_kurtosis_makes_the_squared_bias_interval_cover_on_heavy_tails():
+    """LQR, mean_baseline at B = 2 (bias grad J / 2), M = 16, runs of 10: the step's own
+    interval covers the true squared bias in ~84%; rebuilt with the run's kurtosis along
+    the bias and overall (``analysis.loader.run_bias_intervals``) it covers 95% +- 2."""
+    case = Case("lqr", "mean_baseline", 2, "large",
+                env_kwargs={"state_dim": 2, "action_dim": 1, "horizon": 20})
+    n, M = 400, 16
+    row = coverage_table(measure_pool(case, draw_pool(case, n * M, seed=5), [M], n)).iloc[0]
+    sd = binomial_sd(0.95, n)
+    assert row["bias_sq_step_coverage"] < 0.95 - 5 * sd, row["bias_sq_step_coverage"]
+    assert abs(row["bias_sq_coverage"] - 0.95) <= 0.02 + 3 * sd, row["bias_sq_coverage"]
 
 
 def test_the_run_log_warns_once_the_kurtosis_of_the_run_is_heavy(caplog):

@@ -126,7 +126,8 @@ def test_as_dict_keys_are_exactly_the_logged_metrics():
             "grad_mse", "cos_ref", "cos_pairwise", "snr", "ref_norm", "ref_se", "n_estimates",
             "zero_grad_fraction", "grad_norm_mean", "grad_variance_lo", "grad_variance_hi",
             "tail_index", "ci_reliable", "grad_bias_sq_lo", "grad_bias_sq_hi", "spread_z_mean",
-            "spread_z_sq_mean"}
+            "spread_z_sq_mean", "bias_v0", "bias_slope", "bias_skew0", "proj_z_mean",
+            "proj_z_sq_mean"}
     s = gradient_stats(G_HAND, REF_HAND)
     assert isinstance(s, GradStats)
     assert set(s.as_dict()) == keys

@@ -162,8 +162,10 @@ def test_a_damaged_paired_csv_warns_and_falls_back_to_metrics(tmp_path, damage):
     elif damage == "drop_column":
         frame = pd.read_csv(path).drop(columns=["grad_variance"])
         frame.to_csv(path, index=False)
-    else:
-        path.write_text(text.replace(text.splitlines()[3].split(",")[0] + ",", "x,", 1))
+    else:  # the step of the third row
+        lines = text.splitlines(keepends=True)
+        lines[3] = "x" + lines[3][lines[3].index(","):]
+        path.write_text("".join(lines))
     df, _ = load_runs(tmp_path)
     with pytest.warns(PairedWarning, match=str(path)):
         rows = measured_rows(df)
@@ -174,6 +176,17 @@ def test_a_damaged_paired_csv_warns_and_falls_back_to_metrics(tmp_path, damage):
         with pytest.warns(PairedWarning):
             table = tb.build_table(df)  # the analysis goes on
         assert "reinforce" in set(table["label"])
+
+
+def test_a_damaged_extra_cell_reads_as_missing(tmp_path):
+    """Extra columns are not validated on load; a damaged one must not stop the analysis."""
+    jobs = write_paired_sweep(tmp_path, TRUTHS[:4], range(2), n_iters=N_ITERS, measure_every=EVERY)
+    frame = pd.read_csv(jobs[0] / "paired.csv")
+    frame["spread_z_mean"] = frame["spread_z_mean"].astype(object)
+    frame.loc[2, "spread_z_mean"] = "x"
+    frame.to_csv(jobs[0] / "paired.csv", index=False)
+    rows = measured_rows(load_runs(tmp_path)[0])
+    assert rows["kurtosis_run"].notna().all() and rows["grad_variance_run_lo"].notna().all()
 
 
 # ----------------------------------------------------------------------------- table
