@@ -21,13 +21,15 @@ rarely hold their own tail (on LQR the median of M = 16 sample variances is 0.57
 truth), so an interval built from them alone is too narrow exactly when the tail was
 missed. The tail's *shape* changes far less from step to step than its scale, so a run
 pools it: each step logs ``spread_moments`` (its squared deviations, each scaled by the
-mean of the others', so one far estimate counts in full) and the analysis widens every
-step's variance and variance-ratio interval with the kurtosis of the run's whole series
-(``pooled_spread_kurtosis``, ``variance_interval_from``, ``variance_ratio_interval_from``:
-92-98% where a step alone gave 70-97%). The squared-bias interval is still a step's own;
-the run flag (``run_intervals_reliable``) says where it may under-cover: a flag, never
-a silent 75%. Pooling many measurements (the comparison table pools steps and seeds)
-also gives calibrated bias intervals.
+mean of the others', so one far estimate counts in full), those of its projections on
+the bias direction (``projection_moments``) and the squared bias's score model, and the
+analysis rebuilds every step's intervals with the kurtosis of the run's whole series
+(``pooled_spread_kurtosis``; ``variance_interval_from``, ``variance_ratio_interval_from``,
+and ``bias_interval_from`` widened by ``run_widening``): 92-98% for the variance and the
+ratio and 94-99.6% for the squared bias where a step alone gave 70-99%. The run flag
+(``run_intervals_reliable``) still says where tails are heavy for M: a flag, never a
+silent 75%. Pooling many measurements (the comparison table pools steps and seeds) also
+gives calibrated bias intervals.
 
 A Monte Carlo reference's own noise enters U; its shape is measured from a sample of
 the reference's sub-batches (``Reference.noise_sample``: tr Sigma_r^2, the spread along
