@@ -382,8 +382,9 @@ def with_run_reliability(rows: pd.DataFrame) -> pd.DataFrame:
     about its per-measurement intervals, judged from all its measured steps together (one
     step's sample misses the tail that the series holds):
 
-    - ``ci_reliable_run``: whether they can be trusted (``series_reliability``);
-    - ``kurtosis_run``: the series' kurtosis (``pgvar.stats.pooled_tail_index``);
+    - ``kurtosis_run``: the series' kurtosis (``series_kurtosis``);
+    - ``ci_reliable_run``: whether they can be trusted (``pgvar.stats.run_intervals_reliable``
+      on that kurtosis and the series' smallest M);
     - ``grad_variance_run_lo`` / ``_run_hi``: the variance interval of each step widened
       with that kurtosis (``pgvar.stats.variance_interval_from``); metrics.csv keeps the
       step's own ``grad_variance_lo`` / ``_hi``;
@@ -439,8 +440,11 @@ def with_series_intervals(rows: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     series sharing ``keys``; needs ``tail_index``, ``n_estimates`` and, for the
     intervals, ``grad_variance`` and the score model's columns (``BIAS_INPUTS``)."""
     groups = rows.groupby(keys, sort=False, dropna=False)
-    pooled = np.array([series_kurtosis(g) for _, g in groups], dtype=float)[groups.ngroup().to_numpy()]
-    out = rows.assign(ci_reliable_run=series_reliability(rows, keys), kurtosis_run=pooled)
+    which = groups.ngroup().to_numpy()
+    series = [(series_kurtosis(g), int(g["n_estimates"].fillna(0).min())) for _, g in groups]
+    pooled = np.array([kappa for kappa, _ in series], dtype=float)[which]
+    reliable = np.array([run_intervals_reliable(kappa, M) for kappa, M in series], dtype=bool)[which]
+    out = rows.assign(ci_reliable_run=reliable, kurtosis_run=pooled)
     if "grad_variance" not in rows.columns:
         return out
     ends = [variance_interval_from(float(v), int(m), float(k)) if np.isfinite(m) else (math.nan,) * 2
@@ -451,7 +455,7 @@ def with_series_intervals(rows: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     if not BIAS_INPUTS <= set(rows.columns):
         return out
     along = np.array([pooled_spread_kurtosis(g["proj_z_mean"], g["proj_z_sq_mean"]) for _, g in groups],
-                     dtype=float)[groups.ngroup().to_numpy()]
+                     dtype=float)[which]
     lo, hi = run_bias_intervals(rows, pooled, along)
     return out.assign(grad_bias_sq_run_lo=lo, grad_bias_sq_run_hi=hi, bias_distinguishable_run=lo > 0)
 
@@ -494,15 +498,6 @@ def series_kurtosis(series: pd.DataFrame) -> float:
         if math.isfinite(kappa):
             return kappa
     return pooled_tail_index(series["tail_index"])
-
-
-def series_reliability(rows: pd.DataFrame, keys: list[str]) -> np.ndarray:
-    """Per row, ``pgvar.stats.run_intervals_reliable`` of its series (the rows sharing
-    ``keys``): its kurtosis (``series_kurtosis``) and its steps' smallest ``n_estimates``."""
-    groups = rows.groupby(keys, sort=False, dropna=False)
-    flags = [run_intervals_reliable(series_kurtosis(g), int(g["n_estimates"].fillna(0).min()))
-             for _, g in groups]
-    return np.asarray(flags, dtype=bool)[groups.ngroup().to_numpy()]
 
 
 RUN_IDENTITY = ["sweep", "run_id", "run_dir", "env", "seed", "preset", "elapsed_s"]
