@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 from scipy import stats as sst
 
-from analysis.loader import with_series_intervals
+from analysis.loader import paired_ratio_intervals, with_series_intervals
 from analysis.stats import mean_with_known_se
 from pgvar import make_env, make_policy
 from pgvar.envs.base import is_exact
@@ -44,11 +44,8 @@ from pgvar.stats import (
     Z_95,
     cross_spread_moment,
     gradient_stats,
-    pooled_cross_kurtosis,
-    pooled_spread_kurtosis,
     spread_moments,
     variance_ratio_interval,
-    variance_ratio_interval_from,
 )
 
 NOMINAL = 0.95
@@ -299,8 +296,8 @@ def _holds(est, truth: float) -> bool:
 INTERVAL_COLUMNS = [("bias_sq", "bias_sq_run_lo", "bias_sq_run_hi", "truth_bias_sq"),
                     ("variance", "variance_run_lo", "variance_run_hi", "truth_variance"),
                     ("ratio", "ratio_run_lo", "ratio_run_hi", "truth_ratio")]
-# the intervals from one step alone (metrics.csv's variance interval, the paired jackknife
-# on the log ratio): reported beside the run's, not judged
+# the intervals from one step alone (metrics.csv's squared-bias and variance intervals, the
+# paired jackknife on the log ratio): reported beside the run's, not judged
 STEP_INTERVALS = [("bias_sq_step", "bias_sq_lo", "bias_sq_hi", "truth_bias_sq"),
                   ("variance_step", "variance_lo", "variance_hi", "truth_variance"),
                   ("ratio_step", "ratio_lo", "ratio_hi", "truth_ratio")]
@@ -309,11 +306,12 @@ QUIET_FLAG = 0.1  # where every interval meets its target the flag fires in at m
 
 
 def with_run_flags(records: pd.DataFrame, k: int = POOLED_K) -> pd.DataFrame:
-    """``records`` with ``reliable_run`` and the intervals ``variance_run_lo`` / ``_hi``
-    and ``ratio_run_lo`` / ``_hi``: each block of ``k`` consecutive repeats of a (case, M)
-    read as the measured steps of one run, judged together as ``analysis.loader`` judges
-    a run's series (``with_series_intervals``, ``with_training_ratio``). Records without
-    the spread moments (written before them) keep the step's own intervals."""
+    """``records`` with ``reliable_run``, the intervals ``bias_sq_run_lo`` / ``_hi`` (and
+    ``distinguishable_run``), ``variance_run_lo`` / ``_hi`` and ``ratio_run_lo`` / ``_hi``:
+    each block of ``k`` consecutive repeats of a (case, M) read as the measured steps of
+    one run, judged together as ``analysis.loader`` judges a run's series
+    (``with_series_intervals``, ``paired_ratio_intervals`` with REINFORCE as the partner).
+    Records without the spread moments (written before them) keep the step's own."""
     keys = ["case", "M", "block"]
     blocks = records.assign(block=records["repeat"] // k, n_estimates=records["M"],
                             grad_variance=records["variance"], grad_bias_sq=records["bias_sq"],
@@ -325,27 +323,17 @@ def with_run_flags(records: pd.DataFrame, k: int = POOLED_K) -> pd.DataFrame:
                               ratio_run_lo=records["ratio_lo"], ratio_run_hi=records["ratio_hi"],
                               bias_sq_run_lo=records["bias_sq_lo"], bias_sq_run_hi=records["bias_sq_hi"],
                               distinguishable_run=records["distinguishable"])
+    ratio_lo, ratio_hi = paired_ratio_intervals(
+        blocks.groupby(keys, sort=False).indices.values(), records["ratio"].to_numpy(dtype=float),
+        records["M"].to_numpy(dtype=float), records["spread_z_mean"], records["spread_z_sq_mean"],
+        records["base_spread_z_mean"], records["base_spread_z_sq_mean"], records["spread_z_cross"])
     return records.assign(reliable_run=judged["ci_reliable_run"].to_numpy(),
                           variance_run_lo=judged["grad_variance_run_lo"].to_numpy(),
                           variance_run_hi=judged["grad_variance_run_hi"].to_numpy(),
                           bias_sq_run_lo=judged["grad_bias_sq_run_lo"].to_numpy(),
                           bias_sq_run_hi=judged["grad_bias_sq_run_hi"].to_numpy(),
                           distinguishable_run=judged["bias_distinguishable_run"].to_numpy(),
-                          **run_ratio_interval(blocks, keys))
-
-
-def run_ratio_interval(blocks: pd.DataFrame, keys: list[str]) -> dict[str, np.ndarray]:
-    """``ratio_run_lo`` / ``_hi`` per record: ``variance_ratio_interval_from`` with the two
-    estimators' kurtoses and their joint one pooled over the record's block (``keys``)."""
-    lo, hi = np.full(len(blocks), math.nan), np.full(len(blocks), math.nan)
-    for where in blocks.groupby(keys, sort=False).indices.values():
-        b = blocks.iloc[where]
-        kappas = (pooled_spread_kurtosis(b["spread_z_mean"], b["spread_z_sq_mean"]),
-                  pooled_spread_kurtosis(b["base_spread_z_mean"], b["base_spread_z_sq_mean"]),
-                  pooled_cross_kurtosis(b["spread_z_mean"], b["base_spread_z_mean"], b["spread_z_cross"]))
-        for i, ratio, M in zip(where, b["ratio"].to_numpy(dtype=float), b["M"].to_numpy()):
-            lo[i], hi[i] = variance_ratio_interval_from(float(ratio), int(M), *kappas)
-    return {"ratio_run_lo": lo, "ratio_run_hi": hi}
+                          ratio_run_lo=ratio_lo, ratio_run_hi=ratio_hi)
 
 
 def coverage_cells(g: pd.DataFrame, scope: str = "") -> dict:

@@ -421,17 +421,29 @@ def with_training_ratio(rows: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     partner = rows[["run_dir", "step"]].merge(
         training[["run_dir", "step", *cols]], on=["run_dir", "step"], how="left")
     ratio = rows["grad_variance"].to_numpy(dtype=float) / partner["grad_variance"].to_numpy(dtype=float)
-    lo, hi = np.full(len(rows), math.nan), np.full(len(rows), math.nan)
-    for where in rows.groupby(keys, sort=False, dropna=False).indices.values():
-        own, other = rows.iloc[where], partner.iloc[where]
-        kappas = (pooled_spread_kurtosis(own["spread_z_mean"], own["spread_z_sq_mean"]),
-                  pooled_spread_kurtosis(other["spread_z_mean"], other["spread_z_sq_mean"]),
-                  pooled_cross_kurtosis(own["spread_z_mean"], other["spread_z_mean"],
-                                        own["spread_z_cross"]))
-        for i in where:
-            lo[i], hi[i] = variance_ratio_interval_from(
-                float(ratio[i]), int(np.nan_to_num(rows["n_estimates"].iat[i])), *kappas)
+    lo, hi = paired_ratio_intervals(
+        rows.groupby(keys, sort=False, dropna=False).indices.values(), ratio,
+        rows["n_estimates"].to_numpy(dtype=float), rows["spread_z_mean"], rows["spread_z_sq_mean"],
+        partner["spread_z_mean"], partner["spread_z_sq_mean"], rows["spread_z_cross"])
     return rows.assign(var_ratio_training=ratio, var_ratio_training_lo=lo, var_ratio_training_hi=hi)
+
+
+def paired_ratio_intervals(series, ratio: np.ndarray, n_estimates: np.ndarray, z_mean, z_sq_mean,
+                           other_z_mean, other_z_sq_mean, z_cross) -> tuple[np.ndarray, np.ndarray]:
+    """The interval of each row's variance ratio to its partner on the same batches, from
+    the two estimators' kurtoses and their joint one pooled over the row's series
+    (``series``: the row positions of each; the moments: per row, the partner's on the
+    row's own line): ``pgvar.stats.variance_ratio_interval_from``."""
+    lo, hi = np.full(len(ratio), math.nan), np.full(len(ratio), math.nan)
+    moments = [np.asarray(v, dtype=float) for v in (z_mean, z_sq_mean, other_z_mean, other_z_sq_mean, z_cross)]
+    for where in series:
+        m1, m2, o1, o2, cross = (v[where] for v in moments)
+        kappas = (pooled_spread_kurtosis(m1, m2), pooled_spread_kurtosis(o1, o2),
+                  pooled_cross_kurtosis(m1, o1, cross))
+        for i in where:
+            lo[i], hi[i] = variance_ratio_interval_from(float(ratio[i]), int(np.nan_to_num(n_estimates[i])),
+                                                        *kappas)
+    return lo, hi
 
 
 def with_series_intervals(rows: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
