@@ -46,7 +46,6 @@ from pgvar.runlog import (
     STATUS_RUNNING,
 )
 from pgvar.stats import (
-    HEAVY_TAIL_INDEX,
     BiasModel,
     bias_interval_from,
     pooled_cross_kurtosis,
@@ -56,6 +55,7 @@ from pgvar.stats import (
     run_widening,
     variance_interval_from,
     variance_ratio_interval_from,
+    wald_only,
 )
 
 # Config keys that become short alias columns; the first one present wins.
@@ -495,7 +495,7 @@ def run_bias_intervals(rows: pd.DataFrame, kappa: np.ndarray, kappa_along: np.nd
             continue
         model = BiasModel(u=u, v0=v0, slope=slope, skew0=skew0 if np.isfinite(skew0) else 0.0) \
             if M >= 4 and np.isfinite(v0) and np.isfinite(slope) else None
-        lo[i], hi[i] = bias_interval_from(u, se, model, heavy=not tail <= HEAVY_TAIL_INDEX,
+        lo[i], hi[i] = bias_interval_from(u, se, model, heavy=wald_only(int(M), tail),
                                           widen_linear=run_widening(kappa_along[i], int(M)),
                                           widen_degenerate=run_widening(kappa[i], int(M)))
     return lo, hi

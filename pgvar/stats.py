@@ -208,6 +208,12 @@ def interval_reliable(n_estimates: int, tail: float) -> bool:
     return n_estimates >= MIN_RELIABLE_M and tail <= HEAVY_TAIL_INDEX
 
 
+def wald_only(n_estimates: int, tail: float) -> bool:
+    """Whether the squared-bias interval takes the Wald form U -/+ z SE alone: M < 4 (no
+    score model) or heavy tails (``tail_index`` above ``HEAVY_TAIL_INDEX``, or unknown)."""
+    return n_estimates < 4 or not tail <= HEAVY_TAIL_INDEX
+
+
 def run_intervals_reliable(kappa: float, n_estimates: int) -> bool:
     """Whether one estimator's per-measurement intervals can be trusted across a run, from
     the kurtosis of all its measured steps (``pooled_spread_kurtosis``): M >= 
@@ -707,7 +713,7 @@ def measurement_bias_interval(G, g_ref, se_ref2: float = 0.0, ref_var=None,
     u = squared_bias_estimate(G, g_ref, se_ref2)
     if se is None:
         se = math.sqrt(squared_bias_variance(G, g_ref, se_ref2, ref_var, ref_sample, ref_sq))
-    heavy = G.shape[0] < 4 or (tail_index(G) if tail is None else tail) > HEAVY_TAIL_INDEX
+    heavy = wald_only(G.shape[0], tail_index(G) if tail is None else tail)
     model = None if heavy else bias_model(G, g_ref, se_ref2, ref_var, ref_sample, ref_sq)
     return bias_interval_from(u, se, model, heavy, level)
 
@@ -872,7 +878,7 @@ def gradient_stats(G, g_ref, se_ref2: float = 0.0, ref_var=None,
     u_se = math.sqrt(squared_bias_variance(G, g_ref, se_ref2, ref_var, ref_sample, ref_sq))
     tail = tail_index(G)
     model = bias_model(G, g_ref, se_ref2, ref_var, ref_sample, ref_sq) if G.shape[0] >= 4 else None
-    lo, hi = bias_interval_from(u, u_se, model, model is None or tail > HEAVY_TAIL_INDEX)
+    lo, hi = bias_interval_from(u, u_se, model, wald_only(G.shape[0], tail))
     bias = sqrt_clipped(u)
     var_lo, var_hi = variance_interval(G, tail=tail)
     z_mean, z_sq_mean = spread_moments(G)
