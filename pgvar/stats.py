@@ -127,30 +127,51 @@ def leave_one_out_trace_variance(G) -> torch.Tensor:
 
 
 def variance_interval(G, level: float = 0.95, tail: float | None = None) -> tuple[float, float]:
-    """Interval for trCov of ``G`` from its own M estimates (``variance_interval_from``
+    """Interval for trCov of ``G`` from its own M estimates alone (``bonett_variance_interval``
     with kappa = ``tail_index(G)``, or ``tail`` when already known). (nan, nan) with M < 4
     or zero spread.
 
     Measured (experiments/calibration): 93-97% on the tabular MDP at M = 16..128, where a
     log-scale jackknife gave 92-94%; but one step's M estimates under-state heavier tails
-    (CartPole 86-93%, LQR 70-84%): ``analysis.loader`` widens it with the kurtosis of the
-    run's whole series (``pooled_spread_kurtosis``).
+    (CartPole 86-93%, LQR 70-84%): ``analysis.loader`` rebuilds it with the kurtosis of the
+    run's whole series (``variance_interval_from``).
     """
     G = as_matrix(G)
-    return variance_interval_from(trace_variance(G), G.shape[0],
-                                  tail_index(G) if tail is None else tail, level)
+    return bonett_variance_interval(trace_variance(G), G.shape[0],
+                                    tail_index(G) if tail is None else tail, level)
+
+
+def bonett_variance_interval(trace_var: float, n_estimates: int, kappa: float,
+                             level: float = 0.95) -> tuple[float, float]:
+    """Bonett's (2006) interval for a variance whose kurtosis kappa is estimated from the
+    same M estimates: log(c trCov) -/+ z c sqrt((kappa - (M-3)/M) / (M-1)), c = M / (M - z).
+    Its small-sample terms are wider than trCov's own spread in many dimensions, which is
+    what an estimated kappa needs: with the exact spread (``variance_interval_from``) and
+    the step's own kappa the tabular MDP fell to 86-93%. (nan, nan) with M < 4, zero
+    spread or an unknown kappa."""
+    from scipy.special import ndtri
+
+    M = int(n_estimates)
+    if M < 4 or not trace_var > 0 or not math.isfinite(kappa):
+        return math.nan, math.nan
+    z = float(ndtri(0.5 + level / 2))
+    c = M / (M - z)
+    se = c * math.sqrt(max(kappa - (M - 3) / M, _EPS) / (M - 1))
+    centre = math.log(c * trace_var)
+    return math.exp(centre - z * se), math.exp(centre + z * se)
 
 
 def variance_interval_from(trace_var: float, n_estimates: int, kappa: float,
                            level: float = 0.95) -> tuple[float, float]:
-    """Interval for trCov from its estimate over M = ``n_estimates`` estimates and the
-    kurtosis kappa = E||r||^4 / trCov^2 of their deviations: trS df / trCov read as a
+    """Interval for trCov from its estimate over M = ``n_estimates`` estimates when the
+    kurtosis kappa = E||r||^4 / trCov^2 of their deviations is known from far more than
+    these M (a run's pooled one, ``pooled_spread_kurtosis``): trS df / trCov read as a
     chi-square with df = 2 / V degrees of freedom, V = ``trace_variance_relvar(M, kappa)``
     (Satterthwaite: the chi-square with trS's own relative variance, whose right skew it
-    keeps; exact for one Gaussian coordinate, df = M - 1). Bonett's log-scale interval,
-    used before, took the one-dimensional (kappa - (M-3)/M) / (M-1) for V and over-covered
-    in many dimensions at M = 16 (98.3%; experiments/calibration). (nan, nan) with M < 4,
-    zero spread or an unknown kappa."""
+    keeps; exact for one Gaussian coordinate, df = M - 1, and for isotropic ones).
+    Bonett's interval with the pooled kappa took the one-dimensional
+    (kappa - (M-3)/M) / (M-1) for V and over-covered in many dimensions at M = 16 (98.3%;
+    experiments/calibration). (nan, nan) with M < 4, zero spread or an unknown kappa."""
     from scipy.special import chdtri
 
     M = int(n_estimates)

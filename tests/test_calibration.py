@@ -29,6 +29,7 @@ from pgvar.stats import (
     BiasModel,
     bias_interval_from,
     bias_model,
+    bonett_variance_interval,
     gradient_stats,
     interval_reliable,
     leave_one_out_trace_variance,
@@ -167,10 +168,11 @@ def test_spread_moments_by_hand_and_their_pooled_kurtosis():
     assert pooled_tail_index([2.0, 4.0, math.nan]) == pytest.approx(3.0)
 
 
-def test_variance_interval_from_its_summary_is_the_one_from_the_estimates():
+def test_the_steps_variance_interval_is_bonetts_from_its_summary():
     G = torch.randn(24, 5, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-    assert variance_interval_from(trace_variance(G), 24, tail_index(G)) == pytest.approx(variance_interval(G))
+    assert bonett_variance_interval(trace_variance(G), 24, tail_index(G)) == pytest.approx(variance_interval(G))
     assert all(math.isnan(x) for x in variance_interval_from(1.0, 24, math.nan))
+    assert all(math.isnan(x) for x in bonett_variance_interval(1.0, 24, math.nan))
 
 
 def test_the_runs_pooled_kurtosis_makes_the_variance_interval_cover_on_heavy_tails(lqr_heavy):
