@@ -385,8 +385,8 @@ def with_run_reliability(rows: pd.DataFrame) -> pd.DataFrame:
     - ``kurtosis_run``: the series' kurtosis (``series_kurtosis``);
     - ``ci_reliable_run``: whether they can be trusted (``pgvar.stats.run_intervals_reliable``
       on that kurtosis and the series' smallest M);
-    - ``grad_variance_run_lo`` / ``_run_hi``: the variance interval of each step widened
-      with that kurtosis (``pgvar.stats.variance_interval_from``); metrics.csv keeps the
+    - ``grad_variance_run_lo`` / ``_run_hi``: the variance interval of each step with
+      that kurtosis (``pgvar.stats.variance_interval_from``); metrics.csv keeps the
       step's own ``grad_variance_lo`` / ``_hi``;
     - ``grad_bias_sq_run_lo`` / ``_run_hi`` and ``bias_distinguishable_run``: the
       squared-bias interval rebuilt with it and the kurtosis along the bias

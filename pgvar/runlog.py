@@ -114,7 +114,7 @@ COLUMN_DOCS: dict[str, str] = {
     "zero_grad_fraction": "extra, measured rows: fraction of the M batch estimates that are exactly zero (no signal)",
     "grad_norm_mean": "extra, measured rows: mean norm of one batch estimate, mean_m ||g_m||",
     "grad_variance_lo": "extra, measured rows: lower end of the 95% interval of grad_variance "
-                        "from this step's estimates alone (chi-square, kurtosis tail_index); the "
+                        "from this step's estimates alone (Bonett, kurtosis tail_index); the "
                         "analysis adds grad_variance_run_lo/_hi, with the kurtosis of the run's "
                         "whole series, which hold their level where this one under-covers",
     "grad_variance_hi": "extra, measured rows: upper end of the 95% interval of grad_variance",
