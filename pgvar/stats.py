@@ -691,19 +691,23 @@ def score_interval(model: BiasModel, level: float = 0.95) -> tuple[float, float]
     keeps the false-positive rate at its level: under "no bias" the linear part is 0,
     while a plug-in variance at U > 0 would include it and make the test blind.
     """
-    a = (1.0 - level) / 2.0
+    return score_end(model, level, upper=False), score_end(model, level, upper=True)
+
+
+def score_end(model: BiasModel, level: float = 0.95, upper: bool = False) -> float:
+    """One end of ``score_interval``: the lower one is the smallest theta whose upper
+    quantile of U still reaches U, the upper one the largest whose lower quantile does."""
     u = model.u
-
-    def above(theta: float) -> float:  # > 0 while theta is too small to hold U
-        return u - theta - model.quantile(theta, 1.0 - a)
-
-    def below(theta: float) -> float:  # > 0 while theta is still below the upper end
-        return u - theta - model.quantile(theta, a)
-
     if model.v0 <= 0 and model.slope <= 0:  # no spread at any theta (all estimates equal,
-        return u, u                          # exact reference): U is the squared bias itself
+        return u                             # exact reference): U is the squared bias itself
+    a = (1.0 - level) / 2.0
+    prob = a if upper else 1.0 - a
+
+    def holds_u(theta: float) -> float:  # decreases through 0 at the end sought
+        return u - theta - model.quantile(theta, prob)
+
     span = math.sqrt(model.variance(abs(u))) + abs(u) + _EPS
-    return _root(above, u, span), _root(below, u, span)
+    return _root(holds_u, u, span)
 
 
 def _root(fn, centre: float, span: float) -> float:
@@ -772,17 +776,15 @@ def bias_interval_from(u: float, se: float, model: BiasModel | None, heavy: bool
     widens its SE on both sides."""
     from scipy.special import ndtri
 
-    widened = model is not None and (widen_linear != 1.0 or widen_degenerate != 1.0)
     extra = 0.0 if model is None else (
         (widen_linear - 1.0) * model.slope * max(u, 0.0) + (widen_degenerate - 1.0) * model.v0)
     se = math.sqrt(se ** 2 + max(extra, 0.0))
     wald_lo, wald_hi = bias_confidence_interval(u, se, float(ndtri(0.5 + level / 2)))
     if heavy or model is None:
         return wald_lo, wald_hi
-    score_lo, score_hi = score_interval(replace(model, slope=model.slope * widen_linear,
-                                                v0=model.v0 * widen_degenerate), level)
-    if widened:
-        score_hi = score_interval(model, level)[1]
+    score_lo = score_end(replace(model, slope=model.slope * widen_linear,
+                                 v0=model.v0 * widen_degenerate), level, upper=False)
+    score_hi = score_end(model, level, upper=True)
     if score_lo <= 0:
         return score_lo, score_hi
     return max(min(score_lo, wald_lo), _SMALLEST_POSITIVE), score_hi
