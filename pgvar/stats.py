@@ -184,15 +184,16 @@ def variance_interval_from(trace_var: float, n_estimates: int, kappa: float,
     return trace_var * df / float(chdtri(df, a)), trace_var * df / float(chdtri(df, 1.0 - a))
 
 
-def trace_variance_relvar(n_estimates: int, kappa: float) -> float:
+def trace_variance_relvar(n_estimates: int, kappa: float, rho: float | None = None) -> float:
     """Var(trS) / trCov^2 for the unbiased trS of M i.i.d. estimates: (kappa - 1) / M +
     2 rho / (M (M - 1)), rho = tr(Sigma^2) / trCov^2 (exact: trS is a U-statistic of order
-    2). rho is not logged; (kappa - 1) / 2, capped at 1, stands in for it: equal for
-    Gaussian estimates, at least rho wherever the tails are no lighter than Gaussian, and
-    1 (one direction) at most. For one Gaussian coordinate: 2 / (M - 1)."""
+    2); 1 in one direction. Where rho is not known (not logged), (kappa - 1) / 2, capped at
+    1, stands in for it: equal for Gaussian estimates, at least rho wherever the tails are
+    no lighter than Gaussian. For one Gaussian coordinate: 2 / (M - 1)."""
     M = int(n_estimates)
     excess = max(kappa - 1.0, 0.0)
-    return excess / M + 2.0 * min(excess / 2.0, 1.0) / (M * (M - 1))
+    rho = min(excess / 2.0, 1.0) if rho is None else rho
+    return excess / M + 2.0 * rho / (M * (M - 1))
 
 
 def _log_jackknife_se(log_loo: torch.Tensor) -> float:
@@ -330,7 +331,6 @@ def pooled_spread_kurtosis(z_means, z_sq_means) -> float:
     m1, m2 = (np.asarray(list(v), dtype=float) for v in (z_means, z_sq_means))
     ok = np.isfinite(m1) & np.isfinite(m2)
     return float(m2[ok].mean() / m1[ok].mean() ** 2) if ok.any() else math.nan
-
 
 
 def pooled_cross_kurtosis(a_z_means, b_z_means, cross_means) -> float:
@@ -794,13 +794,13 @@ def run_widening(kappa: float, n_estimates: int, level: float = 0.95) -> float:
     """(t_nu / t_{M-1})^2, at least 1, with nu = 2M / (kappa - 1 + 2/(M-1)): how much wider
     a quantile must be when a variance estimated from M estimates of kurtosis kappa is
     itself that uncertain (the degrees of freedom of a chi-square with its relative
-    variance, Satterthwaite; ``trace_variance_relvar`` in one direction); Gaussian tails
+    variance, Satterthwaite: ``trace_variance_relvar`` in one direction); Gaussian tails
     (kappa = 3 for one coordinate) give 1. nan kappa or M < 3: 1. The linear part's
     widening, with the kurtosis of the projections on the bias direction."""
     M = int(n_estimates)
     if M < 3 or not math.isfinite(kappa):
         return 1.0
-    return _t_widening(max(kappa - 1.0, 0.0) / M + 2.0 / (M * (M - 1)), M, level)
+    return _t_widening(trace_variance_relvar(M, kappa, rho=1.0), M, level)
 
 
 def degenerate_widening(kappa: float, n_estimates: int, level: float = 0.95) -> float:
