@@ -374,6 +374,7 @@ def coverage_table(records: pd.DataFrame) -> pd.DataFrame:
         row["flagged_step"] = float((~g["ci_reliable"].astype(bool)).mean())
         row["bias_sq_coverage_pooled"], row["bias_sq_coverage_pooled_t"] = pooled_coverage(g)
         row["tail_index_median"] = float(g["tail_index"].median())
+        row["bias_sq_spread_corr"] = spread_correlation(g)
         row.update(variance_pivot(g))
         row["ref_rel_se"] = float(g["ref_rel_se"].median())
         row["truth_rel_bias_sq"] = float(g["truth_rel_bias_sq"].iloc[0])
@@ -382,6 +383,23 @@ def coverage_table(records: pd.DataFrame) -> pd.DataFrame:
                                     if 1.0 - row["flagged"] >= MIN_UNFLAGGED else "flagged")
         out.append(row)
     return pd.DataFrame.from_records(out)
+
+
+def spread_correlation(g: pd.DataFrame) -> float:
+    """Pearson correlation, over a cell's measurements, of U with the spread its step's
+    score model gives U at the true squared bias, sqrt(v0 + slope * theta); nan without
+    the logged model or with fewer than 3 measurements. Near 0, U over a quantile of the
+    model is as likely as U under the other; negative (the spread along the bias shrinks
+    when U overshoots, as with left-skewed projections), the lower end misses more than
+    its 2.5% unless widened and the upper end less."""
+    if not {"bias_v0", "bias_slope"} <= set(g.columns) or len(g) < 3:
+        return math.nan
+    theta = g["truth_bias_sq"].clip(lower=0.0)
+    spread = np.sqrt((g["bias_v0"] + g["bias_slope"] * theta).clip(lower=0.0))
+    ok = np.isfinite(spread) & np.isfinite(g["bias_sq"])
+    if ok.sum() < 3 or spread[ok].std() == 0 or g["bias_sq"][ok].std() == 0:
+        return math.nan
+    return float(np.corrcoef(g["bias_sq"][ok], spread[ok])[0, 1])
 
 
 def variance_pivot(g: pd.DataFrame) -> dict:
@@ -449,6 +467,7 @@ REPORT_COLUMNS = {  # result.md's coverage table: heading -> column of coverage_
     "unflagged: false positives": "false_positive_unflagged",
     "pooled over 10: table": "bias_sq_coverage_pooled",
     "pooled over 10: t": "bias_sq_coverage_pooled_t", "tail index": "tail_index_median",
+    "corr(U, its modelled spread)": "bias_sq_spread_corr",
     "median trCov / truth": "variance_median_ratio",
     "oracle variance interval width": "variance_oracle_width",
     "verdict": "verdict", "verdict where unflagged": "verdict_unflagged"}

@@ -21,6 +21,7 @@ from analysis.calibration import (
     draw_pool,
     measure_pool,
     measurement_references,
+    spread_correlation,
     wilson_interval,
 )
 from pgvar.stats import (
@@ -285,6 +286,20 @@ def test_coverage_table_counts_and_the_verdict_flips():
     zero = _synthetic_records(400, 0.95, bias="zero")
     row = coverage_table(zero).iloc[0].to_dict()
     assert row["false_positive"] == 1.0 and "false positives" in cell_verdict(row)
+
+
+def test_spread_correlation_reads_the_model_at_the_truth_and_its_sign():
+    """The modelled spread is sqrt(v0 + slope * theta) at the TRUE squared bias: slopes
+    built so that this spread is U itself give +1, so that it is 2 - U give -1 (the same
+    U either way); at a zero truth only v0 counts; no logged model gives nan."""
+    u = np.linspace(0.5, 1.5, 50)
+    records = pd.DataFrame({"bias_sq": u, "truth_bias_sq": 2.0, "bias_v0": 0.01})
+    assert spread_correlation(records.assign(bias_slope=(u ** 2 - 0.01) / 2)) == pytest.approx(1.0)
+    shrinking = records.assign(bias_slope=((2 - u) ** 2 - 0.01) / 2)
+    assert spread_correlation(shrinking) == pytest.approx(-1.0)
+    zero = records.assign(truth_bias_sq=0.0, bias_v0=(2 - u) ** 2, bias_slope=u)
+    assert spread_correlation(zero) == pytest.approx(-1.0)
+    assert math.isnan(spread_correlation(records.drop(columns="bias_v0").assign(bias_slope=u)))
 
 
 # ----------------------------------------------------------------------------- real estimates
