@@ -42,8 +42,13 @@ from pgvar.reference import reference_gradient
 from pgvar.rollout import rollout
 from pgvar.stats import (
     Z_95,
+    BiasModel,
+    GradStats,
     cross_spread_moment,
+    estimates_spread,
+    frobenius_cov_sq,
     gradient_stats,
+    score_interval,
     spread_moments,
     variance_ratio_interval,
 )
@@ -94,6 +99,8 @@ class Pool:
     grad_true_se2: float  # 0 when exact
     trcov_true: float
     ratio_true: float
+    tr_cov_sq_true: float = math.nan  # tr(Sigma^2) of the estimates (``true_spread``)
+    along_bias_true: float = math.nan  # their spread along the true bias (nan: no bias)
 
 
 def case_policy(case: Case, seed: int):
@@ -125,7 +132,46 @@ def draw_pool(case: Case, n_batches: int, seed: int, truth_episodes: int = 200_0
     exact = reference_gradient(env, policy, method="auto", **(
         {} if is_exact(env) else {"n_episodes": truth_episodes, "seed": seed + 7}))
     var_a, var_b = _trace_cov(G), _trace_cov(G_base)
-    return Pool(G, G_base, exact.grad.double(), float(exact.se2), var_a, var_a / var_b)
+    grad = exact.grad.double()
+    tr_s2, along = true_spread(G, (case.mean_factor() - 1.0) * grad)
+    return Pool(G, G_base, grad, float(exact.se2), var_a, var_a / var_b, tr_s2, along)
+
+
+TRUE_SPREAD_ROWS = 4096  # rows of a pool its tr(Sigma^2) is taken from, when P exceeds it
+
+
+def true_spread(G: torch.Tensor, bias: torch.Tensor, max_rows: int = TRUE_SPREAD_ROWS
+                ) -> tuple[float, float]:
+    """What a whole pool says about the two parts of the estimates' spread that one
+    measurement's score model estimates from its M estimates: tr(Sigma^2) (unbiased,
+    ``frobenius_cov_sq``; from the first ``max_rows`` rows when the estimates have more
+    coordinates than that, about 10 s at P = 4610) and b' Sigma b / ||b||^2 along the true
+    bias b (nan for a zero bias, where it does not enter the interval's test of the truth)."""
+    rows = G if G.shape[1] <= max_rows else G[:max_rows]
+    norm = float(bias.norm())
+    along = float((G @ (bias / norm)).var(unbiased=True)) if norm > 0 else math.nan
+    return frobenius_cov_sq(rows), along
+
+
+def true_spread_interval(G: torch.Tensor, g_ref: torch.Tensor, stats: GradStats, pool: Pool
+                         ) -> tuple[float, float]:
+    """One measurement's score interval (``pgvar.stats.score_interval``, neither widened
+    nor joined with the Wald end) with the estimates' spread, tr(Sigma^2) and the spread
+    along the bias, taken from the whole pool instead of its M estimates; the reference's
+    terms and the skewness stay the measurement's. Its coverage says what the interval's
+    form gives when that spread is known: beside the run's, whether a miss comes from the
+    form or from estimating the spread from M estimates. (nan, nan) where the step has no
+    score model (M < 4)."""
+    M = G.shape[0]
+    if M < 4 or not (math.isfinite(stats.bias_v0) and math.isfinite(pool.tr_cov_sq_true)):
+        return math.nan, math.nan
+    v_est, _, kappa = estimates_spread(G, G - g_ref, stats.grad_bias_sq)
+    slope = stats.bias_slope
+    if math.isfinite(pool.along_bias_true):
+        slope += 4.0 * (pool.along_bias_true - kappa) / M
+    model = BiasModel(u=stats.grad_bias_sq, skew0=stats.bias_skew0, slope=slope,
+                      v0=stats.bias_v0 - v_est + 2.0 * pool.tr_cov_sq_true / (M * (M - 1)))
+    return score_interval(model)
 
 
 def _trace_cov(G: torch.Tensor) -> float:
@@ -183,6 +229,7 @@ def measure_pool(case: Case, pool: Pool, Ms: Sequence[int], repeats: int,
         for M in Ms:
             G = pool.G[r * M:(r + 1) * M]
             s = gradient_stats(G, g_ref, se2, var, sample)
+            true_lo, true_hi = true_spread_interval(G, g_ref, s, pool)
             ratio, ratio_lo, ratio_hi = variance_ratio_interval(G, pool.G_base[r * M:(r + 1) * M])
             rows.append({
                 "case": case.label, "env": case.env, "estimator": case.estimator,
@@ -192,6 +239,7 @@ def measure_pool(case: Case, pool: Pool, Ms: Sequence[int], repeats: int,
                 "bias_sq": s.grad_bias_sq, "bias_sq_se": s.grad_bias_sq_se,
                 "bias_sq_lo": s.grad_bias_sq_lo,
                 "bias_sq_hi": s.grad_bias_sq_hi, "distinguishable": s.bias_distinguishable,
+                "bias_sq_true_spread_lo": true_lo, "bias_sq_true_spread_hi": true_hi,
                 "truth_variance": pool.trcov_true, "variance": s.grad_variance,
                 "variance_lo": s.grad_variance_lo, "variance_hi": s.grad_variance_hi,
                 "truth_ratio": pool.ratio_true, "ratio": ratio, "ratio_lo": ratio_lo,
@@ -301,6 +349,10 @@ INTERVAL_COLUMNS = [("bias_sq", "bias_sq_run_lo", "bias_sq_run_hi", "truth_bias_
 STEP_INTERVALS = [("bias_sq_step", "bias_sq_lo", "bias_sq_hi", "truth_bias_sq"),
                   ("variance_step", "variance_lo", "variance_hi", "truth_variance"),
                   ("ratio_step", "ratio_lo", "ratio_hi", "truth_ratio")]
+# the squared-bias score interval with the estimates' true spread (``true_spread_interval``):
+# reported beside the run's, not judged; records written before it give nan
+TRUE_SPREAD_INTERVALS = [("bias_sq_true_spread", "bias_sq_true_spread_lo", "bias_sq_true_spread_hi",
+                          "truth_bias_sq")]
 MIN_UNFLAGGED = 0.1  # below this share of unflagged measurements a cell is 'flagged'
 QUIET_FLAG = 0.1  # where every interval meets its target the flag fires in at most this share
 
@@ -343,9 +395,13 @@ def coverage_cells(g: pd.DataFrame, scope: str = "") -> dict:
     (``bias_sq_coverage_unflagged_lo``), as ``analysis.figures.error_bars`` reads them."""
     n = len(g)
     row = {}
-    for name, lo, hi, truth in [*INTERVAL_COLUMNS, *STEP_INTERVALS]:
-        k = int(_covers(g[lo], g[hi], g[truth]).sum())
+    for name, lo, hi, truth in [*INTERVAL_COLUMNS, *STEP_INTERVALS, *TRUE_SPREAD_INTERVALS]:
         cov = f"{name}_coverage{scope}"
+        if lo not in g.columns or not g[lo].notna().any():
+            row[cov] = row[f"{cov}_lo"] = row[f"{cov}_hi"] = math.nan
+            row[f"{name}_below{scope}"] = row[f"{name}_above{scope}"] = math.nan
+            continue
+        k = int(_covers(g[lo], g[hi], g[truth]).sum())
         row[cov] = k / n if n else math.nan
         row[f"{cov}_lo"], row[f"{cov}_hi"] = wilson_interval(k, n)
         row[f"{name}_below{scope}"] = float((g[truth] < g[lo]).mean()) if n else math.nan
@@ -457,6 +513,8 @@ REPORT_COLUMNS = {  # result.md's coverage table: heading -> column of coverage_
     "case": "case", "M": "M", "repeats": "repeats", "squared bias": "bias_sq_coverage",
     "truth below": "bias_sq_below", "truth above": "bias_sq_above",
     "squared bias (step alone)": "bias_sq_step_coverage",
+    "squared bias (true spread)": "bias_sq_true_spread_coverage",
+    "true spread: truth above": "bias_sq_true_spread_above",
     "false positives": "false_positive", "false positives (step alone)": "false_positive_step",
     "variance": "variance_coverage",
     "variance (step alone)": "variance_step_coverage",

@@ -604,15 +604,7 @@ def bias_model(G, g_ref, se_ref2: float = 0.0, ref_var=None, ref_sample=None,
     M = G.shape[0]
     d = G - as_vector(g_ref, G.shape[1])
     u = squared_bias_estimate(G, g_ref, se_ref2)
-    tr_s2 = frobenius_cov_sq(G) if M >= 4 else math.nan
-    tr_s = trace_variance(G)
-    if not (math.isfinite(tr_s2) and tr_s2 > 0):
-        tr_s2 = tr_s ** 2  # one direction: the widest the degenerate part can be
-    # no spread at all (every estimate equal, e.g. all zero): as many directions as there
-    # are coordinates, so the skewness term vanishes with the spread
-    nu = min(max(tr_s ** 2 / tr_s2, 1.0), float(G.shape[1])) if tr_s2 > 0 else float(G.shape[1])
-    kappa = linear_part_coefficient(d, u)
-    v_est = 2.0 * tr_s2 / (M * (M - 1))
+    v_est, nu, kappa = estimates_spread(G, d, u)
     tr_r2 = reference_noise_sq(float(se_ref2), ref_var, ref_sample) if ref_sq is None else ref_sq
     v_ref = 2.0 * tr_r2
     v_cross = 4.0 * cross_noise_trace(G, ref_sample) / M if se_ref2 > 0 else 0.0
@@ -621,6 +613,22 @@ def bias_model(G, g_ref, se_ref2: float = 0.0, ref_var=None, ref_sample=None,
     return BiasModel(u=u, v0=v_est + v_ref + v_cross, slope=slope,
                      skew0=degenerate_skewness(v_est, nu, v_ref, reference_dimension(
                          float(se_ref2), tr_r2, ref_sample)))
+
+
+def estimates_spread(G: torch.Tensor, d: torch.Tensor, u: float) -> tuple[float, float, float]:
+    """The estimates' own part of ``bias_model``: (v_est, nu, kappa) with v_est =
+    2 tr(Sigma^2) / (M(M-1)) the degenerate variance, nu = (tr Sigma)^2 / tr(Sigma^2) its
+    effective number of directions, and kappa the spread along the bias
+    (``linear_part_coefficient``); ``G`` the float64 [M, P] estimates, ``d`` = G - g_ref."""
+    M = G.shape[0]
+    tr_s2 = frobenius_cov_sq(G) if M >= 4 else math.nan
+    tr_s = trace_variance(G)
+    if not (math.isfinite(tr_s2) and tr_s2 > 0):
+        tr_s2 = tr_s ** 2  # one direction: the widest the degenerate part can be
+    # no spread at all (every estimate equal, e.g. all zero): as many directions as there
+    # are coordinates, so the skewness term vanishes with the spread
+    nu = min(max(tr_s ** 2 / tr_s2, 1.0), float(G.shape[1])) if tr_s2 > 0 else float(G.shape[1])
+    return 2.0 * tr_s2 / (M * (M - 1)), nu, linear_part_coefficient(d, u)
 
 
 def cross_noise_trace(G, ref_sample=None) -> float:

@@ -16,12 +16,15 @@ import torch
 
 from analysis.calibration import (
     Case,
+    Pool,
     cell_verdict,
     coverage_table,
     draw_pool,
     measure_pool,
     measurement_references,
     spread_correlation,
+    true_spread,
+    true_spread_interval,
     wilson_interval,
 )
 from pgvar.stats import (
@@ -300,6 +303,52 @@ def test_spread_correlation_reads_the_model_at_the_truth_and_its_sign():
     zero = records.assign(truth_bias_sq=0.0, bias_v0=(2 - u) ** 2, bias_slope=u)
     assert spread_correlation(zero) == pytest.approx(-1.0)
     assert math.isnan(spread_correlation(records.drop(columns="bias_v0").assign(bias_slope=u)))
+
+
+def _gaussian_pool(n: int, bias: torch.Tensor, scales: torch.Tensor, seed: int) -> Pool:
+    """n Gaussian estimates with independent coordinates of standard deviations ``scales``
+    around ``bias`` (the reference is 0), their true spread from ``true_spread``."""
+    gen = torch.Generator().manual_seed(seed)
+    G = bias + scales * torch.randn(n, bias.numel(), generator=gen, dtype=torch.float64)
+    zero = torch.zeros_like(bias)
+    return Pool(G, G, zero, 0.0, float((scales ** 2).sum()), 1.0, *true_spread(G, bias))
+
+
+def test_true_spread_reads_the_pools_covariance():
+    """tr(Sigma^2) = sum sigma_i^4 and the spread along the bias (its coordinate's
+    sigma^2), within a few standard errors of the exact values; nan along a zero bias."""
+    scales = torch.tensor([3.0, 1.0, 0.5, 0.5], dtype=torch.float64)
+    bias = torch.tensor([0.0, 2.0, 0.0, 0.0], dtype=torch.float64)
+    n = 40_000
+    pool = _gaussian_pool(n, bias, scales, seed=5)
+    tr_s2 = float((scales ** 4).sum())
+    # Var of the unbiased estimate of tr(Sigma^2) ~ 8 tr(Sigma^4) / n (Gaussian, leading order)
+    assert abs(pool.tr_cov_sq_true - tr_s2) < 4 * math.sqrt(8 * float((scales ** 8).sum()) / n)
+    assert abs(pool.along_bias_true - 1.0) < 4 * math.sqrt(2.0 / n)  # sigma^2 = 1, its SE sqrt(2/n)
+    assert math.isnan(true_spread(pool.G, torch.zeros(4, dtype=torch.float64))[1])
+
+
+def test_true_spread_interval_is_the_score_interval_of_the_true_spread():
+    """With a pool whose spread is set by hand, the measurement's interval is the score
+    interval of v0 = 2 tr(Sigma^2) / (M(M-1)) and slope = 4 kappa / M whatever its own M
+    estimates say about their spread; over repeats of Gaussian estimates it covers 95%."""
+    scales = torch.tensor([2.0, 1.0, 1.0], dtype=torch.float64)
+    bias = torch.tensor([0.0, 0.5, 0.0], dtype=torch.float64)
+    pool = _gaussian_pool(32 * 500, bias, scales, seed=6)
+    exact = Pool(pool.G, pool.G, pool.grad_true, 0.0, 6.0, 1.0, tr_cov_sq_true=18.0, along_bias_true=1.0)
+    M, truth, hits = 32, 0.25, 0
+    zero = torch.zeros(3, dtype=torch.float64)
+    for r in range(500):
+        G = pool.G[r * M:(r + 1) * M]
+        s = gradient_stats(G, zero)
+        lo, hi = true_spread_interval(G, zero, s, exact)
+        if r == 0:
+            by_hand = score_interval(BiasModel(u=s.grad_bias_sq, v0=2 * 18.0 / (M * (M - 1)),
+                                               slope=4 * 1.0 / M, skew0=s.bias_skew0))
+            assert (lo, hi) == pytest.approx(by_hand, rel=1e-9)
+        hits += lo <= truth <= hi
+    assert abs(hits / 500 - 0.95) < 3 * binomial_sd(0.95, 500), hits / 500
+    assert all(math.isnan(x) for x in true_spread_interval(pool.G[:3], zero, gradient_stats(pool.G[:3], zero), exact))
 
 
 # ----------------------------------------------------------------------------- real estimates
