@@ -74,11 +74,15 @@ class Case:
     reference: str = "exact"  # or 'monte_carlo': a fresh reference per measurement
     ref_episodes: int = 0  # episodes of each Monte Carlo reference
     env_kwargs: dict = field(default_factory=dict)
+    # > 0: each run's measured steps lie along exact gradient ascent, this far apart in
+    # parameter space (``measure_moving``), instead of all at the initial policy
+    moving: float = 0.0
 
     @property
     def label(self) -> str:
         ref = "exact" if self.reference == "exact" else f"MC {self.ref_episodes} ep"
-        return f"{self.env} ({ref}) {self.estimator} B={self.batch_size}"
+        return f"{self.env} ({ref}) {self.estimator} B={self.batch_size}" + (
+            ", moving policy" if self.moving > 0 else "")
 
     def mean_factor(self) -> float:
         """c with E g = c grad J, from the estimator's definition."""
@@ -118,6 +122,12 @@ def draw_pool(case: Case, n_batches: int, seed: int, truth_episodes: int = 200_0
     exact, the truth is a Monte Carlo reference of ``truth_episodes`` episodes (200k:
     seconds on a tabular MDP, about a minute of CartPole on 2 cores)."""
     env, policy = case_policy(case, seed)
+    return pool_at(case, env, policy, n_batches, seed, truth_episodes, with_base)
+
+
+def pool_at(case: Case, env, policy, n_batches: int, seed: int, truth_episodes: int = 200_000,
+            with_base: bool = True) -> Pool:
+    """``draw_pool`` at a given policy of the case's environment."""
     B = case.batch_size
     per = max(8192 // B, 1)
     G, G_base = [], []
@@ -206,6 +216,43 @@ def measurement_references(case: Case, n: int, seed: int) -> Sequence:
     return FreshReferences(case, n, seed)
 
 
+def measure_moving(case: Case, Ms: Sequence[int], repeats: int, seed: int,
+                   steps: int = POOLED_K) -> pd.DataFrame:
+    """``measure_pool``'s records for a case whose runs move: ``repeats`` // ``steps`` runs,
+    each measuring ``steps`` policies along exact gradient ascent from the case's initial
+    one (``case.moving`` apart in parameter space), so that the tails' shape and scale a
+    run pools change from step to step as in training; the truth is exact at every step.
+    Repeat b * steps + k is run b's step k, so that blocks of ``steps`` consecutive repeats
+    are runs (``with_run_flags``)."""
+    if case.reference != "exact" or case.moving <= 0:
+        raise ValueError(f"{case.label}: a moving policy needs an exact reference and a "
+                         f"positive step, got reference={case.reference!r}, moving={case.moving}")
+    env, policy = case_policy(case, seed)
+    runs = repeats // steps
+    frames = []
+    bar = Progress(steps, f"{case.label}: policies", unit="steps")
+    for k in range(steps):
+        bar.update()
+        pool = pool_at(case, env, policy, runs * max(Ms), seed * 1009 + k)
+        records = measure_pool(case, pool, Ms, runs)
+        frames.append(records.assign(repeat=records["repeat"] * steps + k))
+        ascend(policy, pool.grad_true, case.moving)
+    bar.close()
+    frame = pd.concat(frames, ignore_index=True)
+    return frame.sort_values(["M", "repeat"], kind="stable", ignore_index=True)
+
+
+def ascend(policy: torch.nn.Module, grad: torch.Tensor, distance: float) -> None:
+    """Move ``policy``'s parameters ``distance`` along the unit gradient ``grad`` (flat, in
+    ``parameters()`` order), in place."""
+    from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+    with torch.no_grad():
+        theta = parameters_to_vector(policy.parameters())
+        step = distance * grad / max(float(grad.norm()), 1e-300)
+        vector_to_parameters(theta + step.to(theta.dtype), policy.parameters())
+
+
 def measure_pool(case: Case, pool: Pool, Ms: Sequence[int], repeats: int,
                  references: Sequence = ()) -> pd.DataFrame:
     """One row per (M, repeat): the statistics a run would log, and the truth. Repeat r
@@ -234,7 +281,7 @@ def measure_pool(case: Case, pool: Pool, Ms: Sequence[int], repeats: int,
             rows.append({
                 "case": case.label, "env": case.env, "estimator": case.estimator,
                 "batch_size": case.batch_size, "bias": case.bias, "reference": case.reference,
-                "M": M, "repeat": r, "truth_bias_sq": truth_b2,
+                "policy_step": case.moving, "M": M, "repeat": r, "truth_bias_sq": truth_b2,
                 "truth_rel_bias_sq": truth_b2 / float((pool.grad_true ** 2).sum()),
                 "bias_sq": s.grad_bias_sq, "bias_sq_se": s.grad_bias_sq_se,
                 "bias_sq_lo": s.grad_bias_sq_lo,
@@ -277,9 +324,12 @@ def run_calibration(cases: Iterable[Case], Ms: Sequence[int], repeats: int,
         exact = case.reference == "exact"
         case_Ms = list(Ms if exact or mc_Ms is None else mc_Ms)
         n_rep = repeats if exact or mc_repeats is None else mc_repeats
-        pool = draw_pool(case, max(case_Ms) * n_rep, seed + i)
-        refs = measurement_references(case, n_rep, seed + i)
-        frames.append(measure_pool(case, pool, case_Ms, n_rep, refs))
+        if case.moving > 0:
+            frames.append(measure_moving(case, case_Ms, n_rep, seed + i))
+        else:
+            pool = draw_pool(case, max(case_Ms) * n_rep, seed + i)
+            refs = measurement_references(case, n_rep, seed + i)
+            frames.append(measure_pool(case, pool, case_Ms, n_rep, refs))
         took = time.perf_counter() - t0
         seconds.setdefault((case.env, case.reference), []).append(took)
         done = time.perf_counter() - started
@@ -325,15 +375,16 @@ def pooled_coverage(group: pd.DataFrame, k: int = POOLED_K) -> tuple[float, floa
     the logged standard errors; a Student-t interval across the k values)."""
     ordered = group.sort_values("repeat")
     values, ses = ordered["bias_sq"].to_numpy(), ordered["bias_sq_se"].to_numpy()
-    truth = float(group["truth_bias_sq"].iloc[0])
     n = values.size // k
     if n == 0:
         return math.nan, math.nan
     blocks, se_blocks = values[: n * k].reshape(n, k), ses[: n * k].reshape(n, k)
-    table_hits = [_holds(mean_with_known_se(b, s), truth) for b, s in zip(blocks, se_blocks)]
+    # the truth of a block's mean: the mean of its measurements' (steps of a moving policy differ)
+    truths = ordered["truth_bias_sq"].to_numpy()[: n * k].reshape(n, k).mean(1)
+    table_hits = [_holds(mean_with_known_se(b, s), t) for b, s, t in zip(blocks, se_blocks, truths)]
     mean = blocks.mean(1)
     half = sst.t.ppf(0.975, k - 1) * blocks.std(1, ddof=1) / math.sqrt(k)
-    t_hits = (mean - half <= truth) & (truth <= mean + half)
+    t_hits = (mean - half <= truths) & (truths <= mean + half)
     return float(np.mean(table_hits)), float(np.mean(t_hits))
 
 
@@ -421,7 +472,9 @@ def coverage_table(records: pd.DataFrame) -> pd.DataFrame:
     all measurements and over those whose run is not flagged (``with_run_flags``), the
     shares flagged by the run and by the step, and the pooled (table) coverage."""
     out = []
-    keys = ["case", "env", "estimator", "batch_size", "bias", "reference", "M"]
+    keys = ["case", "env", "estimator", "batch_size", "bias", "reference", "policy_step", "M"]
+    if "policy_step" not in records.columns:  # written before moving policies: all fixed
+        records = records.assign(policy_step=0.0)
     for key, g in with_run_flags(records).groupby(keys, sort=False):
         row = {**dict(zip(keys, key)), "repeats": len(g), **coverage_cells(g)}
         kept = g[g["reliable_run"]]

@@ -20,8 +20,10 @@ from analysis.calibration import (
     cell_verdict,
     coverage_table,
     draw_pool,
+    measure_moving,
     measure_pool,
     measurement_references,
+    pooled_coverage,
     spread_correlation,
     true_spread,
     true_spread_interval,
@@ -289,6 +291,35 @@ def test_coverage_table_counts_and_the_verdict_flips():
     zero = _synthetic_records(400, 0.95, bias="zero")
     row = coverage_table(zero).iloc[0].to_dict()
     assert row["false_positive"] == 1.0 and "false positives" in cell_verdict(row)
+
+
+def test_pooled_coverage_holds_a_blocks_mean_against_its_mean_truth():
+    """Steps of a moving policy have different truths: a block of 10 measurements whose U
+    equals each step's truth (tiny SE) is covered, as the mean of its truths is the mean
+    of its U; read against one step's truth alone it would not be."""
+    truth = np.tile(np.linspace(1.0, 2.0, 10), 20)
+    records = pd.DataFrame({"repeat": np.arange(200), "bias_sq": truth, "bias_sq_se": 1e-3,
+                            "truth_bias_sq": truth})
+    assert pooled_coverage(records) == (1.0, 1.0)
+    assert pooled_coverage(records.assign(truth_bias_sq=1.0)) == (0.0, 0.0)
+
+
+def test_a_moving_run_measures_its_steps_along_exact_ascent():
+    """measure_moving: repeat b * 10 + k is run b's step k at the k-th policy along the
+    exact gradient, so a run's ten truths differ (the bias is grad J / B at each) while
+    every run sees the same ten; it refuses a Monte Carlo reference or no step."""
+    case = Case("tabular", "mean_baseline", 2, "large", env_kwargs=TABULAR, moving=0.5)
+    records = measure_moving(case, [16], 30, seed=3)
+    assert sorted(records["repeat"]) == list(range(30)) and (records["policy_step"] == 0.5).all()
+    truths = records.sort_values("repeat")["truth_bias_sq"].to_numpy().reshape(3, 10)
+    assert len(set(np.round(truths[0], 12))) == 10  # the policy moved at every step
+    assert np.allclose(truths, truths[0])  # each run walks the same path
+    assert truths[0, -1] < 0.5 * truths[0, 0]  # ascent: |grad J| shrinks towards the optimum
+    with pytest.raises(ValueError, match="moving policy"):
+        measure_moving(Case("tabular", "rloo", 4, "zero", "monte_carlo", 64, TABULAR, moving=0.5),
+                       [16], 10, seed=3)
+    with pytest.raises(ValueError, match="moving policy"):
+        measure_moving(Case("tabular", "rloo", 4, "zero", env_kwargs=TABULAR), [16], 10, seed=3)
 
 
 def test_spread_correlation_reads_the_model_at_the_truth_and_its_sign():

@@ -44,3 +44,18 @@ def test_every_part_is_tested_and_flips_with_the_coverage(tmp_path):
     assert "| tested | yes | **confirmed** |" in next(
         x for x in bad.splitlines() if x.startswith("| the bias verdict fires"))
     assert (tmp_path / "good" / "figures" / "calibration_coverage.png").exists()
+
+
+def test_moving_policy_cells_are_judged_apart(tmp_path):
+    """Cells whose runs move along training get their own claims ('... along a moving
+    policy'); a moving cell that misses refutes those and leaves the fixed-policy ones."""
+    m = load_experiment_module(FOLDER)
+    fixed = records(0.95, 0.025).assign(policy_step=0.0)
+    moving = records(0.80, 0.025).assign(policy_step=0.5)
+    moving["case"] = moving["case"] + ", moving policy"
+    text = m.report(pd.concat([fixed, moving], ignore_index=True), tmp_path, "synthetic")
+    rows = [x for x in text.splitlines() if x.startswith("| the ")]
+    along = [x for x in rows if "along a moving policy" in x]
+    assert len(along) == 4 and all("**refuted**" in x for x in along[:3])
+    assert "**confirmed**" in along[3]  # the false positives hold in the moving cell too
+    assert all("**confirmed**" in x for x in rows if "along" not in x and "flag fires" not in x)
