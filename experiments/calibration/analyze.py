@@ -104,8 +104,9 @@ def render(table: pd.DataFrame, verdict: ex.Verdict, preset: str) -> str:
 
 def plot_coverage(table: pd.DataFrame, fig_dir: Path, suffix: str = "") -> list[Path]:
     """Coverage against M, one panel per (interval, environment, reference and whether the
-    policy moves), a line per bias size; grey band: the target; error bars: Wilson 95% intervals. ``suffix``
-    "_unflagged": where the run is not flagged (gaps: all flagged; long bars: few left)."""
+    policy moves), a line per bias size; grey band: the target; error bars: Wilson 95%
+    intervals. ``suffix`` "_unflagged": where the run is not flagged (gaps: all flagged;
+    long bars: few left)."""
     moving = table["policy_step"] > 0 if "policy_step" in table.columns else table["M"] < 0
     table = table.assign(panel=table["env"] + table["reference"].map(
         lambda r: " (exact ∇J)" if r == "exact" else " (Monte Carlo ∇J)") + moving.map(
