@@ -62,7 +62,7 @@ def parts_of(table: pd.DataFrame) -> list[ex.Finding]:
     Cells whose runs move along training (``MOVING_STEP``) are judged apart, over every
     measurement: there the shape a run pools changes from step to step."""
     judged = table[table["M"] >= MIN_M]
-    moving = judged["policy_step"] > 0 if "policy_step" in judged.columns else judged["M"] < 0
+    moving = judged["policy_step"] > 0  # coverage_table gives every table this column
     fixed, parts = judged[~moving], []
     for (name, claim), (where, column) in itertools.product(CLAIMS.items(), SCOPES.items()):
         parts.append(cell_finding(fixed, name, claim + where, column))
@@ -107,7 +107,7 @@ def plot_coverage(table: pd.DataFrame, fig_dir: Path, suffix: str = "") -> list[
     policy moves), a line per bias size; grey band: the target; error bars: Wilson 95%
     intervals. ``suffix`` "_unflagged": where the run is not flagged (gaps: all flagged;
     long bars: few left)."""
-    moving = table["policy_step"] > 0 if "policy_step" in table.columns else table["M"] < 0
+    moving = table["policy_step"] > 0
     table = table.assign(panel=table["env"] + table["reference"].map(
         lambda r: " (exact ∇J)" if r == "exact" else " (Monte Carlo ∇J)") + moving.map(
         {True: ", moving policy", False: ""}))
