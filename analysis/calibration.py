@@ -372,9 +372,11 @@ def _covers(lo: pd.Series, hi: pd.Series, truth: pd.Series) -> pd.Series:
 def pooled_coverage(group: pd.DataFrame, k: int = POOLED_K) -> tuple[float, float]:
     """Coverage of the mean squared bias over blocks of ``k`` measurements, as the
     comparison table pools steps and seeds: (its own interval, ``mean_with_known_se`` on
-    the logged standard errors; a Student-t interval across the k values)."""
+    the run's widened standard errors ``bias_sq_se_run`` as ``analysis.table.measurement_se``
+    takes them, the logged ones in records without; a Student-t interval across the k values)."""
     ordered = group.sort_values("repeat")
-    values, ses = ordered["bias_sq"].to_numpy(), ordered["bias_sq_se"].to_numpy()
+    se_column = "bias_sq_se_run" if "bias_sq_se_run" in ordered.columns else "bias_sq_se"
+    values, ses = ordered["bias_sq"].to_numpy(), ordered[se_column].to_numpy()
     n = values.size // k
     if n == 0:
         return math.nan, math.nan
@@ -410,7 +412,8 @@ QUIET_FLAG = 0.1  # where every interval meets its target the flag fires in at m
 
 def with_run_flags(records: pd.DataFrame, k: int = POOLED_K) -> pd.DataFrame:
     """``records`` with ``reliable_run``, the intervals ``bias_sq_run_lo`` / ``_hi`` (and
-    ``distinguishable_run``), ``variance_run_lo`` / ``_hi`` and ``ratio_run_lo`` / ``_hi``:
+    ``distinguishable_run``, U's widened SE ``bias_sq_se_run``), ``variance_run_lo`` /
+    ``_hi`` and ``ratio_run_lo`` / ``_hi``:
     each block of ``k`` consecutive repeats of a (case, M) read as the measured steps of
     one run, judged together as ``analysis.loader`` judges a run's series
     (``with_series_intervals``, ``paired_ratio_intervals`` with REINFORCE as the partner).
@@ -425,7 +428,8 @@ def with_run_flags(records: pd.DataFrame, k: int = POOLED_K) -> pd.DataFrame:
                               variance_run_lo=records["variance_lo"], variance_run_hi=records["variance_hi"],
                               ratio_run_lo=records["ratio_lo"], ratio_run_hi=records["ratio_hi"],
                               bias_sq_run_lo=records["bias_sq_lo"], bias_sq_run_hi=records["bias_sq_hi"],
-                              distinguishable_run=records["distinguishable"])
+                              distinguishable_run=records["distinguishable"],
+                              bias_sq_se_run=records["bias_sq_se"])
     ratio_lo, ratio_hi = paired_ratio_intervals(
         blocks.groupby(keys, sort=False).indices.values(), records["ratio"].to_numpy(dtype=float),
         records["M"].to_numpy(dtype=float), records["spread_z_mean"], records["spread_z_sq_mean"],
@@ -436,6 +440,7 @@ def with_run_flags(records: pd.DataFrame, k: int = POOLED_K) -> pd.DataFrame:
                           bias_sq_run_lo=judged["grad_bias_sq_run_lo"].to_numpy(),
                           bias_sq_run_hi=judged["grad_bias_sq_run_hi"].to_numpy(),
                           distinguishable_run=judged["bias_distinguishable_run"].to_numpy(),
+                          bias_sq_se_run=judged["grad_bias_sq_se_run"].to_numpy(),
                           ratio_run_lo=ratio_lo, ratio_run_hi=ratio_hi)
 
 

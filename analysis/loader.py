@@ -56,6 +56,7 @@ from pgvar.stats import (
     run_widening,
     variance_interval_from,
     variance_ratio_interval_from,
+    widened_bias_se,
 )
 
 # Config keys that become short alias columns; the first one present wins.
@@ -391,6 +392,8 @@ def with_run_reliability(rows: pd.DataFrame) -> pd.DataFrame:
     - ``grad_bias_sq_run_lo`` / ``_run_hi`` and ``bias_distinguishable_run``: the
       squared-bias interval rebuilt with it and the kurtosis along the bias
       (``run_bias_intervals``), and its verdict;
+    - ``grad_bias_sq_se_run``: U's standard error widened as that interval's is
+      (``pgvar.stats.widened_bias_se``): what the comparison table pools over steps and runs;
     - ``var_ratio_training`` and its interval (``with_training_ratio``).
 
     Logs without ``tail_index`` are returned unchanged."""
@@ -448,9 +451,10 @@ def paired_ratio_intervals(series, ratio: np.ndarray, n_estimates: np.ndarray, z
 
 def with_series_intervals(rows: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     """``rows`` with ``ci_reliable_run``, ``kurtosis_run``, ``grad_variance_run_lo`` /
-    ``_hi`` and ``grad_bias_sq_run_lo`` / ``_hi`` (see ``with_run_reliability``) for the
-    series sharing ``keys``; needs ``tail_index``, ``n_estimates`` and, for the
-    intervals, ``grad_variance`` and the score model's columns (``BIAS_INPUTS``)."""
+    ``_hi``, ``grad_bias_sq_run_lo`` / ``_hi`` and ``grad_bias_sq_se_run`` (see
+    ``with_run_reliability``) for the series sharing ``keys``; needs ``tail_index``,
+    ``n_estimates`` and, for the intervals, ``grad_variance`` and the score model's columns
+    (``BIAS_INPUTS``)."""
     groups = rows.groupby(keys, sort=False, dropna=False)
     which = groups.ngroup().to_numpy()
     series = [(series_kurtosis(g), int(g["n_estimates"].fillna(0).min())) for _, g in groups]
@@ -468,8 +472,9 @@ def with_series_intervals(rows: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
         return out
     along = np.array([pooled_spread_kurtosis(g["proj_z_mean"], g["proj_z_sq_mean"]) for _, g in groups],
                      dtype=float)[which]
-    lo, hi = run_bias_intervals(rows, pooled, along)
-    return out.assign(grad_bias_sq_run_lo=lo, grad_bias_sq_run_hi=hi, bias_distinguishable_run=lo > 0)
+    lo, hi, se = run_bias_intervals(rows, pooled, along)
+    return out.assign(grad_bias_sq_run_lo=lo, grad_bias_sq_run_hi=hi, bias_distinguishable_run=lo > 0,
+                      grad_bias_sq_se_run=se)
 
 
 SERIES_INPUTS = ["tail_index", "n_estimates", "spread_z_mean", "spread_z_sq_mean", "spread_z_cross",
@@ -480,15 +485,16 @@ BIAS_INPUTS = {"grad_bias_sq", "grad_bias_sq_se", "bias_v0", "bias_slope", "bias
 
 
 def run_bias_intervals(rows: pd.DataFrame, kappa: np.ndarray, kappa_along: np.ndarray
-                       ) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's squared-bias interval rebuilt from its logged score model, the lower end
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each row's squared-bias interval (lo, hi) and U's standard error widened the same
+    way (``pgvar.stats.widened_bias_se``), rebuilt from its logged score model, the lower end
     with its linear part widened by the run's kurtosis along the bias (``kappa_along``,
     ``run_widening``) and its degenerate part by the run's kurtosis (``kappa``,
     ``degenerate_widening``): ``pgvar.stats.bias_interval_from``. The score form at every
     step with M >= 4, heavy-tailed ones too (where the step alone takes the Wald form: with
     the run's widening the score form held its false-positive rate at 1.5-3.5% where the
     Wald one fell to 0.4%); M < 4 or no logged model: the Wald form, its SE widened."""
-    lo, hi = np.full(len(rows), math.nan), np.full(len(rows), math.nan)
+    lo, hi, se_run = (np.full(len(rows), math.nan) for _ in range(3))
     cols = [rows[c].to_numpy(dtype=float) for c in ("grad_bias_sq", "grad_bias_sq_se", "bias_v0",
                                                      "bias_slope", "bias_skew0", "n_estimates")]
     for i, (u, se, v0, slope, skew0, M) in enumerate(zip(*cols)):
@@ -496,10 +502,11 @@ def run_bias_intervals(rows: pd.DataFrame, kappa: np.ndarray, kappa_along: np.nd
             continue
         model = BiasModel(u=u, v0=v0, slope=slope, skew0=skew0 if np.isfinite(skew0) else 0.0) \
             if M >= 4 and np.isfinite(v0) and np.isfinite(slope) else None
-        lo[i], hi[i] = bias_interval_from(u, se, model, heavy=model is None,
-                                          widen_linear=run_widening(kappa_along[i], int(M)),
-                                          widen_degenerate=degenerate_widening(kappa[i], int(M)))
-    return lo, hi
+        widen = {"widen_linear": run_widening(kappa_along[i], int(M)),
+                 "widen_degenerate": degenerate_widening(kappa[i], int(M))}
+        lo[i], hi[i] = bias_interval_from(u, se, model, heavy=model is None, **widen)
+        se_run[i] = widened_bias_se(u, se, model, **widen)
+    return lo, hi, se_run
 
 
 def series_kurtosis(series: pd.DataFrame) -> float:

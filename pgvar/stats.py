@@ -785,9 +785,7 @@ def bias_interval_from(u: float, se: float, model: BiasModel | None, heavy: bool
     widens its SE on both sides."""
     from scipy.special import ndtri
 
-    extra = 0.0 if model is None else (
-        (widen_linear - 1.0) * model.slope * max(u, 0.0) + (widen_degenerate - 1.0) * model.v0)
-    se = math.sqrt(se ** 2 + max(extra, 0.0))
+    se = widened_bias_se(u, se, model, widen_linear, widen_degenerate)
     wald_lo, wald_hi = bias_confidence_interval(u, se, float(ndtri(0.5 + level / 2)))
     if heavy or model is None:
         return wald_lo, wald_hi
@@ -797,6 +795,19 @@ def bias_interval_from(u: float, se: float, model: BiasModel | None, heavy: bool
     if score_lo <= 0:
         return score_lo, score_hi
     return max(min(score_lo, wald_lo), _SMALLEST_POSITIVE), score_hi
+
+
+def widened_bias_se(u: float, se: float, model: BiasModel | None, widen_linear: float = 1.0,
+                    widen_degenerate: float = 1.0) -> float:
+    """U's standard error with its linear and degenerate parts' variances scaled by
+    ``widen_linear`` / ``widen_degenerate`` (``run_widening``, ``degenerate_widening``):
+    sqrt(se^2 + (w_l - 1) slope max(U, 0) + (w_d - 1) v0), ``se`` itself without a model.
+    The SE a run's interval uses on its Wald side, and the one the comparison table pools
+    over a run's steps (``analysis.table.per_run_values``)."""
+    if model is None:
+        return se
+    extra = (widen_linear - 1.0) * model.slope * max(u, 0.0) + (widen_degenerate - 1.0) * model.v0
+    return math.sqrt(se ** 2 + max(extra, 0.0))
 
 
 def run_widening(kappa: float, n_estimates: int, level: float = 0.95) -> float:
