@@ -30,9 +30,10 @@ and ``bias_interval_from`` widened by ``run_widening`` and ``degenerate_widening
 verdict's false positives at 0.9-3.8% under no bias, where a step alone gave 70-99% and
 up to 8.2%. The run flag
 (``run_intervals_reliable``) still says where tails are heavy for M: a flag, never a
-silent 75%. Pooling many measurements (the comparison table pools steps and seeds) gives
-bias intervals that cover 91.7-100% at a fixed policy, but as little as 80% on LQR's heavy
-tails when the pooled steps' scales differ along training (experiments/calibration).
+silent 75%. Pooling a run's measurements as the comparison table pools steps and seeds,
+each step's SE widened as its run's interval is (``widened_bias_se``), gives bias intervals
+that cover 93.3-100% at a fixed policy and 90-100% along training; the steps' logged SEs
+alone fell to 80% on LQR's heavy tails when the steps' scales differ (experiments/calibration).
 
 A Monte Carlo reference's own noise enters U; its shape is measured from a sample of
 the reference's sub-batches (``Reference.noise_sample``: tr Sigma_r^2, the spread along
