@@ -33,7 +33,6 @@ import torch
 from scipy import stats as sst
 
 from analysis.loader import paired_ratio_intervals, with_series_intervals
-from analysis.stats import mean_with_known_se
 from pgvar import make_env, make_policy
 from pgvar.envs.base import is_exact
 from pgvar.estimators import estimate_gradients
@@ -370,20 +369,27 @@ def _covers(lo: pd.Series, hi: pd.Series, truth: pd.Series) -> pd.Series:
 
 
 def pooled_coverage(group: pd.DataFrame, k: int = POOLED_K) -> tuple[float, float]:
-    """Coverage of the mean squared bias over blocks of ``k`` measurements, as the
-    comparison table pools steps and seeds: (its own interval, ``mean_with_known_se`` on
-    the run's widened standard errors ``bias_sq_se_run`` as ``analysis.table.measurement_se``
-    takes them, the logged ones in records without; a Student-t interval across the k values)."""
+    """Coverage of the mean squared bias over blocks of ``k`` measurements (one run), as
+    the comparison table pools steps and seeds: (its own interval, ``analysis.table``'s
+    ``pooled_bias`` of ``per_run_values`` on the logged SEs and the run's widened ones
+    ``bias_sq_se_run``; a Student-t interval across the k values)."""
+    from analysis.table import per_run_values, pooled_bias
+
     ordered = group.sort_values("repeat")
-    se_column = "bias_sq_se_run" if "bias_sq_se_run" in ordered.columns else "bias_sq_se"
-    values, ses = ordered["bias_sq"].to_numpy(), ordered[se_column].to_numpy()
-    n = values.size // k
+    n = len(ordered) // k
     if n == 0:
         return math.nan, math.nan
-    blocks, se_blocks = values[: n * k].reshape(n, k), ses[: n * k].reshape(n, k)
+    ordered = ordered.iloc[: n * k]
+    block = np.arange(n * k) // k
+    rows = pd.DataFrame({"run_dir": block, "seed": block, "grad_bias_sq": ordered["bias_sq"].to_numpy(),
+                         "grad_bias_sq_se": ordered["bias_sq_se"].to_numpy()})
+    if "bias_sq_se_run" in ordered.columns:
+        rows["grad_bias_sq_se_run"] = ordered["bias_sq_se_run"].to_numpy()
     # the truth of a block's mean: the mean of its measurements' (steps of a moving policy differ)
-    truths = ordered["truth_bias_sq"].to_numpy()[: n * k].reshape(n, k).mean(1)
-    table_hits = [_holds(mean_with_known_se(b, s), t) for b, s, t in zip(blocks, se_blocks, truths)]
+    truths = ordered["truth_bias_sq"].to_numpy().reshape(n, k).mean(1)
+    table_hits = [_holds(pooled_bias(per_run_values(r)).bias_sq, t)
+                  for (_, r), t in zip(rows.groupby("run_dir", sort=True), truths)]
+    blocks = rows["grad_bias_sq"].to_numpy().reshape(n, k)
     mean = blocks.mean(1)
     half = sst.t.ppf(0.975, k - 1) * blocks.std(1, ddof=1) / math.sqrt(k)
     t_hits = (mean - half <= truths) & (truths <= mean + half)

@@ -45,10 +45,11 @@ same test, so the three cannot disagree:
   the measured steps, every run weighing the same. Its 95% interval is
   ``mean +- 1.96 sqrt(sum se^2) / n`` from the per-measurement standard errors
   (measurements are independent across steps and runs): ``analysis.stats.mean_with_known_se``
-  on each step's SE widened by its run's pooled kurtoses (``measurement_se``: the logged
-  ones covered 80-83% over one run of a moving policy on LQR). It needs no replicate
-  seeds and, measured on synthetic sweeps with heavy-tailed estimates, holds its coverage
-  with 3 seeds where a bootstrap over seeds covers 70-80% (tests/test_table_consistency.py).
+  on the logged SEs, the run's widening of each shared out over the measurements pooled
+  (``pooled_se``: the logged ones alone covered 80-83% over one run of a moving policy on
+  LQR). It needs no replicate seeds and, measured on synthetic sweeps with heavy-tailed
+  estimates, holds its coverage with 3 seeds where a bootstrap over seeds covers 70-80%
+  (tests/test_table_consistency.py).
 - ``ref_norm``: the root mean square of ``||grad J||`` over the same steps,
   ``sqrt(mean(ref_norm^2 - ref_se^2))`` (a Monte Carlo reference's squared SE is removed:
   E||g_ref||^2 = ||grad J||^2 + SE^2).
@@ -209,11 +210,11 @@ def select_steps(measured: pd.DataFrame, steps: str) -> pd.DataFrame:
 
 
 def per_run_values(rows: pd.DataFrame) -> pd.DataFrame:
-    """One line per run: the mean of each statistic over the run's selected steps, and
-    the standard errors of the run's mean U and mean relative U (``sqrt(sum se_k^2) / K``
-    over its K steps, each step's SE widened by what the run's other steps say of its tails:
-    ``measurement_se``), the mean de-noised ``||grad J||^2`` (``ref_sq``) and the fewest
-    estimates of a measurement."""
+    """One line per run: the mean of each statistic over the run's selected steps; for U
+    and the relative U (``grad_rel_bias_sq``) the standard error of the run's mean from the
+    logged ones (``<column>_se`` = ``sqrt(sum se_k^2) / K`` over its K steps), and what
+    ``pooled_se`` needs to widen it (``<column>_widening``, ``<column>_se4``); the mean
+    de-noised ``||grad J||^2`` (``ref_sq``) and the fewest estimates of a measurement."""
     cols = [c for c in RUN_STATS if c in rows.columns]
     by_run = rows.groupby("run_dir", sort=False)
     values = by_run[cols].mean()
@@ -223,27 +224,58 @@ def per_run_values(rows: pd.DataFrame) -> pd.DataFrame:
     if "n_estimates" in rows.columns:
         values["n_estimates"] = by_run["n_estimates"].min()
     if "grad_bias_sq_se" in rows.columns:
-        se = measurement_se(rows)
-        values["grad_bias_sq_se"] = se.groupby(rows["run_dir"], sort=False).apply(_se_of_mean)
+        se, extra = rows["grad_bias_sq_se"].astype(float), widening_variance(rows)
+        scales = {"grad_bias_sq": 1.0}
         if "ref_norm" in rows.columns:
-            rel_se = se / rows["ref_norm"].where(rows["ref_norm"] > 0) ** 2
-            values["grad_rel_bias_sq_se"] = rel_se.groupby(rows["run_dir"], sort=False).apply(_se_of_mean)
+            scales["grad_rel_bias_sq"] = rows["ref_norm"].where(rows["ref_norm"] > 0) ** 2
+        for column, scale in scales.items():
+            parts = pd.DataFrame({"var": (se / scale) ** 2, "extra": extra / scale ** 2})
+            run = parts.groupby(rows["run_dir"], sort=False)
+            k = run["var"].size()
+            var = run["var"].agg(_finite_sum) / k ** 2
+            values[f"{column}_se"] = np.sqrt(var)
+            values[f"{column}_widening"] = run["extra"].agg(_finite_sum) / k ** 2
+            values[f"{column}_se4"] = run["var"].agg(lambda v: _finite_sum(v ** 2)) / k ** 4
     return values
 
 
-def measurement_se(rows: pd.DataFrame) -> pd.Series:
-    """Each measurement's standard error of U as the table pools it: the run's widened one
-    (``grad_bias_sq_se_run``, ``analysis.loader.with_run_reliability``) where the loader
-    could build it, else the logged ``grad_bias_sq_se``.
-
-    Why widened: a step's SE is estimated from its own M estimates and, on heavy tails,
-    comes out small together with a far U; pooled over one run of a moving policy, whose
-    first steps dominate the sum, the logged SEs covered 80-83% (LQR mean_baseline B = 2,
-    M = 16 / 32), the widened ones 98-99% (experiments/calibration, column "pooled over 10")."""
-    logged = rows["grad_bias_sq_se"].astype(float)
+def widening_variance(rows: pd.DataFrame) -> pd.Series:
+    """Per measurement, what the run's widening adds to U's variance:
+    ``grad_bias_sq_se_run^2 - grad_bias_sq_se^2`` (``analysis.loader.with_run_reliability``),
+    0 where the loader could not build it."""
     if "grad_bias_sq_se_run" not in rows.columns:
-        return logged
-    return rows["grad_bias_sq_se_run"].astype(float).fillna(logged)
+        return pd.Series(0.0, index=rows.index)
+    extra = rows["grad_bias_sq_se_run"].astype(float) ** 2 - rows["grad_bias_sq_se"].astype(float) ** 2
+    return extra.clip(lower=0.0).fillna(0.0)
+
+
+def pooled_se(values: pd.DataFrame, column: str) -> np.ndarray:
+    """Each run's standard error as a row pools them (``per_run_values`` lines of one row):
+    ``sqrt(se_i^2 + f * widening_i)``, the run-widened variance's excess shared out over
+    the effectively independent measurements pooled, f = sum se^4 / (sum se^2)^2 (1 when
+    one measurement carries the sum, 1/n for n equal ones).
+
+    Why: one step's SE is estimated from its own M estimates and, on heavy tails, comes
+    out small together with a far U; the run's widening (``pgvar.stats.widened_bias_se``)
+    corrects one step, but a sum's variance estimate is uncertain by about 1/n_eff of one
+    term's, so its excess shrinks as 1/n_eff. Over one run of a moving LQR policy
+    (mean_baseline B = 2, M = 16 / 32 / 128) the logged SEs covered 80 / 83 / 93%, this
+    95 / 93 / 97%, every step fully widened 99 / 98 / 98% (experiments/calibration,
+    "pooled over 10"); over 30 steps the full widening covered 98.6% on average, this 96.9%.
+    Without ``<column>_widening`` the logged SEs."""
+    se = values[f"{column}_se"].to_numpy(float)
+    if f"{column}_widening" not in values.columns:
+        return se
+    widening = values[f"{column}_widening"].to_numpy(float)
+    total = float(np.nansum(se ** 2))
+    share = float(np.nansum(values[f"{column}_se4"].to_numpy(float))) / total ** 2 if total > 0 else 1.0
+    return np.sqrt(se ** 2 + share * widening)
+
+
+def _finite_sum(x: pd.Series) -> float:
+    """Sum, nan when any value is not finite (an SE that could not be computed)."""
+    x = x.to_numpy(float)
+    return float(x.sum()) if np.isfinite(x).all() else math.nan
 
 
 def _true_gradient_sq(rows: pd.DataFrame) -> pd.Series:
@@ -251,14 +283,6 @@ def _true_gradient_sq(rows: pd.DataFrame) -> pd.Series:
     Carlo reference's length is inflated by its noise, E||g_ref||^2 = ||grad J||^2 + SE^2)."""
     ref_se = rows["ref_se"].fillna(0.0) if "ref_se" in rows.columns else 0.0
     return rows["ref_norm"] ** 2 - ref_se ** 2
-
-
-def _se_of_mean(se: pd.Series) -> float:
-    """Standard error of the mean of independent values with standard errors ``se``."""
-    se = se.to_numpy(float)
-    if se.size == 0 or not np.isfinite(se).all():
-        return math.nan
-    return math.sqrt(float((se ** 2).sum())) / se.size
 
 
 def final_returns(df: pd.DataFrame) -> pd.Series:
@@ -561,7 +585,7 @@ def squared_bias_interval(values: pd.DataFrame, column: str) -> Estimate:
     se_col = f"{column}_se"
     if se_col not in values.columns or not math.isfinite(boot.value):
         return boot
-    se = values.loc[values[column].notna(), se_col].to_numpy(float)
+    se = pooled_se(values, column)[values[column].notna().to_numpy()]
     if se.size == 0 or not np.isfinite(se).all():
         return boot
     half = 1.96 * math.sqrt(float((se ** 2).sum())) / se.size
@@ -612,7 +636,7 @@ def pooled_bias(values: pd.DataFrame) -> PooledBias:
         return PooledBias(NAN_ESTIMATE, math.nan)
     se_logged = "grad_bias_sq_se" in values.columns
     if se_logged:
-        b2 = mean_with_known_se(values["grad_bias_sq"], values["grad_bias_sq_se"])
+        b2 = mean_with_known_se(values["grad_bias_sq"], pooled_se(values, "grad_bias_sq"))
     else:
         b2 = mean_ci(values["grad_bias_sq"].to_numpy())
     ref_sq = float(values["ref_sq"].mean()) if "ref_sq" in values.columns else math.nan

@@ -30,10 +30,11 @@ and ``bias_interval_from`` widened by ``run_widening`` and ``degenerate_widening
 verdict's false positives at 0.9-3.8% under no bias, where a step alone gave 70-99% and
 up to 8.2%. The run flag
 (``run_intervals_reliable``) still says where tails are heavy for M: a flag, never a
-silent 75%. Pooling a run's measurements as the comparison table pools steps and seeds,
-each step's SE widened as its run's interval is (``widened_bias_se``), gives bias intervals
-that cover 93.3-100% at a fixed policy and 90-100% along training; the steps' logged SEs
-alone fell to 80% on LQR's heavy tails when the steps' scales differ (experiments/calibration).
+silent 75%. Pooling a run's measurements as the comparison table pools steps and seeds
+(``analysis.table.pooled_se``: the logged SEs plus a share of each step's
+``widened_bias_se`` excess) gives bias intervals that cover 91.7-100% at a fixed policy
+and 90-100% along training; the logged SEs alone fell to 80% on LQR's heavy tails when
+the steps' scales differ (experiments/calibration).
 
 A Monte Carlo reference's own noise enters U; its shape is measured from a sample of
 the reference's sub-batches (``Reference.noise_sample``: tr Sigma_r^2, the spread along
@@ -803,8 +804,8 @@ def widened_bias_se(u: float, se: float, model: BiasModel | None, widen_linear: 
     """U's standard error with its linear and degenerate parts' variances scaled by
     ``widen_linear`` / ``widen_degenerate`` (``run_widening``, ``degenerate_widening``):
     sqrt(se^2 + (w_l - 1) slope max(U, 0) + (w_d - 1) v0), ``se`` itself without a model.
-    The SE a run's interval uses on its Wald side, and the one the comparison table pools
-    over a run's steps (``analysis.table.per_run_values``)."""
+    The SE a run's interval uses on its Wald side; the comparison table pools a share of
+    its excess (``analysis.table.pooled_se``)."""
     if model is None:
         return se
     extra = (widen_linear - 1.0) * model.slope * max(u, 0.0) + (widen_degenerate - 1.0) * model.v0

@@ -21,7 +21,7 @@ from analysis.calibration import Case, measure_moving, with_run_flags
 from analysis.pipeline import analyze
 from analysis.stats import MIN_RUNS_FOR_SEED_BOOTSTRAP, N_RESAMPLES, expanded_level
 from analysis.synthetic import TrueEstimator, heavy_tailed_measurements, write_sweep
-from analysis.table import fmt_ci, per_run_values, pooled_bias
+from analysis.table import fmt_ci, per_run_values, pooled_bias, pooled_se
 
 TRUTHS = [
     TrueEstimator("reinforce", bias=0.0, variance=1.0),
@@ -250,11 +250,25 @@ def test_pooled_interval_over_a_moving_lqr_run_covers_with_the_runs_widened_se()
     """One run's 10 steps along exact ascent on LQR (mean_baseline B = 2, M = 16: heavy
     tails, the first steps dominate the sum): pooled with each step's logged SE the table's
     interval covered 84% of 100 runs at this seed (80-98% over 9 seeds, 91% on average over
-    their 900 runs: short of 95% beyond its binomial error); with the run's widened SE 97%
-    (97-100%, 99% on average: conservative, as the run's own per-step interval is there).
+    their 900 runs: short of 95% beyond its binomial error); with the run's widening
+    shared out as ``analysis.table.pooled_se`` does, 93% (93-100%, 97% on average).
     Tolerance: 3 binomial SDs at 95% over 100 runs."""
     case = Case("lqr", "mean_baseline", 2, "large", env_kwargs=LQR, moving=0.05)
     records = measure_moving(case, [16], 1000, seed=2)  # about 7 s
     floor = _binomial_floor(0.95, 100)
     assert _one_run_coverage(records, widened=True) >= floor
     assert _one_run_coverage(records, widened=False) < floor
+
+
+def test_pooled_se_shares_the_widening_out_over_the_measurements_pooled():
+    """n equal measurements: each keeps 1/n of its widening's excess; one measurement that
+    carries the sum keeps all of its own; no ``grad_bias_sq_se_run``: the logged SEs."""
+    def rows(se: list[float], se_run: list[float]) -> pd.DataFrame:
+        return pd.DataFrame({"run_dir": [f"r{i}" for i in range(len(se))], "seed": range(len(se)),
+                             "grad_bias_sq": 0.0, "grad_bias_sq_se": se, "grad_bias_sq_se_run": se_run})
+    equal = per_run_values(rows([1.0] * 4, [2.0] * 4))  # excess 3 each
+    assert np.allclose(pooled_se(equal, "grad_bias_sq"), math.sqrt(1 + 3 / 4))
+    dominated = pooled_se(per_run_values(rows([1.0, 1e-6], [2.0, 1e-6])), "grad_bias_sq")
+    assert dominated[0] == pytest.approx(2.0, rel=1e-9)
+    plain = per_run_values(rows([1.0] * 4, [2.0] * 4).drop(columns="grad_bias_sq_se_run"))
+    assert np.allclose(pooled_se(plain, "grad_bias_sq"), 1.0)
