@@ -393,7 +393,8 @@ def with_run_reliability(rows: pd.DataFrame) -> pd.DataFrame:
       squared-bias interval rebuilt with it and the kurtosis along the bias
       (``run_bias_intervals``), and its verdict;
     - ``grad_bias_sq_se_run``: U's standard error widened as that interval's is
-      (``pgvar.stats.widened_bias_se``): what the comparison table pools over steps and runs;
+      (``pgvar.stats.widened_bias_se``); the comparison table pools a share of its excess
+      over the logged SE (``analysis.table.pooled_se``);
     - ``var_ratio_training`` and its interval (``with_training_ratio``).
 
     Logs without ``tail_index`` are returned unchanged."""

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.calibration import Case, measure_moving, with_run_flags
+from analysis.calibration import Case, measure_moving, pooled_coverage, with_run_flags
 from analysis.pipeline import analyze
 from analysis.stats import MIN_RUNS_FOR_SEED_BOOTSTRAP, N_RESAMPLES, expanded_level
 from analysis.synthetic import TrueEstimator, heavy_tailed_measurements, write_sweep
@@ -230,22 +230,6 @@ def test_seed_bootstrap_would_undercover_with_few_seeds():
     assert unbiased["bootstrap_positive"] > 0.05 > unbiased["pooled_positive"], unbiased
 
 
-def _one_run_coverage(records: pd.DataFrame, widened: bool) -> float:
-    """Share of runs (10 consecutive repeats of ``with_run_flags``' records) whose pooled
-    squared-bias interval (``per_run_values`` then ``pooled_bias``, as the table builds a
-    row) holds the run's mean true squared bias; ``widened``: with the loader's
-    ``grad_bias_sq_se_run``, else the logged SEs alone (the table before it)."""
-    judged = with_run_flags(records)
-    run = judged["repeat"] // 10
-    rows = pd.DataFrame({"run_dir": run, "seed": run, "grad_bias_sq": judged["bias_sq"],
-                         "grad_bias_sq_se": judged["bias_sq_se"]})
-    if widened:
-        rows["grad_bias_sq_se_run"] = judged["bias_sq_se_run"]
-    truths = judged.groupby(run)["truth_bias_sq"].mean()
-    pooled = [pooled_bias(per_run_values(g)).bias_sq for _, g in rows.groupby("run_dir")]
-    return float(np.mean([e.lo <= t <= e.hi for e, t in zip(pooled, truths)]))
-
-
 def test_pooled_interval_over_a_moving_lqr_run_covers_with_the_runs_widened_se():
     """One run's 10 steps along exact ascent on LQR (mean_baseline B = 2, M = 16: heavy
     tails, the first steps dominate the sum): pooled with each step's logged SE the table's
@@ -254,10 +238,11 @@ def test_pooled_interval_over_a_moving_lqr_run_covers_with_the_runs_widened_se()
     shared out as ``analysis.table.pooled_se`` does, 93% (93-100%, 97% on average).
     Tolerance: 3 binomial SDs at 95% over 100 runs."""
     case = Case("lqr", "mean_baseline", 2, "large", env_kwargs=LQR, moving=0.05)
-    records = measure_moving(case, [16], 1000, seed=2)  # about 7 s
+    judged = with_run_flags(measure_moving(case, [16], 1000, seed=2))  # about 7 s
     floor = _binomial_floor(0.95, 100)
-    assert _one_run_coverage(records, widened=True) >= floor
-    assert _one_run_coverage(records, widened=False) < floor
+    table, _ = pooled_coverage(judged)  # each run's 10 steps through per_run_values, pooled_bias
+    logged_only, _ = pooled_coverage(judged.drop(columns="bias_sq_se_run"))
+    assert table >= floor > logged_only, (table, logged_only)
 
 
 def test_pooled_se_shares_the_widening_out_over_the_measurements_pooled():
