@@ -493,6 +493,9 @@ def coverage_table(records: pd.DataFrame) -> pd.DataFrame:
         row["flagged"] = 1.0 - len(kept) / len(g)
         row["flagged_step"] = float((~g["ci_reliable"].astype(bool)).mean())
         row["bias_sq_coverage_pooled"], row["bias_sq_coverage_pooled_t"] = pooled_coverage(g)
+        runs = len(g) // POOLED_K
+        row["bias_sq_coverage_pooled_lo"], row["bias_sq_coverage_pooled_hi"] = wilson_interval(
+            round(row["bias_sq_coverage_pooled"] * runs), runs) if runs else (math.nan, math.nan)
         row["tail_index_median"] = float(g["tail_index"].median())
         row["bias_sq_spread_corr"] = spread_correlation(g)
         row.update(variance_pivot(g))
@@ -533,7 +536,7 @@ def variance_pivot(g: pd.DataFrame) -> dict:
     return {"variance_median_ratio": float(median), "variance_oracle_width": float(hi / lo)}
 
 
-def _consistent(lo: float, hi: float, target: tuple[float, float]) -> bool:
+def meets_band(lo: float, hi: float, target: tuple[float, float]) -> bool:
     """Whether a Wilson interval [lo, hi] meets the target range: with finitely many
     repeats a cell is only called off target when its binomial interval lies outside."""
     return hi >= target[0] and lo <= target[1]
@@ -546,9 +549,9 @@ def cell_verdict(row: dict, suffix: str = "") -> str:
     runs flagged themselves (M < 16 is outside the target and says so)."""
     band = (NOMINAL - TOLERANCE, NOMINAL + TOLERANCE)
     misses = [name for name, *_ in INTERVAL_COLUMNS
-              if not _consistent(row[f"{name}_coverage{suffix}_lo"],
+              if not meets_band(row[f"{name}_coverage{suffix}_lo"],
                                  row[f"{name}_coverage{suffix}_hi"], band)]
-    if math.isfinite(row[f"false_positive{suffix}"]) and not _consistent(
+    if math.isfinite(row[f"false_positive{suffix}"]) and not meets_band(
             row[f"false_positive{suffix}_lo"], row[f"false_positive{suffix}_hi"], FP_TARGET):
         misses.append("false positives")
     if not misses:
@@ -598,7 +601,7 @@ REPORT_COLUMNS = {  # result.md's coverage table: heading -> column of coverage_
 SHARE_SUFFIXES = ("coverage", "coverage_lo", "coverage_hi", "positive", "positive_lo", "positive_step",
                   "positive_step_lo", "positive_step_hi",
                   "positive_hi", "below", "above", "flagged", "flagged_step", "unflagged",
-                  "unflagged_lo", "unflagged_hi", "pooled", "pooled_t")
+                  "unflagged_lo", "unflagged_hi", "pooled", "pooled_lo", "pooled_hi", "pooled_t")
 
 
 def in_percent(table: pd.DataFrame) -> pd.DataFrame:
