@@ -60,7 +60,8 @@ def parts_of(table: pd.DataFrame) -> list[ex.Finding]:
     its target (cells the flag covers almost wholly are not judged unflagged), refuted when
     none does, else qualified. And the flag's own claim: quiet where the targets hold.
     Cells whose runs move along training (``MOVING_STEP``) are judged apart, over every
-    measurement: there the shape a run pools changes from step to step."""
+    measurement: there the shape a run pools changes from step to step. The comparison
+    table's interval pooled over a run is judged the same way (``pooled_finding``)."""
     judged = table[table["M"] >= MIN_M]
     moving = judged["policy_step"] > 0  # coverage_table gives every table this column
     fixed, parts = judged[~moving], []
@@ -93,11 +94,16 @@ def pooled_finding(judged: pd.DataFrame, claim: str) -> ex.Finding:
     met = [cal.meets_band(lo, hi, band) for lo, hi in
            zip(judged["bias_sq_coverage_pooled_lo"], judged["bias_sq_coverage_pooled_hi"])]
     missed = judged[~pd.Series(met, index=judged.index, dtype=bool)]
-    word = ex.share_word(["missed"] * len(missed) + ["met"] * (len(judged) - len(missed)), "met")
-    return ex.Finding(claim, word, f"met in {len(judged) - len(missed)} of {len(judged)} cells with "
-                      f"M >= {MIN_M}" + "".join(f"; missed: {r.case} M={r.M} "
-                                                f"({100 * r.bias_sq_coverage_pooled:.0f}%)"
-                                                for r in missed.itertuples()))
+    return cells_met(claim, len(judged), [f"{r.case} M={r.M} ({100 * r.bias_sq_coverage_pooled:.0f}%)"
+                                          for r in missed.itertuples()])
+
+
+def cells_met(claim: str, n_cells: int, missed: list[str]) -> ex.Finding:
+    """A claim judged cell by cell: confirmed when every one of ``n_cells`` meets it,
+    refuted when none does, else qualified, naming the cells ``missed``."""
+    word = ex.share_word(["missed"] * len(missed) + ["met"] * (n_cells - len(missed)), "met")
+    return ex.Finding(claim, word, f"met in {n_cells - len(missed)} of {n_cells} cells with "
+                      f"M >= {MIN_M}" + "".join(f"; missed: {m}" for m in missed))
 
 
 def cell_finding(judged: pd.DataFrame, name: str, claim: str, column: str) -> ex.Finding:
@@ -106,9 +112,7 @@ def cell_finding(judged: pd.DataFrame, name: str, claim: str, column: str) -> ex
     cells = judged[judged["bias"] == "zero"] if name == "false positives" else judged
     cells = cells[cells[column] != "flagged"]
     missed = cells[cells[column].str.contains(name)]
-    word = ex.share_word(["missed"] * len(missed) + ["met"] * (len(cells) - len(missed)), "met")
-    return ex.Finding(claim, word, f"met in {len(cells) - len(missed)} of {len(cells)} cells with "
-                      f"M >= {MIN_M}" + "".join(f"; missed: {r.case} M={r.M}" for r in missed.itertuples()))
+    return cells_met(claim, len(cells), [f"{r.case} M={r.M}" for r in missed.itertuples()])
 
 
 def render(table: pd.DataFrame, verdict: ex.Verdict, preset: str) -> str:
