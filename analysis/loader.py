@@ -32,6 +32,7 @@ import pandas as pd
 from analysis.validate import DamagedRun, validated_paired_rows, validated_rows
 from pgvar.estimators import DEFAULT_CONFIG
 from pgvar.paired import SHARED_KNOBS, parse_spec
+from pgvar.provenance import stale_runs, stale_warning
 
 # The log schema is pgvar-run's (pgvar.runlog owns the file names, statuses and columns).
 from pgvar.runlog import (
@@ -88,12 +89,20 @@ class LoadReport:
 
     loaded: list[Path] = field(default_factory=list)
     skipped: list[SkippedRun] = field(default_factory=list)
+    # run.json of every loaded run (``code`` says which code made it: ``pgvar.provenance``)
+    records: list[Mapping[str, Any]] = field(default_factory=list, repr=False)
+
+    def code_summary(self) -> dict[str, Any]:
+        """Which code made the loaded runs, against this process's (``stale_runs``)."""
+        return stale_runs(self.records)
 
     def summary(self) -> str:
-        """A human-readable account, one line per skipped run."""
+        """A human-readable account, one line per skipped run, and a warning when some
+        loaded runs were made by other (or unrecorded) pgvar code than this analysis."""
         lines = [f"loaded {len(self.loaded)} complete run(s); skipped {len(self.skipped)}"]
         lines += [f"  skipped [{s.status}] {s.path}: {s.reason}" for s in self.skipped]
-        return "\n".join(lines)
+        warning = stale_warning(self.code_summary(), "the analysed folders") if self.records else None
+        return "\n".join(lines + ([warning] if warning else []))
 
 
 def load_runs(paths: Path | str | Iterable[Path | str]) -> tuple[pd.DataFrame, LoadReport]:
@@ -181,6 +190,7 @@ def _load_one(run_dir: Path, root: Path, report: LoadReport) -> pd.DataFrame | N
     config = info.get("config")
     metrics.attrs["config_columns"] = list(flatten_config(config)) if isinstance(config, Mapping) else []
     report.loaded.append(run_dir)
+    report.records.append(info)
     return metrics
 
 

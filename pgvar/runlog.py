@@ -13,7 +13,8 @@ Two files (column meanings: ``COLUMN_DOCS``; the README copies them), and with
   status (``complete``, ``failed`` or ``diverged``) at the end. A run killed mid-way
   therefore leaves ``status: "running"`` (or, killed before its first write, no
   run.json at all): only ``status == "complete"`` marks a finished run, and readers
-  must ignore every other run directory.
+  must ignore every other run directory. It also records which code made the run
+  (``code``: git commit, dirty flag and source digests, ``pgvar.provenance``).
 
 Re-running a sweep into the same directory: a job whose run.json says ``complete`` for
 the same resolved config is skipped; any other job is redone from scratch, its old
@@ -34,6 +35,8 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from pgvar.provenance import code_record, describe, stale_runs
 
 METRICS_FILE = "metrics.csv"
 PAIRED_FILE = "paired.csv"  # every estimator measured at a measured step (pgvar.paired)
@@ -396,6 +399,7 @@ class RunRecord:
             "overrides": self.overrides,
             "choices": self.choices,
             "versions": versions(),
+            "code": code_record(),
             "host": platform.node(),
             "argv": list(sys.argv),
             "config": self.config,
@@ -446,6 +450,16 @@ class JobDecision:
     reason: str
 
 
+def code_difference(record: Mapping[str, Any]) -> str:
+    """'' when a run's recorded pgvar code is this process's, else a clause saying it was
+    made by other (or unrecorded) code and kept all the same (``pgvar.provenance``)."""
+    stale = stale_runs([record])
+    if not (stale["other_code"] or stale["unrecorded"]):
+        return ""
+    return (f" (made by other pgvar code, {describe(record.get('code'))}, than this call's "
+            f"{describe(code_record())}; kept: pass rerun_complete=true to redo it)")
+
+
 def prepare_job_dir(job_dir: Path, config: Mapping[str, Any], rerun_complete: bool = False) -> JobDecision:
     """Decide whether a job runs, and clear what an earlier attempt left if it does.
 
@@ -458,7 +472,8 @@ def prepare_job_dir(job_dir: Path, config: Mapping[str, Any], rerun_complete: bo
     record = read_run_record(job_dir)
     if is_complete(record, config):
         if not rerun_complete:
-            return JobDecision("skip", "run.json says complete for this config")
+            return JobDecision("skip", "run.json says complete for this config"
+                               + code_difference(record))
         reason = "rerun_complete=true: redoing a complete run"
     elif record is None:
         reason = "no earlier run" if not (job_dir / METRICS_FILE).exists() else \

@@ -35,7 +35,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("run", ("pgvar/config.py", "pgvar/run.py", "pgvar/runlog.py", "pgvar/sweep.py",
              "pgvar/preflight.py", "pgvar/joblock.py", "pgvar/bench.py", "pgvar/__main__.py",
              "pgvar/sequence_run.py", "pgvar/checkpoints.py", "pgvar/measured_step.py",
-             "pgvar/remeasure.py", "pgvar/cli.py",
+             "pgvar/remeasure.py", "pgvar/cli.py", "pgvar/provenance.py",
              "hydra_plugins/*/*.py")),
     ("analysis", ("analysis/*.py",)),
     ("experiments & reproduction", ("experiments/*/*.py", "analysis/reproduce.py")),

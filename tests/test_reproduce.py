@@ -95,7 +95,7 @@ def test_sweep_command_uses_joblib_and_the_sweep_dir(tmp_path):
     assert f"hydra.sweep.dir={(tmp_path / 'runs' / 'a').resolve()}" in cmd
 
 
-def test_after_the_sweeps_in_process(tmp_path):
+def test_after_the_sweeps_in_process(tmp_path, capsys):
     """What ``pgvar-reproduce`` does once its sweeps have run, on synthetic runs: it finds
     the finished jobs, writes the table, its record and the published copy (with real
     sweeps, through the command line: the slow end-to-end test below)."""
@@ -107,13 +107,18 @@ def test_after_the_sweeps_in_process(tmp_path):
     spec = rp.ExperimentSpec(name="demo", folder=tmp_path / "experiments" / "demo",
                              preset="smoke", sweeps={"tabular": ["env=tabular"]})
     assert rp._analyse(spec, out, no_figures=True) == 0
+    # synthetic runs carry no code record: the load report printed says so, with the fix
+    assert "6 with no code record" in capsys.readouterr().out
     assert "Vanilla REINFORCE" in (out / "table_full.md").read_text()
     assert "| reinforce |" in (out / "table.md").read_text()
     assert rp.run_experiment_analysis(spec, out) == 0  # no analyze.py: nothing more to run
     outcome = rp.SweepOutcome("tabular", 0, 1.0, {"complete": len(jobs)})
-    rp._write_record(spec, out, [outcome], 1.0, 2.0, ["demo", "--preset", "smoke"])
+    runs_code = rp.runs_code_summary(out / "runs")  # synthetic runs carry no code record
+    assert runs_code["unrecorded"] == len(jobs)
+    rp._write_record(spec, out, [outcome], 1.0, 2.0, ["demo", "--preset", "smoke"], runs_code)
     record = json.loads((out / "reproduce.json").read_text())
     assert record["sweeps"]["tabular"]["statuses"] == {"complete": 6}
+    assert record["code"]["digest"]["pgvar"] and record["runs_code"]["by_code"] == {"unrecorded": 6}
     published = rp.publish(out, spec)
     assert published == spec.folder / "results" / "smoke"
     names = {p.name for p in published.iterdir()}
@@ -154,6 +159,9 @@ def test_reproduce_table_smoke_end_to_end(tmp_path):
     assert set(table["agreement"]) <= {"inconclusive", "no claim"}, table["agreement_detail"]
     record = json.loads((out / "reproduce.json").read_text())
     assert record["preset"] == "smoke" and record["sweeps"]["tabular"]["statuses"] == {"complete": 2}
+    # the runs were made by this code, and reproduce.json says which
+    assert record["runs_code"]["other_code"] == record["runs_code"]["unrecorded"] == 0
+    assert sum(record["runs_code"]["by_code"].values()) == 2
     assert elapsed < 180, f"smoke preset took {elapsed:.0f}s"
 
     # a second call finds every run complete and only redoes the analysis
