@@ -368,32 +368,49 @@ def _covers(lo: pd.Series, hi: pd.Series, truth: pd.Series) -> pd.Series:
     return (lo <= truth) & (truth <= hi)
 
 
-def pooled_coverage(group: pd.DataFrame, k: int = POOLED_K) -> tuple[float, float]:
+@dataclass(frozen=True)
+class PooledCoverage:
+    """How the comparison table's interval pooled over blocks of measurements fared: the
+    share of blocks whose interval held the truth (``table``), the share whose verdict
+    said "biased" (``biased``: false positives where the bias is 0), the blocks counted,
+    and a Student-t interval's coverage across each block's values (``t``)."""
+
+    table: float
+    biased: float
+    blocks: int
+    t: float
+
+
+def pooled_coverage(group: pd.DataFrame, k: int = POOLED_K) -> PooledCoverage:
     """Coverage of the mean squared bias over blocks of ``k`` measurements (one run), as
-    the comparison table pools steps and seeds: (its own interval, ``analysis.table``'s
-    ``pooled_bias`` of ``per_run_values`` on the logged SEs and the run's widened ones
-    ``bias_sq_se_run``; a Student-t interval across the k values)."""
+    the comparison table pools steps and seeds: ``analysis.table``'s ``pooled_bias`` of
+    ``per_run_values`` on the logged SEs, the run's widened ones ``bias_sq_se_run`` and
+    each step's score model (``PooledCoverage``)."""
     from analysis.table import per_run_values, pooled_bias
 
     ordered = group.sort_values("repeat")
     n = len(ordered) // k
     if n == 0:
-        return math.nan, math.nan
+        return PooledCoverage(math.nan, math.nan, 0, math.nan)
     ordered = ordered.iloc[: n * k]
     block = np.arange(n * k) // k
     rows = pd.DataFrame({"run_dir": block, "seed": block, "grad_bias_sq": ordered["bias_sq"].to_numpy(),
                          "grad_bias_sq_se": ordered["bias_sq_se"].to_numpy()})
     if "bias_sq_se_run" in ordered.columns:
         rows["grad_bias_sq_se_run"] = ordered["bias_sq_se_run"].to_numpy()
+    for column in ("bias_v0", "bias_slope", "bias_skew0"):  # each step's score model
+        if column in ordered.columns:
+            rows[column] = ordered[column].to_numpy()
     # the truth of a block's mean: the mean of its measurements' (steps of a moving policy differ)
     truths = ordered["truth_bias_sq"].to_numpy().reshape(n, k).mean(1)
-    table_hits = [_holds(pooled_bias(per_run_values(r)).bias_sq, t)
-                  for (_, r), t in zip(rows.groupby("run_dir", sort=True), truths)]
+    pooled = [pooled_bias(per_run_values(r)).bias_sq for _, r in rows.groupby("run_dir", sort=True)]
     blocks = rows["grad_bias_sq"].to_numpy().reshape(n, k)
     mean = blocks.mean(1)
     half = sst.t.ppf(0.975, k - 1) * blocks.std(1, ddof=1) / math.sqrt(k)
     t_hits = (mean - half <= truths) & (truths <= mean + half)
-    return float(np.mean(table_hits)), float(np.mean(t_hits))
+    return PooledCoverage(table=float(np.mean([_holds(e, t) for e, t in zip(pooled, truths)])),
+                          biased=float(np.mean([e.lo > 0 for e in pooled])), blocks=n,
+                          t=float(np.mean(t_hits)))
 
 
 def _holds(est, truth: float) -> bool:
@@ -492,10 +509,14 @@ def coverage_table(records: pd.DataFrame) -> pd.DataFrame:
         row.update(coverage_cells(kept, "_unflagged"))
         row["flagged"] = 1.0 - len(kept) / len(g)
         row["flagged_step"] = float((~g["ci_reliable"].astype(bool)).mean())
-        row["bias_sq_coverage_pooled"], row["bias_sq_coverage_pooled_t"] = pooled_coverage(g)
-        runs = len(g) // POOLED_K
+        pooled = pooled_coverage(g)
+        row["bias_sq_coverage_pooled"], row["bias_sq_coverage_pooled_t"] = pooled.table, pooled.t
         row["bias_sq_coverage_pooled_lo"], row["bias_sq_coverage_pooled_hi"] = wilson_interval(
-            round(row["bias_sq_coverage_pooled"] * runs), runs) if runs else (math.nan, math.nan)
+            round(pooled.table * pooled.blocks), pooled.blocks) if pooled.blocks else (math.nan, math.nan)
+        zero = g["bias"].iloc[0] == "zero" and pooled.blocks > 0
+        row["false_positive_pooled"] = pooled.biased if zero else math.nan
+        row["false_positive_pooled_lo"], row["false_positive_pooled_hi"] = wilson_interval(
+            round(pooled.biased * pooled.blocks), pooled.blocks) if zero else (math.nan, math.nan)
         row["tail_index_median"] = float(g["tail_index"].median())
         row["bias_sq_spread_corr"] = spread_correlation(g)
         row.update(variance_pivot(g))
@@ -591,7 +612,8 @@ REPORT_COLUMNS = {  # result.md's coverage table: heading -> column of coverage_
     "unflagged: ratio": "ratio_coverage_unflagged",
     "unflagged: false positives": "false_positive_unflagged",
     "pooled over 10: table": "bias_sq_coverage_pooled",
-    "pooled over 10: t": "bias_sq_coverage_pooled_t", "tail index": "tail_index_median",
+    "pooled over 10: t": "bias_sq_coverage_pooled_t",
+    "pooled over 10: false positives": "false_positive_pooled", "tail index": "tail_index_median",
     "corr(U, its modelled spread)": "bias_sq_spread_corr",
     "median trCov / truth": "variance_median_ratio",
     "oracle variance interval width": "variance_oracle_width",

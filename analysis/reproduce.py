@@ -246,6 +246,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """Run every sweep of the experiment's preset, then analyse; see the module doc."""
+    code_record()  # the code as launched: reproduce.json must not name files edited since
     args = parse_args(argv)
     try:
         spec = load_spec(args.name, args.preset)

@@ -796,7 +796,7 @@ def bias_interval_from(u: float, se: float, model: BiasModel | None, heavy: bool
     score_hi = score_end(model, level, upper=True)
     if score_lo <= 0:
         return score_lo, score_hi
-    return max(min(score_lo, wald_lo), _SMALLEST_POSITIVE), score_hi
+    return max(min(score_lo, wald_lo), SMALLEST_POSITIVE), score_hi
 
 
 def widened_bias_se(u: float, se: float, model: BiasModel | None, widen_linear: float = 1.0,
@@ -850,7 +850,7 @@ def _t_widening(relvar: float, M: int, level: float) -> float:
     return max((float(stdtrit(nu, q)) / float(stdtrit(M - 1, q))) ** 2, 1.0)
 
 
-_SMALLEST_POSITIVE = 5e-324
+SMALLEST_POSITIVE = 5e-324
 
 
 def sqrt_clipped(x: float) -> float:

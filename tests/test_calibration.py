@@ -300,8 +300,10 @@ def test_pooled_coverage_holds_a_blocks_mean_against_its_mean_truth():
     truth = np.tile(np.linspace(1.0, 2.0, 10), 20)
     records = pd.DataFrame({"repeat": np.arange(200), "bias_sq": truth, "bias_sq_se": 1e-3,
                             "truth_bias_sq": truth})
-    assert pooled_coverage(records) == (1.0, 1.0)
-    assert pooled_coverage(records.assign(truth_bias_sq=1.0)) == (0.0, 0.0)
+    held = pooled_coverage(records)
+    assert (held.table, held.t, held.blocks, held.biased) == (1.0, 1.0, 20, 1.0)
+    missed = pooled_coverage(records.assign(truth_bias_sq=1.0))
+    assert (missed.table, missed.t) == (0.0, 0.0)
 
 
 def test_a_moving_run_measures_its_steps_along_exact_ascent():
