@@ -705,7 +705,8 @@ def pooled_score_interval(values: pd.DataFrame, wald: Estimate, se: np.ndarray) 
     degenerate spread alone; its lower end with the runs' widening shared out
     (``pooled_se``) added to the degenerate part, and, where that end is positive, the
     lower of it and the Wald end ``wald.lo`` (mean -/+ 1.96 pooled SE); its upper end the
-    model's. ``wald`` itself where the runs logged no score model.
+    higher of the model's and the Wald one. ``wald`` itself where the runs logged no score
+    model.
 
     Why: the Wald interval on the summed SEs alone said "biased" in 0.24% (fixed
     policies) and 0.67% (moving) of the calibration's zero-bias runs of 10 steps (seeds
