@@ -73,7 +73,7 @@ def test_stale_runs_counts_other_and_unrecorded_code():
                                   "unrecorded": 1}
     assert provenance.stale_warning(provenance.stale_runs([same, no_git], current), "x") is None
     warning = provenance.stale_warning(summary, "OUT/runs")
-    assert "1 by other pgvar code" in warning and "1 with no code record" in warning
+    assert "1 were made by other pgvar code" in warning and "1 carry no record" in warning
     assert "fresh --out" in warning
 
 

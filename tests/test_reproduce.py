@@ -108,7 +108,7 @@ def test_after_the_sweeps_in_process(tmp_path, capsys):
                              preset="smoke", sweeps={"tabular": ["env=tabular"]})
     assert rp._analyse(spec, out, no_figures=True) == 0
     # synthetic runs carry no code record: the load report printed says so, with the fix
-    assert "6 with no code record" in capsys.readouterr().out
+    assert "6 carry no record of the code" in capsys.readouterr().out
     assert "Vanilla REINFORCE" in (out / "table_full.md").read_text()
     assert "| reinforce |" in (out / "table.md").read_text()
     assert rp.run_experiment_analysis(spec, out) == 0  # no analyze.py: nothing more to run
