@@ -68,6 +68,7 @@ import math
 from dataclasses import dataclass
 
 from analysis.experiment import BY_CONSTRUCTION, TESTED  # the verdict classes, defined once
+from analysis.render import format_ci
 from analysis.stats import MIN_RUNS_FOR_SEED_BOOTSTRAP, Estimate
 
 REFERENCE_ESTIMATOR = "reinforce"
@@ -393,6 +394,6 @@ def judge_bias_trend(points: list[tuple[int, Estimate]]) -> Judgement:
 
 
 def _fmt_est(e: Estimate) -> str:
-    if math.isfinite(e.lo) and math.isfinite(e.hi):
-        return f"{e.value:.3g} [{e.lo:.3g}, {e.hi:.3g}]"
-    return f"{e.value:.3g}"
+    if not math.isfinite(e.value):
+        return f"{e.value:.3g}"
+    return format_ci(e.value, e.lo, e.hi)

@@ -18,7 +18,19 @@ def format_ci(value: float, lo: float, hi: float, digits: int = 3, missing: str 
         return missing
     if not (math.isfinite(lo) and math.isfinite(hi)):
         return f"{value:{spec}}"
-    return f"{value:{spec}} [{lo:{spec}}, {hi:{spec}}]"
+    low = ABOVE_ZERO if barely_positive(lo, hi) else f"{lo:{spec}}"
+    return f"{value:{spec}} [{low}, {hi:{spec}}]"
+
+
+ABOVE_ZERO = ">0"  # how a lower end that only says "above 0" is shown
+
+
+def barely_positive(lo: float, hi: float) -> bool:
+    """A lower end that is positive but far below any printable digit of the interval
+    (under 1e-12 of its upper end): a test that rejects "0" while the interval's other
+    construction reaches below it sets it to the smallest positive number
+    (``pgvar.stats.bias_interval_from``); its digits mean nothing, only that it is > 0."""
+    return 0 < lo < 1e-12 * abs(hi)
 
 
 def format_columns(record, name: str, digits: int = 3, missing: str = "n/a", **style) -> str:

@@ -48,6 +48,9 @@ def test_format_ci_and_its_missing_values():
     assert format_ci(math.nan, 0.0, 1.0, missing="-") == "-"
     assert format_ci(1.0, 0.5, 1.5, 2, style="f") == "1.00 [0.50, 1.50]"
     assert format_columns({"k": -1.0, "k_lo": -1.2, "k_hi": -0.8}, "k", 2) == "-1 [-1.2, -0.8]"
+    # a lower end that only marks "above 0" (the smallest positive number) reads so
+    assert format_ci(0.04, 5e-324, 0.06) == "0.04 [>0, 0.06]"
+    assert format_ci(0.04, 1e-9, 0.06) == "0.04 [1e-09, 0.06]"  # a real, small end keeps its digits
 
 
 def test_markdown_table_and_yes_no():
