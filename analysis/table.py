@@ -635,10 +635,15 @@ class PooledBias:
 
     def relative(self, est: Estimate) -> Estimate:
         """``est`` divided by the pooled ``||grad J||^2`` (value and ends; NaN when the
-        pooled squared gradient is not positive)."""
+        pooled squared gradient is not positive). A positive lower end stays positive: the
+        smallest positive number that marks "above 0" would underflow to 0 and make the
+        relative column contradict the verdict."""
         if not (math.isfinite(self.ref_sq) and self.ref_sq > 0):
             return Estimate(math.nan, math.nan, math.nan, est.n)
-        return Estimate(est.value / self.ref_sq, est.lo / self.ref_sq, est.hi / self.ref_sq, est.n)
+        lo = est.lo / self.ref_sq
+        if est.lo > 0:
+            lo = max(lo, SMALLEST_POSITIVE)
+        return Estimate(est.value / self.ref_sq, lo, est.hi / self.ref_sq, est.n)
 
     def verdict(self) -> tuple[bool | None, str]:
         """(distinguishable from 0, note): the interval's lower end > 0, or None with the
