@@ -50,8 +50,8 @@ from analysis.loader import LoadError, load_runs
 from analysis.pipeline import analyze
 from pgvar.preflight import count_argument, output_dir_problem
 from pgvar.progress import format_duration, rate_and_remaining
-from pgvar.provenance import code_record, stale_runs
-from pgvar.runlog import FINAL_STATUSES, RUN_FILE, STATUS_COMPLETE, read_run_record
+from pgvar.provenance import code_record
+from pgvar.runlog import FINAL_STATUSES, RUN_FILE, read_run_record
 from pgvar.sweep import expand_sweep
 
 PRESETS = ("smoke", "quick", "full")
@@ -283,8 +283,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"reports which runs failed. Log tail ({outcome.log}):\n{tail(outcome.log, 15)}",
                   file=sys.stderr)
     sweeps_s = time.perf_counter() - started
-    runs_code = runs_code_summary(out / "runs")
-    code = _analyse(spec, out, args.no_figures)
+    code, runs_code = _analyse(spec, out, args.no_figures)
     if code == 0:
         code = run_experiment_analysis(spec, out)
     _write_record(spec, out, outcomes, sweeps_s, time.perf_counter() - started, argv, runs_code)
@@ -300,17 +299,18 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
-def _analyse(spec: ExperimentSpec, out: Path, no_figures: bool) -> int:
-    """Run the analysis of ``out/runs`` into ``out``; 2 when there is nothing to analyse."""
+def _analyse(spec: ExperimentSpec, out: Path, no_figures: bool) -> tuple[int, dict[str, Any] | None]:
+    """Run the analysis of ``out/runs`` into ``out``: (0, which code made the runs it read,
+    ``LoadReport.code_summary``), or (2, None) when there is nothing to analyse."""
     print(f"analysing {out / 'runs'} (table steps: {spec.steps})", flush=True)
     try:
         result = analyze([out / "runs"], out, steps=spec.steps, figures=not no_figures)
     except LoadError as err:
         print(f"pgvar-reproduce: error: {err}", file=sys.stderr)
-        return 2
+        return 2, None
     print(result.report.summary())
     print(f"wrote {len(result.files)} data files and {len(result.figures)} figure files into {out}")
-    return 0
+    return 0, result.report.code_summary()
 
 
 EXPERIMENT_ANALYSIS = "analyze.py"
@@ -516,21 +516,12 @@ def published_figures_pattern(spec: ExperimentSpec) -> str:
     return "*.png"
 
 
-def runs_code_summary(runs_dir: Path) -> dict[str, Any] | None:
-    """Which code made the complete runs below ``runs_dir`` (``pgvar.provenance.stale_runs``
-    over their run.json; the analysis's load report warns when some are not this call's);
-    None when there is no such folder."""
-    if not runs_dir.is_dir():
-        return None
-    return stale_runs(record for job in sorted(p.parent for p in runs_dir.rglob(RUN_FILE))
-                      if (record := read_run_record(job)) and record.get("status") == STATUS_COMPLETE)
-
-
 def _write_record(spec: ExperimentSpec, out: Path, outcomes: list[SweepOutcome],
                   sweeps_s: float, total_s: float, argv: list[str] | None,
                   runs_code: dict[str, Any] | None = None) -> None:
     """``OUT/reproduce.json``: what ran, with which code (this call's, and the code that
-    made the runs it read: ``runs_code_summary``), its outcome and timings, on what machine."""
+    made the runs the analysis read: ``LoadReport.code_summary``), its outcome and timings,
+    on what machine."""
     record: dict[str, Any] = {
         "experiment": spec.name, "preset": spec.preset, "steps": spec.steps,
         "argv": ["pgvar-reproduce", *(argv if argv is not None else sys.argv[1:])],

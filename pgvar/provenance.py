@@ -128,9 +128,12 @@ def stale_warning(summary: Mapping[str, Any], where: str) -> str | None:
     other, unknown = summary["other_code"], summary["unrecorded"]
     if not other and not unknown:
         return None
-    parts = ([f"{other} were made by other pgvar code than this analysis's "
-              f"({describe(code_record())})"] if other else []) + (
-        [f"{unknown} carry no record of the code that made them (older runs)"] if unknown else [])
+    parts = []
+    if other:
+        parts.append(f"{other} were made by other pgvar code than this analysis's "
+                     f"({describe(code_record())})")
+    if unknown:
+        parts.append(f"{unknown} carry no record of the code that made them (older runs)")
     return (f"warning: of the runs in {where}, {' and '.join(parts)}; a complete run is "
             f"re-used, not re-run, when only the code changed: to regenerate them, run into a "
             f"fresh --out. Runs by code: {summary['by_code']}")

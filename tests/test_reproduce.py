@@ -106,15 +106,15 @@ def test_after_the_sweeps_in_process(tmp_path, capsys):
     (tmp_path / "experiments" / "demo").mkdir(parents=True)
     spec = rp.ExperimentSpec(name="demo", folder=tmp_path / "experiments" / "demo",
                              preset="smoke", sweeps={"tabular": ["env=tabular"]})
-    assert rp._analyse(spec, out, no_figures=True) == 0
+    code, runs_code = rp._analyse(spec, out, no_figures=True)
+    assert code == 0
     # synthetic runs carry no code record: the load report printed says so, with the fix
     assert "6 carry no record of the code" in capsys.readouterr().out
+    assert runs_code["unrecorded"] == len(jobs) and runs_code["other_code"] == 0
     assert "Vanilla REINFORCE" in (out / "table_full.md").read_text()
     assert "| reinforce |" in (out / "table.md").read_text()
     assert rp.run_experiment_analysis(spec, out) == 0  # no analyze.py: nothing more to run
     outcome = rp.SweepOutcome("tabular", 0, 1.0, {"complete": len(jobs)})
-    runs_code = rp.runs_code_summary(out / "runs")  # synthetic runs carry no code record
-    assert runs_code["unrecorded"] == len(jobs)
     rp._write_record(spec, out, [outcome], 1.0, 2.0, ["demo", "--preset", "smoke"], runs_code)
     record = json.loads((out / "reproduce.json").read_text())
     assert record["sweeps"]["tabular"]["statuses"] == {"complete": 6}
