@@ -89,7 +89,7 @@ class LoadReport:
 
     loaded: list[Path] = field(default_factory=list)
     skipped: list[SkippedRun] = field(default_factory=list)
-    # run.json of every loaded run (``code`` says which code made it: ``pgvar.provenance``)
+    # which code made each loaded run: run.json's ``code`` entry (``pgvar.provenance``)
     records: list[Mapping[str, Any]] = field(default_factory=list, repr=False)
 
     def code_summary(self) -> dict[str, Any]:
@@ -190,7 +190,7 @@ def _load_one(run_dir: Path, root: Path, report: LoadReport) -> pd.DataFrame | N
     config = info.get("config")
     metrics.attrs["config_columns"] = list(flatten_config(config)) if isinstance(config, Mapping) else []
     report.loaded.append(run_dir)
-    report.records.append(info)
+    report.records.append({"code": info.get("code")})  # not the whole run.json: only this is read
     return metrics
 
 

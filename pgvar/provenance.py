@@ -87,6 +87,20 @@ def code_record() -> dict[str, Any]:
     return {"commit": commit, "dirty": dirty, "digest": digests}
 
 
+def pgvar_digest(code: Any) -> str | None:
+    """The pgvar source digest of a code record (``code_record``), None when it has none
+    (a run written before run.json carried one, or a damaged entry)."""
+    if not isinstance(code, Mapping):
+        return None
+    return (code.get("digest") or {}).get("pgvar")
+
+
+def same_pgvar_code(code: Any) -> bool:
+    """Whether a code record names this process's pgvar source (False when unrecorded)."""
+    mine = pgvar_digest(code_record())
+    return mine is not None and pgvar_digest(code) == mine
+
+
 def describe(record: Mapping[str, Any] | None) -> str:
     """A short label of a code record: ``1a2b3c4d5e6f`` or ``1a2b3c4d5e6f+dirty`` (the commit),
     ``pgvar 0123abcd4567ef89`` (the digest, without git), or ``unrecorded``."""
@@ -95,7 +109,7 @@ def describe(record: Mapping[str, Any] | None) -> str:
     commit = record.get("commit")
     if commit:
         return str(commit)[:12] + ("+dirty" if record.get("dirty") else "")
-    digest = (record.get("digest") or {}).get("pgvar")
+    digest = pgvar_digest(record)
     return f"pgvar {digest}" if digest else "unrecorded"
 
 
@@ -106,15 +120,14 @@ def stale_runs(run_records: Iterable[Mapping[str, Any]], current: Mapping[str, A
     "other_code": n, "unrecorded": n}``, where ``other_code`` counts runs whose pgvar
     digest differs from the current one and ``unrecorded`` those written before run.json
     carried one (their code is unknown)."""
-    current = current if current is not None else code_record()
-    mine = (current.get("digest") or {}).get("pgvar")
+    mine = pgvar_digest(current if current is not None else code_record())
     by_code: dict[str, int] = {}
     other = unrecorded = 0
     for record in run_records:
         code = record.get("code")
         label = describe(code)
         by_code[label] = by_code.get(label, 0) + 1
-        digest = ((code or {}).get("digest") or {}).get("pgvar") if isinstance(code, Mapping) else None
+        digest = pgvar_digest(code)
         if digest is None:
             unrecorded += 1
         elif digest != mine:

@@ -36,7 +36,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pgvar.provenance import code_record, describe, stale_runs
+from pgvar.provenance import code_record, describe, same_pgvar_code
 
 METRICS_FILE = "metrics.csv"
 PAIRED_FILE = "paired.csv"  # every estimator measured at a measured step (pgvar.paired)
@@ -453,8 +453,7 @@ class JobDecision:
 def code_difference(record: Mapping[str, Any]) -> str:
     """'' when a run's recorded pgvar code is this process's, else a clause saying it was
     made by other (or unrecorded) code and kept all the same (``pgvar.provenance``)."""
-    stale = stale_runs([record])
-    if not (stale["other_code"] or stale["unrecorded"]):
+    if same_pgvar_code(record.get("code")):
         return ""
     return (f" (made by other pgvar code, {describe(record.get('code'))}, than this call's "
             f"{describe(code_record())}; kept: pass rerun_complete=true to redo it)")

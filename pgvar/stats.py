@@ -30,11 +30,12 @@ and ``bias_interval_from`` widened by ``run_widening`` and ``degenerate_widening
 verdict's false positives at 0.9-3.8% under no bias, where a step alone gave 70-99% and
 up to 8.2%. The run flag
 (``run_intervals_reliable``) still says where tails are heavy for M: a flag, never a
-silent 75%. Pooling a run's measurements as the comparison table pools steps and seeds
-(``analysis.table.pooled_se``: the logged SEs plus a share of each step's
-``widened_bias_se`` excess) gives bias intervals that cover 91.7-100% at a fixed policy
-and 90-100% along training; the logged SEs alone fell to 80% on LQR's heavy tails when
-the steps' scales differ (experiments/calibration).
+silent 75%. The comparison table pools a run's measurements as it pools steps and seeds
+(``analysis.table.pooled_score_interval``: the score interval of the steps' summed
+``BiasModel``s, joined with the logged SEs plus a share of each step's
+``widened_bias_se`` excess): its intervals cover 93.3-100% at a fixed policy and 90-99%
+along training, its verdict fires in 0.9-2.1% of unbiased runs; the logged SEs alone fell
+to 80% on LQR's heavy tails when the steps' scales differ (experiments/calibration).
 
 A Monte Carlo reference's own noise enters U; its shape is measured from a sample of
 the reference's sub-batches (``Reference.noise_sample``: tr Sigma_r^2, the spread along
