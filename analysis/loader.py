@@ -32,7 +32,13 @@ import pandas as pd
 from analysis.validate import DamagedRun, validated_paired_rows, validated_rows
 from pgvar.estimators import DEFAULT_CONFIG
 from pgvar.paired import SHARED_KNOBS, parse_spec
-from pgvar.provenance import stale_runs, stale_warning
+from pgvar.provenance import (
+    code_record,
+    describe,
+    measured_by_other_code,
+    stale_runs,
+    stale_warning,
+)
 
 # The log schema is pgvar-run's (pgvar.runlog owns the file names, statuses and columns).
 from pgvar.runlog import (
@@ -355,7 +361,7 @@ def save_runs(df: pd.DataFrame, out_dir: Path) -> Path:
 # falls back to its metrics.csv rows with a warning naming the file.
 
 _TEXT_COLUMNS = {"estimator", "estimator_name", "critic", "critic_error_kind", "trained_with",
-                 "source", "ref_method"}
+                 "source", "ref_method", "code"}
 # Columns of a training step (metrics.csv) that paired rows of the same step share.
 STEP_COLUMNS = [c for c in LEARNING_CURVE_COLUMNS if c != "wall_s"] + [
     "return_undiscounted_mean", "episode_length_mean", "grad_norm", "critic_loss"]
@@ -363,6 +369,10 @@ STEP_COLUMNS = [c for c in LEARNING_CURVE_COLUMNS if c != "wall_s"] + [
 
 class PairedWarning(UserWarning):
     """A run's paired.csv could not be used; its metrics.csv rows are used instead."""
+
+
+class StaleRowsWarning(UserWarning):
+    """Some paired rows were measured by other pgvar code than the analysis reading them."""
 
 
 def measured_rows(df: pd.DataFrame) -> pd.DataFrame:
@@ -385,7 +395,28 @@ def measured_rows(df: pd.DataFrame) -> pd.DataFrame:
     frames = [f for f in frames if not f.empty]
     if not frames:
         return _training_rows(own.iloc[0:0])
-    return with_run_reliability(pd.concat(frames, ignore_index=True, sort=False))
+    rows = pd.concat(frames, ignore_index=True, sort=False)
+    warn_other_code_rows(rows)
+    return with_run_reliability(rows)
+
+
+def warn_other_code_rows(rows: pd.DataFrame) -> None:
+    """A ``StaleRowsWarning`` when paired rows were measured by other pgvar code than this
+    analysis's (``code`` column: pgvar-measure adds rows to a finished run with the code
+    of its own day, and a resumed run continues with the code of the resume), naming how
+    many, in which runs, and the fix. The run-level check (``LoadReport.summary``) only
+    sees the code that wrote run.json."""
+    if "code" not in rows.columns:
+        return
+    other = rows[measured_by_other_code(rows["code"])]
+    if other.empty:
+        return
+    runs = sorted(other["run_dir"].astype(str).unique()) if "run_dir" in other else []
+    shown = ", ".join(runs[:3]) + (f" and {len(runs) - 3} more" if len(runs) > 3 else "")
+    warnings.warn(f"{len(other)} of {len(rows)} paired measurement rows (in {len(runs)} runs: "
+                  f"{shown}) were measured by other pgvar code than this analysis's "
+                  f"({describe(code_record())}): re-measure them with `pgvar-measure RUN_DIR "
+                  f"--estimators ...` or re-run into a fresh --out", StaleRowsWarning, stacklevel=2)
 
 
 def with_run_reliability(rows: pd.DataFrame) -> pd.DataFrame:

@@ -28,6 +28,7 @@ from pgvar.paired import (
     measure_paired,
     spec_label,
 )
+from pgvar.provenance import code_record, pgvar_digest
 from pgvar.reference import Reference, reference_gradient
 from pgvar.rollout import rollout
 from pgvar.seeding import derive_seed
@@ -106,12 +107,14 @@ def fresh_critic(run_cfg: RunConfig, env, policy: nn.Module, step: int, n_episod
 
 def paired_cells(row: PairedRow, run_cfg: RunConfig, step: int, references: References,
                  source: str, started: float) -> dict[str, Any]:
-    """A paired.csv row: the row's own cells plus where and when it was measured."""
+    """A paired.csv row: the row's own cells plus where, when and by which code (the
+    pgvar source digest) it was measured."""
     disagreement = references.disagreement
     return {"step": step, **row.cells(), "trained_with": run_cfg.estimator.name,
             "is_training": is_training_row(row, run_cfg),
             "ref_disagreement": disagreement if disagreement is not None and math.isfinite(disagreement) else None,
-            "source": source, "wall_s": round(time.perf_counter() - started, 3)}
+            "source": source, "code": pgvar_digest(code_record()),
+            "wall_s": round(time.perf_counter() - started, 3)}
 
 
 def is_training_row(row: PairedRow, run_cfg: RunConfig) -> bool:

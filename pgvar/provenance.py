@@ -101,6 +101,14 @@ def same_pgvar_code(code: Any) -> bool:
     return mine is not None and pgvar_digest(code) == mine
 
 
+def measured_by_other_code(digests: Iterable[Any]) -> list[bool]:
+    """Per recorded pgvar digest (a paired.csv row's ``code``), whether it names other code
+    than this process's; empty or missing entries (rows written before rows carried one)
+    are not counted: their run's record speaks for them (``stale_runs``)."""
+    mine = pgvar_digest(code_record())
+    return [isinstance(d, str) and bool(d) and d != mine for d in digests]
+
+
 def describe(record: Mapping[str, Any] | None) -> str:
     """A short label of a code record: ``1a2b3c4d5e6f`` or ``1a2b3c4d5e6f+dirty`` (the commit),
     ``pgvar 0123abcd4567ef89`` (the digest, without git), or ``unrecorded``."""

@@ -77,7 +77,7 @@ PAIRED_COLUMNS = (
         "return_undiscounted_mean", "episode_length_mean", "grad_norm", "critic_loss",
         "ref_exact", "ref_episodes")),
     "spread_z_cross", "ref_exact", "ref_episodes", "ref_method", "ref_rel_se", "ref_circular", "ref_disagreement",
-    "source", "wall_s")
+    "source", "code", "wall_s")
 
 COLUMN_DOCS: dict[str, str] = {
     "step": "training iteration i = 0..N-1; the row describes the policy theta_i before its update",
@@ -167,6 +167,9 @@ PAIRED_COLUMN_DOCS: dict[str, str] = {
     "ref_disagreement": "||g_ref - g_alt||^2 / (se2_ref + se2_alt) of the step's two Monte "
                         "Carlo references, when an alternate was made: about 1 when they agree",
     "source": "run (measured while training) or remeasure (pgvar-measure, from a checkpoint)",
+    "code": "the pgvar source digest of the code that measured the row (run.json's "
+            "code.digest.pgvar for rows measured while training; empty in files written "
+            "before rows carried it): pgvar-measure may add rows with newer code",
 }
 
 

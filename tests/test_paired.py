@@ -12,7 +12,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from pgvar import runlog
+from pgvar import provenance, runlog
 from pgvar.checkpoints import CheckpointError, checkpoint_path, checkpoint_steps, load_checkpoint
 from pgvar.envs.registry import make_env, make_policy
 from pgvar.paired import (
@@ -306,6 +306,9 @@ def test_remeasuring_repeats_the_run_s_numbers_and_adds_new_rows(paired_run, tmp
     assert len(after) == len(before) + len(before.step.unique())  # one new row a step
     remeasure_main([str(job), "--estimators", "optimal_baseline"])  # replaces, never duplicates
     assert len(read_paired(job)) == len(after)
+    # every row names the pgvar code that measured it, the run's own rows included
+    codes = pd.read_csv(job / runlog.PAIRED_FILE, dtype={"code": str})["code"]
+    assert set(codes) == {provenance.pgvar_digest(provenance.code_record())}
 
 
 def test_remeasure_refuses_what_it_cannot_measure(tmp_path, capsys):

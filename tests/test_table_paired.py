@@ -11,6 +11,8 @@ flip when the data say the opposite.
 from __future__ import annotations
 
 import math
+import re
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -18,9 +20,16 @@ import pytest
 
 from analysis import claims as cl
 from analysis import table as tb
-from analysis.loader import PairedWarning, load_runs, measured_rows, with_run_reliability
+from analysis.loader import (
+    PairedWarning,
+    StaleRowsWarning,
+    load_runs,
+    measured_rows,
+    with_run_reliability,
+)
 from analysis.stats import Estimate
 from analysis.synthetic import PairedTruth, TrueEstimator, write_paired_sweep, write_sweep
+from pgvar import provenance
 from pgvar.stats import (
     pooled_cross_kurtosis,
     pooled_spread_kurtosis,
@@ -176,6 +185,24 @@ def test_a_damaged_paired_csv_warns_and_falls_back_to_metrics(tmp_path, damage):
         with pytest.warns(PairedWarning):
             table = tb.build_table(df)  # the analysis goes on
         assert "reinforce" in set(table["label"])
+
+
+def test_rows_measured_by_other_code_warn_with_the_runs_and_the_fix(tmp_path):
+    jobs = write_paired_sweep(tmp_path, TRUTHS[:4], range(3), n_iters=N_ITERS, measure_every=EVERY)
+    mine = provenance.pgvar_digest(provenance.code_record())
+    for job, code in zip(jobs, ["", mine, "0123abcd0123abcd"]):
+        frame = pd.read_csv(job / "paired.csv")
+        frame["code"] = code  # older files: empty; this code; other code (pgvar-measure)
+        frame.to_csv(job / "paired.csv", index=False)
+    df, _ = load_runs(tmp_path)
+    with pytest.warns(StaleRowsWarning, match=r"16 of 48 paired measurement rows \(in 1 runs: "
+                      + re.escape(str(jobs[2])) + r"\).*pgvar-measure"):
+        rows = measured_rows(df)
+    assert len(rows) == 48  # the rows are still analysed
+    (jobs[2] / "paired.csv").write_text((jobs[1] / "paired.csv").read_text())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", StaleRowsWarning)
+        measured_rows(load_runs(tmp_path)[0])
 
 
 def test_a_damaged_extra_cell_reads_as_missing(tmp_path):
