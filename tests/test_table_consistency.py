@@ -140,6 +140,12 @@ def test_the_compact_table_shows_the_same_numbers_and_verdicts(table, analysed):
         assert len(row.agreement_short.split()) <= 4  # a word or two, no sentence
     full = (analysed / "table_full.md").read_text().splitlines()
     assert len(full) == len(table) + 2 and full[0].count(" | ") > 7
+    # the note says how many 'yes' the test's level predicts among the tested rows
+    tested = table["bias_distinguishable"].dropna()
+    n, yes = len(tested), int((tested.astype(str) == "True").sum())
+    assert 0 < yes < n
+    assert (f"were all {n} tested rows unbiased, about {0.025 * n:.1f} would read 'yes' by "
+            f"chance (here {yes} do)") in (analysed / "table.md").read_text()
 
 
 def test_biased_row_reads_biased_on_every_scale_even_when_grad_j_shrinks(table):
