@@ -546,7 +546,8 @@ def run_bias_intervals(rows: pd.DataFrame, kappa: np.ndarray, kappa_along: np.nd
             if M >= 4 and np.isfinite(v0) and np.isfinite(slope) else None
         widen = {"widen_linear": run_widening(kappa_along[i], int(M)),
                  "widen_degenerate": degenerate_widening(kappa[i], int(M))}
-        lo[i], hi[i] = bias_interval_from(u, se, model, heavy=model is None, **widen)
+        lo[i], hi[i] = bias_interval_from(u, se, model, heavy=model is None, **widen,
+                                          n_estimates=int(M))
         se_run[i] = widened_bias_se(u, se, model, **widen)
     return lo, hi, se_run
 

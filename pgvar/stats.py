@@ -524,7 +524,8 @@ class BiasModel:
     unbiased measurements at M = 128), and the linear part 4 b' (Sigma/M + Sigma_r) b,
     which grows with ||b||^2 = theta along b's direction. ``skew0``: the skewness of the
     degenerate part (``degenerate_skewness``: weighted chi-squares with nu effective
-    degrees of freedom; it fades as the linear part takes over).
+    degrees of freedom); U's right tail also carries the interaction of the two parts
+    (``third_cumulant``), which grows with theta.
     """
 
     u: float
@@ -535,13 +536,36 @@ class BiasModel:
     def variance(self, theta: float) -> float:
         return self.v0 + self.slope * max(theta, 0.0)
 
+    def third_cumulant(self, theta: float, right_tail: bool) -> float:
+        """U's third cumulant at theta: the degenerate part's skew0 v0^1.5, plus, for the
+        right tail, the interaction of the linear and degenerate parts (``INTERACTION_SKEW``
+        ``* slope^2 * theta``). Left out of the left tail: with it the gamma's bounded left
+        tail cut off values U takes (``INTERACTION_SKEW``)."""
+        k3 = self.skew0 * self.v0 ** 1.5
+        if right_tail:
+            k3 += INTERACTION_SKEW * self.slope ** 2 * max(theta, 0.0)
+        return k3
+
     def quantile(self, theta: float, prob: float) -> float:
         """Quantile of U - theta: a gamma distribution with the model's mean 0, variance
-        and skewness (Pearson type III), the normal one when the skewness vanishes."""
+        and third cumulant (Pearson type III), the normal one when the skewness vanishes."""
         var = self.variance(theta)
         sd = math.sqrt(max(var, _EPS))
-        skew = self.skew0 * min(self.v0 / var, 1.0) ** 1.5 if var > 0 else 0.0
+        skew = self.third_cumulant(theta, prob > 0.5) / var ** 1.5 if var > 0 else 0.0
         return skewed_quantile(sd, skew, prob)
+
+
+# U - theta = 2 b'e + (e'e - tr C) for the noise e of g_bar - g_ref (covariance C), whose
+# third cumulant holds 3 E[(2 b'e)^2 (e'e - tr C)] = 24 b'C^2 b for Gaussian noise, at
+# least 24 (b'Cb)^2 / ||b||^2 = 1.5 theta slope^2 (Cauchy-Schwarz; slope = 4 b'Cb / ||b||^2).
+# Its skewness 3 sqrt(kappa / (M theta)) fades only as the bias grows past the noise along
+# it: on the tabular MDP at bias grad J / 8, U's skewness was 0.83, 0.78, 0.55 at M = 16,
+# 32, 128 where the model had about 0, and the score lower end missed the truth in 4-6% of
+# measurements, light tails included (experiments/calibration). The lower bound is taken:
+# the true b'C^2 b needs Sigma^2 along b, a noisier statistic. In the left tail it moved
+# LQR's unbiased upper ends below 0 in 10% of measurements at M = 16 (the gamma's support
+# ends at -2 sd / skew, where U's does not), so it enters the right tail only.
+INTERACTION_SKEW = 1.5
 
 
 def skewed_quantile(sd: float, skew: float, prob: float) -> float:
@@ -749,13 +773,13 @@ def measurement_bias_interval(G, g_ref, se_ref2: float = 0.0, ref_var=None,
     """The 95% interval of the squared bias on its own scale (it may extend below 0).
 
     Light tails (``tail_index`` <= 3, M >= 4): the upper end and whether 0 belongs to it
-    come from the score test (``score_interval``: calibrated under no bias); a positive
-    lower end is the lower of the score one and the corrected-jackknife Wald one
-    U - z SE, whose spread, taken at U, does not shrink with a high U the way the score
-    model's does (the score lower end alone missed a large bias from above in ~6% of
-    measurements; see experiments/calibration). When the score test rejects 0 but the Wald
-    end is below it, the lower end is the smallest positive number: distinguishable, yet
-    possibly tiny. Heavy tails: the Wald interval alone (both under-cover there;
+    come from the score test (``score_interval``: calibrated under no bias); below
+    ``SCORE_ALONE_FROM_M`` estimates a positive lower end is the lower of the score one and
+    the corrected-jackknife Wald one U - z SE, whose spread, taken at U, does not shrink
+    with a high U the way the score model's does (the score lower end alone missed a large
+    bias from above in 5-8% of measurements at M = 16; see experiments/calibration). When
+    the score test rejects 0 but the Wald end is below it, the lower end is the smallest
+    positive number: distinguishable, yet possibly tiny. Heavy tails: the Wald interval alone (both under-cover there;
     ``ci_reliable`` says so). ``se`` and ``tail``: the corrected-jackknife SE of U and
     ``tail_index(G)`` when already known; ``ref_sample``: see ``reference_noise_sq``, and
     ``ref_sq`` its value when already known.
@@ -766,12 +790,13 @@ def measurement_bias_interval(G, g_ref, se_ref2: float = 0.0, ref_var=None,
         se = math.sqrt(squared_bias_variance(G, g_ref, se_ref2, ref_var, ref_sample, ref_sq))
     heavy = wald_only(G.shape[0], tail_index(G) if tail is None else tail)
     model = None if heavy else bias_model(G, g_ref, se_ref2, ref_var, ref_sample, ref_sq)
-    return bias_interval_from(u, se, model, heavy, level)
+    return bias_interval_from(u, se, model, heavy, level, n_estimates=G.shape[0])
 
 
 def bias_interval_from(u: float, se: float, model: BiasModel | None, heavy: bool,
                        level: float = 0.95, widen_linear: float = 1.0,
-                       widen_degenerate: float = 1.0) -> tuple[float, float]:
+                       widen_degenerate: float = 1.0, n_estimates: int | None = None
+                       ) -> tuple[float, float]:
     """The squared-bias interval from U, its corrected-jackknife SE and its score model
     (``heavy`` or no model: the Wald interval U -/+ z SE alone, for heavy tails or M < 4);
     see ``measurement_bias_interval``. ``widen_linear`` / ``widen_degenerate`` scale the
@@ -785,7 +810,11 @@ def bias_interval_from(u: float, se: float, model: BiasModel | None, heavy: bool
     degenerate part cannot undershoot by more than the step's own spread allows
     (sum_{i != j} <d_i, d_j> >= -sum ||d_i||^2); widened on both sides, the upper end never
     missed in heavy-tailed cells (98-99% coverage; experiments/calibration). The Wald form
-    widens its SE on both sides."""
+    widens its SE on both sides.
+
+    A positive score lower end is also held no higher than the Wald one when fewer than
+    ``SCORE_ALONE_FROM_M`` estimates (``n_estimates``; None: always) gave the model: see
+    there."""
     from scipy.special import ndtri
 
     se = widened_bias_se(u, se, model, widen_linear, widen_degenerate)
@@ -797,7 +826,20 @@ def bias_interval_from(u: float, se: float, model: BiasModel | None, heavy: bool
     score_hi = score_end(model, level, upper=True)
     if score_lo <= 0:
         return score_lo, score_hi
+    if n_estimates is not None and n_estimates >= SCORE_ALONE_FROM_M:
+        return score_lo, score_hi
     return max(min(score_lo, wald_lo), SMALLEST_POSITIVE), score_hi
+
+
+# From this many estimates a positive score lower end stands alone; below, it is held no
+# higher than the Wald one U - z SE. The score model's spread along the bias comes from
+# the step's estimates and shrinks when U overshoots (heavy, skewed projections), so with
+# few estimates the score end alone missed a large bias from above in 4.6-8.3% of
+# measurements at M = 16 (mean_baseline B = 2, seed 1). The Wald end, whose SE grows with
+# U, missed in 0.6-2% where the bias is small and made those cells over-cover (98-99%);
+# with U's right skew modelled (INTERACTION_SKEW) the score end alone holds there from
+# M = 32: 2-4.6% below the truth, 0-2% above, coverage 93.5-97.2% (experiments/calibration).
+SCORE_ALONE_FROM_M = 32
 
 
 def widened_bias_se(u: float, se: float, model: BiasModel | None, widen_linear: float = 1.0,
@@ -972,7 +1014,8 @@ def gradient_stats(G, g_ref, se_ref2: float = 0.0, ref_var=None,
     u_se = math.sqrt(squared_bias_variance(G, g_ref, se_ref2, ref_var, ref_sample, ref_sq))
     tail = tail_index(G)
     model = bias_model(G, g_ref, se_ref2, ref_var, ref_sample, ref_sq) if G.shape[0] >= 4 else None
-    lo, hi = bias_interval_from(u, u_se, model, wald_only(G.shape[0], tail))
+    lo, hi = bias_interval_from(u, u_se, model, wald_only(G.shape[0], tail),
+                                n_estimates=G.shape[0])
     bias = sqrt_clipped(u)
     var_lo, var_hi = variance_interval(G, tail=tail)
     z_mean, z_sq_mean = spread_moments(G)
