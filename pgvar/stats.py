@@ -26,7 +26,7 @@ the bias direction (``projection_moments``) and the squared bias's score model, 
 analysis rebuilds every step's intervals with the kurtosis of the run's whole series
 (``pooled_spread_kurtosis``; ``variance_interval_from``, ``variance_ratio_interval_from``,
 and ``bias_interval_from`` widened by ``run_widening`` and ``degenerate_widening``):
-92-97.7% for the variance and the ratio and 91.5-99.2% for the squared bias, with the
+92-97.7% for the variance and the ratio and 91.5-98.2% for the squared bias, with the
 verdict's false positives at 0.9-3.8% under no bias, where a step alone gave 70-99% and
 up to 8.2%. The run flag
 (``run_intervals_reliable``) still says where tails are heavy for M: a flag, never a
@@ -834,11 +834,12 @@ def bias_interval_from(u: float, se: float, model: BiasModel | None, heavy: bool
 # From this many estimates a positive score lower end stands alone; below, it is held no
 # higher than the Wald one U - z SE. The score model's spread along the bias comes from
 # the step's estimates and shrinks when U overshoots (heavy, skewed projections), so with
-# few estimates the score end alone missed a large bias from above in 4.6-8.3% of
-# measurements at M = 16 (mean_baseline B = 2, seed 1). The Wald end, whose SE grows with
-# U, missed in 0.6-2% where the bias is small and made those cells over-cover (98-99%);
-# with U's right skew modelled (INTERACTION_SKEW) the score end alone holds there from
-# M = 32: 2-4.6% below the truth, 0-2% above, coverage 93.5-97.2% (experiments/calibration).
+# 16 estimates the score end alone missed a large bias (grad J / 2) from above in up to
+# 8.3% of measurements. The Wald end, whose SE grows with U, missed a small bias in only
+# 0.6-1.8% and made those cells over-cover (up to 98-99%). With U's right skew modelled
+# (INTERACTION_SKEW), from M = 32 the score end alone holds every cell: 2.3-6.0% of
+# measurements under the lower end (median 3.3%), 0-3.3% over the upper one
+# (experiments/calibration, seed 1).
 SCORE_ALONE_FROM_M = 32
 
 
