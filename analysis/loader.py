@@ -413,7 +413,7 @@ def warn_other_code_rows(rows: pd.DataFrame) -> None:
         return
     runs = sorted(other["run_dir"].astype(str).unique()) if "run_dir" in other else []
     shown = ", ".join(runs[:3]) + (f" and {len(runs) - 3} more" if len(runs) > 3 else "")
-    warnings.warn(f"{len(other)} of {len(rows)} paired measurement rows (in {len(runs)} runs: "
+    warnings.warn(f"{len(other)} of {len(rows)} paired measurement rows (in {len(runs)} run(s): "
                   f"{shown}) were measured by other pgvar code than this analysis's "
                   f"({describe(code_record())}): re-measure them with `pgvar-measure RUN_DIR "
                   f"--estimators ...` or re-run into a fresh --out", StaleRowsWarning, stacklevel=2)

@@ -538,9 +538,8 @@ class BiasModel:
 
     def third_cumulant(self, theta: float, right_tail: bool) -> float:
         """U's third cumulant at theta: the degenerate part's skew0 v0^1.5, plus, for the
-        right tail, the interaction of the linear and degenerate parts (``INTERACTION_SKEW``
-        ``* slope^2 * theta``). Left out of the left tail: with it the gamma's bounded left
-        tail cut off values U takes (``INTERACTION_SKEW``)."""
+        right tail, the interaction of the linear and degenerate parts,
+        ``INTERACTION_SKEW * slope^2 * theta`` (left out of the left tail: see there)."""
         k3 = self.skew0 * self.v0 ** 1.5
         if right_tail:
             k3 += INTERACTION_SKEW * self.slope ** 2 * max(theta, 0.0)
@@ -779,8 +778,8 @@ def measurement_bias_interval(G, g_ref, se_ref2: float = 0.0, ref_var=None,
     with a high U the way the score model's does (the score lower end alone missed a large
     bias from above in 5-8% of measurements at M = 16; see experiments/calibration). When
     the score test rejects 0 but the Wald end is below it, the lower end is the smallest
-    positive number: distinguishable, yet possibly tiny. Heavy tails: the Wald interval alone (both under-cover there;
-    ``ci_reliable`` says so). ``se`` and ``tail``: the corrected-jackknife SE of U and
+    positive number: distinguishable, yet possibly tiny. Heavy tails: the Wald interval
+    alone (both under-cover there; ``ci_reliable`` says so). ``se`` and ``tail``: the corrected-jackknife SE of U and
     ``tail_index(G)`` when already known; ``ref_sample``: see ``reference_noise_sq``, and
     ``ref_sq`` its value when already known.
     """

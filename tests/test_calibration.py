@@ -462,8 +462,8 @@ def test_bias_interval_from_its_logged_model_is_the_steps_own_when_not_widened()
 def _lower_end_misses(n: int = 2000, M: int = 32, bias: float = 0.4) -> float:
     """How often the step's squared-bias lower end lies above the truth, for Gaussian
     estimates (6 coordinates, identity covariance) with a small bias along one of them:
-    U's skewness here, 3 sqrt(kappa / (M theta)) = 0.8, is mostly the interaction of its
-    linear and degenerate parts."""
+    U's skewness here is about 0.9, 0.65 of it from the interaction of its linear and
+    degenerate parts."""
     gen = torch.Generator().manual_seed(11)
     b = torch.zeros(6, dtype=torch.float64)
     b[0] = bias

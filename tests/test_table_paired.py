@@ -195,7 +195,7 @@ def test_rows_measured_by_other_code_warn_with_the_runs_and_the_fix(tmp_path):
         frame["code"] = code  # older files: empty; this code; other code (pgvar-measure)
         frame.to_csv(job / "paired.csv", index=False)
     df, _ = load_runs(tmp_path)
-    with pytest.warns(StaleRowsWarning, match=r"16 of 48 paired measurement rows \(in 1 runs: "
+    with pytest.warns(StaleRowsWarning, match=r"16 of 48 paired measurement rows \(in 1 run\(s\): "
                       + re.escape(str(jobs[2])) + r"\).*pgvar-measure"):
         rows = measured_rows(df)
     assert len(rows) == 48  # the rows are still analysed
