@@ -1164,7 +1164,7 @@ def expected_false_alarms(table: pd.DataFrame) -> str:
     if n == 0:
         return "no row was tested here."
     return (f"were all {n} tested rows unbiased, about {n * BIAS_TEST_LEVEL:.1f} would read "
-            f"'yes' by chance (here {int(tested.astype(bool).sum())} do).")
+            f"'yes' by chance (here: {int(tested.astype(bool).sum())}).")
 
 
 _TEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",

@@ -145,7 +145,7 @@ def test_the_compact_table_shows_the_same_numbers_and_verdicts(table, analysed):
     n, yes = len(tested), int((tested.astype(str) == "True").sum())
     assert 0 < yes < n
     assert (f"were all {n} tested rows unbiased, about {0.025 * n:.1f} would read 'yes' by "
-            f"chance (here {yes} do)") in (analysed / "table.md").read_text()
+            f"chance (here: {yes})") in (analysed / "table.md").read_text()
 
 
 def test_biased_row_reads_biased_on_every_scale_even_when_grad_j_shrinks(table):
