@@ -403,8 +403,7 @@ def measured_rows(df: pd.DataFrame) -> pd.DataFrame:
 def warn_other_code_rows(rows: pd.DataFrame) -> None:
     """A ``StaleRowsWarning`` when paired rows were measured by other pgvar code than this
     analysis's (``code`` column: pgvar-measure adds rows to a finished run with the code
-    of its own day, and a resumed run continues with the code of the resume), naming how
-    many, in which runs, and the fix. The run-level check (``LoadReport.summary``) only
+    of its own day), naming how many, in which runs, and the fix. The run-level check (``LoadReport.summary``) only
     sees the code that wrote run.json."""
     if "code" not in rows.columns:
         return
