@@ -776,7 +776,7 @@ def measurement_bias_interval(G, g_ref, se_ref2: float = 0.0, ref_var=None,
     ``SCORE_ALONE_FROM_M`` estimates a positive lower end is the lower of the score one and
     the corrected-jackknife Wald one U - z SE, whose spread, taken at U, does not shrink
     with a high U the way the score model's does (the score lower end alone missed a large
-    bias from above in 5-8% of measurements at M = 16; see experiments/calibration). When
+    bias from above in up to 8% of measurements at M = 16; see experiments/calibration). When
     the score test rejects 0 but the Wald end is below it, the lower end is the smallest
     positive number: distinguishable, yet possibly tiny. Heavy tails: the Wald interval
     alone (both under-cover there; ``ci_reliable`` says so). ``se`` and ``tail``: the corrected-jackknife SE of U and
