@@ -410,7 +410,7 @@ def warn_other_code_rows(rows: pd.DataFrame) -> None:
     other = rows[measured_by_other_code(rows["code"])]
     if other.empty:
         return
-    runs = sorted(other["run_dir"].astype(str).unique()) if "run_dir" in other else []
+    runs = sorted(other["run_dir"].astype(str).unique())  # measured_rows' rows carry run_dir
     shown = ", ".join(runs[:3]) + (f" and {len(runs) - 3} more" if len(runs) > 3 else "")
     warnings.warn(f"{len(other)} of {len(rows)} paired measurement rows (in {len(runs)} run(s): "
                   f"{shown}) were measured by other pgvar code than this analysis's "
